@@ -1,0 +1,1 @@
+"""attnlab.arena (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""attnlab.bench (see DESIGN.md)."""

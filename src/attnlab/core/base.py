@@ -1,0 +1,307 @@
+"""``attnlab.Attention``: the one module contract every mechanism implements.
+
+A forward pass runs the same steps for every mechanism::
+
+    x (B, L, C) ─ project ─> q, k, v ─ prepare (qk-norm, RoPE, temperatures) ─> hook_q/k/v
+      ─ [state: append to cache] ─ attend (or: attention_weights -> hook_weights -> @ v)
+      ─> hook_heads (B, L, H, D) ─ gate ─ head_scale ─ output projection ─ dropout ─> hook_out
+
+A mechanism overrides the steps it changes (usually ``attend`` and ``attention_weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.gates import GATE_KINDS, OutputGate
+from attnlab.core.hooks import HookPoint
+from attnlab.core.masks import check_key_padding, key_padding_to_op
+from attnlab.core.positional import Rotary
+from attnlab.core.registry import MechanismInfo
+from attnlab.core.state import KVCache, State
+
+
+@dataclass
+class Call:
+    """Everything one forward call knows besides q, k, v (passed to every step)."""
+
+    x: Tensor  # (B, L, C): the block input, flattened to a sequence
+    positions: Tensor  # (L,): absolute positions of the queries, 0-based
+    key_mask: Tensor | None  # (B, Lk): True = real key (all cached keys after a state update)
+    spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
+    state: State | None
+    context: Tensor | None  # (B, Lk, C) for cross-attention
+
+    @property
+    def op_mask(self) -> Tensor | None:
+        """The key padding mask in op layout, ``(B, 1, 1, Lk)``."""
+        return key_padding_to_op(self.key_mask)
+
+
+class Attention(nn.Module):
+    """Base class of every attnlab mechanism (see DESIGN.md, "The module contract").
+
+    Args:
+        dim: model width C (input and output channels).
+        heads: number of query heads H.
+        kv_heads: key/value heads (GQA; 1 = MQA); defaults to ``heads``.
+        head_dim: per-head width D; defaults to ``dim // heads``.
+        causal: position i sees keys j <= i. ``None`` picks the mechanism's only mode, or
+            bidirectional when it supports both.
+        dropout: dropout on the attention output (before the residual).
+        bias: bias in the q, k, v and output projections.
+        qk_norm: RMSNorm on each head's q and k before the op.
+        rope: rotary position embedding on q and k (self-attention).
+        gate: ``"headwise"`` or ``"elementwise"`` output gate (Gated Attention), or None.
+        backend: op backend, ``"auto"`` picks the fastest correct one.
+        rope_base: RoPE frequency base.
+    """
+
+    mechanism: ClassVar[MechanismInfo | None] = None
+    backends: ClassVar[tuple[str, ...]] = ("auto",)
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        qk_norm: bool = False,
+        rope: bool = False,
+        gate: str | None = None,
+        backend: str = "auto",
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        info = self.mechanism
+        self.name = info.name if info is not None else type(self).__name__
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{self.name}: dim must be a positive int, got {dim!r}")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"{self.name}: heads must be a positive int, got {heads!r}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"{self.name}: kv_heads={kv_heads} must divide heads={heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"{self.name}: dim={dim} is not divisible by heads={heads}; "
+                                 "pass head_dim explicitly")
+            head_dim = dim // heads
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{self.name}: dropout must be in [0, 1), got {dropout}")
+        if gate is not None and gate not in GATE_KINDS:
+            raise ValueError(f"{self.name}: gate must be one of {GATE_KINDS} or None, "
+                             f"got {gate!r}")
+        if backend not in self.backends:
+            raise ValueError(f"{self.name}: unknown backend {backend!r}; "
+                             f"choose from {self.backends}")
+        causal = self._resolve_causal(causal)
+        requested = {"kv_heads": kv_heads != heads, "qk_norm": qk_norm, "rope": rope,
+                     "gate": gate is not None}
+        for option in (info.unsupported if info else ()):
+            if requested[option]:
+                raise ValueError(f"{self.name} does not support the {option!r} option")
+
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
+        self.causal, self.backend = causal, backend
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.rotary = Rotary(head_dim, rope_base) if rope else None
+        self.gate = OutputGate(dim, heads, head_dim, gate) if gate else None
+        self.drop = nn.Dropout(dropout)
+        self.out_norm: nn.Module | None = None  # a norm on the module output ("hybrid norm")
+        self.register_buffer("head_scale", torch.ones(heads))
+        for name in ("hook_q", "hook_k", "hook_v", "hook_weights", "hook_heads", "hook_out"):
+            setattr(self, name, HookPoint())
+        self._extra_loss: Tensor | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _resolve_causal(self, causal: bool | None) -> bool:
+        info = self.mechanism
+        if info is None:
+            return bool(causal)
+        if causal is None:
+            return not info.bidirectional
+        if causal and not info.causal:
+            raise ValueError(f"{self.name} supports only {info.modes} attention, "
+                             "not causal=True")
+        if not causal and not info.bidirectional:
+            raise ValueError(f"{self.name} supports only {info.modes} attention, "
+                             "not causal=False")
+        return bool(causal)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}")
+
+    # ------------------------------------------------------------------------ public API
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, state: State | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                spatial: tuple[int, ...] | None = None) -> Tensor:
+        """``x`` (B, L, C), (B, H, W, C) or (B, T, H, W, C) -> output of the same shape."""
+        call = self._begin(x, mask, state, context, context_mask, spatial)
+        q, k, v = self._qkv(call)
+        if state is not None:
+            k, v, call.key_mask = self.update_state(k, v, call)
+        if self.hook_weights.active:
+            w = self.hook_weights(self.attention_weights(q, k, call))
+            heads_out = w.to(v.dtype) @ self.expand_kv(v)
+        else:
+            heads_out = self.attend(q, k, v, call)
+        return self._finish(heads_out, call, x.shape)
+
+    def weights(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None,
+                spatial: tuple[int, ...] | None = None) -> Tensor:
+        """The attention matrix ``(B, H, Lq, Lk)`` the mechanism implies, computed densely."""
+        if self.mechanism is not None and not self.mechanism.weights:
+            raise ValueError(f"{self.name} defines no attention matrix")
+        call = self._begin(x, mask, None, context, context_mask, spatial)
+        q, k, _ = self._qkv(call)
+        return self.attention_weights(q, k, call)
+
+    def new_state(self, batch_size: int) -> State:
+        """A fresh decoding state (a KV cache unless the mechanism says otherwise)."""
+        self._check_can_decode()
+        return KVCache(self.name, batch_size)
+
+    def extra_loss(self) -> Tensor:
+        """Auxiliary loss of the last forward (0 unless the mechanism defines one)."""
+        if self._extra_loss is not None:
+            return self._extra_loss
+        return self.o_proj.weight.new_zeros(())
+
+    # ------------------------------------------------------------- steps to override
+    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections -> q (B, H, L, D), k and v (B, H_kv, Lk, D)."""
+        src = call.x if call.context is None else call.context
+        return (self.split_heads(self.q_proj(call.x), self.heads),
+                self.split_heads(self.k_proj(src), self.kv_heads),
+                self.split_heads(self.v_proj(src), self.kv_heads))
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """qk-norm and RoPE; mechanisms add temperatures or convolutions here."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q = self.rotary(q, call.positions)
+            k = self.rotary(k, call.positions)
+        return q, k, v
+
+    def update_state(self, k: Tensor, v: Tensor, call: Call
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append to the KV cache; return all cached keys, values and their padding mask."""
+        return call.state.append(k, v, call.key_mask)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        """The op: q (B, H, Lq, D), k, v (B, H_kv, Lk, D) -> per-head output (B, H, Lq, D)."""
+        raise NotImplementedError
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        """Dense implied attention matrix (B, H, Lq, Lk) from the prepared q and k."""
+        raise NotImplementedError(f"{self.name} does not implement attention_weights")
+
+    # ----------------------------------------------------------------------- helpers
+    @staticmethod
+    def split_heads(t: Tensor, heads: int) -> Tensor:
+        """(B, L, heads * D) -> (B, heads, L, D)."""
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def expand_kv(self, t: Tensor) -> Tensor:
+        """Repeat the kv heads of (B, H_kv, L, D) so that they line up with the query heads."""
+        groups = self.heads // t.shape[1]
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+    def _check_can_decode(self) -> None:
+        info = self.mechanism
+        if info is not None and not info.decode:
+            raise ValueError(f"{self.name} cannot decode with a state (decode=False)")
+        if not self.causal:
+            raise ValueError(f"{self.name}: decoding with a state needs causal=True")
+
+    def _begin(self, x, mask, state, context, context_mask, spatial) -> Call:
+        who = self.name
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"{who}: x must be a floating-point tensor")
+        if x.dim() not in (3, 4, 5):
+            raise ValueError(f"{who}: x must be (B, L, C), (B, H, W, C) or (B, T, H, W, C), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{who}: expected {self.dim} channels in the last dim of x "
+                             f"(dim={self.dim}), got shape {tuple(x.shape)}")
+        if x.dim() > 3:
+            if spatial is not None and tuple(spatial) != tuple(x.shape[1:-1]):
+                raise ValueError(f"{who}: spatial={tuple(spatial)} contradicts x of shape "
+                                 f"{tuple(x.shape)}")
+            spatial = tuple(x.shape[1:-1])
+        elif spatial is not None:
+            spatial = tuple(int(s) for s in spatial)
+            if len(spatial) not in (2, 3) or int(torch.tensor(spatial).prod()) != x.shape[1]:
+                raise ValueError(f"{who}: spatial={spatial} does not match sequence length "
+                                 f"{x.shape[1]}")
+        info = self.mechanism
+        if info is not None and "seq" not in info.domains and spatial is None:
+            raise ValueError(f"{who} works on {'/'.join(info.domains)} inputs: pass "
+                             "(B, H, W, C) or spatial=(H, W)")
+        b = x.shape[0]
+        seq = x.reshape(b, -1, self.dim)
+        length = seq.shape[1]
+        key_mask = check_key_padding(mask, b, length, who, spatial)
+        if context is not None:
+            if info is not None and not info.cross:
+                raise ValueError(f"{who} does not support cross-attention (context=)")
+            if self.causal:
+                raise ValueError(f"{who}: cross-attention (context=) needs causal=False")
+            if self.rotary is not None:
+                raise ValueError(f"{who}: rope is defined for self-attention, not context=")
+            if not isinstance(context, Tensor) or context.dim() != 3 or \
+                    context.shape[0] != b or context.shape[-1] != self.dim:
+                got = tuple(context.shape) if isinstance(context, Tensor) else type(context)
+                raise ValueError(f"{who}: context must be (B, Lk, C) = ({b}, Lk, {self.dim}), "
+                                 f"got {got}")
+            if mask is not None:
+                raise ValueError(f"{who}: with context=, pass the key padding as context_mask")
+            key_mask = check_key_padding(context_mask, b, context.shape[1], who)
+        elif context_mask is not None:
+            raise ValueError(f"{who}: context_mask given without context")
+        offset = 0
+        if state is not None:
+            self._check_can_decode()
+            if not isinstance(state, State):
+                raise ValueError(f"{who}: state must come from new_state(), got "
+                                 f"{type(state).__name__}")
+            if context is not None:
+                raise ValueError(f"{who}: a state cannot be combined with context=")
+            state.check(who, b)
+            offset = state.position
+        positions = torch.arange(offset, offset + length, device=x.device)
+        return Call(seq, positions, key_mask, spatial, state, context)
+
+    def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.project(call)
+        q, k, v = self.prepare(q, k, v, call)
+        return self.hook_q(q), self.hook_k(k), self.hook_v(v)
+
+    def _finish(self, heads_out: Tensor, call: Call, shape: torch.Size) -> Tensor:
+        h = self.hook_heads(heads_out.transpose(1, 2))  # (B, L, H, D)
+        if self.gate is not None:
+            h = self.gate(h, call.x)
+        h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
+        y = self.o_proj(h.flatten(2))
+        if self.out_norm is not None:
+            y = self.out_norm(y)
+        y = self.drop(y)
+        return self.hook_out(y).reshape(shape)

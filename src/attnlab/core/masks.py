@@ -1,0 +1,75 @@
+"""Boolean masks (``True`` = may attend, the SDPA convention) and their checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def causal_visibility(lq: int, lk: int, device: torch.device | None = None,
+                      q_start: int = 0) -> Tensor:
+    """``(lq, lk)`` bool, causal with queries aligned to the *end* of the keys.
+
+    Query ``i`` sits at absolute position ``i + (lk - lq)`` (a KV cache holds the earlier
+    keys) and sees keys ``j <= i + (lk - lq)``. ``q_start`` shifts the query rows (for tiles).
+    """
+    offset = lk - lq
+    rows = torch.arange(q_start, q_start + lq, device=device).unsqueeze(-1)
+    cols = torch.arange(lk, device=device)
+    return cols <= rows + offset
+
+
+def key_padding_to_op(key_mask: Tensor | None) -> Tensor | None:
+    """Module-level key padding ``(B, Lk)`` -> op-level mask ``(B, 1, 1, Lk)``."""
+    return None if key_mask is None else key_mask[:, None, None, :]
+
+
+def visibility(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
+               device: torch.device | None, q_start: int = 0, q_total: int | None = None
+               ) -> Tensor | None:
+    """The bool visibility of query rows ``q_start .. q_start+lq`` (of ``q_total``) over keys.
+
+    Combines ``causal`` with an op-level ``mask`` broadcastable to ``(B, H, Lq_total, Lk)``.
+    Returns ``None`` when everything is visible.
+    """
+    q_total = lq if q_total is None else q_total
+    vis = None
+    if causal:
+        vis = causal_visibility(q_total, lk, device)[q_start:q_start + lq]
+    if mask is not None:
+        m = mask if mask.shape[-2] == 1 else mask[..., q_start:q_start + lq, :]
+        vis = m if vis is None else (m & vis)
+    return vis
+
+
+def check_op_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> None:
+    """Validate an op-level mask: bool and broadcastable to ``(B, H, Lq, Lk)``."""
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if mask.dim() > 4:
+        raise ValueError(f"mask must broadcast to (B, H, Lq, Lk) = {target}, "
+                         f"got shape {tuple(mask.shape)}")
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(B, H, Lq, Lk) = {target}")
+
+
+def check_key_padding(mask: Tensor | None, batch: int, length: int, who: str,
+                      spatial: tuple[int, ...] | None = None) -> Tensor | None:
+    """Validate a module-level key padding mask; returns it flattened to ``(B, L)``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{who}: mask must be a bool tensor of shape (B, L) with True = real "
+                         f"token, got {got}")
+    if spatial is not None and tuple(mask.shape) == (batch, *spatial):
+        mask = mask.reshape(batch, length)
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{who}: mask must have shape (B, L) = ({batch}, {length}), "
+                         f"got {tuple(mask.shape)}")
+    return mask

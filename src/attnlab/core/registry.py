@@ -1,0 +1,172 @@
+"""The mechanism registry: names, metadata, and construction by name.
+
+The metadata recorded here is the single source of truth for the tests (the conformance
+suite iterates over :func:`available`), the docs, ``attnlab list`` and the README table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnlab.core.base import Attention
+
+COMMON_OPTIONS = ("kv_heads", "qk_norm", "rope", "gate")
+
+
+@dataclass(frozen=True)
+class MechanismInfo:
+    """What a registered mechanism is and what it can serve.
+
+    ``causal`` / ``bidirectional``: which masking modes it supports. ``decode``: it can
+    run token by token with a state. ``weights``: ``Attention.weights`` is defined.
+    ``weights_exact``: the output is exactly ``weights @ values`` (so the conformance suite
+    can check one against the other). ``cross``: it accepts ``context=``.
+    ``unsupported``: common constructor options (``COMMON_OPTIONS``) it rejects.
+    ``variants``: extra keyword sets the conformance suite also runs.
+    """
+
+    name: str
+    cls: type
+    family: str
+    paper: str
+    causal: bool
+    bidirectional: bool
+    decode: bool
+    domains: tuple[str, ...]
+    complexity: str
+    weights: bool
+    cross: bool
+    weights_exact: bool = True
+    unsupported: tuple[str, ...] = ()
+    variants: tuple[dict[str, Any], ...] = ()
+    notes: str = ""
+    doc: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modes(self) -> str:
+        """Human-readable list of supported masking modes."""
+        return " and ".join(m for m, ok in (("causal", self.causal),
+                                            ("bidirectional", self.bidirectional)) if ok)
+
+
+_REGISTRY: dict[str, MechanismInfo] = {}
+
+
+def _first_doc_line(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _own_defaults(cls: type) -> dict[str, Any]:
+    """Constructor defaults, i.e. what ``build(name, dim=..., heads=...)`` uses."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        n: p.default
+        for n, p in params.items()
+        if n not in ("self", "dim", "heads") and p.default is not inspect.Parameter.empty
+        and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    paper: str,
+    causal: bool,
+    bidirectional: bool,
+    decode: bool,
+    domains: tuple[str, ...] = ("seq",),
+    complexity: str,
+    weights: bool = True,
+    cross: bool = False,
+    weights_exact: bool = True,
+    unsupported: tuple[str, ...] = (),
+    variants: tuple[dict[str, Any], ...] = (),
+    notes: str = "",
+) -> Callable[[type[Attention]], type[Attention]]:
+    """Class decorator that registers an :class:`attnlab.Attention` subclass by name."""
+    if not (causal or bidirectional):
+        raise ValueError(f"mechanism {name!r} must support causal or bidirectional attention")
+    bad = set(unsupported) - set(COMMON_OPTIONS)
+    if bad:
+        raise ValueError(f"unsupported= names unknown common options {sorted(bad)}")
+
+    def decorate(cls: type[Attention]) -> type[Attention]:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"mechanism name {name!r} is already registered by {existing.cls.__qualname__}"
+            )
+        info = MechanismInfo(
+            name=name, cls=cls, family=family, paper=paper, causal=causal,
+            bidirectional=bidirectional, decode=decode, domains=tuple(domains),
+            complexity=complexity, weights=weights, cross=cross, weights_exact=weights_exact,
+            unsupported=tuple(unsupported), variants=tuple(variants), notes=notes,
+            doc=_first_doc_line(cls), defaults=_own_defaults(cls),
+        )
+        cls.mechanism = info
+        _REGISTRY[name] = info
+        return cls
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in mechanism.
+    import attnlab.mechanisms  # noqa: F401
+
+
+def available(*, family: str | None = None, domain: str | None = None) -> list[str]:
+    """Sorted names of the registered mechanisms, optionally filtered."""
+    _ensure_loaded()
+    return sorted(
+        n for n, i in _REGISTRY.items()
+        if (family is None or i.family == family) and (domain is None or domain in i.domains)
+    )
+
+
+def info(name: str) -> MechanismInfo:
+    """Metadata of a registered mechanism; unknown names raise ``ValueError`` with suggestions."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown attention mechanism {name!r}.{hint} "
+            f"Available: {', '.join(sorted(_REGISTRY))}."
+        ) from None
+
+
+def build(name: str, dim: int, heads: int, **kwargs: Any) -> Attention:
+    """Construct a registered mechanism: ``build("sigmoid", dim=256, heads=8, causal=True)``."""
+    cls = info(name).cls
+    accepted = _accepted_arguments(cls)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{name!r} got unknown argument(s) {unknown}; it accepts: {', '.join(sorted(accepted))}"
+        )
+    return cls(dim=dim, heads=heads, **kwargs)
+
+
+def _accepted_arguments(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in
+                  (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return names

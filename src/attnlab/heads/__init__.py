@@ -1,0 +1,1 @@
+"""attnlab.heads (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""attnlab.integrations (see DESIGN.md)."""

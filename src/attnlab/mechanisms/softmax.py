@@ -1,0 +1,34 @@
+"""Multi-head softmax attention, the baseline of every comparison."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.masks import visibility
+from attnlab.core.registry import register
+from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+
+@register("softmax", family="scored", paper="Attention Is All You Need", causal=True,
+          bidirectional=True, decode=True, domains=("seq", "image"), complexity="n^2 d",
+          weights=True, cross=True, variants=({"kv_heads": 2}, {"kv_heads": 1}))
+class SoftmaxAttention(Attention):
+    """Multi-head softmax attention (MHA, and GQA / MQA through ``kv_heads``).
+
+    "Attention Is All You Need" (Vaswani et al., 2017):
+    O = softmax(c Q K^T + mask) V with c = d^-1/2, per head; with ``kv_heads < heads`` each
+    key/value head serves ``heads / kv_heads`` query heads (GQA; ``kv_heads=1`` is MQA).
+    Backends: ``sdpa`` (default), ``reference``, ``flex``.
+    """
+
+    backends = ("auto", "reference", "sdpa", "flex")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask,
+                                 backend=self.backend)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        vis = visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
+                         device=q.device)
+        return softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)

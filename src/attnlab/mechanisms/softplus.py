@@ -1,0 +1,47 @@
+"""Softplus attention with length scaling and re-weighting (LSSA / LSSAR)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.masks import visibility
+from attnlab.core.registry import register
+from attnlab.ops.softplus import softplus_attention, softplus_weights
+
+
+@register("softplus", family="scored",
+          paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in Large "
+                "Language Models", causal=True, bidirectional=True, decode=True,
+          domains=("seq",), complexity="n^2 d", weights=True, cross=True,
+          variants=({"reweight_p": None}, {"reweight_p": 3.0}),
+          notes="The '- 1' of LSSAR is skipped for rows seeing <= 3 keys (the paper's first 3 "
+                "rows of a causal sequence).")
+class SoftplusAttention(Attention):
+    """Length-scale softplus attention, re-weighted (LSSAR) by default.
+
+    "Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language
+    Models". LSSA: q̂, k̂ are per-head L2-normalised,
+    A_ij = softplus(ln(d) ln(N_i) q̂_i.k̂_j) over the N_i keys row i sees, rows L1-normalised.
+    LSSAR (``reweight_p=p``, default 15): A <- relu(N_i A - 1)^p, L1-normalised again (the
+    "- 1" is skipped for rows that see at most 3 keys). ``reweight_p=None`` gives LSSA.
+    Backends: ``tiled`` (CPU default, memory-bounded training), ``reference``, ``flex``.
+    """
+
+    backends = ("auto", "reference", "tiled", "flex")
+
+    def __init__(self, dim: int, heads: int, *, reweight_p: float | None = 15.0,
+                 **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if reweight_p is not None and reweight_p < 1:
+            raise ValueError(f"softplus: reweight_p must be >= 1 or None, got {reweight_p}")
+        self.reweight_p = reweight_p
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return softplus_attention(q, k, v, causal=self.causal, mask=call.op_mask,
+                                  reweight_p=self.reweight_p, backend=self.backend)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        vis = visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
+                         device=q.device)
+        return softplus_weights(q, self.expand_kv(k), vis, reweight_p=self.reweight_p)

@@ -1,0 +1,81 @@
+"""Input checks and helpers shared by every op (tensors in (B, H, L, D) layout)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnlab.core.masks import check_op_mask, visibility
+
+
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    """Validate q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) and the mask."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be a 4-D tensor (B, H, L, D), got {shape}")
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{op}: shapes do not line up: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{op}: kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    check_op_mask(mask, q, k)
+
+
+def expand_kv(t: Tensor, heads: int) -> Tensor:
+    """Repeat kv heads (GQA) so that (B, H_kv, L, D) lines up with ``heads`` query heads."""
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def default_scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
+                   device: torch.device) -> Tensor:
+    """Number of keys each query row sees, broadcastable to (B, H, Lq, 1)."""
+    if mask is None:
+        if not causal:
+            return torch.full((1, 1, 1, 1), lk, device=device)
+        return (torch.arange(lq, device=device) + (lk - lq) + 1).clamp(0, lk).view(1, 1, lq, 1)
+    if mask.dim() == 4 and mask.shape[-2] == 1 and mask.shape[1] == 1 and causal:
+        # key padding + causal: prefix sums of the key mask at each query's last visible key
+        csum = mask[:, 0, 0].long().cumsum(-1)  # (B, Lk)
+        last = torch.arange(lq, device=device) + (lk - lq)
+        counts = torch.where(last >= 0, csum[:, last.clamp_min(0)], torch.zeros_like(csum[:, :1]))
+        return counts.view(-1, 1, lq, 1)
+    vis = visibility(lq, lk, causal=causal, mask=mask, device=device)
+    return vis.sum(-1, keepdim=True)
+
+
+def choose_backend(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor,
+                   v: Tensor, *, tensor_bias: bool = False) -> str:
+    """Resolve ``backend="auto"`` and reject backends that cannot serve this call."""
+    if backend not in ("auto", *known):
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose from {('auto', *known)}")
+    from attnlab.ops.flex import flex_available  # local: flex import is heavy
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend == "auto":
+        if "flex" in known and q.device.type == "cuda" and flex_available() and not tensor_bias:
+            return "flex"
+        if "sdpa" in known:
+            return "sdpa"
+        return "tiled" if ("tiled" in known and not tensor_bias) else "reference"
+    if backend == "flex":
+        if not flex_available():
+            raise ValueError(f"{op}: FlexAttention is not available in this torch build")
+        if grad and q.device.type == "cpu":
+            raise ValueError(f"{op}: FlexAttention has no backward on CPU; use backend='tiled'")
+        if tensor_bias:
+            raise ValueError(f"{op}: the flex backend takes a float bias only")
+    if backend == "tiled" and tensor_bias:
+        raise ValueError(f"{op}: the tiled backend takes a float bias only")
+    return backend

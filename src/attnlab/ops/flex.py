@@ -1,0 +1,66 @@
+"""FlexAttention helpers (``torch.nn.attention.flex_attention``), the CUDA / inference path.
+
+Mechanisms that are not a softmax are written as one: ``score_mod`` returns the log of the
+unnormalised weight, FlexAttention normalises, and the log-sum-exp it returns undoes the
+normalisation where needed. On CPU, torch's FlexAttention has no backward and its compiled
+CPU kernel does not return the log-sum-exp, so the CPU default is the tiled backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_mod(causal: bool, offset: int, mask: Tensor | None) -> Callable | None:
+    if not causal and mask is None:
+        return None
+
+    def mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
+        if mask is not None:
+            keep = keep & mask[b, h, q_idx, kv_idx]
+        return keep
+
+    return mod
+
+
+def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
+              score_mod: Callable | None, scale: float, return_lse: bool = False):
+    """Run FlexAttention with a causal (end-aligned) and/or boolean mask.
+
+    ``q``, ``k``, ``v`` have expanded heads. Compiled on CUDA; eager elsewhere (eager is the
+    unfused reference path of FlexAttention, used by the tests to check ``score_mod`` math).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    full_mask = None if mask is None else mask.expand(b, h, lq, lk)
+    mod = _mask_mod(causal, lk - lq, full_mask)
+    block_mask = None
+    if mod is not None:
+        block_mask = create_block_mask(mod, b, h, lq, lk, device=q.device,
+                                       _compile=q.device.type == "cuda")
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+              return_lse=return_lse)

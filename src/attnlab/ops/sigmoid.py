@@ -1,0 +1,57 @@
+"""Sigmoid attention: O = sigmoid(c Q K^T + b) V, no row normalisation.
+
+"Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (Ramapuram et al.).
+b = -ln(n) by default; masked entries are exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv
+from attnlab.ops.flex import flex_call
+from attnlab.ops.tiled import row_tiled
+
+BACKENDS = ("reference", "tiled", "flex")
+
+
+def sigmoid_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
+                    bias: float | Tensor) -> Tensor:
+    """W_ij = sigmoid(c q_i.k_j + b) for visible j, exactly 0 elsewhere."""
+    w = torch.sigmoid((q @ k.transpose(-1, -2)) * scale + bias)
+    return w if visible is None else w.masked_fill(~visible, 0.0)
+
+
+def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                      mask: Tensor | None = None, scale: float | None = None,
+                      bias: float | Tensor | None = None, backend: str = "auto",
+                      block_size: int | None = None) -> Tensor:
+    """Sigmoid attention on (B, H, L, D) tensors; ``bias`` defaults to ``-ln(Lk)``.
+
+    Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
+    default), ``flex`` (FlexAttention with score_mod = logsigmoid, rescaled by exp(lse)).
+    """
+    check_qkv("sigmoid_attention", q, k, v, mask)
+    scale = default_scale(q, scale)
+    bias = -math.log(max(k.shape[2], 1)) if bias is None else bias
+    name = choose_backend("sigmoid_attention", backend, BACKENDS, q, k, v,
+                          tensor_bias=isinstance(bias, Tensor))
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    weights_fn = partial(sigmoid_weights, scale=scale, bias=bias)
+    if name == "reference":
+        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
+        return weights_fn(q, k, vis).to(v.dtype) @ v
+    if name == "tiled":
+        return row_tiled(weights_fn, q, k, v, causal=causal, mask=mask, block_size=block_size)
+    out, lse = flex_call(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=True,
+                         score_mod=lambda s, b, h, i, j: F.logsigmoid(s + bias))
+    return out * lse.exp().unsqueeze(-1).to(out.dtype)
+
+
+reference = partial(sigmoid_attention, backend="reference")

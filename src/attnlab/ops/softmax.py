@@ -1,0 +1,74 @@
+"""Softmax attention: O = softmax(c Q K^T + bias + mask) V ("Attention Is All You Need")."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv
+from attnlab.ops.flex import flex_call
+
+BACKENDS = ("reference", "sdpa", "flex")
+
+
+def softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
+                    bias: float | Tensor | None = None) -> Tensor:
+    """softmax_j(c q_i.k_j + bias_ij) over visible keys; a row with no visible key is 0."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    if visible is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~visible, torch.finfo(s.dtype).min)
+    return torch.softmax(s, dim=-1) * visible.any(-1, keepdim=True)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, scale: float,
+          bias: float | Tensor | None) -> Tensor:
+    lq, lk = q.shape[2], k.shape[2]
+    if mask is None and bias is None and (not causal or lq == lk or lq == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq == lk and lq > 1,
+                                              scale=scale)
+    vis = visibility(lq, lk, causal=causal, mask=mask, device=q.device)
+    if vis is None:
+        vis = torch.ones(1, 1, 1, lk, dtype=torch.bool, device=q.device)
+    empty = ~vis.any(-1, keepdim=True)
+    has_empty = bool(empty.any())
+    if has_empty:  # give empty rows something to attend to, then zero them
+        vis = vis | empty
+    attn_mask = vis
+    if bias is not None:
+        attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
+            ~vis, float("-inf")) + bias
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return out.masked_fill(empty, 0.0) if has_empty else out
+
+
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                      mask: Tensor | None = None, scale: float | None = None,
+                      bias: float | Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Multi-head softmax attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
+
+    ``causal`` aligns queries to the end of the keys (KV-cache convention); ``mask`` is bool,
+    True = may attend, broadcastable to (B, H, Lq, Lk); ``bias`` is added to the scores.
+    Backends: ``reference`` (dense), ``sdpa`` (CPU/CUDA default), ``flex`` (FlexAttention).
+    """
+    check_qkv("softmax_attention", q, k, v, mask)
+    scale = default_scale(q, scale)
+    name = choose_backend("softmax_attention", backend, BACKENDS, q, k, v,
+                          tensor_bias=isinstance(bias, Tensor))
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if name == "reference":
+        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
+        return softmax_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v
+    if name == "sdpa":
+        return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale, bias=bias)
+    score_mod = None if bias is None else (lambda s, b, h, i, j: s + bias)
+    return flex_call(q, k, v, causal=causal, mask=mask, score_mod=score_mod, scale=scale)
+
+
+reference = partial(softmax_attention, backend="reference")

@@ -1,0 +1,116 @@
+"""Length-scale softplus attention (LSSA) and its re-weighted form (LSSAR).
+
+"Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models".
+LSSA: A_ij = softplus(ln(d) ln(N_i) q̂_i.k̂_j) over the N_i visible keys, rows L1-normalised
+(q̂, k̂: per-head L2-normalised). LSSAR: A <- relu(N_i A - 1)^p, L1-normalised again.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, choose_backend, expand_kv, visible_counts
+from attnlab.ops.flex import flex_call
+from attnlab.ops.tiled import row_tiled
+
+BACKENDS = ("reference", "tiled", "flex")
+
+# The "- 1" of LSSAR is skipped for rows that see at most this many keys: for causal
+# sequences without padding these are the first 3 rows, as in the paper.
+FEW_KEYS = 3
+_TINY = 1e-30
+
+
+def _row_normalise(a: Tensor) -> Tensor:
+    return a / a.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
+def softplus_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
+                     reweight_p: float | None = None) -> Tensor:
+    """LSSA weights, then LSSAR re-weighting when ``reweight_p`` is given.
+
+    A row whose re-weighted values are all 0 (only when its LSSA row is exactly uniform)
+    keeps its LSSA weights; a row with no visible key is 0.
+    """
+    d = q.shape[-1]
+    cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+    if visible is None:
+        n = torch.full((1,), k.shape[2], dtype=cos.dtype, device=cos.device)
+    else:
+        n = visible.sum(-1, keepdim=True).to(cos.dtype)
+    alpha = math.log(d) * torch.log(n.clamp_min(1.0))
+    a = F.softplus(alpha * cos)
+    if visible is not None:
+        a = a.masked_fill(~visible, 0.0)
+    a = _row_normalise(a)
+    if reweight_p is None:
+        return a
+    shift = (n > FEW_KEYS).to(a.dtype)
+    r = torch.relu(a * n - shift)
+    r_max = r.amax(-1, keepdim=True)
+    t = (r / r_max.clamp_min(_TINY)) ** reweight_p  # scale-free: (r / max r)^p cannot overflow
+    z = t.sum(-1, keepdim=True)
+    return torch.where(z > 0, t / z.clamp_min(_TINY), a)
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    return torch.where(x < -15.0, x, torch.log(F.softplus(x)))
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
+          reweight_p: float | None) -> Tensor:
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    n = visible_counts(lq, lk, causal=causal, mask=mask, device=q.device).to(torch.float32)
+    n = n.reshape(-1, lq).expand(b, lq)
+    alpha = math.log(d) * torch.log(n.clamp_min(1.0))
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+
+    def lssa(s, bi, hi, i, j):
+        return _log_softplus(alpha[bi, i] * s)
+
+    out1, lse1 = flex_call(qn, kn, v, causal=causal, mask=mask, score_mod=lssa, scale=1.0,
+                           return_lse=True)
+    if reweight_p is None:
+        return out1
+    shift = (n > FEW_KEYS).to(torch.float32)
+
+    def lssar(s, bi, hi, i, j):
+        y = torch.exp(lssa(s, bi, hi, i, j) - lse1[bi, hi, i]) * n[bi, i] - shift[bi, i]
+        return torch.where(y > 0, reweight_p * torch.log(y.clamp_min(_TINY)), float("-inf"))
+
+    out2, lse2 = flex_call(qn, kn, v, causal=causal, mask=mask, score_mod=lssar, scale=1.0,
+                           return_lse=True)
+    ok = torch.isfinite(lse2).unsqueeze(-1)
+    return torch.where(ok, out2.nan_to_num(0.0), out1)
+
+
+def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                       mask: Tensor | None = None, reweight_p: float | None = None,
+                       backend: str = "auto", block_size: int | None = None) -> Tensor:
+    """LSSA (``reweight_p=None``) or LSSAR attention on (B, H, L, D) tensors.
+
+    Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
+    default), ``flex`` (two FlexAttention passes; the second re-weights with the first's lse).
+    """
+    check_qkv("softplus_attention", q, k, v, mask)
+    if reweight_p is not None and reweight_p < 1:
+        raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
+    name = choose_backend("softplus_attention", backend, BACKENDS, q, k, v)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    weights_fn = partial(softplus_weights, reweight_p=reweight_p)
+    if name == "reference":
+        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
+        return weights_fn(q, k, vis).to(v.dtype) @ v
+    if name == "tiled":
+        return row_tiled(weights_fn, q, k, v, causal=causal, mask=mask, block_size=block_size)
+    return _flex(q, k, v, causal=causal, mask=mask, reweight_p=reweight_p)
+
+
+reference = partial(softplus_attention, backend="reference")

@@ -1,0 +1,1 @@
+"""attnlab.tasks (see DESIGN.md)."""
