@@ -6,16 +6,20 @@ import torch
 from torch import Tensor
 
 
-def causal_visibility(lq: int, lk: int, device: torch.device | None = None,
-                      q_start: int = 0) -> Tensor:
-    """``(lq, lk)`` bool, causal with queries aligned to the *end* of the keys.
+def causal_visibility(lq: int, lk: int, device: torch.device | None = None, *,
+                      q_start: int = 0, q_total: int | None = None,
+                      k_end: int | None = None) -> Tensor:
+    """Causal bool visibility, with queries aligned to the *end* of the keys.
 
-    Query ``i`` sits at absolute position ``i + (lk - lq)`` (a KV cache holds the earlier
-    keys) and sees keys ``j <= i + (lk - lq)``. ``q_start`` shifts the query rows (for tiles).
+    Of ``q_total`` queries over ``lk`` keys, query ``i`` sits at absolute position
+    ``i + (lk - q_total)`` (a KV cache holds the earlier keys) and sees keys
+    ``j <= i + (lk - q_total)``. Returns rows ``q_start .. q_start + lq`` and key columns
+    ``0 .. k_end`` only, so a tile never builds the full matrix.
     """
-    offset = lk - lq
+    q_total = lq if q_total is None else q_total
+    offset = lk - q_total
     rows = torch.arange(q_start, q_start + lq, device=device).unsqueeze(-1)
-    cols = torch.arange(lk, device=device)
+    cols = torch.arange(lk if k_end is None else k_end, device=device)
     return cols <= rows + offset
 
 
@@ -35,7 +39,7 @@ def visibility(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
     q_total = lq if q_total is None else q_total
     vis = None
     if causal:
-        vis = causal_visibility(q_total, lk, device)[q_start:q_start + lq]
+        vis = causal_visibility(lq, lk, device, q_start=q_start, q_total=q_total)
     if mask is not None:
         m = mask if mask.shape[-2] == 1 else mask[..., q_start:q_start + lq, :]
         vis = m if vis is None else (m & vis)

@@ -34,6 +34,12 @@ def expand_kv(t: Tensor, heads: int) -> Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
+def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Low-precision inputs are upcast to float32 for the score math (fp32 accumulation)."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def default_scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv
+from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv, upcast
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import row_tiled
 
@@ -24,6 +24,7 @@ BACKENDS = ("reference", "tiled", "flex")
 def sigmoid_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
                     bias: float | Tensor) -> Tensor:
     """W_ij = sigmoid(c q_i.k_j + b) for visible j, exactly 0 elsewhere."""
+    q, k = upcast(q, k)
     w = torch.sigmoid((q @ k.transpose(-1, -2)) * scale + bias)
     return w if visible is None else w.masked_fill(~visible, 0.0)
 

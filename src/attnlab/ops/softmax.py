@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv
+from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv, upcast
 from attnlab.ops.flex import flex_call
 
 BACKENDS = ("reference", "sdpa", "flex")
@@ -18,6 +18,7 @@ BACKENDS = ("reference", "sdpa", "flex")
 def softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
                     bias: float | Tensor | None = None) -> Tensor:
     """softmax_j(c q_i.k_j + bias_ij) over visible keys; a row with no visible key is 0."""
+    q, k = upcast(q, k)
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias

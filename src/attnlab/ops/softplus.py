@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, expand_kv, visible_counts
+from attnlab.ops.common import check_qkv, choose_backend, expand_kv, upcast, visible_counts
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import row_tiled
 
@@ -39,6 +39,7 @@ def softplus_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
     keeps its LSSA weights; a row with no visible key is 0.
     """
     d = q.shape[-1]
+    q, k = upcast(q, k)
     cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
     if visible is None:
         n = torch.full((1,), k.shape[2], dtype=cos.dtype, device=cos.device)
@@ -68,12 +69,12 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     b, h, lq, d = q.shape
     lk = k.shape[2]
     n = visible_counts(lq, lk, causal=causal, mask=mask, device=q.device).to(torch.float32)
-    n = n.reshape(-1, lq).expand(b, lq)
+    n = n.expand(b, h, lq, 1)[..., 0]  # (B, H, Lq)
     alpha = math.log(d) * torch.log(n.clamp_min(1.0))
     qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
     def lssa(s, bi, hi, i, j):
-        return _log_softplus(alpha[bi, i] * s)
+        return _log_softplus(alpha[bi, hi, i] * s)
 
     out1, lse1 = flex_call(qn, kn, v, causal=causal, mask=mask, score_mod=lssa, scale=1.0,
                            return_lse=True)
@@ -82,7 +83,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     shift = (n > FEW_KEYS).to(torch.float32)
 
     def lssar(s, bi, hi, i, j):
-        y = torch.exp(lssa(s, bi, hi, i, j) - lse1[bi, hi, i]) * n[bi, i] - shift[bi, i]
+        y = torch.exp(lssa(s, bi, hi, i, j) - lse1[bi, hi, i]) * n[bi, hi, i] - shift[bi, hi, i]
         return torch.where(y > 0, reweight_p * torch.log(y.clamp_min(_TINY)), float("-inf"))
 
     out2, lse2 = flex_call(qn, kn, v, causal=causal, mask=mask, score_mod=lssar, scale=1.0,

@@ -33,7 +33,7 @@ def _block_visibility(i0: int, i1: int, kend: int, lq: int, lk: int, causal: boo
                       mask: Tensor | None, device: torch.device) -> Tensor | None:
     vis = None
     if causal:
-        vis = causal_visibility(lq, lk, device)[i0:i1, :kend]
+        vis = causal_visibility(i1 - i0, lk, device, q_start=i0, q_total=lq, k_end=kend)
     if mask is not None:
         m = mask if mask.shape[-2] == 1 else mask[..., i0:i1, :]
         m = m[..., :kend]

@@ -1,0 +1,40 @@
+"""Shared op cases: every op with its non-reference backends and per-dtype tolerances."""
+
+from functools import partial
+
+import torch
+
+from attnlab.ops import sigmoid_attention, softmax_attention, softplus_attention
+
+# name -> (op with fixed kwargs, fast backends tested against the reference)
+OPS = {
+    "softmax": (softmax_attention, ("sdpa",)),
+    "sigmoid": (sigmoid_attention, ("tiled",)),
+    "lssa": (partial(softplus_attention, reweight_p=None), ("tiled",)),
+    "lssar": (partial(softplus_attention, reweight_p=15.0), ("tiled",)),
+}
+
+# absolute / relative tolerance per dtype, against a float64 reference
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
+# LSSAR raises weights to the 15th power, which multiplies relative errors by about 15
+TOL_LSSAR = {torch.float32: (3e-4, 1e-3), torch.bfloat16: (1.5e-1, 1e-1)}
+
+
+def tolerance(op_name, dtype):
+    return (TOL_LSSAR if op_name == "lssar" else TOL)[dtype]
+
+
+def make_qkv(b, h, hkv, lq, lk, d, dtype, requires_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    return [t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def key_padding(b, lk, seed=1):
+    """(B, 1, 1, Lk) with a few padded keys per row; the first row is left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, lk, generator=g) > 0.2
+    keep[0, : max(1, lk // 3)] = False  # left padding: early causal rows see nothing
+    return keep[:, None, None, :]

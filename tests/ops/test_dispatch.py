@@ -1,0 +1,71 @@
+"""Backend choice and input checks of the ops."""
+
+import pytest
+import torch
+
+from attnlab.ops import sigmoid_attention, softmax_attention, softplus_attention
+
+from .cases import make_qkv
+
+
+def test_auto_picks_sdpa_for_softmax_and_tiled_for_others_on_cpu(monkeypatch):
+    import attnlab.ops.sigmoid as sig
+    import attnlab.ops.softmax as sm
+
+    calls = []
+    monkeypatch.setattr(sig, "row_tiled", lambda *a, **k: calls.append("tiled") or a[3][..., :1, :] * 0)
+    monkeypatch.setattr(sm, "_sdpa", lambda *a, **k: calls.append("sdpa") or a[0])
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32)
+    sigmoid_attention(q, k, v)
+    softmax_attention(q, k, v)
+    assert calls == ["tiled", "sdpa"]
+
+
+def test_unknown_backend_is_a_value_error_listing_choices():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="unknown backend 'triton'.*tiled"):
+        sigmoid_attention(q, k, v, backend="triton")
+
+
+def test_flex_refuses_training_on_cpu():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        softplus_attention(q, k, v, backend="flex")
+
+
+def test_tensor_bias_falls_back_to_reference_and_is_refused_by_tiled():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float64, requires_grad=False)
+    bias = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    out = sigmoid_attention(q, k, v, bias=bias)
+    s = torch.sigmoid(q @ k.mT / 8 ** 0.5 + bias)
+    torch.testing.assert_close(out, s @ v)
+    with pytest.raises(ValueError, match="float bias only"):
+        sigmoid_attention(q, k, v, bias=bias, backend="tiled")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, k, v: (q[0], k, v), "4-D"),
+    (lambda q, k, v: (q, k[..., :4], v), "head dims differ"),
+    (lambda q, k, v: (q, k[:, :, :3], v), "do not line up"),
+    (lambda q, k, v: (q, k.double(), v), "dtypes differ"),
+])
+def test_op_input_errors(bad, match):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match=match):
+        softmax_attention(*bad(q, k, v))
+
+
+def test_op_mask_errors():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="bool"):
+        sigmoid_attention(q, k, v, mask=torch.ones(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sigmoid_attention(q, k, v, mask=torch.ones(1, 1, 1, 5, dtype=torch.bool))
+
+
+def test_gqa_equals_explicitly_repeated_heads():
+    q, k, v = make_qkv(2, 6, 2, 7, 7, 8, torch.float64, requires_grad=False)
+    for op in (softmax_attention, sigmoid_attention, softplus_attention):
+        grouped = op(q, k, v, causal=True)
+        repeated = op(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
+        torch.testing.assert_close(grouped, repeated)
