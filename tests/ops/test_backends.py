@@ -19,7 +19,8 @@ def run(op, q, k, v, grad_out, **kw):
 
 def assert_close(fast, ref, tol, what):
     atol, rtol = tol
-    torch.testing.assert_close(fast.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(fast.double(), ref, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def check(op_name, backend, dtype, lq, lk, causal, masked, hkv=2, block_size=None):

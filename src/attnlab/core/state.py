@@ -72,7 +72,8 @@ class KVCache(State):
             mask[:, :n] = self._mask[:, :n]
         self._k, self._v, self._mask, self._capacity = k, v, mask, cap
 
-    def append(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def append(self, k: Tensor, v: Tensor, key_mask: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """Append ``k, v`` of shape ``(B, H_kv, L, D)``; return all cached keys, values, mask."""
         n, l = self.position, k.shape[2]
         if self._k is None or n + l > self._capacity:

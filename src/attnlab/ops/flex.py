@@ -62,5 +62,13 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         block_mask = create_block_mask(mod, b, h, lq, lk, device=q.device,
                                        _compile=q.device.type == "cuda")
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-              return_lse=return_lse)
+    if not return_lse:
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    try:  # torch >= 2.9 spells it return_aux; return_lse is deprecated there
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  return_lse=True)
+    out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  return_aux=AuxRequest(lse=True))
+    return out, aux.lse

@@ -1,0 +1,258 @@
+"""The contract, checked for every registered mechanism and each of its declared variants.
+
+A mechanism registered later is covered here without writing these tests again: cases come
+from ``attnlab.available()`` and each mechanism's metadata (modes, decode, weights, cross,
+variants, unsupported common options).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab as al
+
+DIM, HEADS = 32, 4
+COMMON = {"kv_heads": 2, "qk_norm": True, "rope": True, "gate": "headwise"}
+
+
+def _variants(name: str) -> list[dict]:
+    info = al.info(name)
+    common = {k: v for k, v in COMMON.items() if k not in info.unsupported}
+    return [{}, *info.variants, common]
+
+
+def _cases(*, need=None, only: bool | None = None) -> list:
+    """(name, kwargs, causal) for every mechanism, variant and supported mode.
+
+    ``need`` filters on the metadata; ``only=True`` / ``False`` keeps causal / bidirectional.
+    """
+    cases = []
+    for name in al.available():
+        info = al.info(name)
+        if need is not None and not need(info):
+            continue
+        modes = [m for m, ok in ((True, info.causal), (False, info.bidirectional))
+                 if ok and only in (None, m)]
+        for i, kwargs in enumerate(_variants(name)):
+            for causal in modes:
+                tag = f"{name}-v{i}-{'causal' if causal else 'bidir'}"
+                cases.append(pytest.param(name, kwargs, causal, id=tag))
+    return cases
+
+
+def make(name: str, kwargs: dict, causal: bool, dtype=torch.float32) -> al.Attention:
+    torch.manual_seed(0)
+    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal, **kwargs).to(dtype)
+    # non-trivial gates / norms so that they matter in every check
+    for p in attn.parameters():
+        if p.dim() == 1:
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    return attn.eval()
+
+
+def inputs(b=2, length=13, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, length, DIM, generator=g).to(dtype)
+
+
+def padding(b=2, length=13):
+    keep = torch.ones(b, length, dtype=torch.bool)
+    keep[0, :3] = False  # left padding
+    keep[1, -4:] = False  # right padding
+    keep[1, 5] = False  # a hole
+    return keep
+
+
+@pytest.mark.parametrize("name", al.available())
+def test_constructible_from_dim_and_heads_only(name):
+    attn = al.build(name, dim=DIM, heads=HEADS)
+    assert isinstance(attn, al.Attention)
+    assert attn(inputs()).shape == (2, 13, DIM)
+    info = al.info(name)
+    assert info.doc and info.paper and info.complexity
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_shape_and_dtype(name, kwargs, causal, dtype):
+    attn = make(name, kwargs, causal, dtype)
+    x = inputs(dtype=dtype)
+    y = attn(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name, kwargs, causal",
+                         _cases(need=lambda i: "image" in i.domains))
+def test_image_input_equals_flattened_sequence(name, kwargs, causal):
+    attn = make(name, kwargs, causal)
+    img = torch.randn(2, 3, 5, DIM)
+    y = attn(img)
+    assert y.shape == img.shape
+    flat = attn(img.reshape(2, 15, DIM), spatial=(3, 5))
+    torch.testing.assert_close(y.reshape(2, 15, DIM), flat)
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases(only=True))
+def test_causality_future_tokens_do_not_change_the_past(name, kwargs, causal):
+    attn = make(name, kwargs, causal=True)
+    x = inputs(length=17)
+    y = attn(x)
+    t = 9
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 3
+    y2 = attn(x2)
+    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases())
+def test_padding_invariance(name, kwargs, causal):
+    attn = make(name, kwargs, causal)
+    x, keep = inputs(), padding()
+    y = attn(x, mask=keep)
+    x2 = torch.where(keep[..., None], x, torch.randn_like(x) * 5)
+    y2 = attn(x2, mask=keep)
+    assert torch.isfinite(y).all() and torch.isfinite(y2).all()
+    torch.testing.assert_close(y2[keep], y[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.decode, only=True))
+def test_decode_equals_full_forward(name, kwargs, causal):
+    attn = make(name, kwargs, causal=True)
+    x, keep = inputs(length=15), padding(length=15)
+    for mask in (None, keep):
+        full = attn(x, mask=mask)
+        state = attn.new_state(batch_size=2)
+        parts = [attn(x[:, :6], mask=None if mask is None else mask[:, :6], state=state)]
+        for t in range(6, 15):
+            step_mask = None if mask is None else mask[:, t:t + 1]
+            parts.append(attn(x[:, t:t + 1], mask=step_mask, state=state))
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        assert state.position == 15
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights_exact))
+def test_weights_reproduce_the_output(name, kwargs, causal):
+    attn = make(name, kwargs, causal)
+    x, keep = inputs(), padding()
+    seen = {}
+    attn.hook_v.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
+    attn.hook_heads.register_forward_hook(lambda m, i, o: seen.__setitem__("heads", o))
+    for mask in (None, keep):
+        attn(x, mask=mask)
+        w = attn.weights(x, mask=mask)
+        assert w.shape == (2, HEADS, 13, 13)
+        expected = (w @ attn.expand_kv(seen["v"])).transpose(1, 2)
+        torch.testing.assert_close(seen["heads"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
+def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
+    attn = make(name, kwargs, causal)
+    x = inputs()
+    y = attn(x)
+    shapes = []
+    handle = attn.hook_weights.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
+    torch.testing.assert_close(attn(x), y, atol=1e-5, rtol=1e-5)  # reading changes nothing
+    handle.remove()
+    assert shapes == [(2, HEADS, 13, 13)]
+    handle = attn.hook_weights.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    y0 = attn(x)  # all weights 0 must act exactly like all per-head outputs 0
+    handle.remove()
+    attn.hook_heads.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    torch.testing.assert_close(y0, attn(x))
+    assert not torch.allclose(y0, y)
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases())
+def test_hook_shapes_and_head_scale(name, kwargs, causal):
+    attn = make(name, kwargs, causal)
+    x = inputs()
+    seen = {}
+    for hook in ("hook_q", "hook_k", "hook_v", "hook_heads", "hook_out"):
+        getattr(attn, hook).register_forward_hook(
+            lambda m, i, o, hook=hook: seen.__setitem__(hook, o.shape))
+    y = attn(x)
+    hkv, d = attn.kv_heads, attn.head_dim
+    assert seen["hook_q"] == (2, HEADS, 13, d)
+    assert seen["hook_k"][:2] == (2, hkv) and seen["hook_v"][:2] == (2, hkv)
+    assert seen["hook_heads"] == (2, 13, HEADS, d)
+    assert seen["hook_out"] == (2, 13, DIM)
+    # head_scale[h] = 0 is the same as zeroing head h's output
+    attn.head_scale[1] = 0.0
+    ablated = attn(x)
+    attn.head_scale[1] = 1.0
+
+    def zero_head(m, i, o):
+        o = o.clone()
+        o[:, :, 1] = 0
+        return o
+
+    attn.hook_heads.register_forward_hook(zero_head)
+    torch.testing.assert_close(ablated, attn(x))
+    assert not torch.allclose(ablated, y)
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases())
+def test_gradients_are_finite_for_inputs_and_all_parameters(name, kwargs, causal):
+    attn = make(name, kwargs, causal).train()
+    x = inputs().requires_grad_()
+    keep = padding()
+    loss = attn(x, mask=keep).square().mean() + attn.extra_loss()
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, p in attn.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.cross, only=False))
+def test_cross_attention(name, kwargs, causal):
+    kwargs = {k: v for k, v in kwargs.items() if k != "rope"}
+    attn = make(name, kwargs, causal=False)
+    x, ctx = inputs(length=7), inputs(length=11, seed=3)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[0, 8:] = False
+    y = attn(x, context=ctx, context_mask=keep)
+    assert y.shape == x.shape
+    ctx2 = torch.where(keep[..., None], ctx, torch.randn_like(ctx))
+    torch.testing.assert_close(attn(x, context=ctx2, context_mask=keep), y)
+    assert attn.weights(x, context=ctx, context_mask=keep).shape == (2, HEADS, 7, 11)
+
+
+@pytest.mark.parametrize("name", al.available())
+def test_bad_input_raises_clear_errors(name):
+    info = al.info(name)
+    causal = info.causal
+    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal)
+    x = inputs()
+    cases = [
+        (lambda: attn(x[0]), "x must be"),
+        (lambda: attn(torch.randn(2, 13, DIM + 1)), f"expected {DIM} channels"),
+        (lambda: attn(x.long()), "floating-point"),
+        (lambda: attn(x, mask=torch.ones(2, 13)), "bool"),
+        (lambda: attn(x, mask=torch.ones(2, 12, dtype=torch.bool)), r"shape \(B, L\)"),
+        (lambda: attn(x, spatial=(3, 5)), "does not match"),
+    ]
+    if info.decode and causal:
+        cases.append((lambda: attn(x, state=attn.new_state(batch_size=1)), "batch_size=1"))
+        bidir = al.build(name, dim=DIM, heads=HEADS, causal=False) if info.bidirectional \
+            else None
+        if bidir is not None:
+            cases.append((lambda: bidir.new_state(2), "needs causal=True"))
+    if not info.decode:
+        cases.append((lambda: attn.new_state(2), "cannot decode"))
+    if not info.causal:
+        cases.append((lambda: al.build(name, dim=DIM, heads=HEADS, causal=True),
+                      "supports only"))
+    if not info.bidirectional:
+        cases.append((lambda: al.build(name, dim=DIM, heads=HEADS, causal=False),
+                      "supports only"))
+    if not info.cross:
+        cases.append((lambda: attn(x, context=x), "cross-attention"))
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()

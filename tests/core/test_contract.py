@@ -1,0 +1,121 @@
+"""Base-class behaviour shared by all mechanisms: arguments, hooks, positions, states."""
+
+import pytest
+import torch
+
+import attnlab as al
+from attnlab.core.positional import Rotary
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kv_heads": 3}, "must divide heads"),
+    ({"gate": "channel"}, "gate must be one of"),
+    ({"backend": "cuda-magic"}, "unknown backend"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        al.build("softmax", dim=32, heads=4, **kwargs)
+
+
+def test_dim_not_divisible_needs_head_dim():
+    with pytest.raises(ValueError, match="pass head_dim"):
+        al.build("softmax", dim=30, heads=4)
+    attn = al.build("softmax", dim=30, heads=4, head_dim=8)
+    assert attn(torch.randn(1, 3, 30)).shape == (1, 3, 30)
+
+
+def test_gqa_projection_sizes():
+    attn = al.build("softmax", dim=32, heads=4, kv_heads=1)
+    assert attn.k_proj.out_features == attn.v_proj.out_features == 8
+    assert attn.q_proj.out_features == 32
+
+
+def test_gqa_equals_mha_with_repeated_kv_projections():
+    torch.manual_seed(0)
+    gqa = al.build("softmax", dim=32, heads=4, kv_heads=2, causal=True)
+    mha = al.build("softmax", dim=32, heads=4, causal=True)
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(gqa, name).weight.unflatten(0, (2, 8)).repeat_interleave(2, 0)
+            getattr(mha, name).weight.copy_(w.flatten(0, 1))
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(gqa(x), mha(x))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rot = Rotary(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    def score(i, j):
+        return (rot(q, torch.tensor([i])) * rot(k, torch.tensor([j]))).sum()
+    torch.testing.assert_close(score(5, 2), score(105, 102))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_hook_weights_is_not_computed_unless_hooked(monkeypatch):
+    attn = al.build("softmax", dim=16, heads=2)
+    def boom(*a, **k):
+        raise AssertionError("weights materialised without a hook")
+    monkeypatch.setattr(attn, "attention_weights", boom)
+    attn(torch.randn(1, 4, 16))  # no hook: fine
+    attn.hook_weights.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(AssertionError, match="materialised"):
+        attn(torch.randn(1, 4, 16))
+
+
+def test_state_checks_and_growth():
+    attn = al.build("softmax", dim=16, heads=2, kv_heads=1, causal=True)
+    state = attn.new_state(batch_size=3)
+    assert state.position == 0 and state.nbytes() == 0
+    for _ in range(70):  # grows past the initial capacity several times
+        attn(torch.randn(3, 1, 16), state=state)
+    assert state.position == 70
+    assert state.numbers_per_token() == 2 * 1 * 8
+    with pytest.raises(ValueError, match="batch_size=3"):
+        attn(torch.randn(4, 1, 16), state=state)
+    other = al.build("sigmoid", dim=16, heads=2, causal=True)
+    with pytest.raises(ValueError, match="made by 'softmax'"):
+        other(torch.randn(3, 1, 16), state=state)
+    with pytest.raises(ValueError, match="state must come from new_state"):
+        attn(torch.randn(3, 1, 16), state="cache")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        attn.new_state(0)
+
+
+def test_decode_with_gradients_keeps_the_current_chunk_differentiable():
+    attn = al.build("softmax", dim=16, heads=2, causal=True)
+    state = attn.new_state(1)
+    attn(torch.randn(1, 4, 16), state=state)
+    x = torch.randn(1, 2, 16, requires_grad=True)
+    attn(x, state=state).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_spatial_and_video_inputs():
+    attn = al.build("softmax", dim=16, heads=2)
+    video = torch.randn(1, 2, 3, 4, 16)
+    assert attn(video).shape == video.shape
+    img_mask = torch.ones(1, 3, 4, dtype=torch.bool)
+    assert attn(video[:, 0], mask=img_mask).shape == (1, 3, 4, 16)
+    with pytest.raises(ValueError, match="contradicts"):
+        attn(video[:, 0], spatial=(4, 3))
+
+
+def test_context_errors():
+    attn = al.build("softmax", dim=16, heads=2)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="context must be"):
+        attn(x, context=torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="context_mask given without context"):
+        attn(x, context_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pass the key padding as context_mask"):
+        attn(x, context=x, mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs causal=False"):
+        al.build("softmax", dim=16, heads=2, causal=True)(x, context=x)
+
+
+def test_extra_loss_defaults_to_zero_scalar():
+    loss = al.build("sigmoid", dim=16, heads=2).extra_loss()
+    assert loss.shape == () and loss.item() == 0.0
