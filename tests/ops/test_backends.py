@@ -132,3 +132,20 @@ def test_tiled_training_never_materialises_a_full_score_matrix(op):
     with MaxNumel() as dense:
         op(q, k, v, causal=True, backend="reference").sum().backward()
     assert dense.largest >= b * h * one_head_scores
+
+
+def test_lssar_uniform_rows_fall_back_to_lssa_in_both_backends_with_gradients():
+    """Rows whose LSSA weights are exactly uniform (identical keys) keep them under LSSAR."""
+    q = torch.randn(1, 2, 9, 8, requires_grad=True)
+    k = torch.randn(1, 2, 1, 8).expand(1, 2, 9, 8).clone().requires_grad_()
+    v = torch.randn(1, 2, 9, 8, requires_grad=True)
+    grad_out = torch.randn(1, 2, 9, 8)
+    fast, fast_g = run(softplus_attention, q, k, v, grad_out, reweight_p=15.0, causal=True,
+                       backend="tiled")
+    ref, ref_g = run(softplus_attention, q, k, v, grad_out, reweight_p=15.0, causal=True,
+                     backend="reference")
+    rows_mean = v.detach().cumsum(2) / torch.arange(1, 10.0).view(1, 1, 9, 1)
+    torch.testing.assert_close(ref, rows_mean)
+    torch.testing.assert_close(fast, ref)
+    for g, rg in zip(fast_g, ref_g, strict=True):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)

@@ -16,7 +16,7 @@ from torch import Tensor
 from attnlab.core.masks import visibility
 from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv, upcast
 from attnlab.ops.flex import flex_call
-from attnlab.ops.tiled import row_tiled
+from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
 BACKENDS = ("reference", "tiled", "flex")
 
@@ -27,6 +27,22 @@ def sigmoid_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: floa
     q, k = upcast(q, k)
     w = torch.sigmoid((q @ k.transpose(-1, -2)) * scale + bias)
     return w if visible is None else w.masked_fill(~visible, 0.0)
+
+
+class SigmoidRows(RowMath):
+    """Tiled sigmoid weights: w = sigmoid(s), ds = w (1 - w) g (0 where masked, as w is)."""
+
+    def __init__(self, scale: float, bias: float) -> None:
+        self.scale, self.bias = scale, bias
+
+    def weights(self, s: Tensor, vis: BlockVisibility | None) -> tuple[Tensor, None]:
+        s.sigmoid_()
+        if vis is not None:
+            vis.fill_(s, 0.0)
+        return s, None
+
+    def vjp(self, g, w, aux, vis, rowdot) -> Tensor:
+        return torch.ops.aten.sigmoid_backward(g, w)
 
 
 def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -44,12 +60,12 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     name = choose_backend("sigmoid_attention", backend, BACKENDS, q, k, v,
                           tensor_bias=isinstance(bias, Tensor))
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    weights_fn = partial(sigmoid_weights, scale=scale, bias=bias)
     if name == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
-        return weights_fn(q, k, vis).to(v.dtype) @ v
+        return sigmoid_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v
     if name == "tiled":
-        return row_tiled(weights_fn, q, k, v, causal=causal, mask=mask, block_size=block_size)
+        return row_tiled(SigmoidRows(scale, float(bias)), q, k, v, causal=causal, mask=mask,
+                         block_size=block_size)
     out, lse = flex_call(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=True,
                          score_mod=lambda s, b, h, i, j: F.logsigmoid(s + bias))
     return out * lse.exp().unsqueeze(-1).to(out.dtype)

@@ -17,7 +17,7 @@ from torch import Tensor
 from attnlab.core.masks import visibility
 from attnlab.ops.common import check_qkv, choose_backend, expand_kv, upcast, visible_counts
 from attnlab.ops.flex import flex_call
-from attnlab.ops.tiled import row_tiled
+from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
 BACKENDS = ("reference", "tiled", "flex")
 
@@ -58,6 +58,84 @@ def softplus_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
     t = (r / r_max.clamp_min(_TINY)) ** reweight_p  # scale-free: (r / max r)^p cannot overflow
     z = t.sum(-1, keepdim=True)
     return torch.where(z > 0, t / z.clamp_min(_TINY), a)
+
+
+class SoftplusRows(RowMath):
+    """Tiled LSSA / LSSAR weights on cosine scores s = q̂.k̂, with their exact backward.
+
+    LSSA: x = alpha_i s, u = softplus(x), a = u / z1. LSSAR: r = relu(n a - shift),
+    t = (r / max r)^p, w = t / z2 (w = a where every r is 0). Backward, with gm = g - rowdot:
+    LSSAR da = gm p w / r * n (r > 0); LSSA da = g; then du = (da - sum_j a da) / z1,
+    ds = du sigmoid(x) alpha. The max r only rescales t, so it carries no gradient.
+    softplus(x) = log1p(e^x) and sigmoid(x) = e^x / (1 + e^x) share one exp while e^x
+    cannot overflow (|x| <= alpha < 80).
+    """
+
+    def __init__(self, head_dim: int, reweight_p: float | None) -> None:
+        self.log_d, self.p = math.log(head_dim), reweight_p
+
+    def weights(self, s: Tensor, vis: BlockVisibility | None):
+        n = (vis.counts(s.device) if vis is not None
+             else torch.full((1, 1, 1), float(s.shape[-1]), device=s.device))
+        alpha = self.log_d * torch.log(n.clamp_min(1.0))
+        x = s.mul_(alpha)
+        if float(alpha.max()) < 80.0:
+            e = x.exp_()  # keep e^x: the backward's sigmoid(x) = e / (1 + e)
+            a = torch.log1p(e)
+        else:
+            e, a = None, F.softplus(x)
+        if vis is not None:
+            vis.fill_(a, 0.0)
+        z1 = a.sum(-1, keepdim=True)
+        z1 = torch.where(z1 > 0, z1, 1.0)
+        a.div_(z1)
+        aux = [x if e is None else e, e is not None, alpha, z1, a, None, n]
+        if self.p is None:
+            return a, aux
+        r = (a * n).sub_((n > FEW_KEYS).to(a.dtype)).relu_()
+        r_max = r.amax(-1, keepdim=True)
+        w = _power_(r / torch.where(r_max > 0, r_max, 1.0), self.p)
+        z2 = w.sum(-1, keepdim=True)
+        w.div_(torch.where(z2 > 0, z2, 1.0))
+        fallback = z2 == 0
+        if bool(fallback.any()):
+            w = torch.where(fallback, a, w)
+        else:
+            fallback = None
+        aux[5] = (r, fallback)
+        return w, aux
+
+    def vjp(self, g, w, aux, vis, rowdot) -> Tensor:
+        x_or_e, is_exp, alpha, z1, a, r, n = aux
+        if self.p is None:
+            du = g.sub_(rowdot).div_(z1)
+        else:
+            r, fallback = r
+            # w = 0 exactly where r = 0 (outside fallback rows), so w / max(r, tiny) is 0 there
+            da = (g - rowdot).mul_(w).div_(r.clamp_min_(_TINY)).mul_(self.p * n)
+            if fallback is not None:
+                da = torch.where(fallback, g, da)
+            du = da.sub_((a * da).sum(-1, keepdim=True)).div_(z1)
+        if is_exp:  # sigmoid(x) = e / (1 + e) = 1 - 1 / (1 + e)
+            sig = x_or_e.add_(1.0).reciprocal_().neg_().add_(1.0)
+        else:
+            sig = torch.sigmoid(x_or_e)
+        ds = du.mul_(sig).mul_(alpha)
+        return ds if vis is None else vis.fill_(ds, 0.0)
+
+
+def _power_(t: Tensor, p: float) -> Tensor:
+    """t ** p in place for t >= 0: repeated squaring for integer p, else exp(p log t)."""
+    if float(p).is_integer() and 1 <= p <= 64:
+        p, result, base = int(p), None, t
+        while p:
+            if p & 1:
+                result = base.clone() if result is None else result.mul_(base)
+            p >>= 1
+            if p:
+                base = base * base if base is t else base.mul_(base)
+        return result
+    return t.log_().mul_(p).exp_()
 
 
 def _log_softplus(x: Tensor) -> Tensor:
@@ -105,12 +183,13 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
     name = choose_backend("softplus_attention", backend, BACKENDS, q, k, v)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    weights_fn = partial(softplus_weights, reweight_p=reweight_p)
     if name == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
-        return weights_fn(q, k, vis).to(v.dtype) @ v
+        return softplus_weights(q, k, vis, reweight_p=reweight_p).to(v.dtype) @ v
     if name == "tiled":
-        return row_tiled(weights_fn, q, k, v, causal=causal, mask=mask, block_size=block_size)
+        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return row_tiled(SoftplusRows(q.shape[-1], reweight_p), qn, kn, v, causal=causal,
+                         mask=mask, block_size=block_size)
     return _flex(q, k, v, causal=causal, mask=mask, reweight_p=reweight_p)
 
 

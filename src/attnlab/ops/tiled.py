@@ -1,69 +1,168 @@
-"""Memory-bounded row-tiled attention for mechanisms whose weights are a row-local function.
+"""Memory-bounded, row-tiled attention for mechanisms with row-local weights.
 
-For ``out = W(q, k) @ v`` where each row of ``W`` depends only on its own query and the keys
-(sigmoid, softplus, LSSAR, softmax, ...), the output is computed one block of query rows at a
-time. The backward recomputes each block (activation checkpointing per block), so training
-never holds more than ``block x Lk`` scores per head: memory grows linearly in L.
-Causal blocks only touch the keys they can see.
+For ``out = W(S) V`` with scores ``S = c Q K^T + b`` and weights whose row i depends only on row
+i of S (sigmoid, softplus, LSSAR, softmax, ...), the output is computed one block of query rows
+at a time, and the backward recomputes each block from q, k, v:
+
+    forward:   s = c q_blk k^T + b;  w = W(s);  out_blk = w v
+    backward:  dv += w^T do_blk;  g = do_blk v^T;  ds = vjp_W(g);
+               dq_blk = c ds k;  dk += c ds^T q_blk
+
+so training never holds more than ``block x Lk`` scores per head: memory grows linearly in L.
+A mechanism supplies a :class:`RowMath` (its weights and their vector-Jacobian product); the
+engine does the tiling, the matmuls and the masks. Causal blocks only touch the keys they see,
+and without a padding mask only the diagonal sub-block is masked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
-
-from attnlab.core.masks import causal_visibility
 
 # Scores held per block: about this many elements (B * H * block * Lk).
-TILE_ELEMENTS = 1 << 23
-
-WeightsFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+TILE_ELEMENTS = 1 << 21
 
 
 def auto_block_size(batch_heads: int, lk: int) -> int:
     """Rows per block so that one block of scores stays near ``TILE_ELEMENTS`` elements."""
     rows = TILE_ELEMENTS // max(1, batch_heads * lk)
-    return int(min(1024, max(16, rows)))
+    return int(min(512, max(32, rows)))
 
 
-def _block_visibility(i0: int, i1: int, kend: int, lq: int, lk: int, causal: bool,
-                      mask: Tensor | None, device: torch.device) -> Tensor | None:
-    vis = None
-    if causal:
-        vis = causal_visibility(i1 - i0, lk, device, q_start=i0, q_total=lq, k_end=kend)
-    if mask is not None:
-        m = mask if mask.shape[-2] == 1 else mask[..., i0:i1, :]
-        m = m[..., :kend]
-        vis = m if vis is None else (m & vis)
-    return vis
+@dataclass
+class BlockVisibility:
+    """Which keys ``0 .. kend`` the query rows ``i0 .. i1`` see.
 
-
-def _block(weights_fn: WeightsFn, q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None) -> Tensor:
-    return weights_fn(q, k, vis).to(v.dtype) @ v
-
-
-def row_tiled(weights_fn: WeightsFn, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
-              mask: Tensor | None, block_size: int | None = None) -> Tensor:
-    """``weights_fn(q_block, k_visible, visibility) @ v`` over blocks of query rows.
-
-    ``q`` (B, H, Lq, D), ``k`` and ``v`` (B, H, Lk, D) with heads already expanded;
-    ``mask`` broadcastable to (B, H, Lq, Lk); causal aligns queries to the end of the keys.
+    ``offset``: causal offset (query i sees keys j <= i + offset), or None when not causal.
+    ``mask``: (BH or 1, rows or 1, kend) bool from the op-level mask, or None.
     """
-    b, h, lq, _ = q.shape
-    lk = k.shape[2]
-    size = block_size or auto_block_size(b * h, lk)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs = []
+
+    i0: int
+    i1: int
+    kend: int
+    offset: int | None
+    mask: Tensor | None
+
+    def _rows(self, device: torch.device) -> Tensor:
+        return torch.arange(self.i0, self.i1, device=device).view(1, -1, 1)
+
+    def fill_(self, t: Tensor, value: float) -> Tensor:
+        """Set the invisible entries of ``t`` (BH, rows, kend) to ``value``, in place."""
+        if self.mask is not None:
+            t.masked_fill_(~self.mask, value)
+        if self.offset is not None:
+            start = max(0, self.i0 + self.offset + 1)  # keys before `start`: seen by every row
+            if start < self.kend:
+                cols = torch.arange(start, self.kend, device=t.device)
+                t[..., start:].masked_fill_(cols > self._rows(t.device) + self.offset, value)
+        return t
+
+    def counts(self, device: torch.device) -> Tensor:
+        """Visible keys per row, (BH or 1, rows, 1), float32."""
+        if self.mask is None and self.offset is not None:
+            return (self._rows(device) + self.offset + 1).clamp(0, self.kend).float()
+        if self.mask is None:
+            return torch.full((1, 1, 1), float(self.kend), device=device)
+        return self.fill_(torch.ones(*self.mask.shape[:-2], self.i1 - self.i0, self.kend,
+                                     device=device), 0.0).sum(-1, keepdim=True)
+
+
+class RowMath:
+    """Row-local attention weights ``w = W(s)`` and their vector-Jacobian product.
+
+    ``scale`` and ``bias`` define the scores ``s = scale * q.k + bias`` (fused into the matmul).
+    ``weights`` may overwrite ``s``; ``vjp`` may overwrite ``g``. ``rowdot`` is ``do_i . o_i``
+    = sum_j w_ij g_ij, which normalised weights need.
+    """
+
+    scale: float = 1.0
+    bias: float = 0.0
+
+    def weights(self, s: Tensor, vis: BlockVisibility | None) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def vjp(self, g: Tensor, w: Tensor, aux: Any, vis: BlockVisibility | None,
+            rowdot: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _blocks(lq: int, lk: int, causal: bool, mask3: Tensor | None, size: int):
+    offset = lk - lq if causal else None
     for i0 in range(0, lq, size):
         i1 = min(lq, i0 + size)
         kend = min(lk, i1 + lk - lq) if causal else lk
-        if kend <= 0:  # rows that see no key at all
-            outs.append(v.new_zeros(b, h, i1 - i0, v.shape[-1]))
+        if kend <= 0:
+            yield i0, i1, None  # rows that see no key at all
             continue
-        vis = _block_visibility(i0, i1, kend, lq, lk, causal, mask, q.device)
-        args = (weights_fn, q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend], vis)
-        outs.append(checkpoint(_block, *args, use_reentrant=False) if grad else _block(*args))
-    return torch.cat(outs, dim=2)
+        m = None
+        if mask3 is not None:
+            m = (mask3 if mask3.shape[1] == 1 else mask3[:, i0:i1])[..., :kend]
+        vis = BlockVisibility(i0, i1, kend, offset, m)
+        yield i0, i1, (vis if (causal or m is not None) else None, kend)
+
+
+def _scores(math: RowMath, q_blk: Tensor, k: Tensor) -> Tensor:
+    bias = torch.full((1, 1, 1), math.bias, dtype=q_blk.dtype, device=q_blk.device)
+    return torch.baddbmm(bias, q_blk, k.mT, alpha=math.scale)
+
+
+class _RowTiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q3, k3, v3, math, causal, mask3, size):
+        lq, lk = q3.shape[1], k3.shape[1]
+        out = q3.new_zeros(q3.shape[0], lq, v3.shape[-1])
+        for i0, i1, blk in _blocks(lq, lk, causal, mask3, size):
+            if blk is None:
+                continue
+            vis, kend = blk
+            w, _ = math.weights(_scores(math, q3[:, i0:i1], k3[:, :kend]), vis)
+            torch.bmm(w, v3[:, :kend], out=out[:, i0:i1])
+        ctx.save_for_backward(q3, k3, v3, mask3, out)
+        ctx.math, ctx.causal, ctx.size = math, causal, size
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q3, k3, v3, mask3, out = ctx.saved_tensors
+        math = ctx.math
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
+        rowdot = (dout * out).sum(-1, keepdim=True)
+        for i0, i1, blk in _blocks(q3.shape[1], k3.shape[1], ctx.causal, mask3, ctx.size):
+            if blk is None:
+                continue
+            vis, kend = blk
+            q_blk, do_blk = q3[:, i0:i1], dout[:, i0:i1]
+            w, aux = math.weights(_scores(math, q_blk, k3[:, :kend]), vis)
+            dv[:, :kend].baddbmm_(w.mT, do_blk)
+            g = torch.bmm(do_blk, v3[:, :kend].mT)
+            ds = math.vjp(g, w, aux, vis, rowdot[:, i0:i1])
+            torch.bmm(ds, k3[:, :kend], out=dq[:, i0:i1])
+            dk[:, :kend].baddbmm_(ds.mT, q_blk, alpha=math.scale)
+        dq.mul_(math.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def row_tiled(math: RowMath, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+              mask: Tensor | None, block_size: int | None = None) -> Tensor:
+    """``W(scale * q k^T + bias) @ v`` over blocks of query rows, forward and backward.
+
+    ``q`` (B, H, Lq, D), ``k`` and ``v`` (B, H, Lk, D) with heads already expanded; ``mask``
+    bool, broadcastable to (B, H, Lq, Lk); causal aligns queries to the end of the keys.
+    Low-precision inputs are computed in float32 and the result cast back.
+    """
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q3, k3, v3 = (t.to(dtype).reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v))
+    mask3 = None
+    if mask is not None:
+        full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        m = mask.reshape(full).expand(b, h, full[2], lk)
+        mask3 = m.reshape(b * h, full[2], lk)
+    size = block_size or auto_block_size(b * h, lk)
+    out = _RowTiled.apply(q3, k3, v3, math, causal, mask3, size)
+    return out.reshape(b, h, lq, -1).to(q.dtype)
