@@ -22,14 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Scores held per block: about this many elements (B * H * block * Lk).
-TILE_ELEMENTS = 1 << 21
+# At most this many scores per block (B * H * rows * Lk): 32 MB in float32.
+TILE_ELEMENTS = 1 << 23
+# Rows per block: matmuls over 64-128 query rows ran fastest on CPU (benchmarks/results/).
+MAX_ROWS, MIN_ROWS = 128, 16
 
 
 def auto_block_size(batch_heads: int, lk: int) -> int:
-    """Rows per block so that one block of scores stays near ``TILE_ELEMENTS`` elements."""
+    """Query rows per block: ``MAX_ROWS``, fewer when a block would exceed ``TILE_ELEMENTS``."""
     rows = TILE_ELEMENTS // max(1, batch_heads * lk)
-    return int(min(512, max(32, rows)))
+    return int(min(MAX_ROWS, max(MIN_ROWS, rows)))
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""Regenerate the README's generated blocks from their sources.
+
+    python scripts/update_readme.py            # mechanisms table + benchmark summary
+    python scripts/update_readme.py --demo     # also re-run `attnlab demo` and paste its table
+
+Blocks sit between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``:
+``mechanisms`` from the registry, ``bench`` from ``benchmarks/results/scored_ops-*.md``,
+``demo`` from the output of ``attnlab demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no {name} block")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def bench_summary() -> str:
+    results = sorted((ROOT / "benchmarks" / "results").glob("scored_ops-*.md"))
+    if not results:
+        return "No benchmark recorded yet: run `python benchmarks/bench_scored_ops.py`."
+    src = results[-1]
+    text = src.read_text()
+    machine = next(line for line in text.splitlines() if line.startswith("Machine:"))
+    table = text.split("## Throughput", 1)[1].split("\n\n", 2)[1]
+    memory = text.split("## Peak extra memory", 1)[1].split("\n\n", 2)[1]
+    rel = src.relative_to(ROOT).as_posix()
+    return (f"Forward + backward, causal, batch 1, 8 heads, head dim 64 ({machine[9:].strip()}); "
+            f"tokens/s and the ratio to SDPA softmax. From [{rel}]({rel}):\n\n{table}\n\n"
+            f"Peak extra memory (MB) and its fitted growth exponent in L:\n\n{memory}")
+
+
+def demo_table() -> str:
+    env = {**os.environ, "COLUMNS": "100", "TERM": "dumb"}
+    out = subprocess.run([sys.executable, "-m", "attnlab.cli", "demo"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    start = out.index("induction copy")
+    return "```\n" + out[start:].rstrip() + "\n```"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="re-run the demo (about 30 s)")
+    args = parser.parse_args()
+    from attnlab.cli import registry_markdown
+
+    text = README.read_text()
+    text = replace_block(text, "mechanisms", registry_markdown())
+    text = replace_block(text, "bench", bench_summary())
+    if args.demo:
+        text = replace_block(text, "demo", demo_table())
+    README.write_text(text)
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The ``attnlab`` command, end to end (through click's runner)."""
+
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import attnlab as al
+from attnlab.cli import main, registry_markdown
+from attnlab.demo import train_one
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def test_list_shows_every_registered_mechanism_with_its_metadata():
+    out = invoke("list").output
+    for name in al.available():
+        assert name in out
+    assert "bidirectional" in out and "complexity" in out
+
+
+def test_list_markdown_is_the_registry_table_and_the_readme_carries_it():
+    out = invoke("list", "--markdown").output.strip()
+    assert out == registry_markdown()
+    assert out.count("\n") == len(al.available()) + 1
+    readme = README.read_text()
+    block = re.search(r"<!-- mechanisms:start -->\n(.*?)\n<!-- mechanisms:end -->", readme, re.S)
+    assert block, "README lacks the generated mechanism table"
+    assert block.group(1).strip() == registry_markdown(), \
+        "README table is stale: regenerate it with `attnlab list --markdown`"
+
+
+def test_info_prints_metadata_and_suggests_on_typos():
+    out = invoke("info", "softplus").output
+    assert "reweight_p=15.0" in out and "Softplus Attention" in out
+    bad = CliRunner().invoke(main, ["info", "sofplus"])
+    assert bad.exit_code == 2 and "Did you mean 'softplus'" in bad.output
+
+
+def test_demo_runs_and_prints_a_table():
+    result = invoke("demo", "--mechanisms", "softmax,sigmoid", "--steps", "3")
+    assert result.exit_code == 0
+    assert "test accuracy" in result.output and "sigmoid" in result.output
+    bad = CliRunner().invoke(main, ["demo", "--mechanisms", "softmux"])
+    assert bad.exit_code == 2 and "Did you mean 'softmax'" in bad.output
+
+
+def test_demo_training_learns_to_copy():
+    before = train_one("softmax", steps=1)
+    after = train_one("softmax", steps=120)
+    assert after.test_loss < before.test_loss - 0.5
+    assert after.test_accuracy > 0.3  # chance is 1/16
