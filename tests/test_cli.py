@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import attnlab as al
@@ -12,16 +13,25 @@ from attnlab.demo import train_one
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result
+def invoke(*args, columns=80):
+    import attnlab.cli as cli
+
+    cli.console.width = columns  # the terminal width the table is laid out for
+    try:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:
+        cli.console.width = None
 
 
-def test_list_shows_every_registered_mechanism_with_its_metadata():
-    out = invoke("list").output
+@pytest.mark.parametrize("columns", [80, 200])
+def test_list_shows_every_registered_mechanism_with_its_metadata(columns):
+    out = invoke("list", columns=columns).output
+    assert max(len(line) for line in out.splitlines()) <= columns
     for name in al.available():
         assert name in out
-    assert "bidirectional" in out and "complexity" in out
+        assert al.info(name).paper[:30] in out.replace("\n", " ")
+    for header in ("family", "causal", "bidirectional", "decode", "domains", "complexity"):
+        assert header in out
 
 
 def test_list_markdown_is_the_registry_table_and_the_readme_carries_it():
@@ -45,7 +55,8 @@ def test_info_prints_metadata_and_suggests_on_typos():
 def test_demo_runs_and_prints_a_table():
     result = invoke("demo", "--mechanisms", "softmax,sigmoid", "--steps", "3")
     assert result.exit_code == 0
-    assert "test accuracy" in result.output and "sigmoid" in result.output
+    assert "test acc" in result.output and "sigmoid" in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
     bad = CliRunner().invoke(main, ["demo", "--mechanisms", "softmux"])
     assert bad.exit_code == 2 and "Did you mean 'softmax'" in bad.output
 

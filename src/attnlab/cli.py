@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -10,6 +11,7 @@ import attnlab as al
 
 console = Console()
 
+WIDE_TABLE = 140  # terminal columns from which `attnlab list` shows the paper as a column
 LIST_COLUMNS = ("name", "family", "paper", "causal", "bidirectional", "decode", "domains",
                 "complexity")
 
@@ -57,15 +59,24 @@ def list_cmd(family: str | None, domain: str | None, markdown: bool) -> None:
     if markdown:
         click.echo(registry_markdown())
         return
-    table = Table(title=f"attnlab {al.__version__}: registered attention mechanisms")
+    rows = registry_rows(family, domain)
+    title = f"attnlab {al.__version__}: registered attention mechanisms"
+    wide = console.width >= WIDE_TABLE
+    # Narrow terminals: no borders, and the papers listed under the table instead of a column.
+    table = Table(title=title, box=box.HEAVY_HEAD if wide else None, pad_edge=wide)
     for col in LIST_COLUMNS:
         if col == "paper":
-            table.add_column(col, overflow="fold", ratio=1)
+            if wide:
+                table.add_column(col, overflow="fold", ratio=1)
         else:
             table.add_column(col, no_wrap=True)
-    for row in registry_rows(family, domain):
-        table.add_row(*row)
+    for row in rows:
+        table.add_row(*(row if wide else row[:2] + row[3:]))
     console.print(table)
+    if not wide:
+        console.print()
+        for row in rows:
+            console.print(f"[bold]{row[0]}[/bold]: {row[2]}", overflow="fold")
 
 
 @main.command()
@@ -128,10 +139,11 @@ def demo(mechanisms: str, steps: int, seconds: float, seed: int) -> None:
                 n, steps=steps, seconds=seconds, seed=seed,
                 on_step=lambda s, loss, task=task: progress.update(task, completed=s,
                                                                    loss=f"{loss:.3f}")))
-    table = Table(title="induction copy (vocab 16, 16 tokens shown twice): predict the copy")
-    for col in ("mechanism", "params", "steps", "train loss", "test loss", "test accuracy",
+    table = Table(title="induction copy (vocab 16, 16 tokens shown twice): predict the copy",
+                  box=box.SIMPLE_HEAD)
+    for col in ("mechanism", "params", "steps", "train loss", "test loss", "test acc",
                 "seconds"):
-        table.add_column(col, justify="left" if col == "mechanism" else "right")
+        table.add_column(col, justify="left" if col == "mechanism" else "right", no_wrap=True)
     for r in results:
         table.add_row(r.mechanism, f"{r.params:,}", str(r.steps), f"{r.train_loss:.3f}",
                       f"{r.test_loss:.3f}", f"{r.test_accuracy:.1%}", f"{r.seconds:.1f}")
