@@ -38,7 +38,8 @@ def bench_summary() -> str:
     table = text.split("## Throughput", 1)[1].split("\n\n", 2)[1]
     memory = text.split("## Peak extra memory", 1)[1].split("\n\n", 2)[1]
     rel = src.relative_to(ROOT).as_posix()
-    return (f"Forward + backward, causal, batch 1, 8 heads, head dim 64 ({machine[9:].strip()}); "
+    return (f"Forward + backward, causal, batch 1, 8 heads, head dim 64 "
+            f"({machine[9:].strip().rstrip('.')}); "
             f"tokens/s and the ratio to SDPA softmax. From [{rel}]({rel}):\n\n{table}\n\n"
             f"Peak extra memory (MB) and its fitted growth exponent in L:\n\n{memory}")
 
@@ -48,7 +49,8 @@ def demo_table() -> str:
     out = subprocess.run([sys.executable, "-m", "attnlab.cli", "demo"], capture_output=True,
                          text=True, check=True, env=env).stdout
     start = out.index("induction copy")
-    return "```\n" + out[start:].rstrip() + "\n```"
+    lines = [line.rstrip() for line in out[start:].splitlines()]
+    return "```\n" + "\n".join(line for line in lines if line) + "\n```"
 
 
 def main() -> None:

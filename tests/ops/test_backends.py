@@ -60,7 +60,7 @@ def test_fast_backends_match_reference_with_padding_and_gqa(op_name, length):
             check(op_name, backend, torch.float32, length, length, causal, masked=True, hkv=1)
 
 
-@pytest.mark.parametrize("length", [1, 63, 257])
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_fast_backends_match_reference_bf16(op_name, length):
     for backend in OPS[op_name][1]:

@@ -18,10 +18,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("op_name", list(OPS))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_flex_forward_matches_reference(op_name, causal, masked):
+@pytest.mark.parametrize("length", [1, 63, 257])
+def test_flex_forward_matches_reference(op_name, causal, masked, length):
     op, _ = OPS[op_name]
-    q, k, v = make_qkv(2, 4, 2, 37, 37, 16, torch.float32, requires_grad=False)
-    mask = key_padding(2, 37) if masked else None
+    q, k, v = make_qkv(2, 4, 2, length, length, 16, torch.float32, requires_grad=False)
+    mask = key_padding(2, length) if masked else None
     with torch.no_grad():
         out = op(q, k, v, causal=causal, mask=mask, backend="flex")
         ref = op(q.double(), k.double(), v.double(), causal=causal, mask=mask,

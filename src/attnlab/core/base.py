@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from attnlab.core.gates import GATE_KINDS, OutputGate
 from attnlab.core.hooks import HookPoint
-from attnlab.core.masks import check_key_padding, key_padding_to_op
+from attnlab.core.masks import check_key_padding, key_padding_to_op, visibility
 from attnlab.core.positional import Rotary
 from attnlab.core.registry import MechanismInfo
 from attnlab.core.state import KVCache, State
@@ -219,6 +219,11 @@ class Attention(nn.Module):
     def split_heads(t: Tensor, heads: int) -> Tensor:
         """(B, L, heads * D) -> (B, heads, L, D)."""
         return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def visibility(self, q: Tensor, k: Tensor, call: Call) -> Tensor | None:
+        """Bool (.., Lq, Lk) of the keys each query may see (causal and padding), or None."""
+        return visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
+                          device=q.device)
 
     def expand_kv(self, t: Tensor) -> Tensor:
         """Repeat the kv heads of (B, H_kv, L, D) so that they line up with the query heads."""

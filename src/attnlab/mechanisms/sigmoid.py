@@ -7,7 +7,6 @@ import math
 from torch import Tensor, nn
 
 from attnlab.core.base import Attention, Call
-from attnlab.core.masks import visibility
 from attnlab.core.registry import register
 from attnlab.ops.sigmoid import sigmoid_attention, sigmoid_weights
 
@@ -49,7 +48,6 @@ class SigmoidAttention(Attention):
                                  bias=self.score_bias(k.shape[2]), backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
-                         device=q.device)
+        vis = self.visibility(q, k, call)
         return sigmoid_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5,
                                bias=self.score_bias(k.shape[2]))

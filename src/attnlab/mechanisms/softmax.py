@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from attnlab.core.base import Attention, Call
-from attnlab.core.masks import visibility
 from attnlab.core.registry import register
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
@@ -29,6 +28,5 @@ class SoftmaxAttention(Attention):
                                  backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
-                         device=q.device)
+        vis = self.visibility(q, k, call)
         return softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from attnlab.core.base import Attention, Call
-from attnlab.core.masks import visibility
 from attnlab.core.registry import register
 from attnlab.ops.softplus import softplus_attention, softplus_weights
 
@@ -42,6 +41,5 @@ class SoftplusAttention(Attention):
                                   reweight_p=self.reweight_p, backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = visibility(q.shape[2], k.shape[2], causal=self.causal, mask=call.op_mask,
-                         device=q.device)
+        vis = self.visibility(q, k, call)
         return softplus_weights(q, self.expand_kv(k), vis, reweight_p=self.reweight_p)

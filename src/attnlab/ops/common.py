@@ -28,6 +28,17 @@ def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> 
     check_op_mask(mask, q, k)
 
 
+def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
+          mask: Tensor | None, *, tensor_bias: bool = False) -> tuple[str, Tensor, Tensor]:
+    """Every op's preamble: check the inputs, resolve the backend, expand GQA heads.
+
+    Returns the backend name and ``k``, ``v`` with as many heads as ``q``.
+    """
+    check_qkv(op, q, k, v, mask)
+    name = choose_backend(op, backend, known, q, k, v, tensor_bias=tensor_bias)
+    return name, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+
+
 def expand_kv(t: Tensor, heads: int) -> Tensor:
     """Repeat kv heads (GQA) so that (B, H_kv, L, D) lines up with ``heads`` query heads."""
     groups = heads // t.shape[1]

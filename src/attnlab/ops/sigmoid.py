@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv, upcast
+from attnlab.ops.common import begin, default_scale, upcast
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
@@ -54,12 +54,10 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
     default), ``flex`` (FlexAttention with score_mod = logsigmoid, rescaled by exp(lse)).
     """
-    check_qkv("sigmoid_attention", q, k, v, mask)
     scale = default_scale(q, scale)
     bias = -math.log(max(k.shape[2], 1)) if bias is None else bias
-    name = choose_backend("sigmoid_attention", backend, BACKENDS, q, k, v,
-                          tensor_bias=isinstance(bias, Tensor))
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    name, k, v = begin("sigmoid_attention", backend, BACKENDS, q, k, v, mask,
+                       tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
         return sigmoid_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v

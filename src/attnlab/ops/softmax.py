@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, default_scale, expand_kv, upcast
+from attnlab.ops.common import begin, default_scale, upcast
 from attnlab.ops.flex import flex_call
 
 BACKENDS = ("reference", "sdpa", "flex")
@@ -58,11 +58,9 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     True = may attend, broadcastable to (B, H, Lq, Lk); ``bias`` is added to the scores.
     Backends: ``reference`` (dense), ``sdpa`` (CPU/CUDA default), ``flex`` (FlexAttention).
     """
-    check_qkv("softmax_attention", q, k, v, mask)
     scale = default_scale(q, scale)
-    name = choose_backend("softmax_attention", backend, BACKENDS, q, k, v,
-                          tensor_bias=isinstance(bias, Tensor))
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    name, k, v = begin("softmax_attention", backend, BACKENDS, q, k, v, mask,
+                       tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
         return softmax_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, choose_backend, expand_kv, upcast, visible_counts
+from attnlab.ops.common import begin, upcast, visible_counts
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
@@ -75,8 +75,7 @@ class SoftplusRows(RowMath):
         self.log_d, self.p = math.log(head_dim), reweight_p
 
     def weights(self, s: Tensor, vis: BlockVisibility | None):
-        n = (vis.counts(s.device) if vis is not None
-             else torch.full((1, 1, 1), float(s.shape[-1]), device=s.device))
+        n = vis.counts(s) if vis is not None else s.new_full((1, 1, 1), float(s.shape[-1]))
         alpha = self.log_d * torch.log(n.clamp_min(1.0))
         x = s.mul_(alpha)
         if float(alpha.max()) < 80.0:
@@ -178,11 +177,9 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
     default), ``flex`` (two FlexAttention passes; the second re-weights with the first's lse).
     """
-    check_qkv("softplus_attention", q, k, v, mask)
     if reweight_p is not None and reweight_p < 1:
         raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
-    name = choose_backend("softplus_attention", backend, BACKENDS, q, k, v)
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    name, k, v = begin("softplus_attention", backend, BACKENDS, q, k, v, mask)
     if name == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
         return softplus_weights(q, k, vis, reweight_p=reweight_p).to(v.dtype) @ v

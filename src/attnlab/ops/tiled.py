@@ -62,14 +62,14 @@ class BlockVisibility:
                 t[..., start:].masked_fill_(cols > self._rows(t.device) + self.offset, value)
         return t
 
-    def counts(self, device: torch.device) -> Tensor:
-        """Visible keys per row, (BH or 1, rows, 1), float32."""
+    def counts(self, like: Tensor) -> Tensor:
+        """Visible keys per row, (BH or 1, rows, 1), in the dtype and device of ``like``."""
         if self.mask is None and self.offset is not None:
-            return (self._rows(device) + self.offset + 1).clamp(0, self.kend).float()
+            return (self._rows(like.device) + self.offset + 1).clamp(0, self.kend).to(like.dtype)
         if self.mask is None:
-            return torch.full((1, 1, 1), float(self.kend), device=device)
-        return self.fill_(torch.ones(*self.mask.shape[:-2], self.i1 - self.i0, self.kend,
-                                     device=device), 0.0).sum(-1, keepdim=True)
+            return like.new_full((1, 1, 1), float(self.kend))
+        return self.fill_(like.new_ones(*self.mask.shape[:-2], self.i1 - self.i0, self.kend),
+                          0.0).sum(-1, keepdim=True)
 
 
 class RowMath:
