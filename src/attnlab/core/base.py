@@ -22,7 +22,7 @@ from attnlab.core.hooks import HookPoint
 from attnlab.core.masks import check_key_padding, key_padding_to_op, visibility
 from attnlab.core.positional import Rotary
 from attnlab.core.registry import MechanismInfo
-from attnlab.core.state import KVCache, State
+from attnlab.core.state import KVCache, RecurrentState, State
 
 
 @dataclass
@@ -156,6 +156,9 @@ class Attention(nn.Module):
         if state is not None:
             k, v, call.key_mask = self.update_state(k, v, call)
         if self.hook_weights.active:
+            if state is not None and not isinstance(state, KVCache):
+                raise ValueError(f"{self.name}: hook_weights needs every key; a recurrent "
+                                 "state keeps only their summary")
             w = self.hook_weights(self.attention_weights(q, k, call))
             heads_out = w.to(v.dtype) @ self.expand_kv(v)
         else:
@@ -205,6 +208,11 @@ class Attention(nn.Module):
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append to the KV cache; return all cached keys, values and their padding mask."""
         return call.state.append(k, v, call.key_mask)
+
+    def recurrent(self, batch_size: int) -> RecurrentState:
+        """For mechanisms with a fixed-size state: ``new_state`` returns this."""
+        self._check_can_decode()
+        return RecurrentState(self.name, batch_size)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """The op: q (B, H, Lq, D), k, v (B, H_kv, Lk, D) -> per-head output (B, H, Lq, D)."""

@@ -99,3 +99,23 @@ class KVCache(State):
         if self._k is None:
             return 0
         return self._k.shape[1] * (self._k.shape[-1] + self._v.shape[-1])
+
+
+class RecurrentState(State):
+    """A state of fixed size (linear attention, SSM-like mechanisms): named tensors that each
+    call replaces. Its memory does not grow with the number of tokens consumed."""
+
+    def __init__(self, owner: str, batch_size: int) -> None:
+        super().__init__(owner, batch_size)
+        self._tensors: dict[str, Tensor] = {}
+
+    def get(self, name: str) -> Tensor | None:
+        return self._tensors.get(name)
+
+    def update(self, tokens: int, **tensors: Tensor) -> None:
+        """Store the new tensors (detached: a state carries values, not autograd history)."""
+        self._tensors.update({k: t.detach() for k, t in tensors.items()})
+        self.position += tokens
+
+    def tensors(self) -> list[Tensor]:
+        return list(self._tensors.values())

@@ -1,0 +1,86 @@
+"""Linear attention (feature maps elu+1, relu, identity) and the DSF normalised attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.core.state import RecurrentState
+from attnlab.ops.linear import FEATURE_MAPS, FORMS, linear_attention, safe_divide
+
+VARIANTS = ("normalized", "dsf")
+
+
+class LinearFamily(Attention):
+    """Shared plumbing of the linear family: a fixed-size recurrent state, no KV cache."""
+
+    def new_state(self, batch_size: int) -> RecurrentState:
+        return self.recurrent(batch_size)
+
+    def update_state(self, k: Tensor, v: Tensor, call: Call):
+        return k, v, call.key_mask  # the mechanism folds the keys into its state in attend
+
+
+@register("linear", family="linear",
+          paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
+          causal=True, bidirectional=True, decode=True, domains=("seq", "image"),
+          complexity="n d^2", weights=True, cross=True,
+          variants=({"feature_map": "relu"}, {"feature_map": "identity", "variant": "dsf"},
+                    {"form": "recurrent"}, {"form": "parallel"}))
+class LinearAttention(LinearFamily):
+    """Linear attention: y_i = phi(q_i) S_i / phi(q_i) z_i, S_i = sum_j phi(k_j) v_j^T.
+
+    "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention"
+    (Katharopoulos et al.), in the dynamical-systems view of "Understanding the differences in
+    Foundation Models: Attention, State Space Models, and Recurrent Neural Networks":
+    S_i = S_{i-1} + phi(k_i) v_i^T, z_i = z_{i-1} + phi(k_i), a state of fixed size.
+    ``feature_map``: ``elu`` (elu + 1, default), ``relu``, ``identity``.
+    ``variant="dsf"``: the DSF normalised attention y_t = sum_{s<=t} (q_t.k_s) v_s / exp(n_t),
+    n_t = W_n x_t, one scalar per head (identity feature map recommended).
+    ``form``: ``chunked`` (default), ``parallel`` or ``recurrent`` (all three agree).
+    """
+
+    def __init__(self, dim: int, heads: int, *, feature_map: str = "elu",
+                 variant: str = "normalized", form: str = "chunked", chunk_size: int = 64,
+                 **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"linear: feature_map must be one of {sorted(FEATURE_MAPS)}, "
+                             f"got {feature_map!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"linear: variant must be one of {VARIANTS}, got {variant!r}")
+        if form not in FORMS:
+            raise ValueError(f"linear: form must be one of {FORMS}, got {form!r}")
+        self.feature_map, self.variant, self.form, self.chunk_size = (feature_map, variant, form,
+                                                                       chunk_size)
+        self.normalizer = nn.Linear(dim, heads) if variant == "dsf" else None
+        if self.normalizer is not None:
+            nn.init.zeros_(self.normalizer.weight)
+            nn.init.zeros_(self.normalizer.bias)
+
+    def _dsf_scale(self, call: Call) -> Tensor:
+        return torch.exp(-self.normalizer(call.x)).transpose(1, 2).unsqueeze(-1)  # (B,H,L,1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        st = call.state
+        prev = None if st is None or st.get("S") is None else (st.get("S"), st.get("z"))
+        out = linear_attention(q, k, v, causal=self.causal, feature_map=self.feature_map,
+                               normalize=self.variant == "normalized", form=self.form,
+                               chunk_size=self.chunk_size, mask=call.op_mask, state=prev,
+                               return_state=st is not None)
+        if st is not None:
+            out, (s, z) = out
+            st.update(q.shape[2], S=s, z=z)
+        return out * self._dsf_scale(call) if self.normalizer is not None else out
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        phi = FEATURE_MAPS[self.feature_map]
+        a = phi(q) @ phi(self.expand_kv(k)).transpose(-1, -2)
+        vis = self.visibility(q, k, call)
+        if vis is not None:
+            a = a.masked_fill(~vis, 0.0)
+        if self.normalizer is not None:
+            return a * self._dsf_scale(call)
+        return safe_divide(a, a.sum(-1), 1e-6)

@@ -1,0 +1,179 @@
+"""Linear attention in its three forms: parallel, chunked and recurrent.
+
+"Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention" (Katharopoulos et
+al.); the dynamical-systems view of "Understanding the differences in Foundation Models:
+Attention, State Space Models, and Recurrent Neural Networks": with S_i = S_{i-1} + phi(k_i) v_i^T
+and z_i = z_{i-1} + phi(k_i) (Lambda = I),
+
+    y_i = phi(q_i) S_i / phi(q_i) z_i        (normalize=False: y_i = phi(q_i) S_i)
+
+The parallel form is the masked quadratic product, the chunked form the training default, the
+recurrent form the decode step; all three agree and can continue from a state ``(S, z)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, expand_kv
+
+FORMS = ("parallel", "chunked", "recurrent")
+LinearState = tuple[Tensor, Tensor]  # S (B, H, Dk, Dv), z (B, H, Dk)
+
+
+def elu_plus_one(x: Tensor) -> Tensor:
+    return F.elu(x) + 1.0
+
+
+FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "elu": elu_plus_one,
+    "relu": F.relu,
+    "identity": lambda x: x,
+}
+
+
+def safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
+    """num / den with |den| kept >= eps (a row with no visible key has num = den = 0 -> 0)."""
+    den = torch.where(den >= 0, den.clamp_min(eps), den.clamp_max(-eps))
+    return num / den.unsqueeze(-1)
+
+
+def key_padding_only(op: str, mask: Tensor | None, batch: int, lk: int) -> Tensor | None:
+    """(B, Lk) bool from an op-level mask that only pads keys, for the factorised forms."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise ValueError(f"{op}: the chunked and recurrent forms take a key padding mask "
+                         f"(B, 1, 1, Lk); got {tuple(mask.shape)} (use form='parallel')")
+    return mask[:, 0, 0].expand(batch, lk)
+
+
+def empty_state(q: Tensor, v: Tensor) -> LinearState:
+    b, h, _, dk = q.shape
+    return (q.new_zeros(b, h, dk, v.shape[-1]), q.new_zeros(b, h, dk))
+
+
+def _parallel(fq, fk, v, causal, mask, state):
+    a = fq @ fk.transpose(-1, -2)
+    vis = visibility(fq.shape[2], fk.shape[2], causal=causal, mask=mask, device=fq.device)
+    if vis is not None:
+        a = a.masked_fill(~vis, 0.0)
+    s0, z0 = state
+    num = a @ v + fq @ s0
+    den = a.sum(-1) + (fq * z0.unsqueeze(2)).sum(-1)
+    return num, den
+
+
+def _chunked(fq, fk, v, causal, state, chunk):
+    s, z = state
+    if not causal:
+        s = s + fk.transpose(-1, -2) @ v
+        z = z + fk.sum(2)
+        return fq @ s, (fq * z.unsqueeze(2)).sum(-1), (s, z)
+    lq = fq.shape[2]
+    nums, dens = [], []
+    for c0 in range(0, lq, chunk):
+        c1 = min(lq, c0 + chunk)
+        q_c, k_c, v_c = fq[:, :, c0:c1], fk[:, :, c0:c1], v[:, :, c0:c1]
+        a = (q_c @ k_c.transpose(-1, -2)).tril()
+        nums.append(a @ v_c + q_c @ s)
+        dens.append(a.sum(-1) + (q_c * z.unsqueeze(2)).sum(-1))
+        s = s + k_c.transpose(-1, -2) @ v_c
+        z = z + k_c.sum(2)
+    return torch.cat(nums, 2), torch.cat(dens, 2), (s, z)
+
+
+def _recurrent(fq, fk, v, causal, state):
+    s, z = state
+    if not causal:
+        return _chunked(fq, fk, v, False, state, 1)
+    nums, dens = [], []
+    for t in range(fq.shape[2]):
+        k_t, v_t, q_t = fk[:, :, t], v[:, :, t], fq[:, :, t]
+        s = s + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+        z = z + k_t
+        nums.append((q_t.unsqueeze(-2) @ s).squeeze(-2))
+        dens.append((q_t * z).sum(-1))
+    return torch.stack(nums, 2), torch.stack(dens, 2), (s, z)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                     feature_map: str | Callable[[Tensor], Tensor] = "elu",
+                     normalize: bool = True, form: str = "chunked", chunk_size: int = 64,
+                     mask: Tensor | None = None, state: LinearState | None = None,
+                     return_state: bool = False, eps: float = 1e-6):
+    """Linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
+
+    ``form``: ``parallel`` (masked quadratic), ``chunked`` (default; chunks of ``chunk_size``
+    with a running state), ``recurrent`` (token by token). ``causal`` aligns queries to the end
+    of the keys. ``mask``: key padding (B, 1, 1, Lk) for every form, any broadcastable mask for
+    ``parallel``. ``state=(S, z)`` continues a causal sequence whose earlier keys it summarises;
+    ``return_state=True`` returns ``(out, (S, z))`` with this call's keys added.
+    """
+    op = "linear_attention"
+    check_qkv(op, q, k, v, mask)
+    if form not in FORMS:
+        raise ValueError(f"{op}: form must be one of {FORMS}, got {form!r}")
+    if chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
+    if (state is not None or return_state) and not causal:
+        raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
+    if causal and q.shape[2] != k.shape[2] and (form != "parallel" or state is not None):
+        raise ValueError(f"{op}: causal {form} form needs as many queries as keys "
+                         f"(the state holds the earlier keys), got {q.shape[2]} and {k.shape[2]}")
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    phi = FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else feature_map
+    if phi is None:
+        raise ValueError(f"{op}: unknown feature_map {feature_map!r}; choose from "
+                         f"{sorted(FEATURE_MAPS)} or pass a callable")
+    fq, fk = phi(q), phi(k)
+    keep = None
+    if mask is not None and (form != "parallel" or return_state):
+        keep = key_padding_only(op, mask, q.shape[0], k.shape[2])[:, None, :, None]
+    start = empty_state(fq, v) if state is None else state
+    if form == "parallel":
+        num, den = _parallel(fq, fk, v, causal, mask, start)
+    if keep is not None:  # padded keys contribute nothing to sums or states
+        fk, v = fk * keep.to(fk.dtype), v * keep.to(v.dtype)
+    if form == "parallel":
+        new = (start[0] + fk.transpose(-1, -2) @ v, start[1] + fk.sum(2)) if causal else None
+    elif form == "chunked":
+        num, den, new = _chunked(fq, fk, v, causal, start, chunk_size)
+    else:
+        num, den, new = _recurrent(fq, fk, v, causal, start)
+    out = safe_divide(num, den, eps) if normalize else num
+    return (out, new) if return_state else out
+
+
+PrefixState = tuple[LinearState, LinearState]
+
+
+def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
+                state: PrefixState | None = None, chunk_size: int = 64, form: str = "chunked"
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, PrefixState | None]:
+    """Sums over the keys row i sees, for mechanisms built from them (MALA, InLine):
+
+    A_i = fq_i . sum_j fk_j v_j^T,  d_i = fq_i . sum_j fk_j,  V_i = sum_j v_j,  N_i = #keys.
+    ``fq``, ``fk`` are already feature-mapped. Returns (A, d, V, N, new state); the state has
+    a fixed size, (Dk x (Dv + 1)) + (1 x (Dv + 1)) numbers per head (None if not causal).
+    """
+    v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    ones_q = fq.new_ones(*fq.shape[:-1], 1)
+    ones_k = fk.new_ones(*fk.shape[:-1], 1)
+    kw = dict(causal=causal, feature_map=_identity, normalize=False, mask=mask, form=form,
+              chunk_size=chunk_size, return_state=causal)
+    s1, s2 = state if state is not None else (None, None)
+    r1 = linear_attention(fq, fk, v_aug, state=s1, **kw)
+    r2 = linear_attention(ones_q, ones_k, v_aug, state=s2, **kw)
+    (ad, n1), (vn, n2) = (r1, r2) if causal else ((r1, None), (r2, None))
+    new = (n1, n2) if causal else None
+    return ad[..., :-1], ad[..., -1], vn[..., :-1], vn[..., -1], new
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
