@@ -134,10 +134,14 @@ def test_decode_equals_full_forward(name, kwargs, causal):
         assert state.position == 15
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights_exact))
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
 def test_weights_reproduce_the_output(name, kwargs, causal):
     attn = make(name, kwargs, causal)
     x, keep = inputs(), padding()
+    if not attn.weights_reproduce_output:  # e.g. a convolution added to the attention
+        assert not al.info(name).weights_exact or kwargs, "metadata and instance disagree"
+        assert attn.weights(x).shape == (2, HEADS, 13, 13)
+        return
     seen = {}
     attn.hook_v.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
     attn.hook_heads.register_forward_hook(lambda m, i, o: seen.__setitem__("heads", o))
@@ -160,11 +164,12 @@ def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
     handle.remove()
     assert shapes == [(2, HEADS, 13, 13)]
     handle = attn.hook_weights.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-    y0 = attn(x)  # all weights 0 must act exactly like all per-head outputs 0
+    y0 = attn(x)
     handle.remove()
-    attn.hook_heads.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-    torch.testing.assert_close(y0, attn(x))
     assert not torch.allclose(y0, y)
+    if attn.weights_reproduce_output:  # all weights 0 act exactly like all head outputs 0
+        attn.hook_heads.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        torch.testing.assert_close(y0, attn(x))
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases())

@@ -126,6 +126,8 @@ class Attention(nn.Module):
         for name in ("hook_q", "hook_k", "hook_v", "hook_weights", "hook_heads", "hook_out"):
             setattr(self, name, HookPoint())
         self._extra_loss: Tensor | None = None
+        # whether the output is exactly weights() @ values (a mechanism's options may change it)
+        self.weights_reproduce_output = info.weights_exact if info is not None else True
 
     # ------------------------------------------------------------------ construction helpers
     def _resolve_causal(self, causal: bool | None) -> bool:
@@ -163,6 +165,9 @@ class Attention(nn.Module):
             heads_out = w.to(v.dtype) @ self.expand_kv(v)
         else:
             heads_out = self.attend(q, k, v, call)
+        local = self.local_term(v, call)
+        if local is not None:
+            heads_out = heads_out + local
         return self._finish(heads_out, call, x.shape)
 
     def weights(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
@@ -217,6 +222,11 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """The op: q (B, H, Lq, D), k, v (B, H_kv, Lk, D) -> per-head output (B, H, Lq, D)."""
         raise NotImplementedError
+
+    def local_term(self, v: Tensor, call: Call) -> Tensor | None:
+        """A per-head term added to the attention output that is not attention (e.g. a
+        convolution on V), (B, H, Lq, D); None by default. ``weights()`` does not include it."""
+        return None
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         """Dense implied attention matrix (B, H, Lq, Lk) from the prepared q and k."""

@@ -1,13 +1,17 @@
 """Built-in mechanisms; importing this package registers all of them."""
 
 from attnlab.mechanisms.gated import GatedAttention
+from attnlab.mechanisms.hedgehog import HedgehogAttention
+from attnlab.mechanisms.inline import InjectiveLinearAttention
 from attnlab.mechanisms.linear import LinearAttention
+from attnlab.mechanisms.mala import MagnitudeAwareLinearAttention
 from attnlab.mechanisms.selective import SelectiveAttention
 from attnlab.mechanisms.sigmoid import SigmoidAttention
 from attnlab.mechanisms.softmax import SoftmaxAttention
 from attnlab.mechanisms.softplus import SoftplusAttention
 
 __all__ = [
-    "GatedAttention", "LinearAttention", "SelectiveAttention", "SigmoidAttention",
+    "GatedAttention", "HedgehogAttention", "InjectiveLinearAttention", "LinearAttention",
+    "MagnitudeAwareLinearAttention", "SelectiveAttention", "SigmoidAttention",
     "SoftmaxAttention", "SoftplusAttention",
 ]

@@ -1,0 +1,93 @@
+"""Hedgehog: linear attention with a learnable, softmax-mimicking feature map."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.base import Call
+from attnlab.core.registry import register
+from attnlab.mechanisms.linear import LinearFamily
+from attnlab.ops.linear import linear_attention, safe_divide
+from attnlab.ops.softmax import softmax_weights
+
+FEATURES = ("exp", "softmax")
+EXP_CLAMP = 30.0
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi_h(x) = [f(x W_h + b_h), f(-x W_h - b_h)], W_h identity-initialised, per head.
+
+    ``f = exp`` is the paper's map (default; x W + b is clamped to +-30 so that products and
+    sums of features stay finite in float32); ``f = softmax`` over the feature dimension is a
+    bounded variant, which distils less well (tests/mechanisms/test_linear_properties.py).
+    """
+
+    def __init__(self, heads: int, head_dim: int, feature: str) -> None:
+        super().__init__()
+        if feature not in FEATURES:
+            raise ValueError(f"hedgehog: feature must be one of {FEATURES}, got {feature!r}")
+        self.feature = feature
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(heads, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(heads, 1, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.einsum("bhld,hde->bhle", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+        if self.feature == "exp":
+            y = y.clamp(-EXP_CLAMP, EXP_CLAMP)
+            return torch.cat([y.exp(), (-y).exp()], dim=-1)
+        return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1)
+
+
+@register("hedgehog", family="linear",
+          paper="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry",
+          causal=True, bidirectional=True, decode=True, domains=("seq",), complexity="n d^2",
+          weights=True, cross=True, variants=({"feature": "softmax"}, {"distill": True}))
+class HedgehogAttention(LinearFamily):
+    """Linear attention with a learnable feature map trained to mimic softmax.
+
+    "The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry":
+    phi_h(x) = [exp(x W_h + b_h), exp(-x W_h - b_h)] (``feature="exp"``, default;
+    ``"softmax"`` normalises each half over the features), W_h identity-initialised;
+    y_i = phi(q_i) S_i / phi(q_i) z_i as in linear attention, with a fixed-size state.
+    ``distill=True``: in training, ``extra_loss()`` returns the cross-entropy
+    -sum_j softmax(c q_i.k_j) log w_ij averaged over rows, with q and k detached so that only
+    the feature map learns to mimic the softmax attention of the same q and k.
+    """
+
+    def __init__(self, dim: int, heads: int, *, feature: str = "exp",
+                 distill: bool = False, chunk_size: int = 64, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        self.phi = HedgehogFeatureMap(self.heads, self.head_dim, feature)
+        self.distill, self.chunk_size = distill, chunk_size
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        if self.distill and self.training:
+            self._extra_loss = self.distillation_loss(q, k, call)
+        st = call.state
+        prev = None if st is None or st.get("S") is None else (st.get("S"), st.get("z"))
+        out = linear_attention(self.phi(q), self.phi(self.expand_kv(k)), self.expand_kv(v),
+                               causal=self.causal, feature_map="identity",
+                               chunk_size=self.chunk_size, mask=call.op_mask, state=prev,
+                               return_state=st is not None)
+        if st is not None:
+            out, (s, z) = out
+            st.update(q.shape[2], S=s, z=z)
+        return out
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        a = self.phi(q) @ self.phi(self.expand_kv(k)).transpose(-1, -2)
+        vis = self.visibility(q, k, call)
+        if vis is not None:
+            a = a.masked_fill(~vis, 0.0)
+        return safe_divide(a, a.sum(-1), 1e-6)
+
+    def distillation_loss(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        """Cross-entropy from the softmax weights of (q, k) to the Hedgehog weights."""
+        q, k = q.detach(), k.detach()
+        vis = self.visibility(q, k, call)
+        teacher = softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)
+        student = self.attention_weights(q, k, call)
+        ce = -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1)
+        rows = teacher.sum(-1) > 0
+        return ce[rows].mean() if rows.any() else ce.sum() * 0

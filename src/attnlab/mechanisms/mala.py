@@ -1,0 +1,70 @@
+"""Magnitude-aware linear attention (MALA)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlab.core.base import Call
+from attnlab.core.registry import register
+from attnlab.mechanisms.linear import LinearFamily
+from attnlab.ops.linear import elu_plus_one, prefix_sums
+
+
+def stored_prefix(call: Call):
+    """The prefix-sum state kept in a RecurrentState, or None before the first call."""
+    st = call.state
+    if st is None or st.get("s1") is None:
+        return None
+    return (st.get("s1"), st.get("z1")), (st.get("s2"), st.get("z2"))
+
+
+def store_prefix(call: Call, new, tokens: int) -> None:
+    if call.state is not None:
+        (s1, z1), (s2, z2) = new
+        call.state.update(tokens, s1=s1, z1=z1, s2=s2, z2=z2)
+
+
+@register("mala", family="linear", paper="Rectifying Magnitude Neglect in Linear Attention",
+          causal=True, bidirectional=True, decode=True, domains=("image", "seq"),
+          complexity="n d^2", weights=True, cross=True,
+          notes="Vision (bidirectional) in the paper; the causal prefix form (means over "
+                "j <= i) is an attnlab extension.")
+class MagnitudeAwareLinearAttention(LinearFamily):
+    """MALA: linear attention that keeps the query's magnitude.
+
+    "Rectifying Magnitude Neglect in Linear Attention" (official code qhfan/MALA).
+    phi = elu + 1, s_ij = c phi(q_i).phi(k_j), z_i = mean_j s_ij over the N_i visible keys,
+
+        w_ij = (1 / N_i) [s_ij (1 + 1 / z_i) - z_i],     rows sum to 1,
+
+    computed in linear time as o_i = (1/N_i)[(1 + 1/z_i) c phi(q_i) S_i - z_i sum_j v_j].
+    Scaling q sharpens the weights (plain linear attention is invariant to it). The causal
+    form (means over j <= i, a fixed-size state) is an attnlab extension of the vision paper.
+    """
+
+    def _stats(self, q: Tensor, k: Tensor, v: Tensor, call: Call):
+        return prefix_sums(elu_plus_one(q), elu_plus_one(k), v, causal=self.causal,
+                           mask=call.op_mask, state=stored_prefix(call))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        a, d, vsum, n, new = self._stats(q, k, v, call)
+        store_prefix(call, new, q.shape[2])
+        c = q.shape[-1] ** -0.5
+        seen = n > 0
+        n = n.clamp_min(1.0)
+        z = (c * d / n).masked_fill(~seen, 1.0)
+        out = ((1 + 1 / z).unsqueeze(-1) * c * a - z.unsqueeze(-1) * vsum) / n.unsqueeze(-1)
+        return out * seen.unsqueeze(-1)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        c = q.shape[-1] ** -0.5
+        s = c * elu_plus_one(q) @ elu_plus_one(self.expand_kv(k)).transpose(-1, -2)
+        vis = self.visibility(q, k, call)
+        if vis is not None:
+            s = s.masked_fill(~vis, 0.0)
+            n = vis.sum(-1, keepdim=True).to(s.dtype)
+        else:
+            n = s.new_full((1,), float(s.shape[-1]))
+        z = s.sum(-1, keepdim=True) / n.clamp_min(1.0)
+        w = (s * (1 + 1 / z.clamp_min(1e-12)) - z) / n.clamp_min(1.0)
+        return w if vis is None else w.masked_fill(~vis, 0.0)
