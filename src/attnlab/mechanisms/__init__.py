@@ -4,6 +4,7 @@ from attnlab.mechanisms.gated import GatedAttention
 from attnlab.mechanisms.hedgehog import HedgehogAttention
 from attnlab.mechanisms.inline import InjectiveLinearAttention
 from attnlab.mechanisms.linear import LinearAttention
+from attnlab.mechanisms.lla import LocalLinearAttention
 from attnlab.mechanisms.mala import MagnitudeAwareLinearAttention
 from attnlab.mechanisms.selective import SelectiveAttention
 from attnlab.mechanisms.sigmoid import SigmoidAttention
@@ -11,7 +12,14 @@ from attnlab.mechanisms.softmax import SoftmaxAttention
 from attnlab.mechanisms.softplus import SoftplusAttention
 
 __all__ = [
-    "GatedAttention", "HedgehogAttention", "InjectiveLinearAttention", "LinearAttention",
-    "MagnitudeAwareLinearAttention", "SelectiveAttention", "SigmoidAttention",
-    "SoftmaxAttention", "SoftplusAttention",
+    "GatedAttention",
+    "HedgehogAttention",
+    "InjectiveLinearAttention",
+    "LinearAttention",
+    "LocalLinearAttention",
+    "MagnitudeAwareLinearAttention",
+    "SelectiveAttention",
+    "SigmoidAttention",
+    "SoftmaxAttention",
+    "SoftplusAttention",
 ]

@@ -1,0 +1,119 @@
+"""Local linear attention: the intercept of a weighted ridge regression at each query.
+
+"Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention For
+Test-Time Regression" (official code Yifei-Zuo/FlashLLA). For query i over its visible keys:
+
+    w_ij = exp(c q_i.k_j),  z_ij = k_j - q_i,  omega = sum_j w_ij,  mu = sum_j w_ij z_ij,
+    Sigma = sum_j w_ij z_ij z_ij^T + lambda omega I,   rho = Sigma^-1 mu,
+    s_ij = w_ij (1 - rho.z_ij) / (omega - mu.rho),     o_i = sum_j s_ij v_j.
+
+o_i is the intercept a of min_{a,b} sum_j w_ij (v_j - a - b^T z_ij)^2 + lambda omega |b|^2;
+lambda -> inf gives softmax attention. The cost is quadratic in L (plus a D x D solve per
+query); ``chunked`` bounds the memory, not the cost.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, default_scale, expand_kv, upcast
+
+BACKENDS = ("reference", "chunked")
+
+
+def _kernel(q: Tensor, k: Tensor, visible: Tensor | None, scale: float) -> Tensor:
+    """w_ij = exp(c q.k) over visible keys, divided by the row max (s_ij does not change)."""
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    top = logits.amax(-1, keepdim=True)
+    w = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
+    return w if visible is None else w.masked_fill(~visible, 0.0)
+
+
+def _solve(sigma: Tensor, mu: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """rho = Sigma^-1 mu and the denominator omega - mu.rho; empty rows give rho = 0, den 1."""
+    empty = omega == 0
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    sigma = sigma + empty[..., None, None] * eye
+    rho = torch.linalg.solve(sigma, mu.unsqueeze(-1)).squeeze(-1)
+    den = omega - (mu * rho).sum(-1)
+    return rho, torch.where(empty, 1.0, den)
+
+
+def lla_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
+                ridge: float) -> Tensor:
+    """The s_ij of the equation, with z_ij = k_j - q_i formed explicitly (the reference)."""
+    q, k = upcast(q, k)
+    w = _kernel(q, k, visible, scale)
+    z = k.unsqueeze(-3) - q.unsqueeze(-2)  # (B, H, Lq, Lk, D)
+    omega = w.sum(-1)
+    mu = (w.unsqueeze(-1) * z).sum(-2)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    sigma = torch.einsum("...j,...jd,...je->...de", w, z, z) + ridge * omega[..., None, None] * eye
+    rho, den = _solve(sigma, mu, omega)
+    return w * (1 - (z * rho.unsqueeze(-2)).sum(-1)) / den.unsqueeze(-1)
+
+
+def _block(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
+           ridge: float) -> Tensor:
+    """o for a block of queries, with Sigma expanded so that no (Lq, Lk, D) tensor is formed:
+    sum_j w z z^T = K2 - q m^T - m q^T + omega q q^T, K2 = sum_j w k k^T, m = sum_j w k."""
+    q32, k32 = upcast(q, k)
+    w = _kernel(q32, k32, visible, scale)
+    omega = w.sum(-1)
+    m = w @ k32
+    mu = m - omega.unsqueeze(-1) * q32
+    k2 = torch.einsum("...qj,...jd,...je->...qde", w, k32, k32)
+    qm = q32.unsqueeze(-1) * m.unsqueeze(-2)
+    eye = torch.eye(q.shape[-1], dtype=q32.dtype, device=q.device)
+    sigma = (k2 - qm - qm.transpose(-1, -2)
+             + omega[..., None, None] * (q32.unsqueeze(-1) * q32.unsqueeze(-2) + ridge * eye))
+    rho, den = _solve(sigma, mu, omega)
+    # s_ij = w_ij (1 - rho.k_j + rho.q_i) / den
+    s = w * (1 + (rho * q32).sum(-1, keepdim=True) - rho @ k32.transpose(-1, -2))
+    return ((s / den.unsqueeze(-1)).to(v.dtype)) @ v
+
+
+def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                           mask: Tensor | None = None, scale: float | None = None,
+                           ridge: float = 1.0, backend: str = "auto",
+                           block_size: int = 64) -> Tensor:
+    """Local linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
+
+    ``ridge`` is lambda. Backends: ``reference`` (dense, explicit z), ``chunked`` (default:
+    blocks of ``block_size`` queries, recomputed in the backward; memory O(block L + block D^2)
+    per head, time still quadratic in L).
+    """
+    check_qkv("local_linear_attention", q, k, v, mask)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"local_linear_attention: unknown backend {backend!r}; choose from "
+                         f"{('auto', *BACKENDS)}")
+    if ridge < 0:
+        raise ValueError(f"local_linear_attention: ridge must be >= 0, got {ridge}")
+    scale = default_scale(q, scale)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    lq, lk = q.shape[2], k.shape[2]
+    if backend == "reference":
+        vis = visibility(lq, lk, causal=causal, mask=mask, device=q.device)
+        return lla_weights(q, k, vis, scale=scale, ridge=ridge).to(v.dtype) @ v
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fn = partial(_block, scale=scale, ridge=ridge)
+    outs = []
+    for i0 in range(0, lq, block_size):
+        i1 = min(lq, i0 + block_size)
+        kend = min(lk, i1 + lk - lq) if causal else lk
+        if kend <= 0:
+            outs.append(v.new_zeros(*v.shape[:2], i1 - i0, v.shape[-1]))
+            continue
+        vis = visibility(i1 - i0, lk, causal=causal, mask=mask, device=q.device, q_start=i0,
+                         q_total=lq)
+        vis = None if vis is None else vis[..., :kend]
+        args = (q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend], vis)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,90 @@
+"""Local linear attention: the catalogue's checks (MECHANISMS.md, lla)."""
+
+import pytest
+import torch
+
+from attnlab.ops.lla import lla_weights, local_linear_attention
+from attnlab.ops.softmax import softmax_weights
+
+
+def data(n=24, d=4, dv=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, n, dv, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def explicit_ridge_intercepts(q, k, v, ridge, causal):
+    """Per query: solve min_{a,b} sum_j w_j (v_j - a - b^T (k_j - q_i))^2 + ridge*omega*|b|^2."""
+    n, d = q.shape[2], q.shape[3]
+    out = []
+    for i in range(n):
+        keys = k[0, 0, : i + 1] if causal else k[0, 0]
+        vals = v[0, 0, : i + 1] if causal else v[0, 0]
+        w = torch.exp(keys @ q[0, 0, i] / d ** 0.5)
+        x = torch.cat([torch.ones(len(keys), 1, dtype=q.dtype), keys - q[0, 0, i]], 1)
+        penalty = torch.diag(torch.cat([torch.zeros(1), torch.full((d,), 1.0)])).double()
+        lhs = x.T @ (w[:, None] * x) + ridge * w.sum() * penalty
+        coef = torch.linalg.solve(lhs, x.T @ (w[:, None] * vals))
+        out.append(coef[0])
+    return torch.stack(out)[None, None]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ridge", [0.1, 1.0])
+def test_equals_an_explicit_weighted_ridge_solve(causal, ridge):
+    q, k, v = data()
+    expected = explicit_ridge_intercepts(q, k, v, ridge, causal)
+    for backend in ("reference", "chunked"):
+        out = local_linear_attention(q, k, v, causal=causal, ridge=ridge, backend=backend,
+                                     block_size=5)
+        torch.testing.assert_close(out[:, :, 8:], expected[:, :, 8:])
+
+
+def test_tends_to_softmax_as_ridge_grows():
+    q, k, v = data()
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    soft = softmax_weights(q, k, causal, scale=0.5)
+    gaps = [(lla_weights(q, k, causal, scale=0.5, ridge=r) - soft).abs().max().item()
+            for r in (1.0, 10.0, 100.0, 1e4)]
+    assert all(b < a for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    assert gaps[-1] < 1e-3
+
+
+def test_recovers_a_q_plus_b_when_values_are_linear_in_keys():
+    q, k, _ = data(n=30, d=4)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    v = k @ a + b
+    out = local_linear_attention(q, k, v, causal=False, ridge=1e-9)
+    torch.testing.assert_close(out, q @ a + b, atol=1e-6, rtol=1e-6)
+    soft = torch.softmax(q @ k.mT / 2, -1) @ v  # softmax cannot do this
+    assert (soft - (q @ a + b)).abs().max() > 0.1
+
+
+def test_chunked_equals_reference_forward_and_backward_with_padding():
+    q, k, v = (t.requires_grad_() for t in data(n=37, d=8, dv=8))
+    mask = torch.ones(1, 1, 1, 37, dtype=torch.bool)
+    mask[..., :5] = False
+    grad = torch.randn(1, 1, 37, 8, dtype=torch.float64)
+    res = []
+    for backend, block in (("reference", 64), ("chunked", 7)):
+        out = local_linear_attention(q, k, v, causal=True, mask=mask, backend=backend,
+                                     block_size=block)
+        res.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b)
+    assert (res[0][0][:, :, :5] == 0).all()  # rows that see no key
+
+
+def test_chunked_training_never_holds_an_l_by_l_matrix():
+    from ..ops.test_backends import MaxNumel
+
+    n = 1024
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g).requires_grad_() for _ in range(3))
+    with MaxNumel() as probe:
+        local_linear_attention(q, k, v, causal=True, block_size=64).sum().backward()
+    assert probe.largest < n * n
