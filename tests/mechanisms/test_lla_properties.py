@@ -82,9 +82,13 @@ def test_chunked_equals_reference_forward_and_backward_with_padding():
 def test_chunked_training_never_holds_an_l_by_l_matrix():
     from ..ops.test_backends import MaxNumel
 
-    n = 1024
+    n, heads, d, block = 1024, 2, 8, 64
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, 8, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, heads, n, d, generator=g).requires_grad_() for _ in range(3))
     with MaxNumel() as probe:
-        local_linear_attention(q, k, v, causal=True, block_size=64).sum().backward()
-    assert probe.largest < n * n
+        local_linear_attention(q, k, v, causal=True, block_size=block).sum().backward()
+    # the largest is the (block, L, D) product inside sum_j w_ij k_j k_j^T: linear in L
+    assert probe.largest <= heads * block * n * d < heads * n * n
+    with MaxNumel() as dense:
+        local_linear_attention(q, k, v, causal=True, backend="reference").sum().backward()
+    assert dense.largest >= heads * n * n
