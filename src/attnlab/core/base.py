@@ -223,6 +223,11 @@ class Attention(nn.Module):
         """The op: q (B, H, Lq, D), k, v (B, H_kv, Lk, D) -> per-head output (B, H, Lq, D)."""
         raise NotImplementedError
 
+    def post(self, y: Tensor, call: Call) -> Tensor:
+        """After the output projection, (B, L, C): the output norm when set; mechanisms with a
+        module on the output (a convolution, a norm) override this."""
+        return y if self.out_norm is None else self.out_norm(y)
+
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
         """A per-head term added to the attention output that is not attention (e.g. a
         convolution on V), (B, H, Lq, D); None by default. ``weights()`` does not include it."""
@@ -323,8 +328,5 @@ class Attention(nn.Module):
         if self.gate is not None:
             h = self.gate(h, call.x)
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
-        y = self.o_proj(h.flatten(2))
-        if self.out_norm is not None:
-            y = self.out_norm(y)
-        y = self.drop(y)
+        y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)

@@ -1,0 +1,63 @@
+"""Random-feature attention layer (frozen random query-key matrices)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+
+ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+@register("rfa", family="linear",
+          paper="What can a Single Attention Layer Learn? A Study Through the Random Features "
+                "Lens",
+          causal=True, bidirectional=True, decode=True, domains=("seq",), complexity="n^2 C",
+          weights=True, cross=True, unsupported=("kv_heads", "qk_norm", "rope"),
+          variants=({"activation": "sigmoid", "identity_mean": 1.0},))
+class RandomFeatureAttention(Attention):
+    """An attention layer whose M heads have frozen random query-key matrices.
+
+    "What can a Single Attention Layer Learn? A Study Through the Random Features Lens":
+
+        f(x_t; X) = sum_m (1 / N_t) sum_i sigma(x_t^T W_m x_i) V_m x_i
+
+    over the N_t keys x_t sees. W_m (C x C) are frozen: Gaussian N(0, 1/C) entries plus
+    ``identity_mean`` * I / sqrt(C) (the paper's option of a mean proportional to I); only
+    the values V_m (the value and output projections) train. ``activation``: relu (default),
+    sigmoid, tanh. q = x_t and k = W_m x_i enter the op (width C), so hook_q/hook_k are
+    (B, M, L, C).
+    """
+
+    def __init__(self, dim: int, heads: int, *, activation: str = "relu",
+                 identity_mean: float = 0.0, seed: int = 0, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"rfa: activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {activation!r}")
+        self.activation = activation
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
+        w = w + identity_mean * torch.eye(dim) / dim ** 0.5
+        self.register_buffer("random_qk", w)  # frozen: a buffer, never trained
+        del self.q_proj, self.k_proj
+
+    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        src = call.x if call.context is None else call.context
+        q = call.x.unsqueeze(1).expand(-1, self.heads, -1, -1)
+        k = torch.einsum("blc,mdc->bmld", src, self.random_qk.to(src.dtype))
+        return q, k, self.split_heads(self.v_proj(src), self.kv_heads)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        a = ACTIVATIONS[self.activation](q @ k.transpose(-1, -2))
+        vis = self.visibility(q, k, call)
+        if vis is None:
+            return a / k.shape[2]
+        a = a.masked_fill(~vis, 0.0)
+        return a / vis.sum(-1, keepdim=True).clamp_min(1).to(a.dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return self.attention_weights(q, k, call).to(v.dtype) @ v

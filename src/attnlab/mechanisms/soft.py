@@ -1,0 +1,113 @@
+"""SOFT: softmax-free attention with a Gaussian kernel and Nystrom landmarks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.core.spatial import DepthwiseConv, grid_of, masked_pool
+from attnlab.ops.common import upcast
+
+INVERSES = ("newton", "exact")
+
+
+def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """S(a, b) = exp(-|a - b|^2 / (2 sqrt(d))), (.., n, d) x (.., m, d) -> (.., n, m)."""
+    d = a.shape[-1]
+    sq = (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(-1, -2) + (b * b).sum(-1)[..., None, :]
+    return torch.exp(-sq.clamp_min(0.0) / (2 * math.sqrt(d)))
+
+
+def newton_inverse(a: Tensor, iterations: int = 20, reg: float = 0.01) -> Tensor:
+    """Newton-Raphson inverse of P = A + reg I: V0 = alpha P, alpha = 0.9 * 2 / max_rowsum(A)^2,
+    V <- 2V - V P V (SOFT's iteration; converges for symmetric positive A)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    p = a + reg * eye
+    alpha = 0.9 * 2 / a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1) ** 2
+    v = alpha * p
+    for _ in range(iterations):
+        v = 2 * v - v @ p @ v
+    return v
+
+
+@register("soft", family="linear", paper="Softmax-free Linear Transformers",
+          causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
+          complexity="n m d + m^3", weights=True, cross=False, weights_exact=False,
+          unsupported=("kv_heads",),
+          variants=({"dwconv": False, "normalize": True}, {"ratio": 1, "inverse": "exact"}))
+class SoftAttention(Attention):
+    """SOFT: a Gaussian-kernel attention approximated through m landmarks (Nystrom).
+
+    "Softmax-free Linear Transformers" (fudan-zvg/SOFT). K = Q (shared projection),
+    S(a, b) = exp(-|a - b|^2 / (2 sqrt(d))), landmarks Q~ = average pooling of Q with stride
+    ``ratio`` on the token grid (over real tokens; the paper also offers a strided conv),
+
+        O = S(Q, Q~) pinv(S(Q~, Q~)) S(Q~, Q) V + DWConv(V),
+
+    pinv by 20 Newton-Raphson steps on S(Q~, Q~) + 0.01 I (``inverse="exact"``:
+    torch.linalg.pinv). ``normalize=True``: the symmetric-normalised variant
+    D^-1/2 A D^-1/2 with D the row sums of the approximation. With as many landmarks as
+    tokens (``ratio=1``) and the exact inverse it equals S(Q, Q) V.
+    """
+
+    def __init__(self, dim: int, heads: int, *, ratio: int = 4, inverse: str = "newton",
+                 newton_iterations: int = 20, normalize: bool = False, dwconv: bool = True,
+                 **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if ratio < 1:
+            raise ValueError(f"soft: ratio must be >= 1, got {ratio}")
+        if inverse not in INVERSES:
+            raise ValueError(f"soft: inverse must be one of {INVERSES}, got {inverse!r}")
+        self.ratio, self.inverse, self.iterations = ratio, inverse, newton_iterations
+        self.normalize = normalize
+        del self.k_proj  # K = Q, so keys share the queries' projection and norm
+        self.k_norm = self.q_norm
+        self.dwconv = DepthwiseConv(self.heads * self.head_dim, 3) if dwconv else None
+        self.weights_reproduce_output = not dwconv
+
+    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        q = self.split_heads(self.q_proj(call.x), self.heads)
+        return q, q, self.split_heads(self.v_proj(call.x), self.kv_heads)
+
+    def _factors(self, q: Tensor, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        """S(Q, Q~), pinv(S(Q~, Q~)), S(Q~, Q) with padded keys' columns zeroed."""
+        grid = grid_of(q.shape[2], call.spatial)
+        cells = (max(1, -(-grid[0] // self.ratio)), max(1, -(-grid[1] // self.ratio)))
+        q = upcast(q)[0]  # kernel and inverse in float32 at least (pinv has no bf16)
+        landmarks = masked_pool(q, call.key_mask, grid, cells)
+        left = gaussian_kernel(q, landmarks)
+        core = gaussian_kernel(landmarks, landmarks)
+        right = gaussian_kernel(landmarks, q)
+        if call.key_mask is not None:
+            right = right * call.key_mask[:, None, None, :].to(right.dtype)
+        inv = (torch.linalg.pinv(core) if self.inverse == "exact"
+               else newton_inverse(core, self.iterations))
+        return left, inv, right
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        left, inv, right = self._factors(q, call)
+        dtype, v = v.dtype, self.expand_kv(v).to(left.dtype)
+        if not self.normalize:
+            return (left @ (inv @ (right @ v))).to(dtype)
+        ones = v.new_ones(*v.shape[:-1], 1)
+        d = (left @ (inv @ (right @ ones))).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
+        return (d * (left @ (inv @ (right @ (d * v))))).to(dtype)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        left, inv, right = self._factors(q, call)
+        a = left @ inv @ right
+        if not self.normalize:
+            return a
+        d = a.sum(-1, keepdim=True).clamp_min(1e-6).rsqrt()
+        return d * a * d.transpose(-1, -2)
+
+    def local_term(self, v: Tensor, call: Call) -> Tensor | None:
+        if self.dwconv is None:
+            return None
+        out = self.dwconv(v.transpose(1, 2).flatten(2), grid_of(v.shape[2], call.spatial),
+                          call.key_mask)
+        return self.split_heads(out, self.heads)
