@@ -136,12 +136,10 @@ def test_decode_equals_full_forward(name, kwargs, causal):
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
 def test_weights_reproduce_the_output(name, kwargs, causal):
+    """The per-head output is weights @ V, plus the mechanism's local term (a convolution on V)
+    where it has one, which is exactly when ``weights_reproduce_output`` is False."""
     attn = make(name, kwargs, causal)
     x, keep = inputs(), padding()
-    if not attn.weights_reproduce_output:  # e.g. a convolution added to the attention
-        assert not al.info(name).weights_exact or kwargs, "metadata and instance disagree"
-        assert attn.weights(x).shape == (2, HEADS, 13, 13)
-        return
     seen = {}
     attn.hook_v.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
     attn.hook_heads.register_forward_hook(lambda m, i, o: seen.__setitem__("heads", o))
@@ -149,8 +147,13 @@ def test_weights_reproduce_the_output(name, kwargs, causal):
         attn(x, mask=mask)
         w = attn.weights(x, mask=mask)
         assert w.shape == (2, HEADS, 13, 13)
-        expected = (w @ attn.expand_kv(seen["v"])).transpose(1, 2)
-        torch.testing.assert_close(seen["heads"], expected, atol=1e-5, rtol=1e-5)
+        expected = w @ attn.expand_kv(seen["v"])
+        local = attn.local_term(seen["v"], attn._begin(x, mask, None, None, None, None))
+        assert (local is None) == attn.weights_reproduce_output
+        if local is not None:
+            expected = expected + local
+        torch.testing.assert_close(seen["heads"], expected.transpose(1, 2), atol=1e-5,
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))

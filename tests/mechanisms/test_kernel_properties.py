@@ -28,6 +28,13 @@ def test_agent_pools_49_agents_from_a_14x14_image_as_7x7_means():
     torch.testing.assert_close(agents[0, 0, 0], block)
 
 
+def test_soft_uses_a_fixed_number_of_landmarks_by_default():
+    attn = al.build("soft", dim=32, heads=2)
+    assert attn._cells((1, 4096)) == (1, 49) and attn._cells((56, 56)) == (7, 7)
+    assert attn._cells((1, 10)) == (1, 10)  # never more landmarks than tokens
+    assert al.build("soft", dim=32, heads=2, ratio=4)._cells((1, 4096)) == (1, 1024)
+
+
 def test_newton_inverse_is_close_to_pinv():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, 8, generator=g, dtype=torch.float64)
@@ -55,7 +62,7 @@ def test_soft_with_as_many_landmarks_as_tokens_equals_the_full_kernel_product():
 def test_soft_nystrom_error_falls_as_landmarks_grow():
     x = torch.randn(1, 64, 32, dtype=torch.float64)
     errors = []
-    for ratio in (16, 8, 4, 2):
+    for ratio in (16, 8, 4, 2):  # 4, 8, 16, 32 landmarks
         attn = _soft(ratio).double()
         q = attn.split_heads(attn.q_proj(x), 2)
         errors.append((attn.weights(x) - gaussian_kernel(q, q)).norm().item())

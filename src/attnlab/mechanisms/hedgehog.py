@@ -64,15 +64,14 @@ class HedgehogAttention(LinearFamily):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         if self.distill and self.training:
             self._extra_loss = self.distillation_loss(q, k, call)
-        st = call.state
-        prev = None if st is None or st.get("S") is None else (st.get("S"), st.get("z"))
+        decoding = call.state is not None
         out = linear_attention(self.phi(q), self.phi(self.expand_kv(k)), self.expand_kv(v),
                                causal=self.causal, feature_map="identity",
-                               chunk_size=self.chunk_size, mask=call.op_mask, state=prev,
-                               return_state=st is not None)
-        if st is not None:
+                               chunk_size=self.chunk_size, mask=call.op_mask,
+                               state=self.read_state(call, "S", "z"), return_state=decoding)
+        if decoding:
             out, (s, z) = out
-            st.update(q.shape[2], S=s, z=z)
+            self.write_state(call, q.shape[2], S=s, z=z)
         return out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

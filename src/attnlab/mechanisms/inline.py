@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from attnlab.core.base import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
-from attnlab.mechanisms.mala import store_prefix, stored_prefix
 from attnlab.ops.linear import prefix_sums
 
 INLINE_MAPS = {
@@ -107,8 +106,8 @@ class InjectiveLinearAttention(LinearFamily):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         phi = INLINE_MAPS[self.feature_map]
         a, d, vsum, n, new = prefix_sums(phi(q), phi(k), v, causal=self.causal,
-                                         mask=call.op_mask, state=stored_prefix(call))
-        store_prefix(call, new, q.shape[2])
+                                         mask=call.op_mask, state=self.read_prefix(call))
+        self.write_prefix(call, new, q.shape[2])
         c = q.shape[-1] ** -0.5
         n = n.clamp_min(1.0).unsqueeze(-1)
         return c / n * (a - d.unsqueeze(-1) * vsum / n) + vsum / n

@@ -22,6 +22,30 @@ class LinearFamily(Attention):
     def update_state(self, k: Tensor, v: Tensor, call: Call):
         return k, v, call.key_mask  # the mechanism folds the keys into its state in attend
 
+    @staticmethod
+    def read_state(call: Call, *names: str) -> tuple[Tensor, ...] | None:
+        """The named tensors of the call's state, or None (no state, or its first call)."""
+        st = call.state
+        if st is None or st.get(names[0]) is None:
+            return None
+        return tuple(st.get(n) for n in names)
+
+    def read_prefix(self, call: Call):
+        """The ``prefix_sums`` state ((S1, z1), (S2, z2)) kept in the call's state, or None."""
+        t = self.read_state(call, "s1", "z1", "s2", "z2")
+        return None if t is None else ((t[0], t[1]), (t[2], t[3]))
+
+    def write_prefix(self, call: Call, new, tokens: int) -> None:
+        if new is not None:
+            (s1, z1), (s2, z2) = new
+            self.write_state(call, tokens, s1=s1, z1=z1, s2=s2, z2=z2)
+
+    @staticmethod
+    def write_state(call: Call, tokens: int, **tensors: Tensor) -> None:
+        """Store the new state tensors after ``tokens`` tokens (no-op without a state)."""
+        if call.state is not None:
+            call.state.update(tokens, **tensors)
+
 
 @register("linear", family="linear",
           paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
@@ -64,15 +88,14 @@ class LinearAttention(LinearFamily):
         return torch.exp(-self.normalizer(call.x)).transpose(1, 2).unsqueeze(-1)  # (B,H,L,1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        st = call.state
-        prev = None if st is None or st.get("S") is None else (st.get("S"), st.get("z"))
+        decoding = call.state is not None
         out = linear_attention(q, k, v, causal=self.causal, feature_map=self.feature_map,
                                normalize=self.variant == "normalized", form=self.form,
-                               chunk_size=self.chunk_size, mask=call.op_mask, state=prev,
-                               return_state=st is not None)
-        if st is not None:
+                               chunk_size=self.chunk_size, mask=call.op_mask,
+                               state=self.read_state(call, "S", "z"), return_state=decoding)
+        if decoding:
             out, (s, z) = out
-            st.update(q.shape[2], S=s, z=z)
+            self.write_state(call, q.shape[2], S=s, z=z)
         return out * self._dsf_scale(call) if self.normalizer is not None else out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

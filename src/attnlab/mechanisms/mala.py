@@ -10,20 +10,6 @@ from attnlab.mechanisms.linear import LinearFamily
 from attnlab.ops.linear import elu_plus_one, prefix_sums
 
 
-def stored_prefix(call: Call):
-    """The prefix-sum state kept in a RecurrentState, or None before the first call."""
-    st = call.state
-    if st is None or st.get("s1") is None:
-        return None
-    return (st.get("s1"), st.get("z1")), (st.get("s2"), st.get("z2"))
-
-
-def store_prefix(call: Call, new, tokens: int) -> None:
-    if call.state is not None:
-        (s1, z1), (s2, z2) = new
-        call.state.update(tokens, s1=s1, z1=z1, s2=s2, z2=z2)
-
-
 @register("mala", family="linear", paper="Rectifying Magnitude Neglect in Linear Attention",
           causal=True, bidirectional=True, decode=True, domains=("image", "seq"),
           complexity="n d^2", weights=True, cross=True,
@@ -44,11 +30,11 @@ class MagnitudeAwareLinearAttention(LinearFamily):
 
     def _stats(self, q: Tensor, k: Tensor, v: Tensor, call: Call):
         return prefix_sums(elu_plus_one(q), elu_plus_one(k), v, causal=self.causal,
-                           mask=call.op_mask, state=stored_prefix(call))
+                           mask=call.op_mask, state=self.read_prefix(call))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         a, d, vsum, n, new = self._stats(q, k, v, call)
-        store_prefix(call, new, q.shape[2])
+        self.write_prefix(call, new, q.shape[2])
         c = q.shape[-1] ** -0.5
         seen = n > 0
         n = n.clamp_min(1.0)

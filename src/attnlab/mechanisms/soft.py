@@ -36,7 +36,7 @@ def newton_inverse(a: Tensor, iterations: int = 20, reg: float = 0.01) -> Tensor
 
 @register("soft", family="linear", paper="Softmax-free Linear Transformers",
           causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
-          complexity="n m d + m^3", weights=True, cross=False, weights_exact=False,
+          complexity="n m d", weights=True, cross=False, weights_exact=False,
           unsupported=("kv_heads",),
           variants=({"dwconv": False, "normalize": True}, {"ratio": 1, "inverse": "exact"}))
 class SoftAttention(Attention):
@@ -49,17 +49,25 @@ class SoftAttention(Attention):
         O = S(Q, Q~) pinv(S(Q~, Q~)) S(Q~, Q) V + DWConv(V),
 
     pinv by 20 Newton-Raphson steps on S(Q~, Q~) + 0.01 I (``inverse="exact"``:
-    torch.linalg.pinv). ``normalize=True``: the symmetric-normalised variant
+    torch.linalg.pinv). Landmarks: a fixed number (``landmarks=49``: 7 x 7 on an image, as
+    the paper's per-stage ratios give at every stage; 49 on a sequence), so the cost stays
+    O(n m d + m^3), linear in n; ``ratio=r`` pools with stride r per axis instead (m grows
+    with n: m^3 dominates for long inputs). ``normalize=True``: the symmetric-normalised variant
     D^-1/2 A D^-1/2 with D the row sums of the approximation. With as many landmarks as
     tokens (``ratio=1``) and the exact inverse it equals S(Q, Q) V.
     """
 
-    def __init__(self, dim: int, heads: int, *, ratio: int = 4, inverse: str = "newton",
-                 newton_iterations: int = 20, normalize: bool = False, dwconv: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, dim: int, heads: int, *, landmarks: int = 49, ratio: int | None = None,
+                 inverse: str = "newton", newton_iterations: int = 20, normalize: bool = False,
+                 dwconv: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if ratio < 1:
+        if ratio is not None and ratio < 1:
             raise ValueError(f"soft: ratio must be >= 1, got {ratio}")
+        side = math.isqrt(landmarks)
+        if landmarks < 1 or side * side != landmarks:
+            raise ValueError(f"soft: landmarks must be a square number (7 x 7 = 49), "
+                             f"got {landmarks}")
+        self.landmarks = landmarks
         if inverse not in INVERSES:
             raise ValueError(f"soft: inverse must be one of {INVERSES}, got {inverse!r}")
         self.ratio, self.inverse, self.iterations = ratio, inverse, newton_iterations
@@ -73,10 +81,20 @@ class SoftAttention(Attention):
         q = self.split_heads(self.q_proj(call.x), self.heads)
         return q, q, self.split_heads(self.v_proj(call.x), self.kv_heads)
 
+    def _cells(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The landmark grid: ``ratio`` pools with that stride per axis; otherwise a fixed
+        number of landmarks (7 x 7 on an image, 49 on a sequence), never more than tokens."""
+        if self.ratio is not None:
+            return tuple(max(1, -(-g // self.ratio)) for g in grid)
+        side = math.isqrt(self.landmarks)
+        if grid[0] == 1:
+            return 1, min(grid[1], self.landmarks)
+        return min(grid[0], side), min(grid[1], side)
+
     def _factors(self, q: Tensor, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         """S(Q, Q~), pinv(S(Q~, Q~)), S(Q~, Q) with padded keys' columns zeroed."""
         grid = grid_of(q.shape[2], call.spatial)
-        cells = (max(1, -(-grid[0] // self.ratio)), max(1, -(-grid[1] // self.ratio)))
+        cells = self._cells(grid)
         q = upcast(q)[0]  # kernel and inverse in float32 at least (pinv has no bf16)
         landmarks = masked_pool(q, call.key_mask, grid, cells)
         left = gaussian_kernel(q, landmarks)
@@ -91,15 +109,16 @@ class SoftAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         left, inv, right = self._factors(q, call)
         dtype, v = v.dtype, self.expand_kv(v).to(left.dtype)
+        mixed = inv @ right  # (m, n): shared with weights(), so both round alike
         if not self.normalize:
-            return (left @ (inv @ (right @ v))).to(dtype)
+            return (left @ (mixed @ v)).to(dtype)
         ones = v.new_ones(*v.shape[:-1], 1)
-        d = (left @ (inv @ (right @ ones))).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
-        return (d * (left @ (inv @ (right @ (d * v))))).to(dtype)
+        d = (left @ (mixed @ ones)).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
+        return (d * (left @ (mixed @ (d * v)))).to(dtype)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         left, inv, right = self._factors(q, call)
-        a = left @ inv @ right
+        a = left @ (inv @ right)
         if not self.normalize:
             return a
         d = a.sum(-1, keepdim=True).clamp_min(1e-6).rsqrt()

@@ -1,0 +1,126 @@
+"""Shared benchmark harness: one subprocess per case (clean peak memory), machine info,
+scaling-exponent fits and the Markdown report. Used by the bench_*.py scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Peak extra memory (MB) of the first (warm-up) step and the best time of ``repeats``."""
+    base = rss_mb()
+    step()
+    peak = rss_mb() - base
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return peak, min(times)
+
+
+def run_case(script: str, args: list[str]) -> dict:
+    """Run ``script --worker-args`` in a fresh interpreter; its last stdout line is JSON."""
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-300:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    num = sum((a - mx) * (b - my) for a, b in pts)
+    den = sum((a - mx) ** 2 for a, _ in pts)
+    return num / den
+
+
+def write_report(name: str, title: str, command: str, config: dict, rows: list[dict],
+                 baseline: str, notes: str = "", out: Path = RESULTS) -> Path:
+    """Write <out>/<name>-<host>.json and .md; returns the Markdown path."""
+    report = {"command": command, "machine": machine(), "config": config, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{report['machine']['host']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report, title, baseline, notes))
+    return stem.with_suffix(".md")
+
+
+def markdown(report: dict, title: str, baseline: str, notes: str) -> str:
+    rows = [r for r in report["rows"] if "error" not in r and "skipped" not in r]
+    lengths = sorted({r["length"] for r in report["rows"]})
+    labels = list(dict.fromkeys(r["case"] for r in report["rows"]))
+    get = {(r["case"], r["length"]): r for r in rows}
+    m = report["machine"]
+    out = [f"# {title}", "", f"Command: `{report['command']}`", "",
+           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+           f"({m['torch_threads']} threads), Python {m['python']}, {m['platform']}.", "",
+           "Config: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()) + ".", ""]
+    if notes:
+        out += [notes, ""]
+    out += ["## Throughput (tokens/s, forward+backward) and ratio to " + baseline, "",
+            "| case | " + " | ".join(f"L={n}" for n in lengths) + " | time exponent |",
+            "|---|" + "---|" * (len(lengths) + 1)]
+    for label in labels:
+        cells = []
+        for n in lengths:
+            r, base = get.get((label, n)), get.get((baseline, n))
+            if r is None:
+                cells.append("–")
+                continue
+            ratio = f" ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""
+            cells.append(f"{r['tokens_per_s']:.0f}{ratio}")
+        pts = [(n, get[(label, n)]["seconds"]) for n in lengths if (label, n) in get]
+        exp = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
+        out.append(f"| {label} | " + " | ".join(cells) +
+                   f" | {'–' if exp is None else f'{exp:.2f}'} |")
+    out += ["", "## Peak extra memory (MB) and its fitted growth exponent in L", "",
+            "| case | " + " | ".join(f"L={n}" for n in lengths) + " | exponent |",
+            "|---|" + "---|" * (len(lengths) + 1)]
+    for label in labels:
+        pts = [(n, get[(label, n)]["peak_mb"]) for n in lengths if (label, n) in get]
+        cells = [f"{get[(label, n)]['peak_mb']:.0f}" if (label, n) in get else "–"
+                 for n in lengths]
+        exp = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
+        out.append(f"| {label} | " + " | ".join(cells) +
+                   f" | {'–' if exp is None else f'{exp:.2f}'} |")
+    other = [r for r in report["rows"] if "error" in r or "skipped" in r]
+    if other:
+        out += ["", "## Not run", ""] + [
+            f"- {r['case']} L={r['length']}: {r.get('skipped') or r.get('error')}" for r in other]
+    return "\n".join(out) + "\n"
