@@ -85,12 +85,16 @@ def main() -> None:
                     "--repeats", str(args.repeats)])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    notes = ("Linear-time targets: time exponent <= 1.1 and faster than SDPA softmax from "
-             f"L = 2048 for {', '.join(LINEAR)}; lla and rfa are quadratic by definition.")
+    baselines = {label: "softmax-causal" if causal else "softmax-bidir"
+                 for label, (_, causal, _) in CASES.items()}
+    notes = ("Ratios are against softmax (SDPA) in the same mode: causal mechanisms against "
+             "softmax-causal, bidirectional ones against softmax-bidir. Linear-time targets: "
+             "time exponent <= 1.1 and faster than SDPA softmax from L = 2048 for "
+             f"{', '.join(LINEAR)}; lla and rfa are quadratic by definition.")
     path = write_report("linear_family", "Linear and kernelised mechanisms: forward + backward",
                         command, {"dim": args.dim, "heads": args.heads, "batch": args.batch,
                                   "repeats": f"best of {args.repeats} after a warm-up"},
-                        rows, baseline="softmax-bidir", notes=notes, out=args.out)
+                        rows, baseline=baselines, notes=notes, out=args.out)
     print(f"wrote {path}")
 
 

@@ -71,17 +71,22 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 def write_report(name: str, title: str, command: str, config: dict, rows: list[dict],
-                 baseline: str, notes: str = "", out: Path = RESULTS) -> Path:
-    """Write <out>/<name>-<host>.json and .md; returns the Markdown path."""
-    report = {"command": command, "machine": machine(), "config": config, "rows": rows}
+                 baseline: str | dict[str, str], notes: str = "", out: Path = RESULTS) -> Path:
+    """Write <out>/<name>-<host>.json and .md; returns the Markdown path.
+
+    ``baseline``: the case every ratio is taken against, or a mapping case -> its baseline.
+    """
+    report = {"command": command, "machine": machine(), "config": config, "rows": rows,
+              "title": title, "baseline": baseline, "notes": notes}
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name}-{report['machine']['host']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report, title, baseline, notes))
+    stem.with_suffix(".md").write_text(markdown(report))
     return stem.with_suffix(".md")
 
 
-def markdown(report: dict, title: str, baseline: str, notes: str) -> str:
+def markdown(report: dict) -> str:
+    title, baseline, notes = report["title"], report["baseline"], report.get("notes", "")
     rows = [r for r in report["rows"] if "error" not in r and "skipped" not in r]
     lengths = sorted({r["length"] for r in report["rows"]})
     labels = list(dict.fromkeys(r["case"] for r in report["rows"]))
@@ -93,13 +98,17 @@ def markdown(report: dict, title: str, baseline: str, notes: str) -> str:
            "Config: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()) + ".", ""]
     if notes:
         out += [notes, ""]
-    out += ["## Throughput (tokens/s, forward+backward) and ratio to " + baseline, "",
+    base_of = (lambda case: baseline.get(case, case)) if isinstance(baseline, dict) \
+        else (lambda case: baseline)
+    against = ("its baseline (" + ", ".join(sorted(set(baseline.values()))) + ")"
+               if isinstance(baseline, dict) else baseline)
+    out += ["## Throughput (tokens/s, forward+backward) and ratio to " + against, "",
             "| case | " + " | ".join(f"L={n}" for n in lengths) + " | time exponent |",
             "|---|" + "---|" * (len(lengths) + 1)]
     for label in labels:
         cells = []
         for n in lengths:
-            r, base = get.get((label, n)), get.get((baseline, n))
+            r, base = get.get((label, n)), get.get((base_of(label), n))
             if r is None:
                 cells.append("–")
                 continue
@@ -124,3 +133,10 @@ def markdown(report: dict, title: str, baseline: str, notes: str) -> str:
         out += ["", "## Not run", ""] + [
             f"- {r['case']} L={r['length']}: {r.get('skipped') or r.get('error')}" for r in other]
     return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    # Rebuild the Markdown of recorded results: python benchmarks/harness.py results/X.json
+    for path in map(Path, sys.argv[1:]):
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        print(f"wrote {path.with_suffix('.md')}")

@@ -75,11 +75,10 @@ def _chunked(fq, fk, v, causal, state, chunk):
         s = s + fk.transpose(-1, -2) @ v
         z = z + fk.sum(2)
         return fq @ s, (fq * z.unsqueeze(2)).sum(-1), (s, z)
-    lq = fq.shape[2]
     nums, dens = [], []
-    for c0 in range(0, lq, chunk):
-        c1 = min(lq, c0 + chunk)
-        q_c, k_c, v_c = fq[:, :, c0:c1], fk[:, :, c0:c1], v[:, :, c0:c1]
+    # split, not slicing: a slice's backward writes a full-length gradient per chunk (O(L^2))
+    for q_c, k_c, v_c in zip(fq.split(chunk, 2), fk.split(chunk, 2), v.split(chunk, 2),
+                             strict=True):
         a = (q_c @ k_c.transpose(-1, -2)).tril()
         nums.append(a @ v_c + q_c @ s)
         dens.append(a.sum(-1) + (q_c * z.unsqueeze(2)).sum(-1))
@@ -93,8 +92,7 @@ def _recurrent(fq, fk, v, causal, state):
     if not causal:
         return _chunked(fq, fk, v, False, state, 1)
     nums, dens = [], []
-    for t in range(fq.shape[2]):
-        k_t, v_t, q_t = fk[:, :, t], v[:, :, t], fq[:, :, t]
+    for q_t, k_t, v_t in zip(fq.unbind(2), fk.unbind(2), v.unbind(2), strict=True):
         s = s + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
         z = z + k_t
         nums.append((q_t.unsqueeze(-2) @ s).squeeze(-2))
@@ -165,7 +163,7 @@ def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor
     v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     ones_q = fq.new_ones(*fq.shape[:-1], 1)
     ones_k = fk.new_ones(*fk.shape[:-1], 1)
-    kw = dict(causal=causal, feature_map=_identity, normalize=False, mask=mask, form=form,
+    kw = dict(causal=causal, feature_map="identity", normalize=False, mask=mask, form=form,
               chunk_size=chunk_size, return_state=causal)
     s1, s2 = state if state is not None else (None, None)
     r1 = linear_attention(fq, fk, v_aug, state=s1, **kw)
@@ -173,7 +171,3 @@ def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor
     (ad, n1), (vn, n2) = (r1, r2) if causal else ((r1, None), (r2, None))
     new = (n1, n2) if causal else None
     return ad[..., :-1], ad[..., -1], vn[..., :-1], vn[..., -1], new
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x

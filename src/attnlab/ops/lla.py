@@ -105,8 +105,10 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Tr
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fn = partial(_block, scale=scale, ridge=ridge)
     outs = []
-    for i0 in range(0, lq, block_size):
-        i1 = min(lq, i0 + block_size)
+    # split, not slicing, for the queries: one gradient concatenation instead of one
+    # full-length gradient per block
+    for q_blk, i0 in zip(q.split(block_size, 2), range(0, lq, block_size), strict=True):
+        i1 = i0 + q_blk.shape[2]
         kend = min(lk, i1 + lk - lq) if causal else lk
         if kend <= 0:
             outs.append(v.new_zeros(*v.shape[:2], i1 - i0, v.shape[-1]))
@@ -114,6 +116,6 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Tr
         vis = visibility(i1 - i0, lk, causal=causal, mask=mask, device=q.device, q_start=i0,
                          q_total=lq)
         vis = None if vis is None else vis[..., :kend]
-        args = (q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend], vis)
+        args = (q_blk, k[:, :, :kend], v[:, :, :kend], vis)
         outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return torch.cat(outs, dim=2)
