@@ -4,7 +4,8 @@
     python scripts/update_readme.py --demo     # also re-run `attnlab demo` and paste its table
 
 Blocks sit between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``:
-``mechanisms`` from the registry, ``bench`` from ``benchmarks/results/scored_ops-*.md``,
+``mechanisms`` from the registry, ``bench`` and ``bench-linear`` from
+``benchmarks/results/scored_ops-*.md`` and ``linear_family-*.md``,
 ``demo`` from the output of ``attnlab demo``.
 """
 
@@ -28,19 +29,19 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def bench_summary() -> str:
-    results = sorted((ROOT / "benchmarks" / "results").glob("scored_ops-*.md"))
+def bench_summary(name: str, config: str) -> str:
+    """The throughput and memory tables of benchmarks/results/<name>-*.md, with their source."""
+    results = sorted((ROOT / "benchmarks" / "results").glob(f"{name}-*.md"))
     if not results:
-        return "No benchmark recorded yet: run `python benchmarks/bench_scored_ops.py`."
+        return f"No benchmark recorded yet: run `python benchmarks/bench_{name}.py`."
     src = results[-1]
     text = src.read_text()
     machine = next(line for line in text.splitlines() if line.startswith("Machine:"))
     table = text.split("## Throughput", 1)[1].split("\n\n", 2)[1]
     memory = text.split("## Peak extra memory", 1)[1].split("\n\n", 2)[1]
     rel = src.relative_to(ROOT).as_posix()
-    return (f"Forward + backward, causal, batch 1, 8 heads, head dim 64 "
-            f"({machine[9:].strip().rstrip('.')}); "
-            f"tokens/s and the ratio to SDPA softmax. From [{rel}]({rel}):\n\n{table}\n\n"
+    return (f"{config} ({machine[9:].strip().rstrip('.')}); tokens/s and the ratio to SDPA "
+            f"softmax. From [{rel}]({rel}):\n\n{table}\n\n"
             f"Peak extra memory (MB) and its fitted growth exponent in L:\n\n{memory}")
 
 
@@ -62,7 +63,11 @@ def main() -> None:
 
     text = README.read_text()
     text = replace_block(text, "mechanisms", registry_markdown())
-    text = replace_block(text, "bench", bench_summary())
+    text = replace_block(text, "bench", bench_summary(
+        "scored_ops", "Forward + backward, causal, batch 1, 8 heads, head dim 64"))
+    text = replace_block(text, "bench-linear", bench_summary(
+        "linear_family", "Whole modules, forward + backward, dim 512, 8 heads, batch 1; ratios "
+        "against softmax in the same mode (causal or bidirectional)"))
     if args.demo:
         text = replace_block(text, "demo", demo_table())
     README.write_text(text)
