@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RESULTS, measure, run_case, write_report  # noqa: E402
+from harness import (  # noqa: E402
+    add_common_arguments,
+    command_line,
+    measure,
+    sweep,
+    write_report,
+)
 
 # label -> (mechanism, causal, longest L it is run at: the quadratic ones stop early)
 CASES = {
@@ -58,33 +64,24 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    add_common_arguments(p, repeats=2)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS,
-                   help="results folder (default: benchmarks/results)")
-    p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
         return worker(args)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    rows = []
-    for length in args.lengths:
-        for label in args.cases:
-            if length > CASES[label][2]:
-                row = {"case": label, "length": length,
-                       "skipped": f"quadratic in L; run up to L={CASES[label][2]}"}
-            else:
-                row = {"case": label, "length": length, **run_case(__file__, [
-                    "--case", label, "--length", str(length), "--dim", str(args.dim),
-                    "--heads", str(args.heads), "--batch", str(args.batch),
-                    "--repeats", str(args.repeats)])}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+
+    def worker_args(label: str, length: int) -> list[str] | str:
+        if length > CASES[label][2]:
+            return f"quadratic in L; run up to L={CASES[label][2]}"
+        return ["--case", label, "--length", str(length), "--dim", str(args.dim),
+                "--heads", str(args.heads), "--batch", str(args.batch),
+                "--repeats", str(args.repeats)]
+
+    command = command_line()
+    rows = sweep(__file__, args.lengths, args.cases, worker_args)
     baselines = {label: "softmax-causal" if causal else "softmax-bidir"
                  for label, (_, causal, _) in CASES.items()}
     notes = ("Ratios are against softmax (SDPA) in the same mode: causal mechanisms against "

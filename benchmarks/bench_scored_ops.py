@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RESULTS, measure, run_case, write_report  # noqa: E402
+from harness import (  # noqa: E402
+    add_common_arguments,
+    command_line,
+    measure,
+    sweep,
+    write_report,
+)
 
 CASES = [  # (label, op, backend, kwargs)
     ("softmax/sdpa", "softmax_attention", "sdpa", {}),
@@ -55,33 +61,25 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    add_common_arguments(p, repeats=3)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cases", nargs="+", default=[c[0] for c in CASES])
-    p.add_argument("--out", type=Path, default=RESULTS,
-                   help="results folder (default: benchmarks/results)")
-    p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
         return worker(args)
 
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    rows = []
-    for length in args.lengths:
-        for label in args.cases:
-            if label.endswith("/reference") and length > REFERENCE_MAX_L:
-                continue
-            row = {"case": label, "length": length, **run_case(__file__, [
-                "--case", label, "--length", str(length), "--batch", str(args.batch),
+    def worker_args(label: str, length: int) -> list[str] | str:
+        if label.endswith("/reference") and length > REFERENCE_MAX_L:
+            return f"the dense reference holds B*H*L^2 scores; run up to L={REFERENCE_MAX_L}"
+        return ["--case", label, "--length", str(length), "--batch", str(args.batch),
                 "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-                "--repeats", str(args.repeats), "--causal" if args.causal else "--no-causal"])}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                "--repeats", str(args.repeats), "--causal" if args.causal else "--no-causal"]
+
+    command = command_line()
+    rows = sweep(__file__, args.lengths, args.cases, worker_args)
     config = {"batch": args.batch, "heads": args.heads, "head dim": args.head_dim,
               "causal": args.causal, "repeats": f"best of {args.repeats} after a warm-up"}
     path = write_report("scored_ops", "Scored ops: forward + backward, time and peak memory",

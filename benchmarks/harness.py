@@ -58,6 +58,38 @@ def run_case(script: str, args: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def add_common_arguments(parser, repeats: int) -> None:
+    """The arguments every bench script takes (and the hidden ones of its worker)."""
+    import argparse
+
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results folder (default: benchmarks/results)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+
+
+def sweep(script: str, lengths: list[int], cases: list[str],
+          worker_args: Callable[[str, int], list[str] | str]) -> list[dict]:
+    """Run every (case, length) in its own process; ``worker_args`` returns the worker's
+    arguments, or a string saying why that case is not run at that length."""
+    rows = []
+    for length in lengths:
+        for label in cases:
+            args = worker_args(label, length)
+            row = {"case": label, "length": length}
+            row.update({"skipped": args} if isinstance(args, str) else run_case(script, args))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def command_line() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
 def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     """Least-squares slope of log y against log x."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0]
