@@ -153,6 +153,7 @@ class Attention(nn.Module):
                 context: Tensor | None = None, context_mask: Tensor | None = None,
                 spatial: tuple[int, ...] | None = None) -> Tensor:
         """``x`` (B, L, C), (B, H, W, C) or (B, T, H, W, C) -> output of the same shape."""
+        self._extra_loss = None  # extra_loss() always describes this forward
         call = self._begin(x, mask, state, context, context_mask, spatial)
         q, k, v = self._qkv(call)
         if state is not None:
