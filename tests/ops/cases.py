@@ -38,3 +38,11 @@ def key_padding(b, lk, seed=1):
     keep = torch.rand(b, lk, generator=g) > 0.2
     keep[0, : max(1, lk // 3)] = False  # left padding: early causal rows see nothing
     return keep[:, None, None, :]
+
+# the random-feature op joins the tiled-vs-reference checks with its smooth activations;
+# relu (a kink at 0, where fp32 and float64 scores may differ in sign, and rows that may be
+# all zero) is checked in float64 in test_rfa.py
+from attnlab.ops.rfa import random_feature_attention  # noqa: E402
+
+for _act in ("sigmoid", "tanh"):
+    OPS[f"rfa_{_act}"] = (partial(random_feature_attention, activation=_act), ("tiled",))

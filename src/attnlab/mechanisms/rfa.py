@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.base import Attention, Call
 from attnlab.core.registry import register
-
-ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+from attnlab.ops.rfa import ACTIVATIONS, random_feature_attention, random_feature_weights
 
 
 @register("rfa", family="linear",
@@ -29,8 +27,10 @@ class RandomFeatureAttention(Attention):
     ``identity_mean`` * I / sqrt(C) (the paper's option of a mean proportional to I); only
     the values V_m (the value and output projections) train. ``activation``: relu (default),
     sigmoid, tanh. q = x_t and k = W_m x_i enter the op (width C), so hook_q/hook_k are
-    (B, M, L, C).
+    (B, M, L, C). Backends: ``tiled`` (default, memory-bounded), ``reference`` (dense).
     """
+
+    backends = ("auto", "reference", "tiled")
 
     def __init__(self, dim: int, heads: int, *, activation: str = "relu",
                  identity_mean: float = 0.0, seed: int = 0, **kwargs) -> None:
@@ -52,12 +52,9 @@ class RandomFeatureAttention(Attention):
         return q, k, self.split_heads(self.v_proj(src), self.kv_heads)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        a = ACTIVATIONS[self.activation](q @ k.transpose(-1, -2))
-        vis = self.visibility(q, k, call)
-        if vis is None:
-            return a / k.shape[2]
-        a = a.masked_fill(~vis, 0.0)
-        return a / vis.sum(-1, keepdim=True).clamp_min(1).to(a.dtype)
+        return random_feature_weights(q, k, self.visibility(q, k, call),
+                                      activation=self.activation)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        return self.attention_weights(q, k, call).to(v.dtype) @ v
+        return random_feature_attention(q, k, v, causal=self.causal, mask=call.op_mask,
+                                        activation=self.activation, backend=self.backend)

@@ -2,6 +2,7 @@
 
 from attnlab.ops.linear import linear_attention
 from attnlab.ops.lla import local_linear_attention
+from attnlab.ops.rfa import random_feature_attention
 from attnlab.ops.sigmoid import sigmoid_attention, sigmoid_weights
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 from attnlab.ops.softplus import softplus_attention, softplus_weights
@@ -9,6 +10,7 @@ from attnlab.ops.softplus import softplus_attention, softplus_weights
 __all__ = [
     "linear_attention",
     "local_linear_attention",
+    "random_feature_attention",
     "sigmoid_attention",
     "sigmoid_weights",
     "softmax_attention",

@@ -1,0 +1,76 @@
+"""Random-feature attention weights: W_ij = sigma(q_i.k_j) / N_i over the N_i visible keys.
+
+"What can a Single Attention Layer Learn? A Study Through the Random Features Lens". The
+weights are row-local, so besides the dense ``reference`` the memory-bounded ``tiled`` engine
+serves them (forward and backward, no L x L matrix per head).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core.masks import visibility
+from attnlab.ops.common import check_qkv, expand_kv, upcast
+from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
+
+ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+BACKENDS = ("reference", "tiled")
+
+
+def random_feature_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
+                           activation: str = "relu") -> Tensor:
+    """sigma(q_i.k_j) / N_i for visible j, 0 elsewhere (the reference)."""
+    q, k = upcast(q, k)
+    a = ACTIVATIONS[activation](q @ k.transpose(-1, -2))
+    if visible is None:
+        return a / k.shape[-2]
+    a = a.masked_fill(~visible, 0.0)
+    return a / visible.sum(-1, keepdim=True).clamp_min(1).to(a.dtype)
+
+
+class RandomFeatureRows(RowMath):
+    """Tiled weights a / N with a = sigma(s); ds = sigma'(s) g / N (0 where masked)."""
+
+    def __init__(self, activation: str) -> None:
+        self.activation = activation
+
+    def weights(self, s: Tensor, vis: BlockVisibility | None):
+        n = (vis.counts(s) if vis is not None else s.new_full((1, 1, 1), float(s.shape[-1])))
+        n = n.clamp_min(1.0)
+        a = {"relu": s.relu_, "sigmoid": s.sigmoid_, "tanh": s.tanh_}[self.activation]()
+        if vis is not None:
+            vis.fill_(a, 0.0)
+        return a / n, (a, n)
+
+    def vjp(self, g, w, aux, vis, rowdot) -> Tensor:
+        a, n = aux
+        if self.activation == "relu":
+            ds = g.mul_(a > 0)
+        elif self.activation == "sigmoid":
+            ds = torch.ops.aten.sigmoid_backward(g, a)
+        else:
+            ds = torch.ops.aten.tanh_backward(g, a)
+        ds = ds.div_(n)
+        return ds if vis is None else vis.fill_(ds, 0.0)
+
+
+def random_feature_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                             mask: Tensor | None = None, activation: str = "relu",
+                             backend: str = "auto", block_size: int | None = None) -> Tensor:
+    """sum_j sigma(q_i.k_j) v_j / N_i on (B, H, L, D) tensors (no 1/sqrt(d) scale: the
+    random query-key matrices carry it). Backends: ``tiled`` (default), ``reference``."""
+    check_qkv("random_feature_attention", q, k, v, mask)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"random_feature_attention: activation must be one of "
+                         f"{sorted(ACTIVATIONS)}, got {activation!r}")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"random_feature_attention: unknown backend {backend!r}; choose from "
+                         f"{('auto', *BACKENDS)}")
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if backend == "reference":
+        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
+        return random_feature_weights(q, k, vis, activation=activation).to(v.dtype) @ v
+    return row_tiled(RandomFeatureRows(activation), q, k, v, causal=causal, mask=mask,
+                     block_size=block_size)
