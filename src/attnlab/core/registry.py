@@ -106,7 +106,7 @@ def register(
             )
         info = MechanismInfo(
             name=name, cls=cls, family=family, paper=paper, causal=causal,
-            bidirectional=bidirectional, decode=decode, domains=tuple(domains),
+            bidirectional=bidirectional, decode=decode, domains=tuple(sorted(domains)),
             complexity=complexity, weights=weights, cross=cross, weights_exact=weights_exact,
             unsupported=tuple(unsupported), variants=tuple(variants), notes=notes,
             doc=_first_doc_line(cls), defaults=_own_defaults(cls),
