@@ -1,5 +1,6 @@
 """Pure attention ops on (B, H, L, D) tensors, each with a dense ``reference`` backend."""
 
+from attnlab.ops.decode import decode_attention
 from attnlab.ops.linear import linear_attention
 from attnlab.ops.lla import local_linear_attention
 from attnlab.ops.rfa import random_feature_attention
@@ -8,6 +9,7 @@ from attnlab.ops.softmax import softmax_attention, softmax_weights
 from attnlab.ops.softplus import softplus_attention, softplus_weights
 
 __all__ = [
+    "decode_attention",
     "linear_attention",
     "local_linear_attention",
     "random_feature_attention",
