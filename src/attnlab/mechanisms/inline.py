@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from attnlab.core.base import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
+from attnlab.ops.common import row_counts
 from attnlab.ops.linear import prefix_sums
 
 INLINE_MAPS = {
@@ -121,9 +122,7 @@ class InjectiveLinearAttention(LinearFamily):
         vis = self.visibility(q, k, call)
         if vis is not None:
             s = s.masked_fill(~vis, 0.0)
-            n = vis.sum(-1, keepdim=True).to(s.dtype).clamp_min(1.0)
-        else:
-            n = s.new_full((1,), float(s.shape[-1]))
+        n = row_counts(vis, s).clamp_min(1.0)
         c = q.shape[-1] ** -0.5
         w = c / n * (s - s.sum(-1, keepdim=True) / n) + 1 / n
         return w if vis is None else w.masked_fill(~vis, 0.0)

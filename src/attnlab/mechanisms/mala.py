@@ -7,6 +7,7 @@ from torch import Tensor
 from attnlab.core.base import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
+from attnlab.ops.common import row_counts
 from attnlab.ops.linear import elu_plus_one, prefix_sums
 
 
@@ -48,9 +49,7 @@ class MagnitudeAwareLinearAttention(LinearFamily):
         vis = self.visibility(q, k, call)
         if vis is not None:
             s = s.masked_fill(~vis, 0.0)
-            n = vis.sum(-1, keepdim=True).to(s.dtype)
-        else:
-            n = s.new_full((1,), float(s.shape[-1]))
+        n = row_counts(vis, s)
         z = s.sum(-1, keepdim=True) / n.clamp_min(1.0)
         w = (s * (1 + 1 / z.clamp_min(1e-12)) - z) / n.clamp_min(1.0)
         return w if vis is None else w.masked_fill(~vis, 0.0)

@@ -51,6 +51,20 @@ def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+def row_counts(visible: Tensor | None, like: Tensor) -> Tensor:
+    """Keys each row sees, (.., Lq, 1) in ``like``'s dtype: the visible ones, or all of them."""
+    if visible is None:
+        return like.new_full((1,) * like.dim(), float(like.shape[-1]))
+    return visible.sum(-1, keepdim=True).to(like.dtype)
+
+
+def shifted_exp(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(scores - row max) and the row max; -inf scores (masked) give 0, and a row with
+    none finite is shifted by 0 so that it stays 0 without NaN."""
+    top = scores.amax(-1, keepdim=True)
+    return torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0)), top
+
+
 def default_scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, expand_kv, upcast
+from attnlab.ops.common import check_qkv, default_scale, expand_kv, shifted_exp, upcast
 
 
 def _segment(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, scale: float):
@@ -24,8 +24,7 @@ def _segment(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, scale: float):
     s = (q @ k.transpose(-1, -2)) * scale
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+    p, m = shifted_exp(s)
     l_sum = p.sum(-1, keepdim=True)
     o = (p @ v) / l_sum.clamp_min(1e-30)
     return m, l_sum, o

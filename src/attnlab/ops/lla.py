@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, expand_kv, upcast
+from attnlab.ops.common import check_qkv, default_scale, expand_kv, shifted_exp, upcast
 
 BACKENDS = ("reference", "chunked")
 
@@ -31,9 +31,7 @@ def _kernel(q: Tensor, k: Tensor, visible: Tensor | None, scale: float) -> Tenso
     logits = (q @ k.transpose(-1, -2)) * scale
     if visible is not None:
         logits = logits.masked_fill(~visible, float("-inf"))
-    top = logits.amax(-1, keepdim=True)
-    w = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
-    return w if visible is None else w.masked_fill(~visible, 0.0)
+    return shifted_exp(logits)[0]
 
 
 def _solve(sigma: Tensor, mu: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:

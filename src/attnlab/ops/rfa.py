@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, expand_kv, upcast
-from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
+from attnlab.ops.common import check_qkv, expand_kv, row_counts, upcast
+from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
 ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 BACKENDS = ("reference", "tiled")
@@ -24,10 +24,9 @@ def random_feature_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
     """sigma(q_i.k_j) / N_i for visible j, 0 elsewhere (the reference)."""
     q, k = upcast(q, k)
     a = ACTIVATIONS[activation](q @ k.transpose(-1, -2))
-    if visible is None:
-        return a / k.shape[-2]
-    a = a.masked_fill(~visible, 0.0)
-    return a / visible.sum(-1, keepdim=True).clamp_min(1).to(a.dtype)
+    if visible is not None:
+        a = a.masked_fill(~visible, 0.0)
+    return a / row_counts(visible, a).clamp_min(1.0)
 
 
 class RandomFeatureRows(RowMath):
@@ -37,8 +36,7 @@ class RandomFeatureRows(RowMath):
         self.activation = activation
 
     def weights(self, s: Tensor, vis: BlockVisibility | None):
-        n = (vis.counts(s) if vis is not None else s.new_full((1, 1, 1), float(s.shape[-1])))
-        n = n.clamp_min(1.0)
+        n = block_counts(vis, s).clamp_min(1.0)
         a = {"relu": s.relu_, "sigmoid": s.sigmoid_, "tanh": s.tanh_}[self.activation]()
         if vis is not None:
             vis.fill_(a, 0.0)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, upcast, visible_counts
+from attnlab.ops.common import begin, row_counts, upcast, visible_counts
 from attnlab.ops.flex import flex_call
-from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
+from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
 BACKENDS = ("reference", "tiled", "flex")
 
@@ -41,10 +41,7 @@ def softplus_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
     d = q.shape[-1]
     q, k = upcast(q, k)
     cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
-    if visible is None:
-        n = torch.full((1,), k.shape[2], dtype=cos.dtype, device=cos.device)
-    else:
-        n = visible.sum(-1, keepdim=True).to(cos.dtype)
+    n = row_counts(visible, cos)
     alpha = math.log(d) * torch.log(n.clamp_min(1.0))
     a = F.softplus(alpha * cos)
     if visible is not None:
@@ -75,7 +72,7 @@ class SoftplusRows(RowMath):
         self.log_d, self.p = math.log(head_dim), reweight_p
 
     def weights(self, s: Tensor, vis: BlockVisibility | None):
-        n = vis.counts(s) if vis is not None else s.new_full((1, 1, 1), float(s.shape[-1]))
+        n = block_counts(vis, s)
         alpha = self.log_d * torch.log(n.clamp_min(1.0))
         x = s.mul_(alpha)
         if float(alpha.max()) < 80.0:

@@ -72,6 +72,11 @@ class BlockVisibility:
                           0.0).sum(-1, keepdim=True)
 
 
+def block_counts(vis: BlockVisibility | None, s: Tensor) -> Tensor:
+    """Keys each row of a block of scores ``s`` sees: all ``s.shape[-1]`` without a mask."""
+    return vis.counts(s) if vis is not None else s.new_full((1, 1, 1), float(s.shape[-1]))
+
+
 class RowMath:
     """Row-local attention weights ``w = W(s)`` and their vector-Jacobian product.
 
