@@ -146,7 +146,7 @@ def test_weights_reproduce_the_output(name, kwargs, causal):
     for mask in (None, keep):
         attn(x, mask=mask)
         w = attn.weights(x, mask=mask)
-        assert w.shape == (2, HEADS, 13, 13)
+        assert w.shape == (2, attn.heads, 13, 13)
         expected = w @ attn.expand_kv(seen["v"])
         local = attn.local_term(seen["v"], attn._begin(x, mask, None, None, None, None))
         assert (local is None) == attn.weights_reproduce_output
@@ -165,7 +165,7 @@ def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
     handle = attn.hook_weights.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
     torch.testing.assert_close(attn(x), y, atol=1e-5, rtol=1e-5)  # reading changes nothing
     handle.remove()
-    assert shapes == [(2, HEADS, 13, 13)]
+    assert shapes == [(2, attn.heads, 13, 13)]
     handle = attn.hook_weights.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     y0 = attn(x)
     handle.remove()
@@ -185,10 +185,11 @@ def test_hook_shapes_and_head_scale(name, kwargs, causal):
             lambda m, i, o, hook=hook: seen.__setitem__(hook, o.shape))
     y = attn(x)
     hkv, d = attn.kv_heads, attn.head_dim
-    assert seen["hook_q"][:3] == (2, HEADS, 13)  # q and k may be wider than D (rfa: C)
+    heads = attn.heads  # HEADS, unless the mechanism fixes its own (msa_conv depthwise)
+    assert seen["hook_q"][:3] == (2, heads, 13)  # q and k may be wider than D (rfa: C)
     assert seen["hook_k"][:2] == (2, hkv) and seen["hook_v"] == (2, hkv, 13, d)
     assert seen["hook_q"][-1] == seen["hook_k"][-1]
-    assert seen["hook_heads"] == (2, 13, HEADS, d)
+    assert seen["hook_heads"] == (2, 13, heads, d)
     assert seen["hook_out"] == (2, 13, DIM)
     # head_scale[h] = 0 is the same as zeroing head h's output
     attn.head_scale[1] = 0.0
@@ -229,7 +230,7 @@ def test_cross_attention(name, kwargs, causal):
     assert y.shape == x.shape
     ctx2 = torch.where(keep[..., None], ctx, torch.randn_like(ctx))
     torch.testing.assert_close(attn(x, context=ctx2, context_mask=keep), y)
-    assert attn.weights(x, context=ctx, context_mask=keep).shape == (2, HEADS, 7, 11)
+    assert attn.weights(x, context=ctx, context_mask=keep).shape == (2, attn.heads, 7, 11)
 
 
 @pytest.mark.parametrize("name", al.available())

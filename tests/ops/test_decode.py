@@ -50,3 +50,29 @@ def test_errors():
         decode_attention(q, k, v, splits=0)
     with pytest.raises(ValueError, match="4-D"):
         decode_attention(q[0], k, v)
+
+
+@pytest.mark.parametrize("name", ["softmax", "gated", "selective"])
+def test_softmax_family_decodes_long_caches_with_split_kv(name, monkeypatch):
+    import attnlab as al
+    import attnlab.mechanisms.softmax as softmax_module
+
+    calls = []
+    real = softmax_module.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["splits"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(softmax_module, "decode_attention", spy)
+    attn = al.build(name, dim=32, heads=4, kv_heads=2, causal=True).eval()
+    attn.decode_split_min, attn.decode_segment = 8, 5  # "long" from 8 keys, 5 per segment
+    x = torch.randn(2, 14, 32)
+    keep = torch.ones(2, 14, dtype=torch.bool)
+    keep[0, :3] = False
+    full = attn(x, mask=keep)
+    state = attn.new_state(batch_size=2)
+    parts = [attn(x[:, :6], mask=keep[:, :6], state=state)]
+    parts += [attn(x[:, t:t + 1], mask=keep[:, t:t + 1], state=state) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert calls == [2, 2, 2, 3, 3, 3, 3]  # caches of 8..14 keys: ceil(T / 5) segments

@@ -190,7 +190,7 @@ class Attention(nn.Module):
         """Auxiliary loss of the last forward (0 unless the mechanism defines one)."""
         if self._extra_loss is not None:
             return self._extra_loss
-        return self.o_proj.weight.new_zeros(())
+        return self.head_scale.new_zeros(())
 
     # ------------------------------------------------------------- steps to override
     def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,12 +8,17 @@ from attnlab.mechanisms.l2vit import L2ViTAttention
 from attnlab.mechanisms.linear import LinearAttention
 from attnlab.mechanisms.lla import LocalLinearAttention
 from attnlab.mechanisms.mala import MagnitudeAwareLinearAttention
+from attnlab.mechanisms.maxvit import MaxViTAttention
+from attnlab.mechanisms.msa_conv import MSAConvAttention
+from attnlab.mechanisms.neighborhood import NeighborhoodAttention
 from attnlab.mechanisms.rfa import RandomFeatureAttention
 from attnlab.mechanisms.selective import SelectiveAttention
+from attnlab.mechanisms.shvit import SingleHeadAttention
 from attnlab.mechanisms.sigmoid import SigmoidAttention
 from attnlab.mechanisms.soft import SoftAttention
 from attnlab.mechanisms.softmax import SoftmaxAttention
 from attnlab.mechanisms.softplus import SoftplusAttention
+from attnlab.mechanisms.spectral import SpectralGating
 
 __all__ = [
     "AgentAttention",
@@ -23,11 +28,16 @@ __all__ = [
     "L2ViTAttention",
     "LinearAttention",
     "LocalLinearAttention",
+    "MSAConvAttention",
     "MagnitudeAwareLinearAttention",
+    "MaxViTAttention",
+    "NeighborhoodAttention",
     "RandomFeatureAttention",
     "SelectiveAttention",
     "SigmoidAttention",
+    "SingleHeadAttention",
     "SoftAttention",
     "SoftmaxAttention",
     "SoftplusAttention",
+    "SpectralGating",
 ]

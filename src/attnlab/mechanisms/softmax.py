@@ -6,6 +6,7 @@ from torch import Tensor
 
 from attnlab.core.base import Attention, Call
 from attnlab.core.registry import register
+from attnlab.ops.decode import decode_attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -18,12 +19,21 @@ class SoftmaxAttention(Attention):
     "Attention Is All You Need" (Vaswani et al., 2017):
     O = softmax(c Q K^T + mask) V with c = d^-1/2, per head; with ``kv_heads < heads`` each
     key/value head serves ``heads / kv_heads`` query heads (GQA; ``kv_heads=1`` is MQA).
-    Backends: ``sdpa`` (default), ``reference``, ``flex``.
+    Backends: ``sdpa`` (default), ``reference``, ``flex``. Decoding a few tokens over a cache
+    of at least ``decode_split_min`` keys uses split-KV ``decode_attention`` (segments of
+    ``decode_segment`` keys, exact merge, GQA without copying the cache).
     """
 
     backends = ("auto", "reference", "sdpa", "flex")
+    decode_split_min = 1024  # cache length from which decoding uses decode_attention
+    decode_segment = 4096
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        if call.state is not None and self.backend == "auto" and q.shape[2] <= 16 and \
+                k.shape[2] >= self.decode_split_min:
+            splits = -(-k.shape[2] // self.decode_segment)
+            return decode_attention(q, k, v, splits=splits, causal=self.causal,
+                                    mask=call.op_mask)
         return softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask,
                                  backend=self.backend)
 

@@ -3,6 +3,7 @@
 from attnlab.ops.decode import decode_attention
 from attnlab.ops.linear import linear_attention
 from attnlab.ops.lla import local_linear_attention
+from attnlab.ops.neighborhood import neighborhood_attention, neighborhood_visibility
 from attnlab.ops.rfa import random_feature_attention
 from attnlab.ops.sigmoid import sigmoid_attention, sigmoid_weights
 from attnlab.ops.softmax import softmax_attention, softmax_weights
@@ -12,6 +13,8 @@ __all__ = [
     "decode_attention",
     "linear_attention",
     "local_linear_attention",
+    "neighborhood_attention",
+    "neighborhood_visibility",
     "random_feature_attention",
     "sigmoid_attention",
     "sigmoid_weights",

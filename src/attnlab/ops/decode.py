@@ -16,18 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, expand_kv, shifted_exp, upcast
-
-
-def _segment(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, scale: float):
-    """(max, sum-exp, partial output) of one key segment; empty rows give (-inf, 0, 0)."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    p, m = shifted_exp(s)
-    l_sum = p.sum(-1, keepdim=True)
-    o = (p @ v) / l_sum.clamp_min(1e-30)
-    return m, l_sum, o
+from attnlab.ops.common import check_qkv, default_scale, shifted_exp, upcast
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int = 4,
@@ -37,26 +26,51 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
 
     ``q`` (B, H, Lq, D), ``k_cache``/``v_cache`` (B, H_kv, T, D); ``mask`` bool, True = may
     attend, broadcastable to (B, H, Lq, T); ``causal`` aligns the queries to the end of the
-    cache. Rows with no visible key return 0. Returns (B, H, Lq, Dv) in q's dtype.
+    cache. The segments have equal length (and one shorter last segment) and
+    are computed together (views of the cache, one batched matmul for the scores and one for
+    the partial outputs), then merged exactly; GQA never copies the cache. Rows with no visible key return 0. Returns (B, H, Lq, Dv) in q's dtype.
     """
     check_qkv("decode_attention", q, k_cache, v_cache, mask)
-    if splits < 1:
+    if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
     scale = default_scale(q, scale)
-    k, v = expand_kv(k_cache, q.shape[1]), expand_kv(v_cache, q.shape[1])
-    q32, k32, v32 = upcast(q, k, v)
-    total = k.shape[2]
-    vis = visibility(q.shape[2], total, causal=causal, mask=mask, device=q.device)
-    bounds = torch.linspace(0, total, min(splits, max(total, 1)) + 1).round().long().tolist()
-    parts = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        if b > a:
-            seg_vis = None if vis is None else vis[..., a:b]
-            parts.append(_segment(q32, k32[:, :, a:b], v32[:, :, a:b], seg_vis, scale))
-    m_all = torch.stack([p[0] for p in parts])
-    top = m_all.amax(0)
+    b, h, lq, d = q.shape
+    h_kv, total = k_cache.shape[1], k_cache.shape[2]
+    groups = h // h_kv
+    vis = visibility(lq, total, causal=causal, mask=mask, device=q.device)
+    # GQA without copying the cache: the query heads of one kv head become extra rows
+    q32, k32, v32 = upcast(q.reshape(b, h_kv, groups * lq, d), k_cache, v_cache)
+    if vis is not None:
+        vis = vis.expand(vis.shape[0], h, lq, total).reshape(vis.shape[0], h_kv,
+                                                             groups * lq, total)
+    seg = -(-total // min(splits, max(total, 1))) if total else 1
+    full = total // seg
+    stats = []  # (max, sum-exp, partial output) per segment, each (B, H_kv, n, rows, .)
+    if full:  # the equal segments, as views of the cache (no copy)
+        stats.append(_segments(q32, k32[:, :, :full * seg], v32[:, :, :full * seg],
+                               None if vis is None else vis[..., :full * seg], full, scale))
+    if total - full * seg or not full:  # the shorter last segment (or an empty cache)
+        stats.append(_segments(q32, k32[:, :, full * seg:], v32[:, :, full * seg:],
+                               None if vis is None else vis[..., full * seg:], 1, scale))
+    m, l_sum, o = (torch.cat(parts, 2) for parts in zip(*stats, strict=True))
+    top = m.amax(2, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
-    weights = [p[1] * torch.exp(p[0] - top) for p in parts]  # l_s exp(m_s - M); 0 if empty
-    total_weight = sum(weights)
-    out = sum(w * p[2] for w, p in zip(weights, parts, strict=True))
-    return (out / total_weight.clamp_min(1e-30)).to(q.dtype)
+    weight = l_sum * torch.exp(m - top)  # l_s exp(m_s - M); 0 for an empty segment
+    out = (weight * o).sum(2) / weight.sum(2).clamp_min(1e-30)  # (B, H_kv, G * Lq, Dv)
+    return out.reshape(b, h, lq, -1).to(q.dtype)
+
+
+def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, scale: float
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics of ``n_seg`` equal segments of k, v (B, H, n_seg * seg, D) for q (B, H, R, D):
+    the row max m_s, sum of exp(s - m_s) and the partial output, each (B, H, n_seg, R, .).
+    A segment with no visible key gives (-inf, 0, 0)."""
+    b, h = k.shape[:2]
+    k_seg = k.unflatten(2, (n_seg, -1))
+    v_seg = v.unflatten(2, (n_seg, -1))
+    s = torch.einsum("bhrd,bhnkd->bhnrk", q, k_seg) * scale
+    if vis is not None:
+        s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)).transpose(-2, -3), float("-inf"))
+    p, m = shifted_exp(s)
+    l_sum = p.sum(-1, keepdim=True)
+    return m, l_sum, (p @ v_seg) / l_sum.clamp_min(1e-30)

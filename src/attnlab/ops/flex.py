@@ -72,3 +72,16 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                   return_aux=AuxRequest(lse=True))
     return out, aux.lse
+
+
+def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, mask_mod: Callable, scale: float) -> Tensor:
+    """Softmax FlexAttention restricted by ``mask_mod(b, h, q_idx, kv_idx) -> bool``; the block
+    mask built from it lets the kernel skip key blocks no query of a block can see.
+    ``q``, ``k``, ``v`` are (B, H, L, D) with expanded heads."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, lq, _ = q.shape
+    block_mask = create_block_mask(mask_mod, b, h, lq, k.shape[2], device=q.device,
+                                   _compile=q.device.type == "cuda")
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale)

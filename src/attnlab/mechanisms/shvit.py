@@ -1,0 +1,68 @@
+"""Single-head attention of SHViT: attention on a part of the channels, the rest untouched."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.positional import Rotary
+from attnlab.core.registry import register
+from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+
+@register("shvit", family="scored",
+          paper="SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design",
+          causal=True, bidirectional=True, decode=True, domains=("image", "seq"),
+          complexity="n^2 d_qk", weights=True, cross=False,
+          variants=({"partial": 0.5, "qk_dim": 4},))
+class SingleHeadAttention(Attention):
+    """Attention on the first ``partial`` of the channels; the other channels pass untouched.
+
+    "SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design" (Yun & Ro,
+    2024): split x = [x_p, x_r] with x_p the first p = ``partial`` * C channels;
+    A = softmax(c (x_p W_q)(x_p W_k)^T) with q, k of size ``qk_dim`` = 16;
+    out = W_o act([A x_p W_v, x_r]) with act = ReLU. The paper uses one head (``heads=1``);
+    with more heads the p channels are split between them (q, k keep ``qk_dim`` per head).
+    ``hook_heads`` holds the attention part, (B, L, H, p / H).
+    """
+
+    backends = ("auto", "reference", "sdpa", "flex")
+
+    def __init__(self, dim: int, heads: int, *, partial: float = 0.25, qk_dim: int = 16,
+                 **kwargs) -> None:
+        if not 0.0 < partial <= 1.0:
+            raise ValueError(f"shvit: partial must be in (0, 1], got {partial}")
+        channels = max(heads, round(dim * partial / heads) * heads)
+        if "head_dim" in kwargs:
+            raise ValueError("shvit: the head width is partial * dim / heads; pass partial")
+        super().__init__(dim, heads, head_dim=channels // heads, **kwargs)
+        bias = self.o_proj.bias is not None
+        self.partial_channels = channels
+        self.q_proj = nn.Linear(channels, heads * qk_dim, bias=bias)
+        self.k_proj = nn.Linear(channels, self.kv_heads * qk_dim, bias=bias)
+        self.v_proj = nn.Linear(channels, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Identity()  # the projection comes after the concatenation (post)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        if self.q_norm is not None:
+            self.q_norm, self.k_norm = nn.RMSNorm(qk_dim), nn.RMSNorm(qk_dim)
+        if self.rotary is not None:
+            self.rotary = Rotary(qk_dim, kwargs.get("rope_base", 10000.0))
+
+    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        part = call.x[..., :self.partial_channels]
+        return (self.split_heads(self.q_proj(part), self.heads),
+                self.split_heads(self.k_proj(part), self.kv_heads),
+                self.split_heads(self.v_proj(part), self.kv_heads))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask,
+                                 backend=self.backend)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        return softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
+                               scale=q.shape[-1] ** -0.5)
+
+    def post(self, y: Tensor, call: Call) -> Tensor:
+        rest = call.x[..., self.partial_channels:]
+        return self.proj(torch.relu(torch.cat([y, rest.to(y.dtype)], -1)))

@@ -1,0 +1,365 @@
+"""Generalized neighborhood attention in 1-D, 2-D and 3-D.
+
+"Generalized Neighborhood Attention" / "Faster Neighborhood Attention" (Hassani et al.):
+each query attends to a window of keys around it, independently per spatial axis. On an
+axis of length L with kernel K, dilation d and stride S, query i lives in the dilation group
+g = i mod d, at position i' = i // d of a group of length L_g = ceil((L - g) / d), and sees
+the keys j = g + d j' with j' in
+
+    non-causal: leader = min((i' // S) S + S // 2, L_g - 1),
+                start = min(max(leader - K // 2, 0), L_g - K),   j' in [start, start + K)
+    causal:     leader = min((i' // S) S + S - 1, L_g - 1),
+                j' in [max(leader - K + 1, 0), i']
+
+(K is clamped to L_g, so a short axis is attended in full). A query sees the product of its
+per-axis windows. S = 1 is neighborhood attention, S = K blocked (window) attention, K = L
+full attention; every non-causal query sees exactly prod_a min(K_a, L_g) keys.
+
+Backends:
+
+- ``reference``: the dense boolean mask and softmax attention (O(L^2) memory);
+- ``tiled``: queries are cut into tiles of ``block`` positions per axis (inside one dilation
+  group); a tile's keys are the union of its queries' windows, a range of W ~ block + K - 1
+  positions per axis. Scores are (tiles, block, W) matmuls, so time and memory grow with
+  L * W, i.e. with L * K, never with L^2; backward is autograd over the same tiles;
+- ``flex``: FlexAttention with a block mask computed from the window rule (the CUDA path).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.ops.common import default_scale, expand_kv
+
+BACKENDS = ("reference", "tiled", "flex")
+
+
+def _per_axis(value, n: int, name: str, kind: type) -> tuple:
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"neighborhood_attention: {name} has {len(values)} entries for "
+                         f"{n} spatial axes")
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"neighborhood_attention: {name} must be positive ints, "
+                             f"got {value!r}")
+        if kind is bool and not isinstance(v, bool):
+            raise ValueError(f"neighborhood_attention: {name} must be bools, got {value!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """The window rule on one axis."""
+
+    length: int
+    kernel: int
+    dilation: int
+    stride: int
+    causal: bool
+    clip: bool = False  # convolution windows: centred, cut at the borders (no shift)
+
+    def windows(self, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For every position i: (group g, position i' in the group, start, end) with the
+        visible keys j = g + d j', start <= j' < end (group coordinates)."""
+        d, s = self.dilation, self.stride
+        i = torch.arange(self.length, device=device)
+        g, ip = i % d, i // d
+        group_len = (self.length - g + d - 1) // d
+        k = torch.clamp(group_len, max=self.kernel)
+        if self.clip:
+            start = torch.clamp(ip - self.kernel // 2, min=0)
+            end = torch.minimum(ip - self.kernel // 2 + self.kernel, group_len)
+        elif self.causal:
+            leader = torch.minimum((ip // s) * s + s - 1, group_len - 1)
+            start = torch.clamp(leader - k + 1, min=0)
+            end = ip + 1
+        else:
+            leader = torch.minimum((ip // s) * s + s // 2, group_len - 1)
+            start = torch.minimum(torch.clamp(leader - k // 2, min=0), group_len - k)
+            end = start + k
+        return g, ip, start, end
+
+    def visibility(self, device=None) -> Tensor:
+        """(L, L) bool: query i may see key j on this axis."""
+        g, _, start, end = self.windows(device)
+        j = torch.arange(self.length, device=device)
+        jp = j // self.dilation
+        same = g[:, None] == (j % self.dilation)[None, :]
+        return same & (start[:, None] <= jp[None, :]) & (jp[None, :] < end[:, None])
+
+
+def _rules(spatial: tuple[int, ...], kernel_size, dilation, stride, causal,
+           border: str = "shift") -> list[AxisRule]:
+    if border not in ("shift", "clip"):
+        raise ValueError(f"neighborhood_attention: border must be 'shift' or 'clip', "
+                         f"got {border!r}")
+    n = len(spatial)
+    ks = _per_axis(kernel_size, n, "kernel_size", int)
+    ds = _per_axis(dilation, n, "dilation", int)
+    ss = _per_axis(stride, n, "stride", int)
+    cs = _per_axis(causal, n, "causal", bool)
+    for k, s in zip(ks, ss, strict=True):
+        if s > k:
+            raise ValueError(f"neighborhood_attention: stride ({s}) must not exceed "
+                             f"kernel_size ({k})")
+    if border == "clip" and (any(cs) or any(s != 1 for s in ss)):
+        raise ValueError("neighborhood_attention: border='clip' (convolution windows) takes "
+                         "neither causal nor stride")
+    return [AxisRule(L, k, d, s, c, border == "clip")
+            for L, k, d, s, c in zip(spatial, ks, ds, ss, cs, strict=True)]
+
+
+def neighborhood_visibility(spatial: Sequence[int], *, kernel_size, dilation=1, stride=1,
+                            causal=False, border: str = "shift", device=None) -> Tensor:
+    """The (L, L) bool mask of generalized neighborhood attention, L = prod(spatial)."""
+    spatial = tuple(int(s) for s in spatial)
+    rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
+    vis = None
+    n = len(rules)
+    for a, rule in enumerate(rules):
+        m = rule.visibility(device)  # (L_a, L_a): broadcast to (*spatial, *spatial)
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = rule.length, rule.length
+        m = m.view(shape)
+        vis = m if vis is None else vis & m
+    total = math.prod(spatial)
+    return vis.reshape(total, total)
+
+
+# --------------------------------------------------------------------------- tiled backend
+@dataclass
+class AxisTiles:
+    """One axis cut into tiles: query and key positions per tile and their visibility."""
+
+    q_index: Tensor  # (T, block) positions on the axis (clamped where invalid)
+    k_index: Tensor  # (T, W)
+    visible: Tensor  # (T, block, W) bool
+    tile_of: Tensor  # (L,) tile holding each position's query
+    slot_of: Tensor  # (L,) its slot in the tile
+
+
+def _axis_tiles(rule: AxisRule, block: int, device) -> AxisTiles:
+    d = rule.dilation
+    g, ip, start, end = rule.windows(device)
+    length = rule.length
+    group_len = torch.tensor([(length - r + d - 1) // d for r in range(d)], device=device)
+    n_blocks = -(-int(group_len.max()) // block)
+    groups = torch.arange(d, device=device)[:, None, None]  # (d, 1, 1)
+    qp = torch.arange(n_blocks, device=device)[None, :, None] * block + \
+        torch.arange(block, device=device)[None, None, :]  # (1, nb, block) group coords
+    q_valid = qp < group_len[:, None, None]  # (d, nb, block)
+    q_pos = (groups + d * qp).clamp(max=length - 1)  # axis coords
+    q_start = torch.where(q_valid, start[q_pos], torch.iinfo(torch.long).max)
+    q_end = torch.where(q_valid, end[q_pos], -1)
+    lo = q_start.amin(-1)  # (d, nb): union of the tile's windows
+    hi = q_end.amax(-1)
+    has = q_valid.any(-1)
+    width = int(torch.where(has, hi - lo, 0).max())
+    width = max(width, 1)
+    lo = torch.where(has, lo, 0)
+    lo = torch.clamp(torch.minimum(lo, group_len[:, None] - width), min=0)
+    kp = lo[..., None] + torch.arange(width, device=device)  # (d, nb, W)
+    k_valid = kp < group_len[:, None, None]
+    k_pos = (groups + d * kp).clamp(max=length - 1)
+    visible = (q_valid[..., None] & k_valid[..., None, :]
+               & (torch.where(q_valid, start[q_pos], 0)[..., None] <= kp[..., None, :])
+               & (kp[..., None, :] < torch.where(q_valid, end[q_pos], 0)[..., None]))
+    tiles = d * n_blocks
+    return AxisTiles(q_pos.reshape(tiles, block), k_pos.reshape(tiles, width),
+                     visible.reshape(tiles, block, width), g * n_blocks + ip // block,
+                     ip % block)
+
+
+def _linear_index(axis_idx: list[Tensor], spatial: list[int]) -> Tensor:
+    """Per-axis (T_a, X_a) positions -> flat positions (T_1..T_n, X_1..X_n) -> (T * X,)."""
+    n = len(axis_idx)
+    flat = None
+    for a, idx in enumerate(axis_idx):
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = idx.shape
+        term = idx.view(shape) * math.prod(spatial[a + 1:])
+        flat = term if flat is None else flat + term
+    return flat.reshape(-1)
+
+
+def _combine_visibility(tiles: list[AxisTiles]) -> Tensor:
+    """AND of the per-axis (T_a, block_a, W_a) masks -> (T, block, W)."""
+    n = len(tiles)
+    vis = None
+    for a, t in enumerate(tiles):
+        shape = [1] * (3 * n)
+        shape[a], shape[n + a], shape[2 * n + a] = t.visible.shape
+        m = t.visible.view(shape)
+        vis = m if vis is None else vis & m
+    t_count = math.prod(t.visible.shape[0] for t in tiles)
+    b_count = math.prod(t.visible.shape[1] for t in tiles)
+    w_count = math.prod(t.visible.shape[2] for t in tiles)
+    return vis.reshape(t_count, b_count, w_count)
+
+
+def _default_block(rule: AxisRule, dims: int) -> int:
+    """Tile edge: a multiple of the stride; the kernel per axis in 2-D / 3-D, and in 1-D the
+    kernel clamped to [64, 256] rows (measured fastest on CPU; benchmarks/bench_local.py)."""
+    s = rule.stride
+    k = min(rule.kernel, rule.length)
+    base = min(max(k, 64), 256) if dims == 1 else k
+    return s * -(-base // s)
+
+
+def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tensor | None,
+           scale: float, block: int | tuple[int, ...] | None) -> Tensor:
+    n = len(rules)
+    b, h = q.shape[:2]
+    spatial = [r.length for r in rules]
+    total = math.prod(spatial)
+    blocks = (tuple(_default_block(r, n) for r in rules) if block is None
+              else _per_axis(block, n, "block", int))
+    tiles = [_axis_tiles(r, bl, q.device) for r, bl in zip(rules, blocks, strict=True)]
+    t_count = math.prod(t.q_index.shape[0] for t in tiles)
+    q_flat = _linear_index([t.q_index for t in tiles], spatial)  # (T * block,)
+    k_flat = _linear_index([t.k_index for t in tiles], spatial)  # (T * W,)
+    per_batch = torch.arange(b, device=q.device)[:, None] * total
+
+    def gather(x: Tensor, flat: Tensor) -> Tensor:
+        # heads first, so that one (batch, tile) mask serves every head: (H, B * T, X, D)
+        x = x.transpose(0, 1).reshape(h, b * total, x.shape[-1])
+        x = x.index_select(1, (per_batch + flat).reshape(-1))
+        return x.view(h, b * t_count, -1, x.shape[-1])
+
+    q_t, k_t, v_t = gather(q, q_flat), gather(k, k_flat), gather(v, k_flat)
+    vis = _combine_visibility(tiles)[None]  # (1, T, block, W)
+    if key_mask is not None:
+        km = key_mask.reshape(b, total).index_select(1, k_flat)
+        vis = vis & km.view(b, t_count, 1, -1)
+    empty = ~vis.any(-1, keepdim=True)  # padding slots of border tiles, or all keys masked
+    bias = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~(vis | empty), float("-inf"))
+    bias = bias.expand(b, *bias.shape[1:]).reshape(1, b * t_count, *bias.shape[2:])
+    out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=bias, scale=scale)
+    if key_mask is not None:  # rows whose keys are all padding give 0
+        out_t = out_t.masked_fill(empty.view(1, b * t_count, -1, 1), 0.0)
+    # each position reads its output back from (its tile, its slot)
+    blocks_per_tile = math.prod(t.q_index.shape[1] for t in tiles)
+    tile_flat = _linear_index([t.tile_of[None, :] for t in tiles],
+                              [t.q_index.shape[0] for t in tiles])
+    slot_flat = _linear_index([t.slot_of[None, :] for t in tiles],
+                              [t.q_index.shape[1] for t in tiles])
+    where = tile_flat * blocks_per_tile + slot_flat  # (total,)
+    per_batch_out = torch.arange(b, device=q.device)[:, None] * (t_count * blocks_per_tile)
+    out = out_t.reshape(h, -1, out_t.shape[-1]).index_select(
+        1, (per_batch_out + where).reshape(-1))
+    return out.view(h, b, *spatial, out.shape[-1]).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------ flex backend
+def _flex(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tensor | None,
+          scale: float) -> Tensor:
+    from attnlab.ops.flex import flex_masked
+
+    spatial = [r.length for r in rules]
+    windows = []
+    for r in rules:
+        g, _, start, end = r.windows(q.device)
+        windows.append((g, start, end))
+    strides = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
+    flat_mask = None if key_mask is None else key_mask.reshape(key_mask.shape[0], -1)
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        keep = q_idx >= 0
+        for a, r in enumerate(rules):
+            qa = (q_idx // strides[a]) % r.length
+            ka = (kv_idx // strides[a]) % r.length
+            g, start, end = windows[a]
+            kp = ka // r.dilation
+            keep = keep & (ka % r.dilation == g[qa]) & (start[qa] <= kp) & (kp < end[qa])
+        if flat_mask is not None:
+            keep = keep & flat_mask[bi, kv_idx]
+        return keep
+
+    b, h = q.shape[:2]
+    flat = [t.reshape(b, h, -1, t.shape[-1]) for t in (q, k, v)]
+    out = flex_masked(*flat, mask_mod=mask_mod, scale=scale)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tensor | None,
+               scale: float) -> Tensor:
+    from attnlab.ops.softmax import softmax_weights
+
+    b, h = q.shape[:2]
+    spatial = [r.length for r in rules]
+    vis = neighborhood_visibility(spatial, kernel_size=[r.kernel for r in rules],
+                                  dilation=[r.dilation for r in rules],
+                                  stride=[r.stride for r in rules],
+                                  causal=[r.causal for r in rules],
+                                  border="clip" if rules[0].clip else "shift", device=q.device)
+    vis = vis[None, None]
+    if key_mask is not None:
+        vis = vis & key_mask.reshape(b, 1, 1, -1)
+    flat = [t.reshape(b, h, -1, t.shape[-1]) for t in (q, k, v)]
+    w = softmax_weights(flat[0], flat[1], vis, scale=scale)
+    return (w.to(v.dtype) @ flat[2]).reshape(*q.shape[:-1], v.shape[-1])
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dilation=1,
+                           stride=1, causal=False, border: str = "shift",
+                           key_mask: Tensor | None = None,
+                           scale: float | None = None, backend: str = "auto",
+                           block: int | tuple[int, ...] | None = None) -> Tensor:
+    """Generalized neighborhood attention on ``(B, H, *spatial, D)`` tensors (1 to 3 axes).
+
+    ``kernel_size``, ``dilation``, ``stride`` and ``causal`` are one value for every axis or a
+    tuple per axis. ``key_mask`` (B, *spatial) bool, True = real key. k, v may have fewer
+    heads than q (GQA). ``border="clip"`` gives convolution windows instead: centred on the
+    query, cut at the borders (fewer keys there), no stride or causal. Rows with no visible
+    key give 0. ``block``: tile edge per axis for
+    the tiled backend (default: about the kernel, rounded up to the stride).
+    """
+    op = "neighborhood_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or not 4 <= t.dim() <= 6:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be (B, H, *spatial, D) with 1 to 3 spatial "
+                             f"axes, got {shape}")
+    if not (q.dim() == k.dim() == v.dim()) or q.shape[2:-1] != k.shape[2:-1] or \
+            k.shape[:-1] != v.shape[:-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "must share batch and spatial shape")
+    if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{op}: q and k head dims must match and kv heads divide q heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    spatial = tuple(q.shape[2:-1])
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) not in (
+                (q.shape[0], *spatial), (q.shape[0], math.prod(spatial))):
+            raise ValueError(f"{op}: key_mask must be bool of shape (B, *spatial) = "
+                             f"{(q.shape[0], *spatial)}, got {key_mask.dtype} "
+                             f"{tuple(key_mask.shape)}")
+        key_mask = key_mask.reshape(q.shape[0], *spatial)
+    rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose from {('auto', *BACKENDS)}")
+    if backend == "auto":
+        backend = "flex" if q.device.type == "cuda" else "tiled"
+    if backend == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and \
+            any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(f"{op}: FlexAttention has no backward on CPU; use backend='tiled'")
+    scale = default_scale(q, scale)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if backend == "reference":
+        return _reference(q, k, v, rules, key_mask, scale)
+    if backend == "flex":
+        return _flex(q, k, v, rules, key_mask, scale)
+    return _tiled(q, k, v, rules, key_mask, scale, block)
+
+
+reference = partial(neighborhood_attention, backend="reference")
