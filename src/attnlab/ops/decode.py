@@ -26,9 +26,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
 
     ``q`` (B, H, Lq, D), ``k_cache``/``v_cache`` (B, H_kv, T, D); ``mask`` bool, True = may
     attend, broadcastable to (B, H, Lq, T); ``causal`` aligns the queries to the end of the
-    cache. The segments have equal length (and one shorter last segment) and
-    are computed together (views of the cache, one batched matmul for the scores and one for
-    the partial outputs), then merged exactly; GQA never copies the cache. Rows with no visible key return 0. Returns (B, H, Lq, Dv) in q's dtype.
+    cache. The segments have equal length (plus one shorter last segment) and are computed
+    together (views of the cache, one batched matmul for the scores and one for the partial
+    outputs), then merged exactly; GQA never copies the cache. Rows with no visible key
+    return 0. Returns (B, H, Lq, Dv) in q's dtype.
     """
     check_qkv("decode_attention", q, k_cache, v_cache, mask)
     if not isinstance(splits, int) or splits < 1:
