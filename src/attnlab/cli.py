@@ -68,10 +68,16 @@ def list_cmd(family: str | None, domain: str | None, markdown: bool) -> None:
         if col == "paper":
             if wide:
                 table.add_column(col, overflow="fold", ratio=1)
+        elif col == "bidirectional" and not wide:
+            table.add_column("bidir", no_wrap=True)
         else:
             table.add_column(col, no_wrap=True)
+    short = {"image": "img", "video": "vid"}
     for row in rows:
-        table.add_row(*(row if wide else row[:2] + row[3:]))
+        if not wide:  # the paper goes below the table; domains abbreviated
+            domains = ",".join(short.get(d, d) for d in row[6].split(", "))
+            row = row[:2] + row[3:6] + [domains, row[7]]
+        table.add_row(*row)
     console.print(table)
     if not wide:
         console.print()

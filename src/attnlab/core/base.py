@@ -11,8 +11,8 @@ A mechanism overrides the steps it changes (usually ``attend`` and ``attention_w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ class Call:
     spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
     state: State | None
     context: Tensor | None  # (B, Lk, C) for cross-attention
+    extras: dict[str, Any] = field(default_factory=dict)  # what a mechanism's steps share
 
     @property
     def op_mask(self) -> Tensor | None:

@@ -61,7 +61,7 @@ class RelativeBias(nn.Module):
 
 @register("maxvit", family="local", paper="MaxViT: Multi-Axis Vision Transformer",
           causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
-          complexity="n (P^2 + G^2) d", weights=True, cross=False,
+          complexity="n (P^2+G^2) d", weights=True, cross=False,
           variants=({"axis": "block", "window": 2}, {"axis": "grid", "grid": 2},
                     {"window": 3, "grid": 2}))
 class MaxViTAttention(Attention):

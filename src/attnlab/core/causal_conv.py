@@ -1,0 +1,47 @@
+"""Causal convolution over time that carries its history between decoding calls."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.state import KVCache
+
+
+class CausalConv1d(nn.Module):
+    """y_t = sum_{s < kernel} w_s x_{t - s} per channel group (``groups`` = channels is
+    depthwise). Padded tokens are zeroed first, so they cannot leak into real ones; the
+    last ``kernel - 1`` inputs are returned as the history for the next call."""
+
+    def __init__(self, channels: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=groups)
+
+    def forward(self, x: Tensor, keep: Tensor | None = None, history: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """x (B, L, C), keep (B, L) bool, history (B, kernel - 1, C) -> (y (B, L, C), history)."""
+        if keep is not None:
+            x = x * keep[..., None].to(x.dtype)
+        if history is None:
+            history = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[-1])
+        full = torch.cat([history.to(x.dtype), x], 1)
+        y = self.conv(full.transpose(1, 2)).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.kernel - 1):]
+
+
+class ConvKVCache(KVCache):
+    """A KV cache plus named histories (convolution inputs, the previous token's values)."""
+
+    def __init__(self, owner: str, batch_size: int) -> None:
+        super().__init__(owner, batch_size)
+        self.history: dict[str, Tensor] = {}
+
+    def get(self, name: str) -> Tensor | None:
+        return self.history.get(name)
+
+    def put(self, **tensors: Tensor) -> None:
+        self.history.update({k: t.detach() for k, t in tensors.items()})
+
+    def tensors(self) -> list[Tensor]:
+        return super().tensors() + list(self.history.values())

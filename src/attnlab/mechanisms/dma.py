@@ -1,0 +1,83 @@
+"""Dynamic Mask Attention: each query keeps the top-w keys of a learned content bias."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+
+def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
+    """Bool (.., Lq, Lk): per row, the ``window`` visible keys of highest ``priority``
+    (.., 1 or Lq, Lk); ties go to the later key. Everything visible when window >= Lk."""
+    lk = priority.shape[-1]
+    if window >= lk:
+        return visible
+    # flipped, so that on ties the stable sort puts later keys first
+    prio = priority.expand(visible.shape).masked_fill(~visible, float("-inf")).flip(-1)
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :window]
+    keep = torch.zeros(prio.shape, dtype=torch.bool, device=prio.device)
+    keep.scatter_(-1, order, True)
+    return keep.flip(-1) & visible
+
+
+@register("dma", family="sparse", paper="Trainable Dynamic Mask Sparse Attention",
+          causal=True, bidirectional=True, decode=True, domains=("seq",), complexity="n^2 d",
+          weights=True, cross=False, variants=({"window": 4}, {"window": 4, "kv_heads": 1}),
+          notes="selection needs the dense (Lq, Lk) priority; no tile skipping on CPU")
+class DynamicMaskAttention(Attention):
+    """Softmax attention over the top-w keys of a learned, content-dependent key bias.
+
+    "Trainable Dynamic Mask Sparse Attention" (SmallDoges/flash-dmattn): per kv head and
+    key, delta_j = A_h * softplus(v_j W_delta)_h (A learnable, initialised at 0); each
+    query keeps the w = ``window`` visible keys with the largest delta (ties: the most
+    recent, so at initialisation it is a sliding window of w keys) and
+    O = softmax(c Q K^T + delta over the kept keys) V. With w >= n and A = 0 it is softmax
+    attention. Decoding recomputes delta from the cached values.
+    """
+
+    def __init__(self, dim: int, heads: int, *, window: int = 64, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if window < 1:
+            raise ValueError(f"dma: window must be >= 1, got {window}")
+        self.window = window
+        self.delta_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads)
+        self.A = nn.Parameter(torch.zeros(self.kv_heads))
+
+    def key_bias(self, v: Tensor) -> Tensor:
+        """delta (B, H, 1, Lk) in the query heads' layout from v (B, H_kv, Lk, D)."""
+        flat = v.transpose(1, 2).flatten(2)  # (B, Lk, H_kv * D)
+        delta = self.A.to(v.dtype) * F.softplus(self.delta_proj(flat))  # (B, Lk, H_kv)
+        return self.expand_kv(delta.transpose(1, 2).unsqueeze(-2))
+
+    def _mask_and_bias(self, q: Tensor, k: Tensor, call: Call, v: Tensor):
+        vis = self.visibility(q, k, call)
+        if vis is None:
+            vis = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
+        bias = self.key_bias(v)
+        vis = vis.expand(q.shape[0], self.heads, q.shape[2], k.shape[2])
+        keep = top_keys(bias, vis, self.window)
+        return keep, bias
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        keep, bias = self._mask_and_bias(q, k, call, v)
+        return softmax_attention(q, k, v, mask=keep, bias=bias.to(q.dtype))
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        v = call.extras["v"]
+        keep, bias = self._mask_and_bias(q, k, call, v)
+        return softmax_weights(q, self.expand_kv(k), keep, scale=q.shape[-1] ** -0.5, bias=bias)
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call):
+        q, k, v = super().prepare(q, k, v, call)
+        call.extras["v"] = v  # attention_weights needs the values for delta
+        return q, k, v
+
+    def update_state(self, k: Tensor, v: Tensor, call: Call):
+        k, v, mask = super().update_state(k, v, call)
+        call.extras["v"] = v
+        return k, v, mask

@@ -1,0 +1,50 @@
+"""LongHeads: every head attends to its own selection of context chunks."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.ops.longheads import longheads_weights
+
+
+@register("longheads", family="sparse",
+          paper="LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
+          causal=True, bidirectional=False, decode=True, domains=("seq",), complexity="n^2 d",
+          weights=True, cross=False,
+          variants=({"chunk_size": 2, "budget": 3}, {"chunk_size": 3, "budget": 2, "rope": True}))
+class LongHeadsAttention(Attention):
+    """Causal attention where each head keeps the first, the local and its best chunks.
+
+    "LongHeads: Multi-Head Attention is Secretly a Long Context Processor" (Lu et al.,
+    2024), training-free: chunks of w = ``chunk_size`` keys, chunk score q_i . mean(k in c),
+    each head keeps chunk 0, the query's chunk and the top-scoring earlier chunks, ``budget``
+    chunks in all, and O_i = softmax over the kept keys j <= i of c q_i.k_j. With ``rope``
+    the positions are re-indexed inside the selection (``attnlab.ops.longheads``), so
+    hook_q / hook_k hold the un-rotated q and k. A context of at most ``budget`` chunks is
+    plain causal attention. The weights are computed densely.
+    """
+
+    def __init__(self, dim: int, heads: int, *, chunk_size: int = 64, budget: int = 8,
+                 **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if chunk_size < 1 or budget < 2:
+            raise ValueError(f"longheads: chunk_size must be >= 1 and budget >= 2 (first and "
+                             f"local chunk), got {chunk_size}, {budget}")
+        self.chunk_size, self.budget = chunk_size, budget
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v  # RoPE is applied per selection, with re-indexed positions
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        return longheads_weights(q, k, call.positions, chunk_size=self.chunk_size,
+                                 budget=self.budget, key_mask=call.key_mask,
+                                 rotate=self.rotary)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        w = self.attention_weights(q, k, call)
+        return w.to(v.dtype) @ self.expand_kv(v)

@@ -1,0 +1,83 @@
+"""MEDUSA-style multi-scale heads: one attention body, heads reading different scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.core.spatial import grid_of
+from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+
+def pooling_matrix(grid: tuple[int, int], factor: int, keep: Tensor | None, batch: int,
+                   device) -> Tensor:
+    """(B, L_pooled, L): average of the real tokens in each factor x factor cell (1 x factor
+    for a 1 x L grid); a cell without real tokens is all zero."""
+    h, w = grid
+    fh, fw = (min(factor, h), min(factor, w)) if h > 1 else (1, min(factor, w))
+    r = torch.arange(h, device=device)[:, None] // fh
+    c = torch.arange(w, device=device)[None, :] // fw
+    cols = -(-w // fw)
+    cell = (r * cols + c).reshape(-1)  # (L,)
+    n_cells = int(cell.max()) + 1
+    member = (torch.arange(n_cells, device=device)[:, None] == cell[None, :]).float()
+    member = member.expand(batch, -1, -1)
+    if keep is not None:
+        member = member * keep[:, None, :].float()
+    return member / member.sum(-1, keepdim=True).clamp_min(1)
+
+
+@register("medusa", family="head-mixing",
+          paper="MEDUSA: Multi-scale Encoder-Decoder Self-Attention Deep Neural Network "
+                "Architecture for Medical Image Analysis", causal=False, bidirectional=True,
+          decode=False, domains=("image", "seq"), complexity="n^2 d / s^2", weights=True,
+          cross=False, variants=({"scales": (1, 2)}, {"scales": (1, 3, 1, 3)}))
+class MultiScaleHeadAttention(Attention):
+    """One self-attention body whose heads look at the image at different scales.
+
+    "MEDUSA: Multi-scale Encoder-Decoder Self-Attention Deep Neural Network Architecture for
+    Medical Image Analysis" (Aboutalebi et al., 2021) feeds the heads of a single attention
+    body into different scales of a network ("single body, multi-scale heads"). As a module:
+    head h attends from every token to keys and values average-pooled over s_h x s_h cells
+    (``scales``, one factor per head, cycled; 1 = full resolution): O_h = softmax(c Q_h
+    (P_s K_h)^T) P_s V_h, so its implied matrix is softmax(..) P_s. The scales stand in for
+    the paper's encoder-decoder levels; the CNN around it is not part of this module.
+    """
+
+    def __init__(self, dim: int, heads: int, *, scales: tuple[int, ...] = (1, 2, 4),
+                 **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        if not scales or any(int(s) < 1 for s in scales):
+            raise ValueError(f"medusa: scales must be positive ints, got {scales}")
+        self.scales = tuple(int(scales[i % len(scales)]) for i in range(heads))
+
+    def _groups(self):
+        for s in sorted(set(self.scales)):
+            yield s, [h for h, hs in enumerate(self.scales) if hs == s]
+
+    def _pooled(self, t: Tensor, s: int, heads: list[int], call: Call):
+        grid = grid_of(t.shape[2], call.spatial)
+        pool = pooling_matrix(grid, s, call.key_mask, t.shape[0], t.device)
+        keys = pool.sum(-1) > 0  # cells with real tokens
+        return pool, keys, (pool[:, None].to(t.dtype) @ t[:, heads])
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        for s, heads in self._groups():
+            _, keys, pk = self._pooled(k, s, heads, call)
+            _, _, pv = self._pooled(v, s, heads, call)
+            out[:, heads] = softmax_attention(q[:, heads], pk, pv, mask=keys[:, None, None, :])
+        return out
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        k = self.expand_kv(k)
+        w = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).float()
+        for s, heads in self._groups():
+            pool, keys, pk = self._pooled(k, s, heads, call)
+            a = softmax_weights(q[:, heads], pk, keys[:, None, None, :],
+                                scale=q.shape[-1] ** -0.5)
+            w[:, heads] = a @ pool[:, None].float()
+        return w

@@ -1,0 +1,106 @@
+"""Mixture-of-Head attention: shared heads always on, routed heads chosen per token."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.base import Attention, Call
+from attnlab.core.registry import register
+from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+
+@register("moh", family="head-mixing",
+          paper="MoH: Multi-Head Attention as Mixture-of-Head Attention", causal=True,
+          bidirectional=True, decode=True, domains=("image", "seq"), complexity="n^2 d (s+k)/H",
+          weights=True, cross=False, unsupported=("gate",),
+          variants=({"shared_heads": 1, "top_k": 1}, {"shared_heads": 2, "top_k": 2,
+                                                      "kv_heads": 2}))
+class MixtureOfHeadAttention(Attention):
+    """Softmax attention whose heads are experts: h_s shared heads plus top-k routed heads.
+
+    "MoH: Multi-Head Attention as Mixture-of-Head Attention" (Jin et al., 2024):
+    routed heads: p = softmax(W_r x), keep the top-k, renormalise, times k; shared heads:
+    softmax(W_s x) * h_s; [a1, a2] = 2 softmax(W_h x) scale the shared and routed gates;
+    O = W_O concat_h(g_h head_h), so exactly h_s + k gates are non-zero per token.
+    In eval mode a routed head is computed only for the tokens that selected it. The
+    load-balance loss E * sum_i mean_t(p_i) * mean_t(1[i in top-k]) (E routed heads), times
+    ``balance_weight`` = 0.01, is ``extra_loss()``. ``weights()`` folds the gates into the rows.
+    """
+
+    def __init__(self, dim: int, heads: int, *, shared_heads: int | None = None,
+                 top_k: int | None = None, balance_weight: float = 0.01, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        shared = max(1, heads // 4) if shared_heads is None else shared_heads
+        routed = heads - shared
+        top_k = max(1, routed // 2) if top_k is None else top_k
+        if not 0 <= shared < heads or not 1 <= top_k <= routed:
+            raise ValueError(f"moh: need 0 <= shared_heads < heads and 1 <= top_k <= routed "
+                             f"heads, got shared_heads={shared}, top_k={top_k}, heads={heads}")
+        self.shared_heads, self.top_k, self.balance_weight = shared, top_k, balance_weight
+        self.router = nn.Linear(dim, routed, bias=False)
+        self.shared_router = nn.Linear(dim, shared, bias=False) if shared else None
+        self.mix = nn.Linear(dim, 2, bias=False)
+        self.rows_computed = 0  # query rows x heads the last forward computed (eval mode)
+
+    def gates(self, x: Tensor) -> Tensor:
+        """(B, L, H) head gates, zero for the routed heads a token did not select."""
+        p = torch.softmax(self.router(x).float(), -1)
+        top = p.topk(self.top_k, dim=-1)
+        chosen = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
+        routed = chosen * p
+        routed = routed / routed.sum(-1, keepdim=True) * self.top_k
+        a = 2 * torch.softmax(self.mix(x).float(), -1)
+        parts = [a[..., 1:] * routed]
+        if self.shared_router is not None:
+            shared = torch.softmax(self.shared_router(x).float(), -1) * self.shared_heads
+            parts.insert(0, a[..., :1] * shared)
+        if self.training:
+            e = p.shape[-1]
+            load = (p.mean((0, 1)) * chosen.mean((0, 1))).sum() * e
+            self._extra_loss = self.balance_weight * load
+        return torch.cat(parts, -1).to(x.dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)  # (B, H, L, 1)
+        if self.training:
+            out = softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask)
+            self.rows_computed = q.shape[0] * q.shape[1] * q.shape[2]
+            return out * g
+        return self._sparse(q, k, v, call, g)
+
+    def _sparse(self, q: Tensor, k: Tensor, v: Tensor, call: Call, g: Tensor) -> Tensor:
+        """Each head only for the query rows whose gate is non-zero (packed per head)."""
+        b, h, lq, _ = q.shape
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        out = q.new_zeros(b, h, lq, v.shape[-1])
+        keys = torch.arange(k.shape[2], device=q.device)
+        self.rows_computed = 0
+        for head in range(h):
+            on = g[:, head, :, 0] != 0  # (B, L)
+            count = on.sum(-1)
+            n = int(count.max())
+            if n == 0:
+                continue
+            self.rows_computed += int(count.sum())
+            # the selected rows first, in order (stable sort), then padding rows
+            order = torch.sort((~on).to(torch.int8), dim=-1, stable=True).indices[:, :n]
+            valid = torch.arange(n, device=q.device)[None, :] < count[:, None]  # (B, n)
+            rows = q[:, head].gather(1, order[..., None].expand(-1, -1, q.shape[-1]))
+            vis = valid[:, :, None].expand(-1, -1, k.shape[2])
+            if self.causal:
+                pos = call.positions[order]  # (B, n) absolute positions
+                vis = vis & (keys[None, None, :] <= pos[..., None])
+            if call.key_mask is not None:
+                vis = vis & call.key_mask[:, None, :]
+            part = softmax_attention(rows[:, None], k[:, head:head + 1], v[:, head:head + 1],
+                                     mask=vis[:, None])[:, 0]
+            part = part * valid[..., None]
+            out[:, head].scatter_(1, order[..., None].expand(-1, -1, v.shape[-1]), part)
+        return out * g
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)
+        w = softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
+                            scale=q.shape[-1] ** -0.5)
+        return w * g
