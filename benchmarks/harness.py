@@ -134,7 +134,8 @@ def markdown(report: dict) -> str:
         else (lambda case: baseline)
     against = ("its baseline (" + ", ".join(sorted(set(baseline.values()))) + ")"
                if isinstance(baseline, dict) else baseline)
-    out += ["## Throughput (tokens/s, forward+backward) and ratio to " + against, "",
+    timed = "forward" if report["config"].get("mode") == "forward" else "forward+backward"
+    out += [f"## Throughput (tokens/s, {timed}) and ratio to " + against, "",
             "| case | " + " | ".join(f"L={n}" for n in lengths) + " | time exponent |",
             "|---|" + "---|" * (len(lengths) + 1)]
     for label in labels:

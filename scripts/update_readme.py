@@ -4,8 +4,8 @@
     python scripts/update_readme.py --demo     # also re-run `attnlab demo` and paste its table
 
 Blocks sit between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``:
-``mechanisms`` from the registry, ``bench`` and ``bench-linear`` from
-``benchmarks/results/scored_ops-*.md`` and ``linear_family-*.md``,
+``mechanisms`` from the registry, ``bench``, ``bench-linear`` and ``bench-local-*`` from
+``benchmarks/results/scored_ops-*.md``, ``linear_family-*.md`` and ``local_*-*.md``,
 ``demo`` from the output of ``attnlab demo``.
 """
 
@@ -29,7 +29,7 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def bench_summary(name: str, config: str) -> str:
+def bench_summary(name: str, config: str, against: str = "SDPA softmax") -> str:
     """The throughput and memory tables of benchmarks/results/<name>-*.md, with their source."""
     results = sorted((ROOT / "benchmarks" / "results").glob(f"{name}-*.md"))
     if not results:
@@ -40,8 +40,8 @@ def bench_summary(name: str, config: str) -> str:
     table = text.split("## Throughput", 1)[1].split("\n\n", 2)[1]
     memory = text.split("## Peak extra memory", 1)[1].split("\n\n", 2)[1]
     rel = src.relative_to(ROOT).as_posix()
-    return (f"{config} ({machine[9:].strip().rstrip('.')}); tokens/s and the ratio to SDPA "
-            f"softmax. From [{rel}]({rel}):\n\n{table}\n\n"
+    return (f"{config} ({machine[9:].strip().rstrip('.')}); tokens/s and the ratio to "
+            f"{against}. From [{rel}]({rel}):\n\n{table}\n\n"
             f"Peak extra memory (MB) and its fitted growth exponent in L:\n\n{memory}")
 
 
@@ -68,6 +68,12 @@ def main() -> None:
     text = replace_block(text, "bench-linear", bench_summary(
         "linear_family", "Whole modules, forward + backward, dim 512, 8 heads, batch 1; ratios "
         "against softmax in the same mode (causal or bidirectional)"))
+    for mode, what in (("forward", "Inference (forward only)"),
+                       ("train", "Training (forward + backward)")):
+        text = replace_block(text, f"bench-local-{mode}", bench_summary(
+            f"local_{mode}", f"{what}; ops at B=1, H=8, D=64, modules at dim 512, 8 heads",
+            against="each case's baseline (neighborhood: the dense masked SDPA; maxvit, dma: "
+                    "the softmax module in the same mode)"))
     if args.demo:
         text = replace_block(text, "demo", demo_table())
     README.write_text(text)

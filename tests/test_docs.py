@@ -41,3 +41,15 @@ def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
         exec(compile(block, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out.split()
     assert printed == ["True", "True", "True", "torch.Size([1,", "8,", "4096,", "64])"]
+
+
+def test_every_registered_mechanism_has_a_page_naming_its_paper():
+    import attnlab as al
+
+    pages = Path(__file__).resolve().parents[1] / "docs" / "mechanisms"
+    for name in al.available():
+        page = pages / f"{name}.md"
+        assert page.exists(), f"docs/mechanisms/{name}.md is missing"
+        text = " ".join(page.read_text().split())
+        title = al.info(name).paper.split(":")[0]
+        assert title in text, f"{page.name} does not name its paper ({title!r})"

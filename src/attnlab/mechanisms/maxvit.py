@@ -74,8 +74,9 @@ class MaxViTAttention(Attention):
     group, a sparse global mixing. Each has a relative position bias table
     B in R^{heads x (2P-1) x (2P-1)}: O = softmax(c Q K^T + B) V within a group.
     ``axis="block"`` or ``"grid"`` is one of the paper's two attentions (MaxViT stacks block
-    then grid); ``"block+grid"`` (default) gives half the heads to each, so that one module is
-    both local and global. Sizes that do not divide the image are padded (padded keys are
+    then grid); ``"block+grid"`` (default) gives half the heads to each, so that one module
+    sees its window and its grid group at once (two such layers reach every token). Sizes
+    that do not divide the image are padded (padded keys are
     invisible). A sequence is a 1 x L grid.
     """
 

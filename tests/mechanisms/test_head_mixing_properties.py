@@ -1,0 +1,173 @@
+"""The catalogue's checks (MECHANISMS.md, sections A and C) for the head-mixing and projection
+mechanisms: moh, cca, gaam, rcmha, medusa, mil_attention."""
+
+import math
+
+import pytest
+import torch
+
+import attnlab as al
+from attnlab.mechanisms.gaam import gaussian_weights
+
+DIM = 32
+
+
+def build(name, heads=4, **kw):
+    torch.manual_seed(0)
+    return al.build(name, dim=DIM, heads=heads, **kw).eval()
+
+
+# -------------------------------------------------------------------------------------- moh
+def test_moh_gates_exactly_shared_plus_k_heads_per_token():
+    attn = build("moh", heads=8, shared_heads=2, top_k=3)
+    g = attn.gates(torch.randn(2, 11, DIM))
+    assert ((g != 0).sum(-1) == 5).all()
+    assert (g[..., :2] != 0).all()  # the shared heads are always on
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_moh_inference_computes_only_selected_heads_and_equals_the_dense_path(causal):
+    attn = build("moh", heads=8, shared_heads=2, top_k=3, causal=causal)
+    x = torch.randn(2, 11, DIM)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, :3] = False
+    y = attn(x, mask=keep)
+    assert attn.rows_computed == 2 * 11 * 5  # (shared + k) rows per token, not H
+    attn.train()
+    dense = attn(x, mask=keep)
+    assert attn.rows_computed == 2 * 11 * 8
+    torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_moh_load_balance_loss_is_the_formula_and_trains_the_router():
+    attn = build("moh", heads=8, shared_heads=2, top_k=3).train()
+    x = torch.randn(2, 11, DIM)
+    attn(x)
+    p = torch.softmax(attn.router(x), -1)
+    chosen = torch.zeros_like(p).scatter_(-1, p.topk(3, -1).indices, 1.0)
+    expected = 0.01 * 6 * (p.mean((0, 1)) * chosen.mean((0, 1))).sum()
+    torch.testing.assert_close(attn.extra_loss(), expected)
+    attn.extra_loss().backward()
+    assert attn.router.weight.grad.abs().sum() > 0
+    attn.eval()
+    attn(x)
+    assert attn.extra_loss() == 0
+
+
+# -------------------------------------------------------------------------------------- cca
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_cca_cache_holds_two_latents_per_kv_head_and_decodes_like_the_full_forward(kv_heads):
+    attn = build("cca", kv_heads=kv_heads, causal=True)
+    x = torch.randn(2, 12, DIM)
+    full = attn(x)
+    state = attn.new_state(2)
+    parts = [attn(x[:, :5], state=state)] + [attn(x[:, t:t + 1], state=state)
+                                             for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert state.numbers_per_token() == 2 * kv_heads * attn.head_dim
+    assert attn.head_dim * attn.heads * attn.compression == DIM  # the latent is compressed
+
+
+def test_cca_queries_and_keys_have_norm_sqrt_dh_times_the_key_temperature():
+    attn = build("cca", causal=True)
+    with torch.no_grad():
+        attn.key_temperature.fill_(2.0)
+    seen = {}
+    attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    attn.hook_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    attn(torch.randn(1, 7, DIM))
+    root = math.sqrt(attn.head_dim)
+    torch.testing.assert_close(seen["q"].norm(dim=-1), torch.full((1, 4, 7), root))
+    torch.testing.assert_close(seen["k"].norm(dim=-1), torch.full((1, 4, 7), 2 * root))
+
+
+# ------------------------------------------------------------------------------------- gaam
+def test_gaam_weights_sum_to_one_and_ignore_affine_rescaling():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 5, dtype=torch.float64)
+    offset, scale = torch.zeros(3, 4), torch.rand(3, 4) + 0.5
+    w = gaussian_weights(x, offset, scale, eps=1e-12)
+    torch.testing.assert_close(w.sum(2), torch.ones(2, 3, 5, dtype=torch.float32))
+    w2 = gaussian_weights(3.5 * x - 2.0, offset, scale, eps=1e-12)
+    torch.testing.assert_close(w2, w, atol=1e-6, rtol=1e-5)
+    wide = gaussian_weights(x, offset, torch.full((3, 4), 1e6))
+    torch.testing.assert_close(wide, torch.full_like(wide, 0.1))
+
+
+def test_gaam_padded_tokens_get_no_weight():
+    x = torch.randn(2, 3, 10, 5)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 6:] = False
+    w = gaussian_weights(x, torch.zeros(3, 2), torch.ones(3, 2), keep=keep)
+    assert (w[0, :, 6:] == 0).all()
+    torch.testing.assert_close(w.sum(2), torch.ones(2, 3, 5))
+
+
+# ------------------------------------------------------------------------------------ rcmha
+def test_rcmha_scores_are_the_transformer_xl_decomposition():
+    attn = build("rcmha", causal=True)
+    with torch.no_grad():
+        attn.u.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(1, 6, DIM)
+    seen = {}
+    attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    attn.hook_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    w = attn.weights(x)
+    attn(x)
+    q, k = seen["q"][0], seen["k"][0]
+    from attnlab.mechanisms.rcmha import sinusoid
+
+    r = attn.rel_proj(sinusoid(torch.arange(6), DIM)).view(6, 4, -1)
+    d = attn.head_dim
+    scores = torch.full((4, 6, 6), float("-inf"))
+    for h in range(4):
+        for i in range(6):
+            for j in range(i + 1):
+                scores[h, i, j] = ((q[h, i] + attn.u[h]) @ k[h, j]
+                                   + (q[h, i] + attn.v_bias[h]) @ r[i - j, h]) / math.sqrt(d)
+    torch.testing.assert_close(w[0], torch.softmax(scores, -1), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- medusa
+def test_medusa_scale_one_heads_are_softmax_and_coarse_heads_average_cells():
+    attn = build("medusa", scales=(1, 2))
+    ref = build("softmax")
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 4, 6, DIM)
+    w, w_ref = attn.weights(x), ref.weights(x)
+    torch.testing.assert_close(w[:, 0::2], w_ref[:, 0::2])
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 24))
+    # a scale-2 head gives the same weight to the 4 tokens of a 2 x 2 cell
+    cell = w[0, 1, 0].view(4, 6)[:2, :2]
+    torch.testing.assert_close(cell, cell[0, 0].expand(2, 2))
+
+
+# ---------------------------------------------------------------------------- mil_attention
+def test_mil_rows_are_the_bag_attention_and_pool_gives_one_embedding_per_branch():
+    attn = build("mil_attention", heads=3, head_dim=8)
+    x = torch.randn(2, 9, DIM)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 5:] = False
+    w = attn.weights(x, mask=keep)
+    torch.testing.assert_close(w, w[:, :, :1].expand_as(w))  # every token sees the same bag
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 9))
+    assert (w[1, :, :, 5:] == 0).all()
+    z = attn.pool(x, mask=keep)
+    assert z.shape == (2, 3, DIM)
+    y = attn(x, mask=keep)
+    torch.testing.assert_close(z.sum(1), y[:, 0])  # o_proj is linear (bias=False)
+
+
+def test_mil_stochastic_top_k_masking_drops_only_top_instances_in_training():
+    attn = build("mil_attention", heads=2, top_k=3, mask_rate=0.99)
+    x = torch.randn(4, 20, DIM)
+    eval_w = attn.weights(x)[:, :, 0]
+    attn.train()
+    torch.manual_seed(1)
+    train_w = attn.weights(x)[:, :, 0]
+    dropped = (eval_w > 0) & (train_w == 0)
+    top3 = torch.zeros_like(eval_w, dtype=torch.bool).scatter_(-1, eval_w.topk(3, -1).indices,
+                                                                True)
+    assert dropped.any() and not (dropped & ~top3).any()
+    torch.testing.assert_close(train_w.sum(-1), torch.ones(4, 2))
