@@ -64,6 +64,7 @@ class Attention(nn.Module):
 
     mechanism: ClassVar[MechanismInfo | None] = None
     backends: ClassVar[tuple[str, ...]] = ("auto",)
+    cache_type: ClassVar[type[KVCache]] = KVCache  # what new_state() returns by default
 
     def __init__(
         self,
@@ -183,9 +184,10 @@ class Attention(nn.Module):
         return self.attention_weights(q, k, call)
 
     def new_state(self, batch_size: int) -> State:
-        """A fresh decoding state (a KV cache unless the mechanism says otherwise)."""
+        """A fresh decoding state (``cache_type``, a KV cache, unless the mechanism says
+        otherwise)."""
         self._check_can_decode()
-        return KVCache(self.name, batch_size)
+        return self.cache_type(self.name, batch_size)
 
     def extra_loss(self) -> Tensor:
         """Auxiliary loss of the last forward (0 unless the mechanism defines one)."""
@@ -332,3 +334,18 @@ class Attention(nn.Module):
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
         y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)
+
+
+class ValueMixer(Attention):
+    """Base of mechanisms that mix the value projection without queries or keys (spectral
+    gating, Gaussian adaptive attention): there are no q / k projections, ``hook_q`` and
+    ``hook_k`` carry empty (B, H, L, 0) tensors, and ``attend`` gets the values only."""
+
+    def __init__(self, dim: int, heads: int, **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        self.q_proj = self.k_proj = None
+
+    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        x = call.x
+        empty = x.new_zeros(x.shape[0], self.heads, x.shape[1], 0)
+        return empty, empty, self.split_heads(self.v_proj(x), self.kv_heads)

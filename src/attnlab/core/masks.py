@@ -77,3 +77,17 @@ def check_key_padding(mask: Tensor | None, batch: int, length: int, who: str,
         raise ValueError(f"{who}: mask must have shape (B, L) = ({batch}, {length}), "
                          f"got {tuple(mask.shape)}")
     return mask
+
+
+def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
+    """Bool (.., Lq, Lk): per row, the ``window`` visible keys of highest ``priority``
+    (.., 1 or Lq, Lk); ties go to the later key. Everything visible when window >= Lk."""
+    lk = priority.shape[-1]
+    if window >= lk:
+        return visible
+    # flipped, so that on ties the stable sort puts later keys first
+    prio = priority.expand(visible.shape).masked_fill(~visible, float("-inf")).flip(-1)
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :window]
+    keep = torch.zeros(prio.shape, dtype=torch.bool, device=prio.device)
+    keep.scatter_(-1, order, True)
+    return keep.flip(-1) & visible

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from attnlab.core.base import Attention, Call
 from attnlab.core.causal_conv import CausalConv1d, ConvKVCache
 from attnlab.core.registry import register
-from attnlab.core.state import State
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -36,6 +35,8 @@ class CompressedConvolutionalAttention(Attention):
     last inputs and the previous token's value projection.
     """
 
+    cache_type = ConvKVCache  # the latent KV cache plus the convolution histories
+
     def __init__(self, dim: int, heads: int, *, compression: int = 2, **kwargs) -> None:
         if compression < 1:
             raise ValueError(f"cca: compression must be >= 1, got {compression}")
@@ -47,10 +48,6 @@ class CompressedConvolutionalAttention(Attention):
         self.conv_depthwise = CausalConv1d(channels, 2, groups=channels)
         self.conv_heads = CausalConv1d(channels, 2, groups=heads + self.kv_heads)
         self.key_temperature = nn.Parameter(torch.ones(self.kv_heads))
-
-    def new_state(self, batch_size: int) -> State:
-        self._check_can_decode()
-        return ConvKVCache(self.name, batch_size)
 
     def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         x, keep, state = call.x, call.key_mask, call.state

@@ -7,22 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.core.base import Attention, Call
+from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.ops.softmax import softmax_attention, softmax_weights
-
-
-def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
-    """Bool (.., Lq, Lk): per row, the ``window`` visible keys of highest ``priority``
-    (.., 1 or Lq, Lk); ties go to the later key. Everything visible when window >= Lk."""
-    lk = priority.shape[-1]
-    if window >= lk:
-        return visible
-    # flipped, so that on ties the stable sort puts later keys first
-    prio = priority.expand(visible.shape).masked_fill(~visible, float("-inf")).flip(-1)
-    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :window]
-    keep = torch.zeros(prio.shape, dtype=torch.bool, device=prio.device)
-    keep.scatter_(-1, order, True)
-    return keep.flip(-1) & visible
 
 
 @register("dma", family="sparse", paper="Trainable Dynamic Mask Sparse Attention",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.base import Call, ValueMixer
 from attnlab.core.registry import register
 
 
@@ -39,7 +39,7 @@ def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor |
           decode=False, domains=("image", "seq"), complexity="n d G", weights=False,
           cross=False, unsupported=("kv_heads", "qk_norm", "rope"),
           variants=({"gaussians": 1},))
-class GaussianAdaptiveAttention(Attention):
+class GaussianAdaptiveAttention(ValueMixer):
     """Per head (channel chunk), G learnable Gaussians re-weight each token's channels.
 
     "Gaussian Adaptive Attention is All You Need" (Ioannides et al., 2024): over the token
@@ -58,15 +58,9 @@ class GaussianAdaptiveAttention(Attention):
         super().__init__(dim, heads, **kwargs)
         if gaussians < 1:
             raise ValueError(f"gaam: gaussians must be >= 1, got {gaussians}")
-        self.q_proj = self.k_proj = None
         self.eps = eps
         self.offset = nn.Parameter(torch.zeros(heads, gaussians))
         self.scale = nn.Parameter(torch.ones(heads, gaussians))
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        x = call.x
-        empty = x.new_zeros(x.shape[0], self.heads, x.shape[1], 0)
-        return empty, empty, self.split_heads(self.v_proj(x), self.heads)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         m = gaussian_weights(v, self.offset, self.scale, keep=call.key_mask, eps=self.eps)

@@ -75,10 +75,7 @@ class HedgehogAttention(LinearFamily):
         return out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        a = self.phi(q) @ self.phi(self.expand_kv(k)).transpose(-1, -2)
-        vis = self.visibility(q, k, call)
-        if vis is not None:
-            a = a.masked_fill(~vis, 0.0)
+        a, _ = self.kernel_scores(self.phi, q, k, call)
         return safe_divide(a, a.sum(-1), 1e-6)
 
     def distillation_loss(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

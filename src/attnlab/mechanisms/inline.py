@@ -117,11 +117,7 @@ class InjectiveLinearAttention(LinearFamily):
         return None if self.local is None else self.expand_kv(self.local(v, call, self.causal))
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        phi = INLINE_MAPS[self.feature_map]
-        s = phi(q) @ phi(self.expand_kv(k)).transpose(-1, -2)
-        vis = self.visibility(q, k, call)
-        if vis is not None:
-            s = s.masked_fill(~vis, 0.0)
+        s, vis = self.kernel_scores(INLINE_MAPS[self.feature_map], q, k, call)
         n = row_counts(vis, s).clamp_min(1.0)
         c = q.shape[-1] ** -0.5
         w = c / n * (s - s.sum(-1, keepdim=True) / n) + 1 / n

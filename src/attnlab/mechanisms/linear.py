@@ -40,6 +40,13 @@ class LinearFamily(Attention):
             (s1, z1), (s2, z2) = new
             self.write_state(call, tokens, s1=s1, z1=z1, s2=s2, z2=z2)
 
+    def kernel_scores(self, phi, q: Tensor, k: Tensor, call: Call
+                      ) -> tuple[Tensor, Tensor | None]:
+        """phi(q) phi(k)^T (B, H, Lq, Lk) with invisible pairs at 0, and the visibility."""
+        scores = phi(q) @ phi(self.expand_kv(k)).transpose(-1, -2)
+        vis = self.visibility(q, k, call)
+        return (scores if vis is None else scores.masked_fill(~vis, 0.0)), vis
+
     @staticmethod
     def write_state(call: Call, tokens: int, **tensors: Tensor) -> None:
         """Store the new state tensors after ``tokens`` tokens (no-op without a state)."""
@@ -99,11 +106,7 @@ class LinearAttention(LinearFamily):
         return out * self._dsf_scale(call) if self.normalizer is not None else out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        phi = FEATURE_MAPS[self.feature_map]
-        a = phi(q) @ phi(self.expand_kv(k)).transpose(-1, -2)
-        vis = self.visibility(q, k, call)
-        if vis is not None:
-            a = a.masked_fill(~vis, 0.0)
+        a, _ = self.kernel_scores(FEATURE_MAPS[self.feature_map], q, k, call)
         if self.normalizer is not None:
             return a * self._dsf_scale(call)
         return safe_divide(a, a.sum(-1), 1e-6)

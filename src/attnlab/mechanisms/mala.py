@@ -44,11 +44,8 @@ class MagnitudeAwareLinearAttention(LinearFamily):
         return out * seen.unsqueeze(-1)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        c = q.shape[-1] ** -0.5
-        s = c * elu_plus_one(q) @ elu_plus_one(self.expand_kv(k)).transpose(-1, -2)
-        vis = self.visibility(q, k, call)
-        if vis is not None:
-            s = s.masked_fill(~vis, 0.0)
+        s, vis = self.kernel_scores(elu_plus_one, q, k, call)
+        s = s * q.shape[-1] ** -0.5
         n = row_counts(vis, s)
         z = s.sum(-1, keepdim=True) / n.clamp_min(1.0)
         w = (s * (1 + 1 / z.clamp_min(1e-12)) - z) / n.clamp_min(1.0)

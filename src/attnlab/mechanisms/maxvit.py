@@ -20,7 +20,8 @@ class Partition:
 
     ``block``: non-overlapping p_h x p_w windows; ``grid``: a p_h x p_w grid of tokens
     strided by (H / p_h, W / p_w). ``order`` (groups * size,) lists the padded token index of
-    each (group, slot); ``slot_rc`` the slot's (row, col) inside the group.
+    each (group, slot); ``slot_rc`` the slot's (row, col) inside the group; ``where`` (L,)
+    the (group * size + slot) position of every real token.
     """
 
     def __init__(self, grid: tuple[int, int], size: int, kind: str, device) -> None:
@@ -42,6 +43,9 @@ class Partition:
         r = torch.arange(grid[0], device=device)[:, None]
         c = torch.arange(grid[1], device=device)[None, :]
         self.real = (r * self.padded[1] + c).reshape(-1)
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(len(self.order), device=device)
+        self.where = inverse[self.real]
 
 
 class RelativeBias(nn.Module):
@@ -125,9 +129,7 @@ class MaxViTAttention(Attention):
             bias = bias[:, None].expand(-1, part.groups, -1, -1).reshape(
                 1, n * part.groups, part.size, part.size)
             out = softmax_attention(grouped(q), grouped(k), grouped(v), mask=mask, bias=bias)
-            back = torch.empty_like(part.order)
-            back[part.order] = torch.arange(len(part.order), device=q.device)
-            out = out.reshape(b, n, padded, -1)[:, :, back[part.real]]
+            out = out.reshape(b, n, padded, -1)[:, :, part.where]
             outs.append(out)
         return torch.cat(outs, 1)
 
@@ -137,11 +139,7 @@ class MaxViTAttention(Attention):
         weights = []
         for kind, first, n in self.parts:
             part = self._partition(kind, call, length, q.device)
-            # group and slot of every real token
-            where = torch.empty_like(part.order)
-            where[part.order] = torch.arange(len(part.order), device=q.device)
-            where = where[part.real]
-            group, slot = where // part.size, where % part.size
+            group, slot = part.where // part.size, part.where % part.size
             vis = group[:, None] == group[None, :]
             bias = self.bias[kind](part.slot_rc)[:, slot][:, :, slot]  # (n, L, L)
             vis = vis[None, None]

@@ -57,26 +57,28 @@ class MultiScaleHeadAttention(Attention):
         for s in sorted(set(self.scales)):
             yield s, [h for h, hs in enumerate(self.scales) if hs == s]
 
-    def _pooled(self, t: Tensor, s: int, heads: list[int], call: Call):
-        grid = grid_of(t.shape[2], call.spatial)
-        pool = pooling_matrix(grid, s, call.key_mask, t.shape[0], t.device)
-        keys = pool.sum(-1) > 0  # cells with real tokens
-        return pool, keys, (pool[:, None].to(t.dtype) @ t[:, heads])
+    def _pooling(self, s: int, q: Tensor, call: Call) -> tuple[Tensor, Tensor]:
+        """The (B, cells, L) pooling matrix of scale s and which cells hold real tokens."""
+        grid = grid_of(q.shape[2], call.spatial)
+        pool = pooling_matrix(grid, s, call.key_mask, q.shape[0], q.device)
+        return pool, pool.sum(-1) > 0
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         k, v = self.expand_kv(k), self.expand_kv(v)
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         for s, heads in self._groups():
-            _, keys, pk = self._pooled(k, s, heads, call)
-            _, _, pv = self._pooled(v, s, heads, call)
-            out[:, heads] = softmax_attention(q[:, heads], pk, pv, mask=keys[:, None, None, :])
+            pool, keys = self._pooling(s, q, call)
+            pool = pool[:, None].to(k.dtype)
+            out[:, heads] = softmax_attention(q[:, heads], pool @ k[:, heads],
+                                              pool @ v[:, heads], mask=keys[:, None, None, :])
         return out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         k = self.expand_kv(k)
         w = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).float()
         for s, heads in self._groups():
-            pool, keys, pk = self._pooled(k, s, heads, call)
+            pool, keys = self._pooling(s, q, call)
+            pk = pool[:, None].to(k.dtype) @ k[:, heads]
             a = softmax_weights(q[:, heads], pk, keys[:, None, None, :],
                                 scale=q.shape[-1] ** -0.5)
             w[:, heads] = a @ pool[:, None].float()

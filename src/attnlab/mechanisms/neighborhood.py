@@ -47,7 +47,7 @@ class NeighborhoodAttention(Attention):
             values = value if isinstance(value, tuple) else (value,)
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
                                  for v in values):
-                raise ValueError(f"neighborhood: {name} must be a positive int or a tuple of "
+                raise ValueError(f"{self.name}: {name} must be a positive int or a tuple of "
                                  f"them, got {value!r}")
 
     def _axes(self, call: Call, length: int) -> dict:
@@ -55,12 +55,12 @@ class NeighborhoodAttention(Attention):
         n = len(spatial)
         causal = self.causal_axes if self.causal_axes is not None else (self.causal,) * n
         if len(causal) != n:
-            raise ValueError(f"neighborhood: causal_axes has {len(causal)} entries for a "
+            raise ValueError(f"{self.name}: causal_axes has {len(causal)} entries for a "
                              f"{n}-D input")
         for name, value in (("kernel_size", self.kernel_size), ("dilation", self.dilation),
                             ("stride", self.stride)):
             if isinstance(value, tuple) and len(value) != n:
-                raise ValueError(f"neighborhood: {name}={value} has {len(value)} entries for "
+                raise ValueError(f"{self.name}: {name}={value} has {len(value)} entries for "
                                  f"a {n}-D input of shape {spatial}")
         return dict(spatial=spatial, kernel_size=self.kernel_size, dilation=self.dilation,
                     stride=self.stride, causal=tuple(bool(c) for c in causal))

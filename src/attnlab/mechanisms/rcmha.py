@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from attnlab.core.base import Attention, Call
 from attnlab.core.causal_conv import CausalConv1d, ConvKVCache
 from attnlab.core.registry import register
-from attnlab.core.state import State
 
 
 def sinusoid(distances: Tensor, dim: int) -> Tensor:
@@ -35,6 +34,8 @@ class RelativeConvolutionalAttention(Attention):
     Decoding carries the convolutions' last two inputs next to the KV cache.
     """
 
+    cache_type = ConvKVCache  # the KV cache plus the convolution histories
+
     def __init__(self, dim: int, heads: int, *, kernel: int = 3, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
@@ -44,10 +45,6 @@ class RelativeConvolutionalAttention(Attention):
         self.u = nn.Parameter(torch.zeros(h, d))
         self.v_bias = nn.Parameter(torch.zeros(h, d))
         self.rel_proj = nn.Linear(dim, h * d, bias=False)
-
-    def new_state(self, batch_size: int) -> State:
-        self._check_can_decode()
-        return ConvKVCache(self.name, batch_size)
 
     def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         x, keep, state = call.x, call.key_mask, call.state

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.base import Attention, Call
+from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
@@ -53,12 +54,7 @@ class SparsifinerAttention(Attention):
         vis = vis.expand(q.shape[0], self.heads, q.shape[2], k.shape[2])
         scores = self.connectivity(call)
         count = min(k.shape[2], math.ceil(self.keep * k.shape[2]))
-        if count >= k.shape[2]:
-            return vis, scores, vis
-        masked = scores.detach().masked_fill(~vis, float("-inf"))
-        top = masked.topk(count, dim=-1).indices
-        keep = torch.zeros_like(vis).scatter_(-1, top, True) & vis
-        return keep, scores, vis
+        return top_keys(scores.detach(), vis, count), scores, vis
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         keep, scores, vis = self._mask(q, k, call)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.base import Call, ValueMixer
 from attnlab.core.registry import register
 from attnlab.core.spatial import grid_of
 from attnlab.ops.spectral import spectral_gating
@@ -16,7 +16,7 @@ from attnlab.ops.spectral import spectral_gating
           causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
           complexity="n log n d", weights=False, cross=False,
           unsupported=("kv_heads", "qk_norm", "rope"), variants=({"grid_size": (3, 5)},))
-class SpectralGating(Attention):
+class SpectralGating(ValueMixer):
     """Token mixing by a learnable global filter in the 2-D Fourier domain.
 
     "SpectFormer: Frequency and Attention is what you need in a Vision Transformer"
@@ -33,17 +33,11 @@ class SpectralGating(Attention):
     def __init__(self, dim: int, heads: int, *, grid_size: tuple[int, int] = (14, 14),
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        self.q_proj = self.k_proj = None
         channels = self.heads * self.head_dim
         h, w = grid_size
         self.grid_size = (h, w)
         self.filter_real = nn.Parameter(torch.randn(h, w // 2 + 1, channels) * 0.02)
         self.filter_imag = nn.Parameter(torch.randn(h, w // 2 + 1, channels) * 0.02)
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        x = call.x
-        empty = x.new_zeros(x.shape[0], self.heads, x.shape[1], 0)
-        return empty, empty, self.split_heads(self.v_proj(x), self.kv_heads)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         b, h, length, d = v.shape

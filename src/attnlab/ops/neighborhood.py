@@ -169,9 +169,9 @@ def _axis_tiles(rule: AxisRule, block: int, device) -> AxisTiles:
     kp = lo[..., None] + torch.arange(width, device=device)  # (d, nb, W)
     k_valid = kp < group_len[:, None, None]
     k_pos = (groups + d * kp).clamp(max=length - 1)
-    visible = (q_valid[..., None] & k_valid[..., None, :]
-               & (torch.where(q_valid, start[q_pos], 0)[..., None] <= kp[..., None, :])
-               & (kp[..., None, :] < torch.where(q_valid, end[q_pos], 0)[..., None]))
+    # invalid query slots have start = +max and end = -1, so they see nothing
+    visible = (k_valid[..., None, :] & (q_start[..., None] <= kp[..., None, :])
+               & (kp[..., None, :] < q_end[..., None]))
     tiles = d * n_blocks
     return AxisTiles(q_pos.reshape(tiles, block), k_pos.reshape(tiles, width),
                      visible.reshape(tiles, block, width), g * n_blocks + ip // block,
