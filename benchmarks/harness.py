@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -14,23 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from attnlab.machine import machine  # noqa: F401  (re-exported to the bench scripts)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def rss_mb() -> float:

@@ -157,5 +157,13 @@ def demo(mechanisms: str, steps: int, seconds: float, seed: int) -> None:
     console.print("chance: loss 2.773 (ln 16), accuracy 6.2%")
 
 
+def _add_arena() -> None:
+    from attnlab.cli_arena import arena
+
+    main.add_command(arena)
+
+
+_add_arena()
+
 if __name__ == "__main__":
     main()

@@ -1,5 +1,8 @@
 """Models built from any registered mechanism(s)."""
 
-from attnlab.models.transformer_lm import Block, TransformerLM
+from attnlab.models.blocks import Block
+from attnlab.models.encoder import Encoder, ViT
+from attnlab.models.icl_regressor import ICLRegressor
+from attnlab.models.transformer_lm import TransformerLM
 
-__all__ = ["Block", "TransformerLM"]
+__all__ = ["Block", "Encoder", "ICLRegressor", "TransformerLM", "ViT"]

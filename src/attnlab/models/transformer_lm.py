@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.registry import build, info
+from attnlab.core.registry import info
 from attnlab.core.state import State
+from attnlab.models.blocks import Block, layer_specs, sum_extra_losses
 
 POSITIONS = ("rope", "learned", "none")
-
-
-def per_layer(value: Any, depth: int, what: str) -> list:
-    """Broadcast one value to ``depth`` layers, or check a per-layer list."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != depth:
-            raise ValueError(f"{what}: got {len(value)} entries for depth={depth}")
-        return list(value)
-    return [value] * depth
-
-
-class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, heads: int, mechanism: str, kwargs: dict, mlp_ratio: int,
-                 dropout: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = build(mechanism, dim=dim, heads=heads, **kwargs)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor, mask: Tensor | None, state: State | None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask, state=state)
-        return x + self.mlp(self.norm2(x))
 
 
 class TransformerLM(nn.Module):
@@ -60,13 +34,12 @@ class TransformerLM(nn.Module):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        names = per_layer(mechanism, depth, "mechanism")
-        kwargs = per_layer(mechanism_kwargs or {}, depth, "mechanism_kwargs")
+        specs = layer_specs(mechanism, mechanism_kwargs, depth)
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.max_len = max_len
         blocks = []
-        for name, kw in zip(names, kwargs, strict=True):
+        for name, kw in specs:
             kw = {"causal": True, **kw}
             if positions == "rope" and "rope" not in info(name).unsupported:
                 kw.setdefault("rope", True)
@@ -75,7 +48,7 @@ class TransformerLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.embed.weight
-        self.mechanisms = names
+        self.mechanisms = [name for name, _ in specs]
         # N(0, 0.02) as in GPT-2: with tied weights, N(0, 1) embeddings make the first logits
         # huge (loss ~40 at vocab 16) and training collapses to the unigram distribution.
         for emb in (self.embed, self.pos):
@@ -101,7 +74,7 @@ class TransformerLM(nn.Module):
 
     def extra_loss(self) -> Tensor:
         """Sum of the mechanisms' auxiliary losses of the last forward."""
-        return sum((b.attn.extra_loss() for b in self.blocks), self.head.weight.new_zeros(()))
+        return sum_extra_losses((b.attn for b in self.blocks), self.head.weight)
 
     def new_states(self, batch_size: int) -> list[State]:
         """One decoding state per layer."""

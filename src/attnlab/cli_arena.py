@@ -1,0 +1,257 @@
+"""``attnlab arena``: run sweeps, resume them, and report them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from attnlab.arena.config import (
+    DEFAULT_STORE,
+    ConfigError,
+    Sweep,
+    load_sweep,
+    parse_sweep,
+    toml_module,
+)
+
+console = Console()
+CONFIGS = Path(__file__).parent / "arena" / "configs"
+DEFAULT_CONFIG = CONFIGS / "default.toml"
+DEFAULT_REPORTS = "attnlab-reports"
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value ('3', '0.5', '[2, 4]', 'true'), else the string itself."""
+    tomllib = toml_module()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _pairs(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | None,
+                        seeds: int | None, steps: int | None, workers: int | None,
+                        store: str | None, name: str | None, params: dict[str, Any]) -> Sweep:
+    overrides = {"task": task, "seeds": seeds, "workers": workers, "store": store,
+                 "name": name}
+    if mechanisms:
+        overrides["mechanisms"] = [m.strip() for m in mechanisms.split(",") if m.strip()]
+    if config:
+        sweep = load_sweep(config, **overrides)
+        data = sweep.model_dump()
+    else:
+        if not task or not mechanisms:
+            raise click.UsageError("give --config FILE, or --task and --mechanisms "
+                                   "(see: attnlab arena tasks)")
+        data = {k: v for k, v in overrides.items() if v is not None}
+    if steps is not None:
+        data.setdefault("train", {})["steps"] = steps
+    if params:
+        data["task_params"] = {**data.get("task_params", {}), **params}
+    return parse_sweep(data, config or "options")
+
+
+def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
+    """Run a sweep with progress bars: one for the sweep, one per run in flight."""
+    from attnlab.arena.store import RunStore
+    from attnlab.arena.sweep import pending_runs, run_sweep
+
+    with RunStore(sweep.store) as store:
+        todo, skipped = pending_runs(sweep, store, retry_failed)
+    console.print(f"sweep [bold]{sweep.sweep_name}[/bold]: task {sweep.task}, "
+                  f"{len(sweep.variants())} contestants x {len(sweep.seed_list)} seeds = "
+                  f"{len(todo) + skipped} runs; {skipped} already in {sweep.store}/, "
+                  f"{len(todo)} to run on {min(sweep.workers, max(1, len(todo)))} worker(s)")
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    bars: dict[str, Any] = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("runs", total=len(todo), note="")
+
+        def listener(event: str, spec: Any, payload: Any) -> None:
+            desc = f"{spec.label} seed {spec.seed}"
+            if event == "start":
+                bars[spec.key] = progress.add_task(desc, total=spec.train["steps"], note="")
+            elif event == "step":
+                step, steps, loss = payload
+                if spec.key not in bars:
+                    bars[spec.key] = progress.add_task(desc, total=steps, note="")
+                progress.update(bars[spec.key], completed=step, note=f"loss {loss:.4g}")
+            elif event == "end":
+                if spec.key in bars:
+                    progress.remove_task(bars.pop(spec.key))
+                mark = "[green]done[/green]" if payload["status"] == "done" else \
+                    "[red]failed[/red]"
+                progress.console.print(f"  {desc}: {mark} in {payload['wall_time'] or 0:.1f}s")
+                progress.advance(overall)
+
+        summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener)
+    for who, err in summary.failures:
+        console.print(f"[red]failed[/red] {who}: {err}")
+    return summary
+
+
+def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
+    """Write the report of one sweep and print its table."""
+    from attnlab.arena.report import summarize, table_rows, write_report
+    from attnlab.arena.store import RunStore
+
+    with RunStore(store) as db:
+        sweeps = db.sweeps()
+        if not sweeps:
+            raise click.UsageError(f"no runs in {store}/ (run: attnlab arena run ...)")
+        names = [s["sweep"] for s in sweeps]
+        name = sweep_name or names[-1]
+        if name not in names:
+            raise click.UsageError(f"no sweep {name!r} in {store}/; sweeps: "
+                                   f"{', '.join(names)}")
+        rows = db.rows(name)
+    summary = summarize(rows)
+    out_dir = Path(out or Path(DEFAULT_REPORTS) / name)
+    md, page = write_report(summary, out_dir)
+    header, body = table_rows(summary)
+    table = Table(title=f"{name} ({summary.task}): test metrics, mean ± 95% CI over seeds",
+                  box=box.SIMPLE_HEAD)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {md} and {page}")
+
+
+@click.group("arena", invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store directory (for the default comparison).")
+@click.pass_context
+def arena(ctx: click.Context, store: str) -> None:
+    """Fair comparisons of attention mechanisms: same task, budget and seeds.
+
+    With no subcommand, runs the default comparison (MQAR, four mechanisms, two seeds;
+    a few minutes on a 2-core CPU) and writes its report.
+
+    \b
+    Examples:
+      attnlab arena
+      attnlab arena run --task mqar --mechanisms softmax,linear,mala --seeds 3
+      attnlab arena run --config sweep.toml
+      attnlab arena report
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        sweep = load_sweep(DEFAULT_CONFIG, store=store)
+    except ConfigError as err:  # pragma: no cover - the shipped config is tested
+        raise click.ClickException(str(err)) from None
+    run_with_progress(sweep)
+    report_sweep(sweep.store, sweep.sweep_name, None)
+
+
+@arena.command("run")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="A TOML sweep file (options below override its keys).")
+@click.option("--task", help="Task name (see: attnlab arena tasks).")
+@click.option("--mechanisms", help="Comma-separated mechanism names.")
+@click.option("--seeds", type=click.IntRange(1), help="Seeds per contestant [default 3].")
+@click.option("--steps", type=click.IntRange(1), help="Training steps [task default].")
+@click.option("--workers", type=click.IntRange(1), help="Parallel worker processes.")
+@click.option("--store", help=f"Result store directory [default {DEFAULT_STORE}].")
+@click.option("--name", help="Sweep name [default: the task].")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A task parameter (TOML value), repeatable: --param num_kv=8.")
+@click.option("--retry-failed", is_flag=True, help="Run failed runs again.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write the report when the sweep ends.")
+def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds: int | None,
+            steps: int | None, workers: int | None, store: str | None, name: str | None,
+            params: tuple[str, ...], retry_failed: bool, report: bool) -> None:
+    """Run (or resume) a sweep; finished runs are stored and never run again.
+
+    \b
+    Examples:
+      attnlab arena run --task icl_regression --mechanisms softmax,linear --seeds 3
+      attnlab arena run --task mqar --mechanisms softmax,dma --param seq_len=128
+      attnlab arena run --config docs/results/mqar.toml --workers 2
+    """
+    try:
+        sweep = _sweep_from_options(config, task, mechanisms, seeds, steps, workers, store,
+                                    name, _pairs(params, "--param"))
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        summary = run_with_progress(sweep, retry_failed)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the same "
+                      "command again to resume")
+        sys.exit(130)
+    if report and summary.done + summary.skipped:
+        report_sweep(sweep.store, sweep.sweep_name, None)
+
+
+@arena.command("report")
+@click.option("--store", default=DEFAULT_STORE, show_default=True)
+@click.option("--sweep", "sweep_name", help="Sweep name [default: the latest].")
+@click.option("--out", help=f"Output directory [default {DEFAULT_REPORTS}/SWEEP].")
+def report_cmd(store: str, sweep_name: str | None, out: str | None) -> None:
+    """Write report.md (+ PNG plots) and a self-contained report.html; print the table.
+
+    \b
+    Examples:
+      attnlab arena report
+      attnlab arena report --sweep mqar --out docs/results/mqar
+    """
+    report_sweep(store, sweep_name, out)
+
+
+@arena.command("list")
+@click.option("--store", default=DEFAULT_STORE, show_default=True)
+def list_cmd(store: str) -> None:
+    """The sweeps in a store, with their finished and failed runs."""
+    from attnlab.arena.store import RunStore
+
+    if not (Path(store) / "runs.sqlite").exists():
+        raise click.UsageError(f"no store at {store}/")
+    with RunStore(store) as db:
+        table = Table(box=box.SIMPLE_HEAD)
+        for col in ("sweep", "task", "done", "failed"):
+            table.add_column(col)
+        for s in db.sweeps():
+            table.add_row(s["sweep"], s["task"], str(s["done"]), str(s["failed"]))
+    console.print(table)
+
+
+@arena.command("tasks")
+def tasks_cmd() -> None:
+    """The tasks, their metric, slices and parameters."""
+    import dataclasses
+
+    from attnlab.tasks import TASKS
+
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("task", "metric", "slices", "parameters (defaults)"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(TASKS):
+        cls = TASKS[name]
+        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        arrow = "↑" if cls.higher_is_better else "↓"
+        table.add_row(f"{name}\n[dim]{cls.description}[/dim]", f"{cls.metric} {arrow}",
+                      cls.slice_axis, params)
+    console.print(table)

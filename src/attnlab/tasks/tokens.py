@@ -1,0 +1,89 @@
+"""Shared machinery of the next-token tasks: a TransformerLM, masked cross-entropy, accuracy."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.models.transformer_lm import TransformerLM
+from attnlab.tasks.base import Evaluation, Task, split_generator
+
+IGNORE = -100  # target value of positions that carry no loss
+
+
+def masked_scores(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Mean cross-entropy and accuracy over the positions whose target is not IGNORE."""
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    if count == 0:
+        raise ValueError("a batch has no target position")
+    picked = logits[keep]
+    loss = F.cross_entropy(picked.float(), targets[keep])
+    acc = (picked.argmax(-1) == targets[keep]).float().mean()
+    return loss, acc, count
+
+
+class TokenTask(Task):
+    """A next-token task: ``sample`` gives (inputs, targets) with IGNORE where no loss is.
+
+    ``slices()`` lists (label, keyword arguments of ``sample``); the test evaluates each
+    slice on ``eval_size`` fresh sequences from the test generator.
+    """
+
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    eval_size: ClassVar[int] = 256
+
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def max_length(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, generator: torch.Generator,
+               **slice_kwargs: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def slices(self) -> list[tuple[str, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def build_model(self, mechanism: str, mechanism_kwargs: dict, **model: Any) -> nn.Module:
+        model = {"max_len": self.max_length(), **model}
+        return TransformerLM(self.vocab_size(), mechanism=mechanism,
+                             mechanism_kwargs=mechanism_kwargs, **model)
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> Any:
+        return self.sample(batch_size, generator)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        inputs, targets = batch
+        loss, acc, _ = masked_scores(model(inputs), targets)
+        return loss, {"accuracy": acc.item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, seed: int) -> Evaluation:
+        generator = split_generator(seed, "test")
+        losses, accs, sizes, slices = [], [], [], {}
+        for label, kwargs in self.slices():
+            inputs, targets = self.sample(self.eval_size, generator, **kwargs)
+            loss, acc, count = masked_scores(model(inputs), targets)
+            losses.append(loss.item())
+            accs.append(acc.item())
+            sizes.append(count)
+            slices[label] = acc.item() if self.metric == "accuracy" else loss.item()
+        total = sum(sizes)
+        metrics = {"accuracy": sum(a * n for a, n in zip(accs, sizes, strict=True)) / total,
+                   "loss": sum(v * n for v, n in zip(losses, sizes, strict=True)) / total}
+        return Evaluation(metrics, slices)
+
+
+def distinct_tokens(batch_size: int, count: int, low: int, high: int,
+                    generator: torch.Generator) -> Tensor:
+    """(batch_size, count) tokens from [low, high), distinct within each row."""
+    if count > high - low:
+        raise ValueError(f"cannot draw {count} distinct tokens from [{low}, {high})")
+    order = torch.rand(batch_size, high - low, generator=generator).argsort(-1)
+    return order[:, :count] + low
