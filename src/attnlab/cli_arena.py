@@ -111,8 +111,10 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
 def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     """Write the report of one sweep and print its table."""
     from attnlab.arena.report import summarize, table_rows, write_report
-    from attnlab.arena.store import RunStore
+    from attnlab.arena.store import DB_NAME, RunStore
 
+    if not (Path(store) / DB_NAME).exists():
+        raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
     with RunStore(store) as db:
         sweeps = db.sweeps()
         if not sweeps:
@@ -225,9 +227,9 @@ def report_cmd(store: str, sweep_name: str | None, out: str | None) -> None:
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
 def list_cmd(store: str) -> None:
     """The sweeps in a store, with their finished and failed runs."""
-    from attnlab.arena.store import RunStore
+    from attnlab.arena.store import DB_NAME, RunStore
 
-    if not (Path(store) / "runs.sqlite").exists():
+    if not (Path(store) / DB_NAME).exists():
         raise click.UsageError(f"no store at {store}/")
     with RunStore(store) as db:
         table = Table(box=box.SIMPLE_HEAD)

@@ -191,9 +191,21 @@ def setup_lines(summary: Summary) -> list[str]:
     train = ", ".join(f"{k}={v}" for k, v in c.get("train", {}).items())
     model = ", ".join(f"{k}={v}" for k, v in c.get("model", {}).items())
     params = ", ".join(f"{k}={v}" for k, v in c.get("task_params", {}).items())
+    models = {}
+    for r in summary.rows:  # contestants may override the model (e.g. the head count)
+        models.setdefault(r["label"], ", ".join(f"{k}={v}" for k, v in
+                                                r["config"].get("model", {}).items()))
+    if len(set(models.values())) > 1:
+        model = "; ".join(f"{label}: {m}" for label, m in models.items())
+    kwargs = {r["label"]: r["config"].get("kwargs") for r in summary.rows
+              if r["config"].get("kwargs")}
     lines = [f"task `{summary.task}` ({summary.description}): {params}",
              f"model: {model}", f"training (every contestant): AdamW, warm-up + cosine, "
              f"{train}"]
+    if kwargs:
+        lines.append("mechanism arguments: " + "; ".join(
+            f"{label}: " + ", ".join(f"{k}={v}" for k, v in kw.items())
+            for label, kw in kwargs.items()))
     machines = sorted({r["config"].get("machine", "") for r in summary.rows} - {""})
     lines += [f"machine: {m}" for m in machines]
     return lines

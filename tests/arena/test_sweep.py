@@ -1,0 +1,137 @@
+"""Sweeps: results stored once per run, resumed after interruption (SIGKILL included),
+failures recorded while the sweep goes on, parallel workers."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from attnlab.arena import sweep as sweep_module
+from attnlab.arena.config import parse_sweep
+from attnlab.arena.store import RunStore
+from attnlab.arena.sweep import run_sweep
+from attnlab.tasks.copying import Copy
+
+TINY = {"task": "copy", "task_params": {"vocab": 6, "length": 4},
+        "model": {"dim": 16, "depth": 1, "heads": 2},
+        "train": {"steps": 3, "batch_size": 4, "curve_points": 3}}
+
+
+def tiny(tmp_path, **extra):
+    return parse_sweep({**TINY, "mechanisms": ["softmax", "sigmoid"], "seeds": 2,
+                        "workers": 1, "store": str(tmp_path / "runs"), **extra})
+
+
+def test_every_run_is_stored_once_and_a_second_run_skips_them(tmp_path):
+    sweep = tiny(tmp_path)
+    events = []
+    summary = run_sweep(sweep, listener=lambda e, spec, p: events.append((e, spec.label)))
+    assert (summary.total, summary.done, summary.skipped, summary.failed) == (4, 4, 0, 0)
+    assert events.count(("start", "softmax")) == 2 and events.count(("end", "sigmoid")) == 2
+    with RunStore(sweep.store) as store:
+        rows = store.rows(sweep.sweep_name)
+    assert len(rows) == 4
+    row = rows[0]
+    assert row["status"] == "done" and row["params"] > 0 and row["wall_time"] > 0
+    assert set(row["metrics"]) >= {"accuracy", "loss"} and row["slices"]
+    assert row["curves"]["step"] == [1, 2, 3] and len(row["curves"]["train_loss"]) == 3
+    assert row["config"]["train"]["steps"] == 3 and "machine" in row["config"]
+    again = run_sweep(sweep)
+    assert (again.done, again.skipped) == (0, 4)
+    more = run_sweep(tiny(tmp_path, seeds=3))  # one more seed: only its runs are new
+    assert (more.done, more.skipped) == (2, 4)
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    original = Copy.loss
+
+    def loss(self, model, batch):
+        if model.mechanisms == ["sigmoid"]:
+            raise RuntimeError("boom in sigmoid")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(Copy, "loss", loss)
+    sweep = tiny(tmp_path)
+    summary = run_sweep(sweep)
+    assert (summary.done, summary.failed) == (2, 2)
+    assert all("boom in sigmoid" in err for _, err in summary.failures)
+    with RunStore(sweep.store) as store:
+        failed = [r for r in store.rows() if r["status"] == "failed"]
+    assert len(failed) == 2 and "RuntimeError: boom in sigmoid" in failed[0]["error"]
+    assert run_sweep(sweep).skipped == 4  # failed runs are finished runs ...
+    monkeypatch.setattr(Copy, "loss", original)
+    retried = run_sweep(sweep, retry_failed=True)  # ... unless asked to retry them
+    assert (retried.done, retried.skipped) == (2, 2)
+    with RunStore(sweep.store) as store:
+        assert [r["status"] for r in store.rows()].count("done") == 4
+
+
+def test_parallel_workers_store_the_same_runs(tmp_path):
+    sweep = tiny(tmp_path, workers=2)
+    seen = []
+    summary = run_sweep(sweep, listener=lambda e, spec, p: seen.append(e))
+    assert (summary.done, summary.failed) == (4, 0)
+    assert "step" in seen and seen.count("end") == 4
+    with RunStore(sweep.store) as store:
+        assert len(store.rows()) == 4
+
+
+def test_threads_are_shared_between_workers():
+    assert sweep_module._threads_per_worker(1) == max(1, os.cpu_count() or 1)
+    assert sweep_module._threads_per_worker(10 * (os.cpu_count() or 1)) == 1
+
+
+def _count(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        'task = "copy"\nmechanisms = ["softmax", "sigmoid", "softplus"]\nseeds = 3\n'
+        f'workers = 1\nstore = "{tmp_path / "runs"}"\n'
+        '[task_params]\nvocab = 6\nlength = 8\n'
+        '[model]\ndim = 16\ndepth = 1\nheads = 2\n[train]\nsteps = 40\nbatch_size = 8\n')
+    cmd = [sys.executable, "-m", "attnlab.cli", "arena", "run", "--config", str(config),
+           "--no-report"]
+    db = tmp_path / "runs" / "runs.sqlite"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not db.exists() or _count(db) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = _count(db)
+    assert 2 <= stored < 9, "the sweep must be killed mid-way for this test to mean anything"
+    with RunStore(tmp_path / "runs") as store:
+        before = {r["key"]: r["finished"] for r in store.rows()}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert f"{stored} already in" in out.stdout and f"{9 - stored} to run" in out.stdout
+    with RunStore(tmp_path / "runs") as store:
+        after = {r["key"]: r["finished"] for r in store.rows()}
+    assert len(after) == 9
+    assert all(after[k] == t for k, t in before.items())  # finished runs were not redone
+
+
+@pytest.mark.parametrize("workers", [1])
+def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, workers):
+    sweep = tiny(tmp_path, workers=workers)
+    calls = []
+
+    def listener(event, spec, payload):
+        calls.append(event)
+        if calls.count("end") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, listener=listener)
+    with RunStore(sweep.store) as store:
+        assert len(store.rows()) == 2
+    assert run_sweep(sweep).done == 2
