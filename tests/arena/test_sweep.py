@@ -90,13 +90,14 @@ def _count(db):
         return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
 
-def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path, workers):
     config = tmp_path / "sweep.toml"
     config.write_text(
         'task = "copy"\nmechanisms = ["softmax", "sigmoid", "softplus"]\nseeds = 3\n'
-        f'workers = 1\nstore = "{tmp_path / "runs"}"\n'
+        f'workers = {workers}\nstore = "{tmp_path / "runs"}"\n'
         '[task_params]\nvocab = 6\nlength = 8\n'
-        '[model]\ndim = 16\ndepth = 1\nheads = 2\n[train]\nsteps = 40\nbatch_size = 8\n')
+        '[model]\ndim = 16\ndepth = 1\nheads = 2\n[train]\nsteps = 20\nbatch_size = 8\n')
     cmd = [sys.executable, "-m", "attnlab.cli", "arena", "run", "--config", str(config),
            "--no-report"]
     db = tmp_path / "runs" / "runs.sqlite"
@@ -120,7 +121,7 @@ def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path):
     assert all(after[k] == t for k, t in before.items())  # finished runs were not redone
 
 
-@pytest.mark.parametrize("workers", [1])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, workers):
     sweep = tiny(tmp_path, workers=workers)
     calls = []

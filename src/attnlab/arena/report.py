@@ -32,6 +32,7 @@ class Summary:
     baselines: dict[str, dict[str, float]]   # baseline -> slice value -> mean over seeds
     curves: dict[str, tuple[list[int], list[float]]]  # label -> mean train-loss curve
     config: dict[str, Any]                   # one run's config (task, model, train)
+    slice_metric: str = ""                   # the metric the slices hold
 
 
 def summarize(rows: list[dict[str, Any]]) -> Summary:
@@ -71,7 +72,7 @@ def summarize(rows: list[dict[str, Any]]) -> Summary:
                  base_acc.items()}
     return Summary(rows[0]["sweep"], task, cls.metric, cls.higher_is_better, cls.slice_axis,
                    cls.description, labels, rows, table, slices, baselines, curves,
-                   rows[0]["config"])
+                   rows[0]["config"], cls.slice_metric or cls.metric)
 
 
 def ranked(summary: Summary) -> list[dict[str, Any]]:
@@ -158,8 +159,8 @@ def figures(summary: Summary) -> dict[str, bytes]:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, keys)
         ax.set_xlabel(summary.slice_axis)
-        ax.set_ylabel(f"test {summary.metric} (mean over seeds)")
-        ax.set_title(f"{summary.sweep}: {summary.metric} per {summary.slice_axis}")
+        ax.set_ylabel(f"test {summary.slice_metric} (mean over seeds)")
+        ax.set_title(f"{summary.sweep}: {summary.slice_metric} per {summary.slice_axis}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         out["slices"] = _png(fig, plt)
@@ -225,8 +226,9 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     title = f"Arena report: {summary.sweep}"
     md = [f"# {title}", "", *[f"- {line}" for line in setup_lines(summary)], "",
           "## Test metrics (mean ± 95% CI over seeds)", "", _md_table(header, rows), "",
-          f"## {summary.metric} per {summary.slice_axis}", "", _md_table(s_header, s_rows), "",
-          f"![{summary.metric} per {summary.slice_axis}](slices.png)" if "slices" in images
+          f"## {summary.slice_metric} per {summary.slice_axis}", "",
+          _md_table(s_header, s_rows), "",
+          f"![{summary.slice_metric} per {summary.slice_axis}](slices.png)" if "slices" in images
           else "", "", "## Training loss", "", "![training loss](curves.png)", ""]
     if failures:
         md += ["## Failed runs", ""] + [f"- {lab} seed {seed}: {err}"
@@ -242,7 +244,8 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
              "".join(f"<li>{html.escape(line)}</li>" for line in setup_lines(summary)) +
              "</ul>", "<h2>Test metrics (mean ± 95% CI over seeds)</h2>",
              _html_table(header, rows),
-             f"<h2>{html.escape(summary.metric)} per {html.escape(summary.slice_axis)}</h2>",
+             f"<h2>{html.escape(summary.slice_metric)} per {html.escape(summary.slice_axis)}"
+             "</h2>",
              _html_table(s_header, s_rows), img("slices") if "slices" in images else "",
              "<h2>Training loss</h2>", img("curves")]
     if failures:

@@ -73,15 +73,26 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _worker_init(threads: int) -> None:
+_worker: dict[str, Any] = {}  # the worker process's parent pid and event queue
+
+
+def _worker_init(threads: int, parent: int, events: Any) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _worker.update(parent=parent, events=events)
 
 
-def _worker_run(spec: RunSpec, events: Any) -> dict[str, Any]:
+def _worker_run(spec: RunSpec) -> dict[str, Any]:
+    events = _worker["events"]
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if os.getppid() != _worker["parent"]:  # the sweep was killed: nobody stores this run
+            os._exit(1)
+        events.put(("step", spec.key, (step, steps, loss)))
+
     events.put(("start", spec.key, None))
-    return train_run(spec, lambda s, n, loss: events.put(("step", spec.key, (s, n, loss))))
+    return train_run(spec, progress)
 
 
 def _run_parallel(todo: list[RunSpec], workers: int,
@@ -96,19 +107,21 @@ def _run_parallel(todo: list[RunSpec], workers: int,
     ctx = mp.get_context("spawn")
     by_key = {s.key: s for s in todo}
     crashes: dict[str, int] = {}
+    finished: set[str] = set()  # late progress events of these runs are dropped
     remaining = list(todo)
-    with ctx.Manager() as manager:
-        events = manager.Queue()
+    events = ctx.Queue()  # handed to the workers when they start (no manager process)
+    try:
         while remaining:
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(_threads_per_worker(workers),)) as pool:
-                futures: dict[Future, RunSpec] = {pool.submit(_worker_run, s, events): s
+                                     initargs=(_threads_per_worker(workers), os.getpid(),
+                                               events)) as pool:
+                futures: dict[Future, RunSpec] = {pool.submit(_worker_run, s): s
                                                   for s in remaining}
                 remaining = []
                 try:
                     while futures:
                         done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
-                        _drain(events, by_key, listener)
+                        _drain(events, by_key, finished, listener)
                         for fut in done:
                             spec = futures.pop(fut)
                             try:
@@ -116,15 +129,21 @@ def _run_parallel(todo: list[RunSpec], workers: int,
                             except BrokenProcessPool as err:
                                 crashes[spec.key] = crashes.get(spec.key, 0) + 1
                                 if crashes[spec.key] > 1:
+                                    finished.add(spec.key)
                                     finish(spec, _crashed(err))
                                 else:
                                     remaining.append(spec)
                                 continue
+                            finished.add(spec.key)
                             finish(spec, result)
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
+                except BaseException:  # interrupted: stop the workers, keep what is stored
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for child in mp.active_children():
+                        child.terminate()
                     raise
+    finally:
+        events.close()
+        events.cancel_join_thread()
 
 
 def _crashed(err: BaseException) -> dict[str, Any]:
@@ -133,10 +152,12 @@ def _crashed(err: BaseException) -> dict[str, Any]:
             "error": f"worker process died: {type(err).__name__}: {err}"}
 
 
-def _drain(events: Any, by_key: dict[str, RunSpec], listener: Listener) -> None:
+def _drain(events: Any, by_key: dict[str, RunSpec], finished: set[str],
+           listener: Listener) -> None:
     while True:
         try:
             event, key, payload = events.get_nowait()
         except queue.Empty:
             return
-        listener(event, by_key[key], payload)
+        if key not in finished:
+            listener(event, by_key[key], payload)

@@ -50,7 +50,8 @@ class Task:
     """A task of the arena; subclasses are dataclasses whose fields are their parameters.
 
     Class attributes: ``name``; ``metric`` (the primary test metric) and
-    ``higher_is_better``; ``slice_axis`` (what the slices are, e.g. "kv pairs");
+    ``higher_is_better``; ``slice_axis`` (what the slices are, e.g. "kv pairs") and
+    ``slice_metric`` (the metric they hold, when it is not ``metric``);
     ``model_defaults`` and ``train_defaults`` (the budget every mechanism gets unless the
     sweep says otherwise); ``description``.
     """
@@ -59,6 +60,7 @@ class Task:
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     slice_axis: ClassVar[str]
+    slice_metric: ClassVar[str | None] = None  # what the slices hold (default: metric)
     description: ClassVar[str]
     model_defaults: ClassVar[dict[str, Any]] = {"dim": 64, "depth": 2, "heads": 4}
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 300, "batch_size": 32, "lr": 3e-3}

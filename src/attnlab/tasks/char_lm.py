@@ -161,6 +161,7 @@ class LengthExtrapolation(CharLM):
     name: ClassVar[str] = "length_extrapolation"
     metric: ClassVar[str] = "loss_max"
     slice_axis: ClassVar[str] = "test length"
+    slice_metric: ClassVar[str | None] = "loss"
     description: ClassVar[str] = "char LM trained at L, tested at 2L, 4L, 8L"
 
     def __post_init__(self) -> None:
