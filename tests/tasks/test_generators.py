@@ -143,3 +143,23 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(ytr) == 1437 and len(yte) == 360 and xtr.shape[1:] == (1, 8, 8)
     train_rows = {tuple(r.tolist()) for r in xtr.flatten(1)}
     assert sum(tuple(r.tolist()) in train_rows for r in xte.flatten(1)) < 5  # rare duplicates
+
+
+def test_first_token_attention_is_the_mean_weight_on_token_one():
+    from attnlab.models import TransformerLM
+    from attnlab.tasks.char_lm import BOS, first_token_attention
+
+    torch.manual_seed(0)
+    model = TransformerLM(20, dim=16, depth=2, heads=2)
+    tokens = torch.randint(0, 20, (3, 9))
+    for block in model.blocks:  # zero queries: uniform causal attention in every layer
+        torch.nn.init.zeros_(block.attn.q_proj.weight)
+    out = first_token_attention(model, tokens)
+    uniform = sum(1 / (i + 1) for i in range(1, 9)) / 8  # queries 2..9 see i + 1 keys
+    assert set(out) == {"first_token_attention", "first_token_attention_L0",
+                        "first_token_attention_L1"}
+    assert out["first_token_attention"] == pytest.approx(uniform, rel=1e-5)
+    assert not model.blocks[0].attn._forward_pre_hooks  # the capture hooks are removed
+    # bos=True: every window starts with the same token
+    inputs, _ = make_task("char_lm", length=8, bos=True).sample(2, torch.Generator())
+    assert (inputs[:, 0] == BOS).all() and not (inputs[:, 1:] == BOS).all()

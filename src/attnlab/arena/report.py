@@ -89,8 +89,10 @@ def ranked(summary: Summary) -> list[dict[str, Any]]:
 def table_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (shared by the CLI, Markdown and HTML)."""
     arrow = "↑" if summary.higher_is_better else "↓"
-    extra = [k for k in dict.fromkeys(k for e in summary.table for k in e["metrics"])
-             if k != summary.metric and k != "corpus_chars"][:3]
+    names = list(dict.fromkeys(k for e in summary.table for k in e["metrics"]))
+    chosen = TASKS[summary.task].table_metrics
+    extra = [k for k in chosen if k in names] if chosen is not None else \
+        [k for k in names if k != summary.metric][:3]
     header = ["contestant", "mechanism", f"{summary.metric} {arrow}", *extra,
               "seeds", "params", "s/run"]
     rows = []

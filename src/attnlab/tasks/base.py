@@ -61,6 +61,7 @@ class Task:
     higher_is_better: ClassVar[bool]
     slice_axis: ClassVar[str]
     slice_metric: ClassVar[str | None] = None  # what the slices hold (default: metric)
+    table_metrics: ClassVar[tuple[str, ...] | None] = None  # report columns (default: 3 first)
     description: ClassVar[str]
     model_defaults: ClassVar[dict[str, Any]] = {"dim": 64, "depth": 2, "heads": 4}
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 300, "batch_size": 32, "lr": 3e-3}

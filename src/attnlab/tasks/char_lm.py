@@ -29,6 +29,7 @@ CORPUS_MODULES = (
 )
 ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII
 UNKNOWN = ALPHABET.index("?")
+BOS = ALPHABET.index("\n")
 TEST_FRACTION = 0.1
 
 
@@ -69,16 +70,20 @@ def windows(data: Tensor, batch_size: int, length: int, generator: torch.Generat
 class CharLM(TokenTask):
     """Next-character prediction on a corpus of CPython's pure-Python standard library.
 
-    Metric: test loss in nats per character (``bpc`` = loss / ln 2 is reported too). Slices:
-    loss per quarter of the context (how much a longer context helps).
+    Metric: test loss in nats per character (``bpc`` = loss / ln 2 is reported too), and
+    the attention on the first token (``first_token_attention``). Slices: loss per quarter of
+    the context (how much a longer context helps). ``bos=True`` makes every window start with
+    the same token (a newline), like a beginning-of-sequence token.
     """
 
     length: int = 128
+    bos: bool = False
 
     name: ClassVar[str] = "char_lm"
     metric: ClassVar[str] = "loss"
     higher_is_better: ClassVar[bool] = False
     slice_axis: ClassVar[str] = "context quarter"
+    table_metrics: ClassVar[tuple[str, ...] | None] = ("bpc", "first_token_attention")
     description: ClassVar[str] = "character LM on Python's standard-library sources"
     eval_size: ClassVar[int] = 64
     model_defaults: ClassVar[dict[str, Any]] = {"dim": 96, "depth": 2, "heads": 4}
@@ -96,6 +101,8 @@ class CharLM(TokenTask):
     def sample(self, batch_size: int, generator: torch.Generator, split: str = "train",
                length: int | None = None) -> tuple[Tensor, Tensor]:
         chunk = windows(split_corpus(split), batch_size, length or self.length, generator)
+        if self.bos:  # every window starts with the same token, as documents start with BOS
+            chunk[:, 0] = BOS
         return chunk[:, :-1], chunk[:, 1:]
 
     def token_losses(self, model: nn.Module, length: int, seed: int) -> Tensor:
@@ -162,6 +169,7 @@ class LengthExtrapolation(CharLM):
     metric: ClassVar[str] = "loss_max"
     slice_axis: ClassVar[str] = "test length"
     slice_metric: ClassVar[str | None] = "loss"
+    table_metrics: ClassVar[tuple[str, ...] | None] = ("loss_train_length",)
     description: ClassVar[str] = "char LM trained at L, tested at 2L, 4L, 8L"
 
     def __post_init__(self) -> None:
