@@ -154,9 +154,10 @@ def figures(summary: Summary) -> dict[str, bytes]:
         for label in summary.labels:
             vals = summary.slices.get(label, {})
             ax.plot(xs, [vals.get(k, math.nan) for k in keys], marker="o", label=label)
-        for name, vals in summary.baselines.items():
-            ax.plot(xs, [vals.get(k, math.nan) for k in keys], linestyle="--", marker="x",
-                    color="0.35" if name != "ridge" else "black", label=f"{name} (baseline)")
+        styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))  # baselines: grey, one dash each
+        for i, (name, vals) in enumerate(summary.baselines.items()):
+            ax.plot(xs, [vals.get(k, math.nan) for k in keys], linestyle=styles[i % 4],
+                    marker="x", color=str(0.15 + 0.15 * (i % 4)), label=f"{name} (baseline)")
         if numeric and len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, keys)
