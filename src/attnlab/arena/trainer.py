@@ -65,7 +65,7 @@ def _train(spec: RunSpec, progress: Progress | None) -> dict[str, Any]:
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, cfg["lr"], cfg["warmup"])
-        loss, _ = task.loss(model, task.train_batch(cfg["batch_size"], generator))
+        loss = task.loss(model, task.train_batch(cfg["batch_size"], generator))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

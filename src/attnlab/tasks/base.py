@@ -72,8 +72,8 @@ class Task:
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Any:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        """Task loss (without the model's extra loss) and batch metrics."""
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """Training loss of a batch (without the model's extra loss)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, seed: int) -> Evaluation:

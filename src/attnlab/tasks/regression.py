@@ -50,10 +50,9 @@ class InContextRegression(Task):
     def train_batch(self, batch_size: int, generator: torch.Generator) -> Any:
         return self.draw(batch_size, self.context, generator)
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
         x, y, xq, yq = batch
-        loss = (model(x, y, xq) - yq).pow(2).mean()
-        return loss, {}
+        return (model(x, y, xq) - yq).pow(2).mean()
 
     def baselines(self, context: int, seed: int, test: Episode) -> dict[str, float]:
         """MSE of every baseline at one context length on the ``test`` episodes."""
