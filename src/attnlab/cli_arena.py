@@ -18,6 +18,7 @@ from attnlab.arena.config import (
     Sweep,
     load_sweep,
     parse_sweep,
+    read_toml,
     toml_module,
 )
 
@@ -53,14 +54,11 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
                  "name": name}
     if mechanisms:
         overrides["mechanisms"] = [m.strip() for m in mechanisms.split(",") if m.strip()]
-    if config:
-        sweep = load_sweep(config, **overrides)
-        data = sweep.model_dump()
-    else:
-        if not task or not mechanisms:
-            raise click.UsageError("give --config FILE, or --task and --mechanisms "
-                                   "(see: attnlab arena tasks)")
-        data = {k: v for k, v in overrides.items() if v is not None}
+    if not config and (not task or not mechanisms):
+        raise click.UsageError("give --config FILE, or --task and --mechanisms "
+                               "(see: attnlab arena tasks)")
+    data = read_toml(config) if config else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
     if steps is not None:
         data.setdefault("train", {})["steps"] = steps
     if params:

@@ -194,17 +194,22 @@ def toml_module():
     return tomllib
 
 
-def load_sweep(path: str | Path, **overrides: Any) -> Sweep:
-    """A sweep from a TOML file; ``overrides`` (non-None values) replace top-level keys."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The raw contents of a sweep file (not validated yet)."""
     path = Path(path)
     if path.suffix != ".toml":
         raise ConfigError(f"{path}: sweep configs are TOML files (*.toml)")
     tomllib = toml_module()
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+
+
+def load_sweep(path: str | Path, **overrides: Any) -> Sweep:
+    """A sweep from a TOML file; ``overrides`` (non-None values) replace top-level keys."""
+    data = read_toml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_sweep(data, str(path))
