@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -85,14 +86,43 @@ def list_cmd(family: str | None, domain: str | None, markdown: bool) -> None:
             console.print(f"[bold]{row[0]}[/bold]: {row[2]}", overflow="fold")
 
 
+def _print_backends(name: str, dim: int, heads: int, length: int, device: str) -> None:
+    from attnlab.ops.dispatch import recorded
+
+    attn = al.build(name, dim=dim, heads=heads).to(device)
+    x = torch.randn(1, length, dim, device=device, requires_grad=True)
+    with recorded() as choices:
+        attn(x).sum().backward()
+    where = f"{device}, dim={dim}, heads={heads}, length={length}, training"
+    if not choices:
+        console.print(f"op backends ({where}): none to choose (no dispatched op)")
+        return
+    console.print(f"op backends ({where}):")
+    seen = set()
+    for op, verdicts in choices:
+        line = f"  {op}: " + "; ".join(f"{b} {v}" for b, v in verdicts)
+        if line not in seen:
+            seen.add(line)
+            console.print(line, overflow="fold", highlight=False)
+
+
 @main.command()
 @click.argument("name")
-def info(name: str) -> None:
-    """Metadata, defaults and docstring of one mechanism.
+@click.option("--dim", default=256, show_default=True, help="Model width of the backend probe.")
+@click.option("--heads", default=4, show_default=True, help="Heads of the backend probe.")
+@click.option("--length", default=128, show_default=True, help="Tokens of the backend probe.")
+@click.option("--device", default="cpu", show_default=True, help="Device of the backend probe.")
+def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
+    """Metadata, defaults, op backends and docstring of one mechanism.
+
+    The backends are those one training step (forward and backward) of the mechanism with
+    its defaults takes on --device at --dim/--heads/--length, with the reason each other
+    backend was skipped.
 
     \b
     Example:
       attnlab info softplus
+      attnlab info sigmoid --device cuda --dim 128 --heads 16
     """
     try:
         i = al.info(name)
@@ -105,6 +135,7 @@ def info(name: str) -> None:
     if i.notes:
         console.print(f"notes: {i.notes}")
     console.print("defaults: " + ", ".join(f"{k}={v!r}" for k, v in i.defaults.items()))
+    _print_backends(name, dim, heads, length, device)
     console.print()
     console.print(i.cls.__doc__ or "")
 

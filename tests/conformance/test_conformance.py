@@ -12,6 +12,8 @@ import torch
 
 import attnlab as al
 
+from ..device import DEVICE
+
 DIM, HEADS = 32, 4
 COMMON = {"kv_heads": 2, "qk_norm": True, "rope": True, "gate": "headwise"}
 
@@ -43,7 +45,7 @@ def _cases(*, need=None, only: bool | None = None) -> list:
 
 def make(name: str, kwargs: dict, causal: bool, dtype=torch.float32) -> al.Attention:
     torch.manual_seed(0)
-    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal, **kwargs).to(dtype)
+    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal, **kwargs).to(DEVICE, dtype)
     # non-trivial gates / norms so that they matter in every check
     for p in attn.parameters():
         if p.dim() == 1:
@@ -54,7 +56,7 @@ def make(name: str, kwargs: dict, causal: bool, dtype=torch.float32) -> al.Atten
 
 def inputs(b=2, length=13, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, length, DIM, generator=g).to(dtype)
+    return torch.randn(b, length, DIM, generator=g).to(DEVICE, dtype)
 
 
 def padding(b=2, length=13):
@@ -62,12 +64,12 @@ def padding(b=2, length=13):
     keep[0, :3] = False  # left padding
     keep[1, -4:] = False  # right padding
     keep[1, 5] = False  # a hole
-    return keep
+    return keep.to(DEVICE)
 
 
 @pytest.mark.parametrize("name", al.available())
 def test_constructible_from_dim_and_heads_only(name):
-    attn = al.build(name, dim=DIM, heads=HEADS)
+    attn = al.build(name, dim=DIM, heads=HEADS).to(DEVICE)
     assert isinstance(attn, al.Attention)
     assert attn(inputs()).shape == (2, 13, DIM)
     info = al.info(name)
@@ -88,7 +90,7 @@ def test_output_shape_and_dtype(name, kwargs, causal, dtype):
                          _cases(need=lambda i: "image" in i.domains))
 def test_image_input_equals_flattened_sequence(name, kwargs, causal):
     attn = make(name, kwargs, causal)
-    img = torch.randn(2, 3, 5, DIM)
+    img = torch.randn(2, 3, 5, DIM, device=DEVICE)
     y = attn(img)
     assert y.shape == img.shape
     flat = attn(img.reshape(2, 15, DIM), spatial=(3, 5))
@@ -224,7 +226,7 @@ def test_cross_attention(name, kwargs, causal):
     kwargs = {k: v for k, v in kwargs.items() if k != "rope"}
     attn = make(name, kwargs, causal=False)
     x, ctx = inputs(length=7), inputs(length=11, seed=3)
-    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep = torch.ones(2, 11, dtype=torch.bool, device=DEVICE)
     keep[0, 8:] = False
     y = attn(x, context=ctx, context_mask=keep)
     assert y.shape == x.shape
@@ -237,14 +239,15 @@ def test_cross_attention(name, kwargs, causal):
 def test_bad_input_raises_clear_errors(name):
     info = al.info(name)
     causal = info.causal
-    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal)
+    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal).to(DEVICE)
     x = inputs()
     cases = [
         (lambda: attn(x[0]), "x must be"),
-        (lambda: attn(torch.randn(2, 13, DIM + 1)), f"expected {DIM} channels"),
+        (lambda: attn(torch.randn(2, 13, DIM + 1, device=DEVICE)), f"expected {DIM} channels"),
         (lambda: attn(x.long()), "floating-point"),
-        (lambda: attn(x, mask=torch.ones(2, 13)), "bool"),
-        (lambda: attn(x, mask=torch.ones(2, 12, dtype=torch.bool)), r"shape \(B, L\)"),
+        (lambda: attn(x, mask=torch.ones(2, 13, device=DEVICE)), "bool"),
+        (lambda: attn(x, mask=torch.ones(2, 12, dtype=torch.bool, device=DEVICE)),
+         r"shape \(B, L\)"),
         (lambda: attn(x, spatial=(3, 5)), "does not match"),
     ]
     if info.decode and causal:

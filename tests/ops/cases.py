@@ -6,6 +6,8 @@ import torch
 
 from attnlab.ops import sigmoid_attention, softmax_attention, softplus_attention
 
+from ..device import DEVICE
+
 # name -> (op with fixed kwargs, fast backends tested against the reference)
 OPS = {
     "softmax": (softmax_attention, ("sdpa",)),
@@ -20,24 +22,28 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 TOL_LSSAR = {torch.float32: (3e-4, 1e-3), torch.bfloat16: (1.5e-1, 1e-1)}
 
 
+if DEVICE.type == "cuda":  # FlexAttention is a fast backend there
+    OPS = {name: (op, (*fast, "flex")) for name, (op, fast) in OPS.items()}
+
+
 def tolerance(op_name, dtype):
     return (TOL_LSSAR if op_name == "lssar" else TOL)[dtype]
 
 
-def make_qkv(b, h, hkv, lq, lk, d, dtype, requires_grad=True, seed=0):
+def make_qkv(b, h, hkv, lq, lk, d, dtype, requires_grad=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, lq, d, generator=g)
     k = torch.randn(b, hkv, lk, d, generator=g)
     v = torch.randn(b, hkv, lk, d, generator=g)
-    return [t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def key_padding(b, lk, seed=1):
+def key_padding(b, lk, seed=1, device="cpu"):
     """(B, 1, 1, Lk) with a few padded keys per row; the first row is left-padded."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(b, lk, generator=g) > 0.2
     keep[0, : max(1, lk // 3)] = False  # left padding: early causal rows see nothing
-    return keep[:, None, None, :]
+    return keep[:, None, None, :].to(device)
 
 # the random-feature op joins the tiled-vs-reference checks with its smooth activations;
 # relu (a kink at 0, where fp32 and float64 scores may differ in sign, and rows that may be

@@ -69,3 +69,55 @@ def test_gqa_equals_explicitly_repeated_heads():
         grouped = op(q, k, v, causal=True)
         repeated = op(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
         torch.testing.assert_close(grouped, repeated)
+
+
+def test_explain_gives_the_reason_for_each_skipped_backend_on_cpu():
+    from attnlab.ops.dispatch import explain
+    from attnlab.ops.sigmoid import BACKENDS
+
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 32, torch.float32)
+    verdicts = dict(explain("sigmoid_attention", "auto", BACKENDS, q, k, v))
+    assert verdicts["flex"].startswith("skipped: auto uses FlexAttention on CUDA only")
+    assert verdicts["tiled"] == "chosen" and verdicts["reference"] == "not tried"
+    verdicts = dict(explain("sigmoid_attention", "auto", BACKENDS, q, k, v, tensor_bias=True))
+    assert "float bias only" in verdicts["tiled"] and verdicts["reference"] == "chosen"
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor in the dispatcher's checks (shape, device, grad)."""
+
+    def __init__(self, *shape, requires_grad=False):
+        self.shape, self.requires_grad = torch.Size(shape), requires_grad
+        self.device = torch.device("cuda")
+
+
+@pytest.mark.parametrize("head_dim, reason", [(8, "head dims >= 16"), (64, None)])
+def test_auto_takes_flex_on_cuda_only_for_head_dims_it_compiles(head_dim, reason):
+    from attnlab.ops.dispatch import Request, why_not
+
+    t = _FakeCuda(1, 2, 9, head_dim, requires_grad=True)
+    got = why_not("flex", Request("sigmoid_attention", t, t, t), auto=True)
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_softmax_auto_prefers_sdpa_over_flex_everywhere():
+    from attnlab.ops.dispatch import Request, why_not
+    from attnlab.ops.softmax import BACKENDS
+
+    t = _FakeCuda(1, 2, 9, 64)
+    assert BACKENDS[0] == "sdpa" and why_not("sdpa", Request("softmax", t, t, t), auto=True) \
+        is None
+
+
+def test_recorded_collects_the_choices_of_a_module_call_and_logs_them(caplog):
+    import logging
+
+    import attnlab as al
+    from attnlab.ops.dispatch import recorded
+
+    attn = al.build("softplus", dim=32, heads=2)
+    with caplog.at_level(logging.DEBUG, logger="attnlab.ops"), recorded() as choices:
+        attn(torch.randn(1, 5, 32))
+    assert [op for op, _ in choices] == ["softplus_attention"]
+    assert ("tiled", "chosen") in choices[0][1]
+    assert any("softplus_attention: tiled" in r.getMessage() for r in caplog.records)

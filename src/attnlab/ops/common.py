@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import check_op_mask, visibility
+from attnlab.ops.dispatch import choose
 
 
 def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -30,12 +31,13 @@ def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> 
 
 def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
           mask: Tensor | None, *, tensor_bias: bool = False) -> tuple[str, Tensor, Tensor]:
-    """Every op's preamble: check the inputs, resolve the backend, expand GQA heads.
+    """Every op's preamble: check the inputs, resolve the backend (``known`` in order of
+    preference for ``auto``, see ``ops/dispatch.py``), expand GQA heads.
 
     Returns the backend name and ``k``, ``v`` with as many heads as ``q``.
     """
     check_qkv(op, q, k, v, mask)
-    name = choose_backend(op, backend, known, q, k, v, tensor_bias=tensor_bias)
+    name = choose(op, backend, known, q, k, v, tensor_bias=tensor_bias)
     return name, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
 
 
@@ -84,29 +86,3 @@ def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
         return counts.view(-1, 1, lq, 1)
     vis = visibility(lq, lk, causal=causal, mask=mask, device=device)
     return vis.sum(-1, keepdim=True)
-
-
-def choose_backend(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor,
-                   v: Tensor, *, tensor_bias: bool = False) -> str:
-    """Resolve ``backend="auto"`` and reject backends that cannot serve this call."""
-    if backend not in ("auto", *known):
-        raise ValueError(f"{op}: unknown backend {backend!r}; choose from {('auto', *known)}")
-    from attnlab.ops.flex import flex_available  # local: flex import is heavy
-
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if backend == "auto":
-        if "flex" in known and q.device.type == "cuda" and flex_available() and not tensor_bias:
-            return "flex"
-        if "sdpa" in known:
-            return "sdpa"
-        return "tiled" if ("tiled" in known and not tensor_bias) else "reference"
-    if backend == "flex":
-        if not flex_available():
-            raise ValueError(f"{op}: FlexAttention is not available in this torch build")
-        if grad and q.device.type == "cpu":
-            raise ValueError(f"{op}: FlexAttention has no backward on CPU; use backend='tiled'")
-        if tensor_bias:
-            raise ValueError(f"{op}: the flex backend takes a float bias only")
-    if backend == "tiled" and tensor_bias:
-        raise ValueError(f"{op}: the tiled backend takes a float bias only")
-    return backend

@@ -14,14 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return False
-    return True
+from attnlab.ops.dispatch import flex_available  # noqa: F401 (its home is the dispatcher)
 
 
 @functools.cache

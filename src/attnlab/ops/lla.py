@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import check_qkv, default_scale, expand_kv, shifted_exp, upcast
+from attnlab.ops.dispatch import choose
 
-BACKENDS = ("reference", "chunked")
+BACKENDS = ("chunked", "reference")  # in order of preference for backend="auto"
 
 
 def _kernel(q: Tensor, k: Tensor, visible: Tensor | None, scale: float) -> Tensor:
@@ -89,9 +90,7 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Tr
     per head, time still quadratic in L).
     """
     check_qkv("local_linear_attention", q, k, v, mask)
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"local_linear_attention: unknown backend {backend!r}; choose from "
-                         f"{('auto', *BACKENDS)}")
+    backend = choose("local_linear_attention", backend, BACKENDS, q, k, v)
     if ridge < 0:
         raise ValueError(f"local_linear_attention: ridge must be >= 0, got {ridge}")
     scale = default_scale(q, scale)

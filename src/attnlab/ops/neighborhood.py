@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.ops.common import default_scale, expand_kv
+from attnlab.ops.dispatch import choose
 
-BACKENDS = ("reference", "tiled", "flex")
+BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
 
 
 def _per_axis(value, n: int, name: str, kind: type) -> tuple:
@@ -346,13 +347,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
                              f"{tuple(key_mask.shape)}")
         key_mask = key_mask.reshape(q.shape[0], *spatial)
     rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"{op}: unknown backend {backend!r}; choose from {('auto', *BACKENDS)}")
-    if backend == "auto":
-        backend = "flex" if q.device.type == "cuda" else "tiled"
-    if backend == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and \
-            any(t.requires_grad for t in (q, k, v)):
-        raise ValueError(f"{op}: FlexAttention has no backward on CPU; use backend='tiled'")
+    backend = choose(op, backend, BACKENDS, q, k, v)
     scale = default_scale(q, scale)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if backend == "reference":

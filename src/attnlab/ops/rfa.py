@@ -13,10 +13,11 @@ from torch import Tensor
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import check_qkv, expand_kv, row_counts, upcast
+from attnlab.ops.dispatch import choose
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
 ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
-BACKENDS = ("reference", "tiled")
+BACKENDS = ("tiled", "reference")  # in order of preference for backend="auto"
 
 
 def random_feature_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
@@ -63,9 +64,7 @@ def random_feature_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = 
     if activation not in ACTIVATIONS:
         raise ValueError(f"random_feature_attention: activation must be one of "
                          f"{sorted(ACTIVATIONS)}, got {activation!r}")
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"random_feature_attention: unknown backend {backend!r}; choose from "
-                         f"{('auto', *BACKENDS)}")
+    backend = choose("random_feature_attention", backend, BACKENDS, q, k, v)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if backend == "reference":
         vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)

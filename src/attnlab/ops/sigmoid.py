@@ -18,7 +18,7 @@ from attnlab.ops.common import begin, default_scale, upcast
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
-BACKENDS = ("reference", "tiled", "flex")
+BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
 
 
 def sigmoid_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
@@ -52,7 +52,8 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """Sigmoid attention on (B, H, L, D) tensors; ``bias`` defaults to ``-ln(Lk)``.
 
     Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
-    default), ``flex`` (FlexAttention with score_mod = logsigmoid, rescaled by exp(lse)).
+    default), ``flex`` (FlexAttention with score_mod = log sigmoid = -softplus(-s), rescaled
+    by exp(lse); ``F.logsigmoid`` itself fails to compile inside a score_mod on CUDA, torch 2.11).
     """
     scale = default_scale(q, scale)
     bias = -math.log(max(k.shape[2], 1)) if bias is None else bias
@@ -65,7 +66,7 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         return row_tiled(SigmoidRows(scale, float(bias)), q, k, v, causal=causal, mask=mask,
                          block_size=block_size)
     out, lse = flex_call(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=True,
-                         score_mod=lambda s, b, h, i, j: F.logsigmoid(s + bias))
+                         score_mod=lambda s, b, h, i, j: -F.softplus(-(s + bias)))
     return out * lse.exp().unsqueeze(-1).to(out.dtype)
 
 

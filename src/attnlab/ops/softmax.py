@@ -12,7 +12,7 @@ from attnlab.core.masks import visibility
 from attnlab.ops.common import begin, default_scale, upcast
 from attnlab.ops.flex import flex_call
 
-BACKENDS = ("reference", "sdpa", "flex")
+BACKENDS = ("sdpa", "flex", "reference")  # in order of preference for backend="auto"
 
 
 def softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
