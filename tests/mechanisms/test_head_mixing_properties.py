@@ -113,9 +113,11 @@ def test_rcmha_scores_are_the_transformer_xl_decomposition():
     seen = {}
     attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
     attn.hook_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    attn.hook_v.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o))
+    attn.hook_heads.register_forward_hook(lambda m, i, o: seen.__setitem__("heads", o))
     w = attn.weights(x)
     attn(x)
-    q, k = seen["q"][0], seen["k"][0]
+    q, k, v = seen["q"][0], seen["k"][0], seen["v"][0]
     from attnlab.mechanisms.rcmha import sinusoid
 
     r = attn.rel_proj(sinusoid(torch.arange(6), DIM)).view(6, 4, -1)
@@ -127,6 +129,10 @@ def test_rcmha_scores_are_the_transformer_xl_decomposition():
                 scores[h, i, j] = ((q[h, i] + attn.u[h]) @ k[h, j]
                                    + (q[h, i] + attn.v_bias[h]) @ r[i - j, h]) / math.sqrt(d)
     torch.testing.assert_close(w[0], torch.softmax(scores, -1), atol=1e-5, rtol=1e-5)
+    # and the output is these weights times the values, per head (not weights() @ v again)
+    expected = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(seen["heads"][0].transpose(0, 1), expected, atol=1e-5,
+                               rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- medusa

@@ -214,6 +214,35 @@ def test_longheads_within_budget_is_full_causal_attention(rope):
     assert not torch.allclose(attn(x), ref(x), atol=1e-4)
 
 
+def test_longheads_output_follows_the_chunk_rule_written_out_per_query():
+    """Weights and output against a loop over queries: score the earlier complete chunks
+    by q . mean key, keep chunk 0, the local chunk and the best others up to the budget,
+    softmax over the kept keys j <= i."""
+    torch.manual_seed(3)
+    w, budget, length = 3, 3, 14
+    attn = build("longheads", chunk_size=w, budget=budget, causal=True)
+    x = torch.randn(1, length, DIM)
+    seen = {}
+    for name in ("hook_q", "hook_k", "hook_v", "hook_heads"):
+        getattr(attn, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o[0]))
+    attn(x)
+    q, k, v = seen["hook_q"], seen["hook_k"], seen["hook_v"]
+    heads, d = q.shape[0], q.shape[-1]
+    expected = torch.zeros(heads, length, d)
+    for h in range(heads):
+        for i in range(length):
+            local = i // w
+            scores = {c: float(q[h, i] @ k[h, c * w:(c + 1) * w].mean(0))
+                      for c in range(1, local)}
+            best = sorted(scores, key=scores.get, reverse=True)[:budget - 2]
+            kept = [j for j in range(i + 1) if j // w in {0, local, *best}]
+            a = torch.softmax(torch.stack([q[h, i] @ k[h, j] for j in kept]) / d ** 0.5, 0)
+            expected[h, i] = a @ v[h, kept]
+    torch.testing.assert_close(seen["hook_heads"].transpose(0, 1), expected, atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_longheads_selects_a_planted_matching_chunk():
     torch.manual_seed(0)
     d, w = 16, 4

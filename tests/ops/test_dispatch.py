@@ -63,12 +63,15 @@ def test_op_mask_errors():
         sigmoid_attention(q, k, v, mask=torch.ones(1, 1, 1, 5, dtype=torch.bool))
 
 
-def test_gqa_equals_explicitly_repeated_heads():
+def test_gqa_query_head_h_uses_kv_head_h_div_group():
+    """Built head by head, without the ops' own expansion: query heads 0-2 share kv head 0,
+    3-5 kv head 1 (a .repeat instead of .repeat_interleave would pair them differently)."""
     q, k, v = make_qkv(2, 6, 2, 7, 7, 8, torch.float64, requires_grad=False)
     for op in (softmax_attention, sigmoid_attention, softplus_attention):
         grouped = op(q, k, v, causal=True)
-        repeated = op(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
-        torch.testing.assert_close(grouped, repeated)
+        per_head = torch.cat([op(q[:, h:h + 1], k[:, h // 3:h // 3 + 1], v[:, h // 3:h // 3 + 1],
+                                 causal=True) for h in range(6)], dim=1)
+        torch.testing.assert_close(grouped, per_head)
 
 
 def test_explain_gives_the_reason_for_each_skipped_backend_on_cpu():
