@@ -7,10 +7,9 @@
 from attnlab import mechanisms as mechanisms  # registers the built-in mechanisms
 from attnlab import ops as ops
 from attnlab.core import (
-    Attention,
     Call,
+    HeadShape,
     HookPoint,
-    KVCache,
     MechanismInfo,
     State,
     available,
@@ -18,8 +17,9 @@ from attnlab.core import (
     info,
     register,
 )
+from attnlab.mechanisms.base import Attention
 
 __version__ = "0.1.0"
 
-__all__ = ["Attention", "Call", "HookPoint", "KVCache", "MechanismInfo", "State", "available",
+__all__ = ["Attention", "Call", "HeadShape", "HookPoint", "MechanismInfo", "State", "available",
            "build", "info", "ops", "register", "__version__"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attnlab as al
-from attnlab.core.positional import Rotary
+from attnlab.modules.rotary import Rotary
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -27,8 +27,8 @@ def test_dim_not_divisible_needs_head_dim():
 
 def test_gqa_projection_sizes():
     attn = al.build("softmax", dim=32, heads=4, kv_heads=1)
-    assert attn.k_proj.out_features == attn.v_proj.out_features == 8
-    assert attn.q_proj.out_features == 32
+    assert attn.qkv.k.out_features == attn.qkv.v.out_features == 8
+    assert attn.qkv.q.out_features == 32
 
 
 def test_gqa_equals_mha_with_repeated_kv_projections():
@@ -36,11 +36,11 @@ def test_gqa_equals_mha_with_repeated_kv_projections():
     gqa = al.build("softmax", dim=32, heads=4, kv_heads=2, causal=True)
     mha = al.build("softmax", dim=32, heads=4, causal=True)
     with torch.no_grad():
-        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.qkv.q.weight.copy_(gqa.qkv.q.weight)
         mha.o_proj.weight.copy_(gqa.o_proj.weight)
-        for name in ("k_proj", "v_proj"):
-            w = getattr(gqa, name).weight.unflatten(0, (2, 8)).repeat_interleave(2, 0)
-            getattr(mha, name).weight.copy_(w.flatten(0, 1))
+        for name in ("k", "v"):
+            w = getattr(gqa.qkv, name).weight.unflatten(0, (2, 8)).repeat_interleave(2, 0)
+            getattr(mha.qkv, name).weight.copy_(w.flatten(0, 1))
     x = torch.randn(2, 9, 32)
     torch.testing.assert_close(gqa(x), mha(x))
 
@@ -72,7 +72,7 @@ def test_state_checks_and_growth():
     for _ in range(70):  # grows past the initial capacity several times
         attn(torch.randn(3, 1, 16), state=state)
     assert state.position == 70
-    assert state.numbers_per_token() == 2 * 1 * 8
+    assert state.numbers_per_token("k", "v") == 2 * 1 * 8
     with pytest.raises(ValueError, match="batch_size=3"):
         attn(torch.randn(4, 1, 16), state=state)
     other = al.build("sigmoid", dim=16, heads=2, causal=True)

@@ -66,7 +66,7 @@ def test_a_new_mechanism_plugs_in_and_its_modes_are_enforced(temporary_registry)
     with pytest.raises(ValueError, match="cannot decode"):
         attn.new_state(1)
     with pytest.raises(ValueError, match="cannot decode"):
-        attn(torch.randn(1, 5, 8), state=al.KVCache("toy_bidir", 1))
+        attn(torch.randn(1, 5, 8), state=al.State("toy_bidir", 1))
     with pytest.raises(ValueError, match="does not support cross-attention"):
         attn(torch.randn(1, 5, 8), context=torch.randn(1, 3, 8))
 

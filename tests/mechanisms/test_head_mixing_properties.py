@@ -64,14 +64,14 @@ def test_cca_cache_holds_two_latents_per_kv_head_and_decodes_like_the_full_forwa
     parts = [attn(x[:, :5], state=state)] + [attn(x[:, t:t + 1], state=state)
                                              for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
-    assert state.numbers_per_token() == 2 * kv_heads * attn.head_dim
+    assert state.numbers_per_token("k", "v") == 2 * kv_heads * attn.head_dim
     assert attn.head_dim * attn.heads * attn.compression == DIM  # the latent is compressed
 
 
 def test_cca_queries_and_keys_have_norm_sqrt_dh_times_the_key_temperature():
     attn = build("cca", causal=True)
     with torch.no_grad():
-        attn.key_temperature.fill_(2.0)
+        attn.qkv.key_temperature.fill_(2.0)
     seen = {}
     attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
     attn.hook_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))

@@ -20,7 +20,7 @@ def test_agent_matrix_is_nonnegative_with_unit_rows_on_images_and_sequences():
 
 
 def test_agent_pools_49_agents_from_a_14x14_image_as_7x7_means():
-    from attnlab.core.spatial import masked_pool
+    from attnlab.modules.spatial import masked_pool
 
     q = torch.randn(1, 1, 196, 4)
     agents = masked_pool(q, None, (14, 14), (7, 7))
@@ -54,7 +54,7 @@ def _soft(ratio, inverse="exact"):
 def test_soft_with_as_many_landmarks_as_tokens_equals_the_full_kernel_product():
     attn = _soft(ratio=1).double()
     x = torch.randn(1, 24, 32, dtype=torch.float64)
-    q = attn.split_heads(attn.q_proj(x), 2)
+    q = attn.split_heads(attn.qkv.qk(x), 2)
     full = gaussian_kernel(q, q)
     torch.testing.assert_close(attn.weights(x), full, atol=1e-8, rtol=1e-6)
 
@@ -64,7 +64,7 @@ def test_soft_nystrom_error_falls_as_landmarks_grow():
     errors = []
     for ratio in (16, 8, 4, 2):  # 4, 8, 16, 32 landmarks
         attn = _soft(ratio).double()
-        q = attn.split_heads(attn.q_proj(x), 2)
+        q = attn.split_heads(attn.qkv.qk(x), 2)
         errors.append((attn.weights(x) - gaussian_kernel(q, q)).norm().item())
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
 
@@ -99,7 +99,7 @@ def test_rfa_fits_its_target_class_better_than_a_random_feature_mlp(power):
     x0, context = x[:, :1], x[:, 1:]
     target = ((z[:, 1:] @ z[:, :1].mT).squeeze(-1) ** power).mean(-1)
     call = al.Call(x0, torch.arange(1), None, None, None, context)
-    q, k, _ = attn.project(call)
+    q, k, _ = attn.qkv(call)
     weights = attn.attention_weights(q, k, call)  # (B, M, 1, N)
     rfa_features = (weights @ context.unsqueeze(1)).flatten(1)  # (B, M * C)
     flat = x.flatten(1)

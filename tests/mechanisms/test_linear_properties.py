@@ -121,7 +121,7 @@ def test_hedgehog_extra_loss_is_the_distillation_loss_in_training_only():
     loss = attn.extra_loss()
     assert loss.item() > 0
     loss.backward()
-    assert attn.phi.weight.grad is not None and attn.q_proj.weight.grad is None
+    assert attn.phi.weight.grad is not None and attn.qkv.q.weight.grad is None
     attn.eval()
     attn(x)  # an eval forward leaves no stale training loss behind
     assert attn.extra_loss().item() == 0.0

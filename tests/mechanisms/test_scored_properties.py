@@ -177,6 +177,6 @@ def test_selective_hook_q_holds_the_temperature_scaled_queries():
     attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
     x = torch.randn(1, 6, 16)
     attn(x)
-    raw = attn.split_heads(attn.q_proj(x), 2)
+    raw = attn.split_heads(attn.qkv.q(x), 2)
     tau = attn.query_temperature(x, torch.arange(6))
     torch.testing.assert_close(seen["q"], raw * tau)

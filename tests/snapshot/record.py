@@ -61,6 +61,12 @@ def _padding(length: int = LENGTH) -> torch.Tensor:
     return keep
 
 
+def _uses_rope(attn: al.Attention) -> bool:
+    if hasattr(attn, "uses_rope"):
+        return attn.uses_rope
+    return attn.rotary is not None  # before the parts refactoring
+
+
 def compute(attn: al.Attention, name: str, causal: bool) -> dict[str, torch.Tensor]:
     """Every observable of one module on fixed inputs (parameter gradients by name)."""
     info = al.info(name)
@@ -74,7 +80,7 @@ def compute(attn: al.Attention, name: str, causal: bool) -> dict[str, torch.Tens
             result["weights_masked"] = attn.weights(x, mask=keep)
         if "image" in info.domains:
             result["out_image"] = attn(_inputs(attn.dim, 15, seed=2).reshape(2, 3, 5, attn.dim))
-        if info.cross and not causal and attn.rotary is None:
+        if info.cross and not causal and not _uses_rope(attn):
             ctx = _inputs(attn.dim, 7, seed=3)
             result["out_cross"] = attn(x, context=ctx)
         if info.decode and causal:
@@ -84,6 +90,8 @@ def compute(attn: al.Attention, name: str, causal: bool) -> dict[str, torch.Tens
                       for t in range(4, LENGTH)]
             result["decode"] = torch.cat(steps, 1)
     attn.train()
+    torch.manual_seed(7)  # training-mode randomness (MIL's instance masking), whatever the
+    # construction consumed
     xg = x.clone().requires_grad_()
     y = attn(xg, mask=keep)
     g = torch.Generator().manual_seed(5)

@@ -13,15 +13,27 @@ SNAPSHOT = record.load()
 CASES = {case_id: (name, kwargs, causal) for case_id, name, kwargs, causal in record.cases()}
 TOL = 1e-6
 
-# parameter and buffer names that a refactoring renamed: old name -> new name
-RENAMES: dict[str, str] = {}
+# Parameter and buffer names that a refactoring renamed: old name prefix -> new one, for
+# every mechanism, then per mechanism (the parts refactoring moved q, k, v into ``qkv``).
+RENAMES: dict[str, str] = {"q_proj": "qkv.q", "k_proj": "qkv.k", "v_proj": "qkv.v",
+                           "q_norm": "qk_norm.q", "k_norm": "qk_norm.k"}
+RENAMES_OF: dict[str, dict[str, str]] = {
+    "soft": {"q_proj": "qkv.qk"},
+    "rfa": {"random_qk": "qkv.random_qk"},
+    "mil_attention": {"branch": "qkv.branch", "k_proj": "qkv.features",
+                      "gate_proj": "qkv.gate"},
+    "cca": {"conv_depthwise": "qkv.conv_depthwise", "conv_heads": "qkv.conv_heads",
+            "key_temperature": "qkv.key_temperature"},
+    "rcmha": {"conv_q": "qkv.conv_q", "conv_k": "qkv.conv_k", "conv_v": "qkv.conv_v"},
+}
 
 
-def renamed(key: str) -> str:
-    """A recorded parameter name (or ``grad.<name>``) as the current code spells it."""
-    for old, new in RENAMES.items():
+def renamed(key: str, name: str) -> str:
+    """A recorded parameter name (or ``grad.<name>``) of mechanism ``name`` as the current
+    code spells it."""
+    for old, new in {**RENAMES, **RENAMES_OF.get(name, {})}.items():
         for prefix in ("", "grad."):
-            if key.startswith(prefix + old):
+            if key.startswith(prefix + old + ".") or key == prefix + old:
                 return prefix + new + key[len(prefix + old):]
     return key
 
@@ -35,10 +47,11 @@ def test_mechanism_reproduces_snapshot(case_id):
     name, kwargs, causal = CASES[case_id]
     saved = SNAPSHOT[case_id]
     attn = record.build(name, kwargs, causal)
-    attn.load_state_dict({renamed(k): t for k, t in saved["state_dict"].items()}, strict=True)
+    state = {renamed(k, name): t for k, t in saved["state_dict"].items()}
+    attn.load_state_dict(state, strict=True)
     got = record.compute(attn, name, causal)
     expected = saved["result"]
-    old_names = {renamed(k): k for k in expected}
+    old_names = {renamed(k, name): k for k in expected}
     assert sorted(old_names) == sorted(got), "a different set of observables"
     for key, value in got.items():
         want = expected[old_names[key]]

@@ -181,7 +181,7 @@ def test_first_token_attention_is_the_mean_weight_on_token_one():
     model = TransformerLM(20, dim=16, depth=2, heads=2)
     tokens = torch.randint(0, 20, (3, 9))
     for block in model.blocks:  # zero queries: uniform causal attention in every layer
-        torch.nn.init.zeros_(block.attn.q_proj.weight)
+        torch.nn.init.zeros_(block.attn.qkv.q.weight)
     out = first_token_attention(model, tokens)
     uniform = sum(1 / (i + 1) for i in range(1, 9)) / 8  # queries 2..9 see i + 1 keys
     assert set(out) == {"first_token_attention", "first_token_attention_L0",

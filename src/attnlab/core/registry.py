@@ -1,5 +1,8 @@
 """The mechanism registry: names, metadata, and construction by name.
 
+Mechanisms register themselves when ``attnlab.mechanisms`` is imported, which importing
+``attnlab`` does.
+
 The metadata recorded here is the single source of truth for the tests (the conformance
 suite iterates over :func:`available`), the docs, ``attnlab list`` and the README table.
 """
@@ -13,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from attnlab.core.base import Attention
+    from attnlab.mechanisms.base import Attention
 
 COMMON_OPTIONS = ("kv_heads", "qk_norm", "rope", "gate")
+# Constructor arguments of the base class that a mechanism passes to choose its parts: not
+# user options of ``build`` and not shown as defaults.
+PART_ARGUMENTS = ("projection", "qk_dim", "output_projection", "output_norm")
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,12 @@ def _first_doc_line(cls: type) -> str:
 def _own_defaults(cls: type) -> dict[str, Any]:
     """Constructor defaults, i.e. what ``build(name, dim=..., heads=...)`` uses."""
     params = inspect.signature(cls.__init__).parameters
+    internal = _part_arguments(params)
     return {
         n: p.default
         for n, p in params.items()
-        if n not in ("self", "dim", "heads") and p.default is not inspect.Parameter.empty
+        if n not in ("self", "dim", "heads", *internal)
+        and p.default is not inspect.Parameter.empty
         and p.kind is not inspect.Parameter.VAR_KEYWORD
     }
 
@@ -118,14 +126,8 @@ def register(
     return decorate
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in mechanism.
-    import attnlab.mechanisms  # noqa: F401
-
-
 def available(*, family: str | None = None, domain: str | None = None) -> list[str]:
     """Sorted names of the registered mechanisms, optionally filtered."""
-    _ensure_loaded()
     return sorted(
         n for n, i in _REGISTRY.items()
         if (family is None or i.family == family) and (domain is None or domain in i.domains)
@@ -134,7 +136,6 @@ def available(*, family: str | None = None, domain: str | None = None) -> list[s
 
 def info(name: str) -> MechanismInfo:
     """Metadata of a registered mechanism; unknown names raise ``ValueError`` with suggestions."""
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -165,8 +166,16 @@ def _accepted_arguments(cls: type) -> set[str]:
         if init is None:
             continue
         params = inspect.signature(init).parameters
-        names |= {n for n, p in params.items() if n != "self" and p.kind not in
-                  (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+        internal = _part_arguments(params)
+        names |= {n for n, p in params.items() if n != "self" and n not in internal
+                  and p.kind not in (inspect.Parameter.VAR_KEYWORD,
+                                     inspect.Parameter.VAR_POSITIONAL)}
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             break
     return names
+
+
+def _part_arguments(params) -> tuple[str, ...]:
+    """The base class's part arguments when ``params`` is its signature (a mechanism may
+    offer an option of the same name, e.g. SHViT's ``qk_dim``)."""
+    return PART_ARGUMENTS if "projection" in params else ()

@@ -1,4 +1,10 @@
-"""Decoding states: what a mechanism carries from one call to the next."""
+"""The decoding state: what a mechanism carries from one call to the next.
+
+One type serves every mechanism: named tensors that either grow along the token axis
+(``append``: a KV cache, a padding mask) or are replaced whole (``put``: a linear-attention
+prefix sum, a convolution's last inputs). ``position`` counts the tokens consumed; only
+``Attention.forward`` advances it, once per call, after the mechanism has run.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,23 @@ from torch import Tensor
 
 
 class State:
-    """Base class of decoding states.
+    """Named decoding tensors of one module and one batch.
 
-    ``position`` counts the tokens consumed so far (the absolute position of the next
-    token). A state is bound to the module that created it (``owner``) and to a batch size.
+    A state is bound to the module that created it (``owner``) and to a batch size. Growing
+    entries keep spare capacity (doubling when full), so appending a token is amortised
+    O(1); their values are stored detached, while the chunk just appended keeps its
+    gradient in what ``append`` returns.
     """
 
-    def __init__(self, owner: str, batch_size: int) -> None:
+    def __init__(self, owner: str, batch_size: int, *, capacity: int = 64) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.owner = owner
         self.batch_size = batch_size
         self.position = 0
+        self._initial_capacity = max(1, capacity)
+        self._fixed: dict[str, Tensor] = {}
+        self._growing: dict[str, tuple[Tensor, int, int]] = {}  # name -> (buffer, dim, length)
 
     def check(self, owner: str, batch: int) -> None:
         """Raise ``ValueError`` when this state cannot serve a call of ``owner`` with ``batch``."""
@@ -30,92 +41,76 @@ class State:
                 f"got an input with batch size {batch}"
             )
 
-    def nbytes(self) -> int:
-        """Memory held by the state's tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def tensors(self) -> list[Tensor]:
-        return []
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(owner={self.owner!r}, batch_size={self.batch_size}, "
-                f"position={self.position})")
-
-
-class KVCache(State):
-    """Key/value cache with amortised O(1) appends (capacity doubles when full).
-
-    Stores keys and values with ``kv_heads`` heads, ``(B, H_kv, T, D)``, and the key padding
-    mask ``(B, T)`` so that padded prompt tokens stay invisible while decoding.
-    """
-
-    def __init__(self, owner: str, batch_size: int, *, capacity: int = 64) -> None:
-        super().__init__(owner, batch_size)
-        self._capacity = max(1, capacity)
-        self._k: Tensor | None = None
-        self._v: Tensor | None = None
-        self._mask: Tensor | None = None
-
-    def _grow(self, like_k: Tensor, like_v: Tensor, needed: int) -> None:
-        cap = self._capacity
-        while cap < needed:
-            cap *= 2
-        b, h, _, dk = like_k.shape
-        dv = like_v.shape[-1]
-        k = like_k.new_zeros(b, h, cap, dk)
-        v = like_v.new_zeros(b, h, cap, dv)
-        mask = torch.zeros(b, cap, dtype=torch.bool, device=like_k.device)
-        if self._k is not None:
-            n = self.position
-            k[:, :, :n] = self._k[:, :, :n]
-            v[:, :, :n] = self._v[:, :, :n]
-            mask[:, :n] = self._mask[:, :n]
-        self._k, self._v, self._mask, self._capacity = k, v, mask, cap
-
-    def append(self, k: Tensor, v: Tensor, key_mask: Tensor | None
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        """Append ``k, v`` of shape ``(B, H_kv, L, D)``; return all cached keys, values, mask."""
-        n, l = self.position, k.shape[2]
-        if self._k is None or n + l > self._capacity:
-            self._grow(k, v, n + l)
-        elif self._k.shape[1] != k.shape[1] or self._k.shape[-1] != k.shape[-1]:
-            raise ValueError(f"{self.owner}: cache holds {tuple(self._k.shape)}, got keys "
-                             f"{tuple(k.shape)}")
-        # The cache stores values, not autograd history; the current chunk keeps its gradient.
-        self._k[:, :, n:n + l] = k.detach()
-        self._v[:, :, n:n + l] = v.detach()
-        self._mask[:, n:n + l] = True if key_mask is None else key_mask
-        self.position = end = n + l
-        if k.requires_grad or v.requires_grad:
-            return (torch.cat((self._k[:, :, :n], k), dim=2),
-                    torch.cat((self._v[:, :, :n], v), dim=2), self._mask[:, :end])
-        return self._k[:, :, :end], self._v[:, :, :end], self._mask[:, :end]
-
-    def tensors(self) -> list[Tensor]:
-        return [t for t in (self._k, self._v, self._mask) if t is not None]
-
-    def numbers_per_token(self) -> int:
-        """Cached numbers per token (keys and values, all kv heads)."""
-        if self._k is None:
-            return 0
-        return self._k.shape[1] * (self._k.shape[-1] + self._v.shape[-1])
-
-
-class RecurrentState(State):
-    """A state of fixed size (linear attention, SSM-like mechanisms): named tensors that each
-    call replaces. Its memory does not grow with the number of tokens consumed."""
-
-    def __init__(self, owner: str, batch_size: int) -> None:
-        super().__init__(owner, batch_size)
-        self._tensors: dict[str, Tensor] = {}
-
+    # ------------------------------------------------------------------ fixed-size entries
     def get(self, name: str) -> Tensor | None:
-        return self._tensors.get(name)
+        """A fixed-size entry (``put``), or all of a growing one so far; None if absent."""
+        if name in self._fixed:
+            return self._fixed[name]
+        if name in self._growing:
+            buffer, dim, length = self._growing[name]
+            return buffer.narrow(dim, 0, length)
+        return None
 
-    def update(self, tokens: int, **tensors: Tensor) -> None:
-        """Store the new tensors (detached: a state carries values, not autograd history)."""
-        self._tensors.update({k: t.detach() for k, t in tensors.items()})
+    def put(self, **tensors: Tensor) -> None:
+        """Replace fixed-size entries (stored detached: a state carries values, not history)."""
+        self._fixed.update({k: t.detach() for k, t in tensors.items()})
+
+    # --------------------------------------------------------------------- growing entries
+    def append(self, name: str, t: Tensor, dim: int) -> Tensor:
+        """Append ``t`` along ``dim`` to the entry ``name``; return the whole entry so far."""
+        dim = dim % t.dim()
+        if name not in self._growing:
+            self._growing[name] = (self._allocate(t, dim, t.shape[dim]), dim, 0)
+        buffer, known_dim, length = self._growing[name]
+        if known_dim != dim or _other_sizes(buffer, dim) != _other_sizes(t, dim):
+            raise ValueError(f"{self.owner}: state entry {name!r} holds "
+                             f"{tuple(buffer.shape)} along dim {known_dim}, got "
+                             f"{tuple(t.shape)} along dim {dim}")
+        end = length + t.shape[dim]
+        if end > buffer.shape[dim]:
+            grown = self._allocate(buffer, dim, end)
+            grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
+            buffer = grown
+        buffer.narrow(dim, length, t.shape[dim]).copy_(t.detach())
+        self._growing[name] = (buffer, dim, end)
+        if t.requires_grad:  # the new chunk keeps its gradient
+            return torch.cat((buffer.narrow(dim, 0, length), t), dim=dim)
+        return buffer.narrow(dim, 0, end)
+
+    def _allocate(self, like: Tensor, dim: int, needed: int) -> Tensor:
+        capacity = max(self._initial_capacity, like.shape[dim])
+        while capacity < needed:
+            capacity *= 2
+        shape = list(like.shape)
+        shape[dim] = capacity
+        return like.new_zeros(shape)
+
+    # ------------------------------------------------------------------------- bookkeeping
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more consumed tokens (``Attention.forward`` calls this once)."""
         self.position += tokens
 
     def tensors(self) -> list[Tensor]:
-        return list(self._tensors.values())
+        return [*self._fixed.values(), *(b for b, _, _ in self._growing.values())]
+
+    def nbytes(self) -> int:
+        """Memory held by the state's tensors (growing entries with their spare capacity)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def numbers_per_token(self, *names: str) -> int:
+        """Numbers stored per token in the growing entries ``names`` (all of them by default),
+        e.g. ``numbers_per_token("k", "v")`` is the KV cache's size per token."""
+        total = 0
+        for name, (buffer, dim, _) in self._growing.items():
+            if not names or name in names:
+                total += buffer.numel() // buffer.shape[dim]
+        return total // self.batch_size
+
+    def __repr__(self) -> str:
+        entries = sorted([*self._fixed, *self._growing])
+        return (f"State(owner={self.owner!r}, batch_size={self.batch_size}, "
+                f"position={self.position}, entries={entries})")
+
+
+def _other_sizes(t: Tensor, dim: int) -> tuple[int, ...]:
+    return tuple(s for i, s in enumerate(t.shape) if i != dim)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.spatial import DepthwiseConv, grid_of, masked_pool
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.spatial import DepthwiseConv, grid_of, masked_pool
 from attnlab.ops.softmax import softmax_weights
 
 

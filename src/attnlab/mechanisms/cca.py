@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
-from attnlab.core.causal_conv import CausalConv1d, ConvKVCache
+from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.causal_conv import CausalConv1d
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -35,25 +36,46 @@ class CompressedConvolutionalAttention(Attention):
     last inputs and the previous token's value projection.
     """
 
-    cache_type = ConvKVCache  # the latent KV cache plus the convolution histories
-
-    def __init__(self, dim: int, heads: int, *, compression: int = 2, **kwargs) -> None:
+    def __init__(self, dim: int, heads: int, *, compression: int = 2,
+                 head_dim: int | None = None, **kwargs) -> None:
         if compression < 1:
             raise ValueError(f"cca: compression must be >= 1, got {compression}")
-        kwargs.setdefault("head_dim", max(1, dim // (heads * compression)))
-        super().__init__(dim, heads, **kwargs)
+        head_dim = max(1, dim // (heads * compression)) if head_dim is None else head_dim
+        super().__init__(dim, heads, head_dim=head_dim, projection=CompressedConvProjection,
+                         **kwargs)
         self.compression = compression
-        d = self.head_dim
-        channels = (heads + self.kv_heads) * d
-        self.conv_depthwise = CausalConv1d(channels, 2, groups=channels)
-        self.conv_heads = CausalConv1d(channels, 2, groups=heads + self.kv_heads)
-        self.key_temperature = nn.Parameter(torch.ones(self.kv_heads))
 
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return softmax_attention(q, k, v, causal=True, mask=call.op_mask)
+
+    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        return softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
+                               scale=q.shape[-1] ** -0.5)
+
+
+class CompressedConvProjection(nn.Module):
+    """CCA's q, k, v: down-projections to the latent heads, two causal convolutions over
+    [q; k] with the qk-mean residual, the value shift, and the L2 norm with a learned key
+    temperature. The convolutions' last inputs and the previous token's values travel in
+    the decoding state."""
+
+    def __init__(self, shape: HeadShape) -> None:
+        super().__init__()
+        self.shape = shape
+        h, hkv, d = shape.heads, shape.kv_heads, shape.head_dim
+        self.q = nn.Linear(shape.dim, h * d, bias=shape.bias)
+        self.k = nn.Linear(shape.dim, hkv * d, bias=shape.bias)
+        self.v = nn.Linear(shape.dim, hkv * d, bias=shape.bias)
+        channels = (h + hkv) * d
+        self.conv_depthwise = CausalConv1d(channels, 2, groups=channels)
+        self.conv_heads = CausalConv1d(channels, 2, groups=h + hkv)
+        self.key_temperature = nn.Parameter(torch.ones(hkv))
+
+    def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         x, keep, state = call.x, call.key_mask, call.state
         b, length, _ = x.shape
-        h, hkv, d = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        h, hkv, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
+        q, k, v = self.q(x), self.k(x), self.v(x)
         past = (lambda name: state.get(name)) if state is not None else (lambda name: None)
         qk = torch.cat([q, k], -1)
         mixed, hist1 = self.conv_depthwise(qk, keep, past("conv_depthwise"))
@@ -77,10 +99,3 @@ class CompressedConvolutionalAttention(Attention):
         q4 = F.normalize(q4, dim=-1) * norm
         k4 = F.normalize(k4, dim=-1) * norm * self.key_temperature.to(k4.dtype)[:, None]
         return q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        return softmax_attention(q, k, v, causal=True, mask=call.op_mask)
-
-    def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
-                               scale=q.shape[-1] ** -0.5)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Call, ValueMixer
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import ValueProjection
 
 
 def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor | None = None,
@@ -39,7 +41,7 @@ def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor |
           decode=False, domains=("image", "seq"), complexity="n d G", weights=False,
           cross=False, unsupported=("kv_heads", "qk_norm", "rope"),
           variants=({"gaussians": 1},))
-class GaussianAdaptiveAttention(ValueMixer):
+class GaussianAdaptiveAttention(Attention):
     """Per head (channel chunk), G learnable Gaussians re-weight each token's channels.
 
     "Gaussian Adaptive Attention is All You Need" (Ioannides et al., 2024): over the token
@@ -55,7 +57,7 @@ class GaussianAdaptiveAttention(ValueMixer):
 
     def __init__(self, dim: int, heads: int, *, gaussians: int = 4, eps: float = 1e-5,
                  **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+        super().__init__(dim, heads, projection=ValueProjection, **kwargs)
         if gaussians < 1:
             raise ValueError(f"gaam: gaussians must be >= 1, got {gaussians}")
         self.eps = eps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
 from attnlab.ops.linear import linear_attention, safe_divide
@@ -71,7 +71,7 @@ class HedgehogAttention(LinearFamily):
                                state=self.read_state(call, "S", "z"), return_state=decoding)
         if decoding:
             out, (s, z) = out
-            self.write_state(call, q.shape[2], S=s, z=z)
+            self.write_state(call, S=s, z=z)
         return out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

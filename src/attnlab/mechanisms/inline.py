@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
 from attnlab.ops.common import row_counts
@@ -68,7 +68,7 @@ class DynamicLocal(nn.Module):
         length = v.shape[2]
         out = sum(kernel[..., j, None] * seq[:, :, j:j + length] for j in range(3))
         if st is not None:
-            st.update(0, x_sum=x_sum[:, -1], n=n[:, -1], v_past=seq[:, :, -2:])
+            st.put(x_sum=x_sum[:, -1], n=n[:, -1], v_past=seq[:, :, -2:])
         return out
 
 
@@ -108,7 +108,7 @@ class InjectiveLinearAttention(LinearFamily):
         phi = INLINE_MAPS[self.feature_map]
         a, d, vsum, n, new = prefix_sums(phi(q), phi(k), v, causal=self.causal,
                                          mask=call.op_mask, state=self.read_prefix(call))
-        self.write_prefix(call, new, q.shape[2])
+        self.write_prefix(call, new)
         c = q.shape[-1] ** -0.5
         n = n.clamp_min(1.0).unsqueeze(-1)
         return c / n * (a - d.unsqueeze(-1) * vsum / n) + vsum / n

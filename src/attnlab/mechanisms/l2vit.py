@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.spatial import DepthwiseConv, grid_of
 from attnlab.mechanisms.linear import LinearFamily
+from attnlab.modules.spatial import DepthwiseConv, grid_of
 
 DENOMINATOR_FLOOR = 100.0
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.state import RecurrentState
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.linear import FEATURE_MAPS, FORMS, linear_attention, safe_divide
 
 VARIANTS = ("normalized", "dsf")
@@ -16,8 +16,7 @@ VARIANTS = ("normalized", "dsf")
 class LinearFamily(Attention):
     """Shared plumbing of the linear family: a fixed-size recurrent state, no KV cache."""
 
-    def new_state(self, batch_size: int) -> RecurrentState:
-        return self.recurrent(batch_size)
+    caches_keys = False  # the state holds prefix sums, not the keys
 
     def update_state(self, k: Tensor, v: Tensor, call: Call):
         return k, v, call.key_mask  # the mechanism folds the keys into its state in attend
@@ -35,10 +34,10 @@ class LinearFamily(Attention):
         t = self.read_state(call, "s1", "z1", "s2", "z2")
         return None if t is None else ((t[0], t[1]), (t[2], t[3]))
 
-    def write_prefix(self, call: Call, new, tokens: int) -> None:
+    def write_prefix(self, call: Call, new) -> None:
         if new is not None:
             (s1, z1), (s2, z2) = new
-            self.write_state(call, tokens, s1=s1, z1=z1, s2=s2, z2=z2)
+            self.write_state(call, s1=s1, z1=z1, s2=s2, z2=z2)
 
     def kernel_scores(self, phi, q: Tensor, k: Tensor, call: Call
                       ) -> tuple[Tensor, Tensor | None]:
@@ -48,10 +47,10 @@ class LinearFamily(Attention):
         return (scores if vis is None else scores.masked_fill(~vis, 0.0)), vis
 
     @staticmethod
-    def write_state(call: Call, tokens: int, **tensors: Tensor) -> None:
-        """Store the new state tensors after ``tokens`` tokens (no-op without a state)."""
+    def write_state(call: Call, **tensors: Tensor) -> None:
+        """Store the new state tensors (no-op without a state)."""
         if call.state is not None:
-            call.state.update(tokens, **tensors)
+            call.state.put(**tensors)
 
 
 @register("linear", family="linear",
@@ -102,7 +101,7 @@ class LinearAttention(LinearFamily):
                                state=self.read_state(call, "S", "z"), return_state=decoding)
         if decoding:
             out, (s, z) = out
-            self.write_state(call, q.shape[2], S=s, z=z)
+            self.write_state(call, S=s, z=z)
         return out * self._dsf_scale(call) if self.normalizer is not None else out
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

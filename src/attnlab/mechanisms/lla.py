@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.lla import lla_weights, local_linear_attention
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.longheads import longheads_weights
 
 
@@ -36,14 +37,13 @@ class LongHeadsAttention(Attention):
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.qk_norm(q, k)
         return q, k, v  # RoPE is applied per selection, with re-indexed positions
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         return longheads_weights(q, k, call.positions, chunk_size=self.chunk_size,
                                  budget=self.budget, key_mask=call.key_mask,
-                                 rotate=self.rotary)
+                                 rotate=self.rotary if self.uses_rope else None)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         w = self.attention_weights(q, k, call)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
 from attnlab.ops.common import row_counts
@@ -35,7 +35,7 @@ class MagnitudeAwareLinearAttention(LinearFamily):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         a, d, vsum, n, new = self._stats(q, k, v, call)
-        self.write_prefix(call, new, q.shape[2])
+        self.write_prefix(call, new)
         c = q.shape[-1] ** -0.5
         seen = n > 0
         n = n.clamp_min(1.0)

@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.spatial import grid_of
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.spatial import grid_of
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 AXES = ("block", "grid", "block+grid")

@@ -5,8 +5,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import split_heads
+
+
+class GatedInstanceProjection(nn.Module):
+    """Gated-attention MIL as q, k, v: q = the branch vectors w_m (the same for every
+    token), k = tanh(V h) * sigmoid(U h) (instance features), v = W_v h."""
+
+    def __init__(self, shape: HeadShape) -> None:
+        super().__init__()
+        self.shape = shape
+        dim, heads, d = shape.dim, shape.heads, shape.head_dim
+        self.v = nn.Linear(dim, heads * d, bias=shape.bias)
+        self.branch = nn.Parameter(torch.randn(heads, d) * d ** -0.5)  # w_m
+        self.features = nn.Linear(dim, heads * d, bias=True)  # V
+        self.gate = nn.Linear(dim, heads * d, bias=True)  # U
+
+    def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        x, heads = call.x, self.shape.heads
+        b, length, _ = x.shape
+        feats = torch.tanh(self.features(x)) * torch.sigmoid(self.gate(x))
+        q = self.branch[None, :, None, :].expand(b, -1, length, -1).to(x.dtype)
+        return q, split_heads(feats, heads), split_heads(self.v(x), heads)
 
 
 @register("mil_attention", family="head-mixing",
@@ -30,24 +53,11 @@ class MILAttentionPooling(Attention):
 
     def __init__(self, dim: int, heads: int, *, top_k: int = 10, mask_rate: float = 0.6,
                  **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
         if top_k < 0 or not 0.0 <= mask_rate < 1.0:
             raise ValueError(f"mil_attention: need top_k >= 0 and 0 <= mask_rate < 1, got "
                              f"{top_k}, {mask_rate}")
+        super().__init__(dim, heads, projection=GatedInstanceProjection, **kwargs)
         self.top_k, self.mask_rate = top_k, mask_rate
-        d = self.head_dim
-        self.q_proj = None
-        self.branch = nn.Parameter(torch.randn(heads, d) * d ** -0.5)  # w_m
-        self.k_proj = nn.Linear(dim, heads * d, bias=True)  # V
-        self.gate_proj = nn.Linear(dim, heads * d, bias=True)  # U
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        x = call.x
-        b, length, _ = x.shape
-        feats = torch.tanh(self.k_proj(x)) * torch.sigmoid(self.gate_proj(x))
-        q = self.branch[None, :, None, :].expand(b, -1, length, -1).to(x.dtype)
-        return q, self.split_heads(feats, self.heads), self.split_heads(self.v_proj(x),
-                                                                          self.heads)
 
     def _scores(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         """Instance scores (B, M, 1, N) with padding (and STKIM in training) at -inf."""

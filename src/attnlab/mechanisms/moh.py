@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.neighborhood import NeighborhoodAttention
 

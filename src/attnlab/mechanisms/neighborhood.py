@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.core.state import State
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.neighborhood import neighborhood_attention, neighborhood_visibility
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
-from attnlab.core.causal_conv import CausalConv1d, ConvKVCache
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import ConvolvedQKVProjection
 
 
 def sinusoid(distances: Tensor, dim: int) -> Tensor:
@@ -34,30 +36,14 @@ class RelativeConvolutionalAttention(Attention):
     Decoding carries the convolutions' last two inputs next to the KV cache.
     """
 
-    cache_type = ConvKVCache  # the KV cache plus the convolution histories
-
     def __init__(self, dim: int, heads: int, *, kernel: int = 3, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
-        h, hkv, d = self.heads, self.kv_heads, self.head_dim
-        self.conv_q = CausalConv1d(h * d, kernel, groups=h * d)
-        self.conv_k = CausalConv1d(hkv * d, kernel, groups=hkv * d)
-        self.conv_v = CausalConv1d(hkv * d, kernel, groups=hkv * d)
+        super().__init__(dim, heads,
+                         projection=functools.partial(ConvolvedQKVProjection, kernel=kernel),
+                         **kwargs)
+        h, d = self.heads, self.head_dim
         self.u = nn.Parameter(torch.zeros(h, d))
         self.v_bias = nn.Parameter(torch.zeros(h, d))
         self.rel_proj = nn.Linear(dim, h * d, bias=False)
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        x, keep, state = call.x, call.key_mask, call.state
-        out, hist = [], {}
-        for name, proj, conv, heads in (("q", self.q_proj, self.conv_q, self.heads),
-                                        ("k", self.k_proj, self.conv_k, self.kv_heads),
-                                        ("v", self.v_proj, self.conv_v, self.kv_heads)):
-            past = state.get(name) if state is not None else None
-            y, hist[name] = conv(proj(x), keep, past)
-            out.append(self.split_heads(y, heads))
-        if state is not None:
-            state.put(**hist)
-        return out[0], out[1], out[2]
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import functools
 
-from attnlab.core.base import Attention, Call
+import torch
+from torch import Tensor, nn
+
+from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import split_heads
 from attnlab.ops.rfa import ACTIVATIONS, random_feature_attention, random_feature_weights
+
+
+class RandomFeatureProjection(nn.Module):
+    """q = x itself per head, k = W_m x with frozen random W_m (a buffer), v = a linear map."""
+
+    def __init__(self, shape: HeadShape, *, identity_mean: float, seed: int) -> None:
+        super().__init__()
+        self.shape = shape
+        dim, heads = shape.dim, shape.heads
+        self.v = torch.nn.Linear(dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
+        w = w + identity_mean * torch.eye(dim) / dim ** 0.5
+        self.register_buffer("random_qk", w)  # frozen: a buffer, never trained
+
+    def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        src = call.source
+        q = call.x.unsqueeze(1).expand(-1, self.shape.heads, -1, -1)
+        k = torch.einsum("blc,mdc->bmld", src, self.random_qk.to(src.dtype))
+        return q, k, split_heads(self.v(src), self.shape.kv_heads)
 
 
 @register("rfa", family="linear",
@@ -34,22 +58,13 @@ class RandomFeatureAttention(Attention):
 
     def __init__(self, dim: int, heads: int, *, activation: str = "relu",
                  identity_mean: float = 0.0, seed: int = 0, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
         if activation not in ACTIVATIONS:
             raise ValueError(f"rfa: activation must be one of {sorted(ACTIVATIONS)}, "
                              f"got {activation!r}")
+        projection = functools.partial(RandomFeatureProjection, identity_mean=identity_mean,
+                                       seed=seed)
+        super().__init__(dim, heads, projection=projection, **kwargs)
         self.activation = activation
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
-        w = w + identity_mean * torch.eye(dim) / dim ** 0.5
-        self.register_buffer("random_qk", w)  # frozen: a buffer, never trained
-        del self.q_proj, self.k_proj
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        src = call.x if call.context is None else call.context
-        q = call.x.unsqueeze(1).expand(-1, self.heads, -1, -1)
-        k = torch.einsum("blc,mdc->bmld", src, self.random_qk.to(src.dtype))
-        return q, k, self.split_heads(self.v_proj(src), self.kv_heads)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         return random_feature_weights(q, k, self.visibility(q, k, call),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.softmax import SoftmaxAttention
 

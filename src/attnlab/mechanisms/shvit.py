@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Attention, Call
-from attnlab.core.positional import Rotary
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import QKVProjection
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -36,24 +39,12 @@ class SingleHeadAttention(Attention):
         channels = max(heads, round(dim * partial / heads) * heads)
         if "head_dim" in kwargs:
             raise ValueError("shvit: the head width is partial * dim / heads; pass partial")
-        super().__init__(dim, heads, head_dim=channels // heads, **kwargs)
-        bias = self.o_proj.bias is not None
+        # the output projection comes after the concatenation with the other channels (post)
+        super().__init__(dim, heads, head_dim=channels // heads, qk_dim=qk_dim,
+                         projection=functools.partial(QKVProjection, channels=channels),
+                         output_projection=False, **kwargs)
         self.partial_channels = channels
-        self.q_proj = nn.Linear(channels, heads * qk_dim, bias=bias)
-        self.k_proj = nn.Linear(channels, self.kv_heads * qk_dim, bias=bias)
-        self.v_proj = nn.Linear(channels, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Identity()  # the projection comes after the concatenation (post)
-        self.proj = nn.Linear(dim, dim, bias=bias)
-        if self.q_norm is not None:
-            self.q_norm, self.k_norm = nn.RMSNorm(qk_dim), nn.RMSNorm(qk_dim)
-        if self.rotary is not None:
-            self.rotary = Rotary(qk_dim, kwargs.get("rope_base", 10000.0))
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        part = call.x[..., :self.partial_channels]
-        return (self.split_heads(self.q_proj(part), self.heads),
-                self.split_heads(self.k_proj(part), self.kv_heads),
-                self.split_heads(self.v_proj(part), self.kv_heads))
+        self.proj = nn.Linear(dim, dim, bias=kwargs.get("bias", False))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         return softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask,

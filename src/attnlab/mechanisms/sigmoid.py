@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
+from attnlab.mechanisms.base import Attention
 from attnlab.ops.sigmoid import sigmoid_attention, sigmoid_weights
 
 
@@ -31,13 +32,12 @@ class SigmoidAttention(Attention):
 
     def __init__(self, dim: int, heads: int, *, max_len: int | None = 1024,
                  hybrid_norm: bool = False, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+        super().__init__(dim, heads, output_norm=hybrid_norm, **kwargs)
         if max_len is None and self.causal:
             raise ValueError("sigmoid: causal attention needs a fixed max_len (b = -ln(max_len))")
         if max_len is not None and max_len < 1:
             raise ValueError(f"sigmoid: max_len must be >= 1, got {max_len}")
         self.max_len = max_len
-        self.out_norm = nn.LayerNorm(dim) if hybrid_norm else None
 
     def score_bias(self, num_keys: int) -> float:
         """The additive bias b = -ln(n)."""

@@ -7,9 +7,11 @@ import math
 import torch
 from torch import Tensor
 
-from attnlab.core.base import Attention, Call
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.spatial import DepthwiseConv, grid_of, masked_pool
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import SharedQKProjection
+from attnlab.modules.spatial import DepthwiseConv, grid_of, masked_pool
 from attnlab.ops.common import upcast
 
 INVERSES = ("newton", "exact")
@@ -60,7 +62,7 @@ class SoftAttention(Attention):
     def __init__(self, dim: int, heads: int, *, landmarks: int = 49, ratio: int | None = None,
                  inverse: str = "newton", newton_iterations: int = 20, normalize: bool = False,
                  dwconv: bool = True, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+        super().__init__(dim, heads, projection=SharedQKProjection, **kwargs)
         if ratio is not None and ratio < 1:
             raise ValueError(f"soft: ratio must be >= 1, got {ratio}")
         side = math.isqrt(landmarks)
@@ -72,14 +74,8 @@ class SoftAttention(Attention):
             raise ValueError(f"soft: inverse must be one of {INVERSES}, got {inverse!r}")
         self.ratio, self.inverse, self.iterations = ratio, inverse, newton_iterations
         self.normalize = normalize
-        del self.k_proj  # K = Q, so keys share the queries' projection and norm
-        self.k_norm = self.q_norm
         self.dwconv = DepthwiseConv(self.heads * self.head_dim, 3) if dwconv else None
         self.weights_reproduce_output = not dwconv
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        q = self.split_heads(self.q_proj(call.x), self.heads)
-        return q, q, self.split_heads(self.v_proj(call.x), self.kv_heads)
 
     def _cells(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The landmark grid: ``ratio`` pools with that stride per axis; otherwise a fixed

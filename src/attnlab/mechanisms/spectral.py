@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.base import Call, ValueMixer
+from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.core.spatial import grid_of
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.projections import ValueProjection
+from attnlab.modules.spatial import grid_of
 from attnlab.ops.spectral import spectral_gating
 
 
@@ -16,7 +18,7 @@ from attnlab.ops.spectral import spectral_gating
           causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
           complexity="n log n d", weights=False, cross=False,
           unsupported=("kv_heads", "qk_norm", "rope"), variants=({"grid_size": (3, 5)},))
-class SpectralGating(ValueMixer):
+class SpectralGating(Attention):
     """Token mixing by a learnable global filter in the 2-D Fourier domain.
 
     "SpectFormer: Frequency and Attention is what you need in a Vision Transformer"
@@ -32,7 +34,7 @@ class SpectralGating(ValueMixer):
 
     def __init__(self, dim: int, heads: int, *, grid_size: tuple[int, int] = (14, 14),
                  **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+        super().__init__(dim, heads, projection=ValueProjection, **kwargs)
         channels = self.heads * self.head_dim
         h, w = grid_size
         self.grid_size = (h, w)

@@ -30,3 +30,14 @@ class OutputGate(nn.Module):
         g = g.unsqueeze(-1) if self.kind == "headwise" else g.unflatten(-1, (self.heads,
                                                                             self.head_dim))
         return heads_out * g.to(heads_out.dtype)
+
+
+class NoGate(nn.Module):
+    """The gate slot of a module without ``gate=``: passes the head outputs through."""
+
+    def forward(self, heads_out: Tensor, x: Tensor) -> Tensor:
+        return heads_out
+
+
+def make_gate(dim: int, heads: int, head_dim: int, kind: str | None) -> nn.Module:
+    return NoGate() if kind is None else OutputGate(dim, heads, head_dim, kind)

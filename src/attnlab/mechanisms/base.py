@@ -2,45 +2,33 @@
 
 A forward pass runs the same steps for every mechanism::
 
-    x (B, L, C) ─ project ─> q, k, v ─ prepare (qk-norm, RoPE, temperatures) ─> hook_q/k/v
-      ─ [state: append to cache] ─ attend (or: attention_weights -> hook_weights -> @ v)
-      ─> hook_heads (B, L, H, D) ─ gate ─ head_scale ─ output projection ─ dropout ─> hook_out
+    x (B, L, C) ─ validate ─ projection part ─> q, k, v ─ prepare (qk-norm, RoPE, temperatures)
+      ─> hook_q/k/v ─ [state: append to the cache] ─ attend (or: attention_weights ->
+      hook_weights -> @ v) ─> hook_heads (B, L, H, D) ─ gate ─ head_scale ─ output projection
+      ─ post ─ dropout ─> hook_out; [state: advance the position, once]
 
-A mechanism overrides the steps it changes (usually ``attend`` and ``attention_weights``).
+A mechanism chooses its parts (``projection=``, ``qk_dim=``, ``output_projection=``,
+``output_norm=``) and overrides the steps it changes: ``attend`` and ``attention_weights``
+always, ``prepare``, ``local_term``, ``post`` or ``update_state`` where it needs to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.gates import GATE_KINDS, OutputGate
+from attnlab.core.call import Call, HeadShape
 from attnlab.core.hooks import HookPoint
-from attnlab.core.masks import check_key_padding, key_padding_to_op, visibility
-from attnlab.core.positional import Rotary
+from attnlab.core.masks import check_key_padding, visibility
 from attnlab.core.registry import MechanismInfo
-from attnlab.core.state import KVCache, RecurrentState, State
-
-
-@dataclass
-class Call:
-    """Everything one forward call knows besides q, k, v (passed to every step)."""
-
-    x: Tensor  # (B, L, C): the block input, flattened to a sequence
-    positions: Tensor  # (L,): absolute positions of the queries, 0-based
-    key_mask: Tensor | None  # (B, Lk): True = real key (all cached keys after a state update)
-    spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
-    state: State | None
-    context: Tensor | None  # (B, Lk, C) for cross-attention
-    extras: dict[str, Any] = field(default_factory=dict)  # what a mechanism's steps share
-
-    @property
-    def op_mask(self) -> Tensor | None:
-        """The key padding mask in op layout, ``(B, 1, 1, Lk)``."""
-        return key_padding_to_op(self.key_mask)
+from attnlab.core.state import State
+from attnlab.modules.gates import GATE_KINDS, make_gate
+from attnlab.modules.norms import QKNorm
+from attnlab.modules.projections import QKVProjection, split_heads
+from attnlab.modules.rotary import NoRotation, Rotary
 
 
 class Attention(nn.Module):
@@ -60,11 +48,16 @@ class Attention(nn.Module):
         gate: ``"headwise"`` or ``"elementwise"`` output gate (Gated Attention), or None.
         backend: op backend, ``"auto"`` picks the fastest correct one.
         rope_base: RoPE frequency base.
+
+    Parts a mechanism chooses (passed by its constructor, not by users): ``projection``
+    builds q, k, v from a :class:`HeadShape` (``attnlab.modules.projections``); ``qk_dim``
+    is the per-head width of q and k (default ``head_dim``); ``output_projection=False``
+    leaves the output projection to the mechanism (``o_proj`` is then the identity);
+    ``output_norm=True`` puts a LayerNorm on the module output ("hybrid norm").
     """
 
     mechanism: ClassVar[MechanismInfo | None] = None
     backends: ClassVar[tuple[str, ...]] = ("auto",)
-    cache_type: ClassVar[type[KVCache]] = KVCache  # what new_state() returns by default
 
     def __init__(
         self,
@@ -81,6 +74,10 @@ class Attention(nn.Module):
         gate: str | None = None,
         backend: str = "auto",
         rope_base: float = 10000.0,
+        projection: Callable[[HeadShape], nn.Module] = QKVProjection,
+        qk_dim: int | None = None,
+        output_projection: bool = True,
+        output_norm: bool = False,
     ) -> None:
         super().__init__()
         info = self.mechanism
@@ -97,6 +94,8 @@ class Attention(nn.Module):
                 raise ValueError(f"{self.name}: dim={dim} is not divisible by heads={heads}; "
                                  "pass head_dim explicitly")
             head_dim = dim // heads
+        if qk_dim is not None and qk_dim < 1:
+            raise ValueError(f"{self.name}: qk_dim must be >= 1, got {qk_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got {dropout}")
         if gate is not None and gate not in GATE_KINDS:
@@ -114,16 +113,16 @@ class Attention(nn.Module):
 
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.causal, self.backend = causal, backend
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
-        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
-        self.rotary = Rotary(head_dim, rope_base) if rope else None
-        self.gate = OutputGate(dim, heads, head_dim, gate) if gate else None
+        self.shape = HeadShape(dim, heads, kv_heads, head_dim, qk_dim or head_dim, bias)
+        self.qkv = projection(self.shape)
+        self.o_proj = (nn.Linear(heads * head_dim, dim, bias=bias) if output_projection
+                       else nn.Identity())
+        self.qk_norm = QKNorm(self.shape.qk_dim, qk_norm,
+                              shared=getattr(self.qkv, "shared_qk", False))
+        self.rotary = Rotary(self.shape.qk_dim, rope_base) if rope else NoRotation()
+        self.gate = make_gate(dim, heads, head_dim, gate)
         self.drop = nn.Dropout(dropout)
-        self.out_norm: nn.Module | None = None  # a norm on the module output ("hybrid norm")
+        self.out_norm = nn.LayerNorm(dim) if output_norm else nn.Identity()
         self.register_buffer("head_scale", torch.ones(heads))
         for name in ("hook_q", "hook_k", "hook_v", "hook_weights", "hook_heads", "hook_out"):
             setattr(self, name, HookPoint())
@@ -146,6 +145,11 @@ class Attention(nn.Module):
                              "not causal=False")
         return bool(causal)
 
+    @property
+    def uses_rope(self) -> bool:
+        """Whether q and k get rotary position embeddings (``rope=True``)."""
+        return isinstance(self.rotary, Rotary)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
                 f"head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}")
@@ -161,7 +165,7 @@ class Attention(nn.Module):
         if state is not None:
             k, v, call.key_mask = self.update_state(k, v, call)
         if self.hook_weights.active:
-            if state is not None and not isinstance(state, KVCache):
+            if state is not None and not self.caches_keys:
                 raise ValueError(f"{self.name}: hook_weights needs every key; a recurrent "
                                  "state keeps only their summary")
             w = self.hook_weights(self.attention_weights(q, k, call))
@@ -171,7 +175,10 @@ class Attention(nn.Module):
         local = self.local_term(v, call)
         if local is not None:
             heads_out = heads_out + local
-        return self._finish(heads_out, call, x.shape)
+        out = self._finish(heads_out, call, x.shape)
+        if state is not None:
+            state.advance(call.x.shape[1])
+        return out
 
     def weights(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None,
@@ -183,11 +190,12 @@ class Attention(nn.Module):
         q, k, _ = self._qkv(call)
         return self.attention_weights(q, k, call)
 
+    caches_keys: ClassVar[bool] = True  # False: the state keeps a summary, not every key
+
     def new_state(self, batch_size: int) -> State:
-        """A fresh decoding state (``cache_type``, a KV cache, unless the mechanism says
-        otherwise)."""
+        """A fresh decoding state for ``batch_size`` sequences."""
         self._check_can_decode()
-        return self.cache_type(self.name, batch_size)
+        return State(self.name, batch_size)
 
     def extra_loss(self) -> Tensor:
         """Auxiliary loss of the last forward (0 unless the mechanism defines one)."""
@@ -196,41 +204,30 @@ class Attention(nn.Module):
         return self.head_scale.new_zeros(())
 
     # ------------------------------------------------------------- steps to override
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        """Input projections -> q (B, H, L, D), k and v (B, H_kv, Lk, D)."""
-        src = call.x if call.context is None else call.context
-        return (self.split_heads(self.q_proj(call.x), self.heads),
-                self.split_heads(self.k_proj(src), self.kv_heads),
-                self.split_heads(self.v_proj(src), self.kv_heads))
-
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """qk-norm and RoPE; mechanisms add temperatures or convolutions here."""
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q = self.rotary(q, call.positions)
-            k = self.rotary(k, call.positions)
-        return q, k, v
+        q, k = self.qk_norm(q, k)
+        return self.rotary(q, call.positions), self.rotary(k, call.positions), v
 
     def update_state(self, k: Tensor, v: Tensor, call: Call
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append to the KV cache; return all cached keys, values and their padding mask."""
-        return call.state.append(k, v, call.key_mask)
-
-    def recurrent(self, batch_size: int) -> RecurrentState:
-        """For mechanisms with a fixed-size state: ``new_state`` returns this."""
-        self._check_can_decode()
-        return RecurrentState(self.name, batch_size)
+        state, b, length = call.state, k.shape[0], k.shape[2]
+        keep = call.key_mask
+        if keep is None:
+            keep = torch.ones(b, length, dtype=torch.bool, device=k.device)
+        return (state.append("k", k, dim=2), state.append("v", v, dim=2),
+                state.append("key_mask", keep, dim=1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """The op: q (B, H, Lq, D), k, v (B, H_kv, Lk, D) -> per-head output (B, H, Lq, D)."""
         raise NotImplementedError
 
     def post(self, y: Tensor, call: Call) -> Tensor:
-        """After the output projection, (B, L, C): the output norm when set; mechanisms with a
-        module on the output (a convolution, a norm) override this."""
-        return y if self.out_norm is None else self.out_norm(y)
+        """After the output projection, (B, L, C): the output norm (identity unless
+        ``output_norm``); mechanisms with a module on the output override this."""
+        return self.out_norm(y)
 
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
         """A per-head term added to the attention output that is not attention (e.g. a
@@ -242,10 +239,7 @@ class Attention(nn.Module):
         raise NotImplementedError(f"{self.name} does not implement attention_weights")
 
     # ----------------------------------------------------------------------- helpers
-    @staticmethod
-    def split_heads(t: Tensor, heads: int) -> Tensor:
-        """(B, L, heads * D) -> (B, heads, L, D)."""
-        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+    split_heads = staticmethod(split_heads)
 
     def visibility(self, q: Tensor, k: Tensor, call: Call) -> Tensor | None:
         """Bool (.., Lq, Lk) of the keys each query may see (causal and padding), or None."""
@@ -297,7 +291,7 @@ class Attention(nn.Module):
                 raise ValueError(f"{who} does not support cross-attention (context=)")
             if self.causal:
                 raise ValueError(f"{who}: cross-attention (context=) needs causal=False")
-            if self.rotary is not None:
+            if self.uses_rope:
                 raise ValueError(f"{who}: rope is defined for self-attention, not context=")
             if not isinstance(context, Tensor) or context.dim() != 3 or \
                     context.shape[0] != b or context.shape[-1] != self.dim:
@@ -323,29 +317,13 @@ class Attention(nn.Module):
         return Call(seq, positions, key_mask, spatial, state, context)
 
     def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.project(call)
+        q, k, v = self.qkv(call)
         q, k, v = self.prepare(q, k, v, call)
         return self.hook_q(q), self.hook_k(k), self.hook_v(v)
 
     def _finish(self, heads_out: Tensor, call: Call, shape: torch.Size) -> Tensor:
         h = self.hook_heads(heads_out.transpose(1, 2))  # (B, L, H, D)
-        if self.gate is not None:
-            h = self.gate(h, call.x)
+        h = self.gate(h, call.x)
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
         y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)
-
-
-class ValueMixer(Attention):
-    """Base of mechanisms that mix the value projection without queries or keys (spectral
-    gating, Gaussian adaptive attention): there are no q / k projections, ``hook_q`` and
-    ``hook_k`` carry empty (B, H, L, 0) tensors, and ``attend`` gets the values only."""
-
-    def __init__(self, dim: int, heads: int, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
-        self.q_proj = self.k_proj = None
-
-    def project(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        x = call.x
-        empty = x.new_zeros(x.shape[0], self.heads, x.shape[1], 0)
-        return empty, empty, self.split_heads(self.v_proj(x), self.kv_heads)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.state import KVCache
-
 
 class CausalConv1d(nn.Module):
     """y_t = sum_{s < kernel} w_s x_{t - s} per channel group (``groups`` = channels is
@@ -28,20 +26,3 @@ class CausalConv1d(nn.Module):
         full = torch.cat([history.to(x.dtype), x], 1)
         y = self.conv(full.transpose(1, 2)).transpose(1, 2)
         return y, full[:, full.shape[1] - (self.kernel - 1):]
-
-
-class ConvKVCache(KVCache):
-    """A KV cache plus named histories (convolution inputs, the previous token's values)."""
-
-    def __init__(self, owner: str, batch_size: int) -> None:
-        super().__init__(owner, batch_size)
-        self.history: dict[str, Tensor] = {}
-
-    def get(self, name: str) -> Tensor | None:
-        return self.history.get(name)
-
-    def put(self, **tensors: Tensor) -> None:
-        self.history.update({k: t.detach() for k, t in tensors.items()})
-
-    def tensors(self) -> list[Tensor]:
-        return super().tensors() + list(self.history.values())

@@ -25,3 +25,10 @@ class Rotary(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class NoRotation(nn.Module):
+    """The rotary slot of a module without ``rope=``: positions change nothing."""
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x

@@ -1,0 +1,51 @@
+"""What one forward call of a mechanism knows besides q, k and v, and the head shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from attnlab.core.masks import key_padding_to_op
+from attnlab.core.state import State
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The widths a mechanism's parts are built for.
+
+    ``dim``: model width C; ``heads`` / ``kv_heads``: query and key-value heads; ``head_dim``:
+    per-head width of v and of the output; ``qk_dim``: per-head width of q and k (usually
+    ``head_dim``); ``bias``: biases in the projections.
+    """
+
+    dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_dim: int
+    bias: bool
+
+
+@dataclass
+class Call:
+    """Everything one forward call knows besides q, k, v (passed to every step)."""
+
+    x: Tensor  # (B, L, C): the block input, flattened to a sequence
+    positions: Tensor  # (L,): absolute positions of the queries, 0-based
+    key_mask: Tensor | None  # (B, Lk): True = real key (all cached keys after a state update)
+    spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
+    state: State | None
+    context: Tensor | None  # (B, Lk, C) for cross-attention
+    extras: dict[str, Any] = field(default_factory=dict)  # what a mechanism's steps share
+
+    @property
+    def op_mask(self) -> Tensor | None:
+        """The key padding mask in op layout, ``(B, 1, 1, Lk)``."""
+        return key_padding_to_op(self.key_mask)
+
+    @property
+    def source(self) -> Tensor:
+        """What keys and values are projected from: the context, or x itself."""
+        return self.x if self.context is None else self.context
