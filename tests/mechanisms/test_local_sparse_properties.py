@@ -227,7 +227,7 @@ def test_longheads_output_follows_the_chunk_rule_written_out_per_query():
         getattr(attn, name).register_forward_hook(
             lambda m, i, o, name=name: seen.__setitem__(name, o[0]))
     attn(x)
-    q, k, v = seen["hook_q"], seen["hook_k"], seen["hook_v"]
+    q, k, v = (seen[name].detach() for name in ("hook_q", "hook_k", "hook_v"))
     heads, d = q.shape[0], q.shape[-1]
     expected = torch.zeros(heads, length, d)
     for h in range(heads):
