@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -355,6 +354,3 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
     if backend == "flex":
         return _flex(q, k, v, rules, key_mask, scale)
     return _tiled(q, k, v, rules, key_mask, scale, block)
-
-
-reference = partial(neighborhood_attention, backend="reference")

@@ -7,7 +7,6 @@ b = -ln(n) by default; masked entries are exactly 0.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +67,3 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     out, lse = flex_call(q, k, v, causal=causal, mask=mask, scale=scale, return_lse=True,
                          score_mod=lambda s, b, h, i, j: -F.softplus(-(s + bias)))
     return out * lse.exp().unsqueeze(-1).to(out.dtype)
-
-
-reference = partial(sigmoid_attention, backend="reference")

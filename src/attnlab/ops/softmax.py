@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,6 +66,3 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale, bias=bias)
     score_mod = None if bias is None else (lambda s, b, h, i, j: s + bias)
     return flex_call(q, k, v, causal=causal, mask=mask, score_mod=score_mod, scale=scale)
-
-
-reference = partial(softmax_attention, backend="reference")

@@ -8,7 +8,6 @@ LSSA: A_ij = softplus(ln(d) ln(N_i) q̂_i.k̂_j) over the N_i visible keys, rows
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +192,3 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         out = _flex(*upcast(q, k, v), causal=causal, mask=mask, reweight_p=reweight_p)
         return out.to(v.dtype)
     return _flex(q, k, v, causal=causal, mask=mask, reweight_p=reweight_p)
-
-
-reference = partial(softplus_attention, backend="reference")

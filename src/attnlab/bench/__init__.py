@@ -1,1 +1,0 @@
-"""attnlab.bench (see DESIGN.md)."""

@@ -1,1 +1,0 @@
-"""attnlab.heads (see DESIGN.md)."""

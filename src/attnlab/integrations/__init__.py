@@ -1,1 +1,0 @@
-"""attnlab.integrations (see DESIGN.md)."""
