@@ -1,4 +1,4 @@
-"""The catalogue's checks (MECHANISMS.md, sections A and C) for the head-mixing and projection
+"""The catalogue's checks (docs/mechanisms/) for the head-mixing and projection
 mechanisms: moh, cca, gaam, rcmha, medusa, mil_attention."""
 
 import math

@@ -1,4 +1,4 @@
-"""Agent, SOFT, L2ViT and RFA: the catalogue's checks (MECHANISMS.md section B)."""
+"""Agent, SOFT, L2ViT and RFA: the catalogue's checks (docs/mechanisms/, the linear family)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The catalogue's property checks for the linear family (MECHANISMS.md section B)."""
+"""The catalogue's property checks for the linear family (docs/mechanisms/, the linear family)."""
 
 import pytest
 import torch

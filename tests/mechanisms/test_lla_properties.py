@@ -1,4 +1,4 @@
-"""Local linear attention: the catalogue's checks (MECHANISMS.md, lla)."""
+"""Local linear attention: the catalogue's checks (docs/mechanisms/lla.md)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The catalogue's checks (MECHANISMS.md, section C) for the local, structured and sparse
+"""The catalogue's checks (docs/mechanisms/) for the local, structured and sparse
 mechanisms."""
 
 import math

@@ -1,4 +1,4 @@
-"""The catalogue's property checks for section A (MECHANISMS.md)."""
+"""The property checks of the scored mechanisms (docs/mechanisms/)."""
 
 import math
 

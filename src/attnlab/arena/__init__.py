@@ -1,1 +1,1 @@
-"""attnlab.arena (see DESIGN.md)."""
+"""The arena: configs, trainer, run store, sweeps, statistics and reports (docs/arena.md)."""

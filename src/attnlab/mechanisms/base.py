@@ -32,7 +32,7 @@ from attnlab.modules.rotary import NoRotation, Rotary
 
 
 class Attention(nn.Module):
-    """Base class of every attnlab mechanism (see DESIGN.md, "The module contract").
+    """Base class of every attnlab mechanism (docs/contract.md, "The module contract").
 
     Args:
         dim: model width C (input and output channels).

@@ -119,7 +119,7 @@ class InContextRegression(Task):
 @dataclass
 class ICLRegression(InContextRegression):
     """x ~ N(0, I_d), beta ~ N(0, I_d / d), y = beta.x + eps, eps ~ N(0, noise): regress y_q
-    from L context pairs ("In-Context Linear Regression Demystified", MECHANISMS.md E).
+    from L context pairs ("In-Context Linear Regression Demystified").
 
     Baselines, per context length (X the L x d covariates):
       ridge (Bayes optimal)  beta = (X^T X + noise d I)^-1 X^T y
