@@ -7,7 +7,7 @@ path compiles. The CUDA backward is exercised on a GPU machine, not in this suit
 import pytest
 import torch
 
-from attnlab.ops.flex import flex_available
+from attnlab.ops.dispatch import flex_available
 
 from .cases import OPS, key_padding, make_qkv
 

@@ -12,6 +12,7 @@ from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.causal_conv import CausalConv1d
+from attnlab.modules.projections import QKVProjection
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -53,19 +54,15 @@ class CompressedConvolutionalAttention(Attention):
                                scale=q.shape[-1] ** -0.5)
 
 
-class CompressedConvProjection(nn.Module):
+class CompressedConvProjection(QKVProjection):
     """CCA's q, k, v: down-projections to the latent heads, two causal convolutions over
     [q; k] with the qk-mean residual, the value shift, and the L2 norm with a learned key
     temperature. The convolutions' last inputs and the previous token's values travel in
     the decoding state."""
 
     def __init__(self, shape: HeadShape) -> None:
-        super().__init__()
-        self.shape = shape
+        super().__init__(shape)  # q, k, v down-projections (qk_dim = head_dim here)
         h, hkv, d = shape.heads, shape.kv_heads, shape.head_dim
-        self.q = nn.Linear(shape.dim, h * d, bias=shape.bias)
-        self.k = nn.Linear(shape.dim, hkv * d, bias=shape.bias)
-        self.v = nn.Linear(shape.dim, hkv * d, bias=shape.bias)
         channels = (h + hkv) * d
         self.conv_depthwise = CausalConv1d(channels, 2, groups=channels)
         self.conv_heads = CausalConv1d(channels, 2, groups=h + hkv)

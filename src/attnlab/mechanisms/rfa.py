@@ -21,7 +21,7 @@ class RandomFeatureProjection(nn.Module):
         super().__init__()
         self.shape = shape
         dim, heads = shape.dim, shape.heads
-        self.v = torch.nn.Linear(dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
+        self.v = nn.Linear(dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
         w = w + identity_mean * torch.eye(dim) / dim ** 0.5

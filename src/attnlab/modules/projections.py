@@ -73,16 +73,12 @@ class ValueProjection(nn.Module):
         return empty, empty, split_heads(self.v(call.x), self.shape.kv_heads)
 
 
-class ConvolvedQKVProjection(nn.Module):
+class ConvolvedQKVProjection(QKVProjection):
     """q, k, v each through a linear map and a causal depthwise convolution over time
     (kernel ``kernel``); the convolutions' last inputs travel in the decoding state."""
 
     def __init__(self, shape: HeadShape, *, kernel: int = 3) -> None:
-        super().__init__()
-        self.shape = shape
-        self.q = nn.Linear(shape.dim, shape.heads * shape.qk_dim, bias=shape.bias)
-        self.k = nn.Linear(shape.dim, shape.kv_heads * shape.qk_dim, bias=shape.bias)
-        self.v = nn.Linear(shape.dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
+        super().__init__(shape)
         self.conv_q = _depthwise(shape.heads * shape.qk_dim, kernel)
         self.conv_k = _depthwise(shape.kv_heads * shape.qk_dim, kernel)
         self.conv_v = _depthwise(shape.kv_heads * shape.head_dim, kernel)

@@ -14,8 +14,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnlab.ops.dispatch import flex_available  # noqa: F401 (its home is the dispatcher)
-
 
 @functools.cache
 def _compiled_flex() -> Callable:
