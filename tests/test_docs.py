@@ -1,35 +1,59 @@
 """The code in the docs runs."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
-
 import attnlab as al
-from attnlab.core import registry
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def test_the_add_a_mechanism_example_registers_a_working_mechanism():
-    text = (DOCS / "contract.md").read_text()
-    section = text.split("## Adding a mechanism", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    before = dict(registry._REGISTRY)
-    try:
-        exec(compile(code, "contract.md", "exec"), {})
-        attn = al.build("my_attention", dim=32, heads=4, causal=True)
-        x = torch.randn(2, 9, 32)
-        y = attn(x)
-        state = attn.new_state(2)
-        steps = torch.cat([attn(x[:, :5], state=state)] +
-                          [attn(x[:, t:t + 1], state=state) for t in range(5, 9)], 1)
-        torch.testing.assert_close(steps, y, atol=1e-5, rtol=1e-5)
-        w = attn.weights(x)
-        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
-    finally:
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(before)
+def _walkthrough_files() -> dict[str, str]:
+    """The files of contract.md's "Adding a mechanism": code blocks whose first line names
+    the path (``# path`` in Python, ``<!-- path -->`` in Markdown)."""
+    section = (DOCS / "contract.md").read_text().split("## Adding a mechanism", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    files = {}
+    for body in re.findall(r"```(?:python|markdown)\n(.*?)```", section, re.S):
+        first, rest = body.split("\n", 1)
+        path = re.fullmatch(r"(?:# (\S+)|<!-- (\S+) -->)", first.strip())
+        assert path, f"a walk-through block does not start with its path: {first!r}"
+        files[path.group(1) or path.group(2)] = rest
+    return files
+
+
+def test_adding_a_mechanism_as_contract_md_shows_touches_three_files_and_passes(tmp_path):
+    """Executes the walk-through: a copy of the package and tests plus exactly the files the
+    doc shows; the new mechanism must then be registered and pass the conformance suite, its
+    own test, the docs-page check and the CLI, with no other file edited."""
+    root = DOCS.parent
+    files = _walkthrough_files()
+    assert sorted(files) == ["docs/mechanisms/my_cosine.md",
+                             "src/attnlab/mechanisms/my_cosine.py",
+                             "tests/mechanisms/test_my_cosine.py"]
+    for part in ("src/attnlab", "tests", "docs/mechanisms"):
+        shutil.copytree(root / part, tmp_path / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    for path, text in files.items():
+        assert not (tmp_path / path).exists(), f"{path} would overwrite an existing file"
+        (tmp_path / path).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+    tests = ["tests/mechanisms/test_my_cosine.py", "tests/conformance", "-k",
+             "my_cosine or every_registered_mechanism_has_a_page",
+             "tests/test_docs.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *tests], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", run.stdout).group(1))
+    assert passed >= 60, run.stdout[-500:]  # the conformance cases ran, not only the 3 tests
+    info = subprocess.run([sys.executable, "-m", "attnlab.cli", "info", "my_cosine"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert info.returncode == 0 and "Swin Transformer V2" in info.stdout, info.stderr
 
 
 def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
@@ -44,8 +68,6 @@ def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
 
 
 def test_every_registered_mechanism_has_a_page_naming_its_paper():
-    import attnlab as al
-
     pages = Path(__file__).resolve().parents[1] / "docs" / "mechanisms"
     for name in al.available():
         page = pages / f"{name}.md"

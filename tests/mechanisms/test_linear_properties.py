@@ -73,7 +73,7 @@ def test_hedgehog_distillation_mimics_softmax_far_better_than_elu():
     q = torch.randn(8, 1, n, d) * 1.5
     k = torch.randn(8, 1, n, d) * 1.5
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    teacher = softmax_weights(q, k, causal, scale=d ** -0.5)
+    teacher = softmax_weights(q, k, causal=True, scale=d ** -0.5)
     entropy = -(teacher * teacher.clamp_min(1e-12).log()).sum(-1).mean()
 
     def excess_ce(a):

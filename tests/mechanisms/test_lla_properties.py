@@ -44,9 +44,8 @@ def test_equals_an_explicit_weighted_ridge_solve(causal, ridge):
 
 def test_tends_to_softmax_as_ridge_grows():
     q, k, v = data()
-    causal = torch.ones(24, 24, dtype=torch.bool).tril()
-    soft = softmax_weights(q, k, causal, scale=0.5)
-    gaps = [(lla_weights(q, k, causal, scale=0.5, ridge=r) - soft).abs().max().item()
+    soft = softmax_weights(q, k, causal=True, scale=0.5)
+    gaps = [(lla_weights(q, k, causal=True, scale=0.5, ridge=r) - soft).abs().max().item()
             for r in (1.0, 10.0, 100.0, 1e4)]
     assert all(b < a for a, b in zip(gaps, gaps[1:], strict=False)), gaps
     assert gaps[-1] < 1e-3

@@ -15,8 +15,8 @@ from attnlab.ops import sigmoid_attention, sigmoid_weights, softmax_weights, sof
 def test_sigmoid_rows_sum_to_n_over_n_plus_1_with_bias_and_n_over_2_without(n):
     q = torch.zeros(1, 1, 1, 8, dtype=torch.float64)  # q.k = 0
     k = torch.randn(1, 1, n, 8, dtype=torch.float64)
-    with_bias = sigmoid_weights(q, k, None, scale=1.0, bias=-math.log(n)).sum(-1)
-    without = sigmoid_weights(q, k, None, scale=1.0, bias=0.0).sum(-1)
+    with_bias = sigmoid_weights(q, k, scale=1.0, bias=-math.log(n)).sum(-1)
+    without = sigmoid_weights(q, k, scale=1.0, bias=0.0).sum(-1)
     torch.testing.assert_close(with_bias, torch.full_like(with_bias, n / (n + 1)))
     torch.testing.assert_close(without, torch.full_like(without, n / 2))
 
@@ -70,7 +70,7 @@ def _entropy(w):
 @pytest.mark.parametrize("p", [None, 3.0, 15.0])
 def test_softplus_weights_are_nonnegative_rows_summing_to_one(p):
     q, k = _rand_qk()
-    w = softplus_weights(q, k, _causal(40), reweight_p=p)
+    w = softplus_weights(q, k, causal=True, reweight_p=p)
     assert (w >= 0).all()
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 40, dtype=torch.float64))
     assert (w.triu(1) == 0).all()
@@ -79,23 +79,23 @@ def test_softplus_weights_are_nonnegative_rows_summing_to_one(p):
 def test_lssar_entropy_is_at_most_lssa_entropy():
     q, k = _rand_qk(seed=3)
     vis = _causal(40)
-    lssa = _entropy(softplus_weights(q, k, vis, reweight_p=None))
+    lssa = _entropy(softplus_weights(q, k, mask=vis, reweight_p=None))
     for p in (3.0, 15.0):
-        lssar = _entropy(softplus_weights(q, k, vis, reweight_p=p))
+        lssar = _entropy(softplus_weights(q, k, mask=vis, reweight_p=p))
         assert (lssar <= lssa + 1e-9).all()
-    assert (_entropy(softplus_weights(q, k, vis, reweight_p=15.0))[..., 10:]
+    assert (_entropy(softplus_weights(q, k, mask=vis, reweight_p=15.0))[..., 10:]
             < lssa[..., 10:] - 0.1).all()
 
 
 def test_lssar_large_p_gives_near_one_hot_rows():
     q, k = _rand_qk(seed=4)
-    w = softplus_weights(q, k, None, reweight_p=400.0)
+    w = softplus_weights(q, k, reweight_p=400.0)
     assert (w.amax(-1) > 0.95).mean(dtype=torch.float64) > 0.9
 
 
 def test_lssa_uses_the_length_scale_ln_d_ln_n():
     q, k = _rand_qk(lq=1, lk=30, d=16, seed=5)
-    w = softplus_weights(q, k, None)
+    w = softplus_weights(q, k)
     cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).mT
     a = torch.nn.functional.softplus(math.log(16) * math.log(30) * cos)
     torch.testing.assert_close(w, a / a.sum(-1, keepdim=True))
@@ -103,11 +103,10 @@ def test_lssa_uses_the_length_scale_ln_d_ln_n():
 
 def test_lssar_first_rows_keep_weight_and_uniform_rows_stay_uniform():
     q, k = _rand_qk(seed=6)
-    w = softplus_weights(q, k, _causal(40), reweight_p=15.0)
+    w = softplus_weights(q, k, causal=True, reweight_p=15.0)
     assert torch.allclose(w[..., 0, 0], torch.ones(()).double())  # one key: all weight
     assert (w[..., 1, :2] > 0).all()  # rows with <= 3 keys skip the "- 1"
-    flat = softplus_weights(torch.zeros(1, 1, 5, 16).double(), k[:1, :1, :9], None,
-                            reweight_p=15.0)
+    flat = softplus_weights(torch.zeros(1, 1, 5, 16).double(), k[:1, :1, :9], reweight_p=15.0)
     torch.testing.assert_close(flat, torch.full_like(flat, 1 / 9))
 
 
@@ -144,7 +143,7 @@ def test_position_temperature_keeps_the_max_weight_from_decaying_with_n():
         if temperature:
             tau = 1 + math.log(n)  # tau_pos at the last position, sigmoid(alpha) -> 1
             q = q * tau
-        return softmax_weights(q, k, None, scale=32 ** -0.5).amax(-1).mean().item()
+        return softmax_weights(q, k, scale=32 ** -0.5).amax(-1).mean().item()
     plain = mean_max_weight(64, False) / mean_max_weight(4096, False)
     selective = mean_max_weight(64, True) / mean_max_weight(4096, True)
     assert plain > 10  # plain softmax dilutes with n

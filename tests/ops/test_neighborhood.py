@@ -128,8 +128,8 @@ def test_tiled_equals_reference_forward_and_backward(shape, kwargs, dtype, maske
     q, k, v = make(shape, dtype, hkv=1 if masked else 3)
     mask = key_mask(shape) if masked else None
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = neighborhood_attention(*ref_inputs, **kwargs, key_mask=mask, backend="reference")
-    out = neighborhood_attention(q, k, v, **kwargs, key_mask=mask, backend="tiled")
+    ref = neighborhood_attention(*ref_inputs, **kwargs, mask=mask, backend="reference")
+    out = neighborhood_attention(q, k, v, **kwargs, mask=mask, backend="tiled")
     atol, rtol = TOL[dtype]
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
@@ -154,7 +154,7 @@ def test_rows_with_no_visible_key_are_zero():
     q, k, v = make((10,), torch.float32)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, :6] = False
-    out = neighborhood_attention(q, k, v, kernel_size=3, causal=True, key_mask=mask)
+    out = neighborhood_attention(q, k, v, kernel_size=3, causal=True, mask=mask)
     assert torch.isfinite(out).all()
     assert (out[0, :, :6] == 0).all() and (out[0, :, 6:] != 0).any()
 
@@ -163,8 +163,8 @@ def test_rows_with_no_visible_key_are_zero():
 def test_flex_eager_equals_reference(shape, kwargs):
     q, k, v = (t.detach() for t in make(shape, torch.float32))
     mask = key_mask(shape)
-    ref = neighborhood_attention(q, k, v, **kwargs, key_mask=mask, backend="reference")
-    out = neighborhood_attention(q, k, v, **kwargs, key_mask=mask, backend="flex")
+    ref = neighborhood_attention(q, k, v, **kwargs, mask=mask, backend="reference")
+    out = neighborhood_attention(q, k, v, **kwargs, mask=mask, backend="flex")
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
@@ -185,8 +185,8 @@ def test_bad_arguments_raise_clear_errors():
         neighborhood_attention(q, k, v, kernel_size=(3, 3, 3))
     with pytest.raises(ValueError, match="positive ints"):
         neighborhood_attention(q, k, v, kernel_size=0)
-    with pytest.raises(ValueError, match="key_mask"):
-        neighborhood_attention(q, k, v, kernel_size=3, key_mask=torch.ones(2, 9, 10).bool())
+    with pytest.raises(ValueError, match="key padding"):
+        neighborhood_attention(q, k, v, kernel_size=3, mask=torch.ones(2, 9, 10).bool())
     with pytest.raises(ValueError, match="spatial shape"):
         neighborhood_attention(q, k[:, :, :5], v[:, :, :5], kernel_size=3)
     with pytest.raises(ValueError, match="backward on CPU"):

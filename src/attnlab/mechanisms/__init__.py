@@ -1,61 +1,24 @@
-"""Built-in mechanisms; importing this package registers all of them."""
+"""Built-in mechanisms; importing this package registers all of them.
 
-from attnlab.mechanisms.agent import AgentAttention
-from attnlab.mechanisms.cca import CompressedConvolutionalAttention
-from attnlab.mechanisms.dma import DynamicMaskAttention
-from attnlab.mechanisms.gaam import GaussianAdaptiveAttention
-from attnlab.mechanisms.gated import GatedAttention
-from attnlab.mechanisms.hedgehog import HedgehogAttention
-from attnlab.mechanisms.inline import InjectiveLinearAttention
-from attnlab.mechanisms.l2vit import L2ViTAttention
-from attnlab.mechanisms.linear import LinearAttention
-from attnlab.mechanisms.lla import LocalLinearAttention
-from attnlab.mechanisms.longheads import LongHeadsAttention
-from attnlab.mechanisms.mala import MagnitudeAwareLinearAttention
-from attnlab.mechanisms.maxvit import MaxViTAttention
-from attnlab.mechanisms.medusa import MultiScaleHeadAttention
-from attnlab.mechanisms.mil_attention import MILAttentionPooling
-from attnlab.mechanisms.moh import MixtureOfHeadAttention
-from attnlab.mechanisms.msa_conv import MSAConvAttention
-from attnlab.mechanisms.neighborhood import NeighborhoodAttention
-from attnlab.mechanisms.rcmha import RelativeConvolutionalAttention
-from attnlab.mechanisms.rfa import RandomFeatureAttention
-from attnlab.mechanisms.selective import SelectiveAttention
-from attnlab.mechanisms.shvit import SingleHeadAttention
-from attnlab.mechanisms.sigmoid import SigmoidAttention
-from attnlab.mechanisms.soft import SoftAttention
-from attnlab.mechanisms.softmax import SoftmaxAttention
-from attnlab.mechanisms.softplus import SoftplusAttention
-from attnlab.mechanisms.sparsifiner import SparsifinerAttention
-from attnlab.mechanisms.spectral import SpectralGating
+Every module of this package is imported here, so a new mechanism needs no line in this file:
+its ``@register`` runs on import. Each registered class is also an attribute of the package
+(``attnlab.mechanisms.SoftmaxAttention``).
+"""
 
-__all__ = [
-    "AgentAttention",
-    "CompressedConvolutionalAttention",
-    "DynamicMaskAttention",
-    "GatedAttention",
-    "GaussianAdaptiveAttention",
-    "HedgehogAttention",
-    "InjectiveLinearAttention",
-    "L2ViTAttention",
-    "LinearAttention",
-    "LocalLinearAttention",
-    "LongHeadsAttention",
-    "MILAttentionPooling",
-    "MSAConvAttention",
-    "MagnitudeAwareLinearAttention",
-    "MaxViTAttention",
-    "MixtureOfHeadAttention",
-    "MultiScaleHeadAttention",
-    "NeighborhoodAttention",
-    "RandomFeatureAttention",
-    "RelativeConvolutionalAttention",
-    "SelectiveAttention",
-    "SigmoidAttention",
-    "SingleHeadAttention",
-    "SoftAttention",
-    "SoftmaxAttention",
-    "SoftplusAttention",
-    "SparsifinerAttention",
-    "SpectralGating",
-]
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from attnlab.core.registry import available, info
+
+_NOT_MECHANISMS = {"base"}
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _NOT_MECHANISMS:
+        importlib.import_module(f"{__name__}.{_module}")
+
+_BUILT_IN = {c.__name__: c for c in (info(name).cls for name in available())
+             if c.__module__.startswith(f"{__name__}.")}
+globals().update(_BUILT_IN)
+__all__ = sorted(_BUILT_IN)

@@ -54,11 +54,9 @@ class AgentAttention(Attention):
         """softmax(c Q A^T + B2) (B, H, n, m) and softmax(c A K^T + B1) (B, H, m, n)."""
         grid = grid_of(q.shape[2], call.spatial)
         agents = masked_pool(q, call.key_mask, grid, self.agent_grid)
-        c = q.shape[-1] ** -0.5
-        keys = None if call.key_mask is None else call.key_mask[:, None, None, :]
-        to_keys = softmax_weights(agents, self.expand_kv(k), keys, scale=c,
+        to_keys = softmax_weights(agents, k, mask=call.op_mask,
                                   bias=self._bias(self.bias_to_keys, grid))
-        to_agents = softmax_weights(q, agents, None, scale=c,
+        to_agents = softmax_weights(q, agents,
                                     bias=self._bias(self.bias_to_agents, grid).transpose(-1, -2))
         return to_agents, to_keys
 

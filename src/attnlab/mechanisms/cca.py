@@ -50,8 +50,7 @@ class CompressedConvolutionalAttention(Attention):
         return softmax_attention(q, k, v, causal=True, mask=call.op_mask)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
-                               scale=q.shape[-1] ** -0.5)
+        return softmax_weights(q, k, causal=self.causal, mask=call.op_mask)
 
 
 class CompressedConvProjection(QKVProjection):

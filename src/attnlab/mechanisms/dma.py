@@ -58,7 +58,7 @@ class DynamicMaskAttention(Attention):
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         v = call.extras["v"]
         keep, bias = self._mask_and_bias(q, k, call, v)
-        return softmax_weights(q, self.expand_kv(k), keep, scale=q.shape[-1] ** -0.5, bias=bias)
+        return softmax_weights(q, k, mask=keep, bias=bias)
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call):
         q, k, v = super().prepare(q, k, v, call)

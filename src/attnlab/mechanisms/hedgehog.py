@@ -81,8 +81,7 @@ class HedgehogAttention(LinearFamily):
     def distillation_loss(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         """Cross-entropy from the softmax weights of (q, k) to the Hedgehog weights."""
         q, k = q.detach(), k.detach()
-        vis = self.visibility(q, k, call)
-        teacher = softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)
+        teacher = softmax_weights(q, k, causal=self.causal, mask=call.op_mask)
         student = self.attention_weights(q, k, call)
         ce = -(teacher * torch.log(student.clamp_min(1e-12))).sum(-1)
         rows = teacher.sum(-1) > 0

@@ -42,5 +42,4 @@ class LocalLinearAttention(Attention):
                                       ridge=self.ridge, backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return lla_weights(q, self.expand_kv(k), self.visibility(q, k, call),
-                           scale=q.shape[-1] ** -0.5, ridge=self.ridge)
+        return lla_weights(q, k, causal=self.causal, mask=call.op_mask, ridge=self.ridge)

@@ -146,6 +146,6 @@ class MaxViTAttention(Attention):
             vis = vis[None, None]
             if call.key_mask is not None:
                 vis = vis & call.key_mask[:, None, None, :]
-            weights.append(softmax_weights(q[:, first:first + n], k[:, first:first + n], vis,
-                                           scale=q.shape[-1] ** -0.5, bias=bias))
+            weights.append(softmax_weights(q[:, first:first + n], k[:, first:first + n],
+                                           mask=vis, bias=bias))
         return torch.cat(weights, 1)

@@ -80,7 +80,6 @@ class MultiScaleHeadAttention(Attention):
         for s, heads in self._groups():
             pool, keys = self._pooling(s, q, call)
             pk = pool[:, None].to(k.dtype) @ k[:, heads]
-            a = softmax_weights(q[:, heads], pk, keys[:, None, None, :],
-                                scale=q.shape[-1] ** -0.5)
+            a = softmax_weights(q[:, heads], pk, mask=keys[:, None, None, :])
             w[:, heads] = a @ pool[:, None].float()
         return w

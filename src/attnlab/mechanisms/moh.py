@@ -102,6 +102,5 @@ class MixtureOfHeadAttention(Attention):
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)
-        w = softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
-                            scale=q.shape[-1] ** -0.5)
+        w = softmax_weights(q, k, causal=self.causal, mask=call.op_mask)
         return w * g

@@ -99,7 +99,7 @@ class NeighborhoodAttention(Attention):
         b = q.shape[0]
         out = neighborhood_attention(
             q.reshape(b, q.shape[1], *spatial, -1), k.reshape(b, k.shape[1], *spatial, -1),
-            v.reshape(b, v.shape[1], *spatial, -1), **axes, key_mask=call.key_mask,
+            v.reshape(b, v.shape[1], *spatial, -1), **axes, mask=call.key_mask,
             backend=self.backend)
         return out.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
 
@@ -111,7 +111,5 @@ class NeighborhoodAttention(Attention):
         else:
             axes = self._axes(call, q.shape[2])
             vis = neighborhood_visibility(axes.pop("spatial"), **axes, device=q.device)
-        vis = vis[None, None]
-        if call.key_mask is not None:
-            vis = vis & call.key_mask[:, None, None, :]
-        return softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)
+        padded = call.op_mask
+        return softmax_weights(q, k, mask=vis if padded is None else vis & padded)

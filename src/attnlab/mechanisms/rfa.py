@@ -67,7 +67,7 @@ class RandomFeatureAttention(Attention):
         self.activation = activation
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return random_feature_weights(q, k, self.visibility(q, k, call),
+        return random_feature_weights(q, k, causal=self.causal, mask=call.op_mask,
                                       activation=self.activation)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:

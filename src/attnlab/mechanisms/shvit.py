@@ -51,8 +51,7 @@ class SingleHeadAttention(Attention):
                                  backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return softmax_weights(q, self.expand_kv(k), self.visibility(q, k, call),
-                               scale=q.shape[-1] ** -0.5)
+        return softmax_weights(q, k, causal=self.causal, mask=call.op_mask)
 
     def post(self, y: Tensor, call: Call) -> Tensor:
         rest = call.x[..., self.partial_channels:]

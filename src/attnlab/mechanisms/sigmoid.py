@@ -48,6 +48,5 @@ class SigmoidAttention(Attention):
                                  bias=self.score_bias(k.shape[2]), backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = self.visibility(q, k, call)
-        return sigmoid_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5,
+        return sigmoid_weights(q, k, causal=self.causal, mask=call.op_mask,
                                bias=self.score_bias(k.shape[2]))

@@ -39,5 +39,4 @@ class SoftmaxAttention(Attention):
                                  backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = self.visibility(q, k, call)
-        return softmax_weights(q, self.expand_kv(k), vis, scale=q.shape[-1] ** -0.5)
+        return softmax_weights(q, k, causal=self.causal, mask=call.op_mask)

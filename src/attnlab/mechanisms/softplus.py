@@ -46,5 +46,5 @@ class SoftplusAttention(Attention):
                                   reweight_p=self.reweight_p, backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        vis = self.visibility(q, k, call)
-        return softplus_weights(q, self.expand_kv(k), vis, reweight_p=self.reweight_p)
+        return softplus_weights(q, k, causal=self.causal, mask=call.op_mask,
+                                reweight_p=self.reweight_p)

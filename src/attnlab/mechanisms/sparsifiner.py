@@ -60,8 +60,7 @@ class SparsifinerAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         keep, scores, vis = self._mask(q, k, call)
         if self.training and self.distill_weight > 0:
-            dense = softmax_weights(q.detach(), self.expand_kv(k).detach(), vis,
-                                    scale=q.shape[-1] ** -0.5)
+            dense = softmax_weights(q.detach(), k.detach(), mask=vis)
             log_pred = torch.log_softmax(scores.float().masked_fill(~vis, -1e9), dim=-1)
             kl = (dense * (torch.log(dense.clamp_min(1e-12)) - log_pred)).sum(-1)
             rows = vis.any(-1)
@@ -71,4 +70,4 @@ class SparsifinerAttention(Attention):
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         keep, _, _ = self._mask(q, k, call)
-        return softmax_weights(q, self.expand_kv(k), keep, scale=q.shape[-1] ** -0.5)
+        return softmax_weights(q, k, mask=keep)

@@ -11,22 +11,38 @@ from attnlab.core.masks import check_op_mask, visibility
 from attnlab.ops.dispatch import choose
 
 
-def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
-    """Validate q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) and the mask."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor | None, mask: Tensor | None) -> None:
+    """Validate q (B, H, Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) and the mask
+    (``v=None``: a weights function, which has no values)."""
+    named = (("q", q), ("k", k)) + ((("v", v),) if v is not None else ())
+    for name, t in named:
         if not isinstance(t, Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{op}: {name} must be a 4-D tensor (B, H, L, D), got {shape}")
-    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"{op}: shapes do not line up: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or (v is not None and k.shape[:3] != v.shape[:3]):
+        got = f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+        raise ValueError(f"{op}: shapes do not line up: {got}"
+                         + (f", v {tuple(v.shape)}" if v is not None else ""))
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dtype != k.dtype or (v is not None and v.dtype != q.dtype):
+        dtypes = (q.dtype, k.dtype) + ((v.dtype,) if v is not None else ())
+        raise ValueError(f"{op}: q, k, v dtypes differ {dtypes}")
     check_op_mask(mask, q, k)
+
+
+def begin_weights(op: str, q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None
+                  ) -> tuple[Tensor, Tensor | None]:
+    """Every weights function's preamble: check q, k and the mask, expand GQA heads.
+
+    Returns ``k`` with as many heads as ``q`` and the bool visibility (.., Lq, Lk) that
+    ``causal`` and ``mask`` imply (None: every key visible).
+    """
+    check_qkv(op, q, k, None, mask)
+    vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
+    return expand_kv(k, q.shape[1]), vis
 
 
 def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,

@@ -21,7 +21,14 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, expand_kv, shifted_exp, upcast
+from attnlab.ops.common import (
+    begin_weights,
+    check_qkv,
+    default_scale,
+    expand_kv,
+    shifted_exp,
+    upcast,
+)
 from attnlab.ops.dispatch import choose
 
 BACKENDS = ("chunked", "reference")  # in order of preference for backend="auto"
@@ -45,9 +52,19 @@ def _solve(sigma: Tensor, mu: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     return rho, torch.where(empty, 1.0, den)
 
 
-def lla_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
-                ridge: float) -> Tensor:
-    """The s_ij of the equation, with z_ij = k_j - q_i formed explicitly (the reference)."""
+def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
+                scale: float | None = None, ridge: float = 1.0) -> Tensor:
+    """The s_ij of the equation, with z_ij = k_j - q_i formed explicitly (the reference).
+
+    Args:
+        q: (B, H, Lq, D) queries; k: (B, H_kv, Lk, D) keys, H_kv dividing H (GQA).
+        causal, mask: which keys each query sees, as in :func:`local_linear_attention`.
+        scale: c of the kernel exp(c q.k), default 1/sqrt(D). ridge: lambda.
+
+    Returns (B, H, Lq, Lk) in float32 at least (rows sum to 1; entries may be negative).
+    """
+    k, visible = begin_weights("lla_weights", q, k, causal=causal, mask=mask)
+    scale = default_scale(q, scale)
     q, k = upcast(q, k)
     w = _kernel(q, k, visible, scale)
     z = k.unsqueeze(-3) - q.unsqueeze(-2)  # (B, H, Lq, Lk, D)
@@ -79,7 +96,7 @@ def _block(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float
     return ((s / den.unsqueeze(-1)).to(v.dtype)) @ v
 
 
-def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                            mask: Tensor | None = None, scale: float | None = None,
                            ridge: float = 1.0, backend: str = "auto",
                            block_size: int = 64) -> Tensor:
@@ -97,8 +114,8 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Tr
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     lq, lk = q.shape[2], k.shape[2]
     if backend == "reference":
-        vis = visibility(lq, lk, causal=causal, mask=mask, device=q.device)
-        return lla_weights(q, k, vis, scale=scale, ridge=ridge).to(v.dtype) @ v
+        w = lla_weights(q, k, causal=causal, mask=mask, scale=scale, ridge=ridge)
+        return w.to(v.dtype) @ v
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fn = partial(_block, scale=scale, ridge=ridge)
     outs = []

@@ -66,7 +66,7 @@ def longheads_weights(q: Tensor, k: Tensor, positions: Tensor, *, chunk_size: in
         vis = vis & key_mask[:, None, None, :]
     k = expand_kv(k, h)
     if rotate is None:
-        return softmax_weights(q, k, vis, scale=scale)
+        return softmax_weights(q, k, mask=vis, scale=scale)
     rank = selected.long().cumsum(-1) - 1  # rank of each chunk among the selected ones
     local = positions // chunk_size
     query_rank = rank.gather(-1, local.view(1, 1, lq, 1).expand(b, h, lq, 1))

@@ -305,19 +305,20 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask:
     if key_mask is not None:
         vis = vis & key_mask.reshape(b, 1, 1, -1)
     flat = [t.reshape(b, h, -1, t.shape[-1]) for t in (q, k, v)]
-    w = softmax_weights(flat[0], flat[1], vis, scale=scale)
+    w = softmax_weights(flat[0], flat[1], mask=vis, scale=scale)
     return (w.to(v.dtype) @ flat[2]).reshape(*q.shape[:-1], v.shape[-1])
 
 
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dilation=1,
                            stride=1, causal=False, border: str = "shift",
-                           key_mask: Tensor | None = None,
+                           mask: Tensor | None = None,
                            scale: float | None = None, backend: str = "auto",
                            block: int | tuple[int, ...] | None = None) -> Tensor:
     """Generalized neighborhood attention on ``(B, H, *spatial, D)`` tensors (1 to 3 axes).
 
     ``kernel_size``, ``dilation``, ``stride`` and ``causal`` are one value for every axis or a
-    tuple per axis. ``key_mask`` (B, *spatial) bool, True = real key. k, v may have fewer
+    tuple per axis. ``mask`` (B, *spatial) bool, True = real key (key padding: a full
+    (Lq, Lk) mask would defeat the point of a local op). k, v may have fewer
     heads than q (GQA). ``border="clip"`` gives convolution windows instead: centred on the
     query, cut at the borders (fewer keys there), no stride or causal. Rows with no visible
     key give 0. ``block``: tile edge per axis for
@@ -338,10 +339,11 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     spatial = tuple(q.shape[2:-1])
+    key_mask = mask
     if key_mask is not None:
         if key_mask.dtype != torch.bool or tuple(key_mask.shape) not in (
                 (q.shape[0], *spatial), (q.shape[0], math.prod(spatial))):
-            raise ValueError(f"{op}: key_mask must be bool of shape (B, *spatial) = "
+            raise ValueError(f"{op}: mask must be bool key padding of shape (B, *spatial) = "
                              f"{(q.shape[0], *spatial)}, got {key_mask.dtype} "
                              f"{tuple(key_mask.shape)}")
         key_mask = key_mask.reshape(q.shape[0], *spatial)

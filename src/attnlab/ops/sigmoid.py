@@ -12,20 +12,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, default_scale, upcast
+from attnlab.ops.common import begin, begin_weights, default_scale, upcast
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
 BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
 
 
-def sigmoid_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
-                    bias: float | Tensor) -> Tensor:
-    """W_ij = sigmoid(c q_i.k_j + b) for visible j, exactly 0 elsewhere."""
+def sigmoid_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
+                    scale: float | None = None, bias: float | Tensor | None = None) -> Tensor:
+    """Sigmoid attention weights W_ij = sigmoid(c q_i.k_j + b) for visible j, exactly 0
+    elsewhere (rows are not normalised).
+
+    Args:
+        q: (B, H, Lq, D) queries; k: (B, H_kv, Lk, D) keys, H_kv dividing H (GQA).
+        causal, mask: which keys each query sees, as in :func:`sigmoid_attention`.
+        scale: c, default 1/sqrt(D). bias: b, default -ln(Lk).
+
+    Returns (B, H, Lq, Lk) in float32 at least.
+    """
+    k, visible = begin_weights("sigmoid_weights", q, k, causal=causal, mask=mask)
+    scale = default_scale(q, scale)
+    bias = default_bias(k, bias)
     q, k = upcast(q, k)
     w = torch.sigmoid((q @ k.transpose(-1, -2)) * scale + bias)
     return w if visible is None else w.masked_fill(~visible, 0.0)
+
+
+def default_bias(k: Tensor, bias: float | Tensor | None) -> float | Tensor:
+    """The paper's b = -ln(n) for n = Lk keys, unless a bias is given."""
+    return -math.log(max(k.shape[2], 1)) if bias is None else bias
 
 
 class SigmoidRows(RowMath):
@@ -55,12 +71,12 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     by exp(lse); ``F.logsigmoid`` itself fails to compile inside a score_mod on CUDA, torch 2.11).
     """
     scale = default_scale(q, scale)
-    bias = -math.log(max(k.shape[2], 1)) if bias is None else bias
+    bias = default_bias(k, bias)
     name, k, v = begin("sigmoid_attention", backend, BACKENDS, q, k, v, mask,
                        tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
-        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
-        return sigmoid_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v
+        w = sigmoid_weights(q, k, causal=causal, mask=mask, scale=scale, bias=bias)
+        return w.to(v.dtype) @ v
     if name == "tiled":
         return row_tiled(SigmoidRows(scale, float(bias)), q, k, v, causal=causal, mask=mask,
                          block_size=block_size)

@@ -7,15 +7,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, default_scale, upcast
+from attnlab.ops.common import begin, begin_weights, default_scale, upcast
 from attnlab.ops.flex import flex_call
 
 BACKENDS = ("sdpa", "flex", "reference")  # in order of preference for backend="auto"
 
 
-def softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None, *, scale: float,
-                    bias: float | Tensor | None = None) -> Tensor:
-    """softmax_j(c q_i.k_j + bias_ij) over visible keys; a row with no visible key is 0."""
+def softmax_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
+                    scale: float | None = None, bias: float | Tensor | None = None) -> Tensor:
+    """Softmax attention weights W_ij = softmax_j(c q_i.k_j + bias_ij) over the visible keys.
+
+    Args:
+        q: (B, H, Lq, D) queries; k: (B, H_kv, Lk, D) keys, H_kv dividing H (GQA).
+        causal: query i sees keys j <= i + (Lk - Lq) (queries aligned to the end of the keys).
+        mask: bool, True = may attend, broadcastable to (B, H, Lq, Lk).
+        scale: c, default 1/sqrt(D). bias: added to the scores (float or broadcastable tensor).
+
+    Returns (B, H, Lq, Lk) in float32 at least; a row with no visible key is 0.
+    """
+    k, visible = begin_weights("softmax_weights", q, k, causal=causal, mask=mask)
+    scale = default_scale(q, scale)
     q, k = upcast(q, k)
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
@@ -60,8 +71,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     name, k, v = begin("softmax_attention", backend, BACKENDS, q, k, v, mask,
                        tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
-        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
-        return softmax_weights(q, k, vis, scale=scale, bias=bias).to(v.dtype) @ v
+        w = softmax_weights(q, k, causal=causal, mask=mask, scale=scale, bias=bias)
+        return w.to(v.dtype) @ v
     if name == "sdpa":
         return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale, bias=bias)
     score_mod = None if bias is None else (lambda s, b, h, i, j: s + bias)

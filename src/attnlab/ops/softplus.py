@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, row_counts, upcast, visible_counts
+from attnlab.ops.common import begin, begin_weights, row_counts, upcast, visible_counts
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
@@ -30,18 +29,31 @@ def _row_normalise(a: Tensor) -> Tensor:
     return a / a.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
-def softplus_weights(q: Tensor, k: Tensor, visible: Tensor | None, *,
-                     reweight_p: float | None = None) -> Tensor:
+def length_scale(q: Tensor, scale: float | None) -> float:
+    """The paper's ln(d) (d = head dim), the factor of ln(N_i) in alpha_i, unless given."""
+    return math.log(q.shape[-1]) if scale is None else float(scale)
+
+
+def softplus_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
+                     scale: float | None = None, reweight_p: float | None = None) -> Tensor:
     """LSSA weights, then LSSAR re-weighting when ``reweight_p`` is given.
 
-    A row whose re-weighted values are all 0 (only when its LSSA row is exactly uniform)
-    keeps its LSSA weights; a row with no visible key is 0.
+    Args:
+        q: (B, H, Lq, D) queries; k: (B, H_kv, Lk, D) keys, H_kv dividing H (GQA).
+        causal, mask: which keys each query sees, as in :func:`softplus_attention`.
+        scale: c in alpha_i = c ln(N_i), default ln(D) (the paper's length scale).
+        reweight_p: LSSAR's power p (None: LSSA).
+
+    Returns (B, H, Lq, Lk) in float32 at least. A row whose re-weighted values are all 0
+    (only when its LSSA row is exactly uniform) keeps its LSSA weights; a row with no
+    visible key is 0.
     """
-    d = q.shape[-1]
+    k, visible = begin_weights("softplus_weights", q, k, causal=causal, mask=mask)
+    log_d = length_scale(q, scale)
     q, k = upcast(q, k)
     cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
     n = row_counts(visible, cos)
-    alpha = math.log(d) * torch.log(n.clamp_min(1.0))
+    alpha = log_d * torch.log(n.clamp_min(1.0))
     a = F.softplus(alpha * cos)
     if visible is not None:
         a = a.masked_fill(~visible, 0.0)
@@ -67,8 +79,8 @@ class SoftplusRows(RowMath):
     cannot overflow (|x| <= alpha < 80).
     """
 
-    def __init__(self, head_dim: int, reweight_p: float | None) -> None:
-        self.log_d, self.p = math.log(head_dim), reweight_p
+    def __init__(self, log_d: float, reweight_p: float | None) -> None:
+        self.log_d, self.p = log_d, reweight_p
 
     def weights(self, s: Tensor, vis: BlockVisibility | None):
         n = block_counts(vis, s)
@@ -138,12 +150,12 @@ def _log_softplus(x: Tensor) -> Tensor:
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
-          reweight_p: float | None) -> Tensor:
+          log_d: float, reweight_p: float | None) -> Tensor:
     b, h, lq, d = q.shape
     lk = k.shape[2]
     n = visible_counts(lq, lk, causal=causal, mask=mask, device=q.device).to(torch.float32)
     n = n.expand(b, h, lq, 1)[..., 0]  # (B, H, Lq)
-    alpha = math.log(d) * torch.log(n.clamp_min(1.0))
+    alpha = log_d * torch.log(n.clamp_min(1.0))
     qn, kn = (F.normalize(t, dim=-1).to(q.dtype) for t in upcast(q, k))
 
     def lssa(s, bi, hi, i, j):
@@ -165,30 +177,37 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     return torch.where(ok, out2.nan_to_num(0.0), out1)
 
 
-def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
-                       mask: Tensor | None = None, reweight_p: float | None = None,
-                       backend: str = "auto", block_size: int | None = None) -> Tensor:
+def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                       mask: Tensor | None = None, scale: float | None = None,
+                       reweight_p: float | None = None, backend: str = "auto",
+                       block_size: int | None = None) -> Tensor:
     """LSSA (``reweight_p=None``) or LSSAR attention on (B, H, L, D) tensors.
 
-    Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
-    default), ``flex`` (two FlexAttention passes; the second re-weights with the first's lse).
+    ``q`` (B, H, Lq, D), ``k``, ``v`` (B, H_kv, Lk, D) with H_kv dividing H (GQA); ``causal``
+    aligns queries to the end of the keys; ``mask`` bool, True = may attend, broadcastable to
+    (B, H, Lq, Lk); ``scale`` is c in alpha_i = c ln(N_i), default ln(D). Returns
+    (B, H, Lq, Dv). Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and
+    backward, the CPU default), ``flex`` (two FlexAttention passes; the second re-weights
+    with the first's lse).
     """
     if reweight_p is not None and reweight_p < 1:
         raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
+    log_d = length_scale(q, scale)
     name, k, v = begin("softplus_attention", backend, BACKENDS, q, k, v, mask)
     if name == "reference":
-        vis = visibility(q.shape[2], k.shape[2], causal=causal, mask=mask, device=q.device)
-        return softplus_weights(q, k, vis, reweight_p=reweight_p).to(v.dtype) @ v
+        w = softplus_weights(q, k, causal=causal, mask=mask, scale=log_d, reweight_p=reweight_p)
+        return w.to(v.dtype) @ v
     if name == "tiled":
         # normalise in float32 at least: a bf16 cosine errs by ~4e-3, which LSSAR's power
         # (p = 15) turned into 10x the error of the reference computed in bf16
         qn, kn = (F.normalize(t, dim=-1) for t in upcast(q, k))
-        out = row_tiled(SoftplusRows(q.shape[-1], reweight_p), qn, kn, v.to(qn.dtype),
+        out = row_tiled(SoftplusRows(log_d, reweight_p), qn, kn, v.to(qn.dtype),
                         causal=causal, mask=mask, block_size=block_size)
         return out.to(v.dtype)
     if reweight_p is not None and q.dtype in (torch.float16, torch.bfloat16):
         # LSSAR raises weights to the p-th power, which multiplies the kernel's bf16 score
         # error by p: on an H200, bf16 flex erred 5-7x the reference computed in bf16
-        out = _flex(*upcast(q, k, v), causal=causal, mask=mask, reweight_p=reweight_p)
+        out = _flex(*upcast(q, k, v), causal=causal, mask=mask, log_d=log_d,
+                    reweight_p=reweight_p)
         return out.to(v.dtype)
-    return _flex(q, k, v, causal=causal, mask=mask, reweight_p=reweight_p)
+    return _flex(q, k, v, causal=causal, mask=mask, log_d=log_d, reweight_p=reweight_p)
