@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from attnlab.machine import machine  # noqa: F401  (re-exported to the bench scripts)
+from attnlab.tables import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -119,9 +120,8 @@ def markdown(report: dict) -> str:
     against = ("its baseline (" + ", ".join(sorted(set(baseline.values()))) + ")"
                if isinstance(baseline, dict) else baseline)
     timed = "forward" if report["config"].get("mode") == "forward" else "forward+backward"
-    out += [f"## Throughput (tokens/s, {timed}) and ratio to " + against, "",
-            "| case | " + " | ".join(f"L={n}" for n in lengths) + " | time exponent |",
-            "|---|" + "---|" * (len(lengths) + 1)]
+    columns = [f"L={n}" for n in lengths]
+    speed_rows = []
     for label in labels:
         cells = []
         for n in lengths:
@@ -133,18 +133,18 @@ def markdown(report: dict) -> str:
             cells.append(f"{r['tokens_per_s']:.0f}{ratio}")
         pts = [(n, get[(label, n)]["seconds"]) for n in lengths if (label, n) in get]
         exp = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
-        out.append(f"| {label} | " + " | ".join(cells) +
-                   f" | {'–' if exp is None else f'{exp:.2f}'} |")
-    out += ["", "## Peak extra memory (MB) and its fitted growth exponent in L", "",
-            "| case | " + " | ".join(f"L={n}" for n in lengths) + " | exponent |",
-            "|---|" + "---|" * (len(lengths) + 1)]
+        speed_rows.append([label, *cells, "–" if exp is None else f"{exp:.2f}"])
+    out += [f"## Throughput (tokens/s, {timed}) and ratio to " + against, "",
+            markdown_table(["case", *columns, "time exponent"], speed_rows)]
+    memory_rows = []
     for label in labels:
         pts = [(n, get[(label, n)]["peak_mb"]) for n in lengths if (label, n) in get]
         cells = [f"{get[(label, n)]['peak_mb']:.0f}" if (label, n) in get else "–"
                  for n in lengths]
         exp = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
-        out.append(f"| {label} | " + " | ".join(cells) +
-                   f" | {'–' if exp is None else f'{exp:.2f}'} |")
+        memory_rows.append([label, *cells, "–" if exp is None else f"{exp:.2f}"])
+    out += ["", "## Peak extra memory (MB) and its fitted growth exponent in L", "",
+            markdown_table(["case", *columns, "exponent"], memory_rows)]
     other = [r for r in report["rows"] if "error" in r or "skipped" in r]
     if other:
         out += ["", "## Not run", ""] + [

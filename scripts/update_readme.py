@@ -1,21 +1,16 @@
 """Regenerate the README's generated blocks from their sources.
 
     python scripts/update_readme.py            # mechanisms table + benchmark summary
-    python scripts/update_readme.py --demo     # also re-run `attnlab demo` and paste its table
 
 Blocks sit between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``:
 ``mechanisms`` from the registry, ``bench``, ``bench-linear`` and ``bench-local-*`` from
-``benchmarks/results/scored_ops-*.md``, ``linear_family-*.md`` and ``local_*-*.md``,
-``demo`` from the output of ``attnlab demo``.
+``benchmarks/results/scored_ops-*.md``, ``linear_family-*.md`` and ``local_*-*.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,20 +40,10 @@ def bench_summary(name: str, config: str, against: str = "SDPA softmax") -> str:
             f"Peak extra memory (MB) and its fitted growth exponent in L:\n\n{memory}")
 
 
-def demo_table() -> str:
-    env = {**os.environ, "COLUMNS": "100", "TERM": "dumb"}
-    out = subprocess.run([sys.executable, "-m", "attnlab.cli", "demo"], capture_output=True,
-                         text=True, check=True, env=env).stdout
-    start = out.index("induction copy")
-    lines = [line.rstrip() for line in out[start:].splitlines()]
-    return "```\n" + "\n".join(line for line in lines if line) + "\n```"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="re-run the demo (about 30 s)")
-    args = parser.parse_args()
+    parser.parse_args()
     from attnlab.cli import registry_markdown
 
     text = README.read_text()
@@ -74,8 +59,6 @@ def main() -> None:
             f"local_{mode}", f"{what}; ops at B=1, H=8, D=64, modules at dim 512, 8 heads",
             against="each case's baseline (neighborhood: the dense masked SDPA; maxvit, dma: "
                     "the softmax module in the same mode)"))
-    if args.demo:
-        text = replace_block(text, "demo", demo_table())
     README.write_text(text)
     print(f"updated {README}")
 

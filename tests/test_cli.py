@@ -1,5 +1,6 @@
 """The ``attnlab`` command, end to end (through click's runner)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -7,8 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 import attnlab as al
+from attnlab.arena.config import load_sweep
+from attnlab.arena.store import RunStore
+from attnlab.arena.trainer import train_run
 from attnlab.cli import main, registry_markdown
-from attnlab.demo import train_one
+from attnlab.cli_arena import CONFIGS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -59,17 +63,26 @@ def test_info_prints_metadata_and_suggests_on_typos():
     assert bad.exit_code == 2 and "Did you mean 'softplus'" in bad.output
 
 
-def test_demo_runs_and_prints_a_table():
-    result = invoke("demo", "--mechanisms", "softmax,sigmoid", "--steps", "3")
+def test_demo_is_an_arena_run_of_the_shipped_demo_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report goes to ./attnlab-reports/demo/
+    result = invoke("demo", "--mechanisms", "softmax,sigmoid", "--steps", "3",
+                    "--store", str(tmp_path / "runs"))
     assert result.exit_code == 0
-    assert "test acc" in result.output and "sigmoid" in result.output
-    assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert "sweep demo: task copy, 2 contestants x 1 seeds = 2 runs" in result.output
+    assert "sigmoid" in result.output and (tmp_path / "attnlab-reports/demo/report.md").exists()
+    with RunStore(tmp_path / "runs") as store:  # stored by the arena: one trainer, one store
+        rows = store.rows("demo")
+    assert sorted(r["config"]["label"] for r in rows) == ["sigmoid", "softmax"]
+    assert {r["config"]["train"]["steps"] for r in rows} == {3}
     bad = CliRunner().invoke(main, ["demo", "--mechanisms", "softmux"])
     assert bad.exit_code == 2 and "Did you mean 'softmax'" in bad.output
 
 
-def test_demo_training_learns_to_copy():
-    before = train_one("softmax", steps=1)
-    after = train_one("softmax", steps=120)
-    assert after.test_loss < before.test_loss - 0.5
-    assert after.test_accuracy > 0.3  # chance is 1/16
+@pytest.mark.slow
+def test_demo_config_learns_to_copy():
+    sweep = load_sweep(CONFIGS / "demo.toml")
+    spec = next(s for s in sweep.runs() if s.label == "softmax")
+    trained = train_run(spec)
+    untrained = train_run(dataclasses.replace(spec, train={**spec.train, "steps": 1}))
+    assert trained["status"] == untrained["status"] == "done"
+    assert trained["metrics"]["accuracy"] > untrained["metrics"]["accuracy"] + 0.3

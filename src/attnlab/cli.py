@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnlab as al
+from attnlab.tables import markdown_table
 
 console = Console()
 
@@ -33,9 +34,7 @@ def registry_rows(family: str | None = None, domain: str | None = None) -> list[
 
 def registry_markdown() -> str:
     """The README's mechanism table, generated from the registry."""
-    lines = ["| " + " | ".join(LIST_COLUMNS) + " |", "|" + "---|" * len(LIST_COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in registry_rows()]
-    return "\n".join(lines)
+    return markdown_table(LIST_COLUMNS, registry_rows())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,51 +140,27 @@ def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
 
 
 @main.command()
-@click.option("--mechanisms", default="softmax,sigmoid,softplus", show_default=True,
-              help="Comma-separated mechanism names.")
-@click.option("--steps", default=150, show_default=True, help="Training steps per model.")
-@click.option("--seconds", default=8.0, show_default=True,
-              help="Wall-time cap per model (seconds).")
-@click.option("--seed", default=0, show_default=True)
-def demo(mechanisms: str, steps: int, seconds: float, seed: int) -> None:
-    """Train tiny LMs that differ only in attention on induction copying; print losses.
+@click.option("--mechanisms", help="Comma-separated mechanism names "
+              "[default: softmax,sigmoid,softplus].")
+@click.option("--steps", type=click.IntRange(1), help="Training steps per model [400].")
+@click.option("--store", help="Result store directory [default attnlab-runs].")
+@click.pass_context
+def demo(ctx: click.Context, mechanisms: str | None, steps: int | None,
+         store: str | None) -> None:
+    """A seconds-long arena run: tiny LMs that differ only in attention learn to copy.
+
+    The sweep of ``arena/configs/demo.toml`` (one seed each: runs to look at, not verdicts),
+    run and reported by ``attnlab arena run``; ``attnlab arena`` gives verdicts.
 
     \b
     Examples:
       attnlab demo
-      attnlab demo --mechanisms softmax,gated,selective --steps 300 --seconds 20
+      attnlab demo --mechanisms softmax,gated,selective --steps 600
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from attnlab.cli_arena import CONFIGS, run_cmd
 
-    from attnlab.demo import train_one
-
-    names = [m.strip() for m in mechanisms.split(",") if m.strip()]
-    for n in names:
-        try:
-            al.info(n)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--mechanisms") from None
-    results = []
-    columns = (TextColumn("{task.description:<10}"), BarColumn(),
-               TextColumn("step {task.completed:>4.0f}/{task.total:.0f}"),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        for n in names:
-            task = progress.add_task(n, total=steps, loss="–")
-            results.append(train_one(
-                n, steps=steps, seconds=seconds, seed=seed,
-                on_step=lambda s, loss, task=task: progress.update(task, completed=s,
-                                                                   loss=f"{loss:.3f}")))
-    table = Table(title="induction copy (vocab 16, 16 tokens shown twice): predict the copy",
-                  box=box.SIMPLE_HEAD)
-    for col in ("mechanism", "params", "steps", "train loss", "test loss", "test acc",
-                "seconds"):
-        table.add_column(col, justify="left" if col == "mechanism" else "right", no_wrap=True)
-    for r in results:
-        table.add_row(r.mechanism, f"{r.params:,}", str(r.steps), f"{r.train_loss:.3f}",
-                      f"{r.test_loss:.3f}", f"{r.test_accuracy:.1%}", f"{r.seconds:.1f}")
-    console.print(table)
-    console.print("chance: loss 2.773 (ln 16), accuracy 6.2%")
+    ctx.invoke(run_cmd, config=str(CONFIGS / "demo.toml"), mechanisms=mechanisms, steps=steps,
+               store=store)
 
 
 def _add_arena() -> None:

@@ -72,29 +72,33 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
 
 def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
     """Run a sweep with progress bars: one for the sweep, one per run in flight."""
-    from attnlab.arena.store import RunStore
-    from attnlab.arena.sweep import pending_runs, run_sweep
+    from attnlab.arena.sweep import run_sweep
 
-    with RunStore(sweep.store) as store:
-        todo, skipped = pending_runs(sweep, store, retry_failed)
-    points = len(sweep.grid_points())
-    grid = f" x {points} grid points" if points > 1 else ""
-    console.print(f"sweep [bold]{sweep.sweep_name}[/bold]: task {sweep.task}, "
-                  f"{len(sweep.variants())} contestants{grid} x {len(sweep.seed_list)} seeds "
-                  f"= {len(todo) + skipped} runs; {skipped} already in {sweep.store}/, "
-                  f"{len(todo)} to run")
-    console.print(f"  on {min(sweep.worker_count, max(1, len(todo)))} worker(s), "
-                  f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
-                  f"{sweep.train.dtype}")
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn())
     bars: dict[str, Any] = {}
+    grid_keys = list(sweep.train.grid())
     with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("runs", total=len(todo), note="")
+        overall = progress.add_task("runs", total=None, note="")
 
-        grid_keys = list(sweep.train.grid())
+        def plan(todo: list, skipped: int) -> None:
+            points = len(sweep.grid_points())
+            grid = f" x {points} grid points" if points > 1 else ""
+            progress.console.print(
+                f"sweep [bold]{sweep.sweep_name}[/bold]: task {sweep.task}, "
+                f"{len(sweep.variants())} contestants{grid} x {len(sweep.seed_list)} seeds "
+                f"= {len(todo) + skipped} runs; {skipped} already in {sweep.store}/, "
+                f"{len(todo)} to run")
+            progress.console.print(
+                f"  on {min(sweep.worker_count, max(1, len(todo)))} worker(s), "
+                f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
+                f"{sweep.train.dtype}")
+            progress.update(overall, total=len(todo))
 
         def listener(event: str, spec: Any, payload: Any) -> None:
+            if event == "plan":
+                plan(*payload)
+                return
             desc = f"{spec.label} seed {spec.seed}" + "".join(
                 f" {k}={spec.train[k]}" for k in grid_keys)
             if event == "start":

@@ -29,8 +29,10 @@ def tiny(tmp_path, **extra):
 def test_every_run_is_stored_once_and_a_second_run_skips_them(tmp_path):
     sweep = tiny(tmp_path)
     events = []
-    summary = run_sweep(sweep, listener=lambda e, spec, p: events.append((e, spec.label)))
+    summary = run_sweep(sweep, listener=lambda e, spec, p: events.append(
+        (e, spec.label) if spec is not None else (e, len(p[0]), p[1])))
     assert (summary.total, summary.done, summary.skipped, summary.failed) == (4, 4, 0, 0)
+    assert events[0] == ("plan", 4, 0) and [e[0] for e in events].count("plan") == 1
     assert events.count(("start", "softmax")) == 2 and events.count(("end", "sigmoid")) == 2
     with RunStore(sweep.store) as store:
         rows = store.rows(sweep.sweep_name)

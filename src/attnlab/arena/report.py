@@ -17,6 +17,7 @@ from typing import Any
 from attnlab.arena.stats import LEVEL, fmt, fmt_paired, mean_ci
 from attnlab.arena.summary import Summary, curve_band, summarize
 from attnlab.machine import provenance
+from attnlab.tables import markdown_table
 from attnlab.tasks import TASKS
 
 __all__ = ["Summary", "summarize", "table_rows", "slice_rows", "seed_rows", "grid_rows",
@@ -207,11 +208,6 @@ def _png(fig: Any, plt: Any) -> bytes:
     return buf.getvalue()
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
@@ -308,7 +304,7 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
         page.append(f"<h2>{html.escape(heading)}</h2>")
         for kind, content in parts:
             if kind == "table":
-                md += [_md_table(*content), ""]
+                md += [markdown_table(*content), ""]
                 page.append(_html_table(*content))
             elif kind == "list":
                 md += [f"- {line}" for line in content] + [""]

@@ -14,11 +14,11 @@ from typing import Any
 
 from attnlab.arena.config import RunSpec, Sweep
 from attnlab.arena.store import RunStore
-from attnlab.arena.trainer import train_run
+from attnlab.arena.trainer import failed_result, train_run
 
-# (event, spec, payload): ("start", spec, None), ("step", spec, (step, steps, loss)),
-# ("end", spec, result)
-Listener = Callable[[str, RunSpec, Any], None]
+# (event, spec, payload): ("plan", None, (runs to do, runs already stored)) once first, then
+# per run ("start", spec, None), ("step", spec, (step, steps, loss)), ("end", spec, result)
+Listener = Callable[[str, RunSpec | None, Any], None]
 
 
 @dataclass
@@ -59,6 +59,7 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
         store.save_definition(sweep.sweep_name, definition(sweep))
         todo, skipped = pending_runs(sweep, store, retry_failed)
         summary = SweepSummary(total=len(todo) + skipped, skipped=skipped)
+        listener("plan", None, (todo, skipped))
 
         def finish(spec: RunSpec, result: dict[str, Any]) -> None:
             store.record(spec, result)
@@ -150,9 +151,7 @@ def _run_parallel(todo: list[RunSpec], workers: int,
 
 
 def _crashed(err: BaseException) -> dict[str, Any]:
-    return {"status": "failed", "metrics": {}, "slices": {}, "baselines": {}, "curves": {},
-            "params": None, "wall_time": None,
-            "error": f"worker process died: {type(err).__name__}: {err}"}
+    return failed_result(f"worker process died: {type(err).__name__}: {err}")
 
 
 def _drain(events: Any, by_key: dict[str, RunSpec], finished: set[str],

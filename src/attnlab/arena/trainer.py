@@ -41,15 +41,23 @@ def train_run(spec: RunSpec, progress: Progress | None = None) -> dict[str, Any]
     """Train and evaluate ``spec``; returns the result row (never raises for a run error:
     a failed run comes back with ``status="failed"`` and its traceback)."""
     start = time.perf_counter()
-    result: dict[str, Any] = {"status": "failed", "metrics": {}, "slices": {},
-                              "baselines": {}, "curves": {}, "params": None, "error": None}
     try:
-        result.update(_train(spec, progress))
-        result["status"] = "done"
+        result = {**failed_result(None), **_train(spec, progress), "status": "done"}
     except Exception as err:  # a failing run is recorded, and the sweep goes on
-        result["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+        result = failed_result(f"{type(err).__name__}: {err}\n"
+                               f"{traceback.format_exc(limit=8)}")
     result["wall_time"] = time.perf_counter() - start
     return result
+
+
+def failed_result(error: str | None) -> dict[str, Any]:
+    """The result row of a run that did not finish: every field of a result, none filled.
+
+    Fields: ``status`` ("done" / "failed"), ``metrics``, ``slices``, ``baselines``,
+    ``curves``, ``params``, ``error`` and ``wall_time``.
+    """
+    return {"status": "failed", "metrics": {}, "slices": {}, "baselines": {}, "curves": {},
+            "params": None, "error": error, "wall_time": None}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
