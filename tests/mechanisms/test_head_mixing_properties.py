@@ -94,6 +94,42 @@ def test_gaam_weights_sum_to_one_and_ignore_affine_rescaling():
     torch.testing.assert_close(wide, torch.full_like(wide, 0.1))
 
 
+def test_gaam_weights_match_the_gaussian_product_written_out():
+    """M_n = prod_g N(y_g) / sum_n' prod_g N(y_g), y_g = (x - mu - delta_g) / sigma, per channel,
+    with non-zero offsets, computed one channel and one token at a time."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 6, 3, generator=g, dtype=torch.float64)
+    offset = torch.tensor([[0.3, -0.5], [0.0, 1.0]])
+    scale = torch.tensor([[0.7, 1.5], [2.0, 0.4]])
+    w = gaussian_weights(x, offset, scale, eps=1e-5)
+    for h in range(2):
+        for ch in range(3):
+            col = [x[0, h, n, ch].item() for n in range(6)]
+            mu = sum(col) / 6
+            sigma = math.sqrt(sum((c - mu) ** 2 for c in col) / 6 + 1e-5)
+            dens = []
+            for c in col:
+                p = 1.0
+                for gi in range(2):
+                    y = (c - mu - offset[h, gi].item()) / sigma
+                    p *= math.exp(-y * y / (2 * scale[h, gi].item() ** 2))
+                dens.append(p)
+            expected = torch.tensor([d / sum(dens) for d in dens], dtype=torch.float32)
+            torch.testing.assert_close(w[0, h, :, ch], expected, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_gaam_output_is_the_values_times_their_weights():
+    attn = build("gaam", heads=2, gaussians=2)
+    with torch.no_grad():
+        attn.offset.copy_(torch.tensor([[0.2, -0.3], [0.5, 0.0]]))
+    x = torch.randn(2, 7, DIM)
+    v = (x @ attn.qkv.v.weight.T).view(2, 7, 2, DIM // 2).transpose(1, 2)
+    m = gaussian_weights(v, attn.offset, attn.scale, eps=attn.eps)
+    expected = (v * m).transpose(1, 2).flatten(2) @ attn.o_proj.weight.T
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gaam_padded_tokens_get_no_weight():
     x = torch.randn(2, 3, 10, 5)
     keep = torch.ones(2, 10, dtype=torch.bool)
@@ -163,6 +199,33 @@ def test_mil_rows_are_the_bag_attention_and_pool_gives_one_embedding_per_branch(
     assert z.shape == (2, 3, DIM)
     y = attn(x, mask=keep)
     torch.testing.assert_close(z.sum(1), y[:, 0])  # o_proj is linear (bias=False)
+
+
+@torch.no_grad()
+def test_mil_weights_and_output_are_gated_attention_pooling_written_out():
+    """a_m = softmax_n(w_m . (tanh(V h_n) * sigmoid(U h_n))), z_m = sum_n a_mn W_v h_n, from
+    the parameters, one branch and one instance at a time."""
+    attn = build("mil_attention", heads=2, head_dim=4)
+    proj = attn.qkv
+    x = torch.randn(1, 5, DIM)
+    w = attn.weights(x)
+    y = attn(x).detach()
+    z = []
+    for m in range(2):
+        rows = slice(4 * m, 4 * m + 4)
+        scores = []
+        for n in range(5):
+            h = x[0, n]
+            feats = torch.tanh(proj.features.weight[rows] @ h + proj.features.bias[rows]) * \
+                torch.sigmoid(proj.gate.weight[rows] @ h + proj.gate.bias[rows])
+            scores.append((proj.branch[m] @ feats).item())
+        top = max(scores)
+        a = [math.exp(s - top) for s in scores]
+        a = torch.tensor([e / sum(a) for e in a])
+        torch.testing.assert_close(w[0, m, 3], a, atol=1e-6, rtol=1e-5)
+        z.append(sum(a[n] * (proj.v.weight[rows] @ x[0, n]) for n in range(5)))
+    expected = attn.o_proj.weight @ torch.cat(z)
+    torch.testing.assert_close(y[0, 2], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_mil_stochastic_top_k_masking_drops_only_top_instances_in_training():

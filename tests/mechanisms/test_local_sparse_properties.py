@@ -202,6 +202,28 @@ def test_sparsifiner_keeps_at_most_k_keys_and_trains_its_predictor_by_distillati
     assert attn.conn_a.weight.grad.abs().sum() > 0
 
 
+@torch.no_grad()
+def test_sparsifiner_keeps_the_keys_of_highest_predicted_connectivity_written_out():
+    """Per row, the ceil(keep L) keys of largest a_i . b_j (the low-rank connectivity), then
+    softmax of q.k / sqrt(d) over those keys only; from the parameters, row by row."""
+    torch.manual_seed(0)
+    attn = al.build("sparsifiner", dim=DIM, heads=2, keep=0.3, causal=False, rank=3).eval()
+    x = torch.randn(1, 10, DIM)
+    w = attn.weights(x)
+    d, count = DIM // 2, math.ceil(0.3 * 10)
+    for h in range(2):
+        a = x[0] @ attn.conn_a.weight[3 * h:3 * h + 3].T
+        b = x[0] @ attn.conn_b.weight[3 * h:3 * h + 3].T
+        q = x[0] @ attn.qkv.q.weight[d * h:d * h + d].T
+        k = x[0] @ attn.qkv.k.weight[d * h:d * h + d].T
+        for i in range(10):
+            conn = [float(a[i] @ b[j]) for j in range(10)]
+            kept = sorted(range(10), key=lambda j: conn[j], reverse=True)[:count]
+            e = {j: math.exp(float(q[i] @ k[j]) / math.sqrt(d)) for j in kept}
+            expected = torch.tensor([e.get(j, 0.0) / sum(e.values()) for j in range(10)])
+            torch.testing.assert_close(w[0, h, i], expected, atol=1e-6, rtol=1e-5)
+
+
 # -------------------------------------------------------------------------------- longheads
 @pytest.mark.parametrize("rope", [False, True])
 def test_longheads_within_budget_is_full_causal_attention(rope):
