@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnlab.ops.dispatch import recorded
 from attnlab.ops.linear import FEATURE_MAPS, linear_attention, prefix_sums
 
 from .cases import key_padding
@@ -31,12 +32,12 @@ def test_three_forms_agree_forward_and_backward(length, feature_map, causal, nor
         q, k = (t.detach().abs().add(0.5).requires_grad_() for t in (q, k))
     grad = torch.randn(2, 4, length, 6)
     kw = dict(causal=causal, feature_map=feature_map, normalize=normalize)
-    ref = run(q, k, v, grad, form="parallel", **kw)
+    ref = run(q, k, v, grad, backend="parallel", **kw)
     # float64: the forms are the same function
     ref64 = run(*(t.detach().double().requires_grad_() for t in (q, k, v)), grad.double(),
-                form="parallel", **kw)
+                backend="parallel", **kw)
     for form, chunk in (("chunked", 16), ("chunked", 64), ("recurrent", 1)):
-        got = run(q, k, v, grad, form=form, chunk_size=chunk, **kw)
+        got = run(q, k, v, grad, backend=form, chunk_size=chunk, **kw)
         for a, b in zip(got, ref, strict=True):
             # fp32: 2e-5 of the tensor's scale. Unnormalised sums reach the hundreds and the
             # forms add the same terms in different orders; normalised relu rows with a small
@@ -44,7 +45,7 @@ def test_three_forms_agree_forward_and_backward(length, feature_map, causal, nor
             scale = b.abs().max().item()
             torch.testing.assert_close(a, b, atol=2e-5 * max(scale, 1.0), rtol=1e-5)
         got64 = run(*(t.detach().double().requires_grad_() for t in (q, k, v)), grad.double(),
-                    form=form, chunk_size=chunk, **kw)
+                    backend=form, chunk_size=chunk, **kw)
         for a, b in zip(got64, ref64, strict=True):
             torch.testing.assert_close(a, b, atol=1e-10 * max(b.abs().max().item(), 1.0),
                                        rtol=1e-10)
@@ -54,23 +55,23 @@ def test_three_forms_agree_forward_and_backward(length, feature_map, causal, nor
 def test_key_padding_is_the_same_in_every_form(form):
     q, k, v = qkv(37)
     mask = key_padding(2, 37)
-    ref = linear_attention(q, k, v, causal=True, mask=mask, form="parallel")
-    got = linear_attention(q, k, v, causal=True, mask=mask, form=form, chunk_size=5)
+    ref = linear_attention(q, k, v, causal=True, mask=mask, backend="parallel")
+    got = linear_attention(q, k, v, causal=True, mask=mask, backend=form, chunk_size=5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # padded keys change nothing
     k2 = torch.where(mask[:, :, 0, :, None].expand(2, 2, 37, 1), k, 9 * torch.randn_like(k))
-    torch.testing.assert_close(linear_attention(q, k2, v, causal=True, mask=mask, form=form),
+    torch.testing.assert_close(linear_attention(q, k2, v, causal=True, mask=mask, backend=form),
                                ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunked", "recurrent"])
 def test_prefill_in_pieces_with_a_state_equals_one_pass(form):
     q, k, v = qkv(50)
-    full = linear_attention(q, k, v, causal=True, form=form)
+    full = linear_attention(q, k, v, causal=True, backend=form)
     state, outs = None, []
     for a, b in ((0, 13), (13, 14), (14, 41), (41, 50)):
         out, state = linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=True,
-                                      form=form, state=state, return_state=True)
+                                      backend=form, state=state, return_state=True)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=1e-5)
     s, z = state
@@ -100,7 +101,7 @@ def test_prefix_sums_match_their_definition():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"form": "fast"}, "form must be one of"),
+    ({"backend": "fast"}, "unknown backend 'fast'"),
     ({"feature_map": "cosine"}, "unknown feature_map"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"return_state": True}, "pass causal=True"),
@@ -109,8 +110,21 @@ def test_errors(kwargs, match):
     q, k, v = qkv(5)
     with pytest.raises(ValueError, match=match):
         linear_attention(q, k, v, **kwargs)
-    with pytest.raises(ValueError, match="key padding mask"):
-        linear_attention(q, k, v, mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunked form takes a key padding mask"):
+        linear_attention(q, k, v, mask=torch.ones(1, 1, 5, 5, dtype=torch.bool),
+                         backend="chunked")
+
+
+def test_auto_takes_the_parallel_form_where_only_it_can_serve():
+    q, k, v = qkv(5)
+    tril = torch.ones(5, 5, dtype=torch.bool).tril()
+    with recorded() as choices:
+        out = linear_attention(q, k, v, mask=tril)
+    assert choices[-1][1][0][0] == "chunked" and "key padding" in choices[-1][1][0][1]
+    assert ("parallel", "chosen") in choices[-1][1]
+    torch.testing.assert_close(out, linear_attention(q, k, v, causal=True))
+    few = linear_attention(q[:, :, 3:], k, v, causal=True)  # 2 queries over 5 keys, no state
+    torch.testing.assert_close(few, linear_attention(q, k, v, causal=True)[:, :, 3:])
 
 
 class AllocatedElements:
@@ -147,6 +161,6 @@ def test_training_work_grows_linearly_with_length(form):
     for length in (256, 512):
         q, k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
         with AllocatedElements() as probe:
-            linear_attention(q, k, v, causal=True, form=form, chunk_size=16).sum().backward()
+            linear_attention(q, k, v, causal=True, backend=form, chunk_size=16).sum().backward()
         totals.append(probe.total)
     assert totals[1] / totals[0] < 2.3, totals

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
-from attnlab.ops.linear import FEATURE_MAPS, FORMS, linear_attention, safe_divide
+from attnlab.ops.linear import BACKENDS, FEATURE_MAPS, linear_attention, safe_divide
 
 VARIANTS = ("normalized", "dsf")
 
@@ -58,7 +58,7 @@ class LinearFamily(Attention):
           causal=True, bidirectional=True, decode=True, domains=("seq", "image"),
           complexity="n d^2", weights=True, cross=True,
           variants=({"feature_map": "relu"}, {"feature_map": "identity", "variant": "dsf"},
-                    {"form": "recurrent"}, {"form": "parallel"}))
+                    {"backend": "recurrent"}, {"backend": "parallel"}))
 class LinearAttention(LinearFamily):
     """Linear attention: y_i = phi(q_i) S_i / phi(q_i) z_i, S_i = sum_j phi(k_j) v_j^T.
 
@@ -69,22 +69,21 @@ class LinearAttention(LinearFamily):
     ``feature_map``: ``elu`` (elu + 1, default), ``relu``, ``identity``.
     ``variant="dsf"``: the DSF normalised attention y_t = sum_{s<=t} (q_t.k_s) v_s / exp(n_t),
     n_t = W_n x_t, one scalar per head (identity feature map recommended).
-    ``form``: ``chunked`` (default), ``parallel`` or ``recurrent`` (all three agree).
+    ``backend``: ``chunked`` (the default for ``auto``), ``parallel`` or ``recurrent`` (the
+    three forms of the op, which agree).
     """
 
+    backends = ("auto", *BACKENDS)
+
     def __init__(self, dim: int, heads: int, *, feature_map: str = "elu",
-                 variant: str = "normalized", form: str = "chunked", chunk_size: int = 64,
-                 **kwargs) -> None:
+                 variant: str = "normalized", chunk_size: int = 64, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"linear: feature_map must be one of {sorted(FEATURE_MAPS)}, "
                              f"got {feature_map!r}")
         if variant not in VARIANTS:
             raise ValueError(f"linear: variant must be one of {VARIANTS}, got {variant!r}")
-        if form not in FORMS:
-            raise ValueError(f"linear: form must be one of {FORMS}, got {form!r}")
-        self.feature_map, self.variant, self.form, self.chunk_size = (feature_map, variant, form,
-                                                                       chunk_size)
+        self.feature_map, self.variant, self.chunk_size = feature_map, variant, chunk_size
         self.normalizer = nn.Linear(dim, heads) if variant == "dsf" else None
         if self.normalizer is not None:
             nn.init.zeros_(self.normalizer.weight)
@@ -96,7 +95,7 @@ class LinearAttention(LinearFamily):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         decoding = call.state is not None
         out = linear_attention(q, k, v, causal=self.causal, feature_map=self.feature_map,
-                               normalize=self.variant == "normalized", form=self.form,
+                               normalize=self.variant == "normalized", backend=self.backend,
                                chunk_size=self.chunk_size, mask=call.op_mask,
                                state=self.read_state(call, "S", "z"), return_state=decoding)
         if decoding:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,23 +78,36 @@ def why_not(backend: str, request: Request, *, auto: bool) -> str | None:
     return None  # an op-specific backend with no general limits (e.g. lla's "chunked")
 
 
+Limits = Callable[[str], "str | None"]  # an op's own conditions: backend -> reason or None
+
+
 def explain(op: str, backend: str, backends: tuple[str, ...], q: Tensor, k: Tensor,
-            v: Tensor, *, tensor_bias: bool = False) -> list[tuple[str, str]]:
+            v: Tensor, *, tensor_bias: bool = False,
+            limits: Limits | None = None) -> list[tuple[str, str]]:
     """``(backend, verdict)`` for each backend of ``op``: "chosen", "not tried" or
-    "skipped: <reason>" (``auto``); a named backend is "chosen" or "refused: <reason>"."""
+    "skipped: <reason>" (``auto``); a named backend is "chosen" or "refused: <reason>".
+
+    ``limits(name)`` adds the op's own conditions (e.g. linear attention's chunked form takes
+    key padding only) to the general ones of :func:`why_not`.
+    """
     if backend not in ("auto", *backends):
         raise ValueError(f"{op}: unknown backend {backend!r}; choose from "
                          f"{('auto', *backends)}")
     request = Request(op, q, k, v, tensor_bias)
+
+    def reason_for(name: str, auto: bool) -> str | None:
+        general = why_not(name, request, auto=auto)
+        return general if general is not None or limits is None else limits(name)
+
     if backend != "auto":
-        reason = why_not(backend, request, auto=False)
+        reason = reason_for(backend, False)
         return [(backend, "chosen" if reason is None else f"refused: {reason}")]
     verdicts, chosen = [], None
     for name in backends:
         if chosen is not None:
             verdicts.append((name, "not tried"))
             continue
-        reason = why_not(name, request, auto=True)
+        reason = reason_for(name, True)
         if reason is None:
             chosen = name
             verdicts.append((name, "chosen"))
@@ -119,10 +132,10 @@ def recorded() -> Iterator[list[tuple[str, list[tuple[str, str]]]]]:
 
 
 def choose(op: str, backend: str, backends: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
-           *, tensor_bias: bool = False) -> str:
+           *, tensor_bias: bool = False, limits: Limits | None = None) -> str:
     """The backend that serves this call. ``backends`` is the op's preference order for
     ``auto``; a named backend that cannot serve the call raises ``ValueError``."""
-    verdicts = explain(op, backend, backends, q, k, v, tensor_bias=tensor_bias)
+    verdicts = explain(op, backend, backends, q, k, v, tensor_bias=tensor_bias, limits=limits)
     for recording in _recordings:
         recording.append((op, verdicts))
     for name, verdict in verdicts:

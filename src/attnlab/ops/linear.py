@@ -21,8 +21,9 @@ from torch import Tensor
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import check_qkv, expand_kv
+from attnlab.ops.dispatch import choose
 
-FORMS = ("parallel", "chunked", "recurrent")
+BACKENDS = ("chunked", "recurrent", "parallel")  # in order of preference for backend="auto"
 LinearState = tuple[Tensor, Tensor]  # S (B, H, Dk, Dv), z (B, H, Dk)
 
 
@@ -43,13 +44,18 @@ def safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
     return num / den.unsqueeze(-1)
 
 
+def pads_keys_only(mask: Tensor | None) -> bool:
+    """Whether an op-level mask is key padding, (B or 1, 1, 1, Lk), or absent."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
 def key_padding_only(op: str, mask: Tensor | None, batch: int, lk: int) -> Tensor | None:
     """(B, Lk) bool from an op-level mask that only pads keys, for the factorised forms."""
     if mask is None:
         return None
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+    if not pads_keys_only(mask):
         raise ValueError(f"{op}: the chunked and recurrent forms take a key padding mask "
-                         f"(B, 1, 1, Lk); got {tuple(mask.shape)} (use form='parallel')")
+                         f"(B, 1, 1, Lk); got {tuple(mask.shape)} (use backend='parallel')")
     return mask[:, 0, 0].expand(batch, lk)
 
 
@@ -101,29 +107,44 @@ def _recurrent(fq, fk, v, causal, state):
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                     mask: Tensor | None = None, backend: str = "auto",
                      feature_map: str | Callable[[Tensor], Tensor] = "elu",
-                     normalize: bool = True, form: str = "chunked", chunk_size: int = 64,
-                     mask: Tensor | None = None, state: LinearState | None = None,
-                     return_state: bool = False, eps: float = 1e-6):
+                     normalize: bool = True, chunk_size: int = 64,
+                     state: LinearState | None = None, return_state: bool = False,
+                     eps: float = 1e-6):
     """Linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
 
-    ``form``: ``parallel`` (masked quadratic), ``chunked`` (default; chunks of ``chunk_size``
-    with a running state), ``recurrent`` (token by token). ``causal`` aligns queries to the end
-    of the keys. ``mask``: key padding (B, 1, 1, Lk) for every form, any broadcastable mask for
-    ``parallel``. ``state=(S, z)`` continues a causal sequence whose earlier keys it summarises;
-    ``return_state=True`` returns ``(out, (S, z))`` with this call's keys added.
+    Backends (the three forms, which agree): ``chunked`` (the default; chunks of
+    ``chunk_size`` with a running state), ``recurrent`` (token by token), ``parallel`` (masked
+    quadratic; the only one for a mask that is not key padding, and for causal calls with
+    fewer queries than keys and no state). ``causal`` aligns queries to the end of the keys.
+    ``mask``: bool, True = may attend; key padding (B, 1, 1, Lk) for every backend, any
+    broadcastable mask for ``parallel``. ``state=(S, z)`` continues a causal sequence whose
+    earlier keys it summarises; ``return_state=True`` returns ``(out, (S, z))`` with this
+    call's keys added. There is no ``scale``: the feature map replaces the scores.
     """
     op = "linear_attention"
     check_qkv(op, q, k, v, mask)
-    if form not in FORMS:
-        raise ValueError(f"{op}: form must be one of {FORMS}, got {form!r}")
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
     if (state is not None or return_state) and not causal:
         raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
-    if causal and q.shape[2] != k.shape[2] and (form != "parallel" or state is not None):
-        raise ValueError(f"{op}: causal {form} form needs as many queries as keys "
-                         f"(the state holds the earlier keys), got {q.shape[2]} and {k.shape[2]}")
+    if causal and q.shape[2] != k.shape[2] and state is not None:
+        raise ValueError(f"{op}: a causal call with a state needs as many queries as keys "
+                         f"(the state holds the earlier keys), got {q.shape[2]} and "
+                         f"{k.shape[2]}")
+
+    def limits(name: str) -> str | None:
+        if name == "parallel":
+            return None
+        if not pads_keys_only(mask):
+            return f"the {name} form takes a key padding mask (B, 1, 1, Lk) only"
+        if causal and q.shape[2] != k.shape[2]:
+            return (f"the causal {name} form needs as many queries as keys (or a state), got "
+                    f"{q.shape[2]} and {k.shape[2]}")
+        return None
+
+    form = choose(op, backend, BACKENDS, q, k, v, limits=limits)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     phi = FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else feature_map
     if phi is None:
@@ -152,7 +173,7 @@ PrefixState = tuple[LinearState, LinearState]
 
 
 def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
-                state: PrefixState | None = None, chunk_size: int = 64, form: str = "chunked"
+                state: PrefixState | None = None, chunk_size: int = 64, backend: str = "auto"
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, PrefixState | None]:
     """Sums over the keys row i sees, for mechanisms built from them (MALA, InLine):
 
@@ -163,7 +184,7 @@ def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor
     v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     ones_q = fq.new_ones(*fq.shape[:-1], 1)
     ones_k = fk.new_ones(*fk.shape[:-1], 1)
-    kw = dict(causal=causal, feature_map="identity", normalize=False, mask=mask, form=form,
+    kw = dict(causal=causal, feature_map="identity", normalize=False, mask=mask, backend=backend,
               chunk_size=chunk_size, return_state=causal)
     s1, s2 = state if state is not None else (None, None)
     r1 = linear_attention(fq, fk, v_aug, state=s1, **kw)
