@@ -221,6 +221,19 @@ def test_gradients_are_finite_for_inputs_and_all_parameters(name, kwargs, causal
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
 
 
+@pytest.mark.parametrize("name, kwargs, causal", _cases())
+def test_float64_is_computed_in_float64(name, kwargs, causal):
+    """A float64 module computes in float64 (no hard-coded float32 step): its gradient
+    passes gradcheck, whose finite differences a float32 step would swamp with noise."""
+    attn = make(name, kwargs, causal, dtype=torch.float64)
+    x = inputs(b=1, length=6, dtype=torch.float64).requires_grad_()
+    keep = torch.ones(1, 6, dtype=torch.bool, device=DEVICE)
+    keep[0, -1] = False
+    assert attn(x).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda t: attn(t, mask=keep), (x,), fast_mode=True,
+                                    eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.cross, only=False))
 def test_cross_attention(name, kwargs, causal):
     kwargs = {k: v for k, v in kwargs.items() if k != "rope"}

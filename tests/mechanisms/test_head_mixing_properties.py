@@ -87,7 +87,7 @@ def test_gaam_weights_sum_to_one_and_ignore_affine_rescaling():
     x = torch.randn(2, 3, 10, 5, dtype=torch.float64)
     offset, scale = torch.zeros(3, 4), torch.rand(3, 4) + 0.5
     w = gaussian_weights(x, offset, scale, eps=1e-12)
-    torch.testing.assert_close(w.sum(2), torch.ones(2, 3, 5, dtype=torch.float32))
+    torch.testing.assert_close(w.sum(2), torch.ones(2, 3, 5, dtype=torch.float64))
     w2 = gaussian_weights(3.5 * x - 2.0, offset, scale, eps=1e-12)
     torch.testing.assert_close(w2, w, atol=1e-6, rtol=1e-5)
     wide = gaussian_weights(x, offset, torch.full((3, 4), 1e6))
@@ -114,8 +114,8 @@ def test_gaam_weights_match_the_gaussian_product_written_out():
                     y = (c - mu - offset[h, gi].item()) / sigma
                     p *= math.exp(-y * y / (2 * scale[h, gi].item() ** 2))
                 dens.append(p)
-            expected = torch.tensor([d / sum(dens) for d in dens], dtype=torch.float32)
-            torch.testing.assert_close(w[0, h, :, ch], expected, atol=1e-6, rtol=1e-5)
+            expected = torch.tensor([d / sum(dens) for d in dens], dtype=torch.float64)
+            torch.testing.assert_close(w[0, h, :, ch], expected, atol=1e-12, rtol=1e-10)
 
 
 @torch.no_grad()

@@ -35,6 +35,19 @@ def test_padding_causal_and_fully_masked_segments():
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("batch, lq", [(1, 2), (2, 4), (3, 1), (2, 2)])
+def test_causal_without_a_mask_for_any_batch_and_query_count(batch, lq):
+    """The causal visibility is (Lq, T): it once expanded as if its first axis were the batch,
+    right only when B == Lq."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, 4, lq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, 2, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    expected = softmax_attention(q, k, v, causal=True, backend="reference")
+    for splits in (1, 3):
+        torch.testing.assert_close(decode_attention(q, k, v, splits=splits, causal=True),
+                                   expected)
+
+
 def test_float32_and_bf16_inputs_keep_their_dtype():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q, k, v = cache(300, dtype=dtype)

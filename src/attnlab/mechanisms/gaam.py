@@ -9,6 +9,7 @@ from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import ValueProjection
+from attnlab.ops.common import at_least_float32
 
 
 def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor | None = None,
@@ -19,14 +20,14 @@ def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor |
     sqrt(var + eps); M = prod_g exp(-y_g^2 / (2 c_g^2)); ``offset`` delta and ``scale`` c are
     (H, G). Padded tokens get weight 0.
     """
-    x = x.float()
-    w = torch.ones_like(x[..., :1]) if keep is None else keep[:, None, :, None].float()
+    x = at_least_float32(x)
+    w = torch.ones_like(x[..., :1]) if keep is None else keep[:, None, :, None].to(x.dtype)
     count = w.sum(2, keepdim=True).clamp_min(1)
     mu = (x * w).sum(2, keepdim=True) / count
     var = ((x - mu).square() * w).sum(2, keepdim=True) / count
     std = torch.sqrt(var + eps)
-    delta = offset.float()[None, :, None, None, :]  # (1, H, 1, 1, G)
-    c = scale.float()[None, :, None, None, :]
+    delta = offset.to(x.dtype)[None, :, None, None, :]  # (1, H, 1, 1, G)
+    c = scale.to(x.dtype)[None, :, None, None, :]
     y = ((x - mu)[..., None] - delta) / std[..., None]
     log_m = -(y.square() / (2 * c.square())).sum(-1)  # log of the product over the Gaussians
     if keep is not None:

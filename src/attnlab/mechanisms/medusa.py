@@ -9,6 +9,7 @@ from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.spatial import grid_of
+from attnlab.ops.common import at_least_float32
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -76,10 +77,10 @@ class MultiScaleHeadAttention(Attention):
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         k = self.expand_kv(k)
-        w = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).float()
+        w = at_least_float32(q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         for s, heads in self._groups():
             pool, keys = self._pooling(s, q, call)
             pk = pool[:, None].to(k.dtype) @ k[:, heads]
             a = softmax_weights(q[:, heads], pk, mask=keys[:, None, None, :])
-            w[:, heads] = a @ pool[:, None].float()
+            w[:, heads] = a @ pool[:, None].to(a.dtype)
         return w

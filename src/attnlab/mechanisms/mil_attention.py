@@ -9,6 +9,7 @@ from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import split_heads
+from attnlab.ops.common import upcast
 
 
 class GatedInstanceProjection(nn.Module):
@@ -61,7 +62,8 @@ class MILAttentionPooling(Attention):
 
     def _scores(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         """Instance scores (B, M, 1, N) with padding (and STKIM in training) at -inf."""
-        s = (q[:, :, :1].float() @ k.float().transpose(-1, -2))  # one query per branch
+        q, k = upcast(q[:, :, :1], k)  # one query per branch
+        s = q @ k.transpose(-1, -2)
         if call.key_mask is not None:
             s = s.masked_fill(~call.key_mask[:, None, None, :], float("-inf"))
         if self.training and self.top_k and self.mask_rate > 0:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.ops.common import at_least_float32
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
@@ -46,15 +47,16 @@ class MixtureOfHeadAttention(Attention):
 
     def gates(self, x: Tensor) -> Tensor:
         """(B, L, H) head gates, zero for the routed heads a token did not select."""
-        p = torch.softmax(self.router(x).float(), -1)
+        p = torch.softmax(at_least_float32(self.router(x)), -1)
         top = p.topk(self.top_k, dim=-1)
         chosen = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
         routed = chosen * p
         routed = routed / routed.sum(-1, keepdim=True) * self.top_k
-        a = 2 * torch.softmax(self.mix(x).float(), -1)
+        a = 2 * torch.softmax(at_least_float32(self.mix(x)), -1)
         parts = [a[..., 1:] * routed]
         if self.shared_router is not None:
-            shared = torch.softmax(self.shared_router(x).float(), -1) * self.shared_heads
+            shared = torch.softmax(at_least_float32(self.shared_router(x)), -1) * \
+                self.shared_heads
             parts.insert(0, a[..., :1] * shared)
         if self.training:
             e = p.shape[-1]

@@ -12,6 +12,7 @@ from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import ConvolvedQKVProjection
+from attnlab.ops.common import upcast
 
 
 def sinusoid(distances: Tensor, dim: int) -> Tensor:
@@ -47,13 +48,12 @@ class RelativeConvolutionalAttention(Attention):
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         lq, lk, d = q.shape[2], k.shape[2], q.shape[-1]
-        k = self.expand_kv(k).float()
-        q = q.float()
-        content = (q + self.u.float()[:, None, :]) @ k.transpose(-1, -2)
+        q, k = upcast(q, self.expand_kv(k))
+        content = (q + self.u.to(q.dtype)[:, None, :]) @ k.transpose(-1, -2)
         distances = torch.arange(lk, device=q.device)
         rel = self.rel_proj(sinusoid(distances, self.dim).to(self.rel_proj.weight.dtype))
-        rel = rel.float().view(lk, self.heads, d).transpose(0, 1)  # (H, distance, D)
-        by_distance = (q + self.v_bias.float()[:, None, :]) @ rel.transpose(-1, -2)
+        rel = rel.to(q.dtype).view(lk, self.heads, d).transpose(0, 1)  # (H, distance, D)
+        by_distance = (q + self.v_bias.to(q.dtype)[:, None, :]) @ rel.transpose(-1, -2)
         gap = call.positions[:, None] - distances[None, :]  # i - j, (Lq, Lk)
         index = gap.clamp(0, lk - 1).expand(q.shape[0], self.heads, lq, lk)
         position = by_distance.gather(-1, index)

@@ -63,6 +63,11 @@ def expand_kv(t: Tensor, heads: int) -> Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Low-precision inputs are upcast to float32 for the score math (fp32 accumulation)."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)

@@ -42,6 +42,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     # GQA without copying the cache: the query heads of one kv head become extra rows
     q32, k32, v32 = upcast(q.reshape(b, h_kv, groups * lq, d), k_cache, v_cache)
     if vis is not None:
+        vis = vis.reshape((1,) * (4 - vis.dim()) + tuple(vis.shape))  # (B or 1, H or 1, Lq, T)
         vis = vis.expand(vis.shape[0], h, lq, total).reshape(vis.shape[0], h_kv,
                                                              groups * lq, total)
     seg = -(-total // min(splits, max(total, 1))) if total else 1

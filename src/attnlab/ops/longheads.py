@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnlab.ops.common import expand_kv
+from attnlab.ops.common import at_least_float32, expand_kv, upcast
 from attnlab.ops.softmax import softmax_weights
 
 
@@ -28,14 +28,15 @@ def select_chunks(q: Tensor, k: Tensor, positions: Tensor, *, chunk_size: int, b
     b, h, lq, d = q.shape
     lk = k.shape[2]
     n_chunks = -(-lk // chunk_size)
-    k = expand_kv(k, h).float()
+    q, k = upcast(q, expand_kv(k, h))
     pad = n_chunks * chunk_size - lk
-    real = torch.ones(b, lk, device=q.device) if key_mask is None else key_mask.float()
+    real = torch.ones(b, lk, dtype=k.dtype, device=q.device) if key_mask is None \
+        else key_mask.to(k.dtype)
     real = torch.nn.functional.pad(real, (0, pad)).view(b, 1, n_chunks, chunk_size, 1)
     chunks = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(b, h, n_chunks, chunk_size, d)
     count = real.sum(3)
     mean = (chunks * real).sum(3) / count.clamp_min(1)  # (B, H, C, D)
-    scores = q.float() @ mean.transpose(-1, -2)  # (B, H, Lq, C)
+    scores = q @ mean.transpose(-1, -2)  # (B, H, Lq, C)
     local = (positions // chunk_size)[:, None]  # (Lq, 1)
     c = torch.arange(n_chunks, device=q.device)[None, :]
     candidate = (c > 0) & (c < local) & (count[..., 0] > 0)[:, :, None, :]
@@ -72,8 +73,8 @@ def longheads_weights(q: Tensor, k: Tensor, positions: Tensor, *, chunk_size: in
     query_rank = rank.gather(-1, local.view(1, 1, lq, 1).expand(b, h, lq, 1))
     distance = (query_rank - rank).clamp(0, budget - 1)[..., chunk_of_key]  # (B, H, Lq, Lk)
     k_rot = rotate(k, torch.arange(lk, device=q.device) % chunk_size)
-    scores = torch.stack([rotate(q, r * chunk_size + positions % chunk_size).float()
-                          @ k_rot.float().transpose(-1, -2) for r in range(budget)])
+    scores = torch.stack([at_least_float32(rotate(q, r * chunk_size + positions % chunk_size))
+                          @ at_least_float32(k_rot).transpose(-1, -2) for r in range(budget)])
     s = scores.gather(0, distance.unsqueeze(0)).squeeze(0) * scale
     s = s.masked_fill(~vis, torch.finfo(s.dtype).min)
     return torch.softmax(s, -1) * vis.any(-1, keepdim=True)
