@@ -234,6 +234,47 @@ def test_float64_is_computed_in_float64(name, kwargs, causal):
                                     eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+# Known open problems (issue 12), by test id; strict: a fix makes its case fail until the
+# entry goes.
+_SOFT = "SOFT's Newton-Schulz inverse in low precision errs 8%"
+AUTOCAST_OPEN = {
+    **{f"{amp}-soft-v{i}-bidir": _SOFT for amp in ("bf16", "fp16") for i in (0, 1, 2, 3)},
+    **{f"fp16-agent-v{i}-bidir": "agent's clamp_min(1e-12) is 0 in fp16: non-finite output "
+       "with padding" for i in (0, 1, 3)},
+    **{f"{amp}-longheads-v1-causal": "chunk selection from low-precision scores picks other "
+       "chunks" for amp in ("bf16", "fp16")},
+    "bf16-sparsifiner-v0-bidir": "top-k keys from bf16 connectivity differ from float32's",
+}
+AUTOCAST_OPEN.pop("fp16-soft-v1-bidir")  # within 5% in fp16
+
+
+def _autocast_cases() -> list:
+    cases = []
+    for amp, short in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for case in _cases():
+            tag = f"{short}-{case.id}"
+            marks = ([pytest.mark.xfail(reason=AUTOCAST_OPEN[tag], strict=True)]
+                     if tag in AUTOCAST_OPEN else [])
+            cases.append(pytest.param(*case.values, amp, id=tag, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("name, kwargs, causal, amp", _autocast_cases())
+def test_autocast_runs_and_stays_close_to_float32(name, kwargs, causal, amp):
+    """Under torch.autocast a float32 module runs forward and backward (ops get one dtype),
+    with finite values, and its output stays within low-precision error of float32's."""
+    attn = make(name, kwargs, causal)
+    x = inputs().requires_grad_()
+    keep = padding()
+    expected = attn(x, mask=keep).detach()
+    with torch.autocast(DEVICE.type, dtype=amp):
+        y = attn(x, mask=keep)
+    y.float().square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    error = (y.float() - expected).norm() / expected.norm()
+    assert error < 0.05, f"relative error {error:.3f} under {amp} autocast"
+
+
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.cross, only=False))
 def test_cross_attention(name, kwargs, causal):
     kwargs = {k: v for k, v in kwargs.items() if k != "rope"}

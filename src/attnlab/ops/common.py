@@ -45,16 +45,29 @@ def begin_weights(op: str, q: Tensor, k: Tensor, *, causal: bool, mask: Tensor |
     return expand_kv(k, q.shape[1]), vis
 
 
-def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
-          mask: Tensor | None, *, tensor_bias: bool = False) -> tuple[str, Tensor, Tensor]:
-    """Every op's preamble: check the inputs, resolve the backend (``known`` in order of
-    preference for ``auto``, see ``ops/dispatch.py``), expand GQA heads.
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under ``torch.autocast`` for the tensors' device, floating tensors in its dtype (the
+    ops' own kernels then run on one dtype, as autocast's matmuls would); else unchanged."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
-    Returns the backend name and ``k``, ``v`` with as many heads as ``q``.
+
+def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
+          mask: Tensor | None, *, tensor_bias: bool = False
+          ) -> tuple[str, Tensor, Tensor, Tensor]:
+    """Every op's preamble: cast to autocast's dtype when it is on, check the inputs, resolve
+    the backend (``known`` in order of preference for ``auto``, see ``ops/dispatch.py``),
+    expand GQA heads.
+
+    Returns the backend name, ``q``, and ``k``, ``v`` with as many heads as ``q``.
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_qkv(op, q, k, v, mask)
     name = choose(op, backend, known, q, k, v, tensor_bias=tensor_bias)
-    return name, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    return name, q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
 
 
 def expand_kv(t: Tensor, heads: int) -> Tensor:

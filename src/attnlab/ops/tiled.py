@@ -153,6 +153,13 @@ class _RowTiled(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _row_tiled_without_autocast(*args) -> Tensor:
+    """The engine computes in its inputs' dtype (``begin`` cast them to autocast's): autocast
+    would turn its matmuls into bf16 next to float32 buffers."""
+    with torch.autocast(args[0].device.type, enabled=False):
+        return _RowTiled.apply(*args)
+
+
 def row_tiled(math: RowMath, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
               mask: Tensor | None, block_size: int | None = None) -> Tensor:
     """``W(scale * q k^T + bias) @ v`` over blocks of query rows, forward and backward.
@@ -171,5 +178,5 @@ def row_tiled(math: RowMath, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
         m = mask.reshape(full).expand(b, h, full[2], lk)
         mask3 = m.reshape(b * h, full[2], lk)
     size = block_size or auto_block_size(b * h, lk)
-    out = _RowTiled.apply(q3, k3, v3, math, causal, mask3, size)
+    out = _row_tiled_without_autocast(q3, k3, v3, math, causal, mask3, size)
     return out.reshape(b, h, lq, -1).to(q.dtype)
