@@ -29,6 +29,7 @@ from attnlab.modules.gates import GATE_KINDS, make_gate
 from attnlab.modules.norms import QKNorm
 from attnlab.modules.projections import QKVProjection, split_heads
 from attnlab.modules.rotary import NoRotation, Rotary
+from attnlab.ops.common import expand_kv
 
 
 class Attention(nn.Module):
@@ -248,8 +249,7 @@ class Attention(nn.Module):
 
     def expand_kv(self, t: Tensor) -> Tensor:
         """Repeat the kv heads of (B, H_kv, L, D) so that they line up with the query heads."""
-        groups = self.heads // t.shape[1]
-        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+        return expand_kv(t, self.heads)
 
     def _check_can_decode(self) -> None:
         info = self.mechanism
