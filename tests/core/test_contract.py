@@ -80,7 +80,7 @@ def test_state_checks_and_growth():
         other(torch.randn(3, 1, 16), state=state)
     with pytest.raises(ValueError, match="state must come from new_state"):
         attn(torch.randn(3, 1, 16), state="cache")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         attn.new_state(0)
 
 

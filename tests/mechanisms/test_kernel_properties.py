@@ -84,6 +84,32 @@ def test_l2vit_lcm_is_a_residual_around_the_linear_attention():
     assert (w >= 0).all() and (w.sum(-1) <= plain.tau.view(1, 4, 1) * 1.0001).all()
 
 
+def test_l2vit_batch_statistics_in_training_come_from_real_tokens_only():
+    """More padding (the LCM's convolutions give padded positions non-zero values) must not
+    move the BatchNorm statistics, so real outputs in train mode stay the same."""
+    torch.manual_seed(0)
+    attn = al.build("l2vit", dim=32, heads=4).train()
+    x = torch.randn(2, 10, 32)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[1, 7:] = False
+    y = attn(x, mask=keep)
+    longer = torch.cat([x, torch.randn(2, 6, 32)], 1)
+    keep_longer = torch.cat([keep, torch.zeros(2, 6, dtype=torch.bool)], 1)
+    y_longer = attn(longer, mask=keep_longer)
+    torch.testing.assert_close(y_longer[:, :10][keep], y[keep])
+
+
+def test_l2vit_sequences_depend_on_each_other_in_training_only():
+    """What docs/mechanisms/l2vit.md says: BatchNorm's batch statistics in training."""
+    torch.manual_seed(0)
+    attn = al.build("l2vit", dim=32, heads=4)
+    x, other = torch.randn(1, 10, 32), torch.randn(1, 10, 32) * 3
+    for training, differs in ((True, True), (False, False)):
+        attn.train(training)
+        alone, together = attn(x), attn(torch.cat([x, other]))[:1]
+        assert (not torch.allclose(alone, together, atol=1e-4)) == differs, training
+
+
 @pytest.mark.parametrize("power", [1, 2])
 def test_rfa_fits_its_target_class_better_than_a_random_feature_mlp(power):
     """Targets (1/N) sum_i <z0, z_i>^p, fitted by ridge regression on frozen random features:

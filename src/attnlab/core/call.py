@@ -38,6 +38,9 @@ class Call:
     spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
     state: State | None
     context: Tensor | None  # (B, Lk, C) for cross-attention
+    # (B, Lk): real (unpadded) tokens of x, or of the context, that held a non-finite number
+    # (they were set to 0 before the projections; see Attention.nonfinite_reach)
+    nonfinite: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # what a mechanism's steps share
 
     @property

@@ -91,3 +91,29 @@ def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
     keep = torch.zeros(prio.shape, dtype=torch.bool, device=prio.device)
     keep.scatter_(-1, order, True)
     return keep.flip(-1) & visible
+
+
+def rows_seeing(marked: Tensor, lq: int, *, causal: bool, mask: Tensor | None = None
+                ) -> Tensor:
+    """Bool (.., Lq): the query rows that may see at least one ``marked`` key.
+
+    ``marked`` (.., Lk) bool, e.g. the keys that hold a non-finite number; ``causal`` aligns
+    the queries to the end of the keys; ``mask`` an op-level mask broadcastable to
+    (.., Lq, Lk). A key padding mask (Lq axis of size 1) is applied without building the
+    (Lq, Lk) matrix: prefix sums along the keys answer the causal case.
+    """
+    lk = marked.shape[-1]
+    if mask is not None:
+        mask = mask.reshape((1,) * (marked.dim() + 1 - mask.dim()) + tuple(mask.shape))
+        if mask.shape[-2] != 1:
+            vis = visibility(lq, lk, causal=causal, mask=mask, device=marked.device)
+            return (vis & marked.unsqueeze(-2)).any(-1)
+        marked = marked & mask.squeeze(-2)
+    shape = (*marked.shape[:-1], lq)
+    if lk == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=marked.device)
+    if not causal:
+        return marked.any(-1, keepdim=True).expand(shape)
+    seen_up_to = marked.cumsum(-1) > 0  # (.., Lk): a marked key at or before j
+    last = torch.arange(lq, device=marked.device) + (lk - lq)  # each row's last visible key
+    return seen_up_to[..., last.clamp(0, lk - 1)] & (last >= 0)

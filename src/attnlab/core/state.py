@@ -8,6 +8,8 @@ prefix sum, a convolution's last inputs). ``position`` counts the tokens consume
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -21,20 +23,29 @@ class State:
     gradient in what ``append`` returns.
     """
 
-    def __init__(self, owner: str, batch_size: int, *, capacity: int = 64) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def __init__(self, owner: str, batch_size: int, *, capacity: int = 64,
+                 module: object | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.owner = owner
+        # the module instance that made it (weakly): another module, even of the same
+        # mechanism, has other heads, widths or layers, and must not read this cache
+        self._module = None if module is None else weakref.ref(module)
         self.batch_size = batch_size
         self.position = 0
         self._initial_capacity = max(1, capacity)
         self._fixed: dict[str, Tensor] = {}
         self._growing: dict[str, tuple[Tensor, int, int]] = {}  # name -> (buffer, dim, length)
 
-    def check(self, owner: str, batch: int) -> None:
-        """Raise ``ValueError`` when this state cannot serve a call of ``owner`` with ``batch``."""
+    def check(self, owner: str, batch: int, module: object | None = None) -> None:
+        """Raise ``ValueError`` when this state cannot serve a call of ``owner`` (the module
+        ``module``) with ``batch`` sequences."""
         if owner != self.owner:
             raise ValueError(f"this state was made by {self.owner!r}, not {owner!r}")
+        if module is not None and self._module is not None and self._module() is not module:
+            raise ValueError(f"{owner}: this state was made by another {self.owner!r} module; "
+                             "each attention module (each layer) needs its own state from "
+                             "its own new_state()")
         if batch != self.batch_size:
             raise ValueError(
                 f"{self.owner}: the state was created for batch_size={self.batch_size}, "

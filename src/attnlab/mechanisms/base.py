@@ -14,6 +14,7 @@ always, ``prepare``, ``local_term``, ``post`` or ``update_state`` where it needs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -22,14 +23,14 @@ from torch import Tensor, nn
 
 from attnlab.core.call import Call, HeadShape
 from attnlab.core.hooks import HookPoint
-from attnlab.core.masks import check_key_padding, visibility
+from attnlab.core.masks import check_key_padding, rows_seeing, visibility
 from attnlab.core.registry import MechanismInfo
 from attnlab.core.state import State
 from attnlab.modules.gates import GATE_KINDS, make_gate
 from attnlab.modules.norms import QKNorm
 from attnlab.modules.projections import QKVProjection, split_heads
 from attnlab.modules.rotary import NoRotation, Rotary
-from attnlab.ops.common import expand_kv
+from attnlab.ops.common import expand_kv, nan_where
 
 
 class Attention(nn.Module):
@@ -162,6 +163,12 @@ class Attention(nn.Module):
         """``x`` (B, L, C), (B, H, W, C) or (B, T, H, W, C) -> output of the same shape."""
         self._extra_loss = None  # extra_loss() always describes this forward
         call = self._begin(x, mask, state, context, context_mask, spatial)
+        if call.x.numel() == 0:  # no sequence (B = 0) or no token (L = 0): nothing to attend
+            return x * 0
+        if call.source.shape[1] == 0:  # a context without tokens: no query sees a key
+            heads_out = call.x.new_zeros(call.x.shape[0], self.heads, call.x.shape[1],
+                                         self.head_dim)
+            return self._finish(heads_out, call, x.shape)
         q, k, v = self._qkv(call)
         if state is not None:
             k, v, call.key_mask = self.update_state(k, v, call)
@@ -177,6 +184,9 @@ class Attention(nn.Module):
         if local is not None:
             heads_out = heads_out + local
         out = self._finish(heads_out, call, x.shape)
+        seen = self._seen_nonfinite(call)
+        if seen is not None:
+            out = out + nan_where(seen, out).reshape(*x.shape[:-1], 1)
         if state is not None:
             state.advance(call.x.shape[1])
         return out
@@ -188,15 +198,20 @@ class Attention(nn.Module):
         if self.mechanism is not None and not self.mechanism.weights:
             raise ValueError(f"{self.name} defines no attention matrix")
         call = self._begin(x, mask, None, context, context_mask, spatial)
+        if call.x.numel() == 0 or call.source.shape[1] == 0:
+            return call.x.new_zeros(call.x.shape[0], self.heads, call.x.shape[1],
+                                    call.source.shape[1])
         q, k, _ = self._qkv(call)
-        return self.attention_weights(q, k, call)
+        w = self.attention_weights(q, k, call)
+        seen = self._seen_nonfinite(call)
+        return w if seen is None else w + nan_where(seen, w).unsqueeze(1)
 
     caches_keys: ClassVar[bool] = True  # False: the state keeps a summary, not every key
 
     def new_state(self, batch_size: int) -> State:
         """A fresh decoding state for ``batch_size`` sequences."""
         self._check_can_decode()
-        return State(self.name, batch_size)
+        return State(self.name, batch_size, module=self)
 
     def extra_loss(self) -> Tensor:
         """Auxiliary loss of the last forward (0 unless the mechanism defines one)."""
@@ -239,6 +254,35 @@ class Attention(nn.Module):
         """Dense implied attention matrix (B, H, Lq, Lk) from the prepared q and k."""
         raise NotImplementedError(f"{self.name} does not implement attention_weights")
 
+    propagates_nonfinite: ClassVar[bool] = False
+
+    def nonfinite_reach(self, marked: Tensor, call: Call) -> Tensor:
+        """Bool (B, Lq): the outputs that may see one of the ``marked`` (B, Lk) tokens (real
+        tokens of this call that held a non-finite number; when decoding, a marked token of
+        an earlier call reaches every later output, which the state remembers in one flag).
+
+        ``forward`` sets such tokens to 0 before the projections, so that a token an output
+        cannot see (padding, a causal future) never reaches it whatever it holds (0 x NaN
+        is NaN in a weighted sum), and makes NaN the outputs this returns: by default every
+        output in bidirectional or cross-attention, the token's position and the later ones
+        in causal attention. A mechanism whose steps keep non-finite inputs away from the
+        outputs that cannot see them (guarded ops, ``ops.common.guarded_op``) sets
+        ``propagates_nonfinite = True`` instead, and its inputs pass through untouched.
+        """
+        return rows_seeing(marked, call.x.shape[1], causal=self.causal)
+
+    def _seen_nonfinite(self, call: Call) -> Tensor | None:
+        if call.nonfinite is None:
+            return None
+        seen = self.nonfinite_reach(call.nonfinite, call)
+        if call.state is not None and self.causal:  # a marked earlier token reaches them all
+            before = call.state.get("nonfinite_before")
+            if before is not None:
+                seen = seen | before[:, None]
+            if seen.shape[1]:
+                call.state.put(nonfinite_before=seen[:, -1])
+        return seen
+
     # ----------------------------------------------------------------------- helpers
     split_heads = staticmethod(split_heads)
 
@@ -278,12 +322,18 @@ class Attention(nn.Module):
             if len(spatial) not in (2, 3) or int(torch.tensor(spatial).prod()) != x.shape[1]:
                 raise ValueError(f"{who}: spatial={spatial} does not match sequence length "
                                  f"{x.shape[1]}")
+        param = next(self.parameters(), None)
+        if param is not None and param.is_floating_point() and x.dtype != param.dtype and \
+                not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{who}: x is {x.dtype} but the module's parameters are "
+                             f"{param.dtype}; convert one (module.to({x.dtype}) or "
+                             f"x.to({param.dtype})) or run under torch.autocast")
         info = self.mechanism
         if info is not None and "seq" not in info.domains and spatial is None:
             raise ValueError(f"{who} works on {'/'.join(info.domains)} inputs: pass "
                              "(B, H, W, C) or spatial=(H, W)")
         b = x.shape[0]
-        seq = x.reshape(b, -1, self.dim)
+        seq = x.reshape(b, math.prod(x.shape[1:-1]), self.dim)  # (-1 fails when B = 0)
         length = seq.shape[1]
         key_mask = check_key_padding(mask, b, length, who, spatial)
         if context is not None:
@@ -311,10 +361,16 @@ class Attention(nn.Module):
                                  f"{type(state).__name__}")
             if context is not None:
                 raise ValueError(f"{who}: a state cannot be combined with context=")
-            state.check(who, b)
+            state.check(who, b, self)
             offset = state.position
         positions = torch.arange(offset, offset + length, device=x.device)
-        return Call(seq, positions, key_mask, spatial, state, context)
+        nonfinite = None
+        if not self.propagates_nonfinite:
+            if context is None:
+                seq, nonfinite = _zero_nonfinite(seq, key_mask)
+            else:
+                context, nonfinite = _zero_nonfinite(context, key_mask)
+        return Call(seq, positions, key_mask, spatial, state, context, nonfinite=nonfinite)
 
     def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(call)
@@ -327,3 +383,11 @@ class Attention(nn.Module):
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
         y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)
+
+
+def _zero_nonfinite(tokens: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``tokens`` (B, L, C) with every token holding a non-finite number set to 0, and the
+    real (unpadded) ones among them, bool (B, L)."""
+    finite = torch.isfinite(tokens).all(-1)
+    marked = ~finite if key_mask is None else key_mask & ~finite
+    return tokens.masked_fill(~finite.unsqueeze(-1), 0), marked

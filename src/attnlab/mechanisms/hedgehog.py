@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
+from attnlab.ops.common import at_least_float32
 from attnlab.ops.linear import linear_attention, safe_divide
 from attnlab.ops.softmax import softmax_weights
 
@@ -32,6 +33,8 @@ class HedgehogFeatureMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, 1, head_dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Features in float32 at least: exp(30) overflows float16."""
+        x = at_least_float32(x)
         y = torch.einsum("bhld,hde->bhle", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
         if self.feature == "exp":
             y = y.clamp(-EXP_CLAMP, EXP_CLAMP)
@@ -65,14 +68,15 @@ class HedgehogAttention(LinearFamily):
         if self.distill and self.training:
             self._extra_loss = self.distillation_loss(q, k, call)
         decoding = call.state is not None
-        out = linear_attention(self.phi(q), self.phi(self.expand_kv(k)), self.expand_kv(v),
+        fq, fk = self.phi(q), self.phi(self.expand_kv(k))
+        out = linear_attention(fq, fk, self.expand_kv(v).to(fq.dtype),
                                causal=self.causal, feature_map="identity",
                                chunk_size=self.chunk_size, mask=call.op_mask,
                                state=self.read_state(call, "S", "z"), return_state=decoding)
         if decoding:
             out, (s, z) = out
             self.write_state(call, S=s, z=z)
-        return out
+        return out.to(v.dtype)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         a, _ = self.kernel_scores(self.phi, q, k, call)

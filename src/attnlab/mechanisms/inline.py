@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
-from attnlab.ops.common import row_counts
+from attnlab.ops.common import row_counts, upcast
 from attnlab.ops.linear import prefix_sums
 
 INLINE_MAPS = {
@@ -106,12 +106,14 @@ class InjectiveLinearAttention(LinearFamily):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         phi = INLINE_MAPS[self.feature_map]
+        q, k = upcast(q, k)  # exp(0.2 x) overflows float16 from x = 56
         a, d, vsum, n, new = prefix_sums(phi(q), phi(k), v, causal=self.causal,
                                          mask=call.op_mask, state=self.read_prefix(call))
         self.write_prefix(call, new)
         c = q.shape[-1] ** -0.5
         n = n.clamp_min(1.0).unsqueeze(-1)
-        return c / n * (a - d.unsqueeze(-1) * vsum / n) + vsum / n
+        out = c / n * (a - d.unsqueeze(-1) * vsum / n) + vsum / n
+        return out.to(v.dtype)  # the sums are float32 at least
 
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
         return None if self.local is None else self.expand_kv(self.local(v, call, self.causal))

@@ -10,6 +10,7 @@ from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
 from attnlab.modules.spatial import DepthwiseConv, grid_of
+from attnlab.ops.common import upcast
 
 DENOMINATOR_FLOOR = 100.0
 
@@ -25,7 +26,12 @@ class LocalConcentration(nn.Module):
 
     def forward(self, y: Tensor, grid: tuple[int, int], keep: Tensor | None) -> Tensor:
         h = F.gelu(self.conv1(y, grid, keep))
-        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        # BatchNorm over the real tokens only: in training its statistics come from every
+        # real token of the batch (the paper's BN), never from padding
+        if keep is None:
+            h = self.norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        else:
+            h = h.new_zeros(h.shape).masked_scatter(keep[..., None], self.norm(h[keep]))
         out = y + self.conv2(h, grid, keep)
         return out if keep is None else out * keep[..., None].to(out.dtype)
 
@@ -45,7 +51,10 @@ class L2ViTAttention(LinearFamily):
     LCM(y) = y + DWConv7x7(BN(GELU(DWConv7x7(y)))) on the token grid (``lcm=False`` drops
     it). The paper alternates these blocks with local 7 x 7 window attention — a model-level
     choice (``TransformerLM`` / ``ViT`` take a mechanism per layer). Padded tokens are zeroed
-    before each convolution.
+    before each convolution. The LCM's BatchNorm makes a sequence's output depend on the
+    other sequences of the batch in training mode (batch statistics over their real tokens,
+    as in the paper); in eval mode it uses its running statistics and sequences are
+    independent.
     """
 
     def __init__(self, dim: int, heads: int, *, lcm: bool = True, **kwargs) -> None:
@@ -61,13 +70,15 @@ class L2ViTAttention(LinearFamily):
         return self.tau.view(1, -1, 1, 1).to(q.dtype) * (fq @ fk.transpose(-1, -2)) / den
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        fq, fk, v = F.relu(q), F.relu(self.expand_kv(k)), self.expand_kv(v)
+        dtype = v.dtype
+        # in float32 at least: the sums over the sequence overflow float16
+        fq, fk, v = upcast(F.relu(q), F.relu(self.expand_kv(k)), self.expand_kv(v))
         if call.key_mask is not None:
             keep = call.key_mask[:, None, :, None].to(fk.dtype)
             fk, v = fk * keep, v * keep
         kv = fk.transpose(-1, -2) @ v  # (B, H, D, Dv): linear in n
         den = (fq * fk.sum(2, keepdim=True)).sum(-1, keepdim=True).clamp_min(DENOMINATOR_FLOOR)
-        return self.tau.view(1, -1, 1, 1).to(q.dtype) * (fq @ kv) / den
+        return (self.tau.view(1, -1, 1, 1).to(fq.dtype) * (fq @ kv) / den).to(dtype)
 
     def post(self, y: Tensor, call: Call) -> Tensor:
         if self.lcm is None:

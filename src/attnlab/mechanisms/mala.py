@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from attnlab.core.call import Call
@@ -38,10 +39,14 @@ class MagnitudeAwareLinearAttention(LinearFamily):
         self.write_prefix(call, new)
         c = q.shape[-1] ** -0.5
         seen = n > 0
-        n = n.clamp_min(1.0)
-        z = (c * d / n).masked_fill(~seen, 1.0)
-        out = ((1 + 1 / z).unsqueeze(-1) * c * a - z.unsqueeze(-1) * vsum) / n.unsqueeze(-1)
-        return out * seen.unsqueeze(-1)
+        n = n.clamp_min(1.0).unsqueeze(-1)
+        z = (c * d).unsqueeze(-1) / n
+        # the 1/z term is (1 / N)(c A / z) = A / d, the normalised linear attention: a
+        # weighted mean of the values, finite even where z underflows to 0
+        positive = d > 0
+        normalised = a / torch.where(positive, d, 1.0).unsqueeze(-1) * positive.unsqueeze(-1)
+        out = (c * a - z * vsum) / n + normalised
+        return (out * seen.unsqueeze(-1)).to(v.dtype)  # the sums are float32 at least
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         s, vis = self.kernel_scores(elu_plus_one, q, k, call)

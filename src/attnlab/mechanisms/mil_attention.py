@@ -9,7 +9,7 @@ from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import split_heads
-from attnlab.ops.common import upcast
+from attnlab.ops.common import nan_where, upcast
 
 
 class GatedInstanceProjection(nn.Module):
@@ -95,4 +95,5 @@ class MILAttentionPooling(Attention):
         z = self._attention(q, k, call).to(v.dtype) @ v  # (B, M, 1, D)
         eye = torch.eye(self.heads, device=x.device, dtype=v.dtype)
         per_branch = eye[None, :, :, None] * z[:, None, :, 0, :]  # (B, M, M, D): branch only
-        return self.o_proj(per_branch.flatten(2))
+        bags = self.o_proj(per_branch.flatten(2))
+        return bags + nan_where(call.nonfinite.any(-1, keepdim=True), bags)

@@ -35,6 +35,7 @@ class NeighborhoodAttention(Attention):
     """
 
     backends = ("auto", "reference", "tiled", "flex")
+    propagates_nonfinite = True  # its ops hide non-finite keys outside each window
 
     def __init__(self, dim: int, heads: int, *, kernel_size: int | tuple[int, ...] = 7,
                  dilation: int | tuple[int, ...] = 1, stride: int | tuple[int, ...] = 1,

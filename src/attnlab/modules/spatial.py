@@ -24,7 +24,7 @@ def masked_pool(x: Tensor, keep: Tensor | None, grid: tuple[int, int],
     w = keep.to(x.dtype).view(b, 1, *grid)
     num = F.adaptive_avg_pool2d(img * w, out)
     den = F.adaptive_avg_pool2d(w, out)
-    pooled = num / den.clamp_min(1e-12)
+    pooled = num / den.masked_fill(den == 0, 1.0)  # (num is 0 there; 1e-12 is 0 in fp16)
     return pooled.reshape(b, h, d, -1).transpose(-1, -2)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from attnlab.core.masks import check_op_mask, visibility
+from attnlab.core.masks import check_op_mask, rows_seeing, visibility
 from attnlab.ops.dispatch import choose
 
 
@@ -120,3 +124,64 @@ def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
         return counts.view(-1, 1, lq, 1)
     vis = visibility(lq, lk, causal=causal, mask=mask, device=device)
     return vis.sum(-1, keepdim=True)
+
+
+Op = TypeVar("Op", bound=Callable)
+
+
+def hide_nonfinite(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``k`` and ``v`` with every key that holds a non-finite number (in k or v) set to 0,
+    and those keys, bool (.., Lk). A hidden key (padding, a causal future) multiplied by a
+    0 weight would still give NaN (0 x NaN); zeroed, it gives 0."""
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    return k.masked_fill(bad.unsqueeze(-1), 0), v.masked_fill(bad.unsqueeze(-1), 0), bad
+
+
+def nan_where(rows: Tensor, like: Tensor) -> Tensor:
+    """NaN on the ``rows`` (.., L) bool, 0 elsewhere, (.., L, 1) in ``like``'s dtype: added to
+    an output, it marks the rows that saw a non-finite input (and keeps its gradient NaN)."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(
+        rows.unsqueeze(-1), float("nan"))
+
+
+def guarded_op(op_name: str) -> Callable[[Op], Op]:
+    """Decorate an op ``f(q, k, v, *, causal, mask, ...)`` (4-D tensors) with what every op
+    does before and after its own work:
+
+    - under ``torch.autocast``, q, k, v in autocast's dtype; q, k, v and the mask checked;
+    - no sequence, query or key (B, Lq or Lk = 0): zeros, as for rows that see no key;
+    - a key no row may see never reaches the output, whatever it holds, and one a row sees
+      makes that row NaN: keys holding a non-finite number are zeroed before the op runs
+      (``hide_nonfinite``) and NaN is added to the rows that may see them
+      (``rows_seeing``). A returned state (a tuple after the output) becomes NaN for the
+      (batch, head) pairs that saw such a key.
+    """
+    def decorate(op: Op) -> Op:
+        signature = inspect.signature(op)
+        names = list(signature.parameters)[:3]  # q, k, v (by whatever name the op uses)
+
+        @functools.wraps(op)
+        def guarded(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            q, k, v = autocast_inputs(*(bound.arguments[n] for n in names))
+            causal, mask = bound.arguments.get("causal", False), bound.arguments.get("mask")
+            check_qkv(op_name, q, k, v, mask)
+            if 0 in (q.shape[0], q.shape[2], k.shape[2]) and \
+                    not bound.arguments.get("return_state"):
+                # no sequence, no query or no key: every row sees nothing, which gives 0
+                # (tied to the inputs, so that a backward gives them zero gradients)
+                tie = (q.sum() + k.sum() + v.sum()) * 0
+                return v.new_zeros(*q.shape[:3], v.shape[-1]) + tie.to(v.dtype)
+            k, v, bad = hide_nonfinite(k, v)
+            bound.arguments.update(zip(names, (q, k, v), strict=True))
+            result = op(*bound.args, **bound.kwargs)
+            bad = expand_kv(bad.unsqueeze(-1), q.shape[1]).squeeze(-1)  # (B, H, Lk)
+            out = result[0] if isinstance(result, tuple) else result
+            out = out + nan_where(rows_seeing(bad, q.shape[2], causal=causal, mask=mask), out)
+            if not isinstance(result, tuple):
+                return out
+            seen = rows_seeing(bad, 1, causal=False, mask=mask)[..., 0]  # (B, H)
+            return out, tuple(t + nan_where(seen, t).view(*seen.shape, *(1,) * (t.dim() - 2))
+                              for t in result[1])
+        return guarded  # type: ignore[return-value]
+    return decorate

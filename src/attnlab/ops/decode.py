@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, shifted_exp, upcast
+from attnlab.ops.common import check_qkv, default_scale, guarded_op, shifted_exp, upcast
 
 
+@guarded_op("decode_attention")
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int = 4,
                      causal: bool = False, mask: Tensor | None = None,
                      scale: float | None = None) -> Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, expand_kv
+from attnlab.ops.common import check_qkv, expand_kv, guarded_op, upcast
 from attnlab.ops.dispatch import choose
 
 BACKENDS = ("chunked", "recurrent", "parallel")  # in order of preference for backend="auto"
@@ -106,6 +106,7 @@ def _recurrent(fq, fk, v, causal, state):
     return torch.stack(nums, 2), torch.stack(dens, 2), (s, z)
 
 
+@guarded_op("linear_attention")
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                      mask: Tensor | None = None, backend: str = "auto",
                      feature_map: str | Callable[[Tensor], Tensor] = "elu",
@@ -150,22 +151,26 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if phi is None:
         raise ValueError(f"{op}: unknown feature_map {feature_map!r}; choose from "
                          f"{sorted(FEATURE_MAPS)} or pass a callable")
+    dtype = v.dtype
+    q, k, v = upcast(q, k, v)  # sums over L overflow float16 long before the output does
     fq, fk = phi(q), phi(k)
     keep = None
     if mask is not None and (form != "parallel" or return_state):
         keep = key_padding_only(op, mask, q.shape[0], k.shape[2])[:, None, :, None]
-    start = empty_state(fq, v) if state is None else state
+    start = empty_state(fq, v) if state is None else tuple(t.to(fq.dtype) for t in state)
     if form == "parallel":
         num, den = _parallel(fq, fk, v, causal, mask, start)
     if keep is not None:  # padded keys contribute nothing to sums or states
         fk, v = fk * keep.to(fk.dtype), v * keep.to(v.dtype)
-    if form == "parallel":
+    if q.shape[2] == 0:  # no token: the state passes through
+        num, den, new = fq.new_zeros(*fq.shape[:3], v.shape[-1]), fq.new_zeros(fq.shape[:3]), start
+    elif form == "parallel":
         new = (start[0] + fk.transpose(-1, -2) @ v, start[1] + fk.sum(2)) if causal else None
     elif form == "chunked":
         num, den, new = _chunked(fq, fk, v, causal, start, chunk_size)
     else:
         num, den, new = _recurrent(fq, fk, v, causal, start)
-    out = safe_divide(num, den, eps) if normalize else num
+    out = (safe_divide(num, den, eps) if normalize else num).to(dtype)
     return (out, new) if return_state else out
 
 
@@ -178,9 +183,11 @@ def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor
     """Sums over the keys row i sees, for mechanisms built from them (MALA, InLine):
 
     A_i = fq_i . sum_j fk_j v_j^T,  d_i = fq_i . sum_j fk_j,  V_i = sum_j v_j,  N_i = #keys.
-    ``fq``, ``fk`` are already feature-mapped. Returns (A, d, V, N, new state); the state has
+    ``fq``, ``fk`` are already feature-mapped. The sums are float32 at least (the caller casts
+    its result back). Returns (A, d, V, N, new state); the state has
     a fixed size, (Dk x (Dv + 1)) + (1 x (Dv + 1)) numbers per head (None if not causal).
     """
+    fq, fk, v = upcast(fq, fk, v)  # the sums stay in float32 at least
     v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     ones_q = fq.new_ones(*fq.shape[:-1], 1)
     ones_k = fk.new_ones(*fk.shape[:-1], 1)

@@ -8,8 +8,16 @@ Test-Time Regression" (official code Yifei-Zuo/FlashLLA). For query i over its v
     s_ij = w_ij (1 - rho.z_ij) / (omega - mu.rho),     o_i = sum_j s_ij v_j.
 
 o_i is the intercept a of min_{a,b} sum_j w_ij (v_j - a - b^T z_ij)^2 + lambda omega |b|^2;
-lambda -> inf gives softmax attention. The cost is quadratic in L (plus a D x D solve per
-query); ``chunked`` bounds the memory, not the cost.
+lambda -> inf gives softmax attention. attnlab computes the same intercept from the centred
+regression: with kbar_i = sum_j w_ij k_j / omega (so z_ij - mu / omega = k_j - kbar_i),
+
+    C = sum_j w_ij (k_j - kbar_i)(k_j - kbar_i)^T + lambda omega I,  beta = C^-1 (kbar_i - q_i),
+    s_ij = w_ij (1 / omega - beta.(k_j - kbar_i)),
+
+which avoids the cancellation of omega - mu.rho (both terms near omega when one key
+dominates a sharp kernel: NaN in float32 at activations of 1e3) and keeps C >= lambda omega.
+The cost is quadratic in L (plus a D x D solve per query); ``chunked`` bounds the memory,
+not the cost.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from attnlab.ops.common import (
     check_qkv,
     default_scale,
     expand_kv,
+    guarded_op,
     shifted_exp,
     upcast,
 )
@@ -42,19 +51,19 @@ def _kernel(q: Tensor, k: Tensor, visible: Tensor | None, scale: float) -> Tenso
     return shifted_exp(logits)[0]
 
 
-def _solve(sigma: Tensor, mu: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
-    """rho = Sigma^-1 mu and the denominator omega - mu.rho; empty rows give rho = 0, den 1."""
+def _centred_solve(cov: Tensor, k_mean: Tensor, q: Tensor, omega: Tensor, ridge: float
+                   ) -> Tensor:
+    """beta = (cov + lambda omega I)^-1 (kbar - q) per query; rows with no key give 0."""
     empty = omega == 0
-    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-    sigma = sigma + empty[..., None, None] * eye
-    rho = torch.linalg.solve(sigma, mu.unsqueeze(-1)).squeeze(-1)
-    den = omega - (mu * rho).sum(-1)
-    return rho, torch.where(empty, 1.0, den)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    c = cov + (ridge * omega + empty.to(omega.dtype))[..., None, None] * eye
+    return torch.linalg.solve(c, (k_mean - q).unsqueeze(-1)).squeeze(-1)
 
 
 def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                 scale: float | None = None, ridge: float = 1.0) -> Tensor:
-    """The s_ij of the equation, with z_ij = k_j - q_i formed explicitly (the reference).
+    """The s_ij of the equation, with the per-query differences k_j - kbar_i formed
+    explicitly (the reference).
 
     Args:
         q: (B, H, Lq, D) queries; k: (B, H_kv, Lk, D) keys, H_kv dividing H (GQA).
@@ -67,35 +76,34 @@ def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | No
     scale = default_scale(q, scale)
     q, k = upcast(q, k)
     w = _kernel(q, k, visible, scale)
-    z = k.unsqueeze(-3) - q.unsqueeze(-2)  # (B, H, Lq, Lk, D)
     omega = w.sum(-1)
-    mu = (w.unsqueeze(-1) * z).sum(-2)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    sigma = torch.einsum("...j,...jd,...je->...de", w, z, z) + ridge * omega[..., None, None] * eye
-    rho, den = _solve(sigma, mu, omega)
-    return w * (1 - (z * rho.unsqueeze(-2)).sum(-1)) / den.unsqueeze(-1)
+    inv_omega = torch.where(omega > 0, 1 / omega.clamp_min(1e-30), 0.0)
+    k_mean = (w @ k) * inv_omega.unsqueeze(-1)  # (B, H, Lq, D)
+    dev = k.unsqueeze(-3) - k_mean.unsqueeze(-2)  # (B, H, Lq, Lk, D): k_j - kbar_i
+    cov = torch.einsum("...j,...jd,...je->...de", w, dev, dev)
+    beta = _centred_solve(cov, k_mean, q, omega, ridge)
+    return w * (inv_omega.unsqueeze(-1) - (dev * beta.unsqueeze(-2)).sum(-1))
 
 
 def _block(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
            ridge: float) -> Tensor:
-    """o for a block of queries, with Sigma expanded so that no (Lq, Lk, D) tensor is formed:
-    sum_j w z z^T = K2 - q m^T - m q^T + omega q q^T, K2 = sum_j w k k^T, m = sum_j w k."""
+    """o for a block of queries without forming an (Lq, Lk, D) tensor: the weighted
+    covariance is sum_j w k k^T - omega kbar kbar^T (its rounding is bounded by the ridge
+    term that C keeps), and beta.(k_j - kbar_i) = k_j.beta - kbar_i.beta."""
     q32, k32 = upcast(q, k)
     w = _kernel(q32, k32, visible, scale)
     omega = w.sum(-1)
-    m = w @ k32
-    mu = m - omega.unsqueeze(-1) * q32
-    k2 = torch.einsum("...qj,...jd,...je->...qde", w, k32, k32)
-    qm = q32.unsqueeze(-1) * m.unsqueeze(-2)
-    eye = torch.eye(q.shape[-1], dtype=q32.dtype, device=q.device)
-    sigma = (k2 - qm - qm.transpose(-1, -2)
-             + omega[..., None, None] * (q32.unsqueeze(-1) * q32.unsqueeze(-2) + ridge * eye))
-    rho, den = _solve(sigma, mu, omega)
-    # s_ij = w_ij (1 - rho.k_j + rho.q_i) / den
-    s = w * (1 + (rho * q32).sum(-1, keepdim=True) - rho @ k32.transpose(-1, -2))
-    return ((s / den.unsqueeze(-1)).to(v.dtype)) @ v
+    inv_omega = torch.where(omega > 0, 1 / omega.clamp_min(1e-30), 0.0)
+    k_mean = (w @ k32) * inv_omega.unsqueeze(-1)
+    second = torch.einsum("...qj,...jd,...je->...qde", w, k32, k32)
+    cov = second - omega[..., None, None] * k_mean.unsqueeze(-1) * k_mean.unsqueeze(-2)
+    beta = _centred_solve(cov, k_mean, q32, omega, ridge)
+    s = w * (inv_omega.unsqueeze(-1) + (k_mean * beta).sum(-1, keepdim=True)
+             - beta @ k32.transpose(-1, -2))
+    return s.to(v.dtype) @ v
 
 
+@guarded_op("local_linear_attention")
 def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                            mask: Tensor | None = None, scale: float | None = None,
                            ridge: float = 1.0, backend: str = "auto",

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import default_scale, expand_kv
+from attnlab.ops.common import default_scale, expand_kv, hide_nonfinite, nan_where
 from attnlab.ops.dispatch import choose
 
 BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
@@ -348,11 +348,20 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
                              f"{tuple(key_mask.shape)}")
         key_mask = key_mask.reshape(q.shape[0], *spatial)
     rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
+    if q.numel() == 0:  # no sequence or no token
+        return v.new_zeros(*q.shape[:-1], v.shape[-1])
     backend = choose(op, backend, BACKENDS, q, k, v)
     scale = default_scale(q, scale)
+    k, v, bad = hide_nonfinite(k, v)  # a key outside every window never reaches the output
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if backend == "reference":
-        return _reference(q, k, v, rules, key_mask, scale)
-    if backend == "flex":
-        return _flex(q, k, v, rules, key_mask, scale)
-    return _tiled(q, k, v, rules, key_mask, scale, block)
+        out = _reference(q, k, v, rules, key_mask, scale)
+    elif backend == "flex":
+        out = _flex(q, k, v, rules, key_mask, scale)
+    else:
+        out = _tiled(q, k, v, rules, key_mask, scale, block)
+    if bool(bad.any()):  # rare: NaN on the queries whose window holds a non-finite key
+        seen = _tiled(*(bad.new_zeros(*bad.shape, 1, dtype=torch.float32),) * 2,
+                      bad.unsqueeze(-1).float(), rules, key_mask, 1.0, block)[..., 0] > 0
+        out = out + nan_where(expand_kv(seen, q.shape[1]), out)
+    return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import begin, begin_weights, row_counts, upcast
+from attnlab.ops.common import begin, begin_weights, guarded_op, row_counts, upcast
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
 ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -71,6 +71,7 @@ def _check_activation(op: str, activation: str) -> None:
                          f"got {activation!r}")
 
 
+@guarded_op("random_feature_attention")
 def random_feature_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                              mask: Tensor | None = None, scale: float | None = None,
                              activation: str = "relu", backend: str = "auto",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import begin, begin_weights, default_scale, upcast
+from attnlab.ops.common import begin, begin_weights, default_scale, guarded_op, upcast
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
@@ -60,6 +60,7 @@ class SigmoidRows(RowMath):
         return torch.ops.aten.sigmoid_backward(g, w)
 
 
+@guarded_op("sigmoid_attention")
 def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       mask: Tensor | None = None, scale: float | None = None,
                       bias: float | Tensor | None = None, backend: str = "auto",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, begin_weights, default_scale, upcast
+from attnlab.ops.common import begin, begin_weights, default_scale, guarded_op, upcast
 from attnlab.ops.flex import flex_call
 
 BACKENDS = ("sdpa", "flex", "reference")  # in order of preference for backend="auto"
@@ -58,6 +58,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     return out.masked_fill(empty, 0.0) if has_empty else out
 
 
+@guarded_op("softmax_attention")
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       mask: Tensor | None = None, scale: float | None = None,
                       bias: float | Tensor | None = None, backend: str = "auto") -> Tensor:

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import begin, begin_weights, row_counts, upcast, visible_counts
+from attnlab.ops.common import (
+    begin,
+    begin_weights,
+    guarded_op,
+    row_counts,
+    upcast,
+    visible_counts,
+)
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
@@ -177,6 +184,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     return torch.where(ok, out2.nan_to_num(0.0), out1)
 
 
+@guarded_op("softplus_attention")
 def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                        mask: Tensor | None = None, scale: float | None = None,
                        reweight_p: float | None = None, backend: str = "auto",
