@@ -86,3 +86,38 @@ def test_demo_config_learns_to_copy():
     untrained = train_run(dataclasses.replace(spec, train={**spec.train, "steps": 1}))
     assert trained["status"] == untrained["status"] == "done"
     assert trained["metrics"]["accuracy"] > untrained["metrics"]["accuracy"] + 0.3
+
+
+def test_the_command_and_its_help_do_not_import_torch():
+    """`attnlab --help` answered in 2.3 s because the CLI imported torch at start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attnlab.cli; "
+            "from click.testing import CliRunner; "
+            "r = CliRunner().invoke(attnlab.cli.main, ['arena', '--help']); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "False"]
+
+
+def test_an_unknown_family_is_an_error_that_lists_the_known_ones():
+    from click.testing import CliRunner
+
+    from attnlab.cli import main
+
+    result = CliRunner().invoke(main, ["list", "--family", "foo"])
+    assert result.exit_code == 2 and "known: head-mixing, linear" in result.output
+
+
+def test_info_prints_the_docstring_as_plain_text_at_80_and_120_columns():
+    from click.testing import CliRunner
+
+    from attnlab.cli import main
+
+    for width in (80, 120):
+        out = CliRunner().invoke(main, ["info", "gated", "--length", "16"],
+                                 env={"COLUMNS": str(width)}).output
+        assert "``" not in out and '`gate="elementwise"`' in out
+        assert max(len(line) for line in out.splitlines()) <= width

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import click
-import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-import attnlab as al
+import attnlab as al  # lazy: torch is imported by the first command that needs it
 from attnlab.tables import markdown_table
 
 console = Console()
@@ -59,7 +61,10 @@ def list_cmd(family: str | None, domain: str | None, markdown: bool) -> None:
     if markdown:
         click.echo(registry_markdown())
         return
-    rows = registry_rows(family, domain)
+    try:
+        rows = registry_rows(family, domain)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     title = f"attnlab {al.__version__}: registered attention mechanisms"
     wide = console.width >= WIDE_TABLE
     # Narrow terminals: no borders, and the papers listed under the table instead of a column.
@@ -86,6 +91,8 @@ def list_cmd(family: str | None, domain: str | None, markdown: bool) -> None:
 
 
 def _print_backends(name: str, dim: int, heads: int, length: int, device: str) -> None:
+    import torch
+
     from attnlab.ops.dispatch import recorded
 
     attn = al.build(name, dim=dim, heads=heads).to(device)
@@ -136,7 +143,16 @@ def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
     console.print("defaults: " + ", ".join(f"{k}={v!r}" for k, v in i.defaults.items()))
     _print_backends(name, dim, heads, length, device)
     console.print()
-    console.print(i.cls.__doc__ or "")
+    console.print(_plain_doc(i.cls.__doc__ or ""), markup=False, highlight=False)
+
+
+def _plain_doc(doc: str) -> str:
+    """A docstring for the terminal: dedented, prose paragraphs unwrapped, reST's
+    ``literal`` and :role:`x` as plain `literal` and x."""
+    text = re.sub(r":[a-z]+:`([^`]*)`", r"\1", inspect.cleandoc(doc).replace("``", "`"))
+    paragraphs = text.split("\n\n")  # prose re-flowed by the terminal; indented blocks kept
+    return "\n\n".join(p if any(line.startswith(" ") for line in p.splitlines())
+                       else " ".join(p.split()) for p in paragraphs)
 
 
 @main.command()

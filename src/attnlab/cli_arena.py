@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attnlab.arena.config import (
-    DEFAULT_STORE,
-    ConfigError,
-    Sweep,
-    load_sweep,
-    parse_sweep,
-    read_toml,
-    toml_module,
-)
+from attnlab.arena.files import DEFAULT_REPORTS, DEFAULT_STORE, check_name
+
+if TYPE_CHECKING:  # the arena modules import torch: only when a command runs
+    from attnlab.arena.config import Sweep
 
 console = Console()
 CONFIGS = Path(__file__).parent / "arena" / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.toml"
-DEFAULT_REPORTS = "attnlab-reports"
 
 
 def _parse_value(text: str) -> Any:
     """A TOML value ('3', '0.5', '[2, 4]', 'true'), else the string itself."""
+    from attnlab.arena.config import toml_module
+
     tomllib = toml_module()
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -59,6 +56,8 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
     if not config and (not task or not mechanisms):
         raise click.UsageError("give --config FILE, or --task and --mechanisms "
                                "(see: attnlab arena tasks)")
+    from attnlab.arena.config import parse_sweep, read_toml
+
     data = read_toml(config) if config else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if train:
@@ -71,7 +70,9 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
 
 
 def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
-    """Run a sweep with progress bars: one for the sweep, one per run in flight."""
+    """Run a sweep with progress bars: one for the sweep, one per run in flight. Ctrl-C
+    stops it (finished runs are stored) with exit status 130."""
+    from attnlab.arena.store import StoreError
     from attnlab.arena.sweep import run_sweep
 
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
@@ -81,7 +82,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
     with Progress(*columns, console=console, transient=False) as progress:
         overall = progress.add_task("runs", total=None, note="")
 
-        def plan(todo: list, skipped: int) -> None:
+        def plan(todo: list, skipped: int, failed_kept: int) -> None:
             points = len(sweep.grid_points())
             grid = f" x {points} grid points" if points > 1 else ""
             progress.console.print(
@@ -93,13 +94,18 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
                 f"  on {min(sweep.worker_count, max(1, len(todo)))} worker(s), "
                 f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
                 f"{sweep.train.dtype}")
+            if failed_kept:
+                progress.console.print(
+                    f"  [yellow]{failed_kept} stored run(s) failed before and are not run "
+                    "again[/yellow]: add --retry-failed to run them (e.g. after installing "
+                    "a missing extra)")
             progress.update(overall, total=len(todo))
 
         def listener(event: str, spec: Any, payload: Any) -> None:
             if event == "plan":
                 plan(*payload)
                 return
-            desc = f"{spec.label} seed {spec.seed}" + "".join(
+            desc = escape(f"{spec.label} seed {spec.seed}") + "".join(
                 f" {k}={spec.train[k]}" for k in grid_keys)
             if event == "start":
                 bars[spec.key] = progress.add_task(desc, total=spec.train["steps"], note="")
@@ -116,23 +122,42 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
                 progress.console.print(f"  {desc}: {mark} in {payload['wall_time'] or 0:.1f}s")
                 progress.advance(overall)
 
-        summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener)
+        try:
+            summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the "
+                          "same command again to resume")
+            sys.exit(130)
+        except StoreError as err:
+            raise click.ClickException(str(err)) from None
+    if summary.imported:
+        console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
+                      "aside")
+    if summary.elsewhere:
+        who = sorted(set(summary.elsewhere.values()))
+        console.print(f"[yellow]{len(summary.elsewhere)} run(s) are being trained by another "
+                      f"process[/yellow] ({escape(', '.join(who))}): not run here")
     for who, err in summary.failures:
-        console.print(f"[red]failed[/red] {who}: {err}")
+        console.print(f"[red]failed[/red] {escape(who)}: {escape(err)}")
     return summary
 
 
 def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     """Write the report of one sweep (the configuration it was last run with) and print
     its table and verdict."""
-    from attnlab.arena.config import stored_sweep
+    from attnlab.arena.config import ConfigError, stored_sweep
     from attnlab.arena.report import summarize, table_rows, verdict_lines, write_report
-    from attnlab.arena.store import DB_NAME, RunStore
+    from attnlab.arena.store import DB_NAME, RunStore, StoreError
     from attnlab.arena.sweep import sweep_rows
 
     if not (Path(store) / DB_NAME).exists():
         raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
-    with RunStore(store) as db:
+    try:
+        db = RunStore(store, readonly=True)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    with db:
         sweeps = db.sweeps()
         if not sweeps:
             raise click.UsageError(f"no runs in {store}/ (run: attnlab arena run ...)")
@@ -155,18 +180,24 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     if not rows:
         raise click.UsageError(f"sweep {name!r} has no finished run yet")
     summary = summarize(rows, list(sweep.train.grid()), sweep.reference_label)
+    if out is None:
+        try:
+            check_name(name, "the sweep name")
+        except ValueError as err:
+            raise click.UsageError(f"{err}; pass --out to choose the folder") from None
     out_dir = Path(out or Path(DEFAULT_REPORTS) / name)
     md, page = write_report(summary, out_dir)
     header, body = table_rows(summary, compact=True)
-    table = Table(title=f"{name} ({summary.task}): test metrics, mean ± 95% CI over seeds",
+    table = Table(title=escape(f"{name} ({summary.task}): test metrics, mean ± 95% CI over "
+                               "seeds"),
                   box=box.SIMPLE_HEAD)
     for i, col in enumerate(header):
         table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
     for row in body:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
     for line in verdict_lines(summary):
-        console.print(line.replace("**", ""))
+        console.print(escape(line.replace("**", "")))
     if other:
         console.print(f"[dim]{other} stored run(s) of earlier configurations of {name!r} are "
                       "not in this report[/dim]")
@@ -194,6 +225,8 @@ def arena(ctx: click.Context, store: str) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
+    from attnlab.arena.config import ConfigError, load_sweep
+
     try:
         sweep = load_sweep(DEFAULT_CONFIG, store=store)
     except ConfigError as err:  # pragma: no cover - the shipped config is tested
@@ -236,18 +269,15 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
       attnlab arena run --task mqar --mechanisms softmax,linear --train 'lr=[1e-3, 3e-3]'
       attnlab arena run --config docs/results/mqar.toml --workers 2
     """
+    from attnlab.arena.config import ConfigError
+
     try:
         sweep = _sweep_from_options(config, task, mechanisms, seeds, steps, workers, store,
                                     name, _pairs(params, "--param"), _pairs(train, "--train"),
                                     reference)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
-    try:
-        summary = run_with_progress(sweep, retry_failed)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the same "
-                      "command again to resume")
-        sys.exit(130)
+    summary = run_with_progress(sweep, retry_failed)
     if report and summary.done + summary.skipped:
         report_sweep(sweep.store, sweep.sweep_name, None)
 
@@ -271,16 +301,20 @@ def report_cmd(store: str, sweep_name: str | None, out: str | None) -> None:
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
 def list_cmd(store: str) -> None:
     """The sweeps in a store, with their finished and failed runs."""
-    from attnlab.arena.store import DB_NAME, RunStore
+    from attnlab.arena.store import DB_NAME, RunStore, StoreError
 
     if not (Path(store) / DB_NAME).exists():
         raise click.UsageError(f"no store at {store}/")
-    with RunStore(store) as db:
+    try:
+        db = RunStore(store, readonly=True)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    with db:
         table = Table(box=box.SIMPLE_HEAD)
         for col in ("sweep", "task", "done", "failed"):
             table.add_column(col)
         for s in db.sweeps():
-            table.add_row(s["sweep"], s["task"], str(s["done"]), str(s["failed"]))
+            table.add_row(escape(s["sweep"]), s["task"], str(s["done"]), str(s["failed"]))
     console.print(table)
 
 
@@ -290,13 +324,15 @@ def tasks_cmd() -> None:
     import dataclasses
 
     from attnlab.tasks import TASKS
+    from attnlab.tasks.base import parameter_text
 
     table = Table(box=box.SIMPLE_HEAD)
     for col in ("task", "metric", "slices", "parameters (defaults)"):
         table.add_column(col, overflow="fold")
     for name in sorted(TASKS):
         cls = TASKS[name]
-        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        params = ", ".join(f"{f.name}={parameter_text(f.default)}"
+                           for f in dataclasses.fields(cls))
         arrow = "↑" if cls.higher_is_better else "↓"
         table.add_row(f"{name}\n[dim]{cls.description}[/dim]", f"{cls.metric} {arrow}",
                       cls.slice_axis, params)

@@ -120,3 +120,47 @@ def test_no_rows_and_unknown_reference_are_errors():
         summarize([])
     with pytest.raises(ValueError, match="reference 'z' is not a contestant"):
         summarize([row("a", 0, 0.5)], reference="z")
+
+
+def test_user_text_is_escaped_in_every_format(tmp_path):
+    """A label with HTML, a table separator and matplotlib math text ($\\notacommand$ made
+    every report fail) shows as written in Markdown, HTML and the plots."""
+    label = "<b>x</b>|$\\notacommand$"
+    rows = [row("a", s, 0.5 + 0.1 * s) for s in range(3)] + \
+        [row(label, s, 0.2 + 0.1 * s) for s in range(3)]
+    md, page = write_report(summarize(rows), tmp_path)
+    text = md.read_text()
+    assert "<b>" not in text and "&lt;b&gt;x&lt;/b&gt;\\|$\\notacommand$" in text
+    assert "<b>x</b>" not in page.read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_reports_are_written_atomically_and_never_through_a_symlink(tmp_path, monkeypatch):
+    summary = summarize([row("a", s, 0.5 + 0.1 * s) for s in range(3)])
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere.md"
+    target.write_text("keep me")
+    (out / "report.md").symlink_to(target)
+    write_report(summary, out)
+    assert target.read_text() == "keep me" and not (out / "report.md").is_symlink()
+    # a write that fails half-way leaves the previous report whole and no temporary file
+    before = (out / "report.html").read_text()
+    import os as os_module
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os_module, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_report(summary, out)
+    assert (out / "report.html").read_text() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs", ".hidden", "a/b", ""])
+def test_a_sweep_name_cannot_leave_the_output_folder(name):
+    from attnlab.arena.config import ConfigError, parse_sweep
+
+    with pytest.raises(ConfigError, match="plain name"):
+        parse_sweep({"task": "copy", "mechanisms": ["softmax"], "name": name})

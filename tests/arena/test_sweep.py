@@ -159,3 +159,82 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, workers):
     with RunStore(sweep.store) as store:
         assert len(store.rows()) == 2
     assert run_sweep(sweep).done == 2
+
+
+def test_a_store_error_after_training_keeps_the_run_and_says_where(tmp_path, monkeypatch):
+    from attnlab.arena.store import StoreError
+
+    sweep = tiny(tmp_path, mechanisms=["softmax"], seeds=1)
+
+    def refuse(self, spec, result):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(RunStore, "record", refuse)
+    with pytest.raises(StoreError, match="kept in .*unsaved"):
+        run_sweep(sweep)
+    kept = list((tmp_path / "runs" / "unsaved").glob("*.json"))
+    assert len(kept) == 1
+    monkeypatch.undo()
+    summary = run_sweep(sweep)  # the next run stores the kept result instead of training
+    assert (summary.imported, summary.done, summary.skipped) == (1, 0, 1)
+    assert not kept[0].exists()
+    with RunStore(sweep.store) as store:
+        assert [r["status"] for r in store.rows(sweep.sweep_name)] == ["done"]
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a database" * 100])
+def test_a_damaged_store_is_named_damaged(tmp_path, content):
+    from attnlab.arena.store import StoreError
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "runs.sqlite").write_bytes(content)
+    with pytest.raises(StoreError, match="empty|damaged"):
+        RunStore(tmp_path / "runs")
+
+
+def test_a_read_only_store_can_be_listed_and_reported(tmp_path):
+    """Listing and reporting open the store without writing anything (the WAL pragma and
+    the schema used to write), so a read-only folder or a copy serves them."""
+    sweep = tiny(tmp_path, mechanisms=["softmax"], seeds=1)
+    run_sweep(sweep)
+    folder = tmp_path / "runs"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    folder.chmod(0o555)
+    real_access, real_connect, statements = os.access, sqlite3.connect, []
+
+    def traced(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    try:  # (tests may run as root, whom chmod does not stop: say the folder is read-only)
+        os.access = lambda path, mode: False if mode == os.W_OK else real_access(path, mode)
+        sqlite3.connect = traced
+        with RunStore(folder, readonly=True) as store:
+            assert store.sweeps()[0]["done"] == 1
+            assert len(store.rows(sweep.sweep_name)) == 1
+    finally:
+        os.access, sqlite3.connect = real_access, real_connect
+        folder.chmod(0o755)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert statements and all(s.lstrip().upper().startswith("SELECT") for s in statements)
+
+
+def test_two_processes_never_train_the_same_run(tmp_path):
+    """A second sweep process sees the first one's claims (a live pid) and skips them; a
+    claim of a dead process is taken over."""
+    sweep = tiny(tmp_path)
+    with RunStore(sweep.store) as store:
+        mine, elsewhere = store.claim(sweep.runs())
+        assert len(mine) == 4 and not elsewhere
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            with store.conn:
+                store.conn.execute("UPDATE claims SET pid = ?", (other.pid,))
+            summary = run_sweep(sweep)
+            assert (summary.done, len(summary.elsewhere)) == (0, 4)
+        finally:
+            other.kill()
+            other.wait()
+    summary = run_sweep(sweep)  # the claimer died: its runs are taken over
+    assert summary.done == 4

@@ -22,13 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
+from attnlab.arena.files import DEFAULT_STORE, check_name
 from attnlab.core.registry import info
 from attnlab.tasks import make_task
 
 MODEL_KEYS = ("dim", "depth", "heads", "head_dim", "positions", "mlp_ratio", "dropout",
               "tie_embeddings", "embed_std")
 GRID_KEYS = ("lr", "weight_decay", "warmup", "batch_size", "grad_clip")  # may be lists
-DEFAULT_STORE = "attnlab-runs"
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,11 @@ class Sweep(Strict):
         if bad:
             raise ValueError(f"unknown model key {bad[0]!r} (known: {', '.join(MODEL_KEYS)})")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_name(value, "the sweep name")
 
     @field_validator("seeds")
     @classmethod

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from attnlab.arena.files import write_atomic
 from attnlab.arena.stats import LEVEL, fmt, fmt_paired, mean_ci
 from attnlab.arena.summary import Summary, curve_band, summarize
 from attnlab.machine import provenance
@@ -160,7 +161,7 @@ def figures(summary: Summary) -> dict[str, bytes]:
         steps, mean, half = curve_band(c.chosen)
         if not steps:
             continue
-        line, = ax.plot(steps, mean, label=c.label)
+        line, = ax.plot(steps, mean, label=_plain(c.label))
         low = [m - (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
         high = [m + (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -169,7 +170,7 @@ def figures(summary: Summary) -> dict[str, bytes]:
     ax.set_ylabel(f"training loss (mean, {LEVEL:.0%} band over seeds)")
     if positive and ax.lines:
         ax.set_yscale("log")
-    ax.set_title(f"{summary.sweep}: training loss")
+    ax.set_title(_plain(f"{summary.sweep}: training loss"))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     out["curves"] = _png(fig, plt)
@@ -183,21 +184,38 @@ def figures(summary: Summary) -> dict[str, bytes]:
             means = [c.slices.get(k, (math.nan, math.nan))[0] for k in keys]
             halves = [c.slices.get(k, (math.nan, math.nan))[1] for k in keys]
             ax.errorbar(xs, means, yerr=[0 if math.isnan(h) else h for h in halves],
-                        marker="o", capsize=3, label=c.label)
+                        marker="o", capsize=3, label=_plain(c.label))
         styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))  # baselines: grey, one dash each
         for i, (name, vals) in enumerate(summary.baselines.items()):
             ax.plot(xs, [vals.get(k, math.nan) for k in keys], linestyle=styles[i % 4],
-                    marker="x", color=str(0.15 + 0.15 * (i % 4)), label=f"{name} (baseline)")
+                    marker="x", color=str(0.15 + 0.15 * (i % 4)),
+                    label=_plain(f"{name} (baseline)"))
         if numeric and len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, keys)
-        ax.set_xlabel(summary.slice_axis)
+        ax.set_xticks(xs, [_plain(k) for k in keys])
+        ax.set_xlabel(_plain(summary.slice_axis))
         ax.set_ylabel(f"test {summary.slice_metric} (mean, {LEVEL:.0%} CI)")
-        ax.set_title(f"{summary.sweep}: {summary.slice_metric} per {summary.slice_axis}")
+        ax.set_title(_plain(f"{summary.sweep}: {summary.slice_metric} per "
+                            f"{summary.slice_axis}"))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         out["slices"] = _png(fig, plt)
     return out
+
+
+def _plain(text: str) -> str:
+    """Text matplotlib shows as written: ``$`` would start math text (and a label such as
+    ``$\\notacommand$`` made every report fail)."""
+    return str(text).replace("$", r"\$")
+
+
+def _md(text: str) -> str:
+    """User text (labels, names, errors) for Markdown: HTML in it is shown, not rendered."""
+    return html.escape(str(text), quote=False)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    return markdown_table([_md(h) for h in header], [[_md(c) for c in r] for r in rows])
 
 
 def _png(fig: Any, plt: Any) -> bytes:
@@ -273,7 +291,7 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     images = figures(summary)
     for name, data in images.items():
-        (out / f"{name}.png").write_bytes(data)
+        write_atomic(out / f"{name}.png", data)
     sections: list[tuple[str, list[tuple[str, Any]]]] = [
         ("Test metrics (mean ± 95% CI over seeds; Δ: paired difference to the reference)",
          [("table", table_rows(summary))]),
@@ -296,26 +314,26 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     title = f"Arena report: {summary.sweep}"
     setup = setup_lines(summary)
 
-    md = [f"# {title}", "", *[f"- {line}" for line in setup], ""]
+    md = [f"# {_md(title)}", "", *[f"- {_md(line)}" for line in setup], ""]
     page = [f"<h1>{html.escape(title)}</h1><ul>" +
             "".join(f"<li>{html.escape(line)}</li>" for line in setup) + "</ul>"]
     for heading, parts in sections:
-        md += [f"## {heading}", ""]
+        md += [f"## {_md(heading)}", ""]
         page.append(f"<h2>{html.escape(heading)}</h2>")
         for kind, content in parts:
             if kind == "table":
-                md += [markdown_table(*content), ""]
+                md += [_md_table(*content), ""]
                 page.append(_html_table(*content))
             elif kind == "list":
-                md += [f"- {line}" for line in content] + [""]
+                md += [f"- {_md(line)}" for line in content] + [""]
                 page.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>"
                                              for line in content) + "</ul>")
             else:
-                md += [f"![{heading}]({content}.png)", ""]
+                md += [f"![{_md(heading)}]({content}.png)", ""]
                 data = base64.b64encode(images[content]).decode()
                 page.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
+    write_atomic(md_path, "\n".join(md))
     style = ("body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;"
              "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
              "#ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:"
@@ -323,5 +341,5 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{style}</style></head><body>{''.join(page)}</body></html>")
     html_path = out / "report.html"
-    html_path.write_text(doc)
+    write_atomic(html_path, doc)
     return md_path, html_path

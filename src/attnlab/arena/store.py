@@ -8,6 +8,7 @@ next ``attnlab arena run`` skips the keys already stored.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sqlite3
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.arena.config import RunSpec
+from attnlab.arena.files import write_atomic
 from attnlab.machine import describe, machine, provenance
 
 SCHEMA = """
@@ -44,25 +46,67 @@ CREATE TABLE IF NOT EXISTS sweeps (
     provenance TEXT NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL
+);
 """
 JSON_COLUMNS = ("config", "metrics", "slices", "baselines", "curves")
 DB_NAME = "runs.sqlite"
+KEPT_DIR = "unsaved"  # results that could not be written to the database, one JSON each
+
+
+class StoreError(Exception):
+    """The result store cannot be opened, read or written; the message says what to do."""
 
 
 class RunStore:
-    """``RunStore(directory)``: the database ``directory/runs.sqlite`` (created if needed)."""
+    """``RunStore(directory)``: the database ``directory/runs.sqlite`` (created if needed).
 
-    def __init__(self, directory: str | Path) -> None:
+    ``readonly=True`` opens an existing store without writing anything (listing and
+    reporting work on a read-only folder or a copy).
+    """
+
+    def __init__(self, directory: str | Path, *, readonly: bool = False) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / DB_NAME
-        self.conn = sqlite3.connect(self.path, timeout=60)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)
+        self.readonly = readonly
+        if self.path.exists() and self.path.stat().st_size == 0:
+            raise StoreError(f"{self.path} is empty (0 bytes), which attnlab never writes: a "
+                             "truncated copy or a full disk? Move it aside (or delete it) to "
+                             "start a new store there.")
+        try:
+            self.conn = self._connect()
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot open the result store {self.path}: {err}") from err
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is damaged ({err}); its runs cannot be read. Move "
+                             "it aside (keep it for recovery) and run again to start a new "
+                             "store.") from err
         self.machine = describe(machine())
         self.provenance = provenance()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.path.exists():
+                raise StoreError(f"no result store at {self.directory}/ "
+                                 "(run: attnlab arena run ...)")
+            # in a folder we cannot write, SQLite cannot make a WAL database's index file:
+            # read it as immutable (nobody can write it there either)
+            mode = "mode=ro" if os.access(self.directory, os.W_OK) else "immutable=1"
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            conn.row_factory = sqlite3.Row
+            return conn
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+        return conn
 
     def close(self) -> None:
         self.conn.close()
@@ -94,6 +138,64 @@ class RunStore:
                result.get("error"), platform.node(), time.time())
         with self.conn:  # one transaction
             self.conn.execute(f"INSERT OR REPLACE INTO runs VALUES ({','.join('?' * 17)})", row)
+
+    # ------------------------------------------------------------ results kept aside
+    def keep_aside(self, spec: RunSpec, result: dict[str, Any]) -> Path:
+        """Write a finished run that the database refused to ``unsaved/<key>.json``."""
+        folder = self.directory / KEPT_DIR
+        folder.mkdir(exist_ok=True)
+        return write_atomic(folder / f"{spec.key}.json",
+                            json.dumps({"spec": spec.as_dict(), "key": spec.key,
+                                        "result": result}))
+
+    def import_kept(self, specs: list[RunSpec]) -> int:
+        """Store the kept-aside results of ``specs`` (then delete their files); returns how
+        many were imported."""
+        folder, count = self.directory / KEPT_DIR, 0
+        for spec in specs:
+            kept = folder / f"{spec.key}.json"
+            if kept.exists():
+                self.record(spec, json.loads(kept.read_text())["result"])
+                kept.unlink()
+                count += 1
+        return count
+
+    # ---------------------------------------------------------------------- claims
+    def claim(self, specs: list[RunSpec], retry_failed: bool = False
+              ) -> tuple[list[RunSpec], dict[str, str]]:
+        """Claim the runs of ``specs`` that no other live process is training and that are
+        not (or no longer) stored, in one transaction: two processes running one sweep
+        never train the same run. Returns the claimed runs and, for the others held
+        elsewhere, key -> who holds them. A claim of a process that died on this host is
+        taken over; call ``release`` when done."""
+        host, pid, mine, elsewhere = platform.node(), os.getpid(), [], {}
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for spec in specs:
+                row = self.conn.execute("SELECT status FROM runs WHERE key = ?",
+                                        (spec.key,)).fetchone()
+                if row is not None and (row["status"] == "done" or not retry_failed):
+                    continue  # stored meanwhile by another process
+                held = self.conn.execute("SELECT host, pid FROM claims WHERE key = ?",
+                                         (spec.key,)).fetchone()
+                if held is not None and (held["host"], held["pid"]) != (host, pid) and \
+                        _alive(held["host"], held["pid"]):
+                    elsewhere[spec.key] = f"pid {held['pid']} on {held['host']}"
+                    continue
+                self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
+                                  (spec.key, host, pid, time.time()))
+                mine.append(spec)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return mine, elsewhere
+
+    def release(self, specs: list[RunSpec]) -> None:
+        """Drop this process's claims on ``specs``."""
+        with self.conn:
+            self.conn.executemany("DELETE FROM claims WHERE key = ? AND host = ? AND pid = ?",
+                                  [(s.key, platform.node(), os.getpid()) for s in specs])
 
     def save_definition(self, name: str, definition: dict[str, Any]) -> None:
         """Remember the configuration a sweep was last run with: its report is made of
@@ -132,3 +234,16 @@ class RunStore:
                  "SUM(status = 'failed') AS failed, MAX(finished) AS last FROM runs "
                  "GROUP BY sweep, task ORDER BY last")
         return [dict(r) for r in self.conn.execute(query)]
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether the claiming process may still run: on another host we cannot tell (yes)."""
+    if host != platform.node():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attnlab.arena.config import RunSpec, Sweep
-from attnlab.arena.store import RunStore
+from attnlab.arena.store import RunStore, StoreError
 from attnlab.arena.trainer import failed_result, train_run
 
-# (event, spec, payload): ("plan", None, (runs to do, runs already stored)) once first, then
+# (event, spec, payload): ("plan", None, (runs to do, runs already stored, stored failed runs
+# not retried)) once first, then
 # per run ("start", spec, None), ("step", spec, (step, steps, loss)), ("end", spec, result)
 Listener = Callable[[str, RunSpec | None, Any], None]
 
@@ -28,6 +30,8 @@ class SweepSummary:
     done: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (label/seed, error line)
+    elsewhere: dict[str, str] = field(default_factory=dict)  # key -> process training it
+    imported: int = 0  # results kept aside by an earlier run, now stored
 
 
 def definition(sweep: Sweep) -> dict[str, Any]:
@@ -41,13 +45,15 @@ def sweep_rows(store: RunStore, sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def pending_runs(sweep: Sweep, store: RunStore, retry_failed: bool = False
-                 ) -> tuple[list[RunSpec], int]:
-    """Runs still to do, and how many the store already holds."""
+                 ) -> tuple[list[RunSpec], int, int]:
+    """Runs still to do, how many the store already holds, and how many of those failed
+    (kept as they are unless ``retry_failed``)."""
     specs = sweep.runs()
     stored = store.statuses([s.key for s in specs])
     todo = [s for s in specs if s.key not in stored
             or (retry_failed and stored[s.key] == "failed")]
-    return todo, len(specs) - len(todo)
+    failed_kept = 0 if retry_failed else sum(v == "failed" for v in stored.values())
+    return todo, len(specs) - len(todo), failed_kept
 
 
 def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None = None,
@@ -57,28 +63,58 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
     workers = workers or sweep.worker_count
     with RunStore(sweep.store) as store:
         store.save_definition(sweep.sweep_name, definition(sweep))
-        todo, skipped = pending_runs(sweep, store, retry_failed)
-        summary = SweepSummary(total=len(todo) + skipped, skipped=skipped)
-        listener("plan", None, (todo, skipped))
-
-        def finish(spec: RunSpec, result: dict[str, Any]) -> None:
-            store.record(spec, result)
-            if result["status"] == "done":
-                summary.done += 1
-            else:
-                summary.failed += 1
-                first = (result["error"] or "").splitlines()[0]
-                summary.failures.append((f"{spec.label} seed {spec.seed}", first))
-            listener("end", spec, result)
-
-        if workers == 1 or len(todo) <= 1:
-            for spec in todo:
-                listener("start", spec, None)
-                finish(spec, train_run(spec, lambda s, n, loss, spec=spec:
-                                       listener("step", spec, (s, n, loss))))
-        else:
-            _run_parallel(todo, min(workers, len(todo)), finish, listener)
+        imported = store.import_kept(sweep.runs())
+        todo, skipped, failed_kept = pending_runs(sweep, store, retry_failed)
+        todo, elsewhere = store.claim(todo, retry_failed)
+        summary = SweepSummary(total=len(todo) + skipped + len(elsewhere), skipped=skipped,
+                               elsewhere=elsewhere, imported=imported)
+        listener("plan", None, (todo, skipped, failed_kept))
+        try:
+            _train(todo, store, summary, workers, listener)
+        finally:
+            store.release(todo)
     return summary
+
+
+def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers: int,
+           listener: Listener) -> None:
+    """Train ``todo`` (claimed runs), storing each run as it ends."""
+
+    def finish(spec: RunSpec, result: dict[str, Any]) -> None:
+        try:
+            store.record(spec, result)
+        except (sqlite3.Error, OSError) as err:
+            _keep_aside(store, spec, result, err)
+        if result["status"] == "done":
+            summary.done += 1
+        else:
+            summary.failed += 1
+            first = (result["error"] or "").splitlines()[0]
+            summary.failures.append((f"{spec.label} seed {spec.seed}", first))
+        listener("end", spec, result)
+
+    if workers == 1 or len(todo) <= 1:
+        for spec in todo:
+            listener("start", spec, None)
+            finish(spec, train_run(spec, lambda s, n, loss, spec=spec:
+                                   listener("step", spec, (s, n, loss))))
+    else:
+        _run_parallel(todo, min(workers, len(todo)), finish, listener)
+
+
+def _keep_aside(store: RunStore, spec: RunSpec, result: dict[str, Any],
+                err: BaseException) -> None:
+    """The database refused a finished run: keep it in a side file and stop the sweep (the
+    next runs would meet the same error), saying where it is."""
+    who = f"run {spec.label} seed {spec.seed}"
+    try:
+        kept = store.keep_aside(spec, result)
+    except OSError as err2:
+        raise StoreError(f"could not store {who} in {store.path} ({err}) nor keep it aside "
+                         f"({err2}); it stays pending and runs again next time") from err
+    raise StoreError(f"could not store {who} in {store.path}: {err}. Its result is kept in "
+                     f"{kept}; the next `attnlab arena run` of this sweep stores it once the "
+                     "store is writable again.") from err
 
 
 _worker: dict[str, Any] = {}  # the worker process's parent pid and event queue

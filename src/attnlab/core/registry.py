@@ -127,7 +127,13 @@ def register(
 
 
 def available(*, family: str | None = None, domain: str | None = None) -> list[str]:
-    """Sorted names of the registered mechanisms, optionally filtered."""
+    """Sorted names of the registered mechanisms, optionally filtered; an unknown family or
+    domain is a ValueError that lists the known ones."""
+    for what, value, known in (("family", family, {i.family for i in _REGISTRY.values()}),
+                               ("domain", domain,
+                                {d for i in _REGISTRY.values() for d in i.domains})):
+        if value is not None and value not in known:
+            raise ValueError(f"unknown {what} {value!r}; known: {', '.join(sorted(known))}")
     return sorted(
         n for n, i in _REGISTRY.items()
         if (family is None or i.family == family) and (domain is None or domain in i.domains)

@@ -110,7 +110,46 @@ def make_task(name: str, **params: Any) -> Task:
     if unknown:
         raise ValueError(f"task {name!r} has no parameter {unknown[0]!r}; its parameters: "
                          f"{', '.join(sorted(known)) or 'none'}")
-    return cls(**params)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: _typed(name, k, v, defaults[k]) for k, v in params.items()})
+
+
+def parameter_text(value: Any) -> str:
+    """A parameter value as ``--param`` and TOML write it (a tuple is a list: [1, 2])."""
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(parameter_text(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _typed(task: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the parameter's default, or a ValueError naming both."""
+    def wrong() -> ValueError:
+        return ValueError(f"task {task!r}: parameter {key} must be like its default "
+                          f"{parameter_text(default)}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                int(value) != value:
+            raise wrong()
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong()
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple):
+            raise wrong()
+        inner = default[0] if default else None
+        return tuple(v if inner is None else _typed(task, key, v, inner) for v in value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise wrong()
+    return value
 
 
 def count_parameters(model: nn.Module) -> int:
