@@ -279,8 +279,7 @@ class Attention(nn.Module):
             before = call.state.get("nonfinite_before")
             if before is not None:
                 seen = seen | before[:, None]
-            if seen.shape[1]:
-                call.state.put(nonfinite_before=seen[:, -1])
+            call.state.put(nonfinite_before=seen[:, -1])  # (forward returned before L = 0)
         return seen
 
     # ----------------------------------------------------------------------- helpers

@@ -60,16 +60,13 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def begin(op: str, backend: str, known: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
-          mask: Tensor | None, *, tensor_bias: bool = False
-          ) -> tuple[str, Tensor, Tensor, Tensor]:
-    """Every op's preamble: cast to autocast's dtype when it is on, check the inputs, resolve
-    the backend (``known`` in order of preference for ``auto``, see ``ops/dispatch.py``),
-    expand GQA heads.
+          *, tensor_bias: bool = False) -> tuple[str, Tensor, Tensor, Tensor]:
+    """The preamble of an op decorated with ``guarded_op`` (which has already cast to
+    autocast's dtype and checked the inputs): resolve the backend (``known`` in order of
+    preference for ``auto``, see ``ops/dispatch.py``), expand GQA heads.
 
     Returns the backend name, ``q``, and ``k``, ``v`` with as many heads as ``q``.
     """
-    q, k, v = autocast_inputs(q, k, v)
-    check_qkv(op, q, k, v, mask)
     name = choose(op, backend, known, q, k, v, tensor_bias=tensor_bias)
     return name, q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, default_scale, guarded_op, shifted_exp, upcast
+from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
 
 
 @guarded_op("decode_attention")
@@ -32,7 +32,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     outputs), then merged exactly; GQA never copies the cache. Rows with no visible key
     return 0. Returns (B, H, Lq, Dv) in q's dtype.
     """
-    check_qkv("decode_attention", q, k_cache, v_cache, mask)
     if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
     scale = default_scale(q, scale)

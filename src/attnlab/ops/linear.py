@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import check_qkv, expand_kv, guarded_op, upcast
+from attnlab.ops.common import expand_kv, guarded_op, upcast
 from attnlab.ops.dispatch import choose
 
 BACKENDS = ("chunked", "recurrent", "parallel")  # in order of preference for backend="auto"
@@ -125,7 +125,6 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     call's keys added. There is no ``scale``: the feature map replaces the scores.
     """
     op = "linear_attention"
-    check_qkv(op, q, k, v, mask)
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
     if (state is not None or return_state) and not causal:

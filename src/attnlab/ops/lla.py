@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from attnlab.core.masks import visibility
 from attnlab.ops.common import (
     begin_weights,
-    check_qkv,
     default_scale,
     expand_kv,
     guarded_op,
@@ -114,7 +113,6 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fa
     blocks of ``block_size`` queries, recomputed in the backward; memory O(block L + block D^2)
     per head, time still quadratic in L).
     """
-    check_qkv("local_linear_attention", q, k, v, mask)
     backend = choose("local_linear_attention", backend, BACKENDS, q, k, v)
     if ridge < 0:
         raise ValueError(f"local_linear_attention: ridge must be >= 0, got {ridge}")

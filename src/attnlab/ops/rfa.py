@@ -85,7 +85,7 @@ def random_feature_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = 
     """
     _check_activation("random_feature_attention", activation)
     scale = 1.0 if scale is None else float(scale)
-    name, q, k, v = begin("random_feature_attention", backend, BACKENDS, q, k, v, mask)
+    name, q, k, v = begin("random_feature_attention", backend, BACKENDS, q, k, v)
     if name == "reference":
         w = random_feature_weights(q, k, causal=causal, mask=mask, scale=scale,
                                    activation=activation)

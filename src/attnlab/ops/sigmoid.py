@@ -73,7 +73,7 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """
     scale = default_scale(q, scale)
     bias = default_bias(k, bias)
-    name, q, k, v = begin("sigmoid_attention", backend, BACKENDS, q, k, v, mask,
+    name, q, k, v = begin("sigmoid_attention", backend, BACKENDS, q, k, v,
                        tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
         w = sigmoid_weights(q, k, causal=causal, mask=mask, scale=scale, bias=bias)

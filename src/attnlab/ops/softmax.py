@@ -69,7 +69,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Backends: ``reference`` (dense), ``sdpa`` (CPU/CUDA default), ``flex`` (FlexAttention).
     """
     scale = default_scale(q, scale)
-    name, q, k, v = begin("softmax_attention", backend, BACKENDS, q, k, v, mask,
+    name, q, k, v = begin("softmax_attention", backend, BACKENDS, q, k, v,
                        tensor_bias=isinstance(bias, Tensor))
     if name == "reference":
         w = softmax_weights(q, k, causal=causal, mask=mask, scale=scale, bias=bias)

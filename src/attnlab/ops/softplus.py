@@ -201,7 +201,7 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if reweight_p is not None and reweight_p < 1:
         raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
     log_d = length_scale(q, scale)
-    name, q, k, v = begin("softplus_attention", backend, BACKENDS, q, k, v, mask)
+    name, q, k, v = begin("softplus_attention", backend, BACKENDS, q, k, v)
     if name == "reference":
         w = softplus_weights(q, k, causal=causal, mask=mask, scale=log_d, reweight_p=reweight_p)
         return w.to(v.dtype) @ v
