@@ -143,11 +143,32 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
     return summary
 
 
+def _results_table(summary: Any, name: str) -> Table:
+    """The terminal's results table: one line per contestant where the console is wide enough,
+    else the stacked form (several lines per contestant), so no value is ever cut."""
+    from attnlab.arena.report import table_rows
+
+    title = escape(f"{name}{'' if name == summary.task else f' ({summary.task})'}: test "
+                   "metrics, mean ± 95% CI over seeds")
+    for stacked in (False, True):
+        header, body = table_rows(summary, compact=True, stacked=stacked)
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 or col in ("mechanism", "chosen")
+                             else "right", overflow="fold")
+        for row in body:
+            table.add_row(*map(escape, row))
+        unbounded = console.options.update(max_width=10_000)
+        if console.measure(table, options=unbounded).maximum <= console.width:
+            break
+    return table
+
+
 def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     """Write the report of one sweep (the configuration it was last run with) and print
     its table and verdict."""
     from attnlab.arena.config import ConfigError, stored_sweep
-    from attnlab.arena.report import summarize, table_rows, verdict_lines, write_report
+    from attnlab.arena.report import summarize, verdict_lines, write_report
     from attnlab.arena.store import DB_NAME, RunStore, StoreError
     from attnlab.arena.sweep import sweep_rows
 
@@ -187,15 +208,7 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
             raise click.UsageError(f"{err}; pass --out to choose the folder") from None
     out_dir = Path(out or Path(DEFAULT_REPORTS) / name)
     md, page = write_report(summary, out_dir)
-    header, body = table_rows(summary, compact=True)
-    table = Table(title=escape(f"{name} ({summary.task}): test metrics, mean ± 95% CI over "
-                               "seeds"),
-                  box=box.SIMPLE_HEAD)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for row in body:
-        table.add_row(*map(escape, row))
-    console.print(table)
+    console.print(_results_table(summary, name))
     for line in verdict_lines(summary):
         console.print(escape(line.replace("**", "")))
     if other:

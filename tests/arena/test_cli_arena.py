@@ -73,3 +73,45 @@ def test_clear_errors(tmp_path):
     assert not (tmp_path / "none").exists()  # reporting creates nothing
     tasks = runner.invoke(main, ["arena", "tasks"])
     assert tasks.exit_code == 0 and "icl_regression" in tasks.output
+
+
+def test_run_report_and_tasks_fit_80_and_120_columns_and_cut_no_value(tmp_path, monkeypatch):
+    """At 80 columns the results table stacks each contestant on several lines; at 120 it
+    keeps one line each. Either way no line is wider than the terminal and no value is cut
+    short with an ellipsis."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "wide.toml"
+    config.write_text('name = "wide"\ntask = "copy"\nseeds = 2\nreference = "softmax-base"\n'
+                      'mechanisms = [{ label = "softmax-base", mechanism = "softmax" },\n'
+                      '  { label = "sigmoid-with-a-long-label", mechanism = "sigmoid" }]\n'
+                      '[task_params]\nvocab = 6\nlength = 4\n[model]\ndim = 16\ndepth = 1\n'
+                      'heads = 2\n[train]\nsteps = 2\nbatch_size = 4\nlr = [0.001, 0.003]\n')
+    runner = CliRunner()
+    store = str(tmp_path / "runs")
+    for width in (80, 120):
+        env = {"COLUMNS": str(width)}
+        run = runner.invoke(main, ["arena", "run", "--config", str(config), "--store", store,
+                                   "--workers", "1"], env=env)
+        report = runner.invoke(main, ["arena", "report", "--store", store, "--out",
+                                      str(tmp_path / "rep")], env=env)
+        tasks = runner.invoke(main, ["arena", "tasks"], env=env)
+        for result in (run, report, tasks):
+            assert result.exit_code == 0, result.output
+            lines = result.output.splitlines()
+            assert max(map(len, lines)) <= width and "…" not in result.output
+        table = report.output.split("report:")[0]
+        words = table.split()
+        for value in ("softmax-base", "sigmoid-with-a-long-label", "sigmoid", "(reference)",
+                      "Δ", "differs", "seeds"):
+            assert value in words, (width, value, table)
+        assert any(w.startswith("lr=0.00") for w in words)
+        if width == 120:  # label, mechanism, grid point, estimate and interval on one line
+            assert any("sigmoid " in line and "lr=" in line and "[" in line
+                       for line in table.splitlines() if "sigmoid-with-a-long-label" in line)
+        else:
+            assert not any("lr=" in line for line in table.splitlines()
+                           if "sigmoid-with-a-long-label" in line)
+        words = tasks.output.split()
+        assert "icl_regression" in words and "length_extrapolation" in words
+        for param in ("eval_contexts=", "multiples=", "sink_threshold="):
+            assert any(w.startswith(param) for w in words), (width, param)

@@ -30,9 +30,12 @@ def _grid_text(values: dict[str, Any]) -> str:
                      for k, v in values.items())
 
 
-def table_rows(summary: Summary, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+def table_rows(summary: Summary, compact: bool = False,
+               stacked: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (Markdown and HTML; ``compact``: the terminal's,
-    without the extra metrics, parameter counts and times)."""
+    without the extra metrics, parameter counts and times; ``stacked``: the compact table for
+    a narrow terminal, whose cells take several lines: the mechanism and the chosen grid point
+    under the contestant's label, the interval under each estimate)."""
     arrow = "↑" if summary.higher_is_better else "↓"
     names = list(dict.fromkeys(k for c in summary.contestants for k in c.metrics
                                if not k.startswith("val_")))
@@ -70,7 +73,22 @@ def table_rows(summary: Summary, compact: bool = False) -> tuple[list[str], list
                 and not (same and h == "mechanism")]
         header = [header[i] for i in keep]
         rows = [[r[i] for i in keep] for r in rows]
+    if compact and stacked:
+        header, rows = _stack(header, rows)
     return header, rows
+
+
+def _stack(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The compact table with its side columns folded into the first one and each interval
+    on the line under its estimate, so that it fits in about 60 columns."""
+    side = [i for i, h in enumerate(header) if h in ("mechanism", "chosen")]
+    keep = [i for i in range(len(header)) if i not in side]
+    stacked = []
+    for row in rows:
+        first = "\n".join([row[0], *(row[i] for i in side if row[i] not in ("–", row[0]))])
+        rest = [row[i].replace(" ± ", "\n± ").replace(" [", "\n[") for i in keep[1:]]
+        stacked.append([first, *rest])
+    return [header[keep[0]], *(header[i] for i in keep[1:])], stacked
 
 
 def slice_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:

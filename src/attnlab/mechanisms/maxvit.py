@@ -141,11 +141,10 @@ class MaxViTAttention(Attention):
         for kind, first, n in self.parts:
             part = self._partition(kind, call, length, q.device)
             group, slot = part.where // part.size, part.where % part.size
-            vis = group[:, None] == group[None, :]
+            vis = (group[:, None] == group[None, :])[None, None]
             bias = self.bias[kind](part.slot_rc)[:, slot][:, :, slot]  # (n, L, L)
-            vis = vis[None, None]
             if call.key_mask is not None:
-                vis = vis & call.key_mask[:, None, None, :]
+                vis = vis & call.op_mask
             weights.append(softmax_weights(q[:, first:first + n], k[:, first:first + n],
                                            mask=vis, bias=bias))
         return torch.cat(weights, 1)

@@ -77,15 +77,16 @@ def expand_kv(t: Tensor, heads: int) -> Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def at_least_float32(t: Tensor) -> Tensor:
-    """``t`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Low-precision inputs are upcast to float32 for the score math (fp32 accumulation)."""
+    """The tensors in float32, or in the first one's dtype when that is wider (float64 stays
+    float64): low-precision inputs are upcast for the score math (fp32 accumulation)."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     return tuple(t.to(dtype) for t in tensors)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """``upcast`` of one tensor."""
+    return upcast(t)[0]
 
 
 def row_counts(visible: Tensor | None, like: Tensor) -> Tensor:
