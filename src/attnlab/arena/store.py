@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS claims (
 JSON_COLUMNS = ("config", "metrics", "slices", "baselines", "curves")
 DB_NAME = "runs.sqlite"
 KEPT_DIR = "unsaved"  # results that could not be written to the database, one JSON each
+MODELS_DIR = "models"  # the trained weights of each finished run, <key>.safetensors
 
 
 class StoreError(Exception):
@@ -129,7 +130,12 @@ class RunStore:
         return out
 
     def record(self, spec: RunSpec, result: dict[str, Any]) -> None:
-        """Store a finished run (replacing a failed attempt of the same key)."""
+        """Store a finished run (replacing a failed attempt of the same key); its trained
+        weights, when the result has them, go to ``models/<key>.safetensors`` first."""
+        if result.get("model"):
+            folder = self.directory / MODELS_DIR
+            folder.mkdir(exist_ok=True)
+            write_atomic(folder / f"{spec.key}.safetensors", result["model"])
         config = {**spec.as_dict(), "machine": self.machine, "provenance": self.provenance}
         row = (spec.key, spec.sweep, spec.task, spec.label, spec.mechanism, spec.seed,
                result["status"], json.dumps(config), json.dumps(result["metrics"]),
@@ -144,9 +150,10 @@ class RunStore:
         """Write a finished run that the database refused to ``unsaved/<key>.json``."""
         folder = self.directory / KEPT_DIR
         folder.mkdir(exist_ok=True)
+        kept = {k: v for k, v in result.items() if k != "model"}  # bytes: not JSON
         return write_atomic(folder / f"{spec.key}.json",
                             json.dumps({"spec": spec.as_dict(), "key": spec.key,
-                                        "result": result}))
+                                        "result": kept}))
 
     def import_kept(self, specs: list[RunSpec]) -> int:
         """Store the kept-aside results of ``specs`` (then delete their files); returns how
@@ -226,6 +233,27 @@ class RunStore:
                 row[col] = json.loads(row[col])
             out.append(row)
         return out
+
+    def find(self, key: str) -> dict[str, Any]:
+        """The stored run whose key is ``key`` or starts with it (as a short git hash);
+        KeyError naming the problem when none or several match."""
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise KeyError(f"{key!r} is not a run key (hexadecimal, see attnlab heads runs)")
+        matches = [dict(r) for r in self.conn.execute(
+            "SELECT * FROM runs WHERE key LIKE ? ORDER BY finished", (f"{key}%",))]
+        if not matches:
+            raise KeyError(f"no run with key {key!r} in {self.directory}/")
+        if len(matches) > 1:
+            raise KeyError(f"{len(matches)} runs have keys starting with {key!r}; give more "
+                           "characters")
+        row = matches[0]
+        for col in JSON_COLUMNS:
+            row[col] = json.loads(row[col])
+        return row
+
+    def model_path(self, key: str) -> Path:
+        """Where the run ``key``'s trained weights are (or would be)."""
+        return self.directory / MODELS_DIR / f"{key}.safetensors"
 
     def sweeps(self) -> list[dict[str, Any]]:
         """One line per sweep: name, task, stored runs done and failed (of every

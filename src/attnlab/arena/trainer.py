@@ -54,10 +54,11 @@ def failed_result(error: str | None) -> dict[str, Any]:
     """The result row of a run that did not finish: every field of a result, none filled.
 
     Fields: ``status`` ("done" / "failed"), ``metrics``, ``slices``, ``baselines``,
-    ``curves``, ``params``, ``error`` and ``wall_time``.
+    ``curves``, ``params``, ``error``, ``wall_time`` and ``model`` (the trained weights as
+    safetensors bytes, which the store writes to ``models/<key>.safetensors``).
     """
     return {"status": "failed", "metrics": {}, "slices": {}, "baselines": {}, "curves": {},
-            "params": None, "error": error, "wall_time": None}
+            "params": None, "error": error, "wall_time": None, "model": None}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -158,7 +159,16 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     metrics = {**evaluation.metrics, f"val_{task.metric}": validation.metrics[task.metric]}
     return {"metrics": metrics, "slices": evaluation.slices,
             "baselines": evaluation.baselines, "params": params,
-            "curves": {"step": curve_steps, "train_loss": curve_loss}}
+            "curves": {"step": curve_steps, "train_loss": curve_loss},
+            "model": model_bytes(model)}
+
+
+def model_bytes(model: nn.Module) -> bytes:
+    """The model's weights (parameters and buffers) as a safetensors file's bytes."""
+    from safetensors.torch import save
+
+    state = {k: t.detach().cpu().contiguous() for k, t in model.state_dict().items()}
+    return save(state)
 
 
 def evaluation_model(task: Any, spec: RunSpec, model: nn.Module) -> nn.Module:

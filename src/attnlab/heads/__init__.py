@@ -1,0 +1,24 @@
+"""The microscope: read and edit the heads of attnlab models and of Hugging Face models.
+
+Every function works on a model whose attention layers are ``attnlab.Attention`` modules, or
+a transformers model prepared with ``attnlab.integrations.hf.use_attnlab`` (which gives its
+attention modules the same hook points and ``head_scale``).
+"""
+
+from attnlab.heads.ablate import ablate, head_outputs, mean_head_outputs
+from attnlab.heads.capture import Capture, HeadStats, capture
+from attnlab.heads.importance import (
+    PruningCurve,
+    ablation_scores,
+    head_importance,
+    pruning_curve,
+    rank_correlation,
+)
+from attnlab.heads.runs import LoadedRun, load_run
+from attnlab.heads.sinks import MassiveActivations, massive_activations, sink_heads, sink_scores
+from attnlab.heads.sites import POINTS, Site, sites
+
+__all__ = ["POINTS", "Capture", "HeadStats", "LoadedRun", "MassiveActivations", "PruningCurve",
+           "Site", "ablate", "ablation_scores", "capture", "head_importance", "head_outputs",
+           "load_run", "massive_activations", "mean_head_outputs", "pruning_curve",
+           "rank_correlation", "sink_heads", "sink_scores", "sites"]

