@@ -181,8 +181,10 @@ def demo(ctx: click.Context, mechanisms: str | None, steps: int | None,
 
 def _add_arena() -> None:
     from attnlab.cli_arena import arena
+    from attnlab.cli_heads import heads
 
     main.add_command(arena)
+    main.add_command(heads)
 
 
 _add_arena()

@@ -226,14 +226,16 @@ def test_sink_scores_and_sink_heads_on_a_known_pattern():
     torch.testing.assert_close(alpha, expected)
 
 
-def test_massive_activations_find_the_planted_token_and_dimensions():
+def test_massive_activations_find_the_planted_token_and_dimension():
     torch.manual_seed(0)
-    h = torch.randn(2, 7, 1024)  # phi <= sqrt(D): tau = 20 needs D > 400
+    h = torch.randn(2, 7, 1024)
     h[1, 3, 5] = 500.0
-    h[1, 3, 9] = -400.0
+    h[0, 2, 9] = -6.0  # large for this token, but phi is about 6, below tau
     found = hd.massive_activations(h)
-    assert found.dims == [5, 9] and found.phi[1, 3] > 20 > found.phi[0].max()
-    assert found.tokens.nonzero().tolist() == [[1, 3]]
+    assert found.tau == pytest.approx(10.0)  # 20 sqrt(1024 / 4096)
+    assert found.dims == [5] and found.tokens.nonzero().tolist() == [[1, 3]]
+    assert found.phi[1, 3] > 30 and 5 < found.phi[0].max() < 10
     masked = torch.ones(2, 7, dtype=torch.bool)
     masked[1, 3] = False  # a padded token is never a sink
     assert hd.massive_activations(h, key_mask=masked).tokens.sum() == 0
+    assert hd.massive_activations(h, tau=40.0).tokens.sum() == 0

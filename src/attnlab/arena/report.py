@@ -22,7 +22,7 @@ from attnlab.tables import markdown_table
 from attnlab.tasks import TASKS
 
 __all__ = ["Summary", "summarize", "table_rows", "slice_rows", "seed_rows", "grid_rows",
-           "verdict_lines", "figures", "write_report"]
+           "verdict_lines", "figures", "write_report", "write_document", "png"]
 
 
 def _grid_text(values: dict[str, Any]) -> str:
@@ -191,7 +191,7 @@ def figures(summary: Summary) -> dict[str, bytes]:
     ax.set_title(_plain(f"{summary.sweep}: training loss"))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    out["curves"] = _png(fig, plt)
+    out["curves"] = png(fig, plt)
 
     keys = list(dict.fromkeys(k for c in summary.contestants for k in c.slices))
     if keys:
@@ -217,7 +217,7 @@ def figures(summary: Summary) -> dict[str, bytes]:
                             f"{summary.slice_axis}"))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        out["slices"] = _png(fig, plt)
+        out["slices"] = png(fig, plt)
     return out
 
 
@@ -236,7 +236,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return markdown_table([_md(h) for h in header], [[_md(c) for c in r] for r in rows])
 
 
-def _png(fig: Any, plt: Any) -> bytes:
+def png(fig: Any, plt: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (and closed)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -306,11 +307,8 @@ def setup_lines(summary: Summary) -> list[str]:
 def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` (+ PNGs) and the self-contained ``report.html`` in ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images = figures(summary)
-    for name, data in images.items():
-        write_atomic(out / f"{name}.png", data)
-    sections: list[tuple[str, list[tuple[str, Any]]]] = [
+    sections: list[Section] = [
         ("Test metrics (mean ± 95% CI over seeds; Δ: paired difference to the reference)",
          [("table", table_rows(summary))]),
         ("Verdict", [("list", verdict_lines(summary) or ["one contestant: nothing to "
@@ -329,9 +327,22 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
                 for r in summary.rows if r["status"] == "failed"]
     if failures:
         sections.append(("Failed runs", [("list", failures)]))
-    title = f"Arena report: {summary.sweep}"
-    setup = setup_lines(summary)
+    return write_document(out, f"Arena report: {summary.sweep}", setup_lines(summary),
+                          sections, images)
 
+
+Section = tuple[str, list[tuple[str, Any]]]
+
+
+def write_document(out_dir: str | Path, title: str, setup: list[str],
+                   sections: list[Section], images: dict[str, bytes]) -> tuple[Path, Path]:
+    """``report.md`` (with the PNGs of ``images`` beside it) and one self-contained
+    ``report.html`` (the PNGs inlined) in ``out_dir``. ``sections``: (heading, parts), a part
+    being ("table", (header, rows)), ("list", lines) or ("image", name in ``images``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        write_atomic(out / f"{name}.png", data)
     md = [f"# {_md(title)}", "", *[f"- {_md(line)}" for line in setup], ""]
     page = [f"<h1>{html.escape(title)}</h1><ul>" +
             "".join(f"<li>{html.escape(line)}</li>" for line in setup) + "</ul>"]

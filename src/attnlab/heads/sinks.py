@@ -47,28 +47,31 @@ def sink_heads(scores: Tensor | dict[int, Tensor], token: int = 0,
 
 @dataclass
 class MassiveActivations:
-    """``dims``: the hidden dimensions with massive values; ``phi`` (B, L): each token's
-    max |x_d| / rms(x) over them; ``tokens`` (B, L) bool: phi >= tau."""
+    """``phi`` (B, L): each token's max |x_d| / rms(x); ``tokens`` (B, L) bool: phi >= tau
+    (the sink tokens); ``dims``: the dimensions where the sink tokens have that maximum;
+    ``tau``: the threshold used."""
 
     dims: list[int]
     phi: Tensor
     tokens: Tensor
+    tau: float
 
 
-def massive_activations(hidden: Tensor, ratio: float = 50.0, tau: float = 20.0,
+def massive_activations(hidden: Tensor, tau: float | None = None,
                         key_mask: Tensor | None = None) -> MassiveActivations:
-    """Sink tokens of one layer's hidden states ``hidden`` (B, L, D): the dimensions where
-    some real token's |value| exceeds ``ratio`` x the median |value| of the layer, then the
-    tokens whose value there is at least ``tau`` x their own RMS."""
+    """Sink tokens of one layer's hidden states ``hidden`` (B, L, D): phi(x) = max_d |x_d| /
+    rms(x) >= ``tau``. The paper's tau = 20 is for D = 4096; since phi <= sqrt(D), the
+    default scales it to the same share of the token's energy in one dimension:
+    tau = 20 sqrt(D / 4096) (phi^2 / D = x_d^2 / |x|^2 >= 400 / 4096, about 10%). Padded
+    tokens (``key_mask`` False) are never sinks."""
     h = hidden.detach().float()
+    d = h.shape[-1]
+    tau = 20.0 * (d / 4096) ** 0.5 if tau is None else float(tau)
     real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None \
         else key_mask.bool().to(h.device)
-    magnitude = h.abs() * real[..., None]
-    median = h.abs()[real].median()
-    dims = (magnitude.amax((0, 1)) > ratio * median).nonzero().flatten().tolist()
     rms = h.pow(2).mean(-1).sqrt().clamp_min(1e-12)
-    if dims:
-        phi = magnitude[..., dims].amax(-1) / rms
-    else:
-        phi = torch.zeros(h.shape[:2], device=h.device)
-    return MassiveActivations(dims, phi.cpu(), ((phi >= tau) & real).cpu())
+    top, where = h.abs().max(-1)
+    phi = (top / rms) * real
+    tokens = phi >= tau
+    dims = sorted(set(where[tokens].tolist()))
+    return MassiveActivations(dims, phi.cpu(), tokens.cpu(), tau)

@@ -187,6 +187,7 @@ def load_minilm(mechanism: str = "softmax") -> tuple[nn.Module, Any]:
     return use_attnlab(model.eval(), mechanism), tokenizer
 
 
+@torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer: Any, sentences: Sequence[str],
                         batch_size: int = 32, max_length: int = 128) -> Tensor:
     """Sentence-transformers' all-MiniLM embedding: mean of the last hidden states over the

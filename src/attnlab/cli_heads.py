@@ -1,0 +1,236 @@
+"""``attnlab heads``: look inside the heads of MiniLM or of a trained arena run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from attnlab.arena.files import DEFAULT_REPORTS, DEFAULT_STORE
+
+console = Console()
+MODEL_HELP = ("minilm (all-MiniLM-L6-v2, needs the hf extra), an arena run key (or its first "
+              "characters) of --store, or a saved model <store>/models/<key>.safetensors")
+
+
+def _subject(model: str, store: str) -> Any:
+    from attnlab.heads.subjects import open_subject
+
+    try:
+        with console.status(f"loading {escape(model)} ..."):
+            return open_subject(model, store)
+    except (KeyError, FileNotFoundError, ImportError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise click.UsageError(str(message)) from None
+
+
+def _slug(model: str) -> str:
+    name = Path(model).stem if model.endswith(".safetensors") else model
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
+
+
+def _run(title: str, total: int, work: Callable[[Callable[[], None]], Any]) -> Any:
+    columns = (TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(title, total=total)
+        return work(lambda: progress.advance(bar))
+
+
+def _write(out: Path, title: str, subject: Any, parts: list[tuple[str, Any]],
+           command: str) -> None:
+    from attnlab.arena.report import write_document
+    from attnlab.heads.analysis import model_lines
+    from attnlab.machine import describe, machine, provenance
+
+    me = provenance()
+    setup = [*model_lines(subject), f"command: `{command}`",
+             f"machine: {describe(machine())}",
+             f"attnlab {me['attnlab']} (commit {me['commit']}), {me['date']}"]
+    sections, images, numbers = [], {}, {}
+    for name, (n, s, i) in parts:
+        sections += s
+        images.update(i)
+        numbers[name] = n
+    md, page = write_document(out, title, setup, sections, images)
+    from attnlab.arena.files import write_atomic
+
+    write_atomic(out / "results.json", json.dumps({"setup": setup, **numbers}, indent=1))
+    for heading, section in sections:
+        for kind, content in section:
+            if kind == "list" and heading in ("Summary",) or kind == "list" and \
+                    heading.startswith("Pruning curves"):
+                for line in content:
+                    console.print(escape(line))
+    console.print(f"report: {md} and {page} (numbers: {out / 'results.json'})")
+
+
+def _options(f: Callable) -> Callable:
+    f = click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/MODEL/"
+                     "COMMAND].")(f)
+    f = click.option("--store", default=DEFAULT_STORE, show_default=True,
+                     help="Result store the run keys refer to.")(f)
+    return click.option("--model", required=True, help=MODEL_HELP)(f)
+
+
+def _pruning_steps(subject: Any, step: float) -> int:
+    """How many pruning steps a curve takes (``pruning_curve``'s count)."""
+    import math
+
+    from attnlab.heads.sites import sites
+
+    count = sum(s.heads for s in sites(subject.model))
+    return math.ceil(count / max(1, round(step * count)))
+
+
+def _out(out: str | None, model: str, command: str) -> Path:
+    return Path(out) if out else Path(DEFAULT_REPORTS) / "heads" / _slug(model) / command
+
+
+@click.group("heads", context_settings={"help_option_names": ["-h", "--help"]})
+def heads() -> None:
+    """The microscope: capture, importance, pruning and sinks of attention heads.
+
+    \b
+    Examples:
+      attnlab heads report --model minilm
+      attnlab heads importance --model 3f2a9c1e --store attnlab-runs
+    """
+
+
+@heads.command("capture")
+@_options
+@click.option("--points", default="", help="Hook points to list with their shapes, "
+              "comma-separated (e.g. L0.weights,L0.q); statistics are always computed.")
+def capture_cmd(model: str, store: str, out: str | None, points: str) -> None:
+    """Mean attention maps, entropy and distance of every head.
+
+    \b
+    Example:
+      attnlab heads capture --model minilm --points L0.weights,L5.heads
+    """
+    import torch
+
+    from attnlab.heads.analysis import capture_analysis
+    from attnlab.heads.capture import capture
+
+    subject = _subject(model, store)
+    names = [p.strip() for p in points.split(",") if p.strip()]
+    if names:
+        run = subject.inputs[0][0]
+        try:
+            with torch.no_grad(), capture(subject.model, names) as cap:
+                run()
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        console.print(escape(cap.describe()))
+    result = _run("attention statistics", len(subject.inputs),
+                  lambda tick: capture_analysis(subject, tick))
+    _write(_out(out, model, "capture"), f"Heads of {subject.name}: attention maps", subject,
+           [("capture", result)], f"attnlab heads capture --model {model}")
+
+
+@heads.command("importance")
+@_options
+def importance_cmd(model: str, store: str, out: str | None) -> None:
+    """Head importance (Michel et al.) next to single-head ablation, rank-correlated.
+
+    \b
+    Example:
+      attnlab heads importance --model minilm
+    """
+    from attnlab.heads.analysis import importance_analysis
+    from attnlab.heads.sites import sites
+
+    subject = _subject(model, store)
+    count = sum(s.heads for s in sites(subject.model))
+    result = _run("importance, then ablations", len(subject.losses) + count,
+                  lambda tick: importance_analysis(subject, tick))
+    _write(_out(out, model, "importance"), f"Heads of {subject.name}: importance", subject,
+           [("importance", result)], f"attnlab heads importance --model {model}")
+
+
+@heads.command("prune")
+@_options
+@click.option("--step", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1,
+              show_default=True, help="Fraction of all heads pruned per step.")
+@click.option("--floor", type=float, default=0.9, show_default=True,
+              help="Report how many heads go before the metric drops below this.")
+@click.option("--seeds", type=click.IntRange(0), default=3, show_default=True,
+              help="Random orders to compare with (seeds 0, 1, ...).")
+def prune_cmd(model: str, store: str, out: str | None, step: float, floor: float,
+              seeds: int) -> None:
+    """Iterative pruning curves: importance order against a random order.
+
+    \b
+    Example:
+      attnlab heads prune --model minilm --step 0.05 --floor 0.9
+    """
+    from attnlab.heads.analysis import pruning_analysis
+
+    subject = _subject(model, store)
+    steps = _pruning_steps(subject, step)
+    result = _run("pruning (importance, random)", (1 + seeds) * steps,
+                  lambda tick: pruning_analysis(subject, step, floor, seeds, tick))
+    _write(_out(out, model, "prune"), f"Heads of {subject.name}: pruning", subject,
+           [("prune", result)], f"attnlab heads prune --model {model} --step {step} "
+           f"--floor {floor} --seeds {seeds}")
+
+
+@heads.command("sinks")
+@_options
+@click.option("--threshold", type=float, default=0.3, show_default=True,
+              help="Sink score above which a head is a sink head.")
+def sinks_cmd(model: str, store: str, out: str | None, threshold: float) -> None:
+    """Sink heads (Gu et al.'s score on the first token), mass on special tokens, and sink
+    tokens from massive activations.
+
+    \b
+    Example:
+      attnlab heads sinks --model minilm --threshold 0.3
+    """
+    from attnlab.heads.analysis import sinks_analysis
+
+    subject = _subject(model, store)
+    result = _run("attention statistics", len(subject.inputs),
+                  lambda tick: sinks_analysis(subject, threshold, tick))
+    _write(_out(out, model, "sinks"), f"Heads of {subject.name}: sinks", subject,
+           [("sinks", result)], f"attnlab heads sinks --model {model} --threshold "
+           f"{threshold}")
+
+
+@heads.command("report")
+@_options
+@click.option("--step", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1,
+              show_default=True, help="Pruning step (fraction of all heads).")
+@click.option("--floor", type=float, default=0.9, show_default=True)
+def report_cmd(model: str, store: str, out: str | None, step: float, floor: float) -> None:
+    """Everything on one page: maps, importance, pruning, sinks.
+
+    \b
+    Example:
+      attnlab heads report --model minilm --out docs/results/heads-minilm
+    """
+    from attnlab.heads import analysis
+    from attnlab.heads.sites import sites
+
+    subject = _subject(model, store)
+    count = sum(s.heads for s in sites(subject.model))
+    total = 2 * len(subject.inputs) + len(subject.losses) + count + \
+        4 * _pruning_steps(subject, step)
+
+    def work(tick: Callable[[], None]) -> list[tuple[str, Any]]:
+        return [("capture", analysis.capture_analysis(subject, tick)),
+                ("importance", analysis.importance_analysis(subject, tick)),
+                ("prune", analysis.pruning_analysis(subject, step, floor, 3, tick)),
+                ("sinks", analysis.sinks_analysis(subject, 0.3, tick))]
+
+    parts = _run("heads report", total, work)
+    _write(_out(out, model, "report"), f"Heads of {subject.name}", subject, parts,
+           f"attnlab heads report --model {model} --step {step} --floor {floor}")

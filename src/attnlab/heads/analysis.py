@@ -1,0 +1,189 @@
+"""The analyses behind ``attnlab heads``: each takes a ``Subject`` and returns its numbers
+and the report sections (tables, lists, figures) that show them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.heads import figures
+from attnlab.heads.capture import HeadStats, capture
+from attnlab.heads.importance import (
+    ablation_scores,
+    head_importance,
+    pruning_curve,
+    rank_correlation,
+)
+from attnlab.heads.sinks import massive_activations, sink_heads
+from attnlab.heads.sites import sites
+from attnlab.heads.subjects import Subject
+
+Tick = Callable[[], None] | None
+Result = tuple[dict[str, Any], list[tuple[str, list[tuple[str, Any]]]], dict[str, bytes]]
+
+
+def _grid_rows(scores: Tensor, fmt: str = ".3f") -> tuple[list[str], list[list[str]]]:
+    header = ["layer", *[f"h{h}" for h in range(scores.shape[1])]]
+    return header, [[f"L{i}", *[format(float(v), fmt) for v in row]]
+                    for i, row in enumerate(scores)]
+
+
+def statistics(subject: Subject, tick: Tick = None) -> dict[int, HeadStats]:
+    """Every layer's streamed attention statistics over the subject's inputs."""
+    with torch.no_grad(), capture(subject.model, aggregate=True) as cap:
+        for run, key_mask, special in subject.inputs:
+            cap.set_batch(key_mask=key_mask, special=special)
+            run()
+            if tick:
+                tick()
+    return cap.stats
+
+
+def capture_analysis(subject: Subject, tick: Tick = None) -> Result:
+    """Mean attention maps (first input batch's length), entropy and distance per head."""
+    stats = statistics(subject, tick)
+    entropy = torch.stack([stats[k].mean("entropy") for k in sorted(stats)])
+    distance = torch.stack([stats[k].mean("distance") for k in sorted(stats)])
+    images = {"attention_maps": figures.attention_grid(
+                  {k: s.mean_map() for k, s in stats.items()},
+                  f"{subject.name}: mean attention map per head"),
+              "entropy": figures.head_heatmap(entropy, "mean attention entropy (nats)",
+                                              "nats"),
+              "distance": figures.head_heatmap(distance, "mean attention distance (tokens)",
+                                               "tokens", ".1f")}
+    sections = [("Mean attention maps (layer x head)", [("image", "attention_maps")]),
+                ("Attention entropy per head (mean over real query tokens)",
+                 [("table", _grid_rows(entropy)), ("image", "entropy")]),
+                ("Mean attention distance per head",
+                 [("table", _grid_rows(distance, ".2f")), ("image", "distance")])]
+    return {"entropy": entropy.tolist(), "distance": distance.tolist()}, sections, images
+
+
+def importance_analysis(subject: Subject, tick: Tick = None) -> Result:
+    """Michel et al. importance next to exhaustive single-head ablation of the metric."""
+    importance = head_importance(subject.model, subject.losses, progress=tick)
+    base, change = ablation_scores(subject.model, subject.metric, progress=tick)
+    rho = rank_correlation(importance, -change)
+    top = sorted((float(change[a, b]), a, b) for a in range(change.shape[0])
+                  for b in range(change.shape[1]))[:5]
+    lines = [f"metric of the full model: {base:.4f} ({subject.metric_name})",
+             f"Spearman rank correlation of importance with the metric's drop under "
+             f"single-head ablation: {rho:.3f}",
+             "heads whose removal alone lowers the metric most: " +
+             ", ".join(f"L{a}h{b} ({c:+.4f})" for c, a, b in top),
+             f"heads whose removal alone changes the metric by less than 0.001: "
+             f"{int((change.abs() < 1e-3).sum())} of {change.numel()}"]
+    images = {"importance": figures.head_heatmap(importance, "head importance |dL/dxi| "
+                                                 "(layer-normalised)", "importance"),
+              "ablation": figures.head_heatmap(change, "metric change with the head "
+                                               "zeroed alone", "change", ".3f")}
+    sections = [("Summary", [("list", lines)]),
+                ("Head importance (Michel et al. 2019, each layer L2-normalised)",
+                 [("table", _grid_rows(importance)), ("image", "importance")]),
+                ("Single-head ablation: metric change (zeroed head)",
+                 [("table", _grid_rows(change, "+.4f")), ("image", "ablation")])]
+    return ({"importance": importance.tolist(), "ablation_change": change.tolist(),
+             "metric_full": base, "spearman": rho}, sections, images)
+
+
+def pruning_analysis(subject: Subject, step: float = 0.1, floor: float | None = None,
+                     seeds: int = 3, tick: Tick = None) -> Result:
+    """Iterative pruning by importance (re-scored each step) against ``seeds`` random
+    orders (seeds 0, 1, ...)."""
+    def importance() -> Tensor:
+        return head_importance(subject.model, subject.losses)
+
+    guided = pruning_curve(subject.model, subject.metric, step, importance, progress=tick)
+    randoms = [pruning_curve(subject.model, subject.metric, step, seed=seed, progress=tick)
+               for seed in range(seeds)]
+    table = torch.tensor([c.metrics for c in randoms])  # (seeds, points)
+    rows = [[f"{f:.3f}", f"{a:.4f}", f"{float(table[:, i].mean()):.4f}",
+             f"{float(table[:, i].min()):.4f} – {float(table[:, i].max()):.4f}"]
+            for i, (f, a) in enumerate(zip(guided.fractions, guided.metrics, strict=True))]
+    lines, before = [], None
+    if floor is not None:
+        before = {"importance": guided.heads_before(floor),
+                  "random": [c.heads_before(floor) for c in randoms]}
+        lines = [f"importance order: {before['importance']} of {guided.total} heads pruned "
+                 f"before the metric drops below {floor}",
+                 f"random orders (seeds 0-{seeds - 1}): {before['random']} heads"]
+    images = {"pruning": figures.pruning_plot(guided, randoms, subject.metric_name, floor,
+                                              f"{subject.name}: iterative head pruning")}
+    sections = [(f"Pruning curves (importance order re-scored after each step; {seeds} "
+                 "random orders)",
+                 [("list", lines), ("table", (["fraction pruned", "importance order",
+                                               "random (mean)", "random (min – max)"],
+                                              rows)),
+                  ("image", "pruning")]),
+                ("Pruning order (importance)", [("list", [", ".join(
+                    f"L{a}h{b}" for a, b in guided.pruned)])])]
+    return ({"fractions": guided.fractions, "importance_order": guided.metrics,
+             "random_orders": table.tolist(), "pruned_importance": guided.pruned,
+             "heads_before_floor": before, "floor": floor, "step": step}, sections, images)
+
+
+def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None) -> Result:
+    """Sink score of the first token per head, mass on special tokens, massive
+    activations."""
+    stats = statistics(subject, tick)
+    layers = sorted(stats)
+    first = torch.stack([stats[k].sink_scores()[:, 0] for k in layers])
+    heads, share = sink_heads({k: stats[k].sink_scores() for k in layers}, 0, threshold)
+    lines = [f"sink heads on the first token (alpha_0 > {threshold}): {len(heads)} of "
+             f"{first.numel()} ({share:.0%}): " + ", ".join(f"L{a}h{b}" for a, b in heads)]
+    sections: list[tuple[str, list[tuple[str, Any]]]] = []
+    images = {"sink_first": figures.head_heatmap(first, "sink score of the first token",
+                                                 "alpha_0")}
+    numbers: dict[str, Any] = {"sink_first": first.tolist(), "sink_heads": heads,
+                               "sink_share": share, "threshold": threshold}
+    if all("special" in stats[k].sums for k in layers):
+        special = torch.stack([stats[k].mean("special") for k in layers])
+        numbers["special_mass"] = special.tolist()
+        images["special"] = figures.head_heatmap(special, "attention mass on the marked "
+                                                 "special tokens", "mass")
+        strong = (special > 0.5).nonzero().tolist()
+        lines.append(f"heads putting more than half their mass on the special tokens: "
+                     f"{len(strong)}: " + ", ".join(f"L{a}h{b}" for a, b in strong))
+    sections.append(("Summary", [("list", lines)]))
+    sections.append(("Sink score of the first token per head (alpha_0 = sum_q A[q,0] / "
+                     "queries that see it)", [("table", _grid_rows(first)),
+                                              ("image", "sink_first")]))
+    if "special" in images:
+        sections.append(("Attention mass on the special tokens",
+                         [("table", _grid_rows(torch.tensor(numbers["special_mass"]))),
+                          ("image", "special")]))
+    if subject.hidden_states is not None:
+        hidden, key_mask = subject.hidden_states(0)
+        rows, found = [], {}
+        for layer, h in enumerate(hidden):
+            m = massive_activations(h, key_mask=key_mask)
+            by_token: dict[str, list[float]] = {}
+            for b, t in key_mask.nonzero().tolist():
+                by_token.setdefault(subject.tokens[0][b][t], []).append(float(m.phi[b, t]))
+            ranked = sorted(((sum(v) / len(v), k, len(v)) for k, v in by_token.items()),
+                            reverse=True)[:5]
+            found[layer] = {"dims": m.dims, "sink_tokens": int(m.tokens.sum()),
+                            "real_tokens": int(key_mask.sum()),
+                            "top_tokens_mean_phi": [(k, p, n) for p, k, n in ranked]}
+            rows.append([str(layer), ", ".join(map(str, m.dims[:8])) or "–",
+                         f"{int(m.tokens.sum())} of {int(key_mask.sum())}",
+                         ", ".join(f"{k} {p:.1f} (x{n})" for p, k, n in ranked)])
+        numbers["massive_activations"] = found
+        sections.append(("Massive activations (hidden states: embeddings = 0, then each "
+                         "layer's output)",
+                         [("table", (["hidden state", "dims of the sink tokens",
+                                      "tokens with phi >= tau",
+                                      "highest mean phi (token, mean phi, count)"], rows)),
+                          ("list", [f"tau = 20 sqrt(D / 4096) = {m.tau:.2f} for D = "
+                                    f"{hidden[0].shape[-1]}: the paper's threshold as a share "
+                                    "of the token's energy in one dimension"])]))
+    return numbers, sections, images
+
+
+def model_lines(subject: Subject) -> list[str]:
+    found = sites(subject.model)
+    return [f"model: {subject.name}, {len(found)} attention layers x {found[0].heads} heads",
+            *subject.notes]
