@@ -132,9 +132,11 @@ def test_small_llama_gqa_rope_causal_padding_and_decode_equal_transformers():
         step = ours(input_ids=ids[:, 11:], attention_mask=mask,
                     past_key_values=prefill.past_key_values, use_cache=True)
         torch.testing.assert_close(step.logits[:, -1], logits[:, -1], atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), hd.capture(ours, ["L1.k", "L1.q"]) as cap:
-        ours(input_ids=ids)
+    with torch.no_grad(), hd.capture(ours, ["L1.k", "L1.q", "L0.weights"]) as cap:
+        through_weights = ours(input_ids=ids).logits  # GQA through the weights path
     assert cap["L1.k"].shape == (2, 2, 12, 16) and cap["L1.q"].shape == (2, 4, 12, 16)
+    assert cap["L0.weights"].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(through_weights, no_mask, atol=1e-5, rtol=1e-5)
 
 
 def test_the_mask_function_is_what_keeps_causality():
