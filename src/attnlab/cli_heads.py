@@ -45,6 +45,7 @@ def _run(title: str, total: int, work: Callable[[Callable[[], None]], Any]) -> A
 
 def _write(out: Path, title: str, subject: Any, parts: list[tuple[str, Any]],
            command: str) -> None:
+    from attnlab.arena.files import write_atomic
     from attnlab.arena.report import write_document
     from attnlab.heads.analysis import model_lines
     from attnlab.machine import describe, machine, provenance
@@ -59,13 +60,11 @@ def _write(out: Path, title: str, subject: Any, parts: list[tuple[str, Any]],
         images.update(i)
         numbers[name] = n
     md, page = write_document(out, title, setup, sections, images)
-    from attnlab.arena.files import write_atomic
-
     write_atomic(out / "results.json", json.dumps({"setup": setup, **numbers}, indent=1))
     for heading, section in sections:
         for kind, content in section:
-            if kind == "list" and heading in ("Summary",) or kind == "list" and \
-                    heading.startswith("Pruning curves"):
+            if kind == "list" and (heading == "Summary" or
+                                   heading.startswith("Pruning curves")):
                 for line in content:
                     console.print(escape(line))
     console.print(f"report: {md} and {page} (numbers: {out / 'results.json'})")

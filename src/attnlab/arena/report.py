@@ -21,6 +21,8 @@ from attnlab.machine import provenance
 from attnlab.tables import markdown_table
 from attnlab.tasks import TASKS
 
+Section = tuple[str, list[tuple[str, Any]]]  # heading, [("table" | "list" | "image", content)]
+
 __all__ = ["Summary", "summarize", "table_rows", "slice_rows", "seed_rows", "grid_rows",
            "verdict_lines", "figures", "write_report", "write_document", "png"]
 
@@ -329,9 +331,6 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
         sections.append(("Failed runs", [("list", failures)]))
     return write_document(out, f"Arena report: {summary.sweep}", setup_lines(summary),
                           sections, images)
-
-
-Section = tuple[str, list[tuple[str, Any]]]
 
 
 def write_document(out_dir: str | Path, title: str, setup: list[str],
