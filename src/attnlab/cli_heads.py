@@ -78,16 +78,6 @@ def _options(f: Callable) -> Callable:
     return click.option("--model", required=True, help=MODEL_HELP)(f)
 
 
-def _pruning_steps(subject: Any, step: float) -> int:
-    """How many pruning steps a curve takes (``pruning_curve``'s count)."""
-    import math
-
-    from attnlab.heads.sites import sites
-
-    count = sum(s.heads for s in sites(subject.model))
-    return math.ceil(count / max(1, round(step * count)))
-
-
 def _out(out: str | None, model: str, command: str) -> Path:
     return Path(out) if out else Path(DEFAULT_REPORTS) / "heads" / _slug(model) / command
 
@@ -172,9 +162,10 @@ def prune_cmd(model: str, store: str, out: str | None, step: float, floor: float
       attnlab heads prune --model minilm --step 0.05 --floor 0.9
     """
     from attnlab.heads.analysis import pruning_analysis
+    from attnlab.heads.importance import pruning_steps
 
     subject = _subject(model, store)
-    steps = _pruning_steps(subject, step)
+    steps = pruning_steps(subject.model, step)
     result = _run("pruning (importance, random)", (1 + seeds) * steps,
                   lambda tick: pruning_analysis(subject, step, floor, seeds, tick))
     _write(_out(out, model, "prune"), f"Heads of {subject.name}: pruning", subject,
@@ -217,18 +208,20 @@ def report_cmd(model: str, store: str, out: str | None, step: float, floor: floa
       attnlab heads report --model minilm --out docs/results/heads-minilm
     """
     from attnlab.heads import analysis
+    from attnlab.heads.importance import pruning_steps
     from attnlab.heads.sites import sites
 
     subject = _subject(model, store)
     count = sum(s.heads for s in sites(subject.model))
-    total = 2 * len(subject.inputs) + len(subject.losses) + count + \
-        4 * _pruning_steps(subject, step)
+    total = len(subject.inputs) + len(subject.losses) + count + \
+        4 * pruning_steps(subject.model, step)
 
     def work(tick: Callable[[], None]) -> list[tuple[str, Any]]:
-        return [("capture", analysis.capture_analysis(subject, tick)),
+        stats = analysis.statistics(subject, tick)  # for the maps and the sinks alike
+        return [("capture", analysis.capture_analysis(subject, stats=stats)),
                 ("importance", analysis.importance_analysis(subject, tick)),
                 ("prune", analysis.pruning_analysis(subject, step, floor, 3, tick)),
-                ("sinks", analysis.sinks_analysis(subject, 0.3, tick))]
+                ("sinks", analysis.sinks_analysis(subject, 0.3, stats=stats))]
 
     parts = _run("heads report", total, work)
     _write(_out(out, model, "report"), f"Heads of {subject.name}", subject, parts,

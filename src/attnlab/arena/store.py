@@ -228,28 +228,22 @@ class RunStore:
         for r in self.conn.execute(query + " ORDER BY finished", args):
             if wanted is not None and r["key"] not in wanted:
                 continue
-            row = dict(r)
-            for col in JSON_COLUMNS:
-                row[col] = json.loads(row[col])
-            out.append(row)
+            out.append(_decoded(r))
         return out
 
     def find(self, key: str) -> dict[str, Any]:
         """The stored run whose key is ``key`` or starts with it (as a short git hash);
         KeyError naming the problem when none or several match."""
         if not key or not all(c in "0123456789abcdef" for c in key):
-            raise KeyError(f"{key!r} is not a run key (hexadecimal, see attnlab heads runs)")
-        matches = [dict(r) for r in self.conn.execute(
-            "SELECT * FROM runs WHERE key LIKE ? ORDER BY finished", (f"{key}%",))]
+            raise KeyError(f"{key!r} is not a run key (keys are hexadecimal digests)")
+        matches = list(self.conn.execute(
+            "SELECT * FROM runs WHERE key LIKE ? ORDER BY finished", (f"{key}%",)))
         if not matches:
             raise KeyError(f"no run with key {key!r} in {self.directory}/")
         if len(matches) > 1:
             raise KeyError(f"{len(matches)} runs have keys starting with {key!r}; give more "
                            "characters")
-        row = matches[0]
-        for col in JSON_COLUMNS:
-            row[col] = json.loads(row[col])
-        return row
+        return _decoded(matches[0])
 
     def model_path(self, key: str) -> Path:
         """Where the run ``key``'s trained weights are (or would be)."""
@@ -262,6 +256,14 @@ class RunStore:
                  "SUM(status = 'failed') AS failed, MAX(finished) AS last FROM runs "
                  "GROUP BY sweep, task ORDER BY last")
         return [dict(r) for r in self.conn.execute(query)]
+
+
+def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+    """A stored run as a dict, its JSON columns decoded."""
+    out = dict(row)
+    for col in JSON_COLUMNS:
+        out[col] = json.loads(out[col])
+    return out
 
 
 def _alive(host: str, pid: int) -> bool:

@@ -42,9 +42,11 @@ def statistics(subject: Subject, tick: Tick = None) -> dict[int, HeadStats]:
     return cap.stats
 
 
-def capture_analysis(subject: Subject, tick: Tick = None) -> Result:
-    """Mean attention maps (first input batch's length), entropy and distance per head."""
-    stats = statistics(subject, tick)
+def capture_analysis(subject: Subject, tick: Tick = None,
+                     stats: dict[int, HeadStats] | None = None) -> Result:
+    """Mean attention maps (first input batch's length), entropy and distance per head
+    (``stats``: ``statistics(subject)`` when already computed)."""
+    stats = statistics(subject, tick) if stats is None else stats
     entropy = torch.stack([stats[k].mean("entropy") for k in sorted(stats)])
     distance = torch.stack([stats[k].mean("distance") for k in sorted(stats)])
     images = {"attention_maps": figures.attention_grid(
@@ -125,10 +127,11 @@ def pruning_analysis(subject: Subject, step: float = 0.1, floor: float | None = 
              "heads_before_floor": before, "floor": floor, "step": step}, sections, images)
 
 
-def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None) -> Result:
+def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None,
+                   stats: dict[int, HeadStats] | None = None) -> Result:
     """Sink score of the first token per head, mass on special tokens, massive
-    activations."""
-    stats = statistics(subject, tick)
+    activations (``stats``: ``statistics(subject)`` when already computed)."""
+    stats = statistics(subject, tick) if stats is None else stats
     layers = sorted(stats)
     first = torch.stack([stats[k].sink_scores()[:, 0] for k in layers])
     heads, share = sink_heads({k: stats[k].sink_scores() for k in layers}, 0, threshold)

@@ -9,6 +9,7 @@ their Spearman rank correlation, and iterative pruning curves.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from attnlab.heads.ablate import ablate
 from attnlab.heads.sites import Site, sites
 
 __all__ = ["head_importance", "ablation_scores", "rank_correlation", "PruningCurve",
-           "pruning_curve"]
+           "pruning_curve", "pruning_steps"]
 
 
 @contextlib.contextmanager
@@ -115,6 +116,16 @@ class PruningCurve:
         return round(self.fractions[-1] * self.total)
 
 
+def _heads_per_step(total: int, step: float) -> int:
+    return max(1, round(step * total))
+
+
+def pruning_steps(model: nn.Module, step: float) -> int:
+    """How many pruning steps ``pruning_curve(model, ..., step)`` takes (for progress)."""
+    total = sum(s.heads for s in sites(model))
+    return math.ceil(total / _heads_per_step(total, step))
+
+
 def pruning_curve(model: nn.Module, metric: Callable[[], float], step: float = 0.1,
                   importance: Callable[[], Tensor] | None = None, seed: int = 0,
                   progress: Callable[[], None] | None = None) -> PruningCurve:
@@ -125,7 +136,7 @@ def pruning_curve(model: nn.Module, metric: Callable[[], float], step: float = 0
     curve runs until every head is pruned; the model's heads are restored after."""
     model_sites = sites(model)
     all_heads = [(s.layer, h) for s in model_sites for h in range(s.heads)]
-    per_step = max(1, round(step * len(all_heads)))
+    per_step = _heads_per_step(len(all_heads), step)
     order = all_heads[:]
     random.Random(seed).shuffle(order)
     pruned: list[tuple[int, int]] = []

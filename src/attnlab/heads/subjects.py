@@ -44,7 +44,7 @@ def minilm_subject(batch_size: int = 16, importance_pairs: int = 96,
     """MiniLM on docstring sentences (``importance_pairs`` pairs for the loss, the rest
     held out for the metric)."""
     from attnlab.heads.text import docstring_pairs
-    from attnlab.integrations.hf import load_minilm, sentence_embeddings
+    from attnlab.integrations.hf import load_minilm, mean_pooled, sentence_embeddings
 
     model, tokenizer = load_minilm()
     pairs = docstring_pairs(seed)
@@ -59,9 +59,7 @@ def minilm_subject(batch_size: int = 16, importance_pairs: int = 96,
                          return_tensors="pt")
 
     def embed(batch: dict[str, Tensor]) -> Tensor:
-        hidden = model(**batch).last_hidden_state
-        keep = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return nn.functional.normalize((hidden * keep).sum(1) / keep.sum(1), dim=-1)
+        return mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"])
 
     batches = [(encode([a for a, _ in train[i:i + batch_size]]),
                 encode([b for _, b in train[i:i + batch_size]]))

@@ -28,9 +28,10 @@ from attnlab.ops import (
     softplus_attention,
     softplus_weights,
 )
+from attnlab.ops.common import expand_kv
 
 __all__ = ["MECHANISMS", "implementation_name", "register", "use_attnlab", "attention_modules",
-           "load_minilm", "sentence_embeddings", "require_transformers"]
+           "load_minilm", "sentence_embeddings", "mean_pooled", "require_transformers"]
 
 # mechanism -> (op, weights): the ops that need no parameters of their own, so that a
 # pretrained model's q, k, v can go through them unchanged
@@ -119,8 +120,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         weights = site.hook_weights(weights_of(q, k, mask=mask, scale=scaling))
         if training_dropout:
             weights = nn.functional.dropout(weights, p=dropout, training=True)
-        groups = q.shape[1] // k.shape[1]
-        out = weights.to(v.dtype) @ v.repeat_interleave(groups, dim=1)
+        out = weights.to(v.dtype) @ expand_kv(v, q.shape[1])
     else:
         out = op(q, k, v, mask=mask, scale=scaling)
     heads = site.hook_heads(out.transpose(1, 2))  # (B, Lq, H, D)
@@ -198,8 +198,13 @@ def sentence_embeddings(model: nn.Module, tokenizer: Any, sentences: Sequence[st
         batch = tokenizer(list(sentences[start:start + batch_size]), padding=True,
                           truncation=True, max_length=max_length, return_tensors="pt")
         batch = {k: t.to(device) for k, t in batch.items()}
-        hidden = model(**batch).last_hidden_state
-        keep = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        mean = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
-        out.append(nn.functional.normalize(mean.float(), dim=-1))
+        out.append(mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(out)
+
+
+def mean_pooled(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, hidden) -> (B, hidden): the mean over the real tokens, L2-normalised, float32
+    (all-MiniLM's sentence embedding; differentiable)."""
+    keep = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
+    return nn.functional.normalize(mean.float(), dim=-1)
