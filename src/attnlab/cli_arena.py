@@ -312,8 +312,16 @@ def report_cmd(store: str, sweep_name: str | None, out: str | None) -> None:
 
 @arena.command("list")
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
-def list_cmd(store: str) -> None:
-    """The sweeps in a store, with their finished and failed runs."""
+@click.option("--sweep", default=None, help="List this sweep's runs with their keys (what "
+              "`attnlab heads --model` takes), metric and whether the weights are saved.")
+def list_cmd(store: str, sweep: str | None) -> None:
+    """The sweeps in a store, with their finished and failed runs; or one sweep's runs.
+
+    \b
+    Examples:
+      attnlab arena list
+      attnlab arena list --sweep mqar
+    """
     from attnlab.arena.store import DB_NAME, RunStore, StoreError
 
     if not (Path(store) / DB_NAME).exists():
@@ -322,12 +330,26 @@ def list_cmd(store: str) -> None:
         db = RunStore(store, readonly=True)
     except StoreError as err:
         raise click.ClickException(str(err)) from None
+    table = Table(box=box.SIMPLE_HEAD)
     with db:
-        table = Table(box=box.SIMPLE_HEAD)
-        for col in ("sweep", "task", "done", "failed"):
-            table.add_column(col)
-        for s in db.sweeps():
-            table.add_row(escape(s["sweep"]), s["task"], str(s["done"]), str(s["failed"]))
+        if sweep is None:
+            for col in ("sweep", "task", "done", "failed"):
+                table.add_column(col)
+            for s in db.sweeps():
+                table.add_row(escape(s["sweep"]), s["task"], str(s["done"]), str(s["failed"]))
+        else:
+            rows = db.rows(sweep)
+            if not rows:
+                known = ", ".join(s["sweep"] for s in db.sweeps()) or "none"
+                raise click.UsageError(f"no runs of sweep {sweep!r} in {store}/ "
+                                       f"(sweeps: {known})")
+            for col in ("key", "label", "seed", "status", "metrics", "weights"):
+                table.add_column(col, overflow="fold")
+            for r in rows:
+                metrics = ", ".join(f"{k} {v:.4g}" for k, v in (r["metrics"] or {}).items()
+                                    if isinstance(v, float))
+                table.add_row(r["key"][:12], escape(r["label"]), str(r["seed"]), r["status"],
+                              metrics, "saved" if db.model_path(r["key"]).exists() else "–")
     console.print(table)
 
 

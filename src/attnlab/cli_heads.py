@@ -63,7 +63,7 @@ def _write(out: Path, title: str, subject: Any, parts: list[tuple[str, Any]],
     write_atomic(out / "results.json", json.dumps({"setup": setup, **numbers}, indent=1))
     for heading, section in sections:
         for kind, content in section:
-            if kind == "list" and (heading == "Summary" or
+            if kind == "list" and (heading.startswith("Summary") or
                                    heading.startswith("Pruning curves")):
                 for line in content:
                     console.print(escape(line))
@@ -84,7 +84,7 @@ def _out(out: str | None, model: str, command: str) -> Path:
 
 @click.group("heads", context_settings={"help_option_names": ["-h", "--help"]})
 def heads() -> None:
-    """The microscope: capture, importance, pruning and sinks of attention heads.
+    """The microscope: capture, importance, pruning, sinks and patterns of attention heads.
 
     \b
     Examples:
@@ -195,13 +195,57 @@ def sinks_cmd(model: str, store: str, out: str | None, threshold: float) -> None
            f"{threshold}")
 
 
+@heads.command("patterns")
+@_options
+@click.option("--clusters", type=click.IntRange(1), default=None,
+              help="Number of clusters of heads [default: chosen by silhouette score].")
+def patterns_cmd(model: str, store: str, out: str | None, clusters: int | None) -> None:
+    """Attention strength against distance, and heads clustered by attention pattern ("How
+    Does Attention Work in Vision Transformers?"), next to each head's importance (the
+    metric's drop when it alone is zeroed). On a ViT run, distances are between patches.
+
+    \b
+    Example:
+      attnlab heads patterns --model 3f2a9c1e --store attnlab-runs --clusters 4
+    """
+    from attnlab.heads.analysis import spatial_analysis, statistics
+    from attnlab.heads.importance import ablation_scores
+    from attnlab.heads.sites import sites
+
+    subject = _subject(model, store)
+
+    def work(tick: Callable[[], None]) -> Any:
+        stats = statistics(subject, tick)
+        _, change = ablation_scores(subject.model, subject.metric, progress=tick)
+        return _usage_errors(lambda: spatial_analysis(
+            subject, stats, -change, clusters, importance_name=drop_name(subject)))
+
+    count = sum(s.heads for s in sites(subject.model))
+    result = _run("statistics, ablations", len(subject.inputs) + count, work)
+    _write(_out(out, model, "patterns"), f"Heads of {subject.name}: attention patterns",
+           subject, [("patterns", result)], f"attnlab heads patterns --model {model}" +
+           ("" if clusters is None else f" --clusters {clusters}"))
+
+
+def drop_name(subject: Any) -> str:
+    return (f"the drop of the metric ({subject.metric_name}) when the head alone is zeroed "
+            "(the paper's pruning-based importance)")
+
+
+def _usage_errors(work: Callable[[], Any]) -> Any:
+    try:
+        return work()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+
 @heads.command("report")
 @_options
 @click.option("--step", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1,
               show_default=True, help="Pruning step (fraction of all heads).")
 @click.option("--floor", type=float, default=0.9, show_default=True)
 def report_cmd(model: str, store: str, out: str | None, step: float, floor: float) -> None:
-    """Everything on one page: maps, importance, pruning, sinks.
+    """Everything on one page: maps, importance, pruning, sinks, patterns.
 
     \b
     Example:
@@ -217,11 +261,18 @@ def report_cmd(model: str, store: str, out: str | None, step: float, floor: floa
         4 * pruning_steps(subject.model, step)
 
     def work(tick: Callable[[], None]) -> list[tuple[str, Any]]:
-        stats = analysis.statistics(subject, tick)  # for the maps and the sinks alike
+        import torch
+
+        stats = analysis.statistics(subject, tick)  # for the maps, sinks and patterns alike
+        importance = analysis.importance_analysis(subject, tick)
+        drop = -torch.tensor(importance[0]["ablation_change"])
         return [("capture", analysis.capture_analysis(subject, stats=stats)),
-                ("importance", analysis.importance_analysis(subject, tick)),
+                ("importance", importance),
                 ("prune", analysis.pruning_analysis(subject, step, floor, 3, tick)),
-                ("sinks", analysis.sinks_analysis(subject, 0.3, stats=stats))]
+                ("sinks", analysis.sinks_analysis(subject, 0.3, stats=stats)),
+                ("patterns", _usage_errors(
+                    lambda: analysis.spatial_analysis(subject, stats, drop,
+                                                      importance_name=drop_name(subject))))]
 
     parts = _run("heads report", total, work)
     _write(_out(out, model, "report"), f"Heads of {subject.name}", subject, parts,

@@ -56,6 +56,20 @@ def test_run_then_report_then_list(tmp_path):
     assert "softmax" in report.output and (tmp_path / "rep" / "report.html").exists()
     listing = runner.invoke(main, ["arena", "list", "--store", store])
     assert "copy" in listing.output
+    from attnlab.arena.store import RunStore
+
+    with RunStore(store) as db:
+        rows = db.rows()
+    keys = {r["label"]: r["key"] for r in rows}
+    sweep = runner.invoke(main, ["arena", "list", "--store", store, "--sweep",
+                                 rows[0]["sweep"]], terminal_width=120)
+    assert sweep.exit_code == 0, sweep.output
+    lines = {line.split()[1]: line for line in sweep.output.splitlines()
+             if line.split()[1:2] in (["softmax"], ["sigmoid"])}
+    for label, key in keys.items():  # each run's short key, and its weights are saved
+        assert lines[label].split()[0] == key[:12] and "saved" in lines[label]
+    missing = runner.invoke(main, ["arena", "list", "--store", store, "--sweep", "nope"])
+    assert missing.exit_code == 2 and "no runs of sweep 'nope'" in missing.output
 
 
 def test_clear_errors(tmp_path):

@@ -73,6 +73,7 @@ def test_streamed_statistics_have_the_closed_form_of_uniform_attention(causal):
         attn(x, mask=key_mask)
     stats = cap.stats[0]
     entropy, distance, first, marked = [], [], [], []
+    at_gap: dict[int, list[float]] = {}  # weights of the visible pairs at each token gap
     for n in (length, 4):  # real tokens of each sequence
         for i in range(n):
             seen = list(range(i + 1)) if causal else list(range(n))
@@ -80,6 +81,8 @@ def test_streamed_statistics_have_the_closed_form_of_uniform_attention(causal):
             distance.append(sum(abs(i - j) for j in seen) / len(seen))
             first.append(1 / len(seen))
             marked.append((1 in seen) / len(seen))
+            for j in seen:
+                at_gap.setdefault(abs(i - j), []).append(1 / len(seen))
     for name, values in (("entropy", entropy), ("distance", distance), ("first", first),
                          ("special", marked)):
         expected = torch.full((2,), sum(values) / len(values))
@@ -89,6 +92,11 @@ def test_streamed_statistics_have_the_closed_form_of_uniform_attention(causal):
     alpha0 = sum(1 / (i + 1 if causal else n) for n, i in seers) / len(seers)
     torch.testing.assert_close(stats.sink_scores()[:, 0], torch.full((2,), alpha0))
     assert stats.mean_map().shape == (2, length, length)
+    gaps = range(max(at_gap) + 1)
+    pair = torch.tensor([sum(at_gap[d]) / len(at_gap[d]) for d in gaps])
+    share = torch.tensor([sum(at_gap[d]) for d in gaps]) / len(entropy)
+    torch.testing.assert_close(stats.distance_profile("pair"), pair.expand(2, -1))
+    torch.testing.assert_close(stats.distance_profile("query"), share.expand(2, -1))
 
 
 def test_streamed_mean_map_equals_the_mean_of_stored_maps_over_batches():

@@ -17,8 +17,10 @@ from attnlab.heads.importance import (
 from attnlab.heads.runs import LoadedRun, load_run
 from attnlab.heads.sinks import MassiveActivations, massive_activations, sink_heads, sink_scores
 from attnlab.heads.sites import POINTS, Site, sites
+from attnlab.heads.spatial import HeadClusters, cluster_heads, grid_positions, offset_patterns
 
-__all__ = ["POINTS", "Capture", "HeadStats", "LoadedRun", "MassiveActivations", "PruningCurve",
-           "Site", "ablate", "ablation_scores", "capture", "head_importance", "head_outputs",
-           "load_run", "massive_activations", "mean_head_outputs", "pruning_curve",
+__all__ = ["POINTS", "Capture", "HeadClusters", "HeadStats", "LoadedRun", "MassiveActivations",
+           "PruningCurve", "Site", "ablate", "ablation_scores", "capture", "cluster_heads",
+           "grid_positions", "head_importance", "head_outputs", "load_run",
+           "massive_activations", "mean_head_outputs", "offset_patterns", "pruning_curve",
            "rank_correlation", "sink_heads", "sink_scores", "sites"]

@@ -19,6 +19,7 @@ from attnlab.heads.importance import (
 )
 from attnlab.heads.sinks import massive_activations, sink_heads
 from attnlab.heads.sites import sites
+from attnlab.heads.spatial import cluster_heads, offset_patterns
 from attnlab.heads.subjects import Subject
 
 Tick = Callable[[], None] | None
@@ -33,7 +34,8 @@ def _grid_rows(scores: Tensor, fmt: str = ".3f") -> tuple[list[str], list[list[s
 
 def statistics(subject: Subject, tick: Tick = None) -> dict[int, HeadStats]:
     """Every layer's streamed attention statistics over the subject's inputs."""
-    with torch.no_grad(), capture(subject.model, aggregate=True) as cap:
+    with torch.no_grad(), capture(subject.model, aggregate=True,
+                                  positions=subject.positions) as cap:
         for run, key_mask, special in subject.inputs:
             cap.set_batch(key_mask=key_mask, special=special)
             run()
@@ -54,12 +56,12 @@ def capture_analysis(subject: Subject, tick: Tick = None,
                   f"{subject.name}: mean attention map per head"),
               "entropy": figures.head_heatmap(entropy, "mean attention entropy (nats)",
                                               "nats"),
-              "distance": figures.head_heatmap(distance, "mean attention distance (tokens)",
-                                               "tokens", ".1f")}
+              "distance": figures.head_heatmap(distance, f"mean attention distance "
+                                               f"({subject.unit})", subject.unit, ".1f")}
     sections = [("Mean attention maps (layer x head)", [("image", "attention_maps")]),
                 ("Attention entropy per head (mean over real query tokens)",
                  [("table", _grid_rows(entropy)), ("image", "entropy")]),
-                ("Mean attention distance per head",
+                (f"Mean attention distance per head ({subject.unit}, Euclidean)",
                  [("table", _grid_rows(distance, ".2f")), ("image", "distance")])]
     return {"entropy": entropy.tolist(), "distance": distance.tolist()}, sections, images
 
@@ -82,7 +84,7 @@ def importance_analysis(subject: Subject, tick: Tick = None) -> Result:
                                                  "(layer-normalised)", "importance"),
               "ablation": figures.head_heatmap(change, "metric change with the head "
                                                "zeroed alone", "change", ".3f")}
-    sections = [("Summary", [("list", lines)]),
+    sections = [("Summary: importance", [("list", lines)]),
                 ("Head importance (Michel et al. 2019, each layer L2-normalised)",
                  [("table", _grid_rows(importance)), ("image", "importance")]),
                 ("Single-head ablation: metric change (zeroed head)",
@@ -150,7 +152,7 @@ def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None,
         strong = (special > 0.5).nonzero().tolist()
         lines.append(f"heads putting more than half their mass on the special tokens: "
                      f"{len(strong)}: " + ", ".join(f"L{a}h{b}" for a, b in strong))
-    sections.append(("Summary", [("list", lines)]))
+    sections.append(("Summary: sinks", [("list", lines)]))
     sections.append(("Sink score of the first token per head (alpha_0 = sum_q A[q,0] / "
                      "queries that see it)", [("table", _grid_rows(first)),
                                               ("image", "sink_first")]))
@@ -184,6 +186,125 @@ def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None,
                                     f"{hidden[0].shape[-1]}: the paper's threshold as a share "
                                     "of the token's energy in one dimension"])]))
     return numbers, sections, images
+
+
+def spatial_analysis(subject: Subject, stats: dict[int, HeadStats] | None = None,
+                     importance: Tensor | None = None, clusters: int | None = None,
+                     tick: Tick = None, shown: int = 12,
+                     importance_name: str = "importance") -> Result:
+    """"How Does Attention Work in Vision Transformers?": attention strength against
+    distance per head and its trend over the layers, the heads clustered by their offset
+    patterns (``clusters`` of them, or chosen by silhouette), and with ``importance``
+    (layers, heads; higher = more important, ``importance_name`` says what it is) how
+    important each kind of head is. Tables show the first ``shown``
+    distances; results.json has them all."""
+    stats = statistics(subject, tick) if stats is None else stats
+    layers, unit = sorted(stats), subject.unit
+    strength = {k: stats[k].distance_profile("pair") for k in layers}
+    share = {k: stats[k].distance_profile("query") for k in layers}
+    local = torch.stack([share[k][:, :2].sum(1) for k in layers])  # mass within distance 1
+    distance = torch.stack([stats[k].mean("distance") for k in layers])
+    extent = int(stats[layers[0]].mean_map().shape[-1] if subject.positions is None
+                 else subject.positions.max()) + 1
+    reach = max(1, extent // 2)  # offsets up to half the grid: enough pairs behind each
+    patterns = {k: offset_patterns(stats[k].mean_map(), subject.positions, reach=reach)
+                for k in layers}
+    found = cluster_heads(patterns, clusters)
+    dims = 1 if subject.positions is None else subject.positions.shape[1]
+    side = patterns[layers[0]].shape[-1]
+    picture = {k: torch.stack([picture_of(h, dims, side) for h in p])
+               for k, p in patterns.items()}
+
+    def name(head: tuple[int, int]) -> str:
+        return f"L{head[0]}h{head[1]}"
+
+    first = stats[layers[0]]  # uniform attention on the same inputs: the baseline
+    flat_local = float(first.uniform_profile("query")[:2].sum())
+    flat_pair = first.uniform_profile("pair")
+    rows, kinds = [], []
+    for c in range(found.k):
+        members = found.members(c)
+        centroid = found.centroids[c]
+        profile = torch.stack([strength[a][b] for a, b in members]).mean(0)
+        peak = int(profile.argmax())  # the distance its members attend to most, per pair
+        mean_imp = (f"{float(torch.stack([importance[a, b] for a, b in members]).mean()):.3f}"
+                    if importance is not None else "–")
+        kinds.append({"members": members, "peak_distance": peak,
+                      "self_weight": float(centroid.flatten()[centroid.numel() // 2]),
+                      "mean_distance": float(torch.stack([distance[a, b]
+                                                          for a, b in members]).mean()),
+                      "mean_importance": None if importance is None else float(mean_imp)})
+        rows.append([str(c), str(len(members)), str(peak),
+                     f"{kinds[-1]['self_weight'] / float(flat_pair[0]):.2f}",
+                     f"{kinds[-1]['mean_distance']:.2f}", mean_imp,
+                     ", ".join(map(name, members))])
+    trend = ", ".join(f"L{k} {float(distance[i].mean()):.2f}" for i, k in enumerate(layers))
+    lines = [f"mean attention distance by layer (mean over heads, {unit}): {trend}; "
+             f"uniform attention: {first.uniform_mean_distance():.2f}",
+             "share of attention within distance 1 by layer: " +
+             ", ".join(f"L{k} {float(local[i].mean()):.2f}" for i, k in enumerate(layers)) +
+             f"; uniform attention: {flat_local:.2f}",
+             f"local heads (more than half their mass within distance 1): "
+             f"{int((local > 0.5).sum())} of {local.numel()}: " +
+             ", ".join(f"L{a}h{b}" for a, b in (local > 0.5).nonzero().tolist()),
+             f"{found.k} clusters of attention patterns " +
+             ("(k given)" if clusters is not None else
+              f"(k by silhouette, {found.silhouette[found.k]:.2f})" if found.silhouette
+              else "(too few heads to choose k)")]
+    numbers: dict[str, Any] = {
+        "unit": unit, "strength_per_pair": {k: strength[k].tolist() for k in layers},
+        "share_per_query": {k: share[k].tolist() for k in layers},
+        "within_1": local.tolist(), "clusters": found.labels, "heads": found.heads,
+        "k": found.k, "silhouette": found.silhouette, "kinds": kinds,
+        "uniform": {"distance": first.uniform_mean_distance(), "within_1": flat_local,
+                    "strength_per_pair": flat_pair.tolist()}}
+    if importance is not None:
+        rho = rank_correlation(importance, local)
+        numbers["spearman_importance_locality"] = rho
+        top = sorted(found.heads, key=lambda h: -float(importance[h[0], h[1]]))
+        top = top[:max(1, len(top) // 4)]
+        lines += [f"importance here: {importance_name}",
+                  f"Spearman rank correlation of importance with the share within distance "
+                  f"1: {rho:.3f}",
+                  "the most important quarter of the heads and their clusters: " + ", ".join(
+                      f"{name(h)} (c{found.labels[found.heads.index(h)]})" for h in top)]
+    heads_rows = [[name((k, h)), *[f"{float(v):.3f}" for v in strength[k][h, :shown]]]
+                  for k in layers for h in range(strength[k].shape[0])]
+    heads_rows.append(["uniform", *[f"{float(v):.3f}" for v in flat_pair[:shown]]])
+    width = min(shown, strength[layers[0]].shape[1])
+    threshold = None if found.k < 2 else float(found.linkage[-(found.k - 1), 2])
+    images = {"strength": figures.distance_plot(
+                  {k: v[:, :shown] for k, v in strength.items()},
+                  "attention strength against distance (mean weight per pair)",
+                  f"distance ({unit})", "mean weight", flat_pair[:shown]),
+              "patterns": figures.attention_grid(picture, "offset pattern per head (key - "
+                                                 "query, offset 0 at the centre)"),
+              "clusters": figures.pattern_panels(
+                  torch.stack([picture_of(c, dims, side) for c in found.centroids]),
+                  [f"c{c} ({len(found.members(c))})" for c in range(found.k)],
+                  "cluster centroids"),
+              "dendrogram": figures.dendrogram_plot(found.linkage,
+                                                    [name(h) for h in found.heads],
+                                                    threshold, "heads by attention pattern")}
+    sections = [("Summary: where the heads look", [("list", lines)]),
+                (f"Attention strength against distance (mean attention weight of a query-key "
+                 f"pair at Chebyshev distance d, {unit})",
+                 [("table", (["head", *[f"d={d}" for d in range(width)]], heads_rows)),
+                  ("image", "strength")]),
+                ("Attention patterns (mean attention weight at each offset key - query)",
+                 [("image", "patterns")]),
+                ("Heads clustered by attention pattern (average linkage, cosine distance)",
+                 [("table", (["cluster", "heads", "strongest distance",
+                              "weight on itself (x uniform)",
+                              f"mean distance ({unit})", "mean importance", "members"],
+                             rows)),
+                  ("image", "clusters"), ("image", "dendrogram")])]
+    return numbers, sections, images
+
+
+def picture_of(pattern: Tensor, dims: int, side: int) -> Tensor:
+    """A pattern as an image: 2-D as is, 1-D offsets -16..16 as a one-row strip."""
+    return pattern if dims == 2 else pattern[None, max(0, side // 2 - 16):side // 2 + 17]
 
 
 def model_lines(subject: Subject) -> list[str]:

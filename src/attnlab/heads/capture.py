@@ -4,9 +4,10 @@
 (detached, on the CPU) under their names; ``cap.describe()`` lists names and shapes once.
 ``aggregate=True`` also streams, for every layer, statistics of its attention weights
 (``HeadStats``), reduced as each forward runs, so long inputs never keep an L x L map per
-head and input: entropy, mean attention distance, mass on the first token and on marked
-(special) tokens, the mean map (for inputs of the first length seen) and the column sums
-behind the sink score.
+head and input: entropy, mean attention distance, attention against distance (rings of
+Chebyshev distance: the token gap, or patch rings of a ViT), mass on the first token and on
+marked (special) tokens, the mean map (for inputs of the first length seen) and the column
+sums behind the sink score.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class HeadStats:
     sums: dict[str, Tensor] = field(default_factory=dict)  # (H,) each
     column_mass: Tensor | None = None  # (H, L): sum over queries of A[q, k]
     column_seen: Tensor | None = None  # (L,): queries that could see key k
+    ring_mass: Tensor | None = None  # (H, D): attention mass at Chebyshev distance d
+    ring_pairs: Tensor | None = None  # (D,): visible (query, key) pairs at distance d
+    ring_uniform: Tensor | None = None  # (D,): the ring mass if every head were uniform
+    uniform_distance: float = 0.0  # the distance sum if every head were uniform
     map_sum: Tensor | None = None  # (H, Lq, Lk) of the first shape seen
     map_count: int = 0
 
@@ -67,18 +72,25 @@ class HeadStats:
             kpos = positions[:lk].to(w.device, torch.float32)
             qpos = kpos[lk - lq:]
         dist = torch.cdist(qpos, kpos)  # (Lq, Lk)
+        ring = (qpos[:, None] - kpos[None]).abs().amax(-1).round().long().flatten().cpu()
         terms = {"entropy": entropy, "distance": (p * dist).sum(-1), "first": p[..., 0]}
         if special is not None:
             terms["special"] = (p * special[:, None, None, :lk].float()).sum(-1)
         for name, value in terms.items():  # rows that see no key hold 0 (p is 0 there)
             self.sums[name] = self.sums.get(name, torch.zeros(h)) + value.sum((0, 2)).cpu()
-        if self.column_mass is None or self.column_mass.shape[1] < lk:
-            grow = lk if self.column_mass is None else lk - self.column_mass.shape[1]
-            self.column_mass = _grow(self.column_mass, h, grow)
-            self.column_seen = _grow(None if self.column_seen is None else
-                                     self.column_seen[None], 1, grow)[0]
+        self.column_mass = _padded(self.column_mass, lk, h)
+        self.column_seen = _padded(self.column_seen, lk)
         self.column_mass[:, :lk] += p.sum((0, 2)).cpu()
         self.column_seen[:lk] += vis_f.sum((0, 1, 2)).cpu()
+        rings = int(ring.max()) + 1
+        self.ring_mass = _padded(self.ring_mass, rings, h)
+        self.ring_pairs = _padded(self.ring_pairs, rings)
+        self.ring_uniform = _padded(self.ring_uniform, rings)
+        self.ring_mass.index_add_(1, ring, p.sum(0).reshape(h, -1).cpu())
+        self.ring_pairs.index_add_(0, ring, vis_f.sum((0, 1)).flatten().cpu())
+        uniform = vis_f / vis_f.sum(-1, keepdim=True).clamp_min(1)  # (B, 1, Lq, Lk)
+        self.ring_uniform.index_add_(0, ring, uniform.sum((0, 1)).flatten().cpu())
+        self.uniform_distance += float((uniform * dist).sum())
         if self.map_sum is None:
             self.map_sum = torch.zeros(h, lq, lk)
         if self.map_sum.shape[1:] == (lq, lk):
@@ -97,15 +109,43 @@ class HeadStats:
         """(H, Lq, Lk): the mean attention map over the inputs of the first length seen."""
         return self.map_sum / max(self.map_count, 1)
 
+    def distance_profile(self, per: str = "pair") -> Tensor:
+        """(H, D): attention against distance d = 0, 1, ... (Chebyshev distance of the
+        positions: the token gap, or the ring of patches around the query in a ViT).
+        ``per="pair"``: the mean attention weight of a visible (query, key) pair at distance d
+        (the "attention strength" of "How Does Attention Work in Vision Transformers?"; uniform
+        attention over n keys gives 1/n at every d); ``per="query"``: the share of a query's
+        mass at distance d (sums to 1 over d)."""
+        return self._per(self.ring_mass, per)
+
+    def uniform_profile(self, per: str = "pair") -> Tensor:
+        """(D,): ``distance_profile`` of a head attending uniformly to every key it may see,
+        on the same inputs (padding, causality and lengths as they were): the baseline."""
+        return self._per(self.ring_uniform, per)
+
+    def _per(self, mass: Tensor, per: str) -> Tensor:
+        if per == "pair":
+            return mass / self.ring_pairs.clamp_min(1)
+        if per == "query":  # every head saw the same rows
+            return mass / self.rows[0].clamp_min(1)
+        raise ValueError(f"per must be 'pair' or 'query', got {per!r}")
+
+    def uniform_mean_distance(self) -> float:
+        """``mean("distance")`` of uniform attention on the same inputs."""
+        return self.uniform_distance / float(self.rows[0].clamp_min(1))
+
     def sink_scores(self) -> Tensor:
         """(H, L): alpha_k = sum_q A[q, k] / (queries that see k): Gu et al.'s sink score
         (T - k queries see key k in a causal model)."""
         return self.column_mass / self.column_seen.clamp_min(1)
 
 
-def _grow(t: Tensor | None, rows: int, extra: int) -> Tensor:
-    pad = torch.zeros(rows, extra)
-    return pad if t is None else torch.cat([t, pad], 1)
+def _padded(t: Tensor | None, size: int, rows: int | None = None) -> Tensor:
+    """``t`` zero-padded on its last axis to at least ``size`` (None: zeros of (``rows``,
+    ``size``), or (``size``,) without rows)."""
+    if t is None:
+        return torch.zeros(size) if rows is None else torch.zeros(rows, size)
+    return t if t.shape[-1] >= size else nn.functional.pad(t, (0, size - t.shape[-1]))
 
 
 class Capture:

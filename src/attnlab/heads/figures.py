@@ -35,7 +35,7 @@ def attention_grid(maps: dict[int, Tensor], title: str, size: int = 48) -> bytes
             ax.set_yticks([])
             if h < maps[layer].shape[0]:
                 ax.imshow(maps[layer][h, :size, :size].numpy(), cmap="viridis",
-                          interpolation="nearest")
+                          interpolation="nearest", aspect="auto")
             if h == 0:
                 ax.set_ylabel(f"L{layer}", fontsize=7)
             if r == 0:
@@ -88,4 +88,56 @@ def pruning_plot(guided: PruningCurve, randoms: Sequence[PruningCurve], metric_n
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return png(fig, plt)
+
+
+def distance_plot(profiles: dict[int, Tensor], title: str, xlabel: str, ylabel: str,
+                  baseline: Tensor | None = None) -> bytes:
+    """``profiles`` {layer: (H, D)}: one panel per layer, a line per head against distance
+    (``baseline`` (D,): a dashed reference line in each panel, e.g. uniform attention)."""
+    plt = _pyplot()
+    layers = sorted(profiles)
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers) + 0.6, 2.8),
+                             sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for h, row in enumerate(profiles[layer]):
+            ax.plot(range(len(row)), row.numpy(), marker="o", markersize=2.5, label=f"h{h}")
+        if baseline is not None:
+            ax.plot(range(len(baseline)), baseline.numpy(), color="grey", linestyle="--",
+                    label="uniform")
+        ax.set_title(f"L{layer}", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return png(fig, plt)
+
+
+def pattern_panels(maps: Tensor, titles: Sequence[str], title: str) -> bytes:
+    """(N, a, b) patterns side by side, each with its title (a = 1: strips)."""
+    plt = _pyplot()
+    count = maps.shape[0]
+    fig, axes = plt.subplots(1, count, figsize=(1.6 * count + 0.4, 2.0), squeeze=False)
+    for ax, image, name in zip(axes[0], maps, titles, strict=True):
+        ax.imshow(image.numpy(), cmap="viridis", interpolation="nearest",
+                  aspect="auto" if image.shape[0] == 1 else "equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return png(fig, plt)
+
+
+def dendrogram_plot(linkage, labels: Sequence[str], threshold: float | None,
+                    title: str) -> bytes:
+    """scipy's dendrogram of a linkage table, leaves named, coloured below ``threshold``."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * len(labels) + 1.5), 3.2))
+    dendrogram(linkage, labels=list(labels), color_threshold=threshold, ax=ax,
+               leaf_font_size=7)
+    ax.set_ylabel("cosine distance (average linkage)", fontsize=8)
+    ax.set_title(title, fontsize=9)
     return png(fig, plt)

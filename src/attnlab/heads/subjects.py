@@ -26,7 +26,9 @@ class Subject:
     """``losses``: calls returning a scalar loss on one batch each (for importance);
     ``metric()``: higher is better (``metric_name`` says what it is); ``inputs``: calls that
     run one forward each, with the (B, L) key mask and special-token mask the statistics
-    use (None: every token real / no special token), and ``tokens`` their token strings."""
+    use (None: every token real / no special token), and ``tokens`` their token strings;
+    ``positions`` (L, P): the tokens' coordinates for distances (a ViT's patch rows and
+    columns; None: the token index), ``unit`` what a distance of 1 is."""
 
     name: str
     model: nn.Module
@@ -37,6 +39,8 @@ class Subject:
     tokens: list[list[list[str]]] = field(default_factory=list)
     hidden_states: Callable[[int], tuple[list[Tensor], Tensor]] | None = None
     notes: list[str] = field(default_factory=list)
+    positions: Tensor | None = None
+    unit: str = "tokens"
 
 
 def minilm_subject(batch_size: int = 16, importance_pairs: int = 96,
@@ -106,6 +110,7 @@ def run_subject(store: str | Path, key: str, batches: int = 4, batch_size: int =
     """An arena run's model on its task (``batches`` training batches drawn with ``seed``,
     not the run's own)."""
     from attnlab.heads.runs import load_run
+    from attnlab.heads.spatial import grid_positions
 
     run = load_run(store, key)
     task, model = run.task, run.model
@@ -118,13 +123,16 @@ def run_subject(store: str | Path, key: str, batches: int = 4, batch_size: int =
             return sign * float(task.evaluate(model, "val").metrics[task.metric])
 
     row = run.row
+    grid = getattr(model, "grid", None)  # a ViT: distances between patches
     return Subject(
         f"run {row['key'][:10]} ({row['label']} seed {row['seed']}, task {row['sweep']})",
         model, [lambda b=b: task.loss(model, b) for b in data], metric,
         f"{'' if sign > 0 else '-'}validation {task.metric}",
         [((lambda b=b: task.loss(model, b)), None, None) for b in data],
         notes=[f"{batches} training batches of {batch_size} (seed {seed}) for the loss and "
-               "the attention statistics"])
+               "the attention statistics"],
+        positions=None if grid is None else grid_positions(grid),
+        unit="tokens" if grid is None else "patches")
 
 
 def open_subject(model: str, store: str | Path) -> Subject:
