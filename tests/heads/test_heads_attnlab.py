@@ -247,3 +247,42 @@ def test_massive_activations_find_the_planted_token_and_dimension():
     masked[1, 3] = False  # a padded token is never a sink
     assert hd.massive_activations(h, key_mask=masked).tokens.sum() == 0
     assert hd.massive_activations(h, tau=40.0).tokens.sum() == 0
+
+
+def test_every_attnlab_model_kind_opens_to_the_microscope():
+    """Encoder (padded), ViT and ICLRegressor (its query is a padded key): sites found, the
+    captured maps are distributions with no weight on padding, zeroing every head of a layer
+    equals cutting its output projection, and importance has one score per head."""
+    from attnlab.models import ICLRegressor
+    from attnlab.models.encoder import Encoder, ViT
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    icl = (torch.randn(2, 6, 3), torch.randn(2, 6), torch.randn(2, 3))
+    cases = [(Encoder(16, depth=2, heads=2).eval(), (torch.randn(2, 7, 16),), {"mask": mask},
+              ~mask),
+             (ViT(8, 2, 1, 10, dim=16, depth=2, heads=2).eval(),
+              (torch.rand(2, 1, 8, 8),), {}, torch.zeros(2, 16, dtype=torch.bool)),
+             (ICLRegressor(3, heads=2, depth=2).eval(), icl, {},
+              torch.tensor([[False] * 6 + [True]] * 2))]
+    for model, args, kwargs, padding in cases:
+        found = hd.sites(model)
+        assert [(s.layer, s.heads, s.causal) for s in found] == [(0, 2, False), (1, 2, False)]
+        with torch.no_grad(), hd.capture(model, ["L1.weights"]) as cap:
+            full = model(*args, **kwargs)
+        w = cap["L1.weights"]
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+        assert float((w * padding[:, None, None, :]).abs().max()) == 0
+        with torch.no_grad(), hd.ablate(model, {1: [0, 1]}):
+            ablated = model(*args, **kwargs)
+        o_proj = found[1].module.o_proj
+        kept = o_proj.weight.detach().clone()
+        with torch.no_grad():
+            o_proj.weight.zero_()
+            cut = model(*args, **kwargs)
+            o_proj.weight.copy_(kept)
+        torch.testing.assert_close(ablated, cut)
+        assert not torch.allclose(ablated, full)
+        scores = hd.head_importance(model, [lambda m=model, a=args, k=kwargs:
+                                            m(*a, **k).square().mean()])
+        assert scores.shape == (2, 2) and bool(torch.isfinite(scores).all())
