@@ -165,3 +165,27 @@ def test_other_mechanisms_run_and_bad_input_is_named(minilm, batch):
     with pytest.raises(ValueError, match="head 12 out of range in layer 0"):
         with hd.ablate(model, [(0, 12)]):
             pass
+
+
+def test_minilm_heads_modulated_toward_sep_put_the_requested_share_there(minilm, batch):
+    from attnlab.heads.steer import edit_weights, shift_toward
+
+    model, tokenizer = minilm
+    sep = batch["input_ids"] == tokenizer.sep_token_id
+    real = batch["attention_mask"].bool()
+    with torch.no_grad(), hd.capture(model, ["L2.weights"]) as plain:
+        before = model(**batch).last_hidden_state
+    with torch.no_grad(), edit_weights(model, {2: [0, 5]}, lambda w: shift_toward(w, sep, 0.5)), \
+            hd.capture(model, ["L2.weights"]) as cap:
+        after = model(**batch).last_hidden_state
+    w0, w1 = plain["L2.weights"], cap["L2.weights"]
+    rows = real[:, None, :].expand(-1, 12, -1)  # real query rows
+    torch.testing.assert_close(w1.sum(-1)[rows], torch.ones(int(rows.sum())))
+    m0, m1 = [(w * sep[:, None, None, :]).sum(-1) for w in (w0, w1)]
+    chosen = torch.zeros(12, dtype=torch.bool)
+    chosen[[0, 5]] = True
+    sel = rows & chosen[None, :, None]
+    torch.testing.assert_close(m1[sel], (m0 + 0.5 * (1 - m0))[sel])
+    torch.testing.assert_close(w1[:, ~chosen], w0[:, ~chosen])  # other heads untouched
+    assert float((w1 * ~real[:, None, None, :]).abs().max()) == 0  # never onto padding
+    assert float((after - before)[real].abs().max()) > 1e-3

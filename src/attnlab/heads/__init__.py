@@ -7,6 +7,7 @@ attention modules the same hook points and ``head_scale``).
 
 from attnlab.heads.ablate import ablate, head_outputs, mean_head_outputs
 from attnlab.heads.capture import Capture, HeadStats, capture
+from attnlab.heads.guidance import HeadHunt, guided, head_hunter
 from attnlab.heads.importance import (
     PruningCurve,
     ablation_scores,
@@ -18,9 +19,12 @@ from attnlab.heads.runs import LoadedRun, load_run
 from attnlab.heads.sinks import MassiveActivations, massive_activations, sink_heads, sink_scores
 from attnlab.heads.sites import POINTS, Site, sites
 from attnlab.heads.spatial import HeadClusters, cluster_heads, grid_positions, offset_patterns
+from attnlab.heads.steer import edit_weights, redistribute, shift_toward, toward_identity
 
-__all__ = ["POINTS", "Capture", "HeadClusters", "HeadStats", "LoadedRun", "MassiveActivations",
-           "PruningCurve", "Site", "ablate", "ablation_scores", "capture", "cluster_heads",
-           "grid_positions", "head_importance", "head_outputs", "load_run",
-           "massive_activations", "mean_head_outputs", "offset_patterns", "pruning_curve",
-           "rank_correlation", "sink_heads", "sink_scores", "sites"]
+__all__ = ["POINTS", "Capture", "HeadClusters", "HeadHunt", "HeadStats", "LoadedRun",
+           "MassiveActivations", "PruningCurve", "Site", "ablate", "ablation_scores", "capture",
+           "cluster_heads", "edit_weights", "grid_positions", "guided", "head_hunter",
+           "head_importance", "head_outputs", "load_run", "massive_activations",
+           "mean_head_outputs", "offset_patterns", "pruning_curve", "rank_correlation",
+           "redistribute", "shift_toward", "sink_heads", "sink_scores", "sites",
+           "toward_identity"]
