@@ -23,11 +23,12 @@ __all__ = ["HeadHunt", "guided", "head_hunter"]
 
 
 def guided(model: nn.Module, run: Callable[[], Tensor], heads: Sequence[tuple[int, int]],
-           strength: float = 1.0, scale: float = 1.0) -> Tensor:
-    """f + scale (f - f_perturbed), f = ``run()`` (the model's output), f_perturbed the same
-    with ``heads`` moved toward the identity with ``strength`` (SoftPAG; 1 = PAG)."""
+           strength: float = 1.0, scale: float = 1.0, *, plain: Tensor | None = None) -> Tensor:
+    """f + scale (f - f_perturbed), f = ``run()`` (the model's output; pass it as ``plain``
+    when already computed), f_perturbed the same with ``heads`` moved toward the identity
+    with ``strength`` (SoftPAG; 1 = PAG)."""
     with torch.no_grad():
-        plain = run()
+        plain = run() if plain is None else plain
         if not heads:
             return plain
         with edit_weights(model, list(heads), lambda w: toward_identity(w, strength)):
@@ -58,13 +59,16 @@ def head_hunter(model: nn.Module, run: Callable[[], Tensor],
                          f"got {count}")
     chosen: list[tuple[int, int]] = []
     scores: list[float] = []
-    start = float(objective(guided(model, run, [], strength, scale)))
+    with torch.no_grad():
+        plain = run()  # the same for every candidate: computed once
+    start = float(objective(plain))
     for _ in range(count):
         best, best_score = None, float("-inf")
         for head in pool:
             if head in chosen:
                 continue
-            score = float(objective(guided(model, run, [*chosen, head], strength, scale)))
+            score = float(objective(guided(model, run, [*chosen, head], strength, scale,
+                                           plain=plain)))
             if score > best_score:
                 best, best_score = head, score
             if progress:

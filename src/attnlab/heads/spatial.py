@@ -62,8 +62,7 @@ def offset_patterns(mean_map: Tensor, positions: Tensor | None = None,
     mass = torch.zeros(heads, side ** axes, dtype=torch.float64)
     mass.index_add_(1, flat, mean_map.reshape(heads, -1)[:, kept].double())
     if per == "pair":
-        pairs = torch.zeros(side ** axes, dtype=torch.float64)
-        pairs.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float64))
+        pairs = torch.bincount(flat, minlength=side ** axes).double()
         out = mass / pairs.clamp_min(1)
     else:
         total = mass.sum(1, keepdim=True)
@@ -100,9 +99,9 @@ def cluster_heads(patterns: Mapping[int, Tensor], k: int | None = None,
     from scipy.cluster.hierarchy import fcluster, linkage
 
     heads = [(layer, h) for layer in sorted(patterns) for h in range(patterns[layer].shape[0])]
-    features = torch.cat([patterns[layer].reshape(patterns[layer].shape[0], -1)
-                          for layer in sorted(patterns)]).double().numpy()
+    stacked = torch.cat([patterns[layer] for layer in sorted(patterns)])
     n = len(heads)
+    features = stacked.reshape(n, -1).double().numpy()
     if n < 2:
         raise ValueError(f"need at least 2 heads to cluster, got {n}")
     if k is not None and not 1 <= k <= n:
@@ -132,7 +131,6 @@ def cluster_heads(patterns: Mapping[int, Tensor], k: int | None = None,
         k = max(scores, key=lambda c: (scores[c], -c))
     labels = cut(k)
     k = len(set(labels))  # fewer when heads have identical patterns
-    stacked = torch.cat([patterns[layer] for layer in sorted(patterns)])
     label_t = torch.tensor(labels)
     centroids = torch.stack([stacked[label_t == c].mean(0) for c in range(k)])
     return HeadClusters(heads, labels, k, centroids, scores, merges)

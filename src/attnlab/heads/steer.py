@@ -96,10 +96,11 @@ def edit_weights(model: nn.Module, heads: HeadSelection, edit: Edit) -> Iterator
             def replace(_m, _i, w, index=index):
                 out = w.clone()
                 idx = index.to(w.device)
-                new = edit(w.index_select(1, idx))
-                if new.shape != (w.shape[0], len(idx), *w.shape[2:]):
+                picked = w.index_select(1, idx)
+                new = edit(picked)
+                if new.shape != picked.shape:
                     raise ValueError(f"the edit returned {tuple(new.shape)} for weights of "
-                                     f"{tuple(w.index_select(1, idx).shape)}")
+                                     f"{tuple(picked.shape)}")
                 out[:, idx] = new.to(w.dtype)
                 return out
             handles.append(model_sites[layer].hook("weights").register_forward_hook(replace))
