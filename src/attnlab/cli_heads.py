@@ -45,13 +45,15 @@ def _run(title: str, total: int, work: Callable[[Callable[[], None]], Any]) -> A
 
 def _write(out: Path, title: str, subject: Any, parts: list[tuple[str, Any]],
            command: str) -> None:
+    """The report of ``parts`` in ``out``; ``subject``: a Subject, or its setup lines."""
     from attnlab.arena.files import write_atomic
     from attnlab.arena.report import write_document
     from attnlab.heads.analysis import model_lines
     from attnlab.machine import describe, machine, provenance
 
     me = provenance()
-    setup = [*model_lines(subject), f"command: `{command}`",
+    lines = subject if isinstance(subject, list) else model_lines(subject)
+    setup = [*lines, f"command: `{command}`",
              f"machine: {describe(machine())}",
              f"attnlab {me['attnlab']} (commit {me['commit']}), {me['date']}"]
     sections, images, numbers = [], {}, {}
@@ -277,3 +279,150 @@ def report_cmd(model: str, store: str, out: str | None, step: float, floor: floa
     parts = _run("heads report", total, work)
     _write(_out(out, model, "report"), f"Heads of {subject.name}", subject, parts,
            f"attnlab heads report --model {model} --step {step} --floor {floor}")
+
+
+@heads.command("circuit")
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store holding the sweep's runs (with saved models).")
+@click.option("--sweep", default="icl_regression", show_default=True,
+              help="Sweep of one-layer softmax ICLRegressor runs (task icl_regression).")
+@click.option("--example", default=None, help="Contestant label for the per-head table "
+              "[default: the one with most heads].")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/circuit].")
+def circuit_cmd(store: str, sweep: str, example: str | None, out: str | None) -> None:
+    """The in-context regression circuit ("In-Context Linear Regression Demystified"):
+    per-head KQ and OV blocks of every trained softmax ICLRegressor of a sweep, how close
+    they are to KQ = omega I and OV = mu e_y e_y^T, whether sum mu ~ 0, and the model against
+    the debiased-GD formula built from omega and mu; the control is each model at its
+    initialisation, with 95% intervals over seeds.
+
+    \b
+    Example:
+      attnlab arena run --config docs/results/icl_regression.toml --store runs
+      attnlab heads circuit --store runs --sweep icl_regression
+    """
+    from attnlab.heads.study_circuits import circuit_study
+
+    lines = [f"sweep {sweep} of {store}/: every finished one-layer softmax run with a saved "
+             "model; test episodes at the training context length (2,048, the task's fixed "
+             "test stream)"]
+    _study(store, [sweep], "circuit", out, f"In-context regression circuits: {sweep}", lines,
+           lambda tick: circuit_study(store, sweep, tick, example),
+           f"attnlab heads circuit --store {store} --sweep {sweep}" +
+           (f" --example {example}" if example else ""))
+
+
+def _study(store: str, sweeps: list[str], name: str, out: str | None, title: str,
+           lines: list[str], work: Callable[[Callable[[], None]], Any], command: str) -> None:
+    """Run a study over the stored runs of ``sweeps`` and write its report."""
+    from attnlab.arena.store import DB_NAME, RunStore
+
+    if not (Path(store) / DB_NAME).exists():
+        raise click.UsageError(f"no result store at {store}/")
+    with RunStore(store, readonly=True) as db:
+        count = sum(len(db.rows(s)) for s in sweeps)
+    result = _run(name, count, lambda tick: _usage_errors(lambda: work(tick)))
+    target = Path(out) if out else Path(DEFAULT_REPORTS) / "heads" / _slug(sweeps[0]) / name
+    _write(target, title, lines, [(name, result)], command)
+
+
+@heads.command("guidance")
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store holding the sweep's digits (ViT) runs.")
+@click.option("--sweep", default="vit_digits", show_default=True)
+@click.option("--count", type=click.IntRange(1), default=4, show_default=True,
+              help="Heads HeadHunter chooses.")
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="SoftPAG strength u (1 = PAG: the map replaced by the identity).")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Guidance scale s in f + s (f - f_perturbed).")
+@click.option("--draws", type=click.IntRange(1), default=10, show_default=True,
+              help="Random head sets of the control.")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/guidance].")
+def guidance_cmd(store: str, sweep: str, count: int, strength: float, scale: float,
+                 draws: int, out: str | None) -> None:
+    """Perturbation guidance with HeadHunter ("Fine-Grained Perturbation Guidance via
+    Attention Head Selection") on trained ViT classifiers: guided logits f + s (f -
+    f_perturbed), heads chosen greedily for the true class's log-probability on validation
+    images, measured on test images against the same guidance through random heads.
+
+    \b
+    Example:
+      attnlab arena run --config docs/results/vit_digits.toml --store runs
+      attnlab heads guidance --store runs --sweep vit_digits --count 4
+    """
+    from attnlab.heads.study_guidance import guidance_study
+
+    lines = [f"sweep {sweep} of {store}/: every finished digits run with a saved model"]
+    _study(store, [sweep], "guidance", out, f"Perturbation guidance with HeadHunter: {sweep}",
+           lines, lambda tick: guidance_study(store, sweep, count, strength, scale, draws,
+                                              tick=tick),
+           f"attnlab heads guidance --store {store} --sweep {sweep} --count {count} "
+           f"--strength {strength} --scale {scale} --draws {draws}")
+
+
+@heads.command("supervision")
+@click.option("--store", default=DEFAULT_STORE, show_default=True)
+@click.option("--sweep", default="attention_supervision", show_default=True,
+              help="Sweep trained with [train.supervise].")
+@click.option("--control", default="attention_supervision_control", show_default=True,
+              help="The same sweep without the supervision loss.")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/"
+              "supervision].")
+def supervision_cmd(store: str, sweep: str, control: str, out: str | None) -> None:
+    """Attention supervision (MultiCrafter): the supervised heads' attention on their target
+    keys, and the task metrics, against the same runs trained without the loss.
+
+    \b
+    Example:
+      attnlab arena run --config docs/results/attention_supervision.toml --store runs
+      attnlab arena run --config docs/results/attention_supervision_control.toml --store runs
+      attnlab heads supervision --store runs
+    """
+    from attnlab.heads.study_supervision import supervision_study
+
+    lines = [f"sweeps {sweep} (supervised) and {control} (control) of {store}/, paired by "
+             "seed"]
+    _study(store, [sweep, control], "supervision", out, f"Attention supervision: {sweep}",
+           lines, lambda tick: supervision_study(store, sweep, control, tick),
+           f"attnlab heads supervision --store {store} --sweep {sweep} --control {control}")
+
+
+@heads.command("steer")
+@click.option("--count", type=click.IntRange(1, 72), default=8, show_default=True,
+              help="Heads each method edits (and each random control set).")
+@click.option("--factor", type=float, default=2.0, show_default=True,
+              help="VHR: output scale of the most divergent heads.")
+@click.option("--amount", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Modulation: share of the mass outside the segment moved onto it.")
+@click.option("--share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="VAR: share of the sink tokens' mass moved onto the segment.")
+@click.option("--draws", type=click.IntRange(1), default=10, show_default=True,
+              help="Random head sets of the control.")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/minilm/steer].")
+def steer_cmd(count: int, factor: float, amount: float, share: float, draws: int,
+              out: str | None) -> None:
+    """Make MiniLM rely more on a context segment, three ways, each against random heads:
+    VHR (reinforce the heads with the largest head divergence), head modulation toward the
+    segment, and VAR (sink attention redistributed onto the segment in the heads that attend
+    to it). Inputs: a docstring's first sentence followed by its second (the segment).
+
+    \b
+    Example:
+      attnlab heads steer --count 8 --out docs/results/heads-steer-minilm
+    """
+    from attnlab.heads.study_steering import steering_study
+
+    def work(tick: Callable[[], None]) -> Any:
+        try:
+            return steering_study(count, factor, amount, share, draws, tick=tick)
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
+
+    result = _run("steering", 64 + 3 * draws, lambda tick: _usage_errors(lambda: work(tick)))
+    target = Path(out) if out else Path(DEFAULT_REPORTS) / "heads" / "minilm" / "steer"
+    _write(target, "Steering MiniLM's heads toward a context segment",
+           ["all-MiniLM-L6-v2 (6 layers x 12 heads), standard-library docstring pairs (S1, "
+            "S2): 64 to choose heads, the rest held out"], [("steer", result)],
+           f"attnlab heads steer --count {count} --factor {factor} --amount {amount} "
+           f"--share {share} --draws {draws}")

@@ -56,6 +56,13 @@ class Variant(Strict):
         return self.label or self.mechanism
 
 
+class Supervise(Strict):
+    """``[train.supervise]``: heads whose attention a loss pulls onto the task's targets."""
+
+    heads: list[tuple[int, int]] = Field(min_length=1)
+    weight: float = Field(0.1, ge=0)
+
+
 class Train(Strict):
     """The budget, the same for every contestant (None: the task's default).
 
@@ -79,6 +86,10 @@ class Train(Strict):
     compile: bool = Field(False, description="torch.compile the model for training")
     threads: int = Field(1, gt=0, description="torch threads of each run (part of the run "
                          "key: results do not depend on the number of workers)")
+    supervise: Supervise | None = Field(
+        None, description="attention supervision: heads = [[layer, head], ...] whose "
+        "attention is pulled onto the task's target keys, weight = the loss's factor "
+        "(tasks with attention_targets, e.g. mqar)")
 
     @field_validator("batch_size", "lr", "weight_decay", "warmup", "grad_clip")
     @classmethod

@@ -130,6 +130,7 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     steps = cfg["steps"]
     every = max(1, steps // cfg["curve_points"])
     curve_steps, curve_loss, window = [], [], []
+    supervisor = attention_supervisor(model, task, cfg.get("supervise"))
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
@@ -138,6 +139,8 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
         with autocast(device, dtype):
             loss = task.loss(forward, batch)
             extra = model.extra_loss()
+            if supervisor is not None:
+                extra = extra + supervisor.loss(*task.attention_targets(batch))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -152,6 +155,8 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
             window = []
             if progress is not None:
                 progress(step + 1, steps, curve_loss[-1])
+    if supervisor is not None:
+        supervisor.remove()
     model = evaluation_model(task, spec, model).eval()
     evaluated = OnDevice(model, device, dtype)
     validation = task.evaluate(evaluated, "val")
@@ -161,6 +166,19 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
             "baselines": evaluation.baselines, "params": params,
             "curves": {"step": curve_steps, "train_loss": curve_loss},
             "model": model_bytes(model)}
+
+
+def attention_supervisor(model: nn.Module, task: Any, supervise: dict[str, Any] | None
+                         ) -> Any:
+    """The ``[train.supervise]`` loss on ``model`` (None when not asked for)."""
+    if not supervise:
+        return None
+    if not hasattr(task, "attention_targets"):
+        raise ValueError(f"attention supervision needs target keys, which task {task.name!r} "
+                         "does not define (attention_targets); mqar does")
+    from attnlab.arena.supervision import AttentionSupervisor
+
+    return AttentionSupervisor(model, supervise["heads"], supervise.get("weight", 0.1))
 
 
 def model_bytes(model: nn.Module) -> bytes:

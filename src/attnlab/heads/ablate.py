@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from attnlab.heads.capture import capture
 from attnlab.heads.sites import HeadSelection, by_layer, head_pairs, sites
 
-__all__ = ["ablate", "mean_head_outputs", "head_outputs"]
+__all__ = ["ablate", "head_outputs", "mean_head_outputs", "scale_heads"]
 
 
 @contextlib.contextmanager
@@ -34,14 +34,13 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
         if missing:
             raise ValueError(f"how={how!r} needs values for layers {missing} (from "
                              f"{'mean_head_outputs' if how == 'mean' else 'head_outputs'})")
-    saved, handles = {}, []
+    if how == "zero":
+        with scale_heads(model, heads, 0.0):
+            yield
+        return
+    handles = []
     try:
         for layer, hs in chosen.items():
-            module = model_sites[layer].module
-            if how == "zero":
-                saved[layer] = module.head_scale.clone()
-                module.head_scale[hs] = 0
-                continue
             index = torch.tensor(hs)
 
             def replace(_m, _i, out, value=values[layer], index=index):
@@ -58,10 +57,27 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
             handles.append(model_sites[layer].hook("heads").register_forward_hook(replace))
         yield
     finally:
-        for layer, scale in saved.items():
-            model_sites[layer].module.head_scale.copy_(scale)
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def scale_heads(model: nn.Module, heads: HeadSelection, factor: float) -> Iterator[None]:
+    """Inside the block, the outputs of ``heads`` are multiplied by ``factor`` (through
+    ``head_scale``): 0 ablates them, > 1 reinforces them (VHR, "Cracking the Code of
+    Hallucination in LVLMs with Vision-aware Head Divergence")."""
+    model_sites = sites(model)
+    chosen = by_layer(head_pairs(heads, model_sites))
+    saved = {}
+    try:
+        for layer, hs in chosen.items():
+            module = model_sites[layer].module
+            saved[layer] = module.head_scale.clone()
+            module.head_scale[hs] = module.head_scale[hs] * factor
+        yield
+    finally:
+        for layer, scale in saved.items():
+            model_sites[layer].module.head_scale.copy_(scale)
 
 
 def head_outputs(model: nn.Module, run: Callable[[], object]) -> dict[int, Tensor]:

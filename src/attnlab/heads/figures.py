@@ -114,14 +114,18 @@ def distance_plot(profiles: dict[int, Tensor], title: str, xlabel: str, ylabel: 
     return png(fig, plt)
 
 
-def pattern_panels(maps: Tensor, titles: Sequence[str], title: str) -> bytes:
-    """(N, a, b) patterns side by side, each with its title (a = 1: strips)."""
+def pattern_panels(maps: Tensor, titles: Sequence[str], title: str, *,
+                   cmap: str = "viridis", symmetric: bool = False) -> bytes:
+    """(N, a, b) patterns side by side, each with its title (a = 1: strips);
+    ``symmetric``: each panel's colour range centred on 0 (for signed maps)."""
     plt = _pyplot()
     count = maps.shape[0]
     fig, axes = plt.subplots(1, count, figsize=(1.6 * count + 0.4, 2.0), squeeze=False)
     for ax, image, name in zip(axes[0], maps, titles, strict=True):
-        ax.imshow(image.numpy(), cmap="viridis", interpolation="nearest",
-                  aspect="auto" if image.shape[0] == 1 else "equal")
+        top = float(image.abs().max()) or 1.0
+        ax.imshow(image.numpy(), cmap=cmap, interpolation="nearest",
+                  aspect="auto" if image.shape[0] == 1 else "equal",
+                  **({"vmin": -top, "vmax": top} if symmetric else {}))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(name, fontsize=7)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,19 +59,26 @@ class MassiveActivations:
 
 
 def massive_activations(hidden: Tensor, tau: float | None = None,
-                        key_mask: Tensor | None = None) -> MassiveActivations:
+                        key_mask: Tensor | None = None,
+                        dims: Sequence[int] | None = None) -> MassiveActivations:
     """Sink tokens of one layer's hidden states ``hidden`` (B, L, D): phi(x) = max_d |x_d| /
     rms(x) >= ``tau``. The paper's tau = 20 is for D = 4096; since phi <= sqrt(D), the
     default scales it to the same share of the token's energy in one dimension:
     tau = 20 sqrt(D / 4096) (phi^2 / D = x_d^2 / |x|^2 >= 400 / 4096, about 10%). Padded
-    tokens (``key_mask`` False) are never sinks."""
+    tokens (``key_mask`` False) are never sinks. ``dims``: look only at these dimensions
+    (VAR's sink dimensions, those of a known sink token), max_{d in dims} |x_d| / rms(x)."""
     h = hidden.detach().float()
     d = h.shape[-1]
     tau = 20.0 * (d / 4096) ** 0.5 if tau is None else float(tau)
     real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None \
         else key_mask.bool().to(h.device)
     rms = h.pow(2).mean(-1).sqrt().clamp_min(1e-12)
-    top, where = h.abs().max(-1)
+    if dims is not None:
+        chosen = torch.tensor(list(dims), dtype=torch.long, device=h.device)
+        top, where = h.abs().index_select(-1, chosen).max(-1)
+        where = chosen[where]
+    else:
+        top, where = h.abs().max(-1)
     phi = (top / rms) * real
     tokens = phi >= tau
     dims = sorted(set(where[tokens].tolist()))

@@ -76,5 +76,20 @@ class MQAR(TokenTask):
         targets.scatter_(1, position, values)  # at the queried key, predict its value
         return tokens, targets
 
+    def attention_targets(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """(targets (B, L, L) bool, queries (B, L) bool): at each queried key (a position
+        with a target), the key to attend to is the value after that key's first occurrence
+        (the induction target that answers the query)."""
+        tokens, labels = batch[0], batch[1]
+        queries = labels != IGNORE
+        length = tokens.shape[1]
+        same = tokens[:, :, None] == tokens[:, None, :]  # (B, Lq, Lk)
+        earlier = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril(-1)
+        first = (same & earlier).float().argmax(-1)  # first earlier occurrence of the key
+        targets = torch.zeros_like(same)
+        rows = queries.nonzero(as_tuple=True)
+        targets[rows[0], rows[1], first[rows] + 1] = True
+        return targets, queries
+
     def slices(self) -> list[tuple[str, dict[str, Any]]]:
         return [(str(n), {"num_kv": n}) for n in self.eval_kv]
