@@ -5,8 +5,9 @@ a transformers model prepared with ``attnlab.integrations.hf.use_attnlab`` (whic
 attention modules the same hook points and ``head_scale``).
 """
 
-from attnlab.heads.ablate import ablate, head_outputs, mean_head_outputs
+from attnlab.heads.ablate import ablate, head_outputs, mean_head_outputs, scale_heads
 from attnlab.heads.capture import Capture, HeadStats, capture
+from attnlab.heads.circuits import RegressionCircuit, circuit_predictions, regression_circuit
 from attnlab.heads.guidance import HeadHunt, guided, head_hunter
 from attnlab.heads.importance import (
     PruningCurve,
@@ -16,6 +17,7 @@ from attnlab.heads.importance import (
     rank_correlation,
 )
 from attnlab.heads.runs import LoadedRun, load_run
+from attnlab.heads.selection import head_divergence, random_heads, segment_attention, top_heads
 from attnlab.heads.sinks import MassiveActivations, massive_activations, sink_heads, sink_scores
 from attnlab.heads.sites import POINTS, Site, sites
 from attnlab.heads.spatial import HeadClusters, cluster_heads, grid_positions, offset_patterns
@@ -27,4 +29,6 @@ __all__ = ["POINTS", "Capture", "HeadClusters", "HeadHunt", "HeadStats", "Loaded
            "head_importance", "head_outputs", "load_run", "massive_activations",
            "mean_head_outputs", "offset_patterns", "pruning_curve", "rank_correlation",
            "redistribute", "shift_toward", "sink_heads", "sink_scores", "sites",
-           "toward_identity"]
+           "toward_identity", "RegressionCircuit", "circuit_predictions", "head_divergence",
+           "random_heads", "regression_circuit", "scale_heads", "segment_attention",
+           "top_heads"]
