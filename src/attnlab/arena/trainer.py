@@ -178,7 +178,7 @@ def attention_supervisor(model: nn.Module, task: Any, supervise: dict[str, Any] 
                          "does not define (attention_targets); mqar does")
     from attnlab.arena.supervision import AttentionSupervisor
 
-    return AttentionSupervisor(model, supervise["heads"], supervise.get("weight", 0.1))
+    return AttentionSupervisor(model, supervise["heads"], supervise["weight"])
 
 
 def model_bytes(model: nn.Module) -> bytes:

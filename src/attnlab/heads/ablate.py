@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.heads.capture import capture
-from attnlab.heads.sites import HeadSelection, by_layer, head_pairs, sites
+from attnlab.heads.sites import HeadSelection, by_layer, forward_hooks, head_pairs, sites
 
 __all__ = ["ablate", "head_outputs", "mean_head_outputs", "scale_heads"]
 
@@ -38,27 +38,24 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
         with scale_heads(model, heads, 0.0):
             yield
         return
-    handles = []
-    try:
-        for layer, hs in chosen.items():
-            index = torch.tensor(hs)
 
-            def replace(_m, _i, out, value=values[layer], index=index):
-                out = out.clone()
-                v = value.to(out.device, out.dtype)
-                if how == "mean":
-                    out[..., index, :] = v[index]
-                else:
-                    if v.shape != out.shape:
-                        raise ValueError(f"resampled head outputs have shape {tuple(v.shape)}"
-                                         f", this input's are {tuple(out.shape)}")
-                    out[..., index, :] = v[..., index, :]
-                return out
-            handles.append(model_sites[layer].hook("heads").register_forward_hook(replace))
+    def replacing(value: Tensor, index: Tensor) -> Callable[..., Tensor]:
+        def replace(_m, _i, out):
+            out = out.clone()
+            v = value.to(out.device, out.dtype)
+            if how == "mean":
+                out[..., index, :] = v[index]
+            else:
+                if v.shape != out.shape:
+                    raise ValueError(f"resampled head outputs have shape {tuple(v.shape)}"
+                                     f", this input's are {tuple(out.shape)}")
+                out[..., index, :] = v[..., index, :]
+            return out
+        return replace
+
+    hooks = {layer: replacing(values[layer], torch.tensor(hs)) for layer, hs in chosen.items()}
+    with forward_hooks(model_sites, "heads", hooks):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

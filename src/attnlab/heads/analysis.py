@@ -26,8 +26,10 @@ Tick = Callable[[], None] | None
 Result = tuple[dict[str, Any], list[tuple[str, list[tuple[str, Any]]]], dict[str, bytes]]
 
 
-def _grid_rows(scores: Tensor, fmt: str = ".3f") -> tuple[list[str], list[list[str]]]:
-    header = ["layer", *[f"h{h}" for h in range(scores.shape[1])]]
+def grid_rows(scores: Tensor, fmt: str = ".3f", corner: str = "layer"
+              ) -> tuple[list[str], list[list[str]]]:
+    """A (layers, heads) score grid as a table: header [corner, h0, ...], rows L0, L1, ..."""
+    header = [corner, *[f"h{h}" for h in range(scores.shape[1])]]
     return header, [[f"L{i}", *[format(float(v), fmt) for v in row]]
                     for i, row in enumerate(scores)]
 
@@ -60,9 +62,9 @@ def capture_analysis(subject: Subject, tick: Tick = None,
                                                f"({subject.unit})", subject.unit, ".1f")}
     sections = [("Mean attention maps (layer x head)", [("image", "attention_maps")]),
                 ("Attention entropy per head (mean over real query tokens)",
-                 [("table", _grid_rows(entropy)), ("image", "entropy")]),
+                 [("table", grid_rows(entropy)), ("image", "entropy")]),
                 (f"Mean attention distance per head ({subject.unit}, Euclidean)",
-                 [("table", _grid_rows(distance, ".2f")), ("image", "distance")])]
+                 [("table", grid_rows(distance, ".2f")), ("image", "distance")])]
     return {"entropy": entropy.tolist(), "distance": distance.tolist()}, sections, images
 
 
@@ -86,9 +88,9 @@ def importance_analysis(subject: Subject, tick: Tick = None) -> Result:
                                                "zeroed alone", "change", ".3f")}
     sections = [("Summary: importance", [("list", lines)]),
                 ("Head importance (Michel et al. 2019, each layer L2-normalised)",
-                 [("table", _grid_rows(importance)), ("image", "importance")]),
+                 [("table", grid_rows(importance)), ("image", "importance")]),
                 ("Single-head ablation: metric change (zeroed head)",
-                 [("table", _grid_rows(change, "+.4f")), ("image", "ablation")])]
+                 [("table", grid_rows(change, "+.4f")), ("image", "ablation")])]
     return ({"importance": importance.tolist(), "ablation_change": change.tolist(),
              "metric_full": base, "spearman": rho}, sections, images)
 
@@ -154,11 +156,11 @@ def sinks_analysis(subject: Subject, threshold: float = 0.3, tick: Tick = None,
                      f"{len(strong)}: " + ", ".join(f"L{a}h{b}" for a, b in strong))
     sections.append(("Summary: sinks", [("list", lines)]))
     sections.append(("Sink score of the first token per head (alpha_0 = sum_q A[q,0] / "
-                     "queries that see it)", [("table", _grid_rows(first)),
+                     "queries that see it)", [("table", grid_rows(first)),
                                               ("image", "sink_first")]))
     if "special" in images:
         sections.append(("Attention mass on the special tokens",
-                         [("table", _grid_rows(torch.tensor(numbers["special_mass"]))),
+                         [("table", grid_rows(torch.tensor(numbers["special_mass"]))),
                           ("image", "special")]))
     if subject.hidden_states is not None:
         hidden, key_mask = subject.hidden_states(0)

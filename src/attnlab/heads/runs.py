@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["LoadedRun", "load_run"]
+__all__ = ["LoadedRun", "load_run", "saved_runs"]
 
 
 @dataclass
@@ -52,3 +52,12 @@ def load_run(store: str | Path, key: str) -> LoadedRun:
                              **spec["model"])
     model.load_state_dict(load_file(str(path)), strict=True)
     return LoadedRun(model.eval(), task, row)
+
+
+def saved_runs(store: str | Path, sweep: str) -> list[dict[str, Any]]:
+    """The finished runs of ``sweep`` in ``store`` that kept their weights (oldest first)."""
+    from attnlab.arena.store import RunStore
+
+    with RunStore(store, readonly=True) as db:
+        return [r for r in db.rows(sweep) if r["status"] == "done"
+                and db.model_path(r["key"]).exists()]

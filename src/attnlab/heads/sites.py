@@ -8,8 +8,9 @@ of ones, so every method in ``attnlab.heads`` works on either.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -97,3 +98,18 @@ def by_layer(pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
     for layer, head in pairs:
         out.setdefault(layer, []).append(head)
     return {layer: sorted(set(hs)) for layer, hs in sorted(out.items())}
+
+
+@contextlib.contextmanager
+def forward_hooks(model_sites: list[Site], point: str,
+                  hooks: Mapping[int, Callable[..., object]]) -> Iterator[None]:
+    """Inside the block, ``hooks[layer]`` is a forward hook on that layer's ``hook_<point>``
+    (its return value replaces the tensor); every hook is removed when the block ends."""
+    handles = []
+    try:
+        for layer, hook in hooks.items():
+            handles.append(model_sites[layer].hook(point).register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from attnlab.heads.sites import HeadSelection, by_layer, head_pairs, sites
+from attnlab.heads.sites import HeadSelection, by_layer, forward_hooks, head_pairs, sites
 
 __all__ = ["edit_weights", "redistribute", "shift_toward", "toward_identity"]
 
@@ -88,23 +88,20 @@ def edit_weights(model: nn.Module, heads: HeadSelection, edit: Edit) -> Iterator
     the other heads are untouched. The output is then computed as weights @ v."""
     model_sites = sites(model)
     chosen = by_layer(head_pairs(heads, model_sites))
-    handles = []
-    try:
-        for layer, hs in chosen.items():
-            index = torch.tensor(hs)
 
-            def replace(_m, _i, w, index=index):
-                out = w.clone()
-                idx = index.to(w.device)
-                picked = w.index_select(1, idx)
-                new = edit(picked)
-                if new.shape != picked.shape:
-                    raise ValueError(f"the edit returned {tuple(new.shape)} for weights of "
-                                     f"{tuple(picked.shape)}")
-                out[:, idx] = new.to(w.dtype)
-                return out
-            handles.append(model_sites[layer].hook("weights").register_forward_hook(replace))
+    def replacing(index: Tensor) -> Callable[..., Tensor]:
+        def replace(_m, _i, w):
+            out = w.clone()
+            idx = index.to(w.device)
+            picked = w.index_select(1, idx)
+            new = edit(picked)
+            if new.shape != picked.shape:
+                raise ValueError(f"the edit returned {tuple(new.shape)} for weights of "
+                                 f"{tuple(picked.shape)}")
+            out[:, idx] = new.to(w.dtype)
+            return out
+        return replace
+
+    hooks = {layer: replacing(torch.tensor(hs)) for layer, hs in chosen.items()}
+    with forward_hooks(model_sites, "weights", hooks):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -78,14 +78,10 @@ def circuit_study(store: str | Path, sweep: str, tick: Tick = None,
     """Measures of every stored one-layer softmax run of ``sweep`` (trained, and the control
     at initialisation), per contestant: mean ± 95% CI over seeds and the paired difference
     trained - initial. ``example``: the label whose seed-0 run gets the per-head table."""
-    from attnlab.arena.store import RunStore
-    from attnlab.heads.runs import load_run
+    from attnlab.heads.runs import load_run, saved_runs
     from attnlab.tasks.base import split_generator
 
-    with RunStore(store, readonly=True) as db:
-        rows = [r for r in db.rows(sweep) if r["status"] == "done"
-                and r["config"]["mechanism"] == "softmax"
-                and db.model_path(r["key"]).exists()]
+    rows = [r for r in saved_runs(store, sweep) if r["config"]["mechanism"] == "softmax"]
     if not rows:
         raise ValueError(f"no finished softmax run with a saved model in sweep {sweep!r} of "
                          f"{store}/ (run it with this attnlab to keep the models)")

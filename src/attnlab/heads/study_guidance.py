@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.arena.stats import Paired, fmt, fmt_paired, mean_ci, paired_difference
+from attnlab.arena.stats import fmt, fmt_paired, mean_ci, paired_difference
 from attnlab.heads.guidance import guided, head_hunter
 from attnlab.heads.selection import random_heads
 
@@ -35,13 +35,10 @@ def guidance_study(store: str | Path, sweep: str, count: int = 4, strength: floa
                    tick: Tick = None) -> tuple[dict[str, Any], list, dict]:
     """HeadHunter against random heads on every digits run of ``sweep`` with a saved model;
     95% intervals over seeds (runs) and, within each run, over test images."""
-    from attnlab.arena.store import RunStore
-    from attnlab.heads.runs import load_run
+    from attnlab.heads.runs import load_run, saved_runs
     from attnlab.tasks.digits import digits_split
 
-    with RunStore(store, readonly=True) as db:
-        rows = [r for r in db.rows(sweep) if r["status"] == "done"
-                and r["config"]["task"] == "digits" and db.model_path(r["key"]).exists()]
+    rows = [r for r in saved_runs(store, sweep) if r["config"]["task"] == "digits"]
     if not rows:
         raise ValueError(f"no finished digits run with a saved model in sweep {sweep!r} of "
                          f"{store}/")
@@ -74,8 +71,8 @@ def guidance_study(store: str | Path, sweep: str, count: int = 4, strength: floa
         acc = {"plain": float((plain.argmax(-1) == test_y).float().mean()),
                "headhunter": float((chosen.argmax(-1) == test_y).float().mean()),
                "random": sum(control_acc) / draws}
-        diff = effect - control
-        within = Paired(*mean_ci(diff.tolist()), diff.numel())
+        within = paired_difference(dict(enumerate(effect.tolist())),
+                                   dict(enumerate(control.tolist())))
         per_run[row["seed"]] = {"key": row["key"], "heads": hunt.chosen,
                                 "val_objective": [hunt.start, *hunt.scores],
                                 "effect": float(effect.mean()),

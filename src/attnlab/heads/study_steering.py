@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.arena.stats import fmt, fmt_paired, mean_ci
+from attnlab.arena.stats import fmt, fmt_paired, mean_ci, paired_difference
 from attnlab.heads.ablate import scale_heads
+from attnlab.heads.analysis import grid_rows
 from attnlab.heads.selection import head_divergence, random_heads, segment_attention, top_heads
 from attnlab.heads.sinks import massive_activations
 from attnlab.heads.steer import edit_weights, redistribute, shift_toward
@@ -193,7 +194,9 @@ def steering_study(count: int = 8, factor: float = 2.0, amount: float = 0.3,
                          "control_embedding_cosine": float(torch.stack(kept).mean())}
         rows.append([name, what, ", ".join(f"L{a}h{b}" for a, b in heads),
                      fmt(*mean_ci(effect.tolist()), 3), fmt(*mean_ci(control.tolist()), 3),
-                     fmt_paired(_paired(diff)), f"{float((diff > 0).float().mean()):.0%}",
+                     fmt_paired(paired_difference(dict(enumerate(effect.tolist())),
+                                                  dict(enumerate(control.tolist())))),
+                     f"{float((diff > 0).float().mean()):.0%}",
                      f"{numbers[name]['embedding_cosine']:.3f} / "
                      f"{numbers[name]['control_embedding_cosine']:.3f}"])
     header = ["method", "intervention", "heads", "effect on R [95% CI]",
@@ -211,21 +214,10 @@ def steering_study(count: int = 8, factor: float = 2.0, amount: float = 0.3,
                       "averaged per input", sink_note]),
             ("table", (header, rows))]),
         ("Head divergence (VHD) and attention to the segment, per head", [
-            ("table", _grid("VHD", divergence)), ("table", _grid("mass on S2", attention))])]
+            ("table", grid_rows(divergence, corner="VHD")),
+            ("table", grid_rows(attention, corner="mass on S2"))])]
     return numbers, sections, {}
 
 
 def fmt_list(values: Tensor) -> list[float]:
     return [round(float(v), 6) for v in values]
-
-
-def _paired(diff: Tensor):
-    from attnlab.arena.stats import Paired
-
-    mean, half = mean_ci(diff.tolist())
-    return Paired(mean, half, diff.numel())
-
-
-def _grid(name: str, scores: Tensor) -> tuple[list[str], list[list[str]]]:
-    return ([name, *[f"h{h}" for h in range(scores.shape[1])]],
-            [[f"L{i}", *[f"{float(v):.3f}" for v in row]] for i, row in enumerate(scores)])

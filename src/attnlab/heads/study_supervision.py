@@ -21,11 +21,9 @@ TOLERANCE = 0.02  # the largest mean drop of test accuracy the loss may cost (st
 
 
 def _runs(store: str | Path, sweep: str) -> dict[int, dict[str, Any]]:
-    from attnlab.arena.store import RunStore
+    from attnlab.heads.runs import saved_runs
 
-    with RunStore(store, readonly=True) as db:
-        return {r["seed"]: r for r in db.rows(sweep) if r["status"] == "done"
-                and db.model_path(r["key"]).exists()}
+    return {r["seed"]: r for r in saved_runs(store, sweep)}
 
 
 def head_target_mass(model: torch.nn.Module, task: Any, sequences: int = 256,
