@@ -388,6 +388,49 @@ def supervision_cmd(store: str, sweep: str, control: str, out: str | None) -> No
            f"attnlab heads supervision --store {store} --sweep {sweep} --control {control}")
 
 
+@heads.command("inject")
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store holding the sweep's icl_maps runs.")
+@click.option("--sweep", default="icl_maps", show_default=True)
+@click.option("--few-shots", default="1,2,4", show_default=True,
+              help="Comma-separated k: k-shot prompting against injection of embeddings "
+              "averaged over k-shot prompts.")
+@click.option("--prompts", type=click.IntRange(1), default=64, show_default=True,
+              help="Few-shot prompts averaged per task embedding.")
+@click.option("--steps", type=click.IntRange(0), default=100, show_default=True,
+              help="Adam steps learning the mixing weights.")
+@click.option("--draws", type=click.IntRange(1), default=4, show_default=True,
+              help="Demonstration sets per item of the k-shot baselines.")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/inject].")
+def inject_cmd(store: str, sweep: str, few_shots: str, prompts: int, steps: int,
+               draws: int, out: str | None) -> None:
+    """Soft injection of task embeddings ("Soft Injection of Task Embeddings Outperforms
+    Prompt-Based In-Context Learning") on TransformerLMs trained on icl_maps: zero-shot
+    prompts with each map's task embedding mixed into the heads (per-head weights learned
+    on a few examples), against zero-shot and k-shot prompting with the same k.
+
+    \b
+    Example:
+      attnlab arena run --config docs/results/icl_maps.toml --store runs
+      attnlab heads inject --store runs --sweep icl_maps
+    """
+    from attnlab.heads.study_injection import injection_study
+
+    try:
+        ks = tuple(int(k) for k in few_shots.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {few_shots!r}",
+                                 param_hint="--few-shots") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter("every k must be >= 1", param_hint="--few-shots")
+    lines = [f"sweep {sweep} of {store}/: every finished icl_maps run with a saved model"]
+    _study(store, [sweep], "inject", out, f"Soft injection of task embeddings: {sweep}",
+           lines, lambda tick: injection_study(store, sweep, ks, prompts, draws=draws,
+                                               steps=steps, tick=tick),
+           f"attnlab heads inject --store {store} --sweep {sweep} --few-shots {few_shots} "
+           f"--prompts {prompts} --steps {steps} --draws {draws}")
+
+
 @heads.command("steer")
 @click.option("--count", type=click.IntRange(1, 72), default=8, show_default=True,
               help="Heads each method edits (and each random control set).")

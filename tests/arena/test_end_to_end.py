@@ -24,6 +24,8 @@ CASES = {
     "digits": ({"patch_size": 4}, {"dim": 32, "depth": 1, "heads": 2}, 60, 1e-2),
     "markov": ({"states": 3, "length": 32}, {"dim": 32, "depth": 1, "heads": 2}, 60, 1e-2),
     "backcopy": ({"vocab": 8, "length": 16}, {"dim": 32, "depth": 1, "heads": 2}, 60, 1e-2),
+    "icl_maps": ({"symbols": 6, "maps": 3, "pairs": 4, "eval_shots": [0, 1, 3]},
+                 {"dim": 32, "depth": 2, "heads": 2}, 150, 1e-2),
 }
 
 

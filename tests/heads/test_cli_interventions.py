@@ -81,3 +81,32 @@ def test_steer_on_minilm(tmp_path):
     assert numbers["sink_positions"] == [0]  # [CLS], as in docs/results/heads-steer-minilm
     for method in ("VHR", "modulation", "VAR"):
         assert len(numbers[method]["heads"]) == 2 and len(numbers[method]["effect"]) == 90
+
+
+def test_inject_report_on_small_runs(tmp_path):
+    store = tmp_path / "runs"
+    sweep(store, "maps", "icl_maps", {"symbols": 6, "maps": 3, "pairs": 4,
+                                      "eval_shots": [0, 1]},
+          {"dim": 16, "depth": 2, "heads": 2}, {"steps": 10, "batch_size": 16})
+    out = tmp_path / "inject"
+    invoke("inject", "--store", str(store), "--sweep", "maps", "--few-shots", "1,2",
+           "--prompts", "4", "--steps", "3", "--draws", "2", "--out", str(out))
+    numbers = json.loads((out / "results.json").read_text())["inject"]
+    assert set(numbers["runs"]["softmax"]) == {"0", "1"} and numbers["few_shots"] == [1, 2]
+    run = numbers["runs"]["softmax"]["0"]
+    assert run["items"] == 3 * 3  # 3 maps x the 3 odd inputs of 6 symbols
+    assert set(run["conditions"]) == {
+        "zero-shot", "1-shot", "2-shot", "other map's embedding",
+        *[f"{how} injection ({k}-shot embedding)" for how in ("soft", "hard") for k in (1, 2)]}
+    assert set(run["mean_alpha"]) == {"1", "2"} and len(run["mean_alpha"]["1"]["0"]) == 2
+    across = numbers["across_seeds"]["softmax"]
+    assert across["seeds"] == [0, 1]
+    assert across["differences"]["soft injection (1-shot embedding) - 1-shot"]["accuracy"][
+        "pairs"] == 2
+    assert "soft injection against prompting" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(main, ["heads", "inject", "--store", str(store), "--sweep",
+                                    "maps", "--few-shots", "one"])
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output
+    none = CliRunner().invoke(main, ["heads", "inject", "--store", str(store), "--sweep",
+                                     "nothing"])
+    assert none.exit_code == 2 and "no finished icl_maps run" in none.output

@@ -189,3 +189,27 @@ def test_minilm_heads_modulated_toward_sep_put_the_requested_share_there(minilm,
     torch.testing.assert_close(w1[:, ~chosen], w0[:, ~chosen])  # other heads untouched
     assert float((w1 * ~real[:, None, None, :]).abs().max()) == 0  # never onto padding
     assert float((after - before)[real].abs().max()) > 1e-3
+
+
+def test_soft_injection_on_a_small_llama():
+    """Task embeddings and injection through the integration's hook_heads: alpha = 0 is the
+    plain model, alpha = 1 sets the heads' last-position outputs to the embedding and moves
+    only the last position's logits."""
+    from attnlab.heads.injection import inject, task_embedding
+
+    hf.register()
+    model = hf.use_attnlab(small_llama("sdpa"))
+    few = torch.randint(0, 97, (6, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    emb = task_embedding(model, lambda: model(input_ids=few))
+    assert set(emb) == {0, 1} and emb[0].shape == (4, 16)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with inject(model, emb, {0: torch.zeros(4), 1: torch.zeros(4)}):
+            torch.testing.assert_close(model(input_ids=ids).logits, plain)
+        with inject(model, emb, {0: torch.ones(4), 1: torch.ones(4)}):
+            injected = model(input_ids=ids).logits
+            seen = hd.head_outputs(model, lambda: model(input_ids=ids))
+    torch.testing.assert_close(injected[:, :-1], plain[:, :-1])
+    assert not torch.allclose(injected[:, -1], plain[:, -1])
+    torch.testing.assert_close(seen[1][:, -1], emb[1].expand(2, 4, 16))

@@ -238,3 +238,63 @@ def test_backcopy_bayes_baseline_is_the_true_chain():
     assert result.baselines["bayes"]["backcopy"] == 0.0
     assert {"first_token_attention", "sink_heads", "first_token_attention_trigger",
             "backcopy_accuracy"} <= set(result.metrics)
+
+
+def test_icl_maps_sequences_follow_one_map_with_distinct_inputs():
+    task = make_task("icl_maps", symbols=8, maps=5, pairs=6, eval_shots=[0, 2])
+    table = task.table()
+    inputs, targets = task.sample(64, torch.Generator().manual_seed(1))
+    assert inputs.shape == (64, 12) and (inputs[:, 0] == task.bos).all()
+    xs, ys = inputs[:, 1::2], torch.cat([inputs[:, 2::2], targets[:, -1:]], 1) - task.symbols
+    assert ((xs >= 0) & (xs < 8)).all() and ((ys >= 0) & (ys < 8)).all()
+    assert all(len(set(row.tolist())) == 6 for row in xs)  # never a repeated input
+    for x, y in zip(xs, ys, strict=True):  # some map of the family gives every pair
+        assert any((table[t, x] == y).all() for t in range(5))
+    assert (targets[:, 0::2] == IGNORE).all() and (targets[:, 1::2] != IGNORE).all()
+    _, one = task.sample(8, torch.Generator().manual_seed(1), shots=2)
+    assert ((one != IGNORE).nonzero()[:, 1] == 5).all()  # only the answer after 2 pairs
+    tasks, queries = torch.tensor([0, 4, 2]), torch.tensor([3, 3, 7])
+    tokens, answers = task.prompts(tasks, 3, torch.Generator().manual_seed(2), queries=queries)
+    assert tokens.shape == (3, 8) and (tokens[:, -1] == queries).all()
+    assert (answers == table[tasks, queries] + 8).all()
+    assert ((tokens[:, 1:-1:2] != queries[:, None]).all())  # demonstrations avoid the query
+    assert (tokens[:, 2::2] == table[tasks[:, None], tokens[:, 1:-1:2]] + 8).all()
+
+
+def test_icl_maps_bayes_posterior_written_out():
+    task = make_task("icl_maps", symbols=6, maps=4, pairs=4, eval_shots=[0, 1])
+    table = task.table().tolist()
+    inputs, _ = task.sample(32, torch.Generator().manual_seed(3))
+    for position in (1, 3, 5):
+        predictive = task.bayes(inputs, position)
+        for row, p in zip(inputs.tolist(), predictive, strict=True):
+            shown = [(row[i], row[i + 1] - 6) for i in range(1, position, 2)]
+            alive = [t for t in range(4) if all(table[t][x] == y for x, y in shown)]
+            expected = torch.zeros(6, dtype=torch.float64)
+            for t in alive:
+                expected[table[t][row[position]]] += 1 / len(alive)
+            torch.testing.assert_close(p, expected)
+
+
+def test_icl_maps_oracle_scores_the_bayes_baseline():
+    task = make_task("icl_maps", symbols=6, maps=4, pairs=4, eval_shots=[0, 1, 3])
+
+    class Oracle(torch.nn.Module):  # the Bayes predictive at every input position
+        def forward(self, inputs):
+            logits = torch.full((*inputs.shape, task.vocab_size()), -1e9)
+            for position in range(1, inputs.shape[1], 2):
+                logits[:, position, 6:12] = task.bayes(inputs, position).float()
+            return logits
+
+    result = task.evaluate(Oracle(), "test")
+    assert result.slices == pytest.approx(result.baselines["bayes"])
+    assert result.slices["0"] < result.slices["1"] < result.slices["3"] + 1e-9
+    assert result.metrics["bayes_accuracy"] == pytest.approx(
+        sum(result.baselines["bayes"].values()) / 3)
+
+
+def test_icl_maps_rejects_impossible_settings():
+    with pytest.raises(ValueError, match="distinct inputs"):
+        make_task("icl_maps", symbols=4, pairs=5, eval_shots=[0])
+    with pytest.raises(ValueError, match="eval_shots"):
+        make_task("icl_maps", pairs=4, eval_shots=[4])

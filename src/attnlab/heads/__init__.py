@@ -16,6 +16,7 @@ from attnlab.heads.importance import (
     pruning_curve,
     rank_correlation,
 )
+from attnlab.heads.injection import InjectionFit, fit_injection, inject, task_embedding
 from attnlab.heads.runs import LoadedRun, load_run
 from attnlab.heads.selection import head_divergence, random_heads, segment_attention, top_heads
 from attnlab.heads.sinks import MassiveActivations, massive_activations, sink_heads, sink_scores
@@ -31,4 +32,4 @@ __all__ = ["POINTS", "Capture", "HeadClusters", "HeadHunt", "HeadStats", "Loaded
            "redistribute", "shift_toward", "sink_heads", "sink_scores", "sites",
            "toward_identity", "RegressionCircuit", "circuit_predictions", "head_divergence",
            "random_heads", "regression_circuit", "scale_heads", "segment_attention",
-           "top_heads"]
+           "top_heads", "InjectionFit", "fit_injection", "inject", "task_embedding"]
