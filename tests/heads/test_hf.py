@@ -213,3 +213,38 @@ def test_soft_injection_on_a_small_llama():
     torch.testing.assert_close(injected[:, :-1], plain[:, :-1])
     assert not torch.allclose(injected[:, -1], plain[:, -1])
     torch.testing.assert_close(seen[1][:, -1], emb[1].expand(2, 4, 16))
+
+
+def test_attention_supervision_trains_a_small_llama_head_onto_its_targets():
+    """The supervision loss of arena.supervision through the integration's hook_weights:
+    a few steps of the loss alone put head 1 of layer 1 on the first token, the other head
+    of that layer is left far behind."""
+    from attnlab.arena.supervision import AttentionSupervisor, target_mass
+
+    hf.register()
+    model = hf.use_attnlab(small_llama("sdpa")).train()
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(2))
+    targets = torch.zeros(4, 12, 12, dtype=torch.bool)
+    targets[..., 0] = True  # every query's target: the first token
+    queries = torch.ones(4, 12, dtype=torch.bool)
+    queries[:, :3] = False  # early queries sit on it anyway
+    supervisor = AttentionSupervisor(model, [(1, 1)], weight=1.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def mass():
+        with torch.no_grad(), hd.capture(model, ["L1.weights"]) as cap:
+            model(input_ids=ids)
+        return target_mass(cap["L1.weights"], targets)[:, :, 3:].mean((0, 2))
+
+    before = mass()
+    for _ in range(30):
+        model(input_ids=ids)
+        loss = supervisor.loss(targets, queries)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    supervisor.remove()
+    after = mass()
+    assert before[1] < 0.4 and after[1] > 0.8 and after[0] < after[1] - 0.3, (before, after)
+    with pytest.raises(ValueError, match="out of range"):
+        AttentionSupervisor(model, [(2, 0)], weight=1.0)

@@ -42,14 +42,17 @@ def supervision_loss(weights: Tensor, targets: Tensor, queries: Tensor) -> Tenso
 class AttentionSupervisor:
     """Hooks the ``heads`` ([(layer, head)]) of ``model``; after each forward,
     ``loss(targets, queries)`` is ``weight`` x the supervision loss of those heads (averaged
-    over layers). ``remove()`` takes the hooks away."""
+    over layers). ``remove()`` takes the hooks away. Layers are the model's
+    ``attnlab.Attention`` modules, or the ``HeadSite`` hook points that
+    ``integrations.hf.use_attnlab`` gives a Hugging Face model's attention modules."""
 
     def __init__(self, model: nn.Module, heads: Sequence[Sequence[int]], weight: float) -> None:
         if weight < 0:
             raise ValueError(f"the supervision weight must be >= 0, got {weight}")
+        from attnlab.core.hooks import HeadSite
         from attnlab.mechanisms.base import Attention
 
-        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        layers = [m for m in model.modules() if isinstance(m, Attention | HeadSite)]
         self.weight = float(weight)
         self.captured: dict[int, Tensor] = {}
         self.handles = []
