@@ -1,13 +1,14 @@
 """The package's layers import only downwards: core <- modules (parts) <- ops <- mechanisms
-<- integrations <- models <- tasks <- arena <- heads <- cli (docs/architecture.md). Imports
+<- distributed <- integrations <- models <- tasks <- arena <- heads <- cli
+(docs/architecture.md). Imports
 inside ``if TYPE_CHECKING:`` are annotations only and allowed."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "attnlab"
-LAYERS = ["core", "modules", "ops", "mechanisms", "integrations", "models", "tasks", "arena",
-          "heads", "cli"]
+LAYERS = ["core", "modules", "ops", "mechanisms", "distributed", "integrations", "models",
+          "tasks", "arena", "heads", "cli"]
 LEAVES = {"tables", "machine"}  # helpers usable by every layer: they import no layer
 # (machine reads attnlab.__version__ inside a function)
 
