@@ -73,7 +73,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
     """Run a sweep with progress bars: one for the sweep, one per run in flight. Ctrl-C
     stops it (finished runs are stored) with exit status 130."""
     from attnlab.arena.store import StoreError
-    from attnlab.arena.sweep import run_sweep
+    from attnlab.arena.sweep import GroupError, run_sweep
 
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn())
@@ -129,7 +129,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
             console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the "
                           "same command again to resume")
             sys.exit(130)
-        except StoreError as err:
+        except (StoreError, GroupError) as err:
             raise click.ClickException(str(err)) from None
     if summary.imported:
         console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
@@ -290,9 +290,32 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
                                     reference)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
+    from attnlab.distributed.launch import init_from_env
+
+    ranks = init_from_env(sweep.train.device)  # launched by torchrun: one run, all ranks
+    if ranks is not None:
+        import signal
+
+        # torchrun stops the group with SIGTERM when one process dies: unwind, so this
+        # process's claims on the store are released
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if ranks is not None and ranks[0] != 0:
+        _follow_quietly(sweep, retry_failed)
+        return
     summary = run_with_progress(sweep, retry_failed)
     if report and summary.done + summary.skipped:
         report_sweep(sweep.store, sweep.sweep_name, None)
+
+
+def _follow_quietly(sweep: Sweep, retry_failed: bool) -> None:
+    """A rank other than 0 of a torchrun launch: train alongside rank 0, print nothing but
+    errors (rank 0 stores and reports)."""
+    from attnlab.arena.sweep import GroupError, run_sweep
+
+    try:
+        run_sweep(sweep, retry_failed=retry_failed)
+    except GroupError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @arena.command("report")

@@ -16,6 +16,7 @@ from typing import Any
 from attnlab.arena.config import RunSpec, Sweep
 from attnlab.arena.store import RunStore, StoreError
 from attnlab.arena.trainer import failed_result, train_run
+from attnlab.distributed.launch import broadcast_from_first, data_parallel, group_alive
 
 # (event, spec, payload): ("plan", None, (runs to do, runs already stored, stored failed runs
 # not retried)) once first, then
@@ -58,14 +59,24 @@ def pending_runs(sweep: Sweep, store: RunStore, retry_failed: bool = False
 
 def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None = None,
               listener: Listener | None = None) -> SweepSummary:
-    """Train every run of ``sweep`` not yet in its store; returns what happened."""
+    """Train every run of ``sweep`` not yet in its store; returns what happened.
+
+    Under torchrun (a process group of several ranks), every run is trained data-parallel
+    by all ranks, one run at a time: rank 0 alone reads and writes the store and tells the
+    others which runs to train."""
     listener = listener or (lambda *_: None)
     workers = workers or sweep.worker_count
+    ranks = data_parallel()
+    if ranks is not None and ranks[0] != 0:
+        return _follow(sweep)
     with RunStore(sweep.store) as store:
         store.save_definition(sweep.sweep_name, definition(sweep))
         imported = store.import_kept(sweep.runs())
         todo, skipped, failed_kept = pending_runs(sweep, store, retry_failed)
         todo, elsewhere = store.claim(todo, retry_failed)
+        if ranks is not None:
+            broadcast_from_first([s.key for s in todo])
+            workers = 1
         summary = SweepSummary(total=len(todo) + skipped + len(elsewhere), skipped=skipped,
                                elsewhere=elsewhere, imported=imported)
         listener("plan", None, (todo, skipped, failed_kept))
@@ -74,6 +85,28 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
         finally:
             store.release(todo)
     return summary
+
+
+def _follow(sweep: Sweep) -> SweepSummary:
+    """A rank other than 0 under torchrun: train the runs rank 0 names, store nothing."""
+    keys = broadcast_from_first(None)
+    specs = {s.key: s for s in sweep.runs()}
+    summary = SweepSummary(total=len(keys), skipped=0)
+    for key in keys:
+        result = train_run(specs[key])
+        if result["status"] == "done":
+            summary.done += 1
+        else:
+            summary.failed += 1
+            summary.failures.append((key, (result["error"] or "").splitlines()[0]))
+            if group_alive() is not None:
+                raise GroupError(f"a process of the group stopped answering during run "
+                                 f"{key}; this rank stops")
+    return summary
+
+
+class GroupError(RuntimeError):
+    """A process of a torchrun group died or stopped answering: the sweep stops."""
 
 
 def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers: int,
@@ -92,6 +125,13 @@ def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers:
             first = (result["error"] or "").splitlines()[0]
             summary.failures.append((f"{spec.label} seed {spec.seed}", first))
         listener("end", spec, result)
+        if result["status"] != "done" and data_parallel() is not None:
+            lost = group_alive()
+            if lost is not None:
+                raise GroupError(f"run {spec.label} seed {spec.seed} failed and a process of "
+                                 f"the group no longer answers ({lost}); the run is recorded "
+                                 "as failed and the sweep stops: the runs not yet trained "
+                                 "stay pending")
 
     if workers == 1 or len(todo) <= 1:
         for spec in todo:

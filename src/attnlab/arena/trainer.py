@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.arena.config import RunSpec
+from attnlab.distributed.launch import data_parallel, mean_over_ranks, shard
 from attnlab.tasks import make_task, split_generator
 from attnlab.tasks.base import count_parameters
 
@@ -125,7 +126,16 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     model = task.build_model(spec.mechanism, spec.kwargs, **spec.model).to(device)
     params = count_parameters(model)
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"])
-    forward = torch.compile(model) if cfg.get("compile") else model
+    ranks = data_parallel()  # launched by torchrun: data-parallel over the group
+    wrapped = model
+    if ranks is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if cfg["batch_size"] % ranks[1]:
+            raise ValueError(f"batch_size {cfg['batch_size']} does not split evenly over "
+                             f"{ranks[1]} processes")
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+    forward = torch.compile(wrapped) if cfg.get("compile") else wrapped
     generator = split_generator(spec.seed, "train")
     steps = cfg["steps"]
     every = max(1, steps // cfg["curve_points"])
@@ -135,20 +145,24 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, cfg["lr"], cfg["warmup"])
-        batch = to_device(task.train_batch(cfg["batch_size"], generator), device)
+        batch = task.train_batch(cfg["batch_size"], generator)  # the global batch
+        if ranks is not None:
+            batch = shard(batch, *ranks)
+        batch = to_device(batch, device)
         with autocast(device, dtype):
             loss = task.loss(forward, batch)
             extra = model.extra_loss()
             if supervisor is not None:
                 extra = extra + supervisor.loss(*task.attention_targets(batch))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
+        seen = loss.detach() if ranks is None else mean_over_ranks(loss)  # the global batch's
+        if not torch.isfinite(seen):
+            raise FloatingPointError(f"training loss is {seen.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         (loss + extra).backward()
         if cfg.get("grad_clip"):
             nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
-        window.append(loss.item())
+        window.append(seen.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             curve_steps.append(step + 1)
             curve_loss.append(sum(window) / len(window))
