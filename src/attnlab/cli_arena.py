@@ -90,8 +90,13 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
                 f"{len(sweep.variants())} contestants{grid} x {len(sweep.seed_list)} seeds "
                 f"= {len(todo) + skipped} runs; {skipped} already in {sweep.store}/, "
                 f"{len(todo)} to run")
+            from attnlab.distributed.launch import data_parallel
+
+            ranks = data_parallel()
+            where = f"each run data-parallel on {ranks[1]} processes (torchrun)" if ranks \
+                else f"on {min(sweep.worker_count, max(1, len(todo)))} worker(s)"
             progress.console.print(
-                f"  on {min(sweep.worker_count, max(1, len(todo)))} worker(s), "
+                f"  {where}, "
                 f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
                 f"{sweep.train.dtype}")
             if failed_kept:
