@@ -99,10 +99,18 @@ def _follow(sweep: Sweep) -> SweepSummary:
         else:
             summary.failed += 1
             summary.failures.append((key, (result["error"] or "").splitlines()[0]))
-            if group_alive() is not None:
-                raise GroupError(f"a process of the group stopped answering during run "
-                                 f"{key}; this rank stops")
+            stop_if_group_lost(f"run {key}")
     return summary
+
+
+def stop_if_group_lost(who: str) -> None:
+    """After a failed run under torchrun: GroupError when a process of the group no longer
+    answers (every rank calls this after the same failed run)."""
+    lost = group_alive()
+    if lost is not None:
+        raise GroupError(f"{who} failed and a process of the group no longer answers "
+                         f"({lost}); the run is recorded as failed and the sweep stops: the "
+                         "runs not yet trained stay pending")
 
 
 class GroupError(RuntimeError):
@@ -126,12 +134,7 @@ def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers:
             summary.failures.append((f"{spec.label} seed {spec.seed}", first))
         listener("end", spec, result)
         if result["status"] != "done" and data_parallel() is not None:
-            lost = group_alive()
-            if lost is not None:
-                raise GroupError(f"run {spec.label} seed {spec.seed} failed and a process of "
-                                 f"the group no longer answers ({lost}); the run is recorded "
-                                 "as failed and the sweep stops: the runs not yet trained "
-                                 "stay pending")
+            stop_if_group_lost(f"run {spec.label} seed {spec.seed}")
 
     if workers == 1 or len(todo) <= 1:
         for spec in todo:

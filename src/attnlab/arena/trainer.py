@@ -131,9 +131,6 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     if ranks is not None:
         from torch.nn.parallel import DistributedDataParallel
 
-        if cfg["batch_size"] % ranks[1]:
-            raise ValueError(f"batch_size {cfg['batch_size']} does not split evenly over "
-                             f"{ranks[1]} processes")
         wrapped = DistributedDataParallel(model, find_unused_parameters=True)
     forward = torch.compile(wrapped) if cfg.get("compile") else wrapped
     generator = split_generator(spec.seed, "train")

@@ -52,10 +52,10 @@ def inject(model: nn.Module, embedding: Embedding, weights: Mapping[int, Tensor]
         if layer not in embedding:
             raise ValueError(f"weights for layer {layer}, which the embedding lacks "
                              f"(it has layers {sorted(embedding)})")
-        heads = model_sites[layer].heads if 0 <= layer < len(model_sites) else None
-        if heads is None:
+        if not 0 <= layer < len(model_sites):
             raise ValueError(f"layer {layer} out of range: the model has "
                              f"{len(model_sites)} attention layers")
+        heads = model_sites[layer].heads
         if alpha.shape != (heads,) or embedding[layer].shape[0] != heads:
             raise ValueError(f"layer {layer} has {heads} heads: weights must be ({heads},) "
                              f"and the embedding ({heads}, D); got {tuple(alpha.shape)} and "

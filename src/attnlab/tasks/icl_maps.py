@@ -12,16 +12,10 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from attnlab.tasks.base import (
-    Evaluation,
-    check_positive,
-    check_split,
-    register_task,
-    split_generator,
-)
-from attnlab.tasks.tokens import IGNORE, TokenTask, distinct_tokens, masked_scores
+from attnlab.tasks.base import check_positive, register_task
+from attnlab.tasks.tokens import IGNORE, TokenTask, distinct_tokens
 
 
 @lru_cache(maxsize=8)
@@ -138,22 +132,10 @@ class InContextMaps(TokenTask):
         return torch.zeros(inputs.shape[0], self.symbols, dtype=torch.float64).scatter_add_(
             1, outputs, weights)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "test") -> Evaluation:
-        check_split(split)
-        generator = split_generator(0, split)
-        metrics, slices, bayes, sizes = {"accuracy": 0.0, "loss": 0.0}, {}, {}, 0
-        for label, kwargs in self.slices():
-            inputs, targets = self.sample(self.eval_size, generator, **kwargs)
-            loss, acc, count = masked_scores(model(inputs), targets)
-            position = 1 + 2 * kwargs["shots"]
-            predictive = self.bayes(inputs, position)
-            truth = targets[:, position] - self.symbols
-            slices[label] = acc.item()
-            bayes[label] = (predictive.argmax(-1) == truth).double().mean().item()
-            metrics["accuracy"] += acc.item() * count
-            metrics["loss"] += loss.item() * count
-            sizes += count
-        metrics = {k: v / sizes for k, v in metrics.items()}
-        metrics["bayes_accuracy"] = sum(bayes.values()) / len(bayes)
-        return Evaluation(metrics, slices, {"bayes": bayes})
+    def slice_baselines(self, slice_kwargs: dict[str, Any], inputs: Tensor, targets: Tensor
+                        ) -> dict[str, float]:
+        """The Bayes predictor's accuracy at the slice's answer, on the same prompts."""
+        position = 1 + 2 * slice_kwargs["shots"]
+        truth = targets[:, position] - self.symbols
+        return {"bayes": (self.bayes(inputs, position).argmax(-1) == truth).double().mean()
+                .item()}

@@ -66,11 +66,19 @@ class TokenTask(Task):
         inputs, targets = batch
         return masked_scores(model(inputs), targets)[0]
 
+    def slice_baselines(self, slice_kwargs: dict[str, Any], inputs: Tensor, targets: Tensor
+                        ) -> dict[str, float]:
+        """Closed-form predictors' primary metric on one evaluation slice's data (name ->
+        value); none by default. ``evaluate`` reports them per slice and, averaged over the
+        slices, as the metric ``<name>_<metric>``."""
+        return {}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test") -> Evaluation:
         check_split(split)
         generator = split_generator(0, split)
         losses, accs, sizes, slices = [], [], [], {}
+        baselines: dict[str, dict[str, float]] = {}
         for label, kwargs in self.slices():
             inputs, targets = self.sample(self.eval_size, generator, **kwargs)
             loss, acc, count = masked_scores(model(inputs), targets)
@@ -78,10 +86,14 @@ class TokenTask(Task):
             accs.append(acc.item())
             sizes.append(count)
             slices[label] = acc.item() if self.metric == "accuracy" else loss.item()
+            for name, value in self.slice_baselines(kwargs, inputs, targets).items():
+                baselines.setdefault(name, {})[label] = value
         total = sum(sizes)
         metrics = {"accuracy": sum(a * n for a, n in zip(accs, sizes, strict=True)) / total,
                    "loss": sum(v * n for v, n in zip(losses, sizes, strict=True)) / total}
-        return Evaluation(metrics, slices)
+        for name, per_slice in baselines.items():
+            metrics[f"{name}_{self.metric}"] = sum(per_slice.values()) / len(per_slice)
+        return Evaluation(metrics, slices, baselines)
 
 
 class SequenceTask(TokenTask):
