@@ -6,3 +6,7 @@ import os
 import torch
 
 DEVICE = torch.device(os.environ.get("ATTNLAB_TEST_DEVICE", "cpu"))
+
+# Head dim of the op tests' inputs: compiled FlexAttention (the CUDA flex backend) refuses
+# head dims below 16; the CPU runs keep the smaller, faster 8.
+HEAD_DIM = 16 if DEVICE.type == "cuda" else 8

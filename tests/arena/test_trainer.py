@@ -67,3 +67,44 @@ def test_compiled_training_gives_the_same_numbers():
     a, b = train_run(plain), train_run(compiled)
     assert b["status"] == "done", b["error"]
     assert b["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-3)
+
+
+class _RecordsCopies(torch.Tensor):
+    """A tensor that records the ``non_blocking`` flag of every ``.to`` call on it."""
+
+    flags: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            cls.flags.append(kwargs.get("non_blocking", False))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_copies_to_the_cpu_wait_for_their_data():
+    """A non-blocking device-to-host copy can be read before it lands (CUDA evaluations
+    were wrong and changed from call to call): copies to the CPU must block."""
+    from attnlab.arena.trainer import to_device
+
+    _RecordsCopies.flags.clear()
+    batch = (torch.ones(3).as_subclass(_RecordsCopies), {"x": torch.ones(2).as_subclass(
+        _RecordsCopies)})
+    to_device(batch, torch.device("cpu"))
+    assert _RecordsCopies.flags == [False, False]
+
+
+def test_evaluation_wrapper_returns_the_models_output_on_the_test_device():
+    """OnDevice on the device of the op tests (``pytest --device cuda``): what comes back to
+    the CPU equals the model's own output, for an output large enough that an unfinished
+    copy would show."""
+    from tests.device import DEVICE
+
+    model = torch.nn.Linear(64, 4096).to(DEVICE)
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        want = model(x.to(DEVICE)).cpu()
+        for _ in range(3):
+            got = OnDevice(model, DEVICE, "float32")(x)
+            assert got.device.type == "cpu"
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -287,20 +287,20 @@ def test_float64_is_computed_in_float64(name, kwargs, causal):
     keep = torch.ones(1, 6, dtype=torch.bool, device=DEVICE)
     keep[0, -1] = False
     assert attn(x).dtype == torch.float64
+    # CUDA backward kernels that add with atomics (pooling, index_add) sum in a varying
+    # order: a second backward differs at float64 rounding, never more
+    nondet_tol = 1e-12 if DEVICE.type == "cuda" else 0.0
     assert torch.autograd.gradcheck(lambda t: attn(t, mask=keep), (x,), fast_mode=True,
-                                    eps=1e-6, atol=1e-5, rtol=1e-4)
+                                    eps=1e-6, atol=1e-5, rtol=1e-4, nondet_tol=nondet_tol)
 
 
 # Known open problems (issue 12), by test id; strict: a fix makes its case fail until the
 # entry goes.
-_SOFT = "SOFT's Newton-Schulz inverse in low precision errs 8%"
 AUTOCAST_OPEN = {
-    **{f"{amp}-soft-v{i}-bidir": _SOFT for amp in ("bf16", "fp16") for i in (0, 1, 2, 3)},
     **{f"{amp}-longheads-v1-causal": "chunk selection from low-precision scores picks other "
        "chunks" for amp in ("bf16", "fp16")},
     "bf16-sparsifiner-v0-bidir": "top-k keys from bf16 connectivity differ from float32's",
 }
-AUTOCAST_OPEN.pop("fp16-soft-v1-bidir")  # within 5% in fp16
 
 
 def _autocast_cases() -> list:

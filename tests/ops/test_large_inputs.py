@@ -12,7 +12,7 @@ import torch
 
 from attnlab.ops import neighborhood_attention
 
-from ..device import DEVICE
+from ..device import DEVICE, HEAD_DIM
 from .test_nonfinite import CASES, run
 
 LARGE = [pytest.param(torch.float32, (1e2, 1e4), id="fp32"),
@@ -22,7 +22,7 @@ LARGE = [pytest.param(torch.float32, (1e2, 1e4), id="fp32"),
 
 def scaled_qkv(scale, dtype, length=11):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, length, 8, generator=g) for n in (4, 2, 2))
+    q, k, v = (torch.randn(2, n, length, HEAD_DIM, generator=g) for n in (4, 2, 2))
     return [(t * scale).to(DEVICE, dtype) for t in (q, k, v)]
 
 

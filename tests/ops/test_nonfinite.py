@@ -24,7 +24,7 @@ from attnlab.ops import (
     softplus_attention,
 )
 
-from ..device import DEVICE
+from ..device import DEVICE, HEAD_DIM
 
 FLEX = ("flex",) if DEVICE.type == "cuda" else ()
 # name -> (op, backends, whether it takes a per-row (B, H, Lq, Lk) mask)
@@ -45,7 +45,7 @@ CASES = [pytest.param(name, backend, id=f"{name}-{backend}")
 POISONS = [float("nan"), float("inf"), float("-inf")]
 
 
-def qkv(b=2, h=4, hkv=2, length=11, d=8):
+def qkv(b=2, h=4, hkv=2, length=11, d=HEAD_DIM):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(b, n, length, d, generator=g).to(DEVICE) for n in (h, hkv, hkv)]
 

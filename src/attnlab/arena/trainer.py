@@ -63,9 +63,13 @@ def failed_result(error: str | None) -> dict[str, Any]:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of a (nested tuple / list / dict) batch moved to ``device``."""
+    """Tensors of a (nested tuple / list / dict) batch moved to ``device``.
+
+    Copies to an accelerator are asynchronous; copies to the CPU are not: a non-blocking
+    device-to-host copy returns before its data has arrived, and reading it at once gives
+    whatever the buffer held (this made CUDA evaluations wrong and different each time)."""
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch.to(device, non_blocking=device.type != "cpu")
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):

@@ -103,22 +103,26 @@ class SoftAttention(Attention):
         return left, inv, right
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        left, inv, right = self._factors(q, call)
-        dtype, v = v.dtype, self.expand_kv(v).to(left.dtype)
-        mixed = inv @ right  # (m, n): shared with weights(), so both round alike
-        if not self.normalize:
-            return (left @ (mixed @ v)).to(dtype)
-        ones = v.new_ones(*v.shape[:-1], 1)
-        d = (left @ (mixed @ ones)).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
-        return (d * (left @ (mixed @ (d * v)))).to(dtype)
+        # Under autocast the Newton-Schulz steps and the products through the inverse would
+        # run in bf16/fp16, where the inverse errs by ~10%: they stay in float32.
+        with torch.autocast(q.device.type, enabled=False):
+            left, inv, right = self._factors(q, call)
+            dtype, v = v.dtype, self.expand_kv(v).to(left.dtype)
+            mixed = inv @ right  # (m, n): shared with weights(), so both round alike
+            if not self.normalize:
+                return (left @ (mixed @ v)).to(dtype)
+            ones = v.new_ones(*v.shape[:-1], 1)
+            d = (left @ (mixed @ ones)).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
+            return (d * (left @ (mixed @ (d * v)))).to(dtype)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        left, inv, right = self._factors(q, call)
-        a = left @ (inv @ right)
-        if not self.normalize:
-            return a
-        d = a.sum(-1, keepdim=True).clamp_min(1e-6).rsqrt()
-        return d * a * d.transpose(-1, -2)
+        with torch.autocast(q.device.type, enabled=False):
+            left, inv, right = self._factors(q, call)
+            a = left @ (inv @ right)
+            if not self.normalize:
+                return a
+            d = a.sum(-1, keepdim=True).clamp_min(1e-6).rsqrt()
+            return d * a * d.transpose(-1, -2)
 
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
         if self.dwconv is None:
