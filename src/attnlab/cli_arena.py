@@ -69,9 +69,11 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
     return parse_sweep(data, config or "options")
 
 
-def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
+def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "local",
+                      address: str | None = None) -> Any:
     """Run a sweep with progress bars: one for the sweep, one per run in flight. Ctrl-C
     stops it (finished runs are stored) with exit status 130."""
+    from attnlab.arena.ray_engine import EngineError
     from attnlab.arena.store import StoreError
     from attnlab.arena.sweep import GroupError, run_sweep
 
@@ -93,8 +95,12 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
             from attnlab.distributed.launch import data_parallel
 
             ranks = data_parallel()
-            where = f"each run data-parallel on {ranks[1]} processes (torchrun)" if ranks \
-                else f"on {min(sweep.worker_count, max(1, len(todo)))} worker(s)"
+            if ranks:
+                where = f"each run data-parallel on {ranks[1]} processes (torchrun)"
+            elif engine == "ray":
+                where = f"one Ray task per run ({address or 'local Ray instance'})"
+            else:
+                where = f"on {min(sweep.worker_count, max(1, len(todo)))} worker(s)"
             progress.console.print(
                 f"  {where}, "
                 f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
@@ -128,13 +134,14 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False) -> Any:
                 progress.advance(overall)
 
         try:
-            summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener)
+            summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener,
+                                engine=engine, address=address)
         except KeyboardInterrupt:
             progress.stop()
             console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the "
                           "same command again to resume")
             sys.exit(130)
-        except (StoreError, GroupError) as err:
+        except (StoreError, GroupError, EngineError) as err:
             raise click.ClickException(str(err)) from None
     if summary.imported:
         console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
@@ -274,10 +281,15 @@ def arena(ctx: click.Context, store: str) -> None:
 @click.option("--retry-failed", is_flag=True, help="Run failed runs again.")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Write the report when the sweep ends.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: worker processes here; ray: one Ray task per "
+              "run (pip install 'attnlab[ray]').")
+@click.option("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:10001 or auto) "
+              "[default: RAY_ADDRESS, else a local Ray instance].")
 def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds: int | None,
             steps: int | None, workers: int | None, store: str | None, name: str | None,
             params: tuple[str, ...], train: tuple[str, ...], reference: str | None,
-            retry_failed: bool, report: bool) -> None:
+            retry_failed: bool, report: bool, engine: str, address: str | None) -> None:
     """Run (or resume) a sweep; finished runs are stored and never run again.
 
     \b
@@ -286,8 +298,12 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
       attnlab arena run --task mqar --mechanisms softmax,dma --param seq_len=128
       attnlab arena run --task mqar --mechanisms softmax,linear --train 'lr=[1e-3, 3e-3]'
       attnlab arena run --config docs/results/mqar.toml --workers 2
+      attnlab arena run --config docs/results/mqar.toml --engine ray --address HEAD:6379
     """
     from attnlab.arena.config import ConfigError
+
+    if address is not None and engine != "ray":
+        raise click.UsageError("--address names a Ray cluster: use it with --engine ray")
 
     try:
         sweep = _sweep_from_options(config, task, mechanisms, seeds, steps, workers, store,
@@ -298,6 +314,9 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
     from attnlab.distributed.launch import init_from_env
 
     ranks = init_from_env(sweep.train.device)  # launched by torchrun: one run, all ranks
+    if ranks is not None and engine != "local":
+        raise click.UsageError("under torchrun every run is trained by the whole process "
+                               "group: --engine ray cannot be combined with it")
     if ranks is not None:
         import signal
 
@@ -307,7 +326,7 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
     if ranks is not None and ranks[0] != 0:
         _follow_quietly(sweep, retry_failed)
         return
-    summary = run_with_progress(sweep, retry_failed)
+    summary = run_with_progress(sweep, retry_failed, engine, address)
     if report and summary.done + summary.skipped:
         report_sweep(sweep.store, sweep.sweep_name, None)
 

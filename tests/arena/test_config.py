@@ -2,7 +2,8 @@
 
 import pytest
 
-from attnlab.arena.config import ConfigError, load_sweep, parse_sweep
+from attnlab.arena.config import ConfigError, load_sweep, parse_sweep, read_toml
+from attnlab.arena.search import space_of, split_config
 
 BASE = {"task": "copy", "mechanisms": ["softmax"], "seeds": 2}
 
@@ -80,6 +81,12 @@ def test_shipped_configs_are_valid():
     paths = [DEFAULT_CONFIG, *sorted(root.glob("*.toml"))]
     assert len(paths) >= 5
     for path in paths:
+        data = read_toml(path)
+        if "search" in data:  # an architecture search: its sweep keys and its space
+            base, found = split_config(data, str(path))
+            space = space_of(found)
+            assert parse_sweep({**base, "mechanisms": list(space.mechanisms)}).runs()
+            continue
         assert load_sweep(path).runs()
 
 

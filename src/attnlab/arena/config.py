@@ -25,6 +25,7 @@ from pydantic import (
 import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
 from attnlab.arena.files import DEFAULT_STORE, check_name
 from attnlab.core.registry import info
+from attnlab.models.blocks import hybrid_layers
 from attnlab.tasks import make_task
 
 MODEL_KEYS = ("dim", "depth", "heads", "head_dim", "positions", "mlp_ratio", "dropout",
@@ -152,7 +153,8 @@ class Sweep(Strict):
     def _known_mechanisms(cls, value: list[str | Variant]) -> list[Variant]:
         variants = [Variant(mechanism=v) if isinstance(v, str) else v for v in value]
         for v in variants:
-            info(v.mechanism)  # ValueError naming the registered mechanisms
+            for layer in hybrid_layers(v.mechanism):  # "softmax+linear": one per layer
+                info(layer)  # ValueError naming the registered mechanisms
             bad = sorted(set(v.model) - set(MODEL_KEYS))
             if bad:
                 raise ValueError(f"mechanism {v.name!r}: unknown model key {bad[0]!r} "

@@ -57,16 +57,32 @@ def pending_runs(sweep: Sweep, store: RunStore, retry_failed: bool = False
     return todo, len(specs) - len(todo), failed_kept
 
 
+ENGINES = ("local", "ray")
+
+
 def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None = None,
-              listener: Listener | None = None) -> SweepSummary:
+              listener: Listener | None = None, engine: str = "local",
+              address: str | None = None) -> SweepSummary:
     """Train every run of ``sweep`` not yet in its store; returns what happened.
 
+    ``engine``: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray task per
+    run, on the cluster at ``address`` or a local Ray instance; ``arena.ray_engine``); the
+    store is read and written by this process alone either way.
     Under torchrun (a process group of several ranks), every run is trained data-parallel
     by all ranks, one run at a time: rank 0 alone reads and writes the store and tells the
     others which runs to train."""
     listener = listener or (lambda *_: None)
     workers = workers or sweep.worker_count
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ranks = data_parallel()
+    if ranks is not None and engine != "local":
+        raise ValueError("under torchrun each run is trained by the whole process group; "
+                         f"--engine {engine} cannot be combined with it")
+    if engine == "ray":
+        from attnlab.arena.ray_engine import require_ray
+
+        require_ray()  # a missing extra is said before the store is touched
     if ranks is not None and ranks[0] != 0:
         return _follow(sweep)
     with RunStore(sweep.store) as store:
@@ -81,7 +97,13 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
                                elsewhere=elsewhere, imported=imported)
         listener("plan", None, (todo, skipped, failed_kept))
         try:
-            _train(todo, store, summary, workers, listener)
+            if engine == "ray":
+                from attnlab.arena.ray_engine import run_on_ray
+
+                run_on_ray(todo, _finisher(store, summary, listener), listener,
+                           address=address, cpus=workers * sweep.train.threads)
+            else:
+                _train(todo, store, summary, workers, listener)
         finally:
             store.release(todo)
     return summary
@@ -117,9 +139,9 @@ class GroupError(RuntimeError):
     """A process of a torchrun group died or stopped answering: the sweep stops."""
 
 
-def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers: int,
-           listener: Listener) -> None:
-    """Train ``todo`` (claimed runs), storing each run as it ends."""
+def _finisher(store: RunStore, summary: SweepSummary, listener: Listener
+              ) -> Callable[[RunSpec, dict[str, Any]], None]:
+    """What happens when a run ends, whatever trained it: store it, count it, tell."""
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
         try:
@@ -136,6 +158,13 @@ def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers:
         if result["status"] != "done" and data_parallel() is not None:
             stop_if_group_lost(f"run {spec.label} seed {spec.seed}")
 
+    return finish
+
+
+def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers: int,
+           listener: Listener) -> None:
+    """Train ``todo`` (claimed runs) on local workers, storing each run as it ends."""
+    finish = _finisher(store, summary, listener)
     if workers == 1 or len(todo) <= 1:
         for spec in todo:
             listener("start", spec, None)

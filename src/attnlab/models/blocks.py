@@ -20,9 +20,21 @@ def per_layer(value: Any, depth: int, what: str) -> list:
     return [value] * depth
 
 
+HYBRID_SEPARATOR = "+"
+
+
+def hybrid_layers(mechanism: str) -> list[str]:
+    """The per-layer names of a hybrid written as one string, ``"softmax+linear"`` (layer 0
+    softmax, layer 1 linear); a plain name is one entry."""
+    return [part.strip() for part in mechanism.split(HYBRID_SEPARATOR)]
+
+
 def layer_specs(mechanism: str | Sequence[str], mechanism_kwargs: dict | Sequence[dict] | None,
                 depth: int) -> list[tuple[str, dict]]:
-    """(name, kwargs) per layer; every name is checked against the registry."""
+    """(name, kwargs) per layer; every name is checked against the registry. ``mechanism``:
+    one name for every layer, one per layer, or per-layer names joined by ``+``."""
+    if isinstance(mechanism, str) and HYBRID_SEPARATOR in mechanism:
+        mechanism = hybrid_layers(mechanism)
     names = per_layer(mechanism, depth, "mechanism")
     kwargs = per_layer(mechanism_kwargs or {}, depth, "mechanism_kwargs")
     for name in names:

@@ -26,7 +26,8 @@ class TransformerLM(nn.Module):
     Args:
         vocab: vocabulary size.
         dim, depth, heads: width, number of blocks, attention heads.
-        mechanism: a registered name, or one name per layer.
+        mechanism: a registered name, one name per layer, or per-layer names joined by
+            ``+`` (a hybrid: ``"softmax+linear"`` is softmax in layer 0, linear in layer 1).
         mechanism_kwargs: keyword arguments for the mechanism(s): one dict, or one per layer.
         positions: ``"rope"`` (rotary, in each attention), ``"learned"`` (absolute
             embeddings up to ``max_len``) or ``"none"``.
