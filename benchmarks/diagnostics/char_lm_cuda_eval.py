@@ -5,8 +5,9 @@ available device, then evaluates the same weights on that device and on the CPU.
 ``STEPS=2 python benchmarks/diagnostics/char_lm_cuda_eval.py`` is a quick smoke run.
 
 Seen on an H200 (torch 2.11.0+cu130, 2026-11-25): last training loss 1.459; test loss
-2.039 on CUDA (token_losses) and 2.159 (evaluate), 1.579 on the CPU; a randomly
-initialised model agrees between CUDA and the CPU to 1.6e-6. Not yet explained.
+2.039 on CUDA (token_losses) and 2.159 (evaluate), 1.579 on the CPU. Cause: the evaluation
+wrapper's device-to-host copies were non_blocking and read before they landed. After the fix
+(same day, same machine): 1.5789 on CUDA and on the CPU, token_losses and evaluate alike.
 """
 
 import os
