@@ -205,3 +205,12 @@ def test_a_search_file_with_an_unknown_search_key_is_refused(tmp_path):
     path.write_text('task = "mqar"\n[search]\nmechanisms = ["softmax"]\nlayers = 3\n')
     result = CliRunner().invoke(main, ["arena", "search", "--config", str(path)])
     assert result.exit_code == 2 and "unknown [search] key 'layers'" in result.output
+
+
+def test_a_moved_store_still_resumes_its_search(tmp_path):
+    import shutil
+
+    run_search(base(tmp_path), SPACE, trials=1)
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    study = run_search({**BASE, "store": str(tmp_path / "moved")}, SPACE, trials=1)
+    assert len(trained(study)) == 1

@@ -206,7 +206,9 @@ def run_search(base: dict[str, Any], space: SearchSpace, *, cost: str = "flops",
     task_cls = TASKS[probe.task]
     store_dir = Path(probe.store)
     store_dir.mkdir(parents=True, exist_ok=True)
-    identity = {"sweep": definition(probe) | {"mechanisms": None, "reference": None},
+    # what changes the numbers (the store's path does not: a moved store still resumes)
+    identity = {"sweep": definition(probe) | {"mechanisms": None, "reference": None,
+                                              "store": None},
                 "space": asdict(space),
                 "cost": cost, "max_cost": max_cost, "sampler_seed": sampler_seed}
     identity = json.loads(json.dumps(identity))
