@@ -67,9 +67,10 @@ def search_cmd(config: str | None, task: str | None, params: tuple[str, ...],
     \b
     Examples:
       attnlab arena search --task mqar --layer-mechanisms softmax,linear --trials 20
-      attnlab arena search --config docs/results/search_mqar.toml
+      attnlab arena search --config docs/results/search_char_lm.toml
     """
     from attnlab.arena.config import ConfigError, parse_sweep, read_toml
+    from attnlab.arena.ray_engine import EngineError
     from attnlab.arena.search import SearchError, run_search, space_of, split_config
     from attnlab.arena.search_report import write_search_report
 
@@ -134,7 +135,7 @@ def search_cmd(config: str | None, task: str | None, params: tuple[str, ...],
             console.print("[yellow]interrupted[/yellow]: trained designs are stored; run the "
                           "same command again to resume")
             sys.exit(130)
-        except (SearchError, ConfigError) as err:
+        except (SearchError, ConfigError, EngineError) as err:
             raise click.ClickException(str(err)) from None
     from attnlab.machine import describe, machine
     from attnlab.tasks import TASKS

@@ -214,3 +214,14 @@ def test_a_moved_store_still_resumes_its_search(tmp_path):
     shutil.move(tmp_path / "runs", tmp_path / "moved")
     study = run_search({**BASE, "store": str(tmp_path / "moved")}, SPACE, trials=1)
     assert len(trained(study)) == 1
+
+
+def test_the_search_on_ray_without_ray_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, ["arena", "search", "--task", "mqar", "--param",
+                                       "vocab=16", "--param", "seq_len=16", "--param",
+                                       "train_kv=[2]", "--param", "eval_kv=[2]", "--steps",
+                                       "1", "--trials", "1", "--depths", "1", "--dims", "16",
+                                       "--heads", "2", "--store", str(tmp_path),
+                                       "--engine", "ray"])
+    assert result.exit_code == 1 and "attnlab[ray]" in result.output
