@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +71,22 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
     return parse_sweep(data, config or "options")
 
 
+@contextlib.contextmanager
+def stops_cleanly(progress: Progress, stored: str, *errors: type[Exception]
+                  ) -> Iterator[None]:
+    """Ctrl-C stops the bars and says what is kept and how to resume (exit status 130);
+    ``errors`` become a one-line CLI error."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        progress.stop()
+        console.print(f"[yellow]interrupted[/yellow]: {stored}; run the same command again "
+                      "to resume")
+        sys.exit(130)
+    except errors as err:
+        raise click.ClickException(str(err)) from None
+
+
 def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "local",
                       address: str | None = None) -> Any:
     """Run a sweep with progress bars: one for the sweep, one per run in flight. Ctrl-C
@@ -133,16 +151,10 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
                 progress.console.print(f"  {desc}: {mark} in {payload['wall_time'] or 0:.1f}s")
                 progress.advance(overall)
 
-        try:
+        with stops_cleanly(progress, "finished runs are stored", StoreError, GroupError,
+                           EngineError):
             summary = run_sweep(sweep, retry_failed=retry_failed, listener=listener,
                                 engine=engine, address=address)
-        except KeyboardInterrupt:
-            progress.stop()
-            console.print("[yellow]interrupted[/yellow]: finished runs are stored; run the "
-                          "same command again to resume")
-            sys.exit(130)
-        except (StoreError, GroupError, EngineError) as err:
-            raise click.ClickException(str(err)) from None
     if summary.imported:
         console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
                       "aside")

@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from attnlab.cli_arena import _pairs, arena, console
+from attnlab.cli_arena import _pairs, arena, console, stops_cleanly
 
 
 def _ints(text: str | None, option: str) -> list[int] | None:
@@ -125,18 +125,12 @@ def search_cmd(config: str | None, task: str | None, params: tuple[str, ...],
                                    f"{cost_kind} {info['cost']:.4g}")
             progress.update(designs, completed=done)
 
-        try:
+        with stops_cleanly(progress, "trained designs are stored", SearchError, ConfigError,
+                           EngineError):
             study = run_search(base, space, cost=cost_kind, trials=total,
                                max_cost=got.get("max_cost"),
                                sampler_seed=got.get("sampler_seed", 0), engine=engine,
                                address=address, on_trial=on_trial, listener=on_run)
-        except KeyboardInterrupt:
-            progress.stop()
-            console.print("[yellow]interrupted[/yellow]: trained designs are stored; run the "
-                          "same command again to resume")
-            sys.exit(130)
-        except (SearchError, ConfigError, EngineError) as err:
-            raise click.ClickException(str(err)) from None
     from attnlab.machine import describe, machine
     from attnlab.tasks import TASKS
 

@@ -30,7 +30,7 @@ from attnlab.arena.store import RunStore
 from attnlab.arena.summary import summarize
 from attnlab.arena.sweep import definition, run_sweep, sweep_rows
 from attnlab.arena.trainer import count_parameters, torch_threads
-from attnlab.models.blocks import HYBRID_SEPARATOR, hybrid_layers
+from attnlab.models.blocks import HYBRID_SEPARATOR
 from attnlab.tasks import TASKS, make_task
 from attnlab.tasks.base import split_generator
 
@@ -241,8 +241,8 @@ def run_search(base: dict[str, Any], space: SearchSpace, *, cost: str = "flops",
             raise SearchError(f"{asked} designs proposed and too few fit max_cost={max_cost}")
         trial = study.ask()
         design = suggest(trial, space)
-        spec = design_sweep(base, [design]).runs()[0]
-        value = measure_cost(spec, cost)
+        sweep = design_sweep(base, [design])
+        value = measure_cost(sweep.runs()[0], cost)
         trial.set_user_attr("design", design.label)
         trial.set_user_attr("cost", value)
         if max_cost is not None and value > max_cost:
@@ -250,12 +250,9 @@ def run_search(base: dict[str, Any], space: SearchSpace, *, cost: str = "flops",
             continue
         if design not in designs:
             designs.append(design)
-        with RunStore(probe.store) as store:  # the search's sweep: every design so far
-            store.save_definition(probe.sweep_name, definition(design_sweep(base, designs)))
-        sweep = design_sweep(base, [design])
-        run_sweep(sweep, engine=engine, address=address, listener=listener)
+        run_sweep(sweep, engine=engine, address=address, listener=listener,
+                  part_of=design_sweep(base, designs))  # stored: every design so far
         with RunStore(probe.store) as store:
-            store.save_definition(probe.sweep_name, definition(design_sweep(base, designs)))
             rows = sweep_rows(store, sweep)
         (contestant,) = summarize(rows, list(sweep.train.grid())).contestants
         metric = contestant.metrics.get(task_cls.metric)
@@ -296,6 +293,3 @@ def design_of(params: dict[str, Any]) -> Design:
     return Design(tuple(params[f"layer{i}"] for i in range(params["depth"])), params["dim"],
                   params["heads"])
 
-
-def is_mixed(mechanism: str) -> bool:
-    return len(set(hybrid_layers(mechanism))) > 1

@@ -62,8 +62,11 @@ ENGINES = ("local", "ray")
 
 def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None = None,
               listener: Listener | None = None, engine: str = "local",
-              address: str | None = None) -> SweepSummary:
+              address: str | None = None, part_of: Sweep | None = None) -> SweepSummary:
     """Train every run of ``sweep`` not yet in its store; returns what happened.
+
+    ``part_of``: the sweep whose definition the store keeps under the name (default
+    ``sweep``; an architecture search trains one design of its sweep of every design).
 
     ``engine``: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray task per
     run, on the cluster at ``address`` or a local Ray instance; ``arena.ray_engine``); the
@@ -86,7 +89,7 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
     if ranks is not None and ranks[0] != 0:
         return _follow(sweep)
     with RunStore(sweep.store) as store:
-        store.save_definition(sweep.sweep_name, definition(sweep))
+        store.save_definition(sweep.sweep_name, definition(part_of or sweep))
         imported = store.import_kept(sweep.runs())
         todo, skipped, failed_kept = pending_runs(sweep, store, retry_failed)
         todo, elsewhere = store.claim(todo, retry_failed)
