@@ -85,10 +85,14 @@ def dead_peer(rank: int, world: int, init_file: str, result_dir: str, how: str) 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=5))
+    # Both ranks must have finished joining before rank 1 leaves: a peer that exits while
+    # the other is still connecting fails init_process_group itself, not the op under test.
+    dist.barrier()
     if rank == 1:
-        if how == "stall":
-            import time
+        import time
 
+        time.sleep(0.5)  # let rank 0 read the barrier's last message before the socket closes
+        if how == "stall":
             time.sleep(8)
         os._exit(0)
     q = torch.randn(1, 2, 4, 8)
