@@ -75,3 +75,15 @@ def test_every_registered_mechanism_has_a_page_naming_its_paper():
         text = " ".join(page.read_text().split())
         title = al.info(name).paper.split(":")[0]
         assert title in text, f"{page.name} does not name its paper ({title!r})"
+
+
+def test_readme_performance_tables_are_generated_from_the_recorded_bench_results(tmp_path):
+    """Every `<!-- bench: ... -->` block of the README equals what `attnlab bench readme`
+    generates from the JSON it names."""
+    from attnlab.bench.report import update_readme
+
+    root = DOCS.parent
+    copy = tmp_path / "README.md"
+    shutil.copy(root / "README.md", copy)
+    assert update_readme(copy, root) >= 3
+    assert copy.read_text() == (root / "README.md").read_text()

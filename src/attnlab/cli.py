@@ -182,9 +182,11 @@ def demo(ctx: click.Context, mechanisms: str | None, steps: int | None,
 def _add_arena() -> None:
     import attnlab.cli_search  # noqa: F401 - registers `attnlab arena search`
     from attnlab.cli_arena import arena
+    from attnlab.cli_bench import bench
     from attnlab.cli_heads import heads
 
     main.add_command(arena)
+    main.add_command(bench)
     main.add_command(heads)
 
 

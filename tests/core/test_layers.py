@@ -1,5 +1,5 @@
 """The package's layers import only downwards: core <- modules (parts) <- ops <- mechanisms
-<- distributed <- integrations <- models <- tasks <- arena <- heads <- cli
+<- distributed <- integrations <- models <- tasks <- arena <- heads <- bench <- cli
 (docs/architecture.md). Imports
 inside ``if TYPE_CHECKING:`` are annotations only and allowed."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "attnlab"
 LAYERS = ["core", "modules", "ops", "mechanisms", "distributed", "integrations", "models",
-          "tasks", "arena", "heads", "cli"]
+          "tasks", "arena", "heads", "bench", "cli"]
 LEAVES = {"tables", "machine"}  # helpers usable by every layer: they import no layer
 # (machine reads attnlab.__version__ inside a function)
 

@@ -66,13 +66,14 @@ def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, s
               ) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics of ``n_seg`` equal segments of k, v (B, H, n_seg * seg, D) for q (B, H, R, D):
     the row max m_s, sum of exp(s - m_s) and the partial output, each (B, H, n_seg, R, .).
-    A segment with no visible key gives (-inf, 0, 0)."""
-    b, h = k.shape[:2]
-    k_seg = k.unflatten(2, (n_seg, -1))
-    v_seg = v.unflatten(2, (n_seg, -1))
-    s = torch.einsum("bhrd,bhnkd->bhnrk", q, k_seg) * scale
+    A segment with no visible key gives (-inf, 0, 0). The scores are one matmul against the
+    transposed view of the cache (the cache is never copied); the partial outputs one batched
+    matmul over the segments."""
+    s = (q @ k.transpose(-1, -2) * scale).unflatten(-1, (n_seg, -1))  # (B, H, R, n, seg)
     if vis is not None:
-        s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)).transpose(-2, -3), float("-inf"))
+        s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)), float("-inf"))
     p, m = shifted_exp(s)
     l_sum = p.sum(-1, keepdim=True)
-    return m, l_sum, (p @ v_seg) / l_sum.clamp_min(1e-30)
+    m, l_sum = m.transpose(2, 3), l_sum.transpose(2, 3)  # (B, H, n, R, 1)
+    out = p.transpose(2, 3) @ v.unflatten(2, (n_seg, -1))  # (B, H, n, R, Dv)
+    return m, l_sum, out / l_sum.clamp_min(1e-30)

@@ -35,6 +35,13 @@ def _mask_mod(causal: bool, offset: int, mask: Tensor | None) -> Callable | None
     return mod
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(lq: int, lk: int, device: str):
+    """The end-aligned causal block mask, broadcast over batch and heads (building one costs
+    about as much as a short attention call, so it is cached per shape and device)."""
+    return block_mask_of(_mask_mod(True, lk - lq, None), None, None, lq, lk, device)
+
+
 def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
               score_mod: Callable | None, scale: float, return_lse: bool = False):
     """Run FlexAttention with a causal (end-aligned) and/or boolean mask.
@@ -42,16 +49,16 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     ``q``, ``k``, ``v`` have expanded heads. Compiled on CUDA; eager elsewhere (eager is the
     unfused reference path of FlexAttention, used by the tests to check ``score_mod`` math).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     b, h, lq, _ = q.shape
     lk = k.shape[2]
-    full_mask = None if mask is None else mask.expand(b, h, lq, lk)
-    mod = _mask_mod(causal, lk - lq, full_mask)
     block_mask = None
-    if mod is not None:
-        block_mask = create_block_mask(mod, b, h, lq, lk, device=q.device,
-                                       _compile=q.device.type == "cuda")
+    if mask is None and causal:  # the same for every batch and head: built once, kept
+        block_mask = _causal_block_mask(lq, lk, str(q.device))
+    elif mask is not None:
+        mod = _mask_mod(causal, lk - lq, mask.expand(b, h, lq, lk))
+        block_mask = block_mask_of(mod, b, h, lq, lk, q.device)
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     if not return_lse:
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
@@ -65,14 +72,24 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     return out, aux.lse
 
 
-def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, mask_mod: Callable, scale: float) -> Tensor:
-    """Softmax FlexAttention restricted by ``mask_mod(b, h, q_idx, kv_idx) -> bool``; the block
-    mask built from it lets the kernel skip key blocks no query of a block can see.
-    ``q``, ``k``, ``v`` are (B, H, L, D) with expanded heads."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def block_mask_of(mask_mod: Callable, b: int | None, h: int | None, lq: int, lk: int,
+                  device) -> object:
+    """FlexAttention's block mask of ``mask_mod`` (compiled on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, b, h, lq, lk, device=device,
+                             _compile=str(device).startswith("cuda"))
+
+
+def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                mask_mod: Callable | None = None, block_mask=None) -> Tensor:
+    """Softmax FlexAttention restricted by ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (or by a
+    ``block_mask`` built from one before); the block mask lets the kernel skip key blocks no
+    query of a block can see. ``q``, ``k``, ``v`` are (B, H, L, D) with expanded heads."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     b, h, lq, _ = q.shape
-    block_mask = create_block_mask(mask_mod, b, h, lq, k.shape[2], device=q.device,
-                                   _compile=q.device.type == "cuda")
+    if block_mask is None:
+        block_mask = block_mask_of(mask_mod, b, h, lq, k.shape[2], q.device)
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale)

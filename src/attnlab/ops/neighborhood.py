@@ -27,8 +27,9 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +208,7 @@ def _combine_visibility(tiles: list[AxisTiles]) -> Tensor:
 
 def _default_block(rule: AxisRule, dims: int) -> int:
     """Tile edge: a multiple of the stride; the kernel per axis in 2-D / 3-D, and in 1-D the
-    kernel clamped to [64, 256] rows (measured fastest on CPU; benchmarks/bench_local.py)."""
+    kernel clamped to [64, 256] rows (measured fastest on CPU; attnlab bench run ops)."""
     s = rule.stride
     k = min(rule.kernel, rule.length)
     base = min(max(k, 64), 256) if dims == 1 else k
@@ -260,14 +261,12 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
 
 
 # ------------------------------------------------------------------------------ flex backend
-def _flex(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tensor | None,
-          scale: float) -> Tensor:
-    from attnlab.ops.flex import flex_masked
-
+def _window_mask_mod(rules: tuple[AxisRule, ...], key_mask: Tensor | None, device) -> Callable:
+    """FlexAttention's mask_mod of the window rule on the flattened positions."""
     spatial = [r.length for r in rules]
     windows = []
     for r in rules:
-        g, _, start, end = r.windows(q.device)
+        g, _, start, end = r.windows(device)
         windows.append((g, start, end))
     strides = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
     flat_mask = None if key_mask is None else key_mask.reshape(key_mask.shape[0], -1)
@@ -284,9 +283,31 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tens
             keep = keep & flat_mask[bi, kv_idx]
         return keep
 
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(rules: tuple[AxisRule, ...], device: str):
+    """The block mask of a window rule without padding, broadcast over batch and heads; built
+    once per rule and device (building it costs about as much as the attention)."""
+    from attnlab.ops.flex import block_mask_of
+
+    n = math.prod(r.length for r in rules)
+    return block_mask_of(_window_mask_mod(rules, None, device), None, None, n, n, device)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Tensor | None,
+          scale: float) -> Tensor:
+    from attnlab.ops.flex import flex_masked
+
     b, h = q.shape[:2]
     flat = [t.reshape(b, h, -1, t.shape[-1]) for t in (q, k, v)]
-    out = flex_masked(*flat, mask_mod=mask_mod, scale=scale)
+    if key_mask is None:
+        out = flex_masked(*flat, block_mask=_window_block_mask(tuple(rules), str(q.device)),
+                          scale=scale)
+    else:
+        out = flex_masked(*flat, mask_mod=_window_mask_mod(tuple(rules), key_mask, q.device),
+                          scale=scale)
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 

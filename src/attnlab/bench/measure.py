@@ -1,0 +1,88 @@
+"""Clocks and meters: one step's time, a step's peak memory, the machine's GEMM rate."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from attnlab.bench.workload import DTYPES
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], None], device: str) -> float:
+    """Seconds of one call of ``step`` (the device's queue drained before and after)."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_peak_supported() -> bool:
+    """Linux lets a process reset its peak resident size (``clear_refs``), so each step's
+    peak can be read in one process, contestants interleaved."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def peak_mb(step: Callable[[], None], device: str) -> float | None:
+    """Peak memory a call of ``step`` adds over what was in use before it, in MB (10^6 B).
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU: the peak resident size
+    (VmHWM after a reset) over the resident size before; the worker process runs with
+    ``MALLOC_MMAP_THRESHOLD_`` set so freed tensors leave the resident set. None where the
+    OS gives no resettable peak."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 1e6
+    if not cpu_peak_supported():
+        step()
+        return None
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    step()
+    return (_status_kib("VmHWM") - before) * 1024 / 1e6
+
+
+def gemm_rate(device: str, dtype: str, *, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in ``dtype`` on ``device`` (median of ``repeats``): the
+    ceiling a contestant's nominal FLOPs are compared with."""
+    n = size or (8192 if device.startswith("cuda") else 2048)
+    a, b = (torch.randn(n, n, device=device).to(DTYPES[dtype]) for _ in range(2))
+    torch.matmul(a, b)
+    times = [timed(lambda: torch.matmul(a, b), device) for _ in range(repeats)]
+    return 2 * n**3 / statistics.median(times)
+
+
+def summarize(times: list[float]) -> dict:
+    """Median and spread ((max - min) / median) of a contestant's rounds."""
+    median = statistics.median(times)
+    return {"times": times, "median_s": median,
+            "spread": (max(times) - min(times)) / median if median > 0 else 0.0}

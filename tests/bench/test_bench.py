@@ -1,0 +1,234 @@
+"""attnlab bench: contestants agree on the math, rounds interleave, reports and resumes."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attnlab.bench import report as report_module
+from attnlab.bench.contestants import OPS, Contestant
+from attnlab.bench.measure import cpu_peak_supported, peak_mb, summarize
+from attnlab.bench.runner import run_suite
+from attnlab.bench.suites import GROUPS, TARGETS, Group
+from attnlab.bench.worker import run_workload
+from attnlab.bench.workload import Workload, op_inputs
+from attnlab.cli import main
+
+
+def workload(group: str, length: int = 96, mode: str = "inference", **kw) -> Workload:
+    return Workload(group=group, length=length, mode=mode, dtype="fp32", device="cpu",
+                    rounds=2, **{**GROUPS[group].shape, **kw})
+
+
+def outputs(w: Workload, names: list[str]) -> dict[str, torch.Tensor]:
+    x = op_inputs(w)
+    with torch.no_grad():
+        return {n: OPS[n].prepare(w, x)[0]() for n in names}
+
+
+@pytest.mark.parametrize("group, names", [
+    ("scored", ["sigmoid/attnlab", "sigmoid/dense"]),
+    ("scored", ["softmax/sdpa", "softmax/attnlab-reference"]),
+    ("neighborhood", ["neighborhood/sdpa-masked", "neighborhood/attnlab"]),
+    ("decode", ["decode/matmul", "decode/attnlab", "decode/sdpa-repeat-kv",
+                "decode/sdpa-gqa"]),
+])
+def test_contestants_of_a_group_compute_the_same_thing(group, names):
+    w = workload(group, kernel=16) if group == "neighborhood" else workload(group)
+    got = outputs(w, names)
+    first = got[names[0]]
+    for name in names[1:]:
+        torch.testing.assert_close(got[name], first, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group, names", [
+    ("scored", ["sigmoid/dense", "sigmoid/flex"]),
+    ("scored", ["softmax/sdpa", "softmax/flex"]),
+    ("neighborhood", ["neighborhood/attnlab", "neighborhood/flex", "neighborhood/natten"]),
+])
+def test_compiled_flex_and_natten_contestants_agree(group, names):
+    pytest.importorskip("natten") if "neighborhood/natten" in names else None
+    w = workload(group, length=256, kernel=32) if group == "neighborhood" else \
+        workload(group, length=256)
+    got = outputs(w, names)
+    for name in names[1:]:
+        torch.testing.assert_close(got[name], got[names[0]], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def recorder(calls: list, name: str) -> Contestant:
+    def prepare(w, x):
+        def forward():
+            calls.append(name)
+            return x["q"] * 1.0
+        return forward, []
+    return Contestant(name, "torch", prepare)
+
+
+def test_rounds_interleave_the_contestants_and_skips_say_why(monkeypatch):
+    calls: list[str] = []
+    fakes = {n: recorder(calls, n) for n in ("a", "b", "c")}
+    fakes["d"] = Contestant("d", "flex", lambda w, x: (None, []), needs_backward_on_cpu=False)
+    monkeypatch.setitem(GROUPS, "fake", Group("fake", "", ("a", "b", "c", "d"), "a"))
+    monkeypatch.setattr("attnlab.bench.suites.OPS", fakes)
+    w = Workload(group="fake", length=8, mode="train", dtype="fp32", device="cpu", rounds=3)
+    ticks = []
+    rows = run_workload(w, ["a", "b", "c", "d"], memory_limit_bytes=2**30,
+                        max_step_seconds=60, emit=lambda e: ticks.append(e["steps"]))
+    # warm-up and peak step of each, then rounds rotating the order
+    assert calls == ["a", "a", "b", "b", "c", "c",
+                     "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "skipped"]
+    assert rows[3]["reason"] == "FlexAttention has no backward on CPU"
+    assert all(len(r["times"]) == 3 for r in rows[:3])
+    assert sum(ticks) == 4 * (3 + 2)  # the progress bar's total is reached exactly
+
+
+def test_a_failing_contestant_is_recorded_and_the_others_still_run(monkeypatch):
+    calls: list[str] = []
+
+    def broken(w, x):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 TB")
+
+    monkeypatch.setitem(GROUPS, "fake", Group("fake", "", ("a", "bad"), "a"))
+    monkeypatch.setattr("attnlab.bench.suites.OPS",
+                        {"a": recorder(calls, "a"), "bad": Contestant("bad", "torch", broken)})
+    w = Workload(group="fake", length=8, mode="inference", dtype="fp32", device="cpu",
+                 rounds=2)
+    rows = run_workload(w, ["a", "bad"], memory_limit_bytes=2**30, max_step_seconds=60,
+                        emit=lambda e: None)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "error" and rows[1]["reason"].startswith("out of memory")
+
+
+def test_dense_contestants_over_the_memory_limit_are_not_run():
+    w = workload("scored", length=16384)
+    reason = OPS["sigmoid/dense"].why_not(w, memory_limit_bytes=8 * 2**30)
+    assert reason and "over the 8 GiB limit" in reason
+    assert OPS["sigmoid/attnlab"].why_not(w, memory_limit_bytes=8 * 2**30) is None
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux's resettable peak RSS")
+def test_peak_memory_sees_a_step_that_allocates_200_mb():
+    big = torch.ones(100_000_000)  # 400 MB: raises the process's peak before the step
+    del big
+    held = []
+    got = peak_mb(lambda: held.append(torch.ones(50_000_000)), "cpu")  # 200 MB
+    assert 190 < got < 260, got
+    held.clear()
+    assert peak_mb(lambda: None, "cpu") < 20
+
+
+def test_summary_is_median_and_relative_spread():
+    assert summarize([3.0, 1.0, 2.0]) == {"times": [3.0, 1.0, 2.0], "median_s": 2.0,
+                                          "spread": 1.0}
+
+
+def test_workload_rejects_bad_settings():
+    with pytest.raises(ValueError, match="mode must be"):
+        workload("scored", mode="eval")
+    with pytest.raises(ValueError, match="dtype must be"):
+        Workload(group="scored", length=8, mode="train", dtype="fp16", device="cpu")
+
+
+def synthetic(rows: list[tuple]) -> dict:
+    """A report from (group, contestant, length, median seconds, measured-together id)."""
+    out = []
+    for group, name, length, median, together in rows:
+        w = workload(group, length=length, mode="train" if group == "scored" else "inference")
+        out.append({"group": group, "workload": w.key(), "contestant": name, "status": "ok",
+                    "median_s": median, "spread": 0.0, "times": [median], "peak_mb": 1.0,
+                    "measured_together": together})
+    return {"suite": "x", "device": "cpu", "rows": out, "runs": [],
+            "machine": {"cpu": "c", "cores": 2, "torch": "t", "python": "p",
+                        "platform": "l"}}
+
+
+def test_ratios_only_between_rows_measured_together():
+    rep = synthetic([("scored", "softmax/sdpa", 4096, 1.0, "run 0"),
+                     ("scored", "sigmoid/attnlab", 4096, 1.25, "run 0"),
+                     ("scored", "lssa/attnlab", 4096, 1.0, "run 1")])
+    rows = rep["rows"]
+    assert report_module.ratio(rows[1], rows) == pytest.approx(0.8)
+    assert report_module.ratio(rows[2], rows) is None  # another run: no ratio
+
+
+def test_targets_are_judged_from_the_rows():
+    by_label = {t.label: t for t in TARGETS}
+    rep = synthetic([("scored", "softmax/sdpa", 4096, 1.0, "r"),
+                     ("scored", "sigmoid/attnlab", 4096, 1.25, "r"),
+                     ("scored", "lssa/attnlab", 4096, 1.2, "r")])
+    sigmoid = report_module.evaluate(by_label["sigmoid training >= 0.9x SDPA at L=4096"], rep)
+    lssa = report_module.evaluate(by_label["LSSA training >= 0.8x SDPA at L=4096"], rep)
+    assert (sigmoid["reached"], round(sigmoid["value"], 3)) == (False, 0.8)
+    assert (lssa["reached"], round(lssa["value"], 3)) == (True, 0.833)
+    # time doubling with L: exponent 1; K = 128 at 16k: ideal 128x, measured 64x = 50%
+    rep = synthetic([("neighborhood", "neighborhood/sdpa-masked", 16384, 64.0, "r"),
+                     ("neighborhood", "neighborhood/attnlab", 16384, 1.0, "r"),
+                     ("neighborhood", "neighborhood/attnlab", 8192, 0.5, "s")])
+    ideal = report_module.evaluate(
+        by_label["neighborhood inference >= 50% of ideal L/K at L=16384"], rep)
+    growth = report_module.evaluate(
+        by_label["neighborhood time grows <= 1.1x per unit of L*K"], rep)
+    assert ideal["reached"] and ideal["value"] == pytest.approx(0.5)
+    assert growth["reached"] and growth["value"] == pytest.approx(1.0)
+
+
+def test_fit_exponent():
+    assert report_module.fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert report_module.fit_exponent([1], [1]) is None
+
+
+def test_a_suite_run_writes_json_and_markdown_and_resumes(tmp_path):
+    w = workload("decode", length=256)
+    seen = []
+    rep, path = run_suite([w], suite="decode", device="cpu", out=tmp_path,
+                          contestants=("decode/attnlab",),
+                          progress=lambda label, done, total: seen.append((done, total)))
+    assert [r["contestant"] for r in rep["rows"]] == ["decode/matmul", "decode/attnlab"]
+    assert all(r["status"] == "ok" and r["peak_mb"] is not None for r in rep["rows"])
+    assert seen[-1] == (2 * 4, 2 * 4)
+    md = report_module.write_outputs(rep, path, plots=False)
+    text = md.read_text()
+    assert "decode/attnlab" in text and "attnlab bench" in text and "GEMM" in text
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == rep["rows"]
+    again, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
+                         contestants=("decode/attnlab",), progress=None)
+    assert again["rows"] == rep["rows"] and len(again["runs"]) == 2  # nothing re-measured
+
+
+def test_a_dead_worker_is_an_error_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")  # the worker still imports attnlab...
+    w = workload("decode", length=64)
+    monkeypatch.setattr("attnlab.bench.runner.sys.executable", "/bin/false")
+    rep, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path)
+    assert {r["status"] for r in rep["rows"]} == {"error"}
+    assert all("worker exited with code 1" in r["reason"] for r in rep["rows"])
+
+
+def test_readme_blocks_are_regenerated_from_the_json(tmp_path):
+    rep = synthetic([("scored", "softmax/sdpa", 4096, 0.5, "r"),
+                     ("scored", "sigmoid/attnlab", 4096, 1.0, "r")])
+    (tmp_path / "r.json").write_text(json.dumps(rep))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench: r.json scored train fp32 -->\nstale\n<!-- /bench -->\n")
+    assert report_module.update_readme(readme, tmp_path) == 1
+    text = readme.read_text()
+    assert "stale" not in text
+    assert "| sigmoid/attnlab | 1000 ms (0.50x), 1 MB |" in text
+
+
+def test_cli_refuses_bad_options_clearly():
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", "run", "nosuch"])
+    assert result.exit_code == 2 and "unknown suite" in result.output
+    result = runner.invoke(main, ["bench", "run", "ops", "--lengths", "4k"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+    result = runner.invoke(main, ["bench", "run", "ops", "--group", "nope"])
+    assert result.exit_code == 2 and "unknown group" in result.output
+    result = runner.invoke(main, ["bench", "run", "ops", "--device", "nosuchdevice"])
+    assert result.exit_code == 2 and "not usable here" in result.output
+    result = runner.invoke(main, ["bench", "list"])
+    assert result.exit_code == 0 and "neighborhood/natten" in result.output
