@@ -7,7 +7,6 @@ run a workload (a missing peer, no CPU backward, a dense matrix over the memory 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from attnlab.bench.peers import peer_missing
 from attnlab.bench.workload import Workload
+from attnlab.ops.flex import block_mask_of, compiled_flex
 
 Forward = Callable[[], Tensor]
 
@@ -54,18 +54,9 @@ class Contestant:
 
 # --- FlexAttention (compiled) ------------------------------------------------------------
 
-@functools.cache
-def compiled_flex() -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def block_mask(mask_mod: Callable, w: Workload, lq: int, lk: int):
     """Built once per workload, broadcast over batch and heads (outside the timed step)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(mask_mod, None, None, lq, lk, device=w.device)
+    return block_mask_of(mask_mod, None, None, lq, lk, w.device)
 
 
 def flex_softmax(w: Workload, x: dict) -> tuple[Forward, list[Tensor]]:

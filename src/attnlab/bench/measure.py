@@ -27,7 +27,8 @@ def timed(step: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM, VmSize), None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -44,7 +45,7 @@ def cpu_peak_supported() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return status_kib("VmHWM") is not None
 
 
 def peak_mb(step: Callable[[], None], device: str) -> float | None:
@@ -65,10 +66,10 @@ def peak_mb(step: Callable[[], None], device: str) -> float | None:
     if not cpu_peak_supported():
         step()
         return None
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     step()
-    return (_status_kib("VmHWM") - before) * 1024 / 1e6
+    return (status_kib("VmHWM") - before) * 1024 / 1e6
 
 
 def gemm_rate(device: str, dtype: str, *, size: int | None = None, repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnlab.bench.measure import gemm_rate, peak_mb, summarize, timed
+from attnlab.bench.measure import gemm_rate, peak_mb, status_kib, summarize, timed
 from attnlab.bench.suites import GROUPS
 from attnlab.bench.workload import Workload, module_inputs, op_inputs
 
@@ -132,11 +132,7 @@ def run_workload(w: Workload, names: list[str], *, memory_limit_bytes: float,
 def limit_address_space(extra_bytes: float) -> None:
     """CPU: an allocation past the limit raises (recorded as out of memory) instead of the
     kernel killing the process or the machine swapping."""
-    size_kib = None
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                size_kib = int(line.split()[1])
+    size_kib = status_kib("VmSize")
     if size_kib is not None:
         limit = int(size_kib * 1024 + extra_bytes)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

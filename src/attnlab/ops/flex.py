@@ -16,7 +16,8 @@ from torch import Tensor
 
 
 @functools.cache
-def _compiled_flex() -> Callable:
+def compiled_flex() -> Callable:
+    """``flex_attention`` compiled once per process (also the bench's Flex contestants)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -59,7 +60,7 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     elif mask is not None:
         mod = _mask_mod(causal, lk - lq, mask.expand(b, h, lq, lk))
         block_mask = block_mask_of(mod, b, h, lq, lk, q.device)
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    fn = compiled_flex() if q.device.type == "cuda" else flex_attention
     if not return_lse:
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     try:  # torch >= 2.9 spells it return_aux; return_lse is deprecated there
@@ -91,5 +92,5 @@ def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     b, h, lq, _ = q.shape
     if block_mask is None:
         block_mask = block_mask_of(mask_mod, b, h, lq, k.shape[2], q.device)
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    fn = compiled_flex() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale)
