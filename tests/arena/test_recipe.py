@@ -6,10 +6,13 @@ old recipe (head tied to N(0, 0.02) embeddings) stays near 0.5 on the same budge
 how this test was seen failing.
 """
 
+import pytest
+
 from attnlab.arena.config import parse_sweep
 from attnlab.arena.trainer import train_run
 
 
+@pytest.mark.slow  # ~18 s on 2 cores: `pytest -m slow` (and .ci/run) runs it
 def test_default_recipe_solves_small_mqar():
     spec = parse_sweep({
         "task": "mqar", "seeds": 1, "mechanisms": ["softmax"],

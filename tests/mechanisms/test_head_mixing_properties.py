@@ -26,8 +26,10 @@ def test_moh_gates_exactly_shared_plus_k_heads_per_token():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_moh_inference_computes_only_selected_heads_and_equals_the_dense_path(causal):
+@pytest.mark.parametrize("tile", [None, 2])  # one tile of packed rows, or several
+def test_moh_inference_computes_only_selected_heads_and_equals_the_dense_path(causal, tile):
     attn = build("moh", heads=8, shared_heads=2, top_k=3, causal=causal)
+    attn.rows_per_tile = tile
     x = torch.randn(2, 11, DIM)
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[1, :3] = False
@@ -37,6 +39,18 @@ def test_moh_inference_computes_only_selected_heads_and_equals_the_dense_path(ca
     dense = attn(x, mask=keep)
     assert attn.rows_computed == 2 * 11 * 8
     torch.testing.assert_close(y, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_moh_inference_never_builds_an_l_by_l_mask():
+    from attnlab.ops.tiled import TILE_ELEMENTS
+    from tests.ops.cases import MaxNumel
+
+    attn = build("moh", heads=4, shared_heads=1, top_k=1, causal=True)
+    length = 4096
+    x = torch.randn(1, length, DIM)
+    with torch.no_grad(), MaxNumel() as probe:
+        attn(x)
+    assert probe.largest <= TILE_ELEMENTS < length * length
 
 
 def test_moh_load_balance_loss_is_the_formula_and_trains_the_router():

@@ -173,6 +173,33 @@ def test_dma_keeps_at_most_w_keys_and_prefers_large_bias(causal):
     assert kept == set(delta.topk(4).indices.tolist())
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_dma_tiled_selection_equals_its_dense_reference_in_the_module(causal):
+    """With a non-zero A, GQA and key padding, forward and gradients equal the module run
+    through ``attend_dense`` (the (Lq, Lk) top-w mask); decoding step by step too."""
+    attn = build("dma", window=5, causal=causal, kv_heads=2).double().train()
+    with torch.no_grad():
+        attn.A.copy_(torch.tensor([2.0, -1.5]))
+    x = torch.randn(2, 40, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :7] = False
+    out = attn(x, mask=mask)
+    grads = torch.autograd.grad(out.sum(), [x, *attn.parameters()])
+    dense = build("dma", window=5, causal=causal, kv_heads=2).double().train()
+    dense.load_state_dict(attn.state_dict())
+    dense.attend = dense.attend_dense
+    ref = dense(x, mask=mask)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, *dense.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg)
+    if causal:
+        attn.eval()
+        state = attn.new_state(batch_size=1)
+        steps = [attn(x[:1, t:t + 1].detach(), state=state) for t in range(40)]
+        torch.testing.assert_close(torch.cat(steps, 1), attn(x[:1].detach()))
+
+
 def test_dma_at_initialisation_is_a_sliding_window():
     attn = build("dma", window=3, causal=True)
     w = attn.weights(torch.randn(1, 9, DIM))[0, 0]
@@ -187,6 +214,31 @@ def test_sparsifiner_keeping_everything_is_dense_attention():
     ref.load_state_dict({k: v for k, v in attn.state_dict().items() if "conn" not in k})
     x = torch.randn(2, 13, DIM)
     torch.testing.assert_close(attn(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparsifiner_tiles_equal_the_dense_reference_with_distillation(causal):
+    """Several tiles of query rows: output, distillation loss and every gradient equal the
+    module run through ``attend_dense`` (the (L, L) connectivity at once)."""
+    attn = build("sparsifiner", keep=0.3, rank=4, causal=causal, kv_heads=2).double().train()
+    attn.rows_per_tile = 7
+    x = torch.randn(2, 40, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :9] = False
+    dense = build("sparsifiner", keep=0.3, rank=4, causal=causal, kv_heads=2).double().train()
+    dense.load_state_dict(attn.state_dict())
+    dense.attend = dense.attend_dense
+    results = []
+    for module in (attn, dense):
+        out = module(x, mask=mask)
+        loss = module.extra_loss()
+        results.append((out, loss, torch.autograd.grad(out.sum() + loss,
+                                                       [x, *module.parameters()])))
+    (out, loss, grads), (ref, ref_loss, ref_grads) = results
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg)
 
 
 def test_sparsifiner_keeps_at_most_k_keys_and_trains_its_predictor_by_distillation():
@@ -275,3 +327,17 @@ def test_longheads_selects_a_planted_matching_chunk():
     sel = select_chunks(q, k, torch.tensor([39]), chunk_size=w, budget=3)[0, :, 0]
     assert sel[0].nonzero().flatten().tolist() == [0, 5, 9]  # first, planted, local
     assert sel[1].nonzero().flatten().tolist() == [0, 3, 9]
+
+
+@pytest.mark.parametrize("name,kwargs", [("dma", {"window": 64}), ("longheads", {}),
+                                         ("sparsifiner", {"keep": 0.25})])
+def test_selective_mechanisms_keep_memory_linear_in_length_for_training(name, kwargs):
+    """What autograd keeps for the backward at L = 1024 is far below one (L, L) matrix per
+    head: the selection and the scores live one tile at a time."""
+    from tests.ops.cases import saved_bytes_beyond
+
+    length = 1024
+    attn = build(name, causal=True, **kwargs).train()
+    x = torch.randn(1, length, DIM, requires_grad=True)
+    kept = saved_bytes_beyond((x, *attn.parameters()), lambda: attn(x))
+    assert kept < HEADS * length * length * 4 / 8

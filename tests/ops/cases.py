@@ -3,6 +3,7 @@
 from functools import partial
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab.ops import sigmoid_attention, softmax_attention, softplus_attention
 
@@ -28,6 +29,37 @@ if DEVICE.type == "cuda":  # FlexAttention is a fast backend there
 
 def tolerance(op_name, dtype):
     return (TOL_LSSAR if op_name == "lssar" else TOL)[dtype]
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def saved_bytes_beyond(inputs, fn):
+    """Bytes autograd keeps for the backward of ``fn()``, not counting the inputs' storage."""
+    known = {t.untyped_storage().data_ptr() for t in inputs}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def make_qkv(b, h, hkv, lq, lk, d, dtype, requires_grad=True, seed=0, device="cpu"):

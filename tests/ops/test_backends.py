@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab.ops import sigmoid_attention, softplus_attention
 
 from ..device import DEVICE
-from .cases import OPS, key_padding, make_qkv, tolerance
+from .cases import OPS, MaxNumel, key_padding, make_qkv, tolerance
 
 LENGTHS = (1, 63, 257, 1031)
 
@@ -118,21 +117,6 @@ def test_rows_without_visible_keys_are_zero_not_nan(op_name, backend):
     assert (out[0, :, 4:].abs().sum(-1) > 0).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-
-
-class MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("op", [sigmoid_attention, softplus_attention])

@@ -31,6 +31,7 @@ class Contestant:
     needs_backward_on_cpu: bool = True  # False: no CPU backward (FlexAttention)
     modes: tuple[str, ...] = ("train", "inference")
     devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
 
     def why_not(self, w: Workload, memory_limit_bytes: float) -> str | None:
         """None when this contestant can run ``w``, else the reason it is not run."""
@@ -41,6 +42,8 @@ class Contestant:
             return f"{self.name} has no {w.mode} path"
         if w.device not in self.devices:
             return f"{self.name} runs on {', '.join(self.devices)} only"
+        if w.dtype not in self.dtypes:
+            return f"{self.name} is for {', '.join(self.dtypes)} only"
         if w.train and w.device == "cpu" and not self.needs_backward_on_cpu:
             return "FlexAttention has no backward on CPU"
         if self.dense:
@@ -158,7 +161,9 @@ def xt_sigmoid(w: Workload, x: dict) -> tuple[Forward, list[Tensor]]:
 
 # --- attnlab ops --------------------------------------------------------------------------
 
-def attnlab_op(name: str, **kwargs) -> Callable:
+def attnlab_op(name: str, *, upcast: bool = False, **kwargs) -> Callable:
+    """attnlab's op ``name``; ``upcast``: on float32 copies of the inputs (what the op did
+    with bf16 inputs before it ran its GEMMs in bf16), cast back."""
     def prepare(w: Workload, x: dict) -> tuple[Forward, list[Tensor]]:
         import attnlab.ops as ops
 
@@ -166,6 +171,9 @@ def attnlab_op(name: str, **kwargs) -> Callable:
         extra = {"kernel_size": w.kernel} if name == "neighborhood_attention" else {}
         if name != "neighborhood_attention":
             extra["causal"] = w.causal
+        if upcast:
+            return (lambda: op(*(x[n].float() for n in "qkv"), **extra, **kwargs).to(
+                x["q"].dtype)), []
         return (lambda: op(x["q"], x["k"], x["v"], **extra, **kwargs)), []
 
     return prepare
@@ -247,6 +255,9 @@ OPS = {  # name -> Contestant, for the op groups
                                             attnlab_op("softmax_attention",
                                                        backend="reference"), dense=True),
     "sigmoid/attnlab": Contestant("sigmoid/attnlab", "attnlab", attnlab_op("sigmoid_attention")),
+    "sigmoid/attnlab-fp32-gemm": Contestant("sigmoid/attnlab-fp32-gemm", "attnlab",
+                                            attnlab_op("sigmoid_attention", upcast=True),
+                                            dtypes=("bf16",)),
     "sigmoid/flex": Contestant("sigmoid/flex", "flex", flex_sigmoid,
                                needs_backward_on_cpu=False),
     "sigmoid/x-transformers": Contestant("sigmoid/x-transformers", "x-transformers",

@@ -50,8 +50,10 @@ BIDIRECTIONAL_MODULES = ("softmax", "agent", "soft", "l2vit", "mala", "inline", 
 GROUPS = {g.name: g for g in (
     Group("scored", "Scored softmax alternatives, causal, (B, H, L, D) = (1, 8, L, 64), "
           "against SDPA softmax. sigmoid: sum_j sigmoid(s_ij - log L) v_j; lssa/lssar: the "
-          "softplus mechanisms",
-          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/flex",
+          "softplus mechanisms; attnlab-fp32-gemm (bf16 only): attnlab's sigmoid on float32 "
+          "copies of the inputs, as before its GEMMs ran in bf16",
+          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/attnlab-fp32-gemm",
+           "sigmoid/flex",
            "sigmoid/x-transformers", "sigmoid/dense", "lssa/attnlab", "lssar/attnlab"),
           "softmax/sdpa"),
     Group("neighborhood", "1-D neighborhood attention, K = 128, (1, 8, L, 64), against the "
@@ -87,7 +89,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
     "ops": (Plan("scored", (4096,), ("train",)), Plan("scored", (16384,), ("inference",)),
             Plan("neighborhood", (16384,), ("train", "inference")),
             Plan("linear", (4096,), ("train",))),
-    "modules": (Plan("modules-causal", (4096,), ("train",)),
+    "modules": (Plan("modules-causal", (4096,), ("train", "inference")),
                 Plan("modules-bidir", (4096,), ("train",))),
     "decode": (Plan("decode", (4096, 16384, 65536, 131072), ("inference",)),),
     "scaling": (Plan("scored", (1024, 2048, 4096, 8192, 16384), ("train",)),

@@ -79,18 +79,37 @@ def check_key_padding(mask: Tensor | None, batch: int, length: int, who: str,
     return mask
 
 
+NO_KEY = torch.iinfo(torch.int64).min  # the rank of a key nobody may select
+
+
+def ranked_keys(priority: Tensor, visible: Tensor | None = None) -> Tensor:
+    """int64 (.., Lk) ranks that order the keys by ``priority`` (float), ties going to the
+    later key; invisible keys get ``NO_KEY``, below every real rank. The ranks are distinct,
+    so "the w keys of highest priority" is "the keys whose rank is >= the w-th largest".
+
+    rank = order_bits(priority) * 2^32 + key index, where order_bits maps a float32 to an
+    int32 with the same order (negative floats have their magnitude bits flipped).
+    """
+    lk = priority.shape[-1]
+    bits = (priority.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: no -0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    rank = bits * (1 << 32) + torch.arange(lk, device=priority.device)
+    if visible is not None:
+        rank = rank.masked_fill(~visible, NO_KEY)
+    return rank
+
+
 def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
     """Bool (.., Lq, Lk): per row, the ``window`` visible keys of highest ``priority``
-    (.., 1 or Lq, Lk); ties go to the later key. Everything visible when window >= Lk."""
+    (.., 1 or Lq, Lk); ties go to the later key. Everything visible when window >= Lk.
+    A row that sees fewer than ``window`` keys keeps them all."""
     lk = priority.shape[-1]
     if window >= lk:
         return visible
-    # flipped, so that on ties the stable sort puts later keys first
-    prio = priority.expand(visible.shape).masked_fill(~visible, float("-inf")).flip(-1)
-    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :window]
-    keep = torch.zeros(prio.shape, dtype=torch.bool, device=prio.device)
-    keep.scatter_(-1, order, True)
-    return keep.flip(-1) & visible
+    rank = ranked_keys(priority.expand(visible.shape), visible)
+    # the window-th largest rank (quickselect, no sort); NO_KEY when fewer are visible
+    threshold = rank.kthvalue(lk - window + 1, dim=-1, keepdim=True).values
+    return (rank >= threshold) & visible
 
 
 def rows_seeing(marked: Tensor, lq: int, *, causal: bool, mask: Tensor | None = None

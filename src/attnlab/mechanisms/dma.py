@@ -10,13 +10,14 @@ from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.ops.key_priority import key_priority_attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
 @register("dma", family="sparse", paper="Trainable Dynamic Mask Sparse Attention",
           causal=True, bidirectional=True, decode=True, domains=("seq",), complexity="n^2 d",
           weights=True, cross=False, variants=({"window": 4}, {"window": 4, "kv_heads": 1}),
-          notes="selection needs the dense (Lq, Lk) priority; no tile skipping on CPU")
+          notes="selection per tile of queries (ops.key_priority): Lq (w + tile) work")
 class DynamicMaskAttention(Attention):
     """Softmax attention over the top-w keys of a learned, content-dependent key bias.
 
@@ -25,7 +26,9 @@ class DynamicMaskAttention(Attention):
     query keeps the w = ``window`` visible keys with the largest delta (ties: the most
     recent, so at initialisation it is a sliding window of w keys) and
     O = softmax(c Q K^T + delta over the kept keys) V. With w >= n and A = 0 it is softmax
-    attention. Decoding recomputes delta from the cached values.
+    attention. Decoding recomputes delta from the cached values. The selection never builds
+    the (Lq, Lk) matrix: ``attnlab.ops.key_priority`` works per tile of queries over the
+    tile's w + tile candidate keys; ``attend_dense`` is the dense reference.
     """
 
     def __init__(self, dim: int, heads: int, *, window: int = 64, **kwargs) -> None:
@@ -36,11 +39,15 @@ class DynamicMaskAttention(Attention):
         self.delta_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads)
         self.A = nn.Parameter(torch.zeros(self.kv_heads))
 
-    def key_bias(self, v: Tensor) -> Tensor:
-        """delta (B, H, 1, Lk) in the query heads' layout from v (B, H_kv, Lk, D)."""
+    def key_priority(self, v: Tensor) -> Tensor:
+        """delta (B, H_kv, Lk) from v (B, H_kv, Lk, D)."""
         flat = v.transpose(1, 2).flatten(2)  # (B, Lk, H_kv * D)
         delta = self.A.to(v.dtype) * F.softplus(self.delta_proj(flat))  # (B, Lk, H_kv)
-        return self.expand_kv(delta.transpose(1, 2).unsqueeze(-2))
+        return delta.transpose(1, 2)
+
+    def key_bias(self, v: Tensor) -> Tensor:
+        """delta (B, H, 1, Lk) in the query heads' layout from v (B, H_kv, Lk, D)."""
+        return self.expand_kv(self.key_priority(v).unsqueeze(-2))
 
     def _mask_and_bias(self, q: Tensor, k: Tensor, call: Call, v: Tensor):
         vis = self.visibility(q, k, call)
@@ -52,6 +59,11 @@ class DynamicMaskAttention(Attention):
         return keep, bias
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        return key_priority_attention(q, k, v, self.key_priority(v), window=self.window,
+                                      causal=self.causal, mask=call.op_mask)
+
+    def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        """The reference: the (Lq, Lk) top-w mask of ``top_keys`` and softmax attention."""
         keep, bias = self._mask_and_bias(q, k, call, v)
         return softmax_attention(q, k, v, mask=keep, bias=bias.to(q.dtype))
 

@@ -7,13 +7,13 @@ from torch import Tensor
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
-from attnlab.ops.longheads import longheads_weights
+from attnlab.ops.longheads import longheads_attention, longheads_weights
 
 
 @register("longheads", family="sparse",
           paper="LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
           causal=True, bidirectional=False, decode=True, domains=("seq",), complexity="n^2 d",
-          weights=True, cross=False,
+          weights=True, cross=False, notes="output per tile of queries: memory linear in L",
           variants=({"chunk_size": 2, "budget": 3}, {"chunk_size": 3, "budget": 2, "rope": True}))
 class LongHeadsAttention(Attention):
     """Causal attention where each head keeps the first, the local and its best chunks.
@@ -24,7 +24,8 @@ class LongHeadsAttention(Attention):
     chunks in all, and O_i = softmax over the kept keys j <= i of c q_i.k_j. With ``rope``
     the positions are re-indexed inside the selection (``attnlab.ops.longheads``), so
     hook_q / hook_k hold the un-rotated q and k. A context of at most ``budget`` chunks is
-    plain causal attention. The weights are computed densely.
+    plain causal attention. The output is computed per tile of query rows (each tile's
+    (rows, Lk) weights recomputed in the backward); ``weights()`` is the dense matrix.
     """
 
     def __init__(self, dim: int, heads: int, *, chunk_size: int = 64, budget: int = 8,
@@ -46,5 +47,6 @@ class LongHeadsAttention(Attention):
                                  rotate=self.rotary if self.uses_rope else None)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        w = self.attention_weights(q, k, call)
-        return w.to(v.dtype) @ self.expand_kv(v)
+        return longheads_attention(q, k, v, call.positions, chunk_size=self.chunk_size,
+                                   budget=self.budget, key_mask=call.key_mask,
+                                   rotate=self.rotary if self.uses_rope else None)

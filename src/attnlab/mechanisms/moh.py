@@ -10,6 +10,7 @@ from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.ops.common import at_least_float32
 from attnlab.ops.softmax import softmax_attention, softmax_weights
+from attnlab.ops.tiled import MIN_ROWS, TILE_ELEMENTS, row_tiles
 
 
 @register("moh", family="head-mixing",
@@ -25,10 +26,13 @@ class MixtureOfHeadAttention(Attention):
     routed heads: p = softmax(W_r x), keep the top-k, renormalise, times k; shared heads:
     softmax(W_s x) * h_s; [a1, a2] = 2 softmax(W_h x) scale the shared and routed gates;
     O = W_O concat_h(g_h head_h), so exactly h_s + k gates are non-zero per token.
-    In eval mode a routed head is computed only for the tokens that selected it. The
+    In eval mode a routed head is computed only for the tokens that selected it, a tile of
+    those rows at a time (memory linear in L). The
     load-balance loss E * sum_i mean_t(p_i) * mean_t(1[i in top-k]) (E routed heads), times
     ``balance_weight`` = 0.01, is ``extra_loss()``. ``weights()`` folds the gates into the rows.
     """
+
+    rows_per_tile: int | None = None  # packed query rows per tile in eval; None: by memory
 
     def __init__(self, dim: int, heads: int, *, shared_heads: int | None = None,
                  top_k: int | None = None, balance_weight: float = 0.01, **kwargs) -> None:
@@ -89,17 +93,21 @@ class MixtureOfHeadAttention(Attention):
             # the selected rows first, in order (stable sort), then padding rows
             order = torch.sort((~on).to(torch.int8), dim=-1, stable=True).indices[:, :n]
             valid = torch.arange(n, device=q.device)[None, :] < count[:, None]  # (B, n)
-            rows = q[:, head].gather(1, order[..., None].expand(-1, -1, q.shape[-1]))
-            vis = valid[:, :, None].expand(-1, -1, k.shape[2])
-            if self.causal:
-                pos = call.positions[order]  # (B, n) absolute positions
-                vis = vis & (keys[None, None, :] <= pos[..., None])
-            if call.key_mask is not None:
-                vis = vis & call.key_mask[:, None, :]
-            part = softmax_attention(rows[:, None], k[:, head:head + 1], v[:, head:head + 1],
-                                     mask=vis[:, None])[:, 0]
-            part = part * valid[..., None]
-            out[:, head].scatter_(1, order[..., None].expand(-1, -1, v.shape[-1]), part)
+            # the packed rows a tile at a time: a (rows, Lk) mask, never (n, Lk)
+            tile = self.rows_per_tile or max(MIN_ROWS, TILE_ELEMENTS // (b * k.shape[2]))
+            for r0, r1 in row_tiles(n, tile):
+                idx = order[:, r0:r1]
+                rows = q[:, head].gather(1, idx[..., None].expand(-1, -1, q.shape[-1]))
+                vis = valid[:, r0:r1, None].expand(-1, -1, k.shape[2])
+                if self.causal:
+                    pos = call.positions[idx]  # (B, rows) absolute positions
+                    vis = vis & (keys[None, None, :] <= pos[..., None])
+                if call.key_mask is not None:
+                    vis = vis & call.key_mask[:, None, :]
+                part = softmax_attention(rows[:, None], k[:, head:head + 1],
+                                         v[:, head:head + 1], mask=vis[:, None])[:, 0]
+                part = part * valid[:, r0:r1, None]
+                out[:, head].scatter_(1, idx[..., None].expand(-1, -1, v.shape[-1]), part)
         return out * g
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

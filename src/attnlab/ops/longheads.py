@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attnlab.ops.common import at_least_float32, expand_kv, upcast
 from attnlab.ops.softmax import softmax_weights
+from attnlab.ops.tiled import auto_block_size, recomputed, row_tiles
 
 
 def select_chunks(q: Tensor, k: Tensor, positions: Tensor, *, chunk_size: int, budget: int,
@@ -78,3 +79,37 @@ def longheads_weights(q: Tensor, k: Tensor, positions: Tensor, *, chunk_size: in
     s = scores.gather(0, distance.unsqueeze(0)).squeeze(0) * scale
     s = s.masked_fill(~vis, torch.finfo(s.dtype).min)
     return torch.softmax(s, -1) * vis.any(-1, keepdim=True)
+
+
+def longheads_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, *, chunk_size: int,
+                        budget: int, key_mask: Tensor | None = None,
+                        rotate: Callable | None = None, scale: float | None = None,
+                        rows: int | None = None) -> Tensor:
+    """``longheads_weights(..) @ v`` one tile of query rows at a time, each tile recomputed
+    in the backward, so memory holds one tile's (rows, Lk) weights, never (Lq, Lk).
+
+    A tile only reads the keys up to its last query (causal); chunks before a query's own
+    chunk are complete there, so its selection is the one over all keys.
+    """
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    passes = budget if rotate is not None else 1  # RoPE scores one matrix per rank distance
+    rows = rows or auto_block_size(b * h * passes, lk)
+    last = positions.max().item() if lq else 0
+    if last >= lk:
+        raise ValueError(f"longheads: a query at position {last} needs keys up to it, "
+                         f"got {lk} keys")
+
+    def tile(q_t: Tensor, k_t: Tensor, v_t: Tensor, pos_t: Tensor, mask_t: Tensor | None
+             ) -> Tensor:
+        w = longheads_weights(q_t, k_t, pos_t, chunk_size=chunk_size, budget=budget,
+                              key_mask=mask_t, rotate=rotate, scale=scale)
+        return w.to(v_t.dtype) @ expand_kv(v_t, h)
+
+    outs = []
+    for i0, i1 in row_tiles(lq, rows):
+        kend = int(positions[i0:i1].max()) + 1
+        mask_t = None if key_mask is None else key_mask[:, :kend]
+        outs.append(recomputed(tile, q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend],
+                               positions[i0:i1], mask_t))
+    return torch.cat(outs, 2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
