@@ -144,7 +144,8 @@ class _RowTiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q3, k3, v3, math, causal, mask3, size):
         lq, lk = q3.shape[1], k3.shape[1]
-        out = _wide(q3.new_zeros(q3.shape[0], lq, v3.shape[-1]))
+        out = q3.new_zeros(q3.shape[0], lq, v3.shape[-1],
+                           dtype=torch.promote_types(q3.dtype, torch.float32))
         for i0, i1, blk in _blocks(lq, lk, causal, mask3, size):
             if blk is None:
                 continue
@@ -160,7 +161,8 @@ class _RowTiled(torch.autograd.Function):
         q3, k3, v3, mask3, out = ctx.saved_tensors
         math = ctx.math
         dout = dout.contiguous()
-        dq, dk, dv = (_wide(torch.zeros_like(t)) for t in (q3, k3, v3))
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                      for t in (q3, k3, v3))
         rowdot = (dout * out).sum(-1, keepdim=True)
         low = dout.to(q3.dtype)  # dO for the GEMMs
         for i0, i1, blk in _blocks(q3.shape[1], k3.shape[1], ctx.causal, mask3, ctx.size):
