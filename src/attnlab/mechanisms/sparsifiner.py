@@ -47,11 +47,22 @@ class SparsifinerAttention(Attention):
         self.conn_a = nn.Linear(dim, heads * rank, bias=False)
         self.conn_b = nn.Linear(dim, heads * rank, bias=False)
 
+    def predictor(self, call: Call) -> tuple[Tensor, Tensor]:
+        """The low-rank factors (B, H, L, r) whose products are the connectivity scores."""
+        return (self.split_heads(self.conn_a(call.x), self.heads),
+                self.split_heads(self.conn_b(call.x), self.heads))
+
+    def pair_scores(self, a: Tensor, b: Tensor) -> Tensor:
+        """C = a b^T / sqrt(r) for factor rows ``a`` and ``b``."""
+        return (a @ b.transpose(-1, -2)) / math.sqrt(self.rank)
+
     def connectivity(self, call: Call) -> Tensor:
         """Predicted connectivity scores C (B, H, L, L)."""
-        a = self.split_heads(self.conn_a(call.x), self.heads)
-        b = self.split_heads(self.conn_b(call.x), self.heads)
-        return (a @ b.transpose(-1, -2)) / math.sqrt(self.rank)
+        return self.pair_scores(*self.predictor(call))
+
+    def kept(self, lk: int) -> int:
+        """k = ceil(keep * Lk) keys per query (at most Lk)."""
+        return min(lk, math.ceil(self.keep * lk))
 
     def _mask(self, q: Tensor, k: Tensor, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         vis = self.visibility(q, k, call)
@@ -59,8 +70,7 @@ class SparsifinerAttention(Attention):
             vis = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
         vis = vis.expand(q.shape[0], self.heads, q.shape[2], k.shape[2])
         scores = self.connectivity(call)
-        count = min(k.shape[2], math.ceil(self.keep * k.shape[2]))
-        return top_keys(scores.detach(), vis, count), scores, vis
+        return top_keys(scores.detach(), vis, self.kept(k.shape[2])), scores, vis
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """Per tile of query rows (each recomputed in the backward): the tile's (rows, Lk)
@@ -68,9 +78,7 @@ class SparsifinerAttention(Attention):
         b, h, lq, _ = q.shape
         lk = k.shape[2]
         k, v = self.expand_kv(k), self.expand_kv(v)
-        a = self.split_heads(self.conn_a(call.x), self.heads)
-        c = self.split_heads(self.conn_b(call.x), self.heads)
-        count = min(lk, math.ceil(self.keep * lk))
+        a, c = self.predictor(call)
         distill = self.training and self.distill_weight > 0
         parts, kl_sum, kl_rows = [], 0.0, 0
         for i0, i1 in row_tiles(lq, self.rows_per_tile or auto_block_size(b * h * 4, lk)):
@@ -78,7 +86,7 @@ class SparsifinerAttention(Attention):
             mask = None if call.op_mask is None else call.op_mask[..., :kend]
             out, kl, rows = recomputed(self._tile, q[:, :, i0:i1], k[:, :, :kend],
                                        v[:, :, :kend], a[:, :, i0:i1], c[:, :, :kend], mask,
-                                       (i0, lq, lk), count, distill)
+                                       (i0, lq, lk), self.kept(lk), distill)
             parts.append(out)
             kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
         if distill:
@@ -90,7 +98,9 @@ class SparsifinerAttention(Attention):
         keep, scores, vis = self._mask(q, k, call)
         if self.training and self.distill_weight > 0:
             kl = self._distillation(q, k, scores, vis)
-            self._extra_loss = self.distill_weight * kl[vis.any(-1)].mean()
+            rows = vis.any(-1)
+            self._extra_loss = self.distill_weight * kl[rows].mean() if rows.any() else \
+                kl.sum() * 0
         return softmax_attention(q, k, v, mask=keep)
 
     def _tile(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor, mask: Tensor | None,
@@ -99,7 +109,7 @@ class SparsifinerAttention(Attention):
         """Query rows ``i0 ..`` of ``lq`` (over ``lk`` keys, of which the tile reads the
         first ones): output, KL summed over the rows that see a key, and their number."""
         i0, lq, lk = where
-        scores = (a @ c.transpose(-1, -2)) / math.sqrt(self.rank)
+        scores = self.pair_scores(a, c)
         vis = visibility(q.shape[2], lk, causal=self.causal, mask=None, device=q.device,
                          q_start=i0, q_total=lq)
         vis = torch.ones((), dtype=torch.bool, device=q.device) if vis is None \

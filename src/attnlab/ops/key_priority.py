@@ -96,6 +96,13 @@ def key_priority_attention(q: Tensor, k: Tensor, v: Tensor, priority: Tensor, *,
     return out.to(dtype)
 
 
+def _sees_new(i0: int, i1: int, start: int, end: int, offset: int,
+              device: torch.device) -> Tensor:
+    """Bool (rows, m): row i of i0 .. i1 sees new key j of start .. end when j <= i + offset."""
+    rows = torch.arange(i0, i1, device=device) + offset
+    return torch.arange(start, end, device=device) <= rows[:, None]
+
+
 @dataclass
 class _Tile:
     """Query rows i0 .. i1; their new keys start .. end (row i sees those <= i + offset);
@@ -110,13 +117,10 @@ class _Tile:
     threshold: Tensor
     may_be_empty: bool  # some row may keep no key (padding, or a row before the keys)
 
-    def sees_new(self, device: torch.device) -> Tensor:
-        rows = torch.arange(self.i0, self.i1, device=device) + self.offset
-        return torch.arange(self.start, self.end, device=device) <= rows[:, None]
-
     def keep(self) -> Tensor:
         """Bool (B, H, rows, w + m): the candidates each row keeps."""
-        new = self.sees_new(self.candidates.device)
+        new = _sees_new(self.i0, self.i1, self.start, self.end, self.offset,
+                        self.candidates.device)
         w = self.candidates.shape[-1] - new.shape[-1]
         sees = torch.cat([new.new_ones(new.shape[0], w), new], -1)
         c = self.candidates.unsqueeze(-2)
@@ -133,18 +137,17 @@ def _causal_tiles(rank: Tensor, lq: int, w: int, rows: int, padded: bool) -> lis
     for i0, i1 in row_tiles(lq, rows):
         start = min(max(i0 + offset + 1, 0), lk)  # the tile's new keys: start .. end
         end = min(max(i1 + offset, 0), lk)
-        tile = _Tile(i0, i1, start, end, offset, prefix, prefix, padded or i0 + offset < 0)
         new = rank[..., start:end]  # (B, H, m)
-        sees_new = tile.sees_new(rank.device)
+        sees_new = _sees_new(i0, i1, start, end, offset, rank.device)
         # a row's threshold, the (m_r + 1)-th smallest of its w + m_r candidates, lies among
         # the m + 1 smallest of the prefix and the new keys it sees (m_r of them)
         low = prefix.topk(min(w, new.shape[-1] + 1), dim=-1, largest=False).values
         pool = torch.cat([low.unsqueeze(-2).expand(-1, -1, i1 - i0, -1),
                           new.unsqueeze(-2).masked_fill(~sees_new, hidden)], -1)
         m_r = sees_new.sum(-1).view(1, 1, -1, 1).expand(*pool.shape[:2], -1, 1)
-        tile.threshold = pool.sort(dim=-1).values.gather(-1, m_r)
-        tile.candidates = torch.cat([prefix, new], -1)
-        tiles.append(tile)
+        threshold = pool.sort(dim=-1).values.gather(-1, m_r)
+        tiles.append(_Tile(i0, i1, start, end, offset, torch.cat([prefix, new], -1), threshold,
+                           padded or i0 + offset < 0))
         prefix = _top(torch.cat([prefix, rank[..., start:min(max(i1 + offset + 1, 0), lk)]],
                                 -1), w)
     return tiles

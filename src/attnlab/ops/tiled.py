@@ -24,6 +24,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from attnlab.ops.common import at_least_float32
+
 # At most this many scores per block (B * H * rows * Lk): 32 MB in float32.
 TILE_ELEMENTS = 1 << 23
 # Rows per block: matmuls over 64-128 query rows ran fastest on CPU (benchmarks/results/).
@@ -116,17 +118,13 @@ def _blocks(lq: int, lk: int, causal: bool, mask3: Tensor | None, size: int):
 def _scores(math: RowMath, q_blk: Tensor, k: Tensor) -> Tensor:
     """Scores in float32 at least; a low-precision matmul (bf16 q, k) is upcast after."""
     bias = torch.full((1, 1, 1), math.bias, dtype=q_blk.dtype, device=q_blk.device)
-    return _wide(torch.baddbmm(bias, q_blk, k.mT, alpha=math.scale))
-
-
-def _wide(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return at_least_float32(torch.baddbmm(bias, q_blk, k.mT, alpha=math.scale))
 
 
 def _mm(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
     """``a @ b`` with both in ``like``'s dtype (bf16 inputs: a bf16 GEMM, float32
     accumulation inside), returned in float32 at least."""
-    return _wide(torch.bmm(a.to(like.dtype), b.to(like.dtype)))
+    return at_least_float32(torch.bmm(a.to(like.dtype), b.to(like.dtype)))
 
 
 def _add_mm(acc: Tensor, a: Tensor, b: Tensor, like: Tensor) -> None:
