@@ -77,8 +77,9 @@ def list_suites() -> None:
 @click.option("--max-step-seconds", default=60.0, show_default=True,
               help="A contestant whose first step takes longer is recorded as too slow.")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True)
-@click.option("--fresh", is_flag=True, help="Measure everything again (default: resume, "
-              "measuring only workloads not in the existing report).")
+@click.option("--fresh", is_flag=True, help="Measure the selected workloads again, keeping "
+              "the report's other rows (default: resume, measuring only workloads not in "
+              "the existing report).")
 @click.option("--no-plots", is_flag=True, help="Skip the log-log plots.")
 def run(suite: str, device: str, dtypes: tuple[str, ...], modes: tuple[str, ...],
         lengths: str | None, groups: tuple[str, ...], contestants: tuple[str, ...],

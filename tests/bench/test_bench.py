@@ -197,6 +197,15 @@ def test_a_suite_run_writes_json_and_markdown_and_resumes(tmp_path):
     again, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
                          contestants=("decode/attnlab",), progress=None)
     assert again["rows"] == rep["rows"] and len(again["runs"]) == 2  # nothing re-measured
+    other = workload("decode", length=128)  # fresh: the given workloads again, others kept
+    run_suite([other], suite="decode", device="cpu", out=tmp_path,
+              contestants=("decode/attnlab",), progress=None)
+    fresh, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
+                         contestants=("decode/attnlab",), progress=None, fresh=True)
+    assert len(fresh["rows"]) == 4  # (the run that measured nothing was not saved)
+    by_length = {r["workload"]["length"]: r["measured_together"] for r in fresh["rows"]}
+    assert by_length == {128: "run 1: decode L=128 inference fp32",
+                         256: "run 2: decode L=256 inference fp32"}
 
 
 def test_a_dead_worker_is_an_error_row(tmp_path, monkeypatch):

@@ -57,6 +57,44 @@ def test_float32_and_bf16_inputs_keep_their_dtype():
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+def test_a_clean_cache_is_read_without_the_guards_pass(monkeypatch):
+    """The clean case never runs hide_nonfinite (a pass over the cache); a non-finite key sends
+    the step to the guarded path, which does."""
+    import attnlab.ops.common as common
+
+    calls = []
+    real = common.hide_nonfinite
+    monkeypatch.setattr(common, "hide_nonfinite", lambda k, v: calls.append(1) or real(k, v))
+    q, k, v = cache(300)
+    for splits in (None, 1, 3):
+        decode_attention(q, k, v, splits=splits, causal=True)
+    assert calls == []
+    k[0, 1, 7, 2] = float("nan")
+    out = decode_attention(q, k, v, splits=3)
+    assert calls == [1]
+    assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+
+
+@pytest.mark.parametrize("splits", [None, 4])
+@pytest.mark.parametrize("target, value", [("k", float("-inf")), ("v", float("inf")),
+                                           ("v", float("nan"))])
+def test_a_visible_key_with_zero_weight_still_makes_its_rows_nan(splits, target, value):
+    """The probe's blind spots: a key whose k is -inf scores -inf against a query positive
+    there (weight exactly 0, finite output); a value behind a weight that underflowed to 0.
+    Both keys are visible, so their rows must be NaN (what the guarded path gives)."""
+    q, k, v = cache(64, dtype=torch.float32)
+    q = q.abs() + 0.1  # positive queries: k = -inf scores -inf
+    if target == "v":
+        k[:, :, 5] = -50.0  # q.k_5 far below the others: exp -> 0
+        weights = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 4, -1)
+        assert (weights[..., 5] == 0).all()  # the weight underflows indeed
+    poison = k if target == "k" else v
+    poison[1, 0, 5, 3] = value
+    out = decode_attention(q, k, v, splits=splits)
+    assert torch.isnan(out[1, :2]).all()  # kv head 0 serves query heads 0, 1
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 2:]).all()
+
+
 def test_errors():
     q, k, v = cache(5)
     with pytest.raises(ValueError, match="splits must be >= 1"):

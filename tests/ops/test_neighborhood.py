@@ -104,6 +104,16 @@ CASES = [
     ((5, 6, 7), dict(kernel_size=(2, 3, 5), dilation=(2, 1, 1), stride=(1, 3, 2))),
     ((9, 11), dict(kernel_size=(3, 4), dilation=(2, 1), border="clip")),
 ]
+# one axis, no dilation or stride, longer than a tile's keys: the tiled backend takes the key
+# windows as views of k and v (border tiles gathered); odd lengths, K above and below the tile
+SLIDING_CASES = [
+    ((200,), dict(kernel_size=7)),
+    ((131,), dict(kernel_size=16, block=8)),
+    ((131,), dict(kernel_size=15, block=8, causal=True)),
+    ((131,), dict(kernel_size=40, block=8)),
+    ((97,), dict(kernel_size=40, block=16, causal=True)),
+    ((64,), dict(kernel_size=9, block=8)),  # length a multiple of the tile
+]
 
 
 def make(shape, dtype, hkv=3, seed=0):
@@ -121,7 +131,7 @@ def key_mask(shape, seed=1):
     return keep
 
 
-@pytest.mark.parametrize("shape, kwargs", CASES)
+@pytest.mark.parametrize("shape, kwargs", CASES + SLIDING_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_tiled_equals_reference_forward_and_backward(shape, kwargs, dtype, masked):

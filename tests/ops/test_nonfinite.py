@@ -37,8 +37,8 @@ OPS = {
             True),
     "lla": (local_linear_attention, ("chunked", "reference"), True),
     "linear": (linear_attention, ("chunked", "recurrent", "parallel"), False),
-    "decode": (lambda q, k, v, backend, **kw: decode_attention(q, k, v, splits=3, **kw),
-               ("split",), True),
+    "decode": (lambda q, k, v, backend, **kw: decode_attention(
+        q, k, v, splits=None if backend == "default" else 3, **kw), ("split", "default"), True),
 }
 CASES = [pytest.param(name, backend, id=f"{name}-{backend}")
          for name, (_, backends, _) in OPS.items() for backend in backends]

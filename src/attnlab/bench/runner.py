@@ -84,16 +84,17 @@ def run_suite(workloads: list[Workload], *, suite: str, device: str, out: Path,
               max_step_seconds: float = 60.0, fresh: bool = False,
               command: str | None = None, progress: Progress | None = None,
               on_saved: Callable[[dict, Path], None] | None = None) -> tuple[dict, Path]:
-    """Measure every workload not already in the report (all of them when ``fresh``);
-    returns the report and its JSON path. ``on_saved`` is called after each save."""
+    """Measure every workload not already in the report (``fresh``: measure the given
+    workloads again, keeping the report's rows of other workloads); returns the report and
+    its JSON path. ``on_saved`` is called after each save."""
     info = machine()
     path = report_stem(out, suite, device, info["host"]).with_suffix(".json")
-    report = None if fresh else load(path)
+    report = load(path)
     if report is None:
         report = {"suite": suite, "device": device, "machine": info, "runs": [], "rows": []}
     report["machine"], report["peers"] = info, peer_versions()
     report["runs"].append(provenance(command))
-    done = {row_key(r) for r in report["rows"]}
+    done = set() if fresh else {row_key(r) for r in report["rows"]}
     plans = []
     for w in workloads:
         names = [n for n in GROUPS[w.group].contestants

@@ -22,17 +22,19 @@ class SoftmaxAttention(Attention):
     key/value head serves ``heads / kv_heads`` query heads (GQA; ``kv_heads=1`` is MQA).
     Backends: ``sdpa`` (default), ``reference``, ``flex``. Decoding a few tokens over a cache
     of at least ``decode_split_min`` keys uses split-KV ``decode_attention`` (segments of
-    ``decode_segment`` keys, exact merge, GQA without copying the cache).
+    ``decode_segment`` keys, by default the op's choice; exact merge, GQA without copying the
+    cache).
     """
 
     backends = ("auto", "reference", "sdpa", "flex")
     decode_split_min = 1024  # cache length from which decoding uses decode_attention
-    decode_segment = 4096
+    decode_segment: int | None = None  # keys per segment; None: decode_attention's choice
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         if call.state is not None and self.backend == "auto" and q.shape[2] <= 16 and \
                 k.shape[2] >= self.decode_split_min:
-            splits = -(-k.shape[2] // self.decode_segment)
+            splits = None if self.decode_segment is None else -(-k.shape[2] //
+                                                                self.decode_segment)
             return decode_attention(q, k, v, splits=splits, causal=self.causal,
                                     mask=call.op_mask)
         return softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask,

@@ -81,7 +81,7 @@ def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors in float32, or in the first one's dtype when that is wider (float64 stays
     float64): low-precision inputs are upcast for the score math (fp32 accumulation)."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    return tuple(t.to(dtype) for t in tensors)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -147,7 +147,7 @@ def nan_where(rows: Tensor, like: Tensor) -> Tensor:
         rows.unsqueeze(-1), float("nan"))
 
 
-def guarded_op(op_name: str) -> Callable[[Op], Op]:
+def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op], Op]:
     """Decorate an op ``f(q, k, v, *, causal, mask, ...)`` (4-D tensors) with what every op
     does before and after its own work:
 
@@ -158,10 +158,16 @@ def guarded_op(op_name: str) -> Callable[[Op], Op]:
       (``hide_nonfinite``) and NaN is added to the rows that may see them
       (``rows_seeing``). A returned state (a tuple after the output) becomes NaN for the
       (batch, head) pairs that saw such a key.
+
+    ``first``: an attempt with the op's signature on the inputs as given, which returns None
+    when it met a non-finite number in them (then the guarded op runs): for an op that can
+    tell so within its own passes over k and v, the clean case costs no pass of the guard's.
     """
     def decorate(op: Op) -> Op:
         signature = inspect.signature(op)
         names = list(signature.parameters)[:3]  # q, k, v (by whatever name the op uses)
+        rest = list(signature.parameters.values())[3:]
+        keyword_only = all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
 
         @functools.wraps(op)
         def guarded(*args, **kwargs):
@@ -175,6 +181,14 @@ def guarded_op(op_name: str) -> Callable[[Op], Op]:
                 # (tied to the inputs, so that a backward gives them zero gradients)
                 tie = (q.sum() + k.sum() + v.sum()) * 0
                 return v.new_zeros(*q.shape[:3], v.shape[-1]) + tie.to(v.dtype)
+            if first is not None:
+                if keyword_only and len(args) == 3:  # the usual call: no rebinding
+                    out = first(q, k, v, **kwargs)
+                else:
+                    bound.arguments.update(zip(names, (q, k, v), strict=True))
+                    out = first(*bound.args, **bound.kwargs)
+                if out is not None:
+                    return out
             k, v, bad = hide_nonfinite(k, v)
             bound.arguments.update(zip(names, (q, k, v), strict=True))
             result = op(*bound.args, **bound.kwargs)

@@ -5,25 +5,106 @@ Transformers": split the cached keys into segments of (near) equal work, compute
 the row max m_s, the sum of exponentials l_s = sum_j exp(c q.k_j - m_s) and the partial
 output o_s = sum_j exp(c q.k_j - m_s) v_j / l_s, then merge exactly:
 
-    M = max_s m_s,   L = sum_s l_s exp(m_s - M),   O = sum_s l_s exp(m_s - M) o_s / L.
+    M = max_s m_s,   L = sum_s l_s exp(m_s - M),   O = sum_s l_s exp(m_s - M) o_s / L
+      = sum_s exp(m_s - M) u_s / L   with u_s = l_s o_s, the unnormalised partial output.
 
 The result is the softmax attention over all keys, whatever the split.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
+from attnlab.ops.common import default_scale, guarded_op, upcast
+
+SEGMENT = 4096  # keys per segment when the number of splits is not given (not on a CPU)
 
 
-@guarded_op("decode_attention")
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int = 4,
+def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
+              mask: Tensor | None, scale: float | None, probe: bool) -> Tensor | None:
+    """The split-KV computation of ``decode_attention`` (see there).
+
+    ``probe``: the inputs have not been cleared of non-finite keys; compute anyway and return
+    None if a non-finite number showed. A key holding inf or NaN makes its scores non-finite
+    (for any finite query), seen in their sum before masking; a value holding one makes every
+    output row non-finite, whatever its weight, as the matmul computes 0 x inf = NaN (IEEE
+    arithmetic, which the BLAS kernels keep: a masked or underflowed weight is a multiply
+    like any other). Two sums instead of a pass over the cache of their own.
+    """
+    b, h, lq, d = q.shape
+    h_kv, total = k_cache.shape[1], k_cache.shape[2]
+    if splits is None:  # one segment on a CPU (its threads share the matmuls anyway)
+        splits = 1 if q.device.type == "cpu" else max(1, -(-total // SEGMENT))
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
+    rows = h // h_kv * lq
+    vis = visibility(lq, total, causal=causal, mask=mask, device=q.device)
+    # GQA without copying the cache: the query heads of one kv head become extra rows
+    q32, k32, v32 = upcast(q.reshape(b, h_kv, rows, d), k_cache, v_cache)
+    q32 = q32 * default_scale(q, scale)
+    if vis is not None:
+        vis = vis.reshape((1,) * (4 - vis.dim()) + tuple(vis.shape))  # (B or 1, H or 1, Lq, T)
+        vis = vis.expand(vis.shape[0], h, lq, total).reshape(vis.shape[0], h_kv, rows, total)
+    if splits == 1 and vis is None:  # one segment, every key visible: a plain softmax
+        s = q32 @ k32.transpose(-1, -2)
+        score_sum = s.sum() if probe else None
+        out = torch.softmax(s, -1) @ v32
+    else:
+        out, score_sum = _merged_segments(q32, k32, v32, vis, splits, probe)
+    if probe and not math.isfinite((out.sum() + score_sum).item()):
+        return None
+    return out.reshape(b, h, lq, -1).to(q.dtype)
+
+
+def _merged_segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, splits: int,
+                     probe: bool) -> tuple[Tensor, Tensor | None]:
+    """The attention of the scaled queries q (B, H, R, D) over k, v (B, H, T, D) computed in
+    ``splits`` segments and merged exactly, (B, H, R, Dv); and (``probe``) the sum of the
+    scores before masking."""
+    total = k.shape[2]
+    seg = -(-total // min(splits, max(total, 1))) if total else 1
+    full = total // seg
+    stats = []  # (max, sum-exp, unnormalised partial output) per segment, (B, H_kv, n, R, .)
+    if full:  # the equal segments, as views of the cache (no copy)
+        stats.append(_segments(q, k[:, :, :full * seg], v[:, :, :full * seg],
+                               None if vis is None else vis[..., :full * seg], full, probe))
+    if total - full * seg or not full:  # the shorter last segment (or an empty cache)
+        stats.append(_segments(q, k[:, :, full * seg:], v[:, :, full * seg:],
+                               None if vis is None else vis[..., full * seg:], 1, probe))
+    m, l_sum, u, score_sum = (torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+                              for parts in zip(*stats, strict=True))
+    if m.shape[2] == 1:  # one segment: nothing to merge
+        out = (u / l_sum.clamp_min(1e-30)).squeeze(2)
+    else:
+        shift = torch.exp(m - _finite_max(m, 2))  # exp(m_s - M); 0 for an empty segment
+        out = (shift * u).sum(2) / (shift * l_sum).sum(2).clamp_min(1e-30)
+    return out, score_sum.sum() if probe else None
+
+
+def _finite_max(x: Tensor, dim: int) -> Tensor:
+    """The max along ``dim`` (kept), with -inf (nothing visible) raised to the lowest finite
+    number so that subtracting it leaves -inf, not NaN."""
+    return x.amax(dim, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+
+
+def _unless_nonfinite(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
+                      causal: bool = False, mask: Tensor | None = None,
+                      scale: float | None = None) -> Tensor | None:
+    return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
+                     probe=True)
+
+
+@guarded_op("decode_attention", first=_unless_nonfinite)
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
                      causal: bool = False, mask: Tensor | None = None,
                      scale: float | None = None) -> Tensor:
-    """Softmax attention of a few queries over a long cache, computed in ``splits`` segments.
+    """Softmax attention of a few queries over a long cache, computed in ``splits`` segments
+    (default: one per ``SEGMENT`` = 4096 keys on an accelerator, where the segments are
+    independent work; one on a CPU, whose threads already share each matmul).
 
     ``q`` (B, H, Lq, D), ``k_cache``/``v_cache`` (B, H_kv, T, D); ``mask`` bool, True = may
     attend, broadcastable to (B, H, Lq, T); ``causal`` aligns the queries to the end of the
@@ -31,49 +112,27 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     together (views of the cache, one batched matmul for the scores and one for the partial
     outputs), then merged exactly; GQA never copies the cache. Rows with no visible key
     return 0. Returns (B, H, Lq, Dv) in q's dtype.
+
+    The cache is read once: whether it holds a non-finite number is found from the scores and
+    the output (``_split_kv``'s probe); only then is it cleared of such keys and the step
+    computed again (``guarded_op``).
     """
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
-    scale = default_scale(q, scale)
-    b, h, lq, d = q.shape
-    h_kv, total = k_cache.shape[1], k_cache.shape[2]
-    groups = h // h_kv
-    vis = visibility(lq, total, causal=causal, mask=mask, device=q.device)
-    # GQA without copying the cache: the query heads of one kv head become extra rows
-    q32, k32, v32 = upcast(q.reshape(b, h_kv, groups * lq, d), k_cache, v_cache)
-    if vis is not None:
-        vis = vis.reshape((1,) * (4 - vis.dim()) + tuple(vis.shape))  # (B or 1, H or 1, Lq, T)
-        vis = vis.expand(vis.shape[0], h, lq, total).reshape(vis.shape[0], h_kv,
-                                                             groups * lq, total)
-    seg = -(-total // min(splits, max(total, 1))) if total else 1
-    full = total // seg
-    stats = []  # (max, sum-exp, partial output) per segment, each (B, H_kv, n, rows, .)
-    if full:  # the equal segments, as views of the cache (no copy)
-        stats.append(_segments(q32, k32[:, :, :full * seg], v32[:, :, :full * seg],
-                               None if vis is None else vis[..., :full * seg], full, scale))
-    if total - full * seg or not full:  # the shorter last segment (or an empty cache)
-        stats.append(_segments(q32, k32[:, :, full * seg:], v32[:, :, full * seg:],
-                               None if vis is None else vis[..., full * seg:], 1, scale))
-    m, l_sum, o = (torch.cat(parts, 2) for parts in zip(*stats, strict=True))
-    top = m.amax(2, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    weight = l_sum * torch.exp(m - top)  # l_s exp(m_s - M); 0 for an empty segment
-    out = (weight * o).sum(2) / weight.sum(2).clamp_min(1e-30)  # (B, H_kv, G * Lq, Dv)
-    return out.reshape(b, h, lq, -1).to(q.dtype)
+    return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
+                     probe=False)
 
 
-def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, scale: float
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Statistics of ``n_seg`` equal segments of k, v (B, H, n_seg * seg, D) for q (B, H, R, D):
-    the row max m_s, sum of exp(s - m_s) and the partial output, each (B, H, n_seg, R, .).
-    A segment with no visible key gives (-inf, 0, 0). The scores are one matmul against the
-    transposed view of the cache (the cache is never copied); the partial outputs one batched
-    matmul over the segments."""
-    s = (q @ k.transpose(-1, -2) * scale).unflatten(-1, (n_seg, -1))  # (B, H, R, n, seg)
+def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, probe: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Statistics of ``n_seg`` equal segments of k, v (B, H, n_seg * seg, D) for the scaled
+    queries q (B, H, R, D): the row max m_s, the sum of exp(s - m_s) and the unnormalised
+    partial output sum_j exp(s_j - m_s) v_j, each (B, H, n_seg, R, .), and (``probe``) the
+    sum of the scores before masking, shaped to concatenate along dim 2 (else an empty
+    tensor). A segment with no visible key gives (-inf, 0, 0). One batched matmul over views
+    of the segments for the scores and one for the outputs (the cache is never copied)."""
+    s = q.unsqueeze(2) @ k.unflatten(2, (n_seg, -1)).transpose(-1, -2)  # (B, H, n, R, seg)
+    score_sum = s.sum().reshape(1, 1, 1) if probe else s.new_empty(1, 1, 0)
     if vis is not None:
-        s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)), float("-inf"))
-    p, m = shifted_exp(s)
-    l_sum = p.sum(-1, keepdim=True)
-    m, l_sum = m.transpose(2, 3), l_sum.transpose(2, 3)  # (B, H, n, R, 1)
-    out = p.transpose(2, 3) @ v.unflatten(2, (n_seg, -1))  # (B, H, n, R, Dv)
-    return m, l_sum, out / l_sum.clamp_min(1e-30)
+        s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)).transpose(2, 3), float("-inf"))
+    top = _finite_max(s, -1)
+    p = (s - top).exp_()
+    return top, p.sum(-1, keepdim=True), p @ v.unflatten(2, (n_seg, -1)), score_sum
