@@ -197,15 +197,29 @@ def test_a_suite_run_writes_json_and_markdown_and_resumes(tmp_path):
     again, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
                          contestants=("decode/attnlab",), progress=None)
     assert again["rows"] == rep["rows"] and len(again["runs"]) == 2  # nothing re-measured
-    other = workload("decode", length=128)  # fresh: the given workloads again, others kept
-    run_suite([other], suite="decode", device="cpu", out=tmp_path,
-              contestants=("decode/attnlab",), progress=None)
-    fresh, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
-                         contestants=("decode/attnlab",), progress=None, fresh=True)
-    assert len(fresh["rows"]) == 4  # (the run that measured nothing was not saved)
-    by_length = {r["workload"]["length"]: r["measured_together"] for r in fresh["rows"]}
-    assert by_length == {128: "run 1: decode L=128 inference fp32",
-                         256: "run 2: decode L=256 inference fp32"}
+
+
+def test_fresh_measures_the_given_workloads_again_and_keeps_the_others(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_worker(w, names, **kwargs):  # a stub: no process, rows that say which call
+        measured.append(w.length)
+        return [{"group": w.group, "workload": w.key(), "contestant": n, "status": "ok",
+                 "peak_mb": 1.0, "call": len(measured)} for n in names]
+
+    monkeypatch.setattr("attnlab.bench.runner.run_worker", fake_worker)
+    short, long_ = workload("decode", length=128), workload("decode", length=256)
+    kw = dict(suite="decode", device="cpu", out=tmp_path, contestants=("decode/attnlab",))
+    run_suite([short, long_], **kw)
+    run_suite([long_], **kw)  # resumes: nothing to measure
+    # per workload: the timed rounds, then the peak of each of its two contestants
+    assert measured == [128] * 3 + [256] * 3
+    rep, _ = run_suite([long_], **kw, fresh=True)
+    assert measured[6:] == [256] * 3
+    assert len(rep["rows"]) == 4 and len(rep["runs"]) == 2  # (a run measuring nothing unsaved)
+    calls = {r["workload"]["length"]: r["measured_together"] for r in rep["rows"]}
+    assert calls == {128: "run 0: decode L=128 inference fp32",
+                     256: "run 1: decode L=256 inference fp32"}
 
 
 def test_a_dead_worker_is_an_error_row(tmp_path, monkeypatch):
