@@ -96,10 +96,10 @@ def row_counts(visible: Tensor | None, like: Tensor) -> Tensor:
     return visible.sum(-1, keepdim=True).to(like.dtype)
 
 
-def shifted_exp(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """exp(scores - row max) and the row max; -inf scores (masked) give 0, and a row with
-    none finite is shifted by 0 so that it stays 0 without NaN."""
-    top = scores.amax(-1, keepdim=True)
+def shifted_exp(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """exp(scores - max along ``dim``) and that max (kept); -inf scores (masked) give 0, and
+    a row with none finite is shifted by 0 so that it stays 0 without NaN."""
+    top = scores.amax(dim, keepdim=True)
     return torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0)), top
 
 
@@ -166,8 +166,6 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
     def decorate(op: Op) -> Op:
         signature = inspect.signature(op)
         names = list(signature.parameters)[:3]  # q, k, v (by whatever name the op uses)
-        rest = list(signature.parameters.values())[3:]
-        keyword_only = all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
 
         @functools.wraps(op)
         def guarded(*args, **kwargs):
@@ -182,11 +180,8 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
                 tie = (q.sum() + k.sum() + v.sum()) * 0
                 return v.new_zeros(*q.shape[:3], v.shape[-1]) + tie.to(v.dtype)
             if first is not None:
-                if keyword_only and len(args) == 3:  # the usual call: no rebinding
-                    out = first(q, k, v, **kwargs)
-                else:
-                    bound.arguments.update(zip(names, (q, k, v), strict=True))
-                    out = first(*bound.args, **bound.kwargs)
+                bound.arguments.update(zip(names, (q, k, v), strict=True))
+                out = first(*bound.args, **bound.kwargs)
                 if out is not None:
                     return out
             k, v, bad = hide_nonfinite(k, v)

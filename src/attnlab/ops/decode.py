@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import default_scale, guarded_op, upcast
+from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
 
 SEGMENT = 4096  # keys per segment when the number of splits is not given (not on a CPU)
 
@@ -80,15 +80,9 @@ def _merged_segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, splits
     if m.shape[2] == 1:  # one segment: nothing to merge
         out = (u / l_sum.clamp_min(1e-30)).squeeze(2)
     else:
-        shift = torch.exp(m - _finite_max(m, 2))  # exp(m_s - M); 0 for an empty segment
+        shift, _ = shifted_exp(m, 2)  # exp(m_s - M); 0 for an empty segment
         out = (shift * u).sum(2) / (shift * l_sum).sum(2).clamp_min(1e-30)
     return out, score_sum.sum() if probe else None
-
-
-def _finite_max(x: Tensor, dim: int) -> Tensor:
-    """The max along ``dim`` (kept), with -inf (nothing visible) raised to the lowest finite
-    number so that subtracting it leaves -inf, not NaN."""
-    return x.amax(dim, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
 
 
 def _unless_nonfinite(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
@@ -133,6 +127,5 @@ def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, p
     score_sum = s.sum().reshape(1, 1, 1) if probe else s.new_empty(1, 1, 0)
     if vis is not None:
         s = s.masked_fill(~vis.unflatten(-1, (n_seg, -1)).transpose(2, 3), float("-inf"))
-    top = _finite_max(s, -1)
-    p = (s - top).exp_()
+    p, top = shifted_exp(s)
     return top, p.sum(-1, keepdim=True), p @ v.unflatten(2, (n_seg, -1)), score_sum

@@ -220,6 +220,16 @@ def _default_block(rule: AxisRule, dims: int) -> int:
     return s * -(-base // s)
 
 
+def _tile_bias(vis: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The additive SDPA bias of a (.., B, W) tile visibility (0 or -inf) and its rows that
+    see no key (.., B, 1): padding slots of border tiles, or every key masked. Those rows get
+    a zero bias (no NaN); their outputs are to be zeroed."""
+    empty = ~vis.any(-1, keepdim=True)
+    bias = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill(
+        ~(vis | empty), float("-inf"))
+    return bias, empty
+
+
 def _tile_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, empty: Tensor | None,
                     scale: float) -> Tensor:
     """SDPA over tiles (H, tiles, B, D) x (H, tiles, W, D) with a (tiles or 1, B, W) bias
@@ -241,7 +251,7 @@ def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tenso
     with the tiles as SDPA's head axis and one (tile, query, key) bias for every head.
     None when the axis is too short for more than one window (the general path serves).
     """
-    b, h, length, d = q.shape
+    b, h, length = q.shape[:3]
     kernel = min(rule.kernel, length)
     width = block + kernel - 1
     if width >= length:
@@ -262,11 +272,9 @@ def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tenso
            & (k_pos[:, None, :] < w_end[q_pos][..., None]))  # (T, B, W)
     border = torch.cat([tile[:first], tile[last + 1:]])
     out = q.new_empty(b, h, length, v.shape[-1])
+    unmasked = _tile_bias(vis, q.dtype) if key_mask is None else None  # the same for every i
     for i in range(b):
-        seen = vis if key_mask is None else vis & key_mask[i][k_pos][:, None, :]
-        empty = ~seen.any(-1, keepdim=True)  # padding slots, or every key masked
-        bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~(seen | empty), float("-inf"))
+        bias, empty = unmasked or _tile_bias(vis & key_mask[i][k_pos][:, None, :], q.dtype)
         if len(regular):
             n_reg = last + 1 - first
             span = slice(first * block, (last + 1) * block)
@@ -326,9 +334,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
     if key_mask is not None:
         km = key_mask.reshape(b, total).index_select(1, k_flat)
         vis = vis & km.view(b, t_count, 1, -1)
-    empty = ~vis.any(-1, keepdim=True)  # padding slots of border tiles, or all keys masked
-    bias = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~(vis | empty), float("-inf"))
+    bias, empty = _tile_bias(vis, q.dtype)
     bias = bias.expand(b, *bias.shape[1:]).reshape(1, b * t_count, *bias.shape[2:])
     out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=bias, scale=scale)
     if key_mask is not None:  # rows whose keys are all padding give 0
