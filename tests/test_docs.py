@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import attnlab as al
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -26,6 +28,7 @@ def _walkthrough_files() -> dict[str, str]:
     return files
 
 
+@pytest.mark.slow  # several seconds; .ci/run runs the slow tests too
 def test_adding_a_mechanism_as_contract_md_shows_touches_three_files_and_passes(tmp_path):
     """Executes the walk-through: a copy of the package and tests plus exactly the files the
     doc shows; the new mechanism must then be registered and pass the conformance suite, its

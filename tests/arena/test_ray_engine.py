@@ -71,6 +71,7 @@ def stored(path):
         return {r["key"]: r for r in store.rows()}
 
 
+@pytest.mark.slow  # several seconds; .ci/run runs the slow tests too
 def test_runs_on_ray_are_stored_once_with_the_numbers_of_local_workers(local_ray, tmp_path):
     events = []
     sweep = tiny(tmp_path / "ray")

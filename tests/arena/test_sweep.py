@@ -113,7 +113,7 @@ def _count(db):
             raise
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path, workers):
     config = tmp_path / "sweep.toml"
     config.write_text(
@@ -144,7 +144,7 @@ def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path, work
     assert all(after[k] == t for k, t in before.items())  # finished runs were not redone
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch, workers):
     sweep = tiny(tmp_path, workers=workers)
     calls = []

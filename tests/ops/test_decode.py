@@ -6,6 +6,17 @@ import torch
 from attnlab.ops import decode_attention, softmax_attention
 
 
+@pytest.fixture(params=["own", "fused"])
+def path(request, monkeypatch):
+    """decode_attention's own segments (a CPU's default) or SDPA's fused kernels (an
+    accelerator's default, forced here on the CPU)."""
+    import attnlab.ops.decode as decode
+
+    if request.param == "fused":
+        monkeypatch.setattr(decode, "fused_kernel_device", lambda device: True)
+    return request.param
+
+
 def cache(t, lq=1, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, lq, 16, generator=g, dtype=dtype)
@@ -22,13 +33,22 @@ def test_any_split_gives_the_softmax_result(t, splits):
     torch.testing.assert_close(decode_attention(q, k, v, splits=splits), expected)
 
 
-def test_padding_causal_and_fully_masked_segments():
+@pytest.mark.parametrize("t", [1, 7, 1031])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_the_default_split_gives_the_softmax_result(t, lq, path):
+    q, k, v = cache(t, lq=lq)
+    for causal in (False, True):
+        expected = softmax_attention(q, k, v, causal=causal, backend="reference")
+        torch.testing.assert_close(decode_attention(q, k, v, causal=causal), expected)
+
+
+def test_padding_causal_and_fully_masked_segments(path):
     q, k, v = cache(50, lq=3)
     mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
     mask[0, ..., 10:30] = False  # whole segments without a visible key
     mask[1] = False  # a row with no visible key at all
     expected = softmax_attention(q, k, v, causal=True, mask=mask, backend="reference")
-    for splits in (1, 5, 50):
+    for splits in (None, 1, 5, 50):
         out = decode_attention(q, k, v, splits=splits, causal=True, mask=mask)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, expected)
@@ -48,16 +68,17 @@ def test_causal_without_a_mask_for_any_batch_and_query_count(batch, lq):
                                    expected)
 
 
-def test_float32_and_bf16_inputs_keep_their_dtype():
+def test_float32_and_bf16_inputs_keep_their_dtype(path):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q, k, v = cache(300, dtype=dtype)
-        out = decode_attention(q, k, v, splits=6)
-        assert out.dtype == dtype
         ref = softmax_attention(q.double(), k.double(), v.double(), backend="reference")
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        for splits in (None, 6):
+            out = decode_attention(q, k, v, splits=splits)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
-def test_a_clean_cache_is_read_without_the_guards_pass(monkeypatch):
+def test_a_clean_cache_is_read_without_the_guards_pass(monkeypatch, path):
     """The clean case never runs hide_nonfinite (a pass over the cache); a non-finite key sends
     the step to the guarded path, which does."""
     import attnlab.ops.common as common
@@ -70,15 +91,17 @@ def test_a_clean_cache_is_read_without_the_guards_pass(monkeypatch):
         decode_attention(q, k, v, splits=splits, causal=True)
     assert calls == []
     k[0, 1, 7, 2] = float("nan")
-    out = decode_attention(q, k, v, splits=3)
-    assert calls == [1]
-    assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+    for count, splits in enumerate((3, None), 1):
+        out = decode_attention(q, k, v, splits=splits)
+        assert calls == [1] * count
+        assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+        assert torch.isfinite(out[1]).all()
 
 
 @pytest.mark.parametrize("splits", [None, 4])
 @pytest.mark.parametrize("target, value", [("k", float("-inf")), ("v", float("inf")),
                                            ("v", float("nan"))])
-def test_a_visible_key_with_zero_weight_still_makes_its_rows_nan(splits, target, value):
+def test_a_visible_key_with_zero_weight_still_makes_its_rows_nan(splits, target, value, path):
     """The probe's blind spots: a key whose k is -inf scores -inf against a query positive
     there (weight exactly 0, finite output); a value behind a weight that underflowed to 0.
     Both keys are visible, so their rows must be NaN (what the guarded path gives)."""

@@ -64,14 +64,17 @@ def test_key_padding_is_the_same_in_every_form(form):
                                ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["parallel", "chunked", "recurrent"])
-def test_prefill_in_pieces_with_a_state_equals_one_pass(form):
+@pytest.mark.parametrize("form, chunk", [("parallel", 64), ("chunked", 64), ("chunked", 8),
+                                         ("recurrent", 64)])
+def test_prefill_in_pieces_with_a_state_equals_one_pass(form, chunk):
+    """Pieces of one and of several chunks (chunk 8: the state sums every chunk's keys)."""
     q, k, v = qkv(50)
     full = linear_attention(q, k, v, causal=True, backend=form)
     state, outs = None, []
     for a, b in ((0, 13), (13, 14), (14, 41), (41, 50)):
         out, state = linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=True,
-                                      backend=form, state=state, return_state=True)
+                                      backend=form, state=state, return_state=True,
+                                      chunk_size=chunk)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=1e-5)
     s, z = state

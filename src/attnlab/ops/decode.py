@@ -16,12 +16,36 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
 
 SEGMENT = 4096  # keys per segment when the number of splits is not given (not on a CPU)
+
+
+def fused_kernel_device(device: torch.device) -> bool:
+    """Whether ``decode_attention`` with ``splits=None`` hands the step to SDPA's fused
+    kernels (with ``enable_gqa``: no copy of the cache) instead of its own segments: on an
+    accelerator, where SDPA has split-KV kernels of its own and a step of a few small launches
+    is launch-bound. Not on a CPU, where SDPA's GQA path was measured 0.27-0.83x of a plain
+    matmul over the cache (benchmarks/results/bench-decode-cpu-vm.md)."""
+    return device.type != "cpu"
+
+
+def _fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
+           scale: float | None, probe: bool) -> Tensor | None:
+    """The step as one SDPA call in the cache's dtype; ``probe``: None if the output or the
+    cache holds a non-finite number (SDPA gives no scores to look at, so the cache's own sums
+    stand for them: a key k = -inf scored -inf would otherwise pass unseen)."""
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis, scale=scale,
+                                         enable_gqa=k_cache.shape[1] != q.shape[1])
+    if vis is not None:  # a row that sees no key gives 0 (SDPA's kernels differ there)
+        out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)
+    if probe and not bool(torch.isfinite(out.sum() + k_cache.sum() + v_cache.sum())):
+        return None
+    return out
 
 
 def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
@@ -37,12 +61,15 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
     """
     b, h, lq, d = q.shape
     h_kv, total = k_cache.shape[1], k_cache.shape[2]
-    if splits is None:  # one segment on a CPU (its threads share the matmuls anyway)
-        splits = 1 if q.device.type == "cpu" else max(1, -(-total // SEGMENT))
-    if not isinstance(splits, int) or splits < 1:
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
+    # one query at the end of the cache sees every key: no causal mask to build or apply
+    vis = visibility(lq, total, causal=causal and lq > 1, mask=mask, device=q.device)
+    if splits is None and fused_kernel_device(q.device):
+        return _fused(q, k_cache, v_cache, vis, scale, probe)
+    if splits is None:  # one segment on a CPU (its threads share the matmuls anyway)
+        splits = 1
     rows = h // h_kv * lq
-    vis = visibility(lq, total, causal=causal, mask=mask, device=q.device)
     # GQA without copying the cache: the query heads of one kv head become extra rows
     q32, k32, v32 = upcast(q.reshape(b, h_kv, rows, d), k_cache, v_cache)
     q32 = q32 * default_scale(q, scale)
@@ -96,9 +123,10 @@ def _unless_nonfinite(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: in
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
                      causal: bool = False, mask: Tensor | None = None,
                      scale: float | None = None) -> Tensor:
-    """Softmax attention of a few queries over a long cache, computed in ``splits`` segments
-    (default: one per ``SEGMENT`` = 4096 keys on an accelerator, where the segments are
-    independent work; one on a CPU, whose threads already share each matmul).
+    """Softmax attention of a few queries over a long cache, computed in ``splits`` segments.
+    ``splits=None`` (default): on a CPU one segment (its threads already share each matmul);
+    on an accelerator one call of SDPA's fused kernels (``fused_kernel_device``), which split
+    the cache themselves.
 
     ``q`` (B, H, Lq, D), ``k_cache``/``v_cache`` (B, H_kv, T, D); ``mask`` bool, True = may
     attend, broadcastable to (B, H, Lq, T); ``causal`` aligns the queries to the end of the
@@ -107,8 +135,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     outputs), then merged exactly; GQA never copies the cache. Rows with no visible key
     return 0. Returns (B, H, Lq, Dv) in q's dtype.
 
-    The cache is read once: whether it holds a non-finite number is found from the scores and
-    the output (``_split_kv``'s probe); only then is it cleared of such keys and the step
+    The cache is read once on a CPU: whether it holds a non-finite number is found from the
+    scores and the output (``_split_kv``'s probe; the fused path sums the cache, a cheap pass
+    on a GPU); only then is it cleared of such keys and the step
     computed again (``guarded_op``).
     """
     return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
