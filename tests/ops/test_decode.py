@@ -150,3 +150,27 @@ def test_softmax_family_decodes_long_caches_with_split_kv(name, monkeypatch):
     parts += [attn(x[:, t:t + 1], mask=keep[:, t:t + 1], state=state) for t in range(6, 14)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert calls == [2, 2, 2, 3, 3, 3, 3]  # caches of 8..14 keys: ceil(T / 5) segments
+
+
+def test_no_fused_path_with_a_torch_whose_sdpa_cannot_take_gqa(monkeypatch):
+    """torch < 2.5 (the lower bound is 2.4): SDPA has no ``enable_gqa``; an accelerator then
+    decodes with the op's own segments instead of failing."""
+    import torch.nn.functional as F
+
+    import attnlab.ops.decode as decode
+
+    real = F.scaled_dot_product_attention
+
+    def old_sdpa(*args, **kwargs):
+        if "enable_gqa" in kwargs:
+            raise TypeError("scaled_dot_product_attention() got an unexpected keyword argument")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode.F, "scaled_dot_product_attention", old_sdpa, raising=True)
+    decode._sdpa_takes_gqa.cache_clear()
+    try:
+        assert not decode.fused_kernel_device(torch.device("meta"))
+    finally:
+        monkeypatch.undo()
+        decode._sdpa_takes_gqa.cache_clear()
+    assert decode.fused_kernel_device(torch.device("meta"))

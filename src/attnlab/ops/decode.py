@@ -13,6 +13,7 @@ The result is the softmax attention over all keys, whatever the split.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,7 +23,16 @@ from torch import Tensor
 from attnlab.core.masks import visibility
 from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
 
-SEGMENT = 4096  # keys per segment when the number of splits is not given (not on a CPU)
+
+@functools.cache
+def _sdpa_takes_gqa() -> bool:
+    """Whether this torch's SDPA takes ``enable_gqa`` (torch >= 2.5)."""
+    try:
+        F.scaled_dot_product_attention(*(torch.zeros(1, h, 1, 1) for h in (2, 1, 1)),
+                                       enable_gqa=True)
+    except TypeError:
+        return False
+    return True
 
 
 def fused_kernel_device(device: torch.device) -> bool:
@@ -30,8 +40,9 @@ def fused_kernel_device(device: torch.device) -> bool:
     kernels (with ``enable_gqa``: no copy of the cache) instead of its own segments: on an
     accelerator, where SDPA has split-KV kernels of its own and a step of a few small launches
     is launch-bound. Not on a CPU, where SDPA's GQA path was measured 0.27-0.83x of a plain
-    matmul over the cache (benchmarks/results/bench-decode-cpu-vm.md)."""
-    return device.type != "cpu"
+    matmul over the cache (benchmarks/results/bench-decode-cpu-vm.md); nor with a torch whose
+    SDPA cannot take fewer kv heads than query heads without copying the cache."""
+    return device.type != "cpu" and _sdpa_takes_gqa()
 
 
 def _fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
