@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -59,16 +59,13 @@ class Workload:
         key["extra"] = tuple(sorted(key.get("extra", {}).items()))
         return cls(**key)
 
-    def with_(self, **changes) -> Workload:
-        return replace(self, **changes)
 
-
-def op_inputs(w: Workload, *, kv_length: int | None = None) -> dict[str, torch.Tensor]:
+def op_inputs(w: Workload) -> dict[str, torch.Tensor]:
     """q (B, H, L, D), k and v (B, H_kv, L_kv, D) and, for training, the output gradient;
     the same seed for every contestant of a workload."""
     g = torch.Generator(device="cpu").manual_seed(0)
     lq = 1 if w.group == "decode" else w.length
-    lk = kv_length or w.length
+    lk = w.length
 
     def make(heads: int, n: int) -> torch.Tensor:
         t = torch.randn(w.batch, heads, n, w.head_dim, generator=g)

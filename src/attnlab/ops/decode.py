@@ -46,40 +46,23 @@ def fused_kernel_device(device: torch.device) -> bool:
 
 
 def _fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
-           scale: float | None, probe: bool) -> Tensor | None:
-    """The step as one SDPA call in the cache's dtype; ``probe``: None if the output or the
-    cache holds a non-finite number (SDPA gives no scores to look at, so the cache's own sums
-    stand for them: a key k = -inf scored -inf would otherwise pass unseen)."""
+           scale: float | None, probe: bool) -> tuple[Tensor, Tensor | None]:
+    """The step as one SDPA call in the cache's dtype, and (``probe``) the sum of the cache:
+    SDPA gives no scores to look at, so the cache's own sums stand for them (a key k = -inf
+    scored -inf would otherwise pass unseen)."""
     out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis, scale=scale,
                                          enable_gqa=k_cache.shape[1] != q.shape[1])
     if vis is not None:  # a row that sees no key gives 0 (SDPA's kernels differ there)
         out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)
-    if probe and not bool(torch.isfinite(out.sum() + k_cache.sum() + v_cache.sum())):
-        return None
-    return out
+    return out, (k_cache.sum() + v_cache.sum()) if probe else None
 
 
-def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
-              mask: Tensor | None, scale: float | None, probe: bool) -> Tensor | None:
-    """The split-KV computation of ``decode_attention`` (see there).
-
-    ``probe``: the inputs have not been cleared of non-finite keys; compute anyway and return
-    None if a non-finite number showed. A key holding inf or NaN makes its scores non-finite
-    (for any finite query), seen in their sum before masking; a value holding one makes every
-    output row non-finite, whatever its weight, as the matmul computes 0 x inf = NaN (IEEE
-    arithmetic, which the BLAS kernels keep: a masked or underflowed weight is a multiply
-    like any other). Two sums instead of a pass over the cache of their own.
-    """
+def _own_segments(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
+                  splits: int, scale: float | None, probe: bool) -> tuple[Tensor, Tensor | None]:
+    """The step in ``splits`` segments of the cache (float32 at least), and (``probe``) the
+    sum of its scores before masking."""
     b, h, lq, d = q.shape
     h_kv, total = k_cache.shape[1], k_cache.shape[2]
-    if splits is not None and (not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
-    # one query at the end of the cache sees every key: no causal mask to build or apply
-    vis = visibility(lq, total, causal=causal and lq > 1, mask=mask, device=q.device)
-    if splits is None and fused_kernel_device(q.device):
-        return _fused(q, k_cache, v_cache, vis, scale, probe)
-    if splits is None:  # one segment on a CPU (its threads share the matmuls anyway)
-        splits = 1
     rows = h // h_kv * lq
     # GQA without copying the cache: the query heads of one kv head become extra rows
     q32, k32, v32 = upcast(q.reshape(b, h_kv, rows, d), k_cache, v_cache)
@@ -89,11 +72,32 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
         vis = vis.expand(vis.shape[0], h, lq, total).reshape(vis.shape[0], h_kv, rows, total)
     if splits == 1 and vis is None:  # one segment, every key visible: a plain softmax
         s = q32 @ k32.transpose(-1, -2)
-        score_sum = s.sum() if probe else None
-        out = torch.softmax(s, -1) @ v32
-    else:
-        out, score_sum = _merged_segments(q32, k32, v32, vis, splits, probe)
-    if probe and not math.isfinite((out.sum() + score_sum).item()):
+        return torch.softmax(s, -1) @ v32, s.sum() if probe else None
+    return _merged_segments(q32, k32, v32, vis, splits, probe)
+
+
+def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
+              mask: Tensor | None, scale: float | None, probe: bool) -> Tensor | None:
+    """The computation of ``decode_attention`` (see there).
+
+    ``probe``: the inputs have not been cleared of non-finite keys; compute anyway and return
+    None if a non-finite number showed. A key holding inf or NaN makes its scores non-finite
+    (for any finite query), seen in their sum before masking; a value holding one makes every
+    output row non-finite, whatever its weight, as the matmul computes 0 x inf = NaN (IEEE
+    arithmetic, which the BLAS kernels keep: a masked or underflowed weight is a multiply
+    like any other). Two sums instead of a pass over the cache of their own.
+    """
+    b, h, lq, _ = q.shape
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
+    # one query at the end of the cache sees every key: no causal mask to build or apply
+    vis = visibility(lq, k_cache.shape[2], causal=causal and lq > 1, mask=mask,
+                     device=q.device)
+    if splits is None and fused_kernel_device(q.device):
+        out, seen = _fused(q, k_cache, v_cache, vis, scale, probe)
+    else:  # on a CPU one segment by default (its threads share the matmuls anyway)
+        out, seen = _own_segments(q, k_cache, v_cache, vis, splits or 1, scale, probe)
+    if probe and not math.isfinite((out.sum() + seen).item()):
         return None
     return out.reshape(b, h, lq, -1).to(q.dtype)
 

@@ -26,6 +26,12 @@ log = logging.getLogger("attnlab.ops")
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels need q/k and v head dims >= 16
 
 
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (grad mode on and one of
+    them requires grad): the backends' and the tiled paths' one test of "training"."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 @dataclass(frozen=True)
 class Request:
     """What a backend needs to know about one op call."""
@@ -38,7 +44,7 @@ class Request:
 
     @property
     def grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return needs_grad(self.q, self.k, self.v)
 
     @property
     def device(self) -> str:

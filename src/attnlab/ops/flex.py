@@ -23,6 +23,13 @@ def compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _flex_for(device: torch.device) -> Callable:
+    """Compiled FlexAttention on CUDA; the eager (unfused reference) one elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return compiled_flex() if device.type == "cuda" else flex_attention
+
+
 def _mask_mod(causal: bool, offset: int, mask: Tensor | None) -> Callable | None:
     if not causal and mask is None:
         return None
@@ -50,8 +57,6 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     ``q``, ``k``, ``v`` have expanded heads. Compiled on CUDA; eager elsewhere (eager is the
     unfused reference path of FlexAttention, used by the tests to check ``score_mod`` math).
     """
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, h, lq, _ = q.shape
     lk = k.shape[2]
     block_mask = None
@@ -60,7 +65,7 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     elif mask is not None:
         mod = _mask_mod(causal, lk - lq, mask.expand(b, h, lq, lk))
         block_mask = block_mask_of(mod, b, h, lq, lk, q.device)
-    fn = compiled_flex() if q.device.type == "cuda" else flex_attention
+    fn = _flex_for(q.device)
     if not return_lse:
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     try:  # torch >= 2.9 spells it return_aux; return_lse is deprecated there
@@ -87,10 +92,8 @@ def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     """Softmax FlexAttention restricted by ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (or by a
     ``block_mask`` built from one before); the block mask lets the kernel skip key blocks no
     query of a block can see. ``q``, ``k``, ``v`` are (B, H, L, D) with expanded heads."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, h, lq, _ = q.shape
     if block_mask is None:
         block_mask = block_mask_of(mask_mod, b, h, lq, k.shape[2], q.device)
-    fn = compiled_flex() if q.device.type == "cuda" else flex_attention
+    fn = _flex_for(q.device)
     return fn(q, k, v, block_mask=block_mask, scale=scale)

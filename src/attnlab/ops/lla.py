@@ -26,7 +26,6 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import (
@@ -38,6 +37,7 @@ from attnlab.ops.common import (
     upcast,
 )
 from attnlab.ops.dispatch import choose
+from attnlab.ops.tiled import recomputed
 
 BACKENDS = ("chunked", "reference")  # in order of preference for backend="auto"
 
@@ -122,7 +122,6 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fa
     if backend == "reference":
         w = lla_weights(q, k, causal=causal, mask=mask, scale=scale, ridge=ridge)
         return w.to(v.dtype) @ v
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fn = partial(_block, scale=scale, ridge=ridge)
     outs = []
     # split, not slicing, for the queries: one gradient concatenation instead of one
@@ -137,5 +136,5 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fa
                          q_total=lq)
         vis = None if vis is None else vis[..., :kend]
         args = (q_blk, k[:, :, :kend], v[:, :, :kend], vis)
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        outs.append(recomputed(fn, *args))
     return torch.cat(outs, dim=2)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.ops.common import default_scale, expand_kv, hide_nonfinite, nan_where
-from attnlab.ops.dispatch import choose
+from attnlab.ops.dispatch import choose, needs_grad
 
 BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
 # queries per tile of the 1-D sliding-window path, measured on the 2-core CPU at L = 16k
@@ -305,8 +305,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
     n = len(rules)
     if n == 1 and rules[0].dilation == rules[0].stride == 1 and not rules[0].clip:
         if block is None:
-            grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            bl = SLIDING_BLOCK["train" if grads else "inference"]
+            bl = SLIDING_BLOCK["train" if needs_grad(q, k, v) else "inference"]
         else:
             bl = _per_axis(block, 1, "block", int)[0]
         out = _sliding_1d(q, k, v, rules[0], key_mask, scale, bl)

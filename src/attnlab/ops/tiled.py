@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from attnlab.ops.common import at_least_float32
+from attnlab.ops.dispatch import needs_grad
 
 # At most this many scores per block (B * H * rows * Lk): 32 MB in float32.
 TILE_ELEMENTS = 1 << 23
@@ -213,8 +214,7 @@ def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``; when a gradient will be needed, through activation checkpointing, so
     that autograd keeps only ``fn``'s inputs and the backward recomputes the rest (one tile's
     scores at a time instead of all of them)."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(*(a for a in args if isinstance(a, Tensor))):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
