@@ -80,11 +80,17 @@ def list_suites() -> None:
 @click.option("--fresh", is_flag=True, help="Measure the selected workloads again, keeping "
               "the report's other rows (default: resume, measuring only workloads not in "
               "the existing report).")
+@click.option("--malloc", default="mmap-off", show_default=True,
+              type=click.Choice(["mmap-off", "default"]),
+              help="glibc's allocator while timing: mmap-off keeps freed blocks of 32 MiB and "
+                   "more for reuse (default glibc maps them fresh from the OS every time, "
+                   "page faults that grow the time of every step past that size). Recorded "
+                   "with each row.")
 @click.option("--no-plots", is_flag=True, help="Skip the log-log plots.")
 def run(suite: str, device: str, dtypes: tuple[str, ...], modes: tuple[str, ...],
         lengths: str | None, groups: tuple[str, ...], contestants: tuple[str, ...],
         rounds: int, memory_limit: float, max_step_seconds: float, out: Path, fresh: bool,
-        no_plots: bool) -> None:
+        malloc: str, no_plots: bool) -> None:
     """Run SUITE (ops, modules, decode, scaling); writes
     OUT/bench-SUITE-DEVICE-HOST.{json,md} and .png plots, saving after every workload."""
     import torch
@@ -138,7 +144,7 @@ def run(suite: str, device: str, dtypes: tuple[str, ...], modes: tuple[str, ...]
                                      contestants=contestants or None,
                                      memory_limit_gb=memory_limit,
                                      max_step_seconds=max_step_seconds, fresh=fresh,
-                                     command=command, progress=show, on_saved=saved)
+                                     malloc=malloc, command=command, progress=show, on_saved=saved)
         except KeyboardInterrupt:
             progress.stop()
             console.print("[yellow]interrupted[/yellow]: the workloads finished so far are "

@@ -8,7 +8,15 @@ from click.testing import CliRunner
 
 from attnlab.bench import report as report_module
 from attnlab.bench.contestants import OPS, Contestant
-from attnlab.bench.measure import cpu_peak_supported, peak_mb, summarize
+from attnlab.bench.measure import (
+    ALLOCATORS,
+    PEAK_ALLOCATOR,
+    allocator_in_use,
+    cpu_peak_supported,
+    peak_mb,
+    summarize,
+    with_allocator,
+)
 from attnlab.bench.runner import run_suite
 from attnlab.bench.suites import GROUPS, TARGETS, Group
 from attnlab.bench.worker import run_workload
@@ -197,6 +205,69 @@ def test_a_suite_run_writes_json_and_markdown_and_resumes(tmp_path):
     again, _ = run_suite([w], suite="decode", device="cpu", out=tmp_path,
                          contestants=("decode/attnlab",), progress=None)
     assert again["rows"] == rep["rows"] and len(again["runs"]) == 2  # nothing re-measured
+
+
+def glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
+
+
+def test_timed_workers_run_with_the_allocator_setting_and_rows_record_it(tmp_path,
+                                                                        monkeypatch):
+    # the worker reads its own environment: the row says what the process ran with
+    w = workload("decode", length=64)
+    kw = dict(suite="decode", device="cpu", contestants=("decode/attnlab",), fresh=True)
+    rep, _ = run_suite([w], out=tmp_path / "a", **kw)
+    expected = "mmap-off" if glibc() else "default (not glibc)"
+    assert rep["runs"][-1]["malloc"] == "mmap-off"
+    assert {r["malloc"] for r in rep["rows"]} == {expected}
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # the user's own setting is not inherited
+    rep, _ = run_suite([w], out=tmp_path / "b", malloc="default", **kw)
+    assert {r["malloc"] for r in rep["rows"]} == {"default" if glibc() else expected}
+    with pytest.raises(ValueError, match="unknown allocator setting"):
+        run_suite([w], out=tmp_path / "c", malloc="jemalloc", **kw)
+
+
+def test_allocator_environments():
+    env = {"PATH": "/bin", "MALLOC_MMAP_MAX_": "0", "MALLOC_MMAP_THRESHOLD_": "1"}
+    assert with_allocator(env, {}) == {"PATH": "/bin"}
+    assert with_allocator(env, PEAK_ALLOCATOR) == {"PATH": "/bin", **PEAK_ALLOCATOR}
+    assert with_allocator({}, ALLOCATORS["mmap-off"])["MALLOC_MMAP_MAX_"] == "0"
+
+
+@pytest.mark.skipif(not glibc(), reason="the malloc variables are glibc's")
+def test_allocator_in_use_names_the_setting(monkeypatch):
+    for var in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
+    assert allocator_in_use() == "default"
+    for var, value in ALLOCATORS["mmap-off"].items():
+        monkeypatch.setenv(var, value)
+    assert allocator_in_use() == "mmap-off"
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "5")
+    assert allocator_in_use() == "MALLOC_MMAP_MAX_=5 MALLOC_TRIM_THRESHOLD_=" + str(1 << 40)
+
+
+def test_rows_of_another_allocator_setting_are_marked_and_left_out_of_exponents():
+    rep = synthetic([("neighborhood", "neighborhood/sdpa-masked", 4096, 1.0, "a"),
+                     ("neighborhood", "neighborhood/attnlab", 4096, 0.1, "a"),
+                     ("neighborhood", "neighborhood/attnlab", 8192, 0.9, "b"),
+                     ("neighborhood", "neighborhood/attnlab", 16384, 0.4, "c"),
+                     ("neighborhood", "neighborhood/attnlab", 32768, 0.8, "d")])
+    for row in rep["rows"][3:]:
+        row["malloc"] = "mmap-off"  # the first three rows were timed before it was recorded
+    rows = rep["rows"]
+    assert report_module.curve(rows, "neighborhood/attnlab", "median_s") == (
+        [16384, 32768], [0.4, 0.8])
+    growth = report_module.evaluate(
+        next(t for t in TARGETS if t.label.startswith("neighborhood time grows")), rep)
+    assert growth["value"] == pytest.approx(1.0)  # not the 0.1 -> 0.9 step of another setting
+    md = report_module.markdown(rep)
+    assert "Timed with the allocator setting `mmap-off`; † with `default`" in md
+    assert "| neighborhood/attnlab | 100 ms ±0% † · 10.00x | 900 ms ±0% † | 400 ms ±0% |" in md
+    table = report_module.readme_table(rep, "neighborhood", "inference", "fp32")
+    assert "| neighborhood/attnlab | 100 ms † (10.00x), 1 MB | 900 ms †, 1 MB |" in table
+    assert table.endswith("(not comparable).")
 
 
 def test_fresh_measures_the_given_workloads_again_and_keeps_the_others(tmp_path, monkeypatch):

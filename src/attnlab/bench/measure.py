@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -11,6 +13,36 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.workload import DTYPES
+
+# glibc serves every allocation of 32 MiB or more with a fresh mmap and unmaps it when it is
+# freed, so a step whose tensors reach 32 MiB ((8, 16384, 64) float32 at L = 16k) page-faults on
+# each new activation: a MALA module step at 16k took 967 ms, 685 ms with mmap off (2-core
+# CPU), and every contestant's time grew faster than its work past that size. The timed
+# workers run with mmap off by default (``--malloc``); each row records the setting.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "mmap-off": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+    "default": {},
+}
+# The memory phase: freed blocks leave the resident set, so a step's peak is its own.
+PEAK_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def with_allocator(env: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
+    """``env`` with glibc's malloc variables replaced by ``settings`` (none inherited)."""
+    return {**{k: v for k, v in env.items() if k not in MALLOC_VARS}, **settings}
+
+
+def allocator_in_use() -> str:
+    """This process's allocator setting: a name of ``ALLOCATORS``, the malloc variables it
+    runs with otherwise, or ``default (not glibc)`` where they mean nothing."""
+    if platform.libc_ver()[0] != "glibc":
+        return "default (not glibc)"
+    env = {k: os.environ[k] for k in MALLOC_VARS if k in os.environ}
+    for name, settings in ALLOCATORS.items():
+        if env == settings:
+            return name
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
 
 
 def synchronize(device: str) -> None:
@@ -53,7 +85,7 @@ def peak_mb(step: Callable[[], None], device: str) -> float | None:
 
     CUDA: the caching allocator's peak of allocated bytes. CPU: the peak resident size
     (VmHWM after a reset) over the resident size before; the worker process runs with
-    ``MALLOC_MMAP_THRESHOLD_`` set so freed tensors leave the resident set. None where the
+    ``PEAK_ALLOCATOR`` so freed tensors leave the resident set. None where the
     OS gives no resettable peak."""
     gc.collect()
     if device.startswith("cuda"):

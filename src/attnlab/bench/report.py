@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from attnlab.bench.suites import GROUPS, TARGETS, Target
@@ -46,11 +47,43 @@ def ratio(row: dict, rows: list[dict]) -> float | None:
     return None
 
 
+def allocator(row: dict) -> str:
+    """The allocator setting a row was timed with (rows from before it was recorded ran with
+    the environment's, i.e. glibc's default here)."""
+    return row.get("malloc", "default")
+
+
 def curve(rows: list[dict], contestant: str, field: str) -> tuple[list[int], list[float]]:
-    pts = sorted((r["workload"]["length"], r[field]) for r in rows
-                 if r["contestant"] == contestant and r.get("status") == "ok"
-                 and r.get(field) is not None)
+    """(L, value) of a contestant's measured rows, only those timed with the allocator
+    setting of its latest row: a curve (and its exponent) is one configuration."""
+    mine = [r for r in rows if r["contestant"] == contestant and r.get("status") == "ok"
+            and r.get(field) is not None]
+    if not mine:
+        return [], []
+    latest = allocator(mine[-1])
+    pts = sorted((r["workload"]["length"], r[field]) for r in mine if allocator(r) == latest)
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def grid(rows: list[dict]) -> tuple[list[int], list[str], dict, Callable[[dict], str]]:
+    """A section's table layout: its lengths, its contestants in measured order, its rows by
+    (contestant, L), and a cell marker: "†" on a row timed with another allocator setting
+    than the section's latest row (see :func:`allocator_note`)."""
+    lengths = sorted({r["workload"]["length"] for r in rows})
+    names = list(dict.fromkeys(r["contestant"] for r in rows))
+    get = {(r["contestant"], r["workload"]["length"]): r for r in rows}
+    latest = allocator(rows[-1])
+    return lengths, names, get, lambda r: "" if allocator(r) == latest else " †"
+
+
+def allocator_note(rows: list[dict]) -> str:
+    """One sentence naming the allocator setting the section's rows were timed with."""
+    latest = allocator(rows[-1])
+    others = sorted({allocator(r) for r in rows if r.get("status") == "ok"} - {latest})
+    text = f"Timed with the allocator setting `{latest}`"
+    if others:
+        text += "; † with " + ", ".join(f"`{o}`" for o in others) + " (not comparable)"
+    return text + "."
 
 
 def fmt_ms(seconds: float) -> str:
@@ -90,11 +123,10 @@ def evaluate(target: Target, report: dict) -> dict | None:
 def section_markdown(key: tuple[str, str, str], rows: list[dict], plot: str | None) -> list[str]:
     group_name, mode, dtype = key
     group = GROUPS[group_name]
-    lengths = sorted({r["workload"]["length"] for r in rows})
-    names = list(dict.fromkeys(r["contestant"] for r in rows))
-    get = {(r["contestant"], r["workload"]["length"]): r for r in rows}
+    lengths, names, get, mark = grid(rows)
     timed = "forward + backward" if mode == "train" else "forward (no grad)"
-    out = [f"## {group_name}: {mode}, {dtype}", "", group.description + f"; {timed}.", ""]
+    out = [f"## {group_name}: {mode}, {dtype}", "", group.description + f"; {timed}. "
+           + allocator_note(rows), ""]
     if plot:
         out += [f"![{group_name} {mode} {dtype}]({plot})", ""]
     header = ["contestant", *[f"L={n}" for n in lengths]]
@@ -110,7 +142,7 @@ def section_markdown(key: tuple[str, str, str], rows: list[dict], plot: str | No
                 continue
             rel = ratio(r, rows)
             gemm = r.get("gemm_fraction")
-            cells.append(f"{fmt_ms(r['median_s'])} ms ±{r['spread']:.0%}"
+            cells.append(f"{fmt_ms(r['median_s'])} ms ±{r['spread']:.0%}{mark(r)}"
                          + (f" · {rel:.2f}x" if rel is not None else "")
                          + (f" · {gemm:.0%} GEMM" if gemm is not None else ""))
             mem.append("n/a" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}")
@@ -138,8 +170,8 @@ def markdown(report: dict, plots: dict[tuple[str, str, str], str] | None = None)
     out = [f"# attnlab bench: suite `{report['suite']}` on {report['device']}", "",
            f"Machine: {describe(m)}; {m.get('torch_threads', '?')} torch threads.", "",
            f"Peers installed: {peers}.", "", "Produced by:", ""]
-    out += [f"- `{r['command']}` ({r['date']}, attnlab {r['attnlab']} @ {r['commit']})"
-            for r in report["runs"]]
+    out += [f"- `{r['command']}` ({r['date']}, attnlab {r['attnlab']} @ {r['commit']}, "
+            f"allocator `{r.get('malloc', 'default')}`)" for r in report["runs"]]
     gemm = {}
     for row in report["rows"]:
         if row.get("gemm_flops_per_s"):
@@ -220,10 +252,9 @@ def readme_table(report: dict, group: str, mode: str, dtype: str) -> str:
     rows = sections(report).get((group, mode, dtype))
     if not rows:
         raise ValueError(f"the report has no rows for {group} {mode} {dtype}")
-    lengths = sorted({r["workload"]["length"] for r in rows})
-    get = {(r["contestant"], r["workload"]["length"]): r for r in rows}
+    lengths, names, get, mark = grid(rows)
     body = []
-    for name in dict.fromkeys(r["contestant"] for r in rows):
+    for name in names:
         cells = []
         for n in lengths:
             r = get.get((name, n))
@@ -232,9 +263,11 @@ def readme_table(report: dict, group: str, mode: str, dtype: str) -> str:
                 continue
             rel = ratio(r, rows)
             mem = "" if r.get("peak_mb") is None else f", {r['peak_mb']:.0f} MB"
-            cells.append(f"{fmt_ms(r['median_s'])} ms" + (f" ({rel:.2f}x)" if rel else "") + mem)
+            cells.append(f"{fmt_ms(r['median_s'])} ms{mark(r)}"
+                         + (f" ({rel:.2f}x)" if rel else "") + mem)
         body.append([name, *cells])
-    return markdown_table(["contestant", *[f"L={n}" for n in lengths]], body)
+    return (markdown_table(["contestant", *[f"L={n}" for n in lengths]], body) + "\n\n"
+            + allocator_note(rows))
 
 
 def update_readme(readme: Path, root: Path) -> int:

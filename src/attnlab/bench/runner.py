@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from attnlab.bench.measure import ALLOCATORS, PEAK_ALLOCATOR, with_allocator
 from attnlab.bench.peers import peer_versions
 from attnlab.bench.suites import GROUPS
 from attnlab.bench.workload import Workload
@@ -43,16 +44,16 @@ def label(w: Workload) -> str:
 
 def run_worker(w: Workload, names: list[str], *, memory_limit_gb: float,
                max_step_seconds: float, on_tick: Callable[[int], None],
-               phase: str = "both") -> list[dict]:
+               phase: str = "both", malloc: str = "mmap-off") -> list[dict]:
     """Measure ``w`` in a fresh process; a worker that dies is recorded as an error row for
     every contestant it had not finished. ``phase``: "time" (interleaved rounds), "memory"
     (one contestant's peak, malloc returning freed memory to the OS) or "both" (CUDA, whose
-    allocator counts its own peak)."""
+    allocator counts its own peak). ``malloc``: the allocator setting (``ALLOCATORS``) of
+    the timed phases."""
     job = {"workload": w.key(), "contestants": names, "phase": phase,
            "memory_limit_bytes": memory_limit_gb * 2**30, "max_step_seconds": max_step_seconds}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if phase == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env = with_allocator({**os.environ, "PYTHONUNBUFFERED": "1"},
+                         PEAK_ALLOCATOR if phase == "memory" else ALLOCATORS[malloc])
     proc = subprocess.Popen([sys.executable, "-m", "attnlab.bench.worker", json.dumps(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     rows = None
@@ -81,19 +82,22 @@ def run_worker(w: Workload, names: list[str], *, memory_limit_gb: float,
 
 def run_suite(workloads: list[Workload], *, suite: str, device: str, out: Path,
               contestants: tuple[str, ...] | None = None, memory_limit_gb: float = 12.0,
-              max_step_seconds: float = 60.0, fresh: bool = False,
+              max_step_seconds: float = 60.0, fresh: bool = False, malloc: str = "mmap-off",
               command: str | None = None, progress: Progress | None = None,
               on_saved: Callable[[dict, Path], None] | None = None) -> tuple[dict, Path]:
     """Measure every workload not already in the report (``fresh``: measure the given
     workloads again, keeping the report's rows of other workloads); returns the report and
-    its JSON path. ``on_saved`` is called after each save."""
+    its JSON path. ``on_saved`` is called after each save. ``malloc``: the allocator setting
+    of the timed workers (``ALLOCATORS``), recorded with the run and with each row."""
+    if malloc not in ALLOCATORS:
+        raise ValueError(f"unknown allocator setting {malloc!r}; choose from {list(ALLOCATORS)}")
     info = machine()
     path = report_stem(out, suite, device, info["host"]).with_suffix(".json")
     report = load(path)
     if report is None:
         report = {"suite": suite, "device": device, "machine": info, "runs": [], "rows": []}
     report["machine"], report["peers"] = info, peer_versions()
-    report["runs"].append(provenance(command))
+    report["runs"].append({**provenance(command), "malloc": malloc})
     done = set() if fresh else {row_key(r) for r in report["rows"]}
     plans = []
     for w in workloads:
@@ -114,7 +118,7 @@ def run_suite(workloads: list[Workload], *, suite: str, device: str, out: Path,
         cpu = not device.startswith("cuda")
         rows = run_worker(w, names, memory_limit_gb=memory_limit_gb,
                           max_step_seconds=max_step_seconds, on_tick=tick,
-                          phase="time" if cpu else "both")
+                          phase="time" if cpu else "both", malloc=malloc)
         for row in rows:
             if cpu and row.get("status") == "ok":  # the CPU peak: a process per contestant
                 memory = run_worker(w, [row["contestant"]], memory_limit_gb=memory_limit_gb,

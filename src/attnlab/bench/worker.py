@@ -15,7 +15,14 @@ from collections.abc import Callable
 
 import torch
 
-from attnlab.bench.measure import gemm_rate, peak_mb, status_kib, summarize, timed
+from attnlab.bench.measure import (
+    allocator_in_use,
+    gemm_rate,
+    peak_mb,
+    status_kib,
+    summarize,
+    timed,
+)
 from attnlab.bench.suites import GROUPS
 from attnlab.bench.workload import Workload, module_inputs, op_inputs
 
@@ -53,8 +60,8 @@ def prepared(w: Workload) -> tuple[dict, list[torch.Tensor], torch.Tensor | None
 
 def measure_memory(w: Workload, name: str) -> dict:
     """Peak memory of one contestant's step, alone in this process (the CPU memory phase:
-    run with ``MALLOC_MMAP_THRESHOLD_`` set so that freed tensors leave the resident set,
-    which would slow the timed steps down, hence a process of its own)."""
+    run with ``PEAK_ALLOCATOR`` so that freed tensors leave the resident set, which would
+    slow the timed steps down, hence a process of its own)."""
     inputs, shared, grad = prepared(w)
     try:
         forward, extra = GROUPS[w.group].contestant(name).prepare(w, inputs)
@@ -74,7 +81,8 @@ def run_workload(w: Workload, names: list[str], *, memory_limit_bytes: float,
     inputs, shared, grad = prepared(w)
     flops = group.flops(w)
     gemm = gemm_rate(w.device, w.dtype) if flops else None
-    base = {"group": w.group, "workload": w.key(), "gemm_flops_per_s": gemm}
+    base = {"group": w.group, "workload": w.key(), "gemm_flops_per_s": gemm,
+            "malloc": allocator_in_use()}
     rows: dict[str, dict] = {}
     steps: dict[str, Callable[[], None]] = {}
     for name in names:

@@ -116,10 +116,22 @@ def _blocks(lq: int, lk: int, causal: bool, mask3: Tensor | None, size: int):
         yield i0, i1, (vis if (causal or m is not None) else None, kend)
 
 
-def _scores(math: RowMath, q_blk: Tensor, k: Tensor) -> Tensor:
-    """Scores in float32 at least; a low-precision matmul (bf16 q, k) is upcast after."""
-    bias = torch.full((1, 1, 1), math.bias, dtype=q_blk.dtype, device=q_blk.device)
-    return at_least_float32(torch.baddbmm(bias, q_blk, k.mT, alpha=math.scale))
+def _score_operands(math: RowMath, q3: Tensor, k3: Tensor) -> tuple[Tensor, Tensor]:
+    """(q', k') with q' k'^T = scale q k^T + bias: q scaled once, a nonzero bias as one more
+    column, [scale q, bias] . [k, 1]. Each tile's scores are then one GEMM; a baddbmm with
+    the broadcast bias first writes the bias over the whole tile (measured on the 2-core
+    CPU: 3.6 against 2.2 ms for a (8, 128, 4096) tile)."""
+    qs = q3 if math.scale == 1 else q3 * math.scale
+    if math.bias == 0:
+        return qs, k3
+    return (torch.cat([qs, qs.new_full((*qs.shape[:-1], 1), math.bias)], -1),
+            torch.cat([k3, k3.new_ones(*k3.shape[:-1], 1)], -1))
+
+
+def _scores(qs_blk: Tensor, ks: Tensor) -> Tensor:
+    """Scores of a block from the score operands, in float32 at least (a low-precision
+    matmul, bf16 q and k, is upcast after)."""
+    return at_least_float32(torch.bmm(qs_blk, ks.mT))
 
 
 def _mm(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
@@ -145,11 +157,12 @@ class _RowTiled(torch.autograd.Function):
         lq, lk = q3.shape[1], k3.shape[1]
         out = q3.new_zeros(q3.shape[0], lq, v3.shape[-1],
                            dtype=torch.promote_types(q3.dtype, torch.float32))
+        qs, ks = _score_operands(math, q3, k3)
         for i0, i1, blk in _blocks(lq, lk, causal, mask3, size):
             if blk is None:
                 continue
             vis, kend = blk
-            w, _ = math.weights(_scores(math, q3[:, i0:i1], k3[:, :kend]), vis)
+            w, _ = math.weights(_scores(qs[:, i0:i1], ks[:, :kend]), vis)
             out[:, i0:i1] = _mm(w, v3[:, :kend], v3)
         ctx.save_for_backward(q3, k3, v3, mask3, out)
         ctx.math, ctx.causal, ctx.size = math, causal, size
@@ -160,24 +173,30 @@ class _RowTiled(torch.autograd.Function):
         q3, k3, v3, mask3, out = ctx.saved_tensors
         math = ctx.math
         dout = dout.contiguous()
-        dq, dk, dv = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-                      for t in (q3, k3, v3))
+        acc = {t: torch.promote_types(t.dtype, torch.float32) for t in (q3, k3, v3)}
+        dq = torch.zeros_like(q3, dtype=acc[q3])
+        # dk and dv accumulate transposed, (BH, D, Lk): a block adds to their first kend
+        # columns, and that GEMM ran ~25% faster than into the first kend rows of (BH, Lk, D)
+        dk_t, dv_t = (t.new_zeros(t.shape[0], t.shape[2], t.shape[1], dtype=acc[t])
+                      for t in (k3, v3))
         rowdot = (dout * out).sum(-1, keepdim=True)
         low = dout.to(q3.dtype)  # dO for the GEMMs
+        qs, ks = _score_operands(math, q3, k3)
         for i0, i1, blk in _blocks(q3.shape[1], k3.shape[1], ctx.causal, mask3, ctx.size):
             if blk is None:
                 continue
             vis, kend = blk
             q_blk, do_blk = q3[:, i0:i1], low[:, i0:i1]
-            w, aux = math.weights(_scores(math, q_blk, k3[:, :kend]), vis)
-            _add_mm(dv[:, :kend], w.mT, do_blk, v3)
+            w, aux = math.weights(_scores(qs[:, i0:i1], ks[:, :kend]), vis)
+            _add_mm(dv_t[:, :, :kend], do_blk.mT, w, v3)
             g = _mm(do_blk, v3[:, :kend].mT, v3)
             ds = math.vjp(g, w, aux, vis, rowdot[:, i0:i1])
             dq[:, i0:i1] = _mm(ds, k3[:, :kend], k3)
-            _add_mm(dk[:, :kend], ds.mT, q_blk, q3)
+            _add_mm(dk_t[:, :, :kend], q_blk.mT, ds, q3)
         dq.mul_(math.scale)
-        dk.mul_(math.scale)
-        return dq.to(q3.dtype), dk.to(k3.dtype), dv.to(v3.dtype), None, None, None, None
+        dk_t.mul_(math.scale)
+        return (dq.to(q3.dtype), dk_t.mT.to(k3.dtype), dv_t.mT.to(v3.dtype),
+                None, None, None, None)
 
 
 def _row_tiled_without_autocast(*args) -> Tensor:
