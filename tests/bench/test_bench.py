@@ -229,6 +229,13 @@ def test_timed_workers_run_with_the_allocator_setting_and_rows_record_it(tmp_pat
         run_suite([w], out=tmp_path / "c", malloc="jemalloc", **kw)
 
 
+def test_the_cli_offers_every_allocator_setting():
+    from attnlab.cli_bench import run
+
+    option = next(p for p in run.params if p.name == "malloc")
+    assert set(option.type.choices) == set(ALLOCATORS) and option.default in ALLOCATORS
+
+
 def test_allocator_environments():
     env = {"PATH": "/bin", "MALLOC_MMAP_MAX_": "0", "MALLOC_MMAP_THRESHOLD_": "1"}
     assert with_allocator(env, {}) == {"PATH": "/bin"}
@@ -265,8 +272,11 @@ def test_rows_of_another_allocator_setting_are_marked_and_left_out_of_exponents(
     md = report_module.markdown(rep)
     assert "Timed with the allocator setting `mmap-off`; † with `default`" in md
     assert "| neighborhood/attnlab | 100 ms ±0% † · 10.00x | 900 ms ±0% † | 400 ms ±0% |" in md
+    dead = {**rows[-1], "status": "error", "workload": {**rows[-1]["workload"], "length": 1}}
+    del dead["malloc"]  # a worker that died records no setting: the latest stays mmap-off
+    rep["rows"].append(dead)
     table = report_module.readme_table(rep, "neighborhood", "inference", "fp32")
-    assert "| neighborhood/attnlab | 100 ms † (10.00x), 1 MB | 900 ms †, 1 MB |" in table
+    assert "| neighborhood/attnlab | error | 100 ms † (10.00x), 1 MB | 900 ms †, 1 MB |" in table
     assert table.endswith("(not comparable).")
 
 

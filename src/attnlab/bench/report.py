@@ -72,13 +72,20 @@ def grid(rows: list[dict]) -> tuple[list[int], list[str], dict, Callable[[dict],
     lengths = sorted({r["workload"]["length"] for r in rows})
     names = list(dict.fromkeys(r["contestant"] for r in rows))
     get = {(r["contestant"], r["workload"]["length"]): r for r in rows}
-    latest = allocator(rows[-1])
+    latest = latest_allocator(rows)
     return lengths, names, get, lambda r: "" if allocator(r) == latest else " †"
+
+
+def latest_allocator(rows: list[dict]) -> str:
+    """The allocator setting of the section's last measured row (a worker that died leaves
+    error rows that record none)."""
+    timed = [r for r in rows if r.get("status") == "ok"] or rows
+    return allocator(timed[-1])
 
 
 def allocator_note(rows: list[dict]) -> str:
     """One sentence naming the allocator setting the section's rows were timed with."""
-    latest = allocator(rows[-1])
+    latest = latest_allocator(rows)
     others = sorted({allocator(r) for r in rows if r.get("status") == "ok"} - {latest})
     text = f"Timed with the allocator setting `{latest}`"
     if others:
