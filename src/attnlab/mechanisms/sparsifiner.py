@@ -12,7 +12,7 @@ from attnlab.core.masks import top_keys, visibility
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
-from attnlab.ops.tiled import auto_block_size, recomputed, row_tiles
+from attnlab.ops.tiled import auto_block_size, keys_seen, recomputed, row_tiles
 
 
 @register("sparsifiner", family="sparse",
@@ -82,7 +82,7 @@ class SparsifinerAttention(Attention):
         distill = self.training and self.distill_weight > 0
         parts, kl_sum, kl_rows = [], 0.0, 0
         for i0, i1 in row_tiles(lq, self.rows_per_tile or auto_block_size(b * h * 4, lk)):
-            kend = min(lk, i1 + lk - lq) if self.causal else lk
+            kend = keys_seen(i1, lq, lk, self.causal)
             mask = None if call.op_mask is None else call.op_mask[..., :kend]
             out, kl, rows = recomputed(self._tile, q[:, :, i0:i1], k[:, :, :kend],
                                        v[:, :, :kend], a[:, :, i0:i1], c[:, :, :kend], mask,

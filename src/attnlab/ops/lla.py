@@ -37,7 +37,7 @@ from attnlab.ops.common import (
     upcast,
 )
 from attnlab.ops.dispatch import choose
-from attnlab.ops.tiled import recomputed
+from attnlab.ops.tiled import keys_seen, recomputed
 
 BACKENDS = ("chunked", "reference")  # in order of preference for backend="auto"
 
@@ -128,7 +128,7 @@ def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fa
     # full-length gradient per block
     for q_blk, i0 in zip(q.split(block_size, 2), range(0, lq, block_size), strict=True):
         i1 = i0 + q_blk.shape[2]
-        kend = min(lk, i1 + lk - lq) if causal else lk
+        kend = keys_seen(i1, lq, lk, causal)
         if kend <= 0:
             outs.append(v.new_zeros(*v.shape[:2], i1 - i0, v.shape[-1]))
             continue

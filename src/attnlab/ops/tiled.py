@@ -101,11 +101,17 @@ class RowMath:
         raise NotImplementedError
 
 
+def keys_seen(i1: int, lq: int, lk: int, causal: bool) -> int:
+    """How many leading keys the query rows before ``i1`` may see: all ``lk``, or, causal
+    with the queries aligned to the end of the keys, ``min(lk, i1 + lk - lq)`` (<= 0: none)."""
+    return min(lk, i1 + lk - lq) if causal else lk
+
+
 def _blocks(lq: int, lk: int, causal: bool, mask3: Tensor | None, size: int):
     offset = lk - lq if causal else None
     for i0 in range(0, lq, size):
         i1 = min(lq, i0 + size)
-        kend = min(lk, i1 + lk - lq) if causal else lk
+        kend = keys_seen(i1, lq, lk, causal)
         if kend <= 0:
             yield i0, i1, None  # rows that see no key at all
             continue
