@@ -1,6 +1,7 @@
 """attnlab bench: contestants agree on the math, rounds interleave, reports and resumes."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -10,8 +11,11 @@ from attnlab.bench import report as report_module
 from attnlab.bench.contestants import OPS, Contestant
 from attnlab.bench.measure import (
     ALLOCATORS,
+    MAX_CALLS,
+    MIN_SAMPLE_S,
     PEAK_ALLOCATOR,
     allocator_in_use,
+    calls_per_sample,
     cpu_peak_supported,
     peak_mb,
     summarize,
@@ -80,17 +84,48 @@ def test_rounds_interleave_the_contestants_and_skips_say_why(monkeypatch):
     fakes["d"] = Contestant("d", "flex", lambda w, x: (None, []), needs_backward_on_cpu=False)
     monkeypatch.setitem(GROUPS, "fake", Group("fake", "", ("a", "b", "c", "d"), "a"))
     monkeypatch.setattr("attnlab.bench.suites.OPS", fakes)
+    monkeypatch.setattr("attnlab.bench.worker.calls_per_sample", lambda seconds: 1)
     w = Workload(group="fake", length=8, mode="train", dtype="fp32", device="cpu", rounds=3)
     ticks = []
     rows = run_workload(w, ["a", "b", "c", "d"], memory_limit_bytes=2**30,
                         max_step_seconds=60, emit=lambda e: ticks.append(e["steps"]))
-    # warm-up and peak step of each, then rounds rotating the order
-    assert calls == ["a", "a", "b", "b", "c", "c",
+    # warm-up, peak and sample-sizing step of each, then rounds rotating the order
+    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c",
                      "a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "skipped"]
     assert rows[3]["reason"] == "FlexAttention has no backward on CPU"
     assert all(len(r["times"]) == 3 for r in rows[:3])
     assert sum(ticks) == 4 * (3 + 2)  # the progress bar's total is reached exactly
+
+
+def test_a_short_step_is_timed_as_the_mean_of_calls_back_to_back(monkeypatch):
+    """A step far shorter than a sample is called enough times for one (the count recorded
+    in its row), and its times are per call; a step as long as a sample is called once."""
+    calls: list[str] = []
+    naps = {"short": 0.0005, "long": MIN_SAMPLE_S * 1.5}
+
+    def napper(name):
+        def prepare(w, x):
+            def forward():
+                calls.append(name)
+                time.sleep(naps[name])
+                return x["q"] * 1.0
+            return forward, []
+        return Contestant(name, "torch", prepare)
+
+    monkeypatch.setitem(GROUPS, "fake", Group("fake", "", ("short", "long"), "short"))
+    monkeypatch.setattr("attnlab.bench.suites.OPS", {n: napper(n) for n in naps})
+    w = Workload(group="fake", length=8, mode="inference", dtype="fp32", device="cpu",
+                 rounds=2)
+    short, long = run_workload(w, ["short", "long"], memory_limit_bytes=2**30,
+                               max_step_seconds=60, emit=lambda e: None, measure_peak=False)
+    assert 1 < short["calls"] <= MIN_SAMPLE_S / naps["short"]
+    assert long["calls"] == 1
+    # warm-up and sizing step, then `calls` per round
+    assert calls.count("short") == 2 + 2 * short["calls"]
+    assert calls.count("long") == 2 + 2
+    assert all(naps["short"] <= t < 4 * naps["short"] for t in short["times"])
+    assert calls_per_sample(MIN_SAMPLE_S / 10) == 10 and calls_per_sample(0.0) == MAX_CALLS
 
 
 def test_a_failing_contestant_is_recorded_and_the_others_still_run(monkeypatch):
@@ -278,6 +313,41 @@ def test_rows_of_another_allocator_setting_are_marked_and_left_out_of_exponents(
     table = report_module.readme_table(rep, "neighborhood", "inference", "fp32")
     assert "| neighborhood/attnlab | error | 100 ms † (10.00x), 1 MB | 900 ms †, 1 MB |" in table
     assert table.endswith("(not comparable).")
+
+
+def test_a_cell_measured_again_shows_only_its_latest_row_everywhere():
+    """A run with other rounds keeps the same cell's older row in the JSON (another workload
+    key), but the table, the curves and the targets read the latest row of each cell; the
+    older ratios still find their own run's baseline."""
+    rep = synthetic([("decode", "decode/matmul", 4096, 1.0, "old"),
+                     ("decode", "decode/attnlab", 4096, 1.5, "old"),
+                     ("decode", "decode/matmul", 16384, 4.0, "old"),
+                     ("decode", "decode/attnlab", 16384, 5.0, "old"),
+                     ("decode", "decode/matmul", 4096, 1.0, "new"),
+                     ("decode", "decode/attnlab", 4096, 0.9, "new")])
+    for row in rep["rows"][:4]:
+        row["malloc"] = "default"
+    for row in rep["rows"][4:]:
+        row["malloc"], row["calls"] = "mmap-off", 20
+    rows = rep["rows"]
+    assert report_module.latest_rows(rows) == rows[2:]
+    target = next(t for t in TARGETS if t.group == "decode")
+    verdict = report_module.evaluate(target, rep)
+    # 16k (old run, its own baseline) 0.80x is now the worst; the old 4k 0.67x no longer counts
+    assert verdict["value"] == pytest.approx(0.8) and "L=16384" in verdict["text"]
+    md = report_module.markdown(rep)
+    assert "| decode/attnlab | 900 ms ±0% · 1.11x | 5000 ms ±0% † · 0.80x |" in md
+    assert "Timed with the allocator setting `mmap-off`; † with `default`" in md
+    assert "mean of 1-20 calls back to back" in md
+    assert report_module.curve(rows, "decode/attnlab", "median_s") == ([4096], [0.9])
+    for row in rows:  # one setting throughout: a curve has one point per L, no † anywhere
+        row["malloc"] = "mmap-off"
+    assert report_module.curve(rows, "decode/attnlab", "median_s") == (
+        [4096, 16384], [0.9, 5.0])
+    assert "†" not in report_module.markdown(rep)
+    for row in rows[:2]:  # only superseded rows of another setting: still no †
+        row["malloc"] = "default"
+    assert "†" not in report_module.markdown(rep)
 
 
 def test_fresh_measures_the_given_workloads_again_and_keeps_the_others(tmp_path, monkeypatch):

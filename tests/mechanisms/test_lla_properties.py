@@ -78,6 +78,22 @@ def test_chunked_equals_reference_forward_and_backward_with_padding():
     assert (res[0][0][:, :, :5] == 0).all()  # rows that see no key
 
 
+def test_chunked_training_keeps_memory_linear_in_length_for_the_backward():
+    """What autograd keeps between forward and backward doubles with L (each block's
+    visibility is rebuilt in the backward, not kept: (block, keys) bools per block were
+    L^2 / 2 bytes in all)."""
+    from ..ops.cases import saved_bytes_beyond
+
+    kept = {}
+    for n in (1024, 2048):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, 8, generator=g).requires_grad_() for _ in range(3))
+        kept[n] = saved_bytes_beyond((q, k, v), lambda q=q, k=k, v=v: local_linear_attention(
+            q, k, v, causal=True, block_size=64))
+    assert kept[2048] <= 2.2 * kept[1024]
+    assert kept[2048] < 2048 * 2048 / 16  # far below one byte per visible (query, key) pair
+
+
 def test_chunked_training_never_holds_an_l_by_l_matrix():
     from ..ops.test_backends import MaxNumel
 

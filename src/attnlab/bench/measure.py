@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
@@ -50,13 +51,30 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], None], device: str) -> float:
-    """Seconds of one call of ``step`` (the device's queue drained before and after)."""
+def timed(step: Callable[[], None], device: str, calls: int = 1) -> float:
+    """Seconds per call of ``step``, called ``calls`` times back to back (the device's queue
+    drained before and after)."""
     synchronize(device)
     start = time.perf_counter()
-    step()
+    for _ in range(calls):
+        step()
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
+
+
+# A timed sample lasts at least this long: a step of 0.1 ms timed alone is as much timer,
+# cache state and the progress output between samples as it is step (spreads of +-20-80%
+# on the decode workloads); such a step is called back to back and the mean per call kept.
+MIN_SAMPLE_S = 0.02
+MAX_CALLS = 1000
+
+
+def calls_per_sample(seconds_per_call: float) -> int:
+    """How many calls of a step lasting ``seconds_per_call`` make one timed sample of at
+    least ``MIN_SAMPLE_S`` (1 for any step that long, at most ``MAX_CALLS``)."""
+    if seconds_per_call <= 0:
+        return MAX_CALLS
+    return max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / seconds_per_call)))
 
 
 def status_kib(field: str) -> int | None:

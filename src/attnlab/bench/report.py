@@ -53,11 +53,19 @@ def allocator(row: dict) -> str:
     return row.get("malloc", "default")
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The rows a section shows: the latest of each (contestant, L), in measured order. An
+    earlier measurement of the same cell (another run, other rounds) stays in the JSON as
+    history but counts in no table, curve or target."""
+    latest = {(r["contestant"], r["workload"]["length"]): r for r in rows}
+    return [r for r in rows if latest[(r["contestant"], r["workload"]["length"])] is r]
+
+
 def curve(rows: list[dict], contestant: str, field: str) -> tuple[list[int], list[float]]:
-    """(L, value) of a contestant's measured rows, only those timed with the allocator
-    setting of its latest row: a curve (and its exponent) is one configuration."""
-    mine = [r for r in rows if r["contestant"] == contestant and r.get("status") == "ok"
-            and r.get(field) is not None]
+    """(L, value) of a contestant's shown rows (``latest_rows``), only those timed with the
+    allocator setting of its latest row: a curve (and its exponent) is one configuration."""
+    mine = [r for r in latest_rows(rows) if r["contestant"] == contestant
+            and r.get("status") == "ok" and r.get(field) is not None]
     if not mine:
         return [], []
     latest = allocator(mine[-1])
@@ -71,7 +79,7 @@ def grid(rows: list[dict]) -> tuple[list[int], list[str], dict, Callable[[dict],
     than the section's latest row (see :func:`allocator_note`)."""
     lengths = sorted({r["workload"]["length"] for r in rows})
     names = list(dict.fromkeys(r["contestant"] for r in rows))
-    get = {(r["contestant"], r["workload"]["length"]): r for r in rows}
+    get = {(r["contestant"], r["workload"]["length"]): r for r in latest_rows(rows)}
     latest = latest_allocator(rows)
     return lengths, names, get, lambda r: "" if allocator(r) == latest else " †"
 
@@ -86,7 +94,8 @@ def latest_allocator(rows: list[dict]) -> str:
 def allocator_note(rows: list[dict]) -> str:
     """One sentence naming the allocator setting the section's rows were timed with."""
     latest = latest_allocator(rows)
-    others = sorted({allocator(r) for r in rows if r.get("status") == "ok"} - {latest})
+    others = sorted({allocator(r) for r in latest_rows(rows) if r.get("status") == "ok"}
+                    - {latest})
     text = f"Timed with the allocator setting `{latest}`"
     if others:
         text += "; † with " + ", ".join(f"`{o}`" for o in others) + " (not comparable)"
@@ -102,7 +111,8 @@ def evaluate(target: Target, report: dict) -> dict | None:
     """The measured value of ``target`` in ``report`` and whether it is reached (None when the
     report has no rows for it)."""
     rows = sections(report).get((target.group, target.mode, target.dtype), [])
-    mine = [r for r in rows if r["contestant"] == target.contestant and r.get("status") == "ok"]
+    mine = [r for r in latest_rows(rows)
+            if r["contestant"] == target.contestant and r.get("status") == "ok"]
     if target.kind == "exponent":
         xs, ys = curve(rows, target.contestant, "median_s")
         value = fit_exponent(xs, ys)
@@ -162,7 +172,13 @@ def section_markdown(key: tuple[str, str, str], rows: list[dict], plot: str | No
             mem.append("–" if exp is None else f"{exp:.2f}")
         time_rows.append([name, *cells])
         memory_rows.append([name, *mem])
-    out += ["Median time of the rounds ±(max - min) / median · speed relative to "
+    calls = sorted({r.get("calls", 1) for r in latest_rows(rows) if r.get("status") == "ok"})
+    sample = ""
+    if calls and calls != [1]:  # rows measured before samples were sized have no "calls"
+        span = str(calls[0]) if len(calls) == 1 else f"{calls[0]}-{calls[-1]}"
+        sample = (f" (a round's sample is the mean of {span} calls back to back: a short "
+                  "step is repeated to make a sample of measurable length)")
+    out += [f"Median time of the rounds{sample} ±(max - min) / median · speed relative to "
             f"`{group.baseline}` · nominal FLOP rate as a share of the measured GEMM rate:", "",
             markdown_table(header + (["time exponent"] if many else []), time_rows), "",
             "Peak memory above the inputs (MB):", "",
