@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from attnlab.bench.suites import GROUPS, TARGETS, Target
+from attnlab.bench.workload import Workload
 from attnlab.machine import describe
 from attnlab.tables import markdown_table
 
@@ -53,12 +54,21 @@ def allocator(row: dict) -> str:
     return row.get("malloc", "default")
 
 
+def x_of(row: dict) -> int:
+    """Where a row sits on its group's axis: its length L, or its window K (a K sweep)."""
+    return row["workload"][GROUPS[row["group"]].axis]
+
+
+def axis_name(group_name: str) -> str:
+    return {"length": "L", "kernel": "K"}[GROUPS[group_name].axis]
+
+
 def latest_rows(rows: list[dict]) -> list[dict]:
     """The rows a section shows: the latest of each (contestant, L), in measured order. An
     earlier measurement of the same cell (another run, other rounds) stays in the JSON as
     history but counts in no table, curve or target."""
-    latest = {(r["contestant"], r["workload"]["length"]): r for r in rows}
-    return [r for r in rows if latest[(r["contestant"], r["workload"]["length"])] is r]
+    latest = {(r["contestant"], x_of(r)): r for r in rows}
+    return [r for r in rows if latest[(r["contestant"], x_of(r))] is r]
 
 
 def curve(rows: list[dict], contestant: str, field: str) -> tuple[list[int], list[float]]:
@@ -69,7 +79,7 @@ def curve(rows: list[dict], contestant: str, field: str) -> tuple[list[int], lis
     if not mine:
         return [], []
     latest = allocator(mine[-1])
-    pts = sorted((r["workload"]["length"], r[field]) for r in mine if allocator(r) == latest)
+    pts = sorted((x_of(r), r[field]) for r in mine if allocator(r) == latest)
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -77,9 +87,9 @@ def grid(rows: list[dict]) -> tuple[list[int], list[str], dict, Callable[[dict],
     """A section's table layout: its lengths, its contestants in measured order, its rows by
     (contestant, L), and a cell marker: "†" on a row timed with another allocator setting
     than the section's latest row (see :func:`allocator_note`)."""
-    lengths = sorted({r["workload"]["length"] for r in rows})
+    lengths = sorted({x_of(r) for r in rows})
     names = list(dict.fromkeys(r["contestant"] for r in rows))
-    get = {(r["contestant"], r["workload"]["length"]): r for r in latest_rows(rows)}
+    get = {(r["contestant"], x_of(r)): r for r in latest_rows(rows)}
     latest = latest_allocator(rows)
     return lengths, names, get, lambda r: "" if allocator(r) == latest else " †"
 
@@ -119,7 +129,8 @@ def evaluate(target: Target, report: dict) -> dict | None:
         if value is None:
             return None
         return {"value": value, "reached": value <= target.value,
-                "text": f"exponent {value:.2f} over L = {xs[0]}..{xs[-1]}"}
+                "text": f"exponent {value:.2f} over {axis_name(target.group)} = "
+                        f"{xs[0]}..{xs[-1]}"}
     picked = [r for r in mine if target.length in (None, r["workload"]["length"])]
     pairs = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
     pairs = [(n, v) for n, v in pairs if v is not None]
@@ -142,11 +153,13 @@ def section_markdown(key: tuple[str, str, str], rows: list[dict], plot: str | No
     group = GROUPS[group_name]
     lengths, names, get, mark = grid(rows)
     timed = "forward + backward" if mode == "train" else "forward (no grad)"
-    out = [f"## {group_name}: {mode}, {dtype}", "", group.description + f"; {timed}. "
+    fixed = "" if group.axis == "length" else \
+        f" L = {', '.join(str(n) for n in sorted({r['workload']['length'] for r in rows}))}"
+    out = [f"## {group_name}: {mode}, {dtype}", "", group.description + f"{fixed}; {timed}. "
            + allocator_note(rows), ""]
     if plot:
         out += [f"![{group_name} {mode} {dtype}]({plot})", ""]
-    header = ["contestant", *[f"L={n}" for n in lengths]]
+    header = ["contestant", *[f"{axis_name(group_name)}={n}" for n in lengths]]
     many = len(lengths) > 1
     time_rows, memory_rows = [], []
     for name in names:
@@ -215,9 +228,8 @@ def markdown(report: dict, plots: dict[tuple[str, str, str], str] | None = None)
     other = [r for r in report["rows"] if r.get("status") != "ok"]
     if other:
         out += ["", "## Not measured", ""] + [
-            f"- {r['contestant']} ({r['workload']['group']} L={r['workload']['length']} "
-            f"{r['workload']['mode']} {r['workload']['dtype']}): {r['status']}: "
-            f"{r.get('reason', '')}" for r in other]
+            f"- {r['contestant']} ({Workload.from_key(r['workload']).label()}): "
+            f"{r['status']}: {r.get('reason', '')}" for r in other]
     return "\n".join(out) + "\n"
 
 
@@ -231,7 +243,7 @@ def write_plots(report: dict, stem: Path) -> dict[tuple[str, str, str], str]:
 
     written = {}
     for key, rows in sections(report).items():
-        if len({r["workload"]["length"] for r in rows}) < 2:
+        if len({x_of(r) for r in rows}) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name in dict.fromkeys(r["contestant"] for r in rows):
@@ -242,7 +254,7 @@ def write_plots(report: dict, stem: Path) -> dict[tuple[str, str, str], str]:
         for ax, title in zip(axes, ("median time (s)", "peak memory (MB)"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("L")
+            ax.set_xlabel(axis_name(key[0]))
             ax.set_title(title)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=7)
@@ -289,7 +301,8 @@ def readme_table(report: dict, group: str, mode: str, dtype: str) -> str:
             cells.append(f"{fmt_ms(r['median_s'])} ms{mark(r)}"
                          + (f" ({rel:.2f}x)" if rel else "") + mem)
         body.append([name, *cells])
-    return (markdown_table(["contestant", *[f"L={n}" for n in lengths]], body) + "\n\n"
+    return (markdown_table(["contestant", *[f"{axis_name(group)}={n}" for n in lengths]], body)
+            + "\n\n"
             + allocator_note(rows))
 
 

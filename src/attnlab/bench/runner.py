@@ -38,10 +38,6 @@ def save(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def label(w: Workload) -> str:
-    return f"{w.group} L={w.length} {w.mode} {w.dtype}"
-
-
 def run_worker(w: Workload, names: list[str], *, memory_limit_gb: float,
                max_step_seconds: float, on_tick: Callable[[int], None],
                phase: str = "both", malloc: str = "mmap-off") -> list[dict]:
@@ -113,7 +109,7 @@ def run_suite(workloads: list[Workload], *, suite: str, device: str, out: Path,
             nonlocal finished
             finished += steps
             if progress:
-                progress(label(w), finished, total)
+                progress(w.label(), finished, total)
 
         cpu = not device.startswith("cuda")
         rows = run_worker(w, names, memory_limit_gb=memory_limit_gb,
@@ -128,7 +124,7 @@ def run_suite(workloads: list[Workload], *, suite: str, device: str, out: Path,
                 if memory.get("memory_error") or memory.get("reason"):
                     row["memory_error"] = memory.get("memory_error") or memory["reason"]
         for row in rows:  # ratios are only taken between rows measured together
-            row["measured_together"] = f"run {len(report['runs']) - 1}: {label(w)}"
+            row["measured_together"] = f"run {len(report['runs']) - 1}: {w.label()}"
         keys = {row_key(r) for r in rows}
         report["rows"] = [r for r in report["rows"] if row_key(r) not in keys] + rows
         save(report, path)

@@ -47,6 +47,12 @@ class Workload:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def label(self) -> str:
+        """Group, L (and K for a neighborhood), mode and dtype: how progress and the
+        reports name the workload."""
+        window = f" K={self.kernel}" if self.kernel else ""
+        return f"{self.group} L={self.length}{window} {self.mode} {self.dtype}"
+
     def key(self) -> dict:
         """The workload as a JSON-able dict (a result row carries it whole)."""
         out = asdict(self)

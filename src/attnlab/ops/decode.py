@@ -59,8 +59,8 @@ def _fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
 
 def _own_segments(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
                   splits: int, scale: float | None, probe: bool) -> tuple[Tensor, Tensor | None]:
-    """The step in ``splits`` segments of the cache (float32 at least), and (``probe``) the
-    sum of its scores before masking."""
+    """The step in ``splits`` segments of the cache (float32 at least), and (``probe``) sums
+    of its scores before masking: one number, or one per row (either adds to the output)."""
     b, h, lq, d = q.shape
     h_kv, total = k_cache.shape[1], k_cache.shape[2]
     rows = h // h_kv * lq
