@@ -372,6 +372,12 @@ def test_a_cell_measured_again_shows_only_its_latest_row_everywhere():
     assert "Timed with the allocator setting `mmap-off`; † with `default`" in md
     assert "mean of 1-20 calls back to back" in md
     assert report_module.curve(rows, "decode/attnlab", "median_s") == ([4096], [0.9])
+    failed = {**rows[1], "status": "error", "reason": "out of memory: an old failure"}
+    rows.insert(0, failed)  # measured before, then measured fine: not "not measured"
+    assert "an old failure" not in report_module.markdown(rep)
+    rows.append({**rows[-1], "status": "error", "reason": "out of memory: a new failure"})
+    assert "a new failure" in report_module.markdown(rep)
+    del rows[0], rows[-1]
     for row in rows:  # one setting throughout: a curve has one point per L, no † anywhere
         row["malloc"] = "mmap-off"
     assert report_module.curve(rows, "decode/attnlab", "median_s") == (

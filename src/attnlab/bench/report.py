@@ -64,7 +64,7 @@ def axis_name(group_name: str) -> str:
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
-    """The rows a section shows: the latest of each (contestant, L), in measured order. An
+    """The rows a section shows: the latest of each (contestant, L or K), in measured order. An
     earlier measurement of the same cell (another run, other rounds) stays in the JSON as
     history but counts in no table, curve or target."""
     latest = {(r["contestant"], x_of(r)): r for r in rows}
@@ -85,7 +85,7 @@ def curve(rows: list[dict], contestant: str, field: str) -> tuple[list[int], lis
 
 def grid(rows: list[dict]) -> tuple[list[int], list[str], dict, Callable[[dict], str]]:
     """A section's table layout: its lengths, its contestants in measured order, its rows by
-    (contestant, L), and a cell marker: "†" on a row timed with another allocator setting
+    (contestant, L or K), and a cell marker: "†" on a row timed with another allocator setting
     than the section's latest row (see :func:`allocator_note`)."""
     lengths = sorted({x_of(r) for r in rows})
     names = list(dict.fromkeys(r["contestant"] for r in rows))
@@ -154,7 +154,7 @@ def section_markdown(key: tuple[str, str, str], rows: list[dict], plot: str | No
     lengths, names, get, mark = grid(rows)
     timed = "forward + backward" if mode == "train" else "forward (no grad)"
     fixed = "" if group.axis == "length" else \
-        f" L = {', '.join(str(n) for n in sorted({r['workload']['length'] for r in rows}))}"
+        f", at L = {', '.join(str(n) for n in sorted({r['workload']['length'] for r in rows}))}"
     out = [f"## {group_name}: {mode}, {dtype}", "", group.description + f"{fixed}; {timed}. "
            + allocator_note(rows), ""]
     if plot:
@@ -225,7 +225,8 @@ def markdown(report: dict, plots: dict[tuple[str, str, str], str] | None = None)
              for t, v in verdicts])]
     for key, rows in sections(report).items():
         out += [""] + section_markdown(key, rows, plots.get(key))
-    other = [r for r in report["rows"] if r.get("status") != "ok"]
+    other = [r for rows in sections(report).values() for r in latest_rows(rows)
+             if r.get("status") != "ok"]
     if other:
         out += ["", "## Not measured", ""] + [
             f"- {r['contestant']} ({Workload.from_key(r['workload']).label()}): "

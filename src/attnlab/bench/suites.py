@@ -91,8 +91,7 @@ class Plan:
     group: str
     lengths: tuple[int, ...]
     modes: tuple[str, ...]
-    kernels: tuple[int, ...] = ()  # window sizes K, each a workload of its own (else the
-    # group's own K)
+    kernels: tuple[int, ...] = ()  # window sizes K, a workload each (none: the group's K)
 
 
 SUITES: dict[str, tuple[Plan, ...]] = {
