@@ -176,10 +176,12 @@ def test_workload_rejects_bad_settings():
 
 
 def synthetic(rows: list[tuple]) -> dict:
-    """A report from (group, contestant, length, median seconds, measured-together id)."""
+    """A report from (group, contestant, length, median seconds, measured-together id[,
+    window K])."""
     out = []
-    for group, name, length, median, together in rows:
-        w = workload(group, length=length, mode="train" if group == "scored" else "inference")
+    for group, name, length, median, together, *kernel in rows:
+        w = workload(group, length=length, mode="train" if group == "scored" else "inference",
+                     **({"kernel": kernel[0]} if kernel else {}))
         out.append({"group": group, "workload": w.key(), "contestant": name, "status": "ok",
                     "median_s": median, "spread": 0.0, "times": [median], "peak_mb": 1.0,
                     "measured_together": together})
@@ -226,16 +228,11 @@ def test_a_window_sweep_runs_over_k_at_one_length_and_its_exponent_is_in_k():
     ws = workloads("scaling", "cpu", ("fp32",), 3, groups=("neighborhood-k",))
     assert [(w.length, w.kernel) for w in ws] == [(16384, k) for k in (32, 64, 128, 256, 512)]
     assert ws[0].label() == "neighborhood-k L=16384 K=32 inference fp32"
-    rows = []
-    for kernel, base, mine in ((32, 4.0, 0.1), (64, 4.0, 0.2), (128, 4.0, 0.4)):
-        w = Workload(group="neighborhood-k", length=16384, mode="inference", dtype="fp32",
-                     device="cpu", kernel=kernel, causal=False)
-        for name, t in (("neighborhood/sdpa-masked", base), ("neighborhood/attnlab", mine)):
-            rows.append({"group": w.group, "workload": w.key(), "contestant": name,
-                         "status": "ok", "median_s": t, "spread": 0.0, "times": [t],
-                         "peak_mb": 1.0, "measured_together": f"run 0: {w.label()}"})
-    rep = {"suite": "scaling", "device": "cpu", "rows": rows, "runs": [],
-           "machine": {"cpu": "c", "cores": 2, "torch": "t", "python": "p", "platform": "l"}}
+    rep = synthetic([("neighborhood-k", name, 16384, t, f"k{kernel}", kernel)
+                     for kernel, mine in ((32, 0.1), (64, 0.2), (128, 0.4))
+                     for name, t in (("neighborhood/sdpa-masked", 4.0),
+                                     ("neighborhood/attnlab", mine))])
+    rows = rep["rows"]
     assert report_module.curve(rows, "neighborhood/attnlab", "median_s") == (
         [32, 64, 128], [0.1, 0.2, 0.4])
     growth = report_module.evaluate(
