@@ -31,12 +31,31 @@ from attnlab.ops.dispatch import needs_grad
 TILE_ELEMENTS = 1 << 23
 # Rows per block: matmuls over 64-128 query rows ran fastest on CPU (benchmarks/results/).
 MAX_ROWS, MIN_ROWS = 128, 16
+# On the CPU a tile holds this many scores at most when several heads could share it (1 MiB
+# in float32, about half a core's L2 cache): the row math's passes over a tile and the GEMMs
+# writing it then stay in cache. Measured on the 2-core CPU, training at L = 4096, causal, 8
+# heads: a tile of 1 head x 128 rows against 8 heads x 128 rows, sigmoid 349 vs 452 ms, LSSA
+# 511 vs 627 ms, LSSAR 1040 vs 1532 ms (docs/bench.md).
+CACHE_TILE_ELEMENTS = 1 << 18
 
 
 def auto_block_size(batch_heads: int, lk: int) -> int:
     """Query rows per block: ``MAX_ROWS``, fewer when a block would exceed ``TILE_ELEMENTS``."""
     rows = TILE_ELEMENTS // max(1, batch_heads * lk)
     return int(min(MAX_ROWS, max(MIN_ROWS, rows)))
+
+
+def auto_tiling(batch_heads: int, lk: int, device: torch.device,
+                block_size: int | None = None) -> tuple[int, int]:
+    """(heads, rows) of a tile of scores. On the CPU, as many heads as fit
+    ``CACHE_TILE_ELEMENTS`` (at least one); elsewhere every head at once (a GPU wants few,
+    large GEMMs). Rows: ``block_size``, or ``MAX_ROWS`` as long as the tile stays within
+    ``TILE_ELEMENTS``."""
+    heads = batch_heads
+    if device.type == "cpu":
+        rows = block_size or auto_block_size(1, lk)
+        heads = max(1, min(batch_heads, CACHE_TILE_ELEMENTS // max(1, rows * lk)))
+    return heads, block_size or auto_block_size(heads, lk)
 
 
 @dataclass
@@ -154,24 +173,35 @@ def _add_mm(acc: Tensor, a: Tensor, b: Tensor, like: Tensor) -> None:
         acc += _mm(a, b, like)
 
 
+def _tiles(bh: int, tiling: tuple[int, int], lq: int, lk: int, causal: bool,
+           mask3: Tensor | None):
+    """(h0, h1, i0, i1, blk) of each tile of ``tiling`` = (heads, rows) that sees a key, head
+    groups outermost (a group's keys and values stay in cache over its blocks of rows); blk
+    as in ``_blocks``."""
+    heads, size = tiling
+    for h0 in range(0, bh, heads):
+        h1 = min(bh, h0 + heads)
+        m = mask3 if mask3 is None or mask3.shape[0] == 1 else mask3[h0:h1]
+        for i0, i1, blk in _blocks(lq, lk, causal, m, size):
+            if blk is not None:
+                yield h0, h1, i0, i1, blk
+
+
 class _RowTiled(torch.autograd.Function):
     """q3, k3, v3 in float32 (or float64), or in bf16/fp16 for low-precision GEMMs: the row
     math, the output and the gradients' accumulation stay in float32."""
 
     @staticmethod
-    def forward(ctx, q3, k3, v3, math, causal, mask3, size):
-        lq, lk = q3.shape[1], k3.shape[1]
-        out = q3.new_zeros(q3.shape[0], lq, v3.shape[-1],
+    def forward(ctx, q3, k3, v3, math, causal, mask3, tiling):
+        bh, lq, lk = q3.shape[0], q3.shape[1], k3.shape[1]
+        out = q3.new_zeros(bh, lq, v3.shape[-1],
                            dtype=torch.promote_types(q3.dtype, torch.float32))
         qs, ks = _score_operands(math, q3, k3)
-        for i0, i1, blk in _blocks(lq, lk, causal, mask3, size):
-            if blk is None:
-                continue
-            vis, kend = blk
-            w, _ = math.weights(_scores(qs[:, i0:i1], ks[:, :kend]), vis)
-            out[:, i0:i1] = _mm(w, v3[:, :kend], v3)
+        for h0, h1, i0, i1, (vis, kend) in _tiles(bh, tiling, lq, lk, causal, mask3):
+            w, _ = math.weights(_scores(qs[h0:h1, i0:i1], ks[h0:h1, :kend]), vis)
+            out[h0:h1, i0:i1] = _mm(w, v3[h0:h1, :kend], v3)
         ctx.save_for_backward(q3, k3, v3, mask3, out)
-        ctx.math, ctx.causal, ctx.size = math, causal, size
+        ctx.math, ctx.causal, ctx.tiling = math, causal, tiling
         return out
 
     @staticmethod
@@ -188,17 +218,16 @@ class _RowTiled(torch.autograd.Function):
         rowdot = (dout * out).sum(-1, keepdim=True)
         low = dout.to(q3.dtype)  # dO for the GEMMs
         qs, ks = _score_operands(math, q3, k3)
-        for i0, i1, blk in _blocks(q3.shape[1], k3.shape[1], ctx.causal, mask3, ctx.size):
-            if blk is None:
-                continue
-            vis, kend = blk
-            q_blk, do_blk = q3[:, i0:i1], low[:, i0:i1]
-            w, aux = math.weights(_scores(qs[:, i0:i1], ks[:, :kend]), vis)
-            _add_mm(dv_t[:, :, :kend], do_blk.mT, w, v3)
-            g = _mm(do_blk, v3[:, :kend].mT, v3)
-            ds = math.vjp(g, w, aux, vis, rowdot[:, i0:i1])
-            dq[:, i0:i1] = _mm(ds, k3[:, :kend], k3)
-            _add_mm(dk_t[:, :, :kend], q_blk.mT, ds, q3)
+        bh, lq, lk = q3.shape[0], q3.shape[1], k3.shape[1]
+        for h0, h1, i0, i1, (vis, kend) in _tiles(bh, ctx.tiling, lq, lk, ctx.causal, mask3):
+            q_blk, do_blk = q3[h0:h1, i0:i1], low[h0:h1, i0:i1]
+            k_seen, v_seen = k3[h0:h1, :kend], v3[h0:h1, :kend]
+            w, aux = math.weights(_scores(qs[h0:h1, i0:i1], ks[h0:h1, :kend]), vis)
+            _add_mm(dv_t[h0:h1, :, :kend], do_blk.mT, w, v3)
+            g = _mm(do_blk, v_seen.mT, v3)
+            ds = math.vjp(g, w, aux, vis, rowdot[h0:h1, i0:i1])
+            dq[h0:h1, i0:i1] = _mm(ds, k_seen, k3)
+            _add_mm(dk_t[h0:h1, :, :kend], q_blk.mT, ds, q3)
         dq.mul_(math.scale)
         dk_t.mul_(math.scale)
         return (dq.to(q3.dtype), dk_t.mT.to(k3.dtype), dv_t.mT.to(v3.dtype),
@@ -230,8 +259,8 @@ def row_tiled(math: RowMath, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
         full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         m = mask.reshape(full).expand(b, h, full[2], lk)
         mask3 = m.reshape(b * h, full[2], lk)
-    size = block_size or auto_block_size(b * h, lk)
-    out = _row_tiled_without_autocast(q3, k3, v3, math, causal, mask3, size)
+    tiling = auto_tiling(b * h, lk, q.device, block_size)
+    out = _row_tiled_without_autocast(q3, k3, v3, math, causal, mask3, tiling)
     return out.reshape(b, h, lq, -1).to(q.dtype)
 
 
