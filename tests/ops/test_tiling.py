@@ -24,3 +24,22 @@ def test_an_explicit_block_size_sets_the_rows_and_the_heads_follow():
 def test_other_devices_take_every_head_at_once():
     heads, rows = auto_tiling(64, 4096, torch.device("meta"))
     assert heads == 64 and 64 * rows * 4096 <= TILE_ELEMENTS
+
+
+def test_cpu_bf16_inputs_run_float32_gemms():
+    """On the CPU the engine computes bf16 inputs as their float32 copies would be (bf16 GEMMs
+    on cache-sized tiles lost to their conversions), returning bf16 output and gradients."""
+    from attnlab.ops import sigmoid_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 32, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    out = sigmoid_attention(q, k, v, causal=True, backend="tiled")
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    copies = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = sigmoid_attention(*copies, causal=True, backend="tiled")
+    ref_grads = torch.autograd.grad(ref.bfloat16().float().sum(), copies)
+    assert out.dtype == torch.bfloat16 and all(d.dtype == torch.bfloat16 for d in grads)
+    assert torch.equal(out, ref.bfloat16())
+    for d, rd in zip(grads, ref_grads, strict=True):
+        assert torch.equal(d, rd.bfloat16())

@@ -53,7 +53,8 @@ GROUPS = {g.name: g for g in (
     Group("scored", "Scored softmax alternatives, causal, (B, H, L, D) = (1, 8, L, 64), "
           "against SDPA softmax. sigmoid: sum_j sigmoid(s_ij - log L) v_j; lssa/lssar: the "
           "softplus mechanisms; attnlab-fp32-gemm (bf16 only): attnlab's sigmoid on float32 "
-          "copies of the inputs, as before its GEMMs ran in bf16",
+          "copies of the inputs (on the CPU the op's own path since its GEMMs on cache-sized "
+          "tiles run in float32)",
           ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/attnlab-fp32-gemm",
            "sigmoid/flex",
            "sigmoid/x-transformers", "sigmoid/dense", "lssa/attnlab", "lssar/attnlab"),
