@@ -41,3 +41,16 @@ def test_tiled_softplus_with_large_length_scale_matches_reference():
             outs.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
         for fast, ref in zip(*outs, strict=True):
             torch.testing.assert_close(fast, ref, atol=1e-9, rtol=1e-7)
+
+
+def test_lssar_shift_starts_at_the_fourth_row():
+    """LSSAR's relu(n a - 1) skips the "- 1" for rows seeing at most 3 keys (the paper's
+    first 3 causal rows): rows 2 and 3 from the LSSA weights by the equation."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, 8, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    a = softplus_weights(q, k, causal=True)
+    w = softplus_weights(q, k, causal=True, reweight_p=3.0)
+    for row, shift in ((2, 0.0), (3, 1.0)):
+        n = row + 1
+        t = torch.relu(n * a[..., row, :n] - shift) ** 3
+        torch.testing.assert_close(w[..., row, :n], t / t.sum(-1, keepdim=True))

@@ -32,6 +32,11 @@ FEW_KEYS = 3
 _TINY = 1e-30
 
 
+def _lssar_shift(n: Tensor) -> Tensor:
+    """LSSAR's "- 1" per row of ``n`` visible keys, 0 for rows that see at most ``FEW_KEYS``."""
+    return (n > FEW_KEYS).to(n.dtype)
+
+
 def _row_normalise(a: Tensor) -> Tensor:
     return a / a.sum(-1, keepdim=True).clamp_min(_TINY)
 
@@ -67,8 +72,7 @@ def softplus_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor
     a = _row_normalise(a)
     if reweight_p is None:
         return a
-    shift = (n > FEW_KEYS).to(a.dtype)
-    r = torch.relu(a * n - shift)
+    r = torch.relu(a * n - _lssar_shift(n))
     r_max = r.amax(-1, keepdim=True)
     t = (r / r_max.clamp_min(_TINY)) ** reweight_p  # scale-free: (r / max r)^p cannot overflow
     z = t.sum(-1, keepdim=True)
@@ -108,9 +112,10 @@ class SoftplusRows(RowMath):
             return a, aux
         # r = relu(n a - shift) over its row's largest, max r = relu(n max a - shift) (n > 0);
         # the flush (a threshold) also zeroes the r <= 0
-        r_max = (n * a.amax(-1, keepdim=True)).sub_(self.shift(n)).relu_()
+        shift = _lssar_shift(n)
+        r_max = (n * a.amax(-1, keepdim=True)).sub_(shift).relu_()
         r_max = torch.where(r_max > 0, r_max, 1.0)
-        base = _flush_((a * (n / r_max)).sub_(self.shift(n) / r_max), self.p)
+        base = _flush_((a * (n / r_max)).sub_(shift / r_max), self.p)
         w = _power_(base, self.p)
         z2 = w.sum(-1, keepdim=True)
         w.mul_(1.0 / torch.where(z2 > 0, z2, 1.0))
@@ -121,11 +126,6 @@ class SoftplusRows(RowMath):
             fallback = None
         aux[5] = (base, r_max, fallback)
         return w, aux
-
-    @staticmethod
-    def shift(n: Tensor) -> Tensor:
-        """LSSAR's "- 1", 0 for rows that see at most ``FEW_KEYS`` keys."""
-        return (n > FEW_KEYS).to(n.dtype)
 
     def vjp(self, g, w, aux, vis, rowdot) -> Tensor:
         x_or_e, is_exp, alpha, inv_z1, a, r, n = aux
@@ -191,7 +191,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                            return_lse=True)
     if reweight_p is None:
         return out1
-    shift = (n > FEW_KEYS).to(torch.float32)
+    shift = _lssar_shift(n)
 
     def lssar(s, bi, hi, i, j):
         y = torch.exp(lssa(s, bi, hi, i, j) - lse1[bi, hi, i]) * n[bi, hi, i] - shift[bi, hi, i]

@@ -51,11 +51,11 @@ def auto_tiling(batch_heads: int, lk: int, device: torch.device,
     ``CACHE_TILE_ELEMENTS`` (at least one); elsewhere every head at once (a GPU wants few,
     large GEMMs). Rows: ``block_size``, or ``MAX_ROWS`` as long as the tile stays within
     ``TILE_ELEMENTS``."""
-    heads = batch_heads
-    if device.type == "cpu":
-        rows = block_size or auto_block_size(1, lk)
-        heads = max(1, min(batch_heads, CACHE_TILE_ELEMENTS // max(1, rows * lk)))
-    return heads, block_size or auto_block_size(heads, lk)
+    if device.type != "cpu":
+        return batch_heads, block_size or auto_block_size(batch_heads, lk)
+    rows = block_size or auto_block_size(1, lk)
+    # several heads fit only where rows * lk <= 2^17, far inside TILE_ELEMENTS
+    return max(1, min(batch_heads, CACHE_TILE_ELEMENTS // max(1, rows * lk))), rows
 
 
 @dataclass
