@@ -185,6 +185,34 @@ def test_rcmha_scores_are_the_transformer_xl_decomposition():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_rcmha_tiles_equal_the_dense_weights_forward_and_backward(monkeypatch, kv_heads):
+    """attend (tiles of 16 query rows here, recomputed in the backward) against the dense
+    weights times the values, with padding, an odd length and GQA."""
+    import attnlab.mechanisms.rcmha as rcmha
+
+    monkeypatch.setattr(rcmha, "auto_block_size", lambda batch_heads, lk: 16)
+    attn = build("rcmha", causal=True, kv_heads=kv_heads).double()
+    with torch.no_grad():
+        attn.u.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(2, 37, DIM, dtype=torch.float64)
+    keep = torch.ones(2, 37, dtype=torch.bool)
+    keep[1, 30:] = False
+    grad = torch.randn(2, 37, DIM, dtype=torch.float64)
+    results = []
+    for dense in (False, True):
+        if dense:
+            monkeypatch.setattr(attn, "attend", lambda q, k, v, call: attn.attention_weights(
+                q, k, call).to(v.dtype) @ attn.expand_kv(v))
+        xi = x.clone().requires_grad_()
+        out = attn(xi, mask=keep)
+        params = [xi, attn.u, attn.v_bias, attn.rel_proj.weight]
+        results.append((out, *torch.autograd.grad(out, params, grad)))
+    for tiled, dense in zip(*results, strict=True):
+        torch.testing.assert_close(tiled, dense)
+
+
 # ----------------------------------------------------------------------------------- medusa
 def test_medusa_scale_one_heads_are_softmax_and_coarse_heads_average_cells():
     attn = build("medusa", scales=(1, 2))

@@ -8,7 +8,8 @@ import attnlab as al
 from ..ops.test_backends import MaxNumel
 
 
-@pytest.mark.parametrize("name", ["softmax", "sigmoid", "softplus", "gated", "selective"])
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "softplus", "gated", "selective",
+                                  "cca", "rcmha"])
 def test_module_training_memory_is_subquadratic(name):
     length, heads = 2048, 4
     attn = al.build(name, dim=64, heads=heads, causal=True)

@@ -84,6 +84,15 @@ def upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
+def unit_last_stride(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors with stride 1 along their last dim (a copy only where it is not): SDPA's
+    fused CPU and CUDA kernels need it, and without it SDPA falls back to its math path,
+    which holds the (Lq, Lk) scores of every head (a convolution's transposed output, e.g.
+    cca's q and k, has the channels strided)."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+                 for t in tensors)
+
+
 def at_least_float32(t: Tensor) -> Tensor:
     """``upcast`` of one tensor."""
     return upcast(t)[0]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import default_scale, guarded_op, shifted_exp, upcast
+from attnlab.ops.common import default_scale, guarded_op, shifted_exp, unit_last_stride, upcast
 
 
 @functools.cache
@@ -50,6 +50,7 @@ def _fused(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | None,
     """The step as one SDPA call in the cache's dtype, and (``probe``) the sum of the cache:
     SDPA gives no scores to look at, so the cache's own sums stand for them (a key k = -inf
     scored -inf would otherwise pass unseen)."""
+    q, k_cache, v_cache = unit_last_stride(q, k_cache, v_cache)  # else SDPA's math path
     out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis, scale=scale,
                                          enable_gqa=k_cache.shape[1] != q.shape[1])
     if vis is not None:  # a row that sees no key gives 0 (SDPA's kernels differ there)

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import default_scale, expand_kv, hide_nonfinite, nan_where
+from attnlab.ops.common import (
+    default_scale,
+    expand_kv,
+    hide_nonfinite,
+    nan_where,
+    unit_last_stride,
+)
 from attnlab.ops.dispatch import choose, needs_grad
 
 BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
@@ -256,6 +262,7 @@ def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tenso
     width = block + kernel - 1
     if width >= length:
         return None
+    q, k, v = unit_last_stride(q, k, v)  # the tiles are views: SDPA's fused kernel needs it
     n_tiles = -(-length // block)
     lead = kernel - 1 if rule.causal else kernel // 2
     tile = torch.arange(n_tiles, device=q.device)

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core.masks import visibility
-from attnlab.ops.common import begin, begin_weights, default_scale, guarded_op, upcast
+from attnlab.ops.common import (
+    begin,
+    begin_weights,
+    default_scale,
+    guarded_op,
+    unit_last_stride,
+    upcast,
+)
 from attnlab.ops.flex import flex_call
 
 BACKENDS = ("sdpa", "flex", "reference")  # in order of preference for backend="auto"
@@ -40,6 +47,7 @@ def softmax_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, scale: float,
           bias: float | Tensor | None) -> Tensor:
     lq, lk = q.shape[2], k.shape[2]
+    q, k, v = unit_last_stride(q, k, v)
     if mask is None and bias is None and (not causal or lq == lk or lq == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq == lk and lq > 1,
                                               scale=scale)
