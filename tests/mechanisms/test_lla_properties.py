@@ -6,6 +6,8 @@ import torch
 from attnlab.ops.lla import lla_weights, local_linear_attention
 from attnlab.ops.softmax import softmax_weights
 
+from ..ops.cases import MaxNumel
+
 
 def data(n=24, d=4, dv=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -94,16 +96,51 @@ def test_chunked_training_keeps_memory_linear_in_length_for_the_backward():
     assert kept[2048] < 2048 * 2048 / 16  # far below one byte per visible (query, key) pair
 
 
-def test_chunked_training_never_holds_an_l_by_l_matrix():
-    from ..ops.test_backends import MaxNumel
+@pytest.fixture
+def small_key_chunks(monkeypatch):
+    """_SecondMoment's key chunks of 16 keys (2 heads, D = 8), so that a few keys span
+    several chunks and a partial last one."""
+    import attnlab.ops.lla as lla
 
+    monkeypatch.setattr(lla, "TILE_ELEMENTS", 16 * 2 * 8 * 8)
+
+
+def test_second_moment_equals_the_einsum_forward_and_backward(small_key_chunks):
+    from attnlab.ops.lla import _SecondMoment
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(1, 2, 5, 37, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(1, 2, 37, 8, generator=g, dtype=torch.float64).requires_grad_()
+    grad = torch.randn(1, 2, 5, 8, 8, generator=g, dtype=torch.float64)  # not symmetric
+    got = _SecondMoment.apply(w, k)
+    want = torch.einsum("...qj,...jd,...je->...qde", w, k, k)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (w, k), grad),
+                    torch.autograd.grad(want, (w, k), grad), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(_SecondMoment.apply, (w, k))
+
+
+def test_second_moment_holds_nothing_larger_than_the_weights(small_key_chunks):
+    """sum_j w_qj k_j k_j^T over chunks of keys: no (Q, keys, D) product (an einsum's),
+    forward or backward."""
+    from attnlab.ops.lla import _SecondMoment
+
+    w = torch.rand(1, 2, 16, 512, requires_grad=True)
+    k = torch.randn(1, 2, 512, 8, requires_grad=True)
+    with MaxNumel() as probe:
+        _SecondMoment.apply(w, k).square().sum().backward()
+    assert probe.largest <= w.numel() < w.numel() * k.shape[-1]
+
+
+def test_chunked_training_never_holds_an_l_by_l_matrix():
     n, heads, d, block = 1024, 2, 8, 64
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, d, generator=g).requires_grad_() for _ in range(3))
     with MaxNumel() as probe:
         local_linear_attention(q, k, v, causal=True, block_size=block).sum().backward()
-    # the largest is the (block, L, D) product inside sum_j w_ij k_j k_j^T: linear in L
-    assert probe.largest <= heads * block * n * d < heads * n * n
+    # the largest is a block's (block, L) weights or their gradient: linear in L
+    assert probe.largest <= heads * block * n < heads * n * n
     with MaxNumel() as dense:
         local_linear_attention(q, k, v, causal=True, backend="reference").sum().backward()
     assert dense.largest >= heads * n * n
