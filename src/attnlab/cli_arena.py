@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 from rich import box
@@ -167,23 +167,53 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
     return summary
 
 
-def _results_table(summary: Any, name: str) -> Table:
-    """The terminal's results table: one line per contestant where the console is wide enough,
-    else the stacked form (several lines per contestant), so no value is ever cut."""
-    from attnlab.arena.report import table_rows
+class Layout(NamedTuple):
+    """A form of the terminal's results table: which columns it keeps, and whether each
+    interval goes on the line under its estimate."""
 
+    mechanism: bool
+    grid: bool  # the chosen grid point's columns
+    stacked: bool
+    seeds: bool
+
+
+# widest first; the forms without the seeds column only when every contestant finished every
+# seed (the budget line gives the count); when none fits, the narrowest allowed one is used
+LAYOUTS = (Layout(True, True, False, True), Layout(False, True, False, True),
+           Layout(True, True, True, True), Layout(False, True, True, True),
+           Layout(False, True, True, False), Layout(False, False, True, True),
+           Layout(False, False, True, False))
+
+
+def _results_table(summary: Any, name: str, out: Console | None = None) -> Table:
+    """The terminal's results table, in the widest form of ``LAYOUTS`` that fits the console
+    (``out``, default the CLI's): as it narrows, the mechanism column goes (the verdict lines
+    name it), intervals go under their estimates, then the seeds column (when it only repeats
+    the budget line) and the chosen grid point's columns (the verdict lines name it). The
+    label column never wraps, so each label stays whole on one line."""
+    from attnlab.arena.report import same_seeds, table_rows
+
+    out = out or console
     title = escape(f"{name}{'' if name == summary.task else f' ({summary.task})'}: test "
-                   "metrics, mean ± 95% CI over seeds")
-    for stacked in (False, True):
-        header, body = table_rows(summary, compact=True, stacked=stacked)
-        table = Table(title=title, box=box.SIMPLE_HEAD)
+                   "metrics, mean ± 95% CI over seeds" +
+                   (f"; {', '.join(summary.grid_keys)} chosen on validation"
+                    if summary.grid_keys else ""))
+    width = max(len(c.label) for c in summary.contestants)
+    unbounded = out.options.update(max_width=10_000)
+    redundant = same_seeds(summary)
+    for layout in [x for x in LAYOUTS if x.seeds or redundant]:
+        header, body = table_rows(summary, compact=True, **layout._asdict())
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      collapse_padding=True, leading=1 if layout.stacked else 0)
         for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i == 0 or col in ("mechanism", "chosen")
-                             else "right", overflow="fold")
+            if i == 0:
+                table.add_column(col, no_wrap=True, min_width=width)
+            else:
+                table.add_column(col, justify="left" if col == "mechanism" else "right",
+                                 overflow="fold")
         for row in body:
             table.add_row(*map(escape, row))
-        unbounded = console.options.update(max_width=10_000)
-        if console.measure(table, options=unbounded).maximum <= console.width:
+        if out.measure(table, options=unbounded).maximum <= out.width:
             break
     return table
 
@@ -233,6 +263,7 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     out_dir = Path(out or Path(DEFAULT_REPORTS) / name)
     md, page = write_report(summary, out_dir)
     console.print(_results_table(summary, name))
+    console.print()
     for line in verdict_lines(summary):
         console.print(escape(line.replace("**", "")))
     if other:

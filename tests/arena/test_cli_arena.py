@@ -90,9 +90,10 @@ def test_clear_errors(tmp_path):
 
 
 def test_run_report_and_tasks_fit_80_and_120_columns_and_cut_no_value(tmp_path, monkeypatch):
-    """At 80 columns the results table stacks each contestant on several lines; at 120 it
-    keeps one line each. Either way no line is wider than the terminal and no value is cut
-    short with an ellipsis."""
+    """At 80 columns the results table puts each interval under its estimate (and leaves the
+    mechanism, and if need be the chosen lr, to the verdict lines); at 120 it keeps one line
+    per contestant. Either way no line is wider than the terminal, no value is cut short
+    with an ellipsis, and each label stays whole on one line."""
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "wide.toml"
     config.write_text('name = "wide"\ntask = "copy"\nseeds = 2\nreference = "softmax-base"\n'
@@ -113,18 +114,21 @@ def test_run_report_and_tasks_fit_80_and_120_columns_and_cut_no_value(tmp_path, 
             assert result.exit_code == 0, result.output
             lines = result.output.splitlines()
             assert max(map(len, lines)) <= width and "…" not in result.output
-        table = report.output.split("report:")[0]
-        words = table.split()
-        for value in ("softmax-base", "sigmoid-with-a-long-label", "sigmoid", "(reference)",
-                      "Δ", "differs", "seeds"):
-            assert value in words, (width, value, table)
-        assert any(w.startswith("lr=0.00") for w in words)
-        if width == 120:  # label, mechanism, grid point, estimate and interval on one line
-            assert any("sigmoid " in line and "lr=" in line and "[" in line
-                       for line in table.splitlines() if "sigmoid-with-a-long-label" in line)
-        else:
-            assert not any("lr=" in line for line in table.splitlines()
-                           if "sigmoid-with-a-long-label" in line)
+        table, _, verdicts = report.output.partition("Budget: ")
+        lines = table.splitlines()
+        for label in ("softmax-base", "sigmoid-with-a-long-label"):
+            assert any(line.split()[:1] == [label] for line in lines), (width, table)
+        for value in ("(reference)", "Δ", "verdict"):  # seeds: at 80, the budget line's
+            assert value in table.split(), (width, value, table)
+        flat = " ".join(verdicts.split())  # the verdict lines, unwrapped
+        assert flat.startswith("2 steps, batch 4, AdamW; each contestant's lr chosen on "
+                               "validation from {0.001, 0.003}; 2 seeds.")
+        assert "sigmoid-with-a-long-label: sigmoid, lr 0.00" in flat
+        assert "softmax-base: softmax, lr 0.00" in flat
+        if width == 120:  # label, mechanism, chosen lr, estimate and interval on one line
+            line = next(x for x in lines if x.startswith("sigmoid-with-a-long-label"))
+            assert line.split()[1:3] in (["sigmoid", "0.001"], ["sigmoid", "0.003"])
+            assert "[" in line and "±" in line and "seeds" in table.split()
         words = tasks.output.split()
         assert "icl_regression" in words and "length_extrapolation" in words
         for param in ("eval_contexts=", "multiples=", "sink_threshold="):

@@ -67,11 +67,15 @@ def test_table_keeps_config_order_and_gives_paired_differences(tmp_path):
     assert header[3] == "Δ vs a" and body[0][3] == "(reference)"
     p = summary.contestant("b").paired
     assert p.mean == pytest.approx(-0.2966666, rel=1e-5) and p.decided
-    assert body[1][4] == "yes" and "1 failed" in body[2][-3]
+    assert header[4] == "verdict" and body[1][4] == "better" and "1 failed" in body[2][-3]
     half = t_quantile(2) * statistics.stdev([.2, .41, .3]) / math.sqrt(3)
     assert body[1][2] == f"0.3033 ± {half:.2g}"
     verdict = verdict_lines(summary)
-    assert verdict[0].startswith("**b is better than a**")
+    assert verdict[0] == "Budget: 10 steps, AdamW; one lr, 0.01, for every contestant, not " \
+        "tuned; 3 seeds."
+    assert verdict[1].startswith("**b is better than a**")
+    assert verdict[2] == "c vs a on mse: nothing to compare, c has no finished run (1 run " \
+        "failed). Recipes: c: softmax; a: softmax; both at lr 0.01, not tuned."
     s_header, s_body = slice_rows(summary)
     assert s_header == ["", "10", "40"] and s_body[-1][0] == "ridge (baseline)"
     assert s_body[0][2].startswith("0.6 ±")  # slices carry intervals too
@@ -92,8 +96,8 @@ def test_overlapping_intervals_are_not_called_a_difference():
     rows = [row("a", s, v) for s, v in enumerate([0.5, 0.7, 0.6])] + \
            [row("b", s, v) for s, v in enumerate([0.7, 0.5, 0.6])]
     summary = summarize(rows)
-    assert table_rows(summary)[1][1][4] == "no"
-    assert "no difference shown" in verdict_lines(summary)[0]
+    assert table_rows(summary)[1][1][4] == "inconclusive"
+    assert "inconclusive at this budget" in verdict_lines(summary)[1]
 
 
 def test_grid_point_is_chosen_on_validation_never_on_test():

@@ -13,6 +13,7 @@ import torch
 import attnlab as al
 
 from ..device import DEVICE
+from ..tolerances import assert_close as close
 
 DIM, HEADS = 32, 4
 COMMON = {"kv_heads": 2, "qk_norm": True, "rope": True, "gate": "headwise"}
@@ -106,7 +107,7 @@ def test_causality_future_tokens_do_not_change_the_past(name, kwargs, causal):
     x2 = x.clone()
     x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 3
     y2 = attn(x2)
-    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], atol=1e-6, rtol=1e-6)
+    close(y2[:, : t + 1], y[:, : t + 1])
     assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
 
 
@@ -118,7 +119,7 @@ def test_padding_invariance(name, kwargs, causal):
     x2 = torch.where(keep[..., None], x, torch.randn_like(x) * 5)
     y2 = attn(x2, mask=keep)
     assert torch.isfinite(y).all() and torch.isfinite(y2).all()
-    torch.testing.assert_close(y2[keep], y[keep], atol=1e-5, rtol=1e-5)
+    close(y2[keep], y[keep])
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases())
@@ -130,12 +131,11 @@ def test_nonfinite_padding_never_reaches_real_tokens(name, kwargs, causal):
     for value in (float("nan"), float("inf")):
         y2 = attn(x.masked_fill(~keep[..., None], value), mask=keep)
         assert torch.isfinite(y2[keep]).all(), value
-        torch.testing.assert_close(y2[keep], y[keep], atol=1e-5, rtol=1e-5)
+        close(y2[keep], y[keep])
     if al.info(name).weights:
         w = attn.weights(x.masked_fill(~keep[..., None], float("nan")), mask=keep)
         expected = attn.weights(x, mask=keep)  # rows of real queries: (N, H, Lk)
-        torch.testing.assert_close(w.transpose(1, 2)[keep], expected.transpose(1, 2)[keep],
-                                   atol=1e-5, rtol=1e-5)
+        close(w.transpose(1, 2)[keep], expected.transpose(1, 2)[keep])
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases(only=True))
@@ -149,7 +149,7 @@ def test_a_nonfinite_token_never_reaches_the_past(name, kwargs, causal):
     x2 = x.clone()
     x2[:, t] = float("nan")
     y2 = attn(x2)
-    torch.testing.assert_close(y2[:, :t], y[:, :t], atol=1e-6, rtol=1e-6)
+    close(y2[:, :t], y[:, :t])
     assert torch.isnan(y2[:, t]).all()
     y2.square().mean().backward()
     assert any(not torch.isfinite(p.grad).all() for p in attn.parameters()
@@ -170,12 +170,11 @@ def test_decoding_keeps_nonfinite_tokens_where_they_belong(name, kwargs, causal)
     for t in range(6, 15):
         parts.append(attn(poisoned[:, t:t + 1], mask=keep[:, t:t + 1], state=state))
     out = torch.cat(parts, 1)
-    torch.testing.assert_close(out[1][keep[1]], full[1][keep[1]], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[0, 3:10], full[0, 3:10], atol=1e-5, rtol=1e-5)
+    close(out[1][keep[1]], full[1][keep[1]])
+    close(out[0, 3:10], full[0, 3:10])
     assert torch.isnan(out[0, 10]).all()
     # later steps: NaN exactly where the full forward is (all of them unless it is local)
-    torch.testing.assert_close(out[0, 10:], attn(poisoned, mask=keep)[0, 10:], atol=1e-5,
-                               rtol=1e-5, equal_nan=True)
+    close(out[0, 10:], attn(poisoned, mask=keep)[0, 10:], equal_nan=True)
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.decode, only=True))
@@ -189,7 +188,7 @@ def test_decode_equals_full_forward(name, kwargs, causal):
         for t in range(6, 15):
             step_mask = None if mask is None else mask[:, t:t + 1]
             parts.append(attn(x[:, t:t + 1], mask=step_mask, state=state))
-        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        close(torch.cat(parts, 1), full)
         assert state.position == 15
 
 
@@ -211,8 +210,7 @@ def test_weights_reproduce_the_output(name, kwargs, causal):
         assert (local is None) == attn.weights_reproduce_output
         if local is not None:
             expected = expected + local
-        torch.testing.assert_close(seen["heads"], expected.transpose(1, 2), atol=1e-5,
-                                   rtol=1e-5)
+        close(seen["heads"], expected.transpose(1, 2))
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
@@ -222,7 +220,7 @@ def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
     y = attn(x)
     shapes = []
     handle = attn.hook_weights.register_forward_hook(lambda m, i, o: shapes.append(o.shape))
-    torch.testing.assert_close(attn(x), y, atol=1e-5, rtol=1e-5)  # reading changes nothing
+    close(attn(x), y)  # reading changes nothing
     handle.remove()
     assert shapes == [(2, attn.heads, 13, 13)]
     handle = attn.hook_weights.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
@@ -434,7 +432,7 @@ def test_an_empty_prefill_leaves_the_state_as_it_was(name, kwargs, causal):
     parts = [attn(x[:, :0], state=state), attn(x[:, :4], state=state),
              attn(x[:, 4:4], state=state), attn(x[:, 4:], state=state)]
     assert parts[0].shape == (2, 0, DIM) and state.position == 9
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    close(torch.cat(parts, 1), full)
 
 
 @pytest.mark.parametrize("name", [n for n in al.available() if al.info(n).decode])

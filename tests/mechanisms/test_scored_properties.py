@@ -52,6 +52,63 @@ def test_sigmoid_causal_module_uses_a_fixed_bias_and_requires_max_len():
         al.build("sigmoid", dim=16, heads=2, causal=True, max_len=None)
 
 
+def test_sigmoid_score_bias_sets_b_and_learned_b_starts_there():
+    torch.manual_seed(0)
+    fixed = al.build("sigmoid", dim=16, heads=4, kv_heads=2, causal=True, max_len=64)
+    assert fixed.score_bias(5) == -math.log(64)
+    assert al.build("sigmoid", dim=16, heads=2, max_len=None, score_bias=0.0).score_bias(9) == 0
+    learned = al.build("sigmoid", dim=16, heads=4, kv_heads=2, causal=True, max_len=64,
+                       learn_bias=True)
+    torch.testing.assert_close(learned.head_bias.detach(), torch.full((4,), -math.log(64)))
+    learned.load_state_dict({**fixed.state_dict(), "head_bias": learned.head_bias.detach()})
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    fixed, learned = fixed.double(), learned.double()
+    learned.reset_bias()  # b = -ln 64 in float64 (it was rounded to float32 at construction)
+    # the extra channel [q, b / c] . [k, 1] c = c q.k + b: the same output at the start
+    torch.testing.assert_close(learned(x), fixed(x), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(learned.weights(x), fixed.weights(x), atol=1e-12, rtol=1e-12)
+
+
+def test_sigmoid_learned_bias_is_per_head_trained_and_decodes():
+    torch.manual_seed(0)
+    attn = al.build("sigmoid", dim=16, heads=2, causal=True, max_len=32,
+                    learn_bias=True).double()
+    with torch.no_grad():
+        attn.head_bias.copy_(torch.tensor([-0.5, -4.0]))
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    w = attn.weights(x)  # head h's weights are sigmoid(c q.k + b_h) on the causal triangle
+    seen = {}
+    attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    attn.hook_k.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    y = attn(x)
+    scores = seen["q"] @ seen["k"].mT / math.sqrt(seen["q"].shape[-1])
+    expected = torch.sigmoid(scores + attn.head_bias.view(1, 2, 1, 1)).tril()
+    torch.testing.assert_close(w, expected, atol=1e-12, rtol=1e-12)
+    y.square().sum().backward()
+    assert attn.head_bias.grad is not None and (attn.head_bias.grad != 0).all()
+    for backend in ("reference", "tiled"):  # every backend takes the per-head b
+        other = al.build("sigmoid", dim=16, heads=2, causal=True, max_len=32, learn_bias=True,
+                         backend=backend).double()
+        other.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(other(x), y, atol=1e-12, rtol=1e-12)
+    state = attn.new_state(batch_size=2)
+    steps = [attn(x[:, :4], state=state)] + [attn(x[:, t:t + 1], state=state)
+                                             for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), y, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"score_bias": float("nan")}, "score_bias must be a finite number"),
+    ({"score_bias": "0"}, "score_bias must be a finite number"),
+    ({"learn_bias": 1}, "learn_bias must be True or False"),
+    ({"max_len": 0}, "max_len must be an int >= 1"),
+    ({"max_len": None, "learn_bias": True}, "fixed max_len"),
+])
+def test_sigmoid_bias_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        al.build("sigmoid", dim=16, heads=2, **kwargs)
+
+
 # ---------------------------------------------------------------------------- softplus
 def _rand_qk(lq=40, lk=40, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -2,8 +2,14 @@
 
 ``python -m tests.snapshot.record`` rewrites ``tests/snapshot/mechanisms.pt`` (do that only
 when a change of behaviour is intended); ``test_snapshot.py`` recomputes every case and
-compares it with the file to 1e-6, so that a refactoring that changes any output or gradient
-of any mechanism, variant or mode fails.
+compares it with the file, so that a refactoring that changes any output or gradient of any
+mechanism, variant or mode fails.
+
+Everything runs in float64 (weights, inputs, outputs, gradients): the order in which a CPU's
+vectorised kernels sum (AVX-512, AVX2, the scalar ``default`` path, other thread counts or
+BLAS builds) then moves a result by ~1e-15 of its scale instead of float32's ~1e-7, so the
+comparison can be tight enough to catch any change of behaviour and still hold on every CPU.
+The weights are created as the module creates them (float32, seeded) and then widened.
 """
 
 from __future__ import annotations
@@ -45,12 +51,12 @@ def build(name: str, kwargs: dict, causal: bool) -> al.Attention:
         for p in attn.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    return attn.eval()
+    return attn.double().eval()
 
 
 def _inputs(width: int, length: int = LENGTH, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, length, width, generator=g)
+    return torch.randn(2, length, width, generator=g, dtype=torch.float64)
 
 
 def _padding(length: int = LENGTH) -> torch.Tensor:
@@ -95,7 +101,7 @@ def compute(attn: al.Attention, name: str, causal: bool) -> dict[str, torch.Tens
     xg = x.clone().requires_grad_()
     y = attn(xg, mask=keep)
     g = torch.Generator().manual_seed(5)
-    loss = (y * torch.randn(y.shape, generator=g)).sum() + attn.extra_loss()
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + attn.extra_loss()
     loss.backward()
     attn.eval()
     if not torch.equal(y.detach(), result["out_masked"]):  # train mode differs (a norm)

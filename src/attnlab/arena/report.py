@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.arena.files import write_atomic
-from attnlab.arena.stats import LEVEL, fmt, fmt_paired, mean_ci
-from attnlab.arena.summary import Summary, curve_band, summarize
+from attnlab.arena.stats import LEVEL, fmt, fmt_paired, is_finite, mean_ci
+from attnlab.arena.summary import Contestant, Summary, curve_band, summarize
 from attnlab.machine import provenance
 from attnlab.tables import markdown_table
 from attnlab.tasks import TASKS
@@ -24,7 +24,8 @@ from attnlab.tasks import TASKS
 Section = tuple[str, list[tuple[str, Any]]]  # heading, [("table" | "list" | "image", content)]
 
 __all__ = ["Summary", "summarize", "table_rows", "slice_rows", "seed_rows", "grid_rows",
-           "verdict_lines", "figures", "write_report", "write_document", "png"]
+           "verdict_lines", "budget_line", "recipe_text", "tuning_text", "delta_text",
+           "verdict_word", "same_seeds", "figures", "write_report", "write_document", "png"]
 
 
 def _grid_text(values: dict[str, Any]) -> str:
@@ -32,65 +33,114 @@ def _grid_text(values: dict[str, Any]) -> str:
                      for k, v in values.items())
 
 
-def table_rows(summary: Summary, compact: bool = False,
-               stacked: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table (Markdown and HTML; ``compact``: the terminal's,
-    without the extra metrics, parameter counts and times; ``stacked``: the compact table for
-    a narrow terminal, whose cells take several lines: the mechanism and the chosen grid point
-    under the contestant's label, the interval under each estimate)."""
+def table_rows(summary: Summary, compact: bool = False, stacked: bool = False,
+               mechanism: bool = True, grid: bool = True,
+               seeds: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table.
+
+    The full table (Markdown and HTML) has the chosen grid point as ``lr=0.003`` in one
+    "chosen" column, the extra metrics, parameter counts and times. ``compact``: the
+    terminal's, without the extras, with one narrow column per tuned key (headed by the key,
+    e.g. "lr"), and without the mechanism column when every label is its mechanism;
+    ``mechanism=False`` or ``grid=False`` drop those columns too (the verdict lines name both),
+    and ``seeds=False`` the seeds column (for when ``same_seeds``: the budget line says it).
+    ``stacked``: each interval on the line under its estimate, so the table is narrower; the
+    label's cell always stays one line.
+    """
     arrow = "↑" if summary.higher_is_better else "↓"
     names = list(dict.fromkeys(k for c in summary.contestants for k in c.metrics
                                if not k.startswith("val_")))
     chosen = TASKS[summary.task].table_metrics
     extra = [k for k in chosen if k in names] if chosen is not None else \
         [k for k in names if k != summary.metric][:3]
+    keys = summary.grid_keys if grid else []
     if compact:
         extra = []
-    header = ["contestant", "mechanism", *(["chosen"] if summary.grid_keys else []),
-              f"{summary.metric} {arrow}", f"Δ vs {summary.reference}", "differs",
-              *extra, "seeds", "params", "s/run"]
+        grid_header = list(keys)
+    else:
+        grid_header = ["chosen"] if keys else []
+    header = ["contestant", "mechanism", *grid_header, f"{summary.metric} {arrow}",
+              f"Δ vs {summary.reference}", "verdict", *extra, "seeds", "params", "s/run"]
     rows = []
     for c in summary.contestants:
         m = c.metrics
-        done = len(c.chosen.runs) if c.chosen else 0
-        failed = sum(len(p.failed) for p in c.points)
-        seeds = f"{done}" + (f" (+{failed} failed)" if failed else "")
-        if c.label == summary.reference:
-            delta, differs = "(reference)", ""
-        elif c.paired is None:
-            delta, differs = "–", ""
-        else:
-            delta = fmt_paired(c.paired)
-            differs = ("yes" if c.paired.decided else "no") if c.paired.pairs >= 2 else "–"
-        rows.append([c.label, c.mechanism,
-                     *([_grid_text(c.chosen.values) if c.chosen else "–"]
-                       if summary.grid_keys else []),
-                     fmt(*m.get(summary.metric, (math.nan,) * 2)), delta, differs,
-                     *[fmt(*m[k], digits=3) if k in m else "–" for k in extra], seeds,
-                     f"{c.params:,}" if c.params else "–",
+        point = _point_cells(c, keys) if compact else \
+            ([_grid_text(c.chosen.values) if c.chosen else "–"] if keys else [])
+        rows.append([c.label, c.mechanism, *point,
+                     fmt(*m.get(summary.metric, (math.nan,) * 2)), delta_text(summary, c),
+                     verdict_word(summary, c),
+                     *[fmt(*m[k], digits=3) if k in m else "–" for k in extra],
+                     _seeds_text(c), f"{c.params:,}" if c.params else "–",
                      f"{c.wall_time:.1f}" if not math.isnan(c.wall_time) else "–"])
     if compact:  # drop the mechanism column when it repeats the label; params and s/run
         same = all(c.label == c.mechanism for c in summary.contestants)
         keep = [i for i, h in enumerate(header) if h not in ("params", "s/run")
-                and not (same and h == "mechanism")]
+                and not ((same or not mechanism) and h == "mechanism")
+                and not (not seeds and h == "seeds")]
         header = [header[i] for i in keep]
         rows = [[r[i] for i in keep] for r in rows]
-    if compact and stacked:
-        header, rows = _stack(header, rows)
+    if stacked:
+        rows = [[r[0], *(_stack(cell) for cell in r[1:])] for r in rows]
     return header, rows
 
 
-def _stack(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    """The compact table with its side columns folded into the first one and each interval
-    on the line under its estimate, so that it fits in about 60 columns."""
-    side = [i for i, h in enumerate(header) if h in ("mechanism", "chosen")]
-    keep = [i for i in range(len(header)) if i not in side]
-    stacked = []
-    for row in rows:
-        first = "\n".join([row[0], *(row[i] for i in side if row[i] not in ("–", row[0]))])
-        rest = [row[i].replace(" ± ", "\n± ").replace(" [", "\n[") for i in keep[1:]]
-        stacked.append([first, *rest])
-    return [header[keep[0]], *(header[i] for i in keep[1:])], stacked
+def _point_cells(c: Contestant, keys: list[str]) -> list[str]:
+    """The chosen grid point's value of each tuned key ('–' without a finished run)."""
+    return [_num(c.chosen.values[k]) if c.chosen else "–" for k in keys]
+
+
+def _seeds_text(c: Contestant) -> str:
+    """Finished seeds of the chosen point, and failed runs of the contestant: '5 (+1 failed)'."""
+    done = len(c.chosen.runs) if c.chosen else 0
+    failed = sum(len(p.failed) for p in c.points)
+    return f"{done}" + (f" (+{failed} failed)" if failed else "")
+
+
+def same_seeds(summary: Summary) -> bool:
+    """Whether every contestant finished every seed of the sweep at its chosen point, with
+    no failed run: the seeds column then only repeats the budget line's count."""
+    seeds = len({r["seed"] for r in summary.rows})
+    return all(_seeds_text(c) == str(seeds) for c in summary.contestants)
+
+
+def _stack(cell: str) -> str:
+    """A cell on two lines: the interval, '± half', 'on every seed' or '(+n failed)' under
+    the value."""
+    for sep in (" ± ", " [", " on every seed", " (+"):
+        if sep in cell:
+            head, _, tail = cell.partition(sep)
+            return f"{head}\n{sep.lstrip()}{tail}"
+    return cell
+
+
+def delta_text(summary: Summary, c: Contestant) -> str:
+    """The table's paired difference to the reference: '-0.33 [-0.35, -0.31]', '-0.25 on
+    every seed' (the same difference on each), '0 on every seed' (equal on each), '–'."""
+    p = c.paired
+    if c.label == summary.reference:
+        return "(reference)"
+    if p is None or p.pairs == 0:
+        return "–"
+    if p.pairs >= 2 and p.equal:
+        return "0 on every seed"
+    if p.pairs >= 2 and p.constant:
+        return f"{p.mean:+.3g} on every seed"
+    return fmt_paired(p)
+
+
+def verdict_word(summary: Summary, c: Contestant) -> str:
+    """The table's verdict: 'better' or 'worse' (decided), 'equal' (on every seed),
+    'inconclusive' (the 95% interval includes 0), '–' (fewer than two paired seeds)."""
+    p = c.paired
+    if c.label == summary.reference:
+        return ""
+    if p is None or p.pairs < 2:
+        return "–"
+    if p.equal:
+        return "equal"
+    if p.decided:
+        return "better" if summary.better(p.mean) else "worse"
+    return "inconclusive"
 
 
 def slice_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
@@ -133,27 +183,223 @@ def grid_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 
 def verdict_lines(summary: Summary) -> list[str]:
-    """One sentence per contestant against the reference: decided or not, and which way."""
-    lines = []
-    direction = "higher" if summary.higher_is_better else "lower"
-    for c in summary.contestants:
-        if c.label == summary.reference or c.paired is None:
-            continue
-        p = c.paired
-        if p.pairs < 2:
-            lines.append(f"{c.label} vs {summary.reference}: fewer than two paired seeds, "
-                         "nothing can be said.")
-        elif p.decided:
-            word = "better" if summary.better(p.mean) else "worse"
-            lines.append(f"**{c.label} is {word} than {summary.reference}** on "
-                         f"{summary.metric} ({direction} is better): difference "
-                         f"{fmt_paired(p)}, the 95% interval over {p.pairs} paired seeds "
-                         "excludes 0.")
-        else:
-            lines.append(f"{c.label} vs {summary.reference}: no difference shown on "
-                         f"{summary.metric}: {fmt_paired(p)} over {p.pairs} paired seeds "
-                         "includes 0.")
+    """The budget, then one sentence per contestant against the reference: which way the
+    comparison went, or that this budget cannot decide it, with the recipe behind it (each
+    side's mechanism arguments and the grid point chosen on validation)."""
+    lines = [budget_line(summary)]
+    ref = summary.contestant(summary.reference)
+    others = [c for c in summary.contestants if c is not ref]
+    if not others:
+        return [*lines, "One contestant: nothing to compare."]
+    if ref.chosen is None:
+        return [*lines, f"No verdict: the reference {ref.label} has no finished run"
+                        f"{_failed_note(ref)}."]
+    for c in others:
+        lines.append(f"{_comparison(summary, c, ref)}{_recipes(summary, c, ref)}")
     return lines
+
+
+def budget_line(summary: Summary) -> str:
+    """'Budget: 600 steps, batch 64, AdamW; each contestant's lr chosen on validation from
+    {0.001, 0.003}; 5 seeds.' (or 'one lr, 0.001, for every contestant, not tuned')."""
+    recipe = []
+    for key, unit in (("steps", "{} steps"), ("batch_size", "batch {}")):
+        values = {} if key in summary.grid_keys else _train_values(summary, key)
+        if values:
+            recipe.append(unit.format(_one_or_each(values)))
+    tuning = []
+    if summary.grid_keys:
+        grid = _searched(summary.contestants, summary.grid_keys)
+        tuning.append(f"each contestant's {' and '.join(summary.grid_keys)} chosen on "
+                      f"validation from {grid}")
+    lrs = {} if "lr" in summary.grid_keys else _train_values(summary, "lr")
+    if len(set(lrs.values())) == 1:
+        tuning.append(f"one lr, {_one_or_each(lrs)}, for every contestant, not tuned")
+    elif lrs:
+        tuning.append(f"lr not tuned ({_one_or_each(lrs)})")
+    seeds = len({r["seed"] for r in summary.rows})
+    tuning.append(f"{seeds} seed{'' if seeds == 1 else 's'}")
+    return f"Budget: {', '.join([*recipe, 'AdamW'])}; {'; '.join(tuning)}."
+
+
+def _train_values(summary: Summary, key: str) -> dict[str, str]:
+    """A train setting of each contestant's runs (label -> '600'); those without it are
+    left out."""
+    values: dict[str, str] = {}
+    for r in summary.rows:
+        value = r["config"].get("train", {}).get(key)
+        if value is not None:
+            values.setdefault(r["label"], _num(value))
+    return values
+
+
+def _one_or_each(values: dict[str, str]) -> str:
+    """'600' when every contestant has the same value, else 'a 600, b 300'."""
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{label} {v}" for label, v in values.items())
+
+
+def _num(value: Any) -> str:
+    """A setting as a sweep file would write it: 0.001, 64, true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _sorted(values: set[Any]) -> list[Any]:
+    """Grid values in order (numbers by value, anything else by its text)."""
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def _searched(contestants: list[Contestant], keys: list[str]) -> str:
+    """The grid the contestants' points span: '{0.001, 0.003}' for one tuned key, 'lr {...}
+    x weight_decay {...}' for several."""
+    sets = {k: _sorted({p.values[k] for c in contestants for p in c.points}) for k in keys}
+    text = {k: "{" + ", ".join(map(_num, v)) + "}" for k, v in sets.items()}
+    if len(keys) == 1:
+        return text[keys[0]]
+    return " x ".join(f"{k} {t}" for k, t in text.items())
+
+
+def _failed_note(c: Contestant) -> str:
+    failed = sum(len(p.failed) for p in c.points)
+    return f" ({failed} run{'' if failed == 1 else 's'} failed)" if failed else ""
+
+
+def _comparison(summary: Summary, c: Contestant, ref: Contestant) -> str:
+    """The sentence comparing ``c`` to the reference ``ref`` (which has a finished run)."""
+    metric, p = summary.metric, c.paired
+    versus = f"{c.label} vs {ref.label} on {metric}"
+    if c.chosen is None or p is None:
+        return f"{versus}: nothing to compare, {c.label} has no finished run{_failed_note(c)}."
+    common, bad = _non_finite(summary, c, ref)
+    if p.pairs == 0:
+        if not common:
+            return f"{versus}: nothing to compare, no seed finished by both."
+        return (f"{versus}: nothing to compare, the {metric} is not finite on every seed both "
+                f"finished ({_counts(bad)}).")
+    dropped = len(common) - p.pairs
+    left_out = (f"; {dropped} seed{'' if dropped == 1 else 's'} left out: a non-finite "
+                f"{metric} ({_counts(bad)})") if dropped else ""
+    if p.pairs == 1:
+        return (f"{versus}: one paired seed only (difference {p.mean:+.3g}){left_out}: no "
+                "interval, nothing decided.")
+    if p.equal:
+        tie = _tie_value(summary, c, ref)
+        return f"{versus}: equal on every seed ({p.pairs} paired seeds{tie}){left_out}."
+    if p.decided:
+        direction = "higher" if summary.higher_is_better else "lower"
+        word = "better" if summary.better(p.mean) else "worse"
+        head = (f"**{c.label} is {word} than {ref.label}** on {metric} ({direction} is "
+                "better): ")
+        if p.constant:
+            way = "higher" if p.mean > 0 else "lower"
+            return f"{head}{way} by {abs(p.mean):.3g} on every seed ({p.pairs} paired seeds)" \
+                f"{left_out}."
+        return (f"{head}difference {fmt_paired(p)}; the 95% interval over {p.pairs} paired "
+                f"seeds excludes 0{left_out}.")
+    return (f"{versus}: inconclusive at this budget: difference {fmt_paired(p)}; the 95% "
+            f"interval over {p.pairs} paired seeds includes 0{left_out}.")
+
+
+def _paired_values(summary: Summary, c: Contestant, ref: Contestant
+                   ) -> tuple[dict[int, float], dict[int, float]]:
+    """The test metric per seed of both chosen points (both have finished runs)."""
+    assert c.chosen is not None and ref.chosen is not None
+    return c.chosen.per_seed(summary.metric), ref.chosen.per_seed(summary.metric)
+
+
+def _non_finite(summary: Summary, c: Contestant, ref: Contestant
+                ) -> tuple[set[int], dict[str, int]]:
+    """The seeds both finished, and per side (label -> count) how many of them have a
+    non-finite (NaN, infinite or missing) test metric: those seeds are not paired."""
+    mine, theirs = _paired_values(summary, c, ref)
+    common = set(mine) & set(theirs)
+    bad = {x.label: sum(not is_finite(values[s]) for s in common)
+           for x, values in ((c, mine), (ref, theirs))}
+    return common, {label: n for label, n in bad.items() if n}
+
+
+def _counts(bad: dict[str, int]) -> str:
+    """'sigmoid on 2 seeds, softmax on 1'."""
+    return ", ".join(f"{label} on {n} seed{'' if n == 1 else 's'}" for label, n in bad.items())
+
+
+def _tie_value(summary: Summary, c: Contestant, ref: Contestant) -> str:
+    """'; both 1 on each' when both have one and the same value on every paired seed (a
+    ceiling or a floor the budget cannot see past)."""
+    mine, theirs = _paired_values(summary, c, ref)
+    values = {v for s in set(mine) & set(theirs) for v in (mine[s], theirs[s]) if is_finite(v)}
+    return f"; both {values.pop():.4g} on each" if len(values) == 1 else ""
+
+
+def _recipes(summary: Summary, c: Contestant, ref: Contestant) -> str:
+    """' Recipes: sigmoid-x: sigmoid(learn_bias=true), lr 0.003 chosen from {0.001, 0.003};
+    softmax: lr 0.001 chosen from {0.001, 0.003}.' or ' Both at lr 0.001, not tuned.'."""
+    recipes = [f"{x.label}: {text}" for x, other in ((c, ref), (ref, c))
+               if (text := recipe_text(summary, x, other))]
+    lrs = {} if "lr" in summary.grid_keys else _train_values(summary, "lr")
+    pair = {label: v for label, v in lrs.items() if label in (c.label, ref.label)}
+    untuned = []
+    if len(set(pair.values())) == 1:
+        untuned.append(f"both at lr {_one_or_each(pair)}, not tuned")
+    elif pair:  # contestants of one sweep share the lr; hand-made rows may not
+        untuned.append(f"lr not tuned ({_one_or_each(pair)})")
+    if recipes:
+        return f" Recipes: {'; '.join(recipes + untuned)}."
+    if untuned:
+        return f" {untuned[0][0].upper()}{untuned[0][1:]}."
+    return ""
+
+
+def recipe_text(summary: Summary, c: Contestant, other: Contestant | None = None) -> str:
+    """What ``c`` is beyond its label: its mechanism with arguments (when the label hides
+    them), evaluation-time arguments, model settings that differ from ``other``'s, and the
+    grid point chosen on validation with the grid searched ('' when nothing to say)."""
+    parts = []
+    if c.mechanism != c.label or c.kwargs:
+        parts.append(c.mechanism + (f"({_kw(c.kwargs)})" if c.kwargs else ""))
+    if c.eval_kwargs:
+        parts.append(f"evaluated with {_kw(c.eval_kwargs)}")
+    if other is not None:
+        model = {k: v for k, v in c.model.items() if other.model.get(k) != v}
+        if model:
+            parts.append(f"model {_kw(model)}")
+    if summary.grid_keys:
+        parts.append(tuning_text(summary, c))
+    return ", ".join(parts)
+
+
+def _kw(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_num(v)}" for k, v in values.items())
+
+
+def tuning_text(summary: Summary, c: Contestant) -> str:
+    """'lr 0.003 chosen from {0.001, 0.003}' (the point best on validation, and the grid
+    searched), with the points that had no finished run; '' without a grid."""
+    keys = summary.grid_keys
+    if not keys:
+        return ""
+    searched = _searched([c], keys)
+    if c.chosen is None:
+        return f"no finished run at any point of {searched}"
+    point = ", ".join(f"{k} {_num(c.chosen.values[k])}" for k in keys)
+    if math.isnan(c.chosen.val[0]):
+        text = (f"{point} taken from {searched}: no finite validation {summary.metric} to "
+                "choose by")
+    else:
+        text = f"{point} chosen from {searched}"
+    empty = [p for p in c.points if not p.runs]
+    if empty:
+        text += " (no finished run at " + "; ".join(
+            ", ".join(f"{k} {_num(p.values[k])}" for k in keys) for p in empty) + ")"
+    return text
 
 
 def _numeric(keys: list[str]) -> bool:
@@ -313,8 +559,7 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     sections: list[Section] = [
         ("Test metrics (mean ± 95% CI over seeds; Δ: paired difference to the reference)",
          [("table", table_rows(summary))]),
-        ("Verdict", [("list", verdict_lines(summary) or ["one contestant: nothing to "
-                                                          "compare"])]),
+        ("Verdict", [("list", verdict_lines(summary))]),
         (f"{summary.slice_metric} per {summary.slice_axis} (mean ± 95% CI)",
          [("table", slice_rows(summary))] +
          ([("image", "slices")] if "slices" in images else [])),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from scipy import stats
 
 LEVEL = 0.95
+TIE = 1e-12  # differences this close to 0 are 0 (float rounding)
 
 
 def t_quantile(df: int, level: float = LEVEL) -> float:
@@ -42,11 +43,27 @@ class Paired:
     mean: float
     half: float  # half-width of the 95% interval (nan below two pairs)
     pairs: int
+    diffs: tuple[float, ...] = ()  # the per-seed differences, in seed order
+
+    @property
+    def constant(self) -> bool:
+        """True when every seed's difference is the same (up to float rounding: a mean of
+        equal values need not give a half-width of exactly 0)."""
+        return bool(self.diffs) and all(same_difference(d, self.diffs[0]) for d in self.diffs)
+
+    @property
+    def equal(self) -> bool:
+        """True when every seed's difference is 0: the two tie on every paired seed."""
+        return self.constant and same_difference(self.diffs[0], 0.0)
 
     @property
     def decided(self) -> bool:
-        """True when the 95% interval excludes 0."""
-        return self.pairs >= 2 and not math.isnan(self.half) and abs(self.mean) > self.half
+        """True when the 95% interval excludes 0: at least two pairs, not equal on every
+        seed, and either the same non-zero difference on every seed (half-width 0) or a
+        mean farther from 0 than the half-width."""
+        if self.pairs < 2 or self.equal:
+            return False
+        return self.constant or (not math.isnan(self.half) and abs(self.mean) > self.half)
 
     @property
     def low(self) -> float:
@@ -57,12 +74,25 @@ class Paired:
         return self.mean + self.half
 
 
+def same_difference(a: float, b: float) -> bool:
+    """Whether two differences are one value but for float rounding (relative 1e-9, or
+    1e-12 near 0)."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=TIE)
+
+
 def paired_difference(other: dict[int, float], reference: dict[int, float]) -> Paired:
-    """``other`` minus ``reference``, seed by seed (seed -> value), on the common seeds."""
+    """``other`` minus ``reference``, seed by seed (seed -> value), on the common seeds
+    where both values are finite (a NaN or infinite metric pairs with nothing)."""
     seeds = sorted(s for s in set(other) & set(reference)
-                   if math.isfinite(other[s]) and math.isfinite(reference[s]))
-    mean, half = mean_ci([other[s] - reference[s] for s in seeds])
-    return Paired(mean, half, len(seeds))
+                   if is_finite(other[s]) and is_finite(reference[s]))
+    diffs = tuple(other[s] - reference[s] for s in seeds)
+    mean, half = mean_ci(list(diffs))
+    return Paired(mean, half, len(seeds), diffs)
+
+
+def is_finite(value: float | None) -> bool:
+    """A number that is neither None, NaN nor infinite."""
+    return value is not None and math.isfinite(value)
 
 
 def fmt(mean: float, half: float, digits: int = 4) -> str:

@@ -37,6 +37,9 @@ class Contestant:
     paired: Paired | None = None               # chosen test metric - the reference's
     params: int | None = None
     wall_time: float = math.nan
+    kwargs: dict[str, Any] = field(default_factory=dict)       # mechanism arguments
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)  # ... replaced at evaluation
+    model: dict[str, Any] = field(default_factory=dict)        # the model's settings
 
 
 @dataclass
@@ -111,8 +114,12 @@ def summarize(rows: list[dict[str, Any]], grid_keys: list[str] | tuple[str, ...]
                                   [r for r in point_runs if r["status"] != "done"],
                                   mean_ci([r["metrics"].get(val_key) for r in done])))
         grid.sort(key=lambda p: tuple(str(v) for v in p.values.values()))
-        contestants.append(_choose(Contestant(label, runs[0]["mechanism"], grid),
-                                   cls.higher_is_better))
+        config = runs[0]["config"]
+        contestant = Contestant(label, runs[0]["mechanism"], grid,
+                                kwargs=dict(config.get("kwargs") or {}),
+                                eval_kwargs=dict(config.get("eval_kwargs") or {}),
+                                model=dict(config.get("model") or {}))
+        contestants.append(_choose(contestant, cls.higher_is_better))
     reference = reference or contestants[0].label
     if reference not in by_label:
         raise ValueError(f"reference {reference!r} is not a contestant; contestants: "

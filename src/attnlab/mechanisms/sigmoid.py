@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from attnlab.core.call import Call
 from attnlab.core.registry import register
@@ -22,31 +23,73 @@ class SigmoidAttention(Attention):
     "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (Ramapuram et al.).
     b = -ln(n) with n = ``max_len``, a fixed number (the training context length), so that a
     causal model decodes exactly as it runs in full. ``max_len=None`` uses n = the number of
-    keys of each call (bidirectional only). Masked entries weigh exactly 0. The paper
-    stabilises training with ``qk_norm=True`` and ``hybrid_norm=True`` (a LayerNorm on the
-    attention output).
+    keys of each call (bidirectional only). ``score_bias`` sets b directly instead (0 is the
+    paper's "no bias" control); ``learn_bias=True`` makes b a parameter of each head,
+    initialised at that value (the paper's Section 3 discusses a learned b). Masked entries
+    weigh exactly 0. The paper stabilises training with ``qk_norm=True`` and
+    ``hybrid_norm=True`` (a LayerNorm on the attention output).
+
+    A learned per-head b enters every backend as one more channel of q and k:
+    [q, b_h / c] . [k, 1] c = c q.k + b_h, so the memory-bounded tiled path serves it too.
     Backends: ``tiled`` (CPU default, memory-bounded training), ``reference``, ``flex``.
     """
 
     backends = ("auto", "reference", "tiled", "flex")
 
     def __init__(self, dim: int, heads: int, *, max_len: int | None = 1024,
-                 hybrid_norm: bool = False, **kwargs) -> None:
+                 hybrid_norm: bool = False, score_bias: float | None = None,
+                 learn_bias: bool = False, **kwargs) -> None:
         super().__init__(dim, heads, output_norm=hybrid_norm, **kwargs)
-        if max_len is None and self.causal:
-            raise ValueError("sigmoid: causal attention needs a fixed max_len (b = -ln(max_len))")
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"sigmoid: max_len must be >= 1, got {max_len}")
+        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool)
+                                    or max_len < 1):
+            raise ValueError(f"sigmoid: max_len must be an int >= 1 or None, got {max_len!r}")
+        if score_bias is not None and (isinstance(score_bias, bool)
+                                       or not isinstance(score_bias, (int, float))
+                                       or not math.isfinite(score_bias)):
+            raise ValueError(f"sigmoid: score_bias must be a finite number or None, "
+                             f"got {score_bias!r}")
+        if not isinstance(learn_bias, bool):
+            raise ValueError(f"sigmoid: learn_bias must be True or False, got {learn_bias!r}")
+        if max_len is None and score_bias is None and (self.causal or learn_bias):
+            raise ValueError("sigmoid: causal attention (and learn_bias=True) needs a fixed "
+                             "max_len (b = -ln(max_len)) or score_bias")
         self.max_len = max_len
+        self.fixed_bias = None if score_bias is None else float(score_bias)
+        self.learn_bias = learn_bias
+        # b of each head, learned (initialised at the fixed b), or None
+        self.head_bias = nn.Parameter(torch.empty(heads)) if learn_bias else None
+        self.reset_bias()
+
+    def reset_bias(self) -> None:
+        """Set the learned per-head b back to its initial value, the fixed b."""
+        if self.head_bias is not None:
+            with torch.no_grad():
+                self.head_bias.fill_(self.score_bias(0))
 
     def score_bias(self, num_keys: int) -> float:
-        """The additive bias b = -ln(n)."""
+        """The fixed additive bias: ``score_bias`` if given, else b = -ln(n)."""
+        if self.fixed_bias is not None:
+            return self.fixed_bias
         return -math.log(self.max_len if self.max_len is not None else max(num_keys, 1))
 
+    def _with_head_bias(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, float]:
+        """(q', k', c) with c q'.k' = c q.k + b_h: one more channel, b_h / c on q, 1 on k."""
+        c = q.shape[-1] ** -0.5
+        b = (self.head_bias / c).to(q.dtype).view(1, -1, 1, 1).expand(*q.shape[:-1], 1)
+        return (torch.cat([q, b], -1), torch.cat([k, k.new_ones(*k.shape[:-1], 1)], -1), c)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
+        if self.head_bias is not None:
+            q, k, c = self._with_head_bias(q, k)
+            return sigmoid_attention(q, k, v, causal=self.causal, mask=call.op_mask, scale=c,
+                                     bias=0.0, backend=self.backend)
         return sigmoid_attention(q, k, v, causal=self.causal, mask=call.op_mask,
                                  bias=self.score_bias(k.shape[2]), backend=self.backend)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
+        if self.head_bias is not None:
+            q, k, c = self._with_head_bias(q, k)
+            return sigmoid_weights(q, k, causal=self.causal, mask=call.op_mask, scale=c,
+                                   bias=0.0)
         return sigmoid_weights(q, k, causal=self.causal, mask=call.op_mask,
                                bias=self.score_bias(k.shape[2]))

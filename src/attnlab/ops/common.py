@@ -166,11 +166,21 @@ def _call_splitter(op: Callable) -> Callable[[tuple, dict], tuple[tuple, dict]]:
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     leading = [p.name for p in signature.parameters.values() if p.kind in positional]
     leading_names = frozenset(leading)
+    names = frozenset(signature.parameters)
+    options = ", ".join(p.name for p in signature.parameters.values()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     def split(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not names.issuperset(kwargs):  # named as the op, not as a helper it calls
+            unknown = ", ".join(repr(k) for k in kwargs if k not in names)
+            raise TypeError(f"{op.__name__}() got an unexpected keyword argument {unknown}; "
+                            f"its options: {options}")
         if len(args) == len(leading) and leading_names.isdisjoint(kwargs):
             return args, kwargs
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{op.__name__}(): {err}") from None
         return bound.args, bound.kwargs
     return split
 

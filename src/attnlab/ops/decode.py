@@ -23,6 +23,11 @@ from torch import Tensor
 from attnlab.core.masks import visibility
 from attnlab.ops.common import default_scale, guarded_op, shifted_exp, unit_last_stride, upcast
 
+# "split": attnlab's segments and exact merge; "fused": one call of SDPA's fused kernels;
+# "reference": softmax_attention's dense reference. "auto": fused on an accelerator when
+# ``splits`` is None (``fused_kernel_device``), else split.
+BACKENDS = ("split", "fused", "reference")
+
 
 @functools.cache
 def _sdpa_takes_gqa() -> bool:
@@ -78,8 +83,29 @@ def _own_segments(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | Non
     return _merged_segments(q32, k32, v32, vis, splits, probe)
 
 
+def _backend(backend: str, splits: int | None, device: torch.device) -> str:
+    """The backend ``decode_attention`` runs: ``backend`` checked against ``splits``, or the
+    choice of ``"auto"``."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"decode_attention: unknown backend {backend!r}; choose from "
+                         f"{('auto', *BACKENDS)}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                               or splits < 1):
+        raise ValueError(f"decode_attention: splits must be an int >= 1, got {splits!r}")
+    if splits is not None and backend in ("fused", "reference"):
+        raise ValueError(f"decode_attention: splits={splits} applies to the 'split' backend, "
+                         f"not {backend!r}")
+    if backend == "auto":
+        return "fused" if splits is None and fused_kernel_device(device) else "split"
+    if backend == "fused" and not _sdpa_takes_gqa():
+        raise ValueError("decode_attention: the 'fused' backend needs SDPA's enable_gqa "
+                         "(torch >= 2.5)")
+    return backend
+
+
 def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
-              mask: Tensor | None, scale: float | None, probe: bool) -> Tensor | None:
+              mask: Tensor | None, scale: float | None, probe: bool,
+              backend: str = "auto") -> Tensor | None:
     """The computation of ``decode_attention`` (see there).
 
     ``probe``: the inputs have not been cleared of non-finite keys; compute anyway and return
@@ -90,12 +116,16 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
     like any other). Two sums instead of a pass over the cache of their own.
     """
     b, h, lq, _ = q.shape
-    if splits is not None and (not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
+    backend = _backend(backend, splits, q.device)
+    if backend == "reference":  # guarded itself: nothing for the probe to do
+        from attnlab.ops.softmax import softmax_attention
+
+        return softmax_attention(q, k_cache, v_cache, causal=causal, mask=mask, scale=scale,
+                                 backend="reference")
     # one query at the end of the cache sees every key: no causal mask to build or apply
     vis = visibility(lq, k_cache.shape[2], causal=causal and lq > 1, mask=mask,
                      device=q.device)
-    if splits is None and fused_kernel_device(q.device):
+    if backend == "fused":
         out, seen = _fused(q, k_cache, v_cache, vis, scale, probe)
     else:  # on a CPU one segment by default (its threads share the matmuls anyway)
         out, seen = _own_segments(q, k_cache, v_cache, vis, splits or 1, scale, probe)
@@ -131,15 +161,15 @@ def _merged_segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, splits
 
 def _unless_nonfinite(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
                       causal: bool = False, mask: Tensor | None = None,
-                      scale: float | None = None) -> Tensor | None:
+                      scale: float | None = None, backend: str = "auto") -> Tensor | None:
     return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
-                     probe=True)
+                     probe=True, backend=backend)
 
 
 @guarded_op("decode_attention", first=_unless_nonfinite)
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None = None,
                      causal: bool = False, mask: Tensor | None = None,
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, backend: str = "auto") -> Tensor:
     """Softmax attention of a few queries over a long cache, computed in ``splits`` segments.
     ``splits=None`` (default): on a CPU one segment (its threads already share each matmul);
     on an accelerator one call of SDPA's fused kernels (``fused_kernel_device``), which split
@@ -156,9 +186,13 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     scores and the output (``_split_kv``'s probe; the fused path sums the cache, a cheap pass
     on a GPU); only then is it cleared of such keys and the step
     computed again (``guarded_op``).
+
+    ``backend``: ``"split"`` (the segments above, any device), ``"fused"`` (SDPA's fused
+    kernels), ``"reference"`` (``softmax_attention``'s dense reference) or ``"auto"`` (fused
+    on an accelerator when ``splits`` is None, else split).
     """
     return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
-                     probe=False)
+                     probe=False, backend=backend)
 
 
 def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, probe: bool

@@ -150,8 +150,14 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     broadcastable mask for ``parallel``. ``state=(S, z)`` continues a causal sequence whose
     earlier keys it summarises; ``return_state=True`` returns ``(out, (S, z))`` with this
     call's keys added. There is no ``scale``: the feature map replaces the scores.
+    ``backend="reference"`` (the name every op takes) is the ``parallel`` form: the equation
+    as written, phi(Q) phi(K)^T V with the mask, normalised row by row.
     """
     op = "linear_attention"
+    if backend not in ("auto", "reference", *BACKENDS):
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose from "
+                         f"{('auto', 'reference', *BACKENDS)} ('reference' is 'parallel')")
+    backend = "parallel" if backend == "reference" else backend
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
     if (state is not None or return_state) and not causal:
