@@ -120,7 +120,7 @@ def test_a_visible_key_with_zero_weight_still_makes_its_rows_nan(splits, target,
 
 def test_errors():
     q, k, v = cache(5)
-    with pytest.raises(ValueError, match="splits must be >= 1"):
+    with pytest.raises(ValueError, match="splits must be an int >= 1"):
         decode_attention(q, k, v, splits=0)
     with pytest.raises(ValueError, match="4-D"):
         decode_attention(q[0], k, v)

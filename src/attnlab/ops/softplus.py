@@ -33,8 +33,15 @@ _TINY = 1e-30
 
 
 def _lssar_shift(n: Tensor) -> Tensor:
-    """LSSAR's "- 1" per row of ``n`` visible keys, 0 for rows that see at most ``FEW_KEYS``."""
-    return (n > FEW_KEYS).to(n.dtype)
+    """LSSAR's "- 1" per row of ``n`` visible keys, 0 for rows that see at most ``FEW_KEYS``,
+    plus the rounding of a uniform row: there n a = 1 up to its normalisation's rounding
+    (a = u / sum of n terms, then times n: at most (n + 2) u' with u' = eps / 2, in any
+    summation order), so the margin 2 n eps makes a row that is uniform up to rounding fall
+    back to its LSSA weights on every CPU. Without it, whether such a row's relu(n a - 1) is
+    0 or one ulp depended on the order the CPU summed in, and with it the weights' gradient
+    (LSSAR's da ~ p w / r is unbounded as r -> 0+)."""
+    few = (n > FEW_KEYS).to(n.dtype)
+    return few * (1.0 + 2.0 * torch.finfo(n.dtype).eps * n)
 
 
 def _row_normalise(a: Tensor) -> Tensor:
@@ -57,8 +64,8 @@ def softplus_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor
         reweight_p: LSSAR's power p (None: LSSA).
 
     Returns (B, H, Lq, Lk) in float32 at least. A row whose re-weighted values are all 0
-    (only when its LSSA row is exactly uniform) keeps its LSSA weights; a row with no
-    visible key is 0.
+    (when its LSSA row is uniform, up to the rounding of its normalisation: see
+    ``_lssar_shift``) keeps its LSSA weights; a row with no visible key is 0.
     """
     k, visible = begin_weights("softplus_weights", q, k, causal=causal, mask=mask)
     log_d = length_scale(q, scale)
