@@ -281,8 +281,9 @@ def arena(ctx: click.Context, store: str) -> None:
     """Fair comparisons of attention mechanisms: same task, budget and seeds.
 
     With no subcommand, runs the default comparison (multi-query associative recall with
-    softmax, sigmoid, linear and MALA attention, five seeds; about 3 minutes on a 2-core CPU)
-    and writes its report, with each contestant's paired difference to softmax.
+    softmax, sigmoid, linear and MALA attention, five seeds, each contestant's learning rate
+    chosen on validation from {1e-3, 3e-3}; about 11 minutes on a 2-core CPU) and writes
+    its report, with each contestant's paired difference to softmax.
 
     \b
     Examples:

@@ -12,6 +12,11 @@ def test_default_comparison_has_at_least_four_mechanisms_and_five_seeds():
     assert len(sweep.variants()) >= 4 and len(sweep.seed_list) >= 5
 
 
+def test_default_comparison_tunes_every_contestant_on_a_learning_rate_grid():
+    """One learning rate for all (chosen for softmax) made the first verdicts unfair."""
+    assert len(load_sweep(DEFAULT_CONFIG).train.grid().get("lr", [])) >= 2
+
+
 def test_a_changed_budget_makes_new_runs_and_the_report_never_pools_them(tmp_path,
                                                                           monkeypatch):
     monkeypatch.chdir(tmp_path)  # the automatic report goes to ./attnlab-reports
