@@ -32,11 +32,13 @@ class SigmoidAttention(Attention):
     A learned per-head b enters every backend as one more channel of q and k:
     [q, b_h / c] . [k, 1] c = c q.k + b_h, so the memory-bounded tiled path serves it too.
 
-    The default stays the paper's b = -ln(n), but in small causal models it can decide the
-    result: on MQAR at length 32 (docs/results/sigmoid_mqar.md) b = -ln 32 recalls ~0.55-0.59
-    of the values, b = -ln(32 / 8) all of them, b = 0 with qk-norm nearly all; a learned b
-    that starts at -ln 32, qk-norm with hybrid norm and the learning rate do not close the
-    gap (nor did 4x the steps: 0.63, one seed). Pass ``score_bias`` there.
+    The default stays the paper's b = -ln(n), but in small causal models b can decide the
+    result: on MQAR at length 32 in attnlab's TransformerLM (docs/results/sigmoid_mqar.md)
+    b = -ln 32 recalls ~0.55-0.59 of the values, b = -ln(32 / 8) all of them, b = 0 with
+    qk-norm nearly all; a learned b that starts at -ln 32, qk-norm with hybrid norm and the
+    learning rate do not close the gap. A minimal model with another recipe orders b the
+    other way round, so the effect depends on the model around the attention, not on b
+    alone: compare values of ``score_bias`` when sigmoid is a contestant.
     Backends: ``tiled`` (CPU default, memory-bounded training), ``reference``, ``flex``.
     """
 
