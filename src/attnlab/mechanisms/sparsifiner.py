@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.call import Call
-from attnlab.core.masks import top_keys, visibility
+from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
-from attnlab.ops.tiled import auto_block_size, keys_seen, recomputed, row_tiles
+from attnlab.ops.sparsifiner import sparsifiner_attention
 
 
 @register("sparsifiner", family="sparse",
@@ -31,10 +31,11 @@ class SparsifinerAttention(Attention):
     ``extra_loss()`` = ``distill_weight`` * KL(dense attention (detached) || softmax(C)),
     computed in training mode only. ``keep=1`` is dense attention. The forward works per tile
     of query rows (connectivity, mask, attention and KL of the tile, recomputed in the
-    backward), so memory is linear in L; ``weights()`` builds the dense matrix.
+    backward: ``attnlab.ops.sparsifiner``), so memory is linear in L; ``attend_dense`` is the
+    reference and ``weights()`` builds the dense matrix.
     """
 
-    rows_per_tile: int | None = None  # query rows per tile; None: by memory (ops.tiled)
+    rows_per_tile: int | None = None  # query rows per tile; None: by memory (ops.sparsifiner)
 
     def __init__(self, dim: int, heads: int, *, keep: float = 0.25, rank: int = 16,
                  distill_weight: float = 1.0, **kwargs) -> None:
@@ -73,25 +74,17 @@ class SparsifinerAttention(Attention):
         return top_keys(scores.detach(), vis, self.kept(k.shape[2])), scores, vis
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        """Per tile of query rows (each recomputed in the backward): the tile's (rows, Lk)
-        connectivity, its top-k mask, attention and distillation term, never (L, L)."""
-        b, h, lq, _ = q.shape
-        lk = k.shape[2]
-        k, v = self.expand_kv(k), self.expand_kv(v)
+        """Per tile of query rows (``ops.sparsifiner``, each recomputed in the backward): the
+        tile's (rows, Lk) connectivity, its top-k mask, attention and distillation term,
+        never (L, L). The loss divides by the rows that see a key without a host sync."""
         a, c = self.predictor(call)
         distill = self.training and self.distill_weight > 0
-        parts, kl_sum, kl_rows = [], 0.0, 0
-        for i0, i1 in row_tiles(lq, self.rows_per_tile or auto_block_size(b * h * 4, lk)):
-            kend = keys_seen(i1, lq, lk, self.causal)
-            mask = None if call.op_mask is None else call.op_mask[..., :kend]
-            out, kl, rows = recomputed(self._tile, q[:, :, i0:i1], k[:, :, :kend],
-                                       v[:, :, :kend], a[:, :, i0:i1], c[:, :, :kend], mask,
-                                       (i0, lq, lk), self.kept(lk), distill)
-            parts.append(out)
-            kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
+        out, kl_sum, kl_rows = sparsifiner_attention(
+            q, k, v, a, c, keep=self.kept(k.shape[2]), causal=self.causal, mask=call.op_mask,
+            distill=distill, rows=self.rows_per_tile)
         if distill:
-            self._extra_loss = self.distill_weight * kl_sum / max(int(kl_rows), 1)
-        return torch.cat(parts, 2)
+            self._extra_loss = self.distill_weight * kl_sum / kl_rows.clamp_min(1)
+        return out
 
     def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """The reference: the whole (L, L) connectivity, mask and distillation at once."""
@@ -103,32 +96,12 @@ class SparsifinerAttention(Attention):
                 kl.sum() * 0
         return softmax_attention(q, k, v, mask=keep)
 
-    def _tile(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor, mask: Tensor | None,
-              where: tuple[int, int, int], count: int, distill: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
-        """Query rows ``i0 ..`` of ``lq`` (over ``lk`` keys, of which the tile reads the
-        first ones): output, KL summed over the rows that see a key, and their number."""
-        i0, lq, lk = where
-        scores = self.pair_scores(a, c)
-        vis = visibility(q.shape[2], lk, causal=self.causal, mask=None, device=q.device,
-                         q_start=i0, q_total=lq)
-        vis = torch.ones((), dtype=torch.bool, device=q.device) if vis is None \
-            else vis[..., :k.shape[2]]
-        if mask is not None:
-            vis = vis & mask
-        vis = vis.expand(*scores.shape)
-        keep = top_keys(scores.detach(), vis, count)
-        out = softmax_attention(q, k, v, mask=keep)
-        if not distill:
-            return out, scores.new_zeros(()), vis.new_zeros((), dtype=torch.long)
-        rows = vis.any(-1)
-        return out, (self._distillation(q, k, scores, vis) * rows).sum(), rows.sum()
-
     @staticmethod
     def _distillation(q: Tensor, k: Tensor, scores: Tensor, vis: Tensor) -> Tensor:
         """KL(dense attention (detached) || softmax(C)) per query row."""
         dense = softmax_weights(q.detach(), k.detach(), mask=vis)
-        log_pred = torch.log_softmax(scores.float().masked_fill(~vis, -1e9), dim=-1)
+        wide = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float64 stays
+        log_pred = torch.log_softmax(wide.masked_fill(~vis, -1e9), dim=-1)
         return (dense * (torch.log(dense.clamp_min(1e-12)) - log_pred)).sum(-1)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
