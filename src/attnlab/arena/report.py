@@ -389,7 +389,7 @@ def tuning_text(summary: Summary, c: Contestant) -> str:
     searched = _searched([c], keys)
     if c.chosen is None:
         return f"no finished run at any point of {searched}"
-    point = ", ".join(f"{k} {_num(c.chosen.values[k])}" for k in keys)
+    point = _point_text(c.chosen.values, keys)
     if math.isnan(c.chosen.val[0]):
         text = (f"{point} taken from {searched}: no finite validation {summary.metric} to "
                 "choose by")
@@ -398,8 +398,13 @@ def tuning_text(summary: Summary, c: Contestant) -> str:
     empty = [p for p in c.points if not p.runs]
     if empty:
         text += " (no finished run at " + "; ".join(
-            ", ".join(f"{k} {_num(p.values[k])}" for k in keys) for p in empty) + ")"
+            _point_text(p.values, keys) for p in empty) + ")"
     return text
+
+
+def _point_text(values: dict[str, Any], keys: list[str]) -> str:
+    """A grid point as the verdicts name it: 'lr 0.003, weight_decay 0'."""
+    return ", ".join(f"{k} {_num(values[k])}" for k in keys)
 
 
 def _numeric(keys: list[str]) -> bool:

@@ -107,9 +107,13 @@ def top_keys(priority: Tensor, visible: Tensor, window: int) -> Tensor:
     if window >= lk:
         return visible
     rank = ranked_keys(priority.expand(visible.shape), visible)
-    # the window-th largest rank (quickselect, no sort); NO_KEY when fewer are visible
-    threshold = rank.kthvalue(lk - window + 1, dim=-1, keepdim=True).values
-    return (rank >= threshold) & visible
+    return (rank >= window_threshold(rank, window)) & visible
+
+
+def window_threshold(rank: Tensor, window: int) -> Tensor:
+    """(.., Lq, 1): each row's ``window``-th largest of ``ranked_keys`` (quickselect, no
+    sort), the least rank :func:`top_keys` keeps; NO_KEY when fewer keys are visible."""
+    return rank.kthvalue(rank.shape[-1] - window + 1, dim=-1, keepdim=True).values
 
 
 def rows_seeing(marked: Tensor, lq: int, *, causal: bool, mask: Tensor | None = None

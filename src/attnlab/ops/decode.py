@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import default_scale, guarded_op, shifted_exp, unit_last_stride, upcast
+from attnlab.ops.softmax import softmax_attention
 
 # "split": attnlab's segments and exact merge; "fused": one call of SDPA's fused kernels;
 # "reference": softmax_attention's dense reference. "auto": fused on an accelerator when
@@ -118,8 +119,6 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
     b, h, lq, _ = q.shape
     backend = _backend(backend, splits, q.device)
     if backend == "reference":  # guarded itself: nothing for the probe to do
-        from attnlab.ops.softmax import softmax_attention
-
         return softmax_attention(q, k_cache, v_cache, causal=causal, mask=mask, scale=scale,
                                  backend="reference")
     # one query at the end of the cache sees every key: no causal mask to build or apply

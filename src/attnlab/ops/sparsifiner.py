@@ -43,7 +43,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from attnlab.core.masks import causal_visibility, ranked_keys
+from attnlab.core.masks import causal_visibility, ranked_keys, window_threshold
 from attnlab.ops.common import default_scale, expand_kv, upcast
 from attnlab.ops.tiled import (
     MAX_ROWS,
@@ -173,12 +173,11 @@ def _kept(conn: Tensor, vis: Tensor, count: int, threshold: Tensor, known: bool)
     """``top_keys(conn, vis, count)``: the visible keys whose rank (``ranked_keys``) is at
     least the row's count-th largest; that threshold (rows, 1) is found by quickselect into
     ``threshold`` unless ``known``."""
-    kend = conn.shape[-1]
-    if count >= kend:
+    if count >= conn.shape[-1]:
         return vis
     rank = ranked_keys(conn, vis)
     if not known:
-        threshold.copy_(rank.kthvalue(kend - count + 1, dim=-1, keepdim=True).values)
+        threshold.copy_(window_threshold(rank, count))
     return torch.ge(rank, threshold).logical_and_(vis)
 
 
