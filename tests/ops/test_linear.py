@@ -6,6 +6,7 @@ import torch
 from attnlab.ops.dispatch import recorded
 from attnlab.ops.linear import FEATURE_MAPS, linear_attention, prefix_sums
 
+from ..tolerances import assert_close
 from .cases import key_padding
 
 
@@ -128,6 +129,19 @@ def test_auto_takes_the_parallel_form_where_only_it_can_serve():
     torch.testing.assert_close(out, linear_attention(q, k, v, causal=True))
     few = linear_attention(q[:, :, 3:], k, v, causal=True)  # 2 queries over 5 keys, no state
     torch.testing.assert_close(few, linear_attention(q, k, v, causal=True)[:, :, 3:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_auto_takes_the_parallel_form_when_the_keys_fit_in_one_chunk(causal):
+    q, k, v = qkv(9)
+    for chunk, form in ((9, "parallel"), (8, "chunked")):
+        with recorded() as choices:
+            out = linear_attention(q, k, v, causal=causal, chunk_size=chunk)
+        assert (form, "chosen") in choices[-1][1]
+        if form == "parallel":
+            assert "fit in one chunk (9 <= chunk_size 9)" in dict(choices[-1][1])["chunked"]
+        assert_close(out, linear_attention(q, k, v, causal=causal, backend="chunked",
+                                           chunk_size=chunk))
 
 
 class AllocatedElements:

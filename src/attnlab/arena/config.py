@@ -141,6 +141,10 @@ class Sweep(Strict):
     name: str | None = None
     task_params: dict[str, Any] = Field(default_factory=dict)
     seeds: int | list[int] | None = None  # None: the task's default_seeds
+    tune_seeds: int | None = Field(None, gt=0, description=(
+        "tune on the first N seeds only: every grid point trains on them, and each "
+        "contestant's point best on validation over them then trains on the other seeds "
+        "(None: every point on every seed)"))
     reference: str | None = None  # the contestant paired differences are taken to (default:
     # the first)
     model: dict[str, Any] = Field(default_factory=dict)
@@ -190,6 +194,13 @@ class Sweep(Strict):
         return value
 
     @model_validator(mode="after")
+    def _tune_seeds_within_seeds(self) -> Sweep:
+        if self.tune_seeds is not None and self.tune_seeds > len(self.seed_list):
+            raise ValueError(f"tune_seeds ({self.tune_seeds}) cannot exceed the number of "
+                             f"seeds ({len(self.seed_list)})")
+        return self
+
+    @model_validator(mode="after")
     def _reference_is_a_contestant(self) -> Sweep:
         labels = [v.name for v in self.variants()]
         if self.reference is not None and self.reference not in labels:
@@ -205,6 +216,17 @@ class Sweep(Strict):
 
             seeds = TASKS[self.task].default_seeds if self.task in TASKS else 3
         return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+    @property
+    def tuning_seeds(self) -> list[int]:
+        """The seeds every grid point trains on (and the choice is made on)."""
+        return self.seed_list[:self.tune_seeds]  # all when tune_seeds is None
+
+    @property
+    def staged(self) -> bool:
+        """Whether the sweep runs in two stages: the grid on ``tuning_seeds``, then each
+        contestant's chosen point on the other seeds."""
+        return len(self.grid_points()) > 1 and len(self.tuning_seeds) < len(self.seed_list)
 
     @property
     def worker_count(self) -> int:
@@ -227,8 +249,23 @@ class Sweep(Strict):
         grid = self.train.grid()
         return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
+    def tuning_runs(self) -> list[RunSpec]:
+        """The first stage: every grid point on the tuning seeds (every run if not staged)."""
+        seeds = set(self.tuning_seeds) if self.staged else set(self.seed_list)
+        return [s for s in self.runs() if s.seed in seeds]
+
+    def confirming_runs(self, chosen: dict[str, dict[str, Any]]) -> list[RunSpec]:
+        """The second stage: each contestant's chosen grid point (label -> {key: value}) on
+        the seeds it was not tuned on; contestants missing from ``chosen`` get none."""
+        if not self.staged:
+            return []
+        tuning = set(self.tuning_seeds)
+        return [s for s in self.runs() if s.seed not in tuning and s.label in chosen
+                and all(s.train[k] == v for k, v in chosen[s.label].items())]
+
     def runs(self) -> list[RunSpec]:
-        """Every run of the sweep, in the order they are started (seed-major)."""
+        """Every run the sweep may train (a staged sweep trains only some of the other seeds'
+        runs), in the order they are started (seed-major)."""
         task = make_task(self.task, **self.task_params)
         given = {k: val for k, val in self.train.model_dump().items() if val is not None}
         specs = []

@@ -169,8 +169,9 @@ def seed_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
 
 def grid_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Every grid point of every contestant: validation (which chooses) and test metric."""
-    header = ["contestant", *summary.grid_keys, f"validation {summary.metric}",
-              f"test {summary.metric}", "seeds", "chosen"]
+    header = ["contestant", *summary.grid_keys,
+              f"validation {summary.metric}{tuned_on(summary)}", f"test {summary.metric}",
+              "seeds", "chosen"]
     rows = []
     for c in summary.contestants:
         for p in c.points:
@@ -211,7 +212,7 @@ def budget_line(summary: Summary) -> str:
     if summary.grid_keys:
         grid = _searched(summary.contestants, summary.grid_keys)
         tuning.append(f"each contestant's {' and '.join(summary.grid_keys)} chosen on "
-                      f"validation from {grid}")
+                      f"validation{tuned_on(summary)} from {grid}")
     lrs = {} if "lr" in summary.grid_keys else _train_values(summary, "lr")
     if len(set(lrs.values())) == 1:
         tuning.append(f"one lr, {_one_or_each(lrs)}, for every contestant, not tuned")
@@ -220,6 +221,16 @@ def budget_line(summary: Summary) -> str:
     seeds = len({r["seed"] for r in summary.rows})
     tuning.append(f"{seeds} seed{'' if seeds == 1 else 's'}")
     return f"Budget: {', '.join([*recipe, 'AdamW'])}; {'; '.join(tuning)}."
+
+
+def tuned_on(summary: Summary) -> str:
+    """' (seed 0)' / ' (seeds 0, 1)' when the grid point was chosen on some seeds only (a
+    sweep with ``tune_seeds``), else ''."""
+    return "" if summary.tuning_seeds is None else f" ({_seeds_named(summary.tuning_seeds)})"
+
+
+def _seeds_named(seeds: list[int]) -> str:
+    return f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}"
 
 
 def _train_values(summary: Summary, key: str) -> dict[str, str]:
@@ -526,8 +537,12 @@ def setup_lines(summary: Summary) -> list[str]:
     if summary.grid_keys:
         grid = {k: sorted({p.values[k] for x in summary.contestants for p in x.points})
                 for k in summary.grid_keys}
-        lines.append("tuned per contestant on the validation split (never the test): " +
-                     "; ".join(f"{k} in {v}" for k, v in grid.items()))
+        seeds = summary.tuning_seeds
+        lines.append("tuned per contestant on the validation split"
+                     f"{'' if seeds is None else ' of ' + _seeds_named(seeds)} (never the "
+                     "test): " + "; ".join(f"{k} in {v}" for k, v in grid.items())
+                     + ("" if seeds is None else "; the chosen point then trained on the "
+                        "other seeds"))
     for key in ("kwargs", "eval_kwargs"):
         given = {r["label"]: r["config"].get(key) for r in summary.rows
                  if r["config"].get(key)}

@@ -27,7 +27,7 @@ import torch
 
 from attnlab.arena.config import RunSpec, Sweep, parse_sweep
 from attnlab.arena.store import RunStore
-from attnlab.arena.summary import summarize
+from attnlab.arena.summary import summarize_sweep
 from attnlab.arena.sweep import definition, run_sweep, sweep_rows
 from attnlab.arena.trainer import count_parameters, torch_threads
 from attnlab.models.blocks import HYBRID_SEPARATOR
@@ -254,7 +254,7 @@ def run_search(base: dict[str, Any], space: SearchSpace, *, cost: str = "flops",
                   part_of=design_sweep(base, designs))  # stored: every design so far
         with RunStore(probe.store) as store:
             rows = sweep_rows(store, sweep)
-        (contestant,) = summarize(rows, list(sweep.train.grid())).contestants
+        (contestant,) = summarize_sweep(rows, sweep).contestants
         metric = contestant.metrics.get(task_cls.metric)
         info = {"cost": value, "metric": None if metric is None else metric[0],
                 "trial": trial.number}

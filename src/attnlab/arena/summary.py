@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnlab.arena.config import digest
+from attnlab.arena.config import Sweep, digest
 from attnlab.arena.stats import Paired, mean_ci, paired_difference
 from attnlab.tasks import TASKS
 
@@ -20,7 +20,8 @@ class GridPoint:
     values: dict[str, Any]             # e.g. {"lr": 0.001}; {} without a grid
     runs: list[dict[str, Any]]         # done runs
     failed: list[dict[str, Any]]
-    val: tuple[float, float]           # validation metric, mean ± half-width
+    val: tuple[float, float]           # validation metric, mean ± half-width (over the
+    # tuning seeds when the sweep tuned on some seeds only)
 
     def per_seed(self, metric: str) -> dict[int, float]:
         return {r["seed"]: r["metrics"][metric] for r in self.runs if metric in r["metrics"]}
@@ -58,6 +59,7 @@ class Summary:
     contestants: list[Contestant]
     baselines: dict[str, dict[str, float]]   # baseline -> slice value -> value
     rows: list[dict[str, Any]]
+    tuning_seeds: list[int] | None = None  # the seeds the choice was made on (None: all)
 
     @property
     def labels(self) -> list[str]:
@@ -83,11 +85,15 @@ def fixed_part(row: dict[str, Any], grid_keys: list[str]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]], grid_keys: list[str] | tuple[str, ...] = (),
-              reference: str | None = None) -> Summary:
+              reference: str | None = None, tuning_seeds: list[int] | None = None
+              ) -> Summary:
     """Aggregate one sweep configuration's rows (as ``RunStore.rows`` returns them).
 
     Rows of one contestant must differ only in their seed and the ``grid_keys``: runs of
     different configurations are never pooled (a ValueError says which contestant).
+    ``tuning_seeds``: the grid point is chosen on the validation metric of these seeds only
+    (a sweep with ``tune_seeds``, whose chosen point also ran on other seeds); its test
+    metrics are then over every seed it ran on.
     """
     if not rows:
         raise ValueError("no runs to report")
@@ -110,9 +116,10 @@ def summarize(rows: list[dict[str, Any]], grid_keys: list[str] | tuple[str, ...]
         grid = []
         for values, point_runs in points.items():
             done = [r for r in point_runs if r["status"] == "done"]
+            tuned = [r for r in done if tuning_seeds is None or r["seed"] in tuning_seeds]
             grid.append(GridPoint(dict(zip(grid_keys, values, strict=True)), done,
                                   [r for r in point_runs if r["status"] != "done"],
-                                  mean_ci([r["metrics"].get(val_key) for r in done])))
+                                  mean_ci([r["metrics"].get(val_key) for r in tuned])))
         grid.sort(key=lambda p: tuple(str(v) for v in p.values.values()))
         config = runs[0]["config"]
         contestant = Contestant(label, runs[0]["mechanism"], grid,
@@ -138,7 +145,14 @@ def summarize(rows: list[dict[str, Any]], grid_keys: list[str] | tuple[str, ...]
                    cls.slice_metric or cls.metric, cls.description, grid_keys, reference,
                    contestants,
                    {n: {k: sum(v) / len(v) for k, v in vals.items()}
-                    for n, vals in baselines.items()}, rows)
+                    for n, vals in baselines.items()}, rows,
+                   None if tuning_seeds is None else sorted(tuning_seeds))
+
+
+def summarize_sweep(rows: list[dict[str, Any]], sweep: Sweep) -> Summary:
+    """:func:`summarize` with the sweep's grid, reference and tuning seeds."""
+    return summarize(rows, list(sweep.train.grid()), sweep.reference_label,
+                     sweep.tuning_seeds if sweep.staged else None)
 
 
 def _choose(c: Contestant, higher_is_better: bool) -> Contestant:

@@ -7,21 +7,31 @@ import multiprocessing as mp
 import os
 import queue
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from attnlab.arena.config import RunSpec, Sweep
 from attnlab.arena.store import RunStore, StoreError
+from attnlab.arena.summary import summarize
 from attnlab.arena.trainer import failed_result, train_run
 from attnlab.distributed.launch import broadcast_from_first, data_parallel, group_alive
 
-# (event, spec, payload): ("plan", None, (runs to do, runs already stored, stored failed runs
-# not retried)) once first, then
-# per run ("start", spec, None), ("step", spec, (step, steps, loss)), ("end", spec, result)
+# (event, spec, payload): ("plan", None, Plan) first (and again before a staged sweep's
+# second stage), then per run ("start", spec, None), ("step", spec, (step, steps, loss)),
+# ("end", spec, result)
 Listener = Callable[[str, RunSpec | None, Any], None]
+
+
+class Plan(NamedTuple):
+    """What a sweep (or one stage of it) is about to do."""
+
+    todo: list[RunSpec]    # runs to train
+    skipped: int           # runs already stored
+    failed_kept: int       # stored failed runs not retried
+    stage: str | None      # None (one stage), "tune" or "confirm" (``Sweep.tune_seeds``)
 
 
 @dataclass
@@ -45,16 +55,37 @@ def sweep_rows(store: RunStore, sweep: Sweep) -> list[dict[str, Any]]:
     return store.rows(sweep.sweep_name, keys=[s.key for s in sweep.runs()])
 
 
-def pending_runs(sweep: Sweep, store: RunStore, retry_failed: bool = False
+def pending_runs(specs: list[RunSpec], store: RunStore, retry_failed: bool = False
                  ) -> tuple[list[RunSpec], int, int]:
-    """Runs still to do, how many the store already holds, and how many of those failed
-    (kept as they are unless ``retry_failed``)."""
-    specs = sweep.runs()
+    """Of ``specs``, the runs still to do, how many the store already holds, and how many
+    of those failed (kept as they are unless ``retry_failed``)."""
     stored = store.statuses([s.key for s in specs])
     todo = [s for s in specs if s.key not in stored
             or (retry_failed and stored[s.key] == "failed")]
     failed_kept = 0 if retry_failed else sum(v == "failed" for v in stored.values())
     return todo, len(specs) - len(todo), failed_kept
+
+
+def chosen_points(sweep: Sweep, store: RunStore) -> dict[str, dict[str, Any]]:
+    """Each contestant's grid point best on validation over the tuning seeds (label ->
+    {key: value}), from the stored runs of the first stage; contestants with no finished
+    tuning run are left out."""
+    rows = store.rows(sweep.sweep_name, keys=[s.key for s in sweep.tuning_runs()])
+    if not rows:
+        return {}
+    summary = summarize(rows, list(sweep.train.grid()), tuning_seeds=sweep.tuning_seeds)
+    return {c.label: c.chosen.values for c in summary.contestants if c.chosen is not None}
+
+
+def stages(sweep: Sweep, store: RunStore) -> Iterator[tuple[str | None, list[RunSpec]]]:
+    """(stage, runs) in order: every run at once (stage None), or for a sweep with
+    ``tune_seeds`` the grid on the tuning seeds ("tune"), then, once those are stored,
+    each contestant's chosen point on the other seeds ("confirm")."""
+    if not sweep.staged:
+        yield None, sweep.runs()
+        return
+    yield "tune", sweep.tuning_runs()
+    yield "confirm", sweep.confirming_runs(chosen_points(sweep, store))
 
 
 ENGINES = ("local", "ray")
@@ -90,41 +121,45 @@ def run_sweep(sweep: Sweep, *, retry_failed: bool = False, workers: int | None =
         return _follow(sweep)
     with RunStore(sweep.store) as store:
         store.save_definition(sweep.sweep_name, definition(part_of or sweep))
-        imported = store.import_kept(sweep.runs())
-        todo, skipped, failed_kept = pending_runs(sweep, store, retry_failed)
-        todo, elsewhere = store.claim(todo, retry_failed)
-        if ranks is not None:
-            broadcast_from_first([s.key for s in todo])
-            workers = 1
-        summary = SweepSummary(total=len(todo) + skipped + len(elsewhere), skipped=skipped,
-                               elsewhere=elsewhere, imported=imported)
-        listener("plan", None, (todo, skipped, failed_kept))
-        try:
-            if engine == "ray":
-                from attnlab.arena.ray_engine import run_on_ray
+        summary = SweepSummary(total=0, skipped=0, imported=store.import_kept(sweep.runs()))
+        for stage, specs in stages(sweep, store):
+            todo, skipped, failed_kept = pending_runs(specs, store, retry_failed)
+            todo, elsewhere = store.claim(todo, retry_failed)
+            if ranks is not None:
+                broadcast_from_first([s.key for s in todo])
+            summary.total += len(todo) + skipped + len(elsewhere)
+            summary.skipped += skipped
+            summary.elsewhere.update(elsewhere)
+            listener("plan", None, Plan(todo, skipped, failed_kept, stage))
+            try:
+                if engine == "ray":
+                    from attnlab.arena.ray_engine import run_on_ray
 
-                run_on_ray(todo, _finisher(store, summary, listener), listener,
-                           address=address, cpus=workers * sweep.train.threads)
-            else:
-                _train(todo, store, summary, workers, listener)
-        finally:
-            store.release(todo)
+                    run_on_ray(todo, _finisher(store, summary, listener), listener,
+                               address=address, cpus=workers * sweep.train.threads)
+                else:
+                    _train(todo, store, summary, 1 if ranks is not None else workers,
+                           listener)
+            finally:
+                store.release(todo)
     return summary
 
 
 def _follow(sweep: Sweep) -> SweepSummary:
     """A rank other than 0 under torchrun: train the runs rank 0 names, store nothing."""
-    keys = broadcast_from_first(None)
     specs = {s.key: s for s in sweep.runs()}
-    summary = SweepSummary(total=len(keys), skipped=0)
-    for key in keys:
-        result = train_run(specs[key])
-        if result["status"] == "done":
-            summary.done += 1
-        else:
-            summary.failed += 1
-            summary.failures.append((key, (result["error"] or "").splitlines()[0]))
-            stop_if_group_lost(f"run {key}")
+    summary = SweepSummary(total=0, skipped=0)
+    for _ in range(2 if sweep.staged else 1):  # rank 0 names each stage's runs in turn
+        keys = broadcast_from_first(None)
+        summary.total += len(keys)
+        for key in keys:
+            result = train_run(specs[key])
+            if result["status"] == "done":
+                summary.done += 1
+            else:
+                summary.failed += 1
+                summary.failures.append((key, (result["error"] or "").splitlines()[0]))
+                stop_if_group_lost(f"run {key}")
     return summary
 
 
