@@ -14,6 +14,7 @@ The weights are created as the module creates them (float32, seeded) and then wi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,11 @@ def cases() -> list[tuple[str, str, dict, bool]]:
                     out.append((f"{name}-v{i}-{'causal' if causal else 'bidir'}", name,
                                 kwargs, causal))
     return out
+
+
+def case_mechanism(case_id: str) -> str:
+    """The mechanism of a case id ``<name>-v<i>-<mode>``."""
+    return case_id.rsplit("-", 2)[0]
 
 
 def width(name: str) -> int:
@@ -135,10 +141,13 @@ def stored(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: project(t) if projected(k) else t for k, t in result.items()}
 
 
-def record() -> dict[str, dict]:
-    """case id -> {"state_dict": ..., "result": ...} (result as stored: some projected)."""
+def record(only: set[str] | None = None) -> dict[str, dict]:
+    """case id -> {"state_dict": ..., "result": ...} (result as stored: some projected);
+    ``only``: the cases of these mechanisms."""
     snapshot = {}
     for case_id, name, kwargs, causal in cases():
+        if only is not None and name not in only:
+            continue
         attn = build(name, kwargs, causal)
         state = {k: v.clone() for k, v in attn.state_dict().items()}
         result = compute(attn, name, causal)
@@ -176,6 +185,17 @@ def load() -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    snap = record()
+    # ``python -m tests.snapshot.record``: every case; ``... record moh cca``: re-record only
+    # the cases of these mechanisms and keep every other recorded case as it is
+    names = set(sys.argv[1:])
+    unknown = names - set(al.available())
+    if unknown:
+        raise SystemExit(f"unknown mechanisms: {sorted(unknown)}")
+    if names:
+        snap = {k: v for k, v in load().items() if case_mechanism(k) not in names}
+        snap.update(record(names))
+    else:
+        snap = record()
     torch.save(pack(snap), PATH)
-    print(f"{len(snap)} cases -> {PATH} ({PATH.stat().st_size / 1e6:.1f} MB)")
+    print(f"{len(snap)} cases -> {PATH} ({PATH.stat().st_size / 1e6:.1f} MB)"
+          + (f"; re-recorded: {sorted(names)}" if names else ""))

@@ -30,6 +30,16 @@ class MixtureOfHeadAttention(Attention):
     those rows at a time (memory linear in L). The
     load-balance loss E * sum_i mean_t(p_i) * mean_t(1[i in top-k]) (E routed heads), times
     ``balance_weight`` = 0.01, is ``extra_loss()``. ``weights()`` folds the gates into the rows.
+
+    Official code (SkyworkAI/MoH @ 2cefd57, MoH-DiT/models.py ``MoHAttention``, the same
+    gating as MoH-ViT/attention.py ``Attention``): equal to 1e-15 of scale in float64, output,
+    input and parameter gradients and the loss (tests/parity/test_moh.py), parameters mapped
+    wg -> ``router``, wg_0 -> ``mix``, wg_1 -> ``shared_router``. As there: with no shared
+    head the gates are the routed ones alone (no ``mix``), one shared head has gate 1 (no
+    ``shared_router``), the top-k sum is clamped at the dtype's eps. Remaining differences
+    (docs/mechanisms/moh.md): the official averages the loss over layers (pass
+    ``balance_weight=0.01 / depth``), routes in at least float32, and also has all-shared
+    layers (no routed head), which attnlab does not build.
     """
 
     rows_per_tile: int | None = None  # packed query rows per tile in eval; None: by memory
@@ -44,9 +54,11 @@ class MixtureOfHeadAttention(Attention):
             raise ValueError(f"moh: need 0 <= shared_heads < heads and 1 <= top_k <= routed "
                              f"heads, got shared_heads={shared}, top_k={top_k}, heads={heads}")
         self.shared_heads, self.top_k, self.balance_weight = shared, top_k, balance_weight
-        self.router = nn.Linear(dim, routed, bias=False)
-        self.shared_router = nn.Linear(dim, shared, bias=False) if shared else None
-        self.mix = nn.Linear(dim, 2, bias=False)
+        self.router = nn.Linear(dim, routed, bias=False)  # official wg
+        # official wg_1: only for two or more shared heads (one shared head's gate is 1)
+        self.shared_router = nn.Linear(dim, shared, bias=False) if shared > 1 else None
+        # official wg_0: the shared/routed mix exists only when there are shared heads
+        self.mix = nn.Linear(dim, 2, bias=False) if shared else None
         self.rows_computed = 0  # query rows x heads the last forward computed (eval mode)
 
     def gates(self, x: Tensor) -> Tensor:
@@ -55,18 +67,22 @@ class MixtureOfHeadAttention(Attention):
         top = p.topk(self.top_k, dim=-1)
         chosen = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
         routed = chosen * p
-        routed = routed / routed.sum(-1, keepdim=True) * self.top_k
-        a = 2 * torch.softmax(at_least_float32(self.mix(x)), -1)
-        parts = [a[..., 1:] * routed]
-        if self.shared_router is not None:
-            shared = torch.softmax(at_least_float32(self.shared_router(x)), -1) * \
-                self.shared_heads
-            parts.insert(0, a[..., :1] * shared)
+        # the official clamps the denominator at the dtype's eps (all top-k underflowed)
+        denom = routed.sum(-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).eps)
+        routed = routed / denom * self.top_k
         if self.training:
             e = p.shape[-1]
             load = (p.mean((0, 1)) * chosen.mean((0, 1))).sum() * e
             self._extra_loss = self.balance_weight * load
-        return torch.cat(parts, -1).to(x.dtype)
+        if self.mix is None:  # no shared heads: the routed gates alone, no 2 softmax(W_h x)
+            return routed.to(x.dtype)
+        if self.shared_router is None:  # one shared head: softmax over one logit = 1
+            shared = routed.new_ones(*routed.shape[:-1], 1)
+        else:
+            shared = torch.softmax(at_least_float32(self.shared_router(x)), -1) * \
+                self.shared_heads
+        a = 2 * torch.softmax(at_least_float32(self.mix(x)), -1)
+        return torch.cat([a[..., :1] * shared, a[..., 1:] * routed], -1).to(x.dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)  # (B, H, L, 1)
