@@ -39,9 +39,10 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def safe_divide(num: Tensor, den: Tensor, eps: float) -> Tensor:
-    """num / den with |den| kept >= eps (a row with no visible key has num = den = 0 -> 0)."""
+    """num / den with |den| kept >= eps; a row with no visible key (num = den = 0) is 0, also
+    with eps = 0."""
     den = torch.where(den >= 0, den.clamp_min(eps), den.clamp_max(-eps))
-    return num / den.unsqueeze(-1)
+    return num / torch.where(den == 0, 1.0, den).unsqueeze(-1)
 
 
 def pads_keys_only(mask: Tensor | None) -> bool:

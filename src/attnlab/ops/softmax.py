@@ -38,6 +38,10 @@ def softmax_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor 
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias
+        # a key whose bias is -inf is hidden like a masked one: a row whose every key is
+        # hidden sees nothing and is 0 (softmax of -inf everywhere is NaN)
+        hidden = s == float("-inf")
+        visible = ~hidden if visible is None else visible & ~hidden
     if visible is None:
         return torch.softmax(s, dim=-1)
     s = s.masked_fill(~visible, torch.finfo(s.dtype).min)
@@ -54,14 +58,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     vis = visibility(lq, lk, causal=causal, mask=mask, device=q.device)
     if vis is None:
         vis = torch.ones(1, 1, 1, lk, dtype=torch.bool, device=q.device)
+    attn_mask = vis
+    if bias is not None:
+        # -inf at the keys a query may not see, whatever the bias holds there (a NaN bias
+        # at a masked key made every output NaN); a -inf bias hides its key too
+        attn_mask = torch.where(vis, torch.as_tensor(bias, dtype=q.dtype, device=q.device),
+                                float("-inf"))
+        vis = attn_mask != float("-inf")
     empty = ~vis.any(-1, keepdim=True)
     has_empty = bool(empty.any())
     if has_empty:  # give empty rows something to attend to, then zero them
-        vis = vis | empty
-    attn_mask = vis
-    if bias is not None:
-        attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-            ~vis, float("-inf")) + bias
+        attn_mask = attn_mask | empty if bias is None else attn_mask.masked_fill(empty, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     return out.masked_fill(empty, 0.0) if has_empty else out
 
