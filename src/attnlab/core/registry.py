@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 COMMON_OPTIONS = ("kv_heads", "qk_norm", "rope", "gate")
 # Constructor arguments of the base class that a mechanism passes to choose its parts: not
 # user options of ``build`` and not shown as defaults.
-PART_ARGUMENTS = ("projection", "qk_dim", "output_projection", "output_norm")
+PART_ARGUMENTS = ("projection", "qk_dim", "output_projection", "output_norm", "rotary")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,9 @@ class Attention(nn.Module):
     builds q, k, v from a :class:`HeadShape` (``attnlab.modules.projections``); ``qk_dim``
     is the per-head width of q and k (default ``head_dim``); ``output_projection=False``
     leaves the output projection to the mechanism (``o_proj`` is then the identity);
-    ``output_norm=True`` puts a LayerNorm on the module output ("hybrid norm").
+    ``output_norm=True`` puts a LayerNorm on the module output ("hybrid norm");
+    ``rotary(qk_dim, rope_base)`` builds the RoPE module when ``rope`` is on (default
+    :class:`Rotary`; e.g. a partial one).
     """
 
     mechanism: ClassVar[MechanismInfo | None] = None
@@ -80,6 +82,7 @@ class Attention(nn.Module):
         qk_dim: int | None = None,
         output_projection: bool = True,
         output_norm: bool = False,
+        rotary: Callable[[int, float], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         info = self.mechanism
@@ -121,7 +124,8 @@ class Attention(nn.Module):
                        else nn.Identity())
         self.qk_norm = QKNorm(self.shape.qk_dim, qk_norm,
                               shared=getattr(self.qkv, "shared_qk", False))
-        self.rotary = Rotary(self.shape.qk_dim, rope_base) if rope else NoRotation()
+        self.rotary = (rotary or Rotary)(self.shape.qk_dim, rope_base) if rope else \
+            NoRotation()
         self.gate = make_gate(dim, heads, head_dim, gate)
         self.drop = nn.Dropout(dropout)
         self.out_norm = nn.LayerNorm(dim) if output_norm else nn.Identity()
@@ -150,7 +154,7 @@ class Attention(nn.Module):
     @property
     def uses_rope(self) -> bool:
         """Whether q and k get rotary position embeddings (``rope=True``)."""
-        return isinstance(self.rotary, Rotary)
+        return not isinstance(self.rotary, NoRotation)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "

@@ -11,20 +11,46 @@ class Rotary(nn.Module):
 
     Uses the half-split pairing (channel i with channel i + D/2). ``positions`` are absolute
     token positions, so a decoding step continues exactly where the prefill stopped.
+    ``rotary_dim``: rotate only the first ``rotary_dim`` channels (partial RoPE; the rest pass
+    unchanged; rounded up to even), all of them by default. ``float32_frequencies``: compute
+    the frequencies and angles as Hugging Face's default RoPE does, 1 / base^(2i / d) in
+    float32 steps (a few differ by one float32 ulp from the correctly rounded base^(-2i / d)
+    used otherwise) and the angles in float32 whatever the module's dtype, for modules that
+    must equal an official Hugging Face model.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, *, rotary_dim: int | None = None,
+                 float32_frequencies: bool = False) -> None:
         super().__init__()
-        if head_dim % 2:
+        if rotary_dim is None and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        # frequencies i / rotary_dim for even i < rotary_dim, each rotating a pair: an odd
+        # rotary_dim rotates one more channel (as Hugging Face's partial RoPE does)
+        width = 2 * ((rotary_dim + 1) // 2)
+        if not 0 < width <= head_dim:
+            raise ValueError(f"rope: rotary dim {rotary_dim} does not fit head_dim={head_dim}")
+        self.rotary_dim, self.float32_frequencies = width, float32_frequencies
+        if float32_frequencies:
+            steps = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+            inv_freq = 1.0 / (base ** steps)
+        else:
+            inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64)
+                                / rotary_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (L, D/2)
+        inv_freq = self.inv_freq
+        if self.float32_frequencies:  # angles in float32 whatever the module's dtype, as HF
+            inv_freq = inv_freq.float()
+        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rest = None
+        if self.rotary_dim < x.shape[-1]:
+            x, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
 class NoRotation(nn.Module):
