@@ -46,10 +46,17 @@ class Markov(SequenceTask):
     """Each sequence follows its own Markov chain over ``states`` tokens, with transition
     rows drawn from Dirichlet(``alpha``); predict every next token.
 
-    The chain must be inferred in context (the bigram statistics of the prefix), the task
-    that "Selective Attention Improves Transformer" motivates. Metric: test loss (nats per
-    token); slices: loss per quarter of the sequence, against the Bayes-optimal
-    (Dirichlet posterior) and in-context unigram predictors on the same test sequences.
+    The chain must be inferred in context (the bigram statistics of the prefix): the
+    in-context Markov chain task (ICL-MC) of Edelman, Edelman, Goel, Malach and Tsilivis,
+    "The Evolution of Statistical Induction Heads: In-Context Learning Markov Chains"
+    (NeurIPS 2024, arXiv 2402.11004), with its in-context unigram and bigram (here the
+    Dirichlet posterior, Bayes optimal) predictors as baselines. The arena uses it for the
+    catalogue's selective attention ("Selective Attention: Enhancing Transformer through
+    Principled Context Control", Zhang et al., 2024; MECHANISMS.md section E); it is not the
+    task of "Selective Attention Improves Transformer" (Leviathan et al., 2024), a different
+    mechanism that this module used to cite. Metric: test loss (nats per token); slices: loss
+    per quarter of the sequence, against the Bayes-optimal (Dirichlet posterior) and
+    in-context unigram predictors on the same test sequences.
     """
 
     states: int = 8
