@@ -93,6 +93,22 @@ def test_decode_with_gradients_keeps_the_current_chunk_differentiable():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", [n for n in al.available() if al.info(n).decode])
+def test_a_state_made_before_module_to_says_to_start_a_new_one(name):
+    """Issue 41: after module.double() dma and rcmha failed inside torch ("mat1 and mat2
+    must have the same dtype"); every decoding mechanism now names the cause."""
+    attn = al.build(name, dim=16, heads=2, causal=True)
+    state = attn.new_state(1)
+    with torch.no_grad():
+        attn(torch.randn(1, 3, 16), state=state)
+        attn.double()
+        with pytest.raises(ValueError, match=r"float32 on cpu, they are now torch.float64 "
+                                             r"on cpu; .* new_state\(\)"):
+            attn(torch.randn(1, 1, 16, dtype=torch.float64), state=state)
+        fresh = attn.new_state(1)
+        assert attn(torch.randn(1, 2, 16, dtype=torch.float64), state=fresh).isfinite().all()
+
+
 def test_spatial_and_video_inputs():
     attn = al.build("softmax", dim=16, heads=2)
     video = torch.randn(1, 2, 3, 4, 16)

@@ -4,6 +4,7 @@ what a masked key holds (a NaN bias included) never reaches an output (issue 41)
 import pytest
 import torch
 
+from attnlab import ops
 from attnlab.ops import linear_attention, softmax_attention
 
 from ..tolerances import assert_close
@@ -58,3 +59,23 @@ def test_linear_attention_rows_without_keys_are_zero_even_with_eps_zero(backend,
     out = linear_attention(q, k, v, mask=keep, eps=eps, backend=backend)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     assert_close(out[0], linear_attention(q[:1], k[:1], v[:1], backend="parallel")[0])
+
+
+WEIGHT_FUNCTIONS = sorted(n for n in dir(ops) if n.endswith("_weights"))
+
+
+@pytest.mark.parametrize("name", WEIGHT_FUNCTIONS)
+def test_weight_functions_keep_a_nan_key_to_the_rows_that_see_it(name):
+    """Issue 41: ``lla_weights`` made every weight NaN for a NaN key that was masked or in
+    the causal future (0 x NaN in its key mean and covariance)."""
+    weights = getattr(ops, name)
+    q, k = (t.detach() for t in qkv()[:2])
+    poisoned = k.clone()
+    poisoned[:, :, 4] = float("nan")
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    mask[..., 4] = False
+    assert_close(weights(q, poisoned, mask=mask), weights(q, k, mask=mask))
+    causal = weights(q, poisoned, causal=True)
+    assert_close(causal[:, :, :4], weights(q, k, causal=True)[:, :, :4])
+    assert causal[:, :, 4, 4].isnan().all()  # the row that sees it (its other weights
+    # are NaN too where the weights are normalised over the keys)

@@ -31,6 +31,7 @@ class State:
         # the module instance that made it (weakly): another module, even of the same
         # mechanism, has other heads, widths or layers, and must not read this cache
         self._module = None if module is None else weakref.ref(module)
+        self._made_for = _parameter_kind(module)  # the module's dtype and device then
         self.batch_size = batch_size
         self.position = 0
         self._initial_capacity = max(1, capacity)
@@ -51,6 +52,12 @@ class State:
                 f"{self.owner}: the state was created for batch_size={self.batch_size}, "
                 f"got an input with batch size {batch}"
             )
+        now = _parameter_kind(module)
+        if module is not None and self._made_for is not None and now != self._made_for:
+            raise ValueError(f"{owner}: the state was made when the module's parameters were "
+                             f"{self._made_for[0]} on {self._made_for[1]}, they are now "
+                             f"{now[0]} on {now[1]}; its tensors are of the old kind: start "
+                             "a new state with new_state() after module.to(...)")
 
     # ------------------------------------------------------------------ fixed-size entries
     def get(self, name: str) -> Tensor | None:
@@ -86,7 +93,10 @@ class State:
         self._growing[name] = (buffer, dim, end)
         if t.requires_grad:  # the new chunk keeps its gradient
             return torch.cat((buffer.narrow(dim, 0, length), t), dim=dim)
-        return buffer.narrow(dim, 0, end)
+        whole = buffer.narrow(dim, 0, end)
+        # the next append writes into this buffer: a tensor autograd may save for the
+        # backward (a key mask) gets a copy, or backward() after two steps fails
+        return whole.clone() if torch.is_grad_enabled() else whole
 
     def _allocate(self, like: Tensor, dim: int, needed: int) -> Tensor:
         capacity = max(self._initial_capacity, like.shape[dim])
@@ -125,3 +135,12 @@ class State:
 
 def _other_sizes(t: Tensor, dim: int) -> tuple[int, ...]:
     return tuple(s for i, s in enumerate(t.shape) if i != dim)
+
+
+def _parameter_kind(module: object | None) -> tuple[torch.dtype, torch.device] | None:
+    """(dtype, device) of the module's first floating-point parameter (None: none)."""
+    params = getattr(module, "parameters", None)
+    if params is None:
+        return None
+    first = next((p for p in params() if p.is_floating_point()), None)
+    return None if first is None else (first.dtype, first.device)

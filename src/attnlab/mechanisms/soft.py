@@ -96,8 +96,8 @@ class SoftAttention(Attention):
         left = gaussian_kernel(q, landmarks)
         core = gaussian_kernel(landmarks, landmarks)
         right = gaussian_kernel(landmarks, q)
-        if call.key_mask is not None:
-            right = right * call.key_mask[:, None, None, :].to(right.dtype)
+        if call.key_mask is not None:  # masked_fill: a padded key's kernel may be NaN
+            right = right.masked_fill(~call.key_mask[:, None, None, :], 0)
         inv = (torch.linalg.pinv(core) if self.inverse == "exact"
                else newton_inverse(core, self.iterations))
         return left, inv, right
@@ -113,7 +113,10 @@ class SoftAttention(Attention):
                 return (left @ (mixed @ v)).to(dtype)
             ones = v.new_ones(*v.shape[:-1], 1)
             d = (left @ (mixed @ ones)).clamp_min(1e-6).rsqrt()  # D^-1/2, (B, H, n, 1)
-            return (d * (left @ (mixed @ (d * v)))).to(dtype)
+            d_keys = d  # on the keys' side a padded key's factor is 0 (its row may be NaN)
+            if call.key_mask is not None:
+                d_keys = d.masked_fill(~call.key_mask[:, None, :, None], 0)
+            return (d * (left @ (mixed @ (d_keys * v)))).to(dtype)
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):

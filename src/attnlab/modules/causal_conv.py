@@ -19,8 +19,8 @@ class CausalConv1d(nn.Module):
     def forward(self, x: Tensor, keep: Tensor | None = None, history: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         """x (B, L, C), keep (B, L) bool, history (B, kernel - 1, C) -> (y (B, L, C), history)."""
-        if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
+        if keep is not None:  # padded inputs are 0, whatever they hold (inf x 0 is NaN)
+            x = x.masked_fill(~keep.unsqueeze(-1), 0)
         if history is None:
             history = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[-1])
         full = torch.cat([history.to(x.dtype), x], 1)

@@ -22,7 +22,7 @@ def masked_pool(x: Tensor, keep: Tensor | None, grid: tuple[int, int],
     if keep is None:
         return F.adaptive_avg_pool2d(img, out).reshape(b, h, d, -1).transpose(-1, -2)
     w = keep.to(x.dtype).view(b, 1, *grid)
-    num = F.adaptive_avg_pool2d(img * w, out)
+    num = F.adaptive_avg_pool2d(img.masked_fill(w == 0, 0), out)  # (not img * w: inf x 0)
     den = F.adaptive_avg_pool2d(w, out)
     pooled = num / den.masked_fill(den == 0, 1.0)  # (num is 0 there; 1e-12 is 0 in fp16)
     return pooled.reshape(b, h, d, -1).transpose(-1, -2)
@@ -39,6 +39,6 @@ class DepthwiseConv(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None) -> Tensor:
         """x (B, L, C) -> (B, L, C)."""
         if keep is not None:
-            x = x * keep[..., None].to(x.dtype)
+            x = x.masked_fill(~keep.unsqueeze(-1), 0)  # (not x * keep: inf x 0 is NaN)
         img = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
         return self.conv(img).flatten(2).transpose(1, 2)

@@ -33,6 +33,7 @@ from attnlab.ops.common import (
     default_scale,
     expand_kv,
     guarded_op,
+    nan_where,
     shifted_exp,
     upcast,
 )
@@ -74,6 +75,11 @@ def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | No
     k, visible = begin_weights("lla_weights", q, k, causal=causal, mask=mask)
     scale = default_scale(q, scale)
     q, k = upcast(q, k)
+    # a key holding a non-finite number is zeroed (a row that cannot see it stays finite:
+    # its 0 weight times the key would still be NaN) and the rows that see it become NaN
+    bad = ~torch.isfinite(k.sum(-1))  # (B, H, Lk)
+    k = k.masked_fill(bad.unsqueeze(-1), 0)
+    sees_bad = bad.unsqueeze(-2) if visible is None else visible & bad.unsqueeze(-2)
     w = _kernel(q, k, visible, scale)
     omega = w.sum(-1)
     inv_omega = torch.where(omega > 0, 1 / omega.clamp_min(1e-30), 0.0)
@@ -81,7 +87,8 @@ def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | No
     dev = k.unsqueeze(-3) - k_mean.unsqueeze(-2)  # (B, H, Lq, Lk, D): k_j - kbar_i
     cov = torch.einsum("...j,...jd,...je->...de", w, dev, dev)
     beta = _centred_solve(cov, k_mean, q, omega, ridge)
-    return w * (inv_omega.unsqueeze(-1) - (dev * beta.unsqueeze(-2)).sum(-1))
+    out = w * (inv_omega.unsqueeze(-1) - (dev * beta.unsqueeze(-2)).sum(-1))
+    return out + nan_where(sees_bad.any(-1), out)
 
 
 def _outer_squares(k: Tensor) -> Tensor:
