@@ -251,6 +251,7 @@ def test_fit_exponent():
     assert report_module.fit_exponent([1], [1]) is None
 
 
+@pytest.mark.slow  # 6-12 s of worker processes: .ci/run runs it (pytest -m slow)
 def test_a_suite_run_writes_json_and_markdown_and_resumes(tmp_path):
     w = workload("decode", length=256)
     seen = []
@@ -276,6 +277,7 @@ def glibc() -> bool:
     return platform.libc_ver()[0] == "glibc"
 
 
+@pytest.mark.slow  # 6-12 s of worker processes: .ci/run runs it (pytest -m slow)
 def test_timed_workers_run_with_the_allocator_setting_and_rows_record_it(tmp_path,
                                                                         monkeypatch):
     # the worker reads its own environment: the row says what the process ran with

@@ -45,6 +45,7 @@ def spec_model(spec):
     return task.build_model(spec.mechanism, spec.kwargs, **spec.model)
 
 
+@pytest.mark.slow  # 8 s of two processes: .ci/run runs it (pytest -m slow)
 def test_two_processes_train_the_same_weights_as_one(tmp_path):
     store = tmp_path / "runs"
     config = {**SWEEP, "store": str(store)}
