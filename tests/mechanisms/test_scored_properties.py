@@ -172,7 +172,8 @@ def test_lssar_first_rows_keep_weight_and_uniform_rows_stay_uniform():
 def test_gate_at_one_recovers_the_ungated_module_exactly(kind):
     torch.manual_seed(0)
     plain = al.build("softmax", dim=32, heads=4, causal=True)
-    gated = al.build("gated", dim=32, heads=4, causal=True, gate=kind)
+    # the gate bias (gate_bias=True, off by default as in the official) pins the gate
+    gated = al.build("gated", dim=32, heads=4, causal=True, gate=kind, gate_bias=True)
     gated.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         gated.gate.proj.weight.zero_()
