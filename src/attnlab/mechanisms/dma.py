@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,8 +12,11 @@ from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.modules.rotary import Rotary
 from attnlab.ops.key_priority import key_priority_attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
+
+DOGE_RMS_EPS = 1e-6  # the official q/k RMSNorm's eps (DogeConfig rms_norm_eps)
 
 
 @register("dma", family="sparse", paper="Trainable Dynamic Mask Sparse Attention",
@@ -23,21 +28,39 @@ class DynamicMaskAttention(Attention):
 
     "Trainable Dynamic Mask Sparse Attention" (SmallDoges/flash-dmattn): per kv head and
     key, delta_j = A_h * softplus(v_j W_delta)_h (A learnable, initialised at 0); each
-    query keeps the w = ``window`` visible keys with the largest delta (ties: the most
-    recent, so at initialisation it is a sliding window of w keys) and
+    query keeps the w = ``window`` visible keys with the largest delta (default 2048, the
+    official ``window_size``; ties: the most recent, so with A = 0 and a window shorter than
+    the prefix it is a sliding window of w keys) and
     O = softmax(c Q K^T + delta over the kept keys) V. With w >= n and A = 0 it is softmax
     attention. Decoding recomputes delta from the cached values. The selection never builds
     the (Lq, Lk) matrix: ``attnlab.ops.key_priority`` works per tile of queries over the
     tile's w + tile candidate keys; ``attend_dense`` is the dense reference.
+
+    Official code (SmallDoges/flash-dmattn @ f024c28, examples/modeling/modeling_doge.py
+    ``DogeAttention`` with the Python reference ``dynamic_mask_attention_python`` of
+    benchmarks/forward_equivalence.py and ``create_mask`` of flash_sparse_attn/utils/mask.py):
+    equal to 1e-14 of scale in float64, output, input and parameter gradients
+    (tests/parity/test_dma.py). As there, W_delta (``dt_proj``) has a bias only when the
+    projections have one (``delta_bias=None`` follows ``bias``; ``delta_bias=True`` is the
+    earlier attnlab projection); ``qk_norm=True`` uses Doge's eps 1e-6 and ``rope=True`` Hugging
+    Face's float32 angles; both stay off by default (Doge's backbone; docs/mechanisms/dma.md).
     """
 
-    def __init__(self, dim: int, heads: int, *, window: int = 64, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+    def __init__(self, dim: int, heads: int, *, window: int = 2048,
+                 delta_bias: bool | None = None, **kwargs) -> None:
         if window < 1:
             raise ValueError(f"dma: window must be >= 1, got {window}")
+        kwargs.setdefault("rotary", partial(Rotary, float32_frequencies=True))
+        super().__init__(dim, heads, **kwargs)
         self.window = window
-        self.delta_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads)
+        self.delta_bias = self.shape.bias if delta_bias is None else bool(delta_bias)
+        # the official dt_proj: biased only with attention_bias (the projections' bias)
+        self.delta_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads,
+                                    bias=self.delta_bias)
         self.A = nn.Parameter(torch.zeros(self.kv_heads))
+        for norm in (self.qk_norm.q, self.qk_norm.k):
+            if hasattr(norm, "eps"):  # nn.RMSNorm when qk_norm is on
+                norm.eps = DOGE_RMS_EPS
 
     def key_priority(self, v: Tensor) -> Tensor:
         """delta (B, H_kv, Lk) from v (B, H_kv, Lk, D)."""
