@@ -28,6 +28,18 @@ BASE = {"task": "copy", "mechanisms": ["softmax"], "seeds": 2}
     ({"train": {"dtype": "float16"}}, "train.dtype"),
     ({"train": {"device": "tpu9"}}, "not a device"),
     ({"reference": "linear"}, "reference 'linear' is not a contestant"),
+    # issue 41: each of these was accepted (nan trains nothing; "3" and true are no counts)
+    ({"train": {"lr": float("nan")}}, r"train.lr: Input should be a finite number \(got nan\)"),
+    ({"train": {"lr": [1e-3, float("inf")]}}, r"train.lr.1: .*finite number \(got inf\)"),
+    ({"train": {"weight_decay": float("nan")}}, "train.weight_decay: .*finite"),
+    ({"model": {"depth": -1}}, r"model key 'depth' = -1: Input should be greater than 0"),
+    ({"mechanisms": [{"mechanism": "softmax", "model": {"heads": 0}}]},
+     r"mechanism 'softmax': model key 'heads' = 0"),
+    ({"model": {"positions": "absolute"}}, "model key 'positions' = 'absolute'"),
+    ({"model": {"dropout": 1.0}}, "model key 'dropout' = 1.0: Input should be less than 1"),
+    ({"seeds": "3"}, r"seeds: Input should be a valid integer \(got '3'\)"),
+    ({"seeds": True}, "seeds: Input should be a valid integer"),
+    ({"train": {"steps": 2.5}}, "train.steps"),
 ])
 def test_bad_configs_are_errors_that_name_the_key(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,6 +82,13 @@ def test_toml_file_with_overrides_and_its_errors(tmp_path):
         load_sweep(path)
     with pytest.raises(ConfigError, match="TOML files"):
         load_sweep(tmp_path / "sweep.yaml")
+
+
+def test_a_config_that_is_not_utf8_is_a_clean_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'task = "copy"\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"not UTF-8 text .*byte 0xff at offset 22"):
+        read_toml(path)
 
 
 def test_shipped_configs_are_valid():

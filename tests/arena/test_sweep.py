@@ -192,6 +192,42 @@ def test_a_damaged_store_is_named_damaged(tmp_path, content):
         RunStore(tmp_path / "runs")
 
 
+def test_a_store_damaged_after_its_first_page_is_named_damaged_before_a_resume(tmp_path):
+    """Issue 41: with the first page intact the store opened, and the resume died with a
+    raw sqlite3.DatabaseError; SQLite's own check now says "damaged" when it is opened."""
+    from attnlab.arena.store import StoreError
+
+    sweep = tiny(tmp_path)
+    run_sweep(sweep)
+    path = tmp_path / "runs" / "runs.sqlite"
+    with RunStore(sweep.store):  # a checkpoint: everything in the main file
+        pass
+    data = path.read_bytes()
+    assert len(data) > 3 * 4096
+    path.write_bytes(data[:4096] + bytes(len(data) - 4096))
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="damaged"):
+            RunStore(tmp_path / "runs", readonly=readonly)
+
+
+@pytest.mark.parametrize("blocker", ["file", "read-only"])
+def test_a_store_folder_that_cannot_be_made_is_a_clean_error(tmp_path, blocker):
+    from attnlab.arena.store import StoreError
+
+    if blocker == "file":
+        (tmp_path / "afile").write_text("")
+        where = tmp_path / "afile" / "runs"
+    else:
+        if os.geteuid() == 0:  # root writes everywhere: the file case covers the message
+            where = tmp_path / "afile2" / "runs"
+            (tmp_path / "afile2").write_text("")
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+            where = tmp_path / "ro" / "runs"
+    with pytest.raises(StoreError, match="cannot create the result store folder .*--store"):
+        RunStore(where)
+
+
 def test_a_read_only_store_can_be_listed_and_reported(tmp_path):
     """Listing and reporting open the store without writing anything (the WAL pragma and
     the schema used to write), so a read-only folder or a copy serves them."""
@@ -217,7 +253,8 @@ def test_a_read_only_store_can_be_listed_and_reported(tmp_path):
         os.access, sqlite3.connect = real_access, real_connect
         folder.chmod(0o755)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
-    assert statements and all(s.lstrip().upper().startswith("SELECT") for s in statements)
+    reads = ("SELECT", "PRAGMA QUICK_CHECK")  # SQLite's integrity check only reads
+    assert statements and all(s.lstrip().upper().startswith(reads) for s in statements)
 
 
 def test_two_processes_never_train_the_same_run(tmp_path):

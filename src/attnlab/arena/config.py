@@ -38,7 +38,40 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors, values keep their types ("3" is no count, true no number)
+    and numbers are finite (lr = nan would train nothing and say so nowhere)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelSettings(Strict):
+    """``[model]`` (and a contestant's ``model``): each key typed and in range; the task's
+    defaults fill the keys not given."""
+
+    dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    heads: int | None = Field(None, gt=0)
+    head_dim: int | None = Field(None, gt=0)
+    positions: Literal["rope", "learned", "none"] | None = None
+    mlp_ratio: int | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    tie_embeddings: bool | None = None
+    embed_std: float | None = Field(None, gt=0)
+
+
+def check_model_settings(value: dict[str, Any], who: str = "") -> dict[str, Any]:
+    """``value`` unchanged, or ValueError naming the key, the value and what is accepted."""
+    bad = sorted(set(value) - set(MODEL_KEYS))
+    if bad:
+        raise ValueError(f"{who}unknown model key {bad[0]!r} (known: {', '.join(MODEL_KEYS)})")
+    try:
+        ModelSettings.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"][:1])
+        raise ValueError(f"{who}model key {key!r} = {value.get(key)!r}: {first['msg']}") \
+            from None
+    return value
 
 
 class Variant(Strict):
@@ -62,6 +95,12 @@ class Supervise(Strict):
 
     heads: list[tuple[int, int]] = Field(min_length=1)
     weight: float = Field(0.1, ge=0)
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _pairs_as_tuples(cls, value: Any) -> Any:  # TOML and JSON have lists, no tuples
+        return [tuple(v) if isinstance(v, list) else v for v in value] \
+            if isinstance(value, list) else value
 
 
 class Train(Strict):
@@ -159,10 +198,7 @@ class Sweep(Strict):
         for v in variants:
             for layer in hybrid_layers(v.mechanism):  # "softmax+linear": one per layer
                 info(layer)  # ValueError naming the registered mechanisms
-            bad = sorted(set(v.model) - set(MODEL_KEYS))
-            if bad:
-                raise ValueError(f"mechanism {v.name!r}: unknown model key {bad[0]!r} "
-                                 f"(known: {', '.join(MODEL_KEYS)})")
+            check_model_settings(v.model, f"mechanism {v.name!r}: ")
         labels = [v.name for v in variants]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
@@ -173,10 +209,7 @@ class Sweep(Strict):
     @field_validator("model")
     @classmethod
     def _known_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        bad = sorted(set(value) - set(MODEL_KEYS))
-        if bad:
-            raise ValueError(f"unknown model key {bad[0]!r} (known: {', '.join(MODEL_KEYS)})")
-        return value
+        return check_model_settings(value)
 
     @field_validator("name")
     @classmethod
@@ -336,16 +369,34 @@ def check_models(sweep: Sweep) -> None:
 
 
 def format_error(err: ValidationError, source: str) -> str:
-    """Pydantic's errors as 'source: key.path: message' lines."""
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
+    """Pydantic's errors as 'source: key.path: message (got VALUE)' lines. A key that may
+    take one of several types (``lr``: a number or a list) gets one line, from the type its
+    value has: 'train.lr.1: Input should be a finite number (got nan)', not one line per
+    type it could have had."""
+    lines, seen = [], set()
+    errors = sorted(err.errors(), key=lambda e: -len(e["loc"]))  # the deepest of a union
+    for e in errors:
+        path = [str(p) for p in e["loc"] if not _union_branch(p)]
+        where = ".".join(path)
+        if where in seen or any(w.startswith(where + ".") for w in seen):
+            continue
+        seen.add(where)
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {where!r}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {where or 'config'}: {msg}")
-    return "\n".join(lines)
+            got = "" if isinstance(e.get("input"), (dict, list)) or "input" not in e \
+                else f" (got {e['input']!r})"
+            lines.append(f"{source}: {where or 'config'}: {msg}{got}")
+    return "\n".join(reversed(lines))
+
+
+def _union_branch(part: Any) -> bool:
+    """Whether a pydantic error location part names a branch of a union ('float',
+    'list[float]', 'int', 'Variant', 'function-after[...]'), not a key (all lower case) or
+    an index."""
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none")
+                                      or "[" in part or part[:1].isupper())
 
 
 def parse_sweep(data: dict[str, Any], source: str = "config") -> Sweep:
@@ -385,9 +436,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: sweep configs are TOML files (*.toml)")
     tomllib = toml_module()
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte "
+                          f"{err.object[err.start]:#04x} at offset {err.start}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
 

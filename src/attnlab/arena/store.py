@@ -63,6 +63,15 @@ class StoreError(Exception):
     """The result store cannot be opened, read or written; the message says what to do."""
 
 
+def _check_intact(conn: sqlite3.Connection) -> None:
+    """SQLite's own check of every page (``PRAGMA quick_check``): a file whose first page is
+    intact and later pages are not opens fine and fails only when a resume reads or writes
+    them. Raises ``sqlite3.DatabaseError`` (the caller says "damaged")."""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"integrity check: {'; '.join(problems[:3])}")
+
+
 class RunStore:
     """``RunStore(directory)``: the database ``directory/runs.sqlite`` (created if needed).
 
@@ -98,11 +107,18 @@ class RunStore:
             # read it as immutable (nobody can write it there either)
             mode = "mode=ro" if os.access(self.directory, os.W_OK) else "immutable=1"
             conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True)
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            _check_intact(conn)
             conn.row_factory = sqlite3.Row
             return conn
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file in the way, no permission, a read-only disk
+            raise StoreError(f"cannot create the result store folder {self.directory}: "
+                             f"{err.strerror}; choose another with --store DIR") from None
+        existed = self.path.exists()
         conn = sqlite3.connect(self.path, timeout=60)
+        if existed:  # before anything is written to it
+            _check_intact(conn)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
