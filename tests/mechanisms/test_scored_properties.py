@@ -199,7 +199,7 @@ def test_position_temperature_keeps_the_max_weight_from_decaying_with_n():
         q = torch.randn(64, 1, 1, 32, generator=g)
         k = torch.randn(64, 1, n, 32, generator=g)
         if temperature:
-            tau = 1 + math.log(n)  # tau_pos at the last position, sigmoid(alpha) -> 1
+            tau = 1 + math.log(n)  # tau_pos at the last position, exp(-exp(beta)) -> 1
             q = q * tau
         return softmax_weights(q, k, scale=32 ** -0.5).amax(-1).mean().item()
     plain = mean_max_weight(64, False) / mean_max_weight(4096, False)
@@ -209,15 +209,27 @@ def test_position_temperature_keeps_the_max_weight_from_decaying_with_n():
 
 
 def test_temperature_formula():
-    temp = Temperature(dim=8, heads=2, token=True)
+    temp = Temperature(dim=8, heads=2, token=True, per_head=True)
     with torch.no_grad():
-        temp.alpha.copy_(torch.tensor([0.0, 2.0]))
+        temp.beta.copy_(torch.tensor([0.0, -2.0]))
         temp.token.weight.normal_()
     x = torch.randn(1, 5, 8)
     tau = temp(x, torch.arange(5))[0, :, :, 0]
-    expected = (1 + torch.sigmoid(temp.alpha)[:, None] * torch.log(torch.arange(1, 6.0))
+    slope = torch.exp(-torch.exp(temp.beta))
+    expected = (1 + slope[:, None] * torch.log(torch.arange(1, 6.0))
                 + torch.tanh(temp.token(x))[0].T)
     torch.testing.assert_close(tau, expected)
+
+
+def test_temperature_starts_at_the_official_slope_with_one_beta_per_layer():
+    attn = al.build("selective", dim=16, heads=4)
+    assert attn.query_temperature.beta.shape == (1,)
+    torch.testing.assert_close(attn.query_temperature.slope(),
+                               torch.tensor([math.exp(-math.exp(1.5))]))
+    old = al.build("selective", dim=16, heads=4, beta_init=math.log(math.log(2)),
+                   beta_per_head=True)
+    assert old.query_temperature.beta.shape == (4,)
+    torch.testing.assert_close(old.query_temperature.slope(), torch.full((4,), 0.5))
 
 
 def test_selective_adds_under_half_a_percent_of_parameters():
@@ -229,7 +241,7 @@ def test_selective_adds_under_half_a_percent_of_parameters():
 def test_selective_hook_q_holds_the_temperature_scaled_queries():
     attn = al.build("selective", dim=16, heads=2, causal=True)
     with torch.no_grad():
-        attn.query_temperature.alpha.fill_(3.0)
+        attn.query_temperature.beta.fill_(-3.0)
     seen = {}
     attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
     x = torch.randn(1, 6, 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -9,25 +11,37 @@ from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.softmax import SoftmaxAttention
 
+BETA_INIT = 1.5  # the official beta at initialisation: slope exp(-exp(1.5)) = 0.0113
+
 
 class Temperature(nn.Module):
-    """tau(x_i, i) = 1 + sigmoid(alpha_h) ln(i) + tanh(f_h(x_i)), per head, i 1-based.
+    """tau(x_i, i) = 1 + exp(-exp(beta)) ln(i) + tanh(f_h(x_i)), i 1-based.
 
-    ``alpha`` starts at 0 and ``f`` at 0, so the initial temperature is 1 + ln(i) / 2.
+    The position slope exp(-exp(beta)) is the official parametrisation (umich-sota/
+    selective_attention, lit_gpt/gpt_2_PTS.py): ``beta`` is one scalar shared by the heads
+    (``per_head=True``: one per head), initialised at ``beta_init`` = 1.5 (slope 0.0113).
+    ``f`` (the token temperature, C -> heads) starts at 0, so the initial temperature is
+    1 + 0.0113 ln(i).
     """
 
-    def __init__(self, dim: int, heads: int, token: bool) -> None:
+    def __init__(self, dim: int, heads: int, token: bool, *, beta_init: float = BETA_INIT,
+                 per_head: bool = False) -> None:
         super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(heads))
+        self.beta_init = beta_init
+        self.beta = nn.Parameter(torch.full((heads if per_head else 1,), float(beta_init)))
         self.token = nn.Linear(dim, heads) if token else None
         if self.token is not None:
             nn.init.zeros_(self.token.weight)
             nn.init.zeros_(self.token.bias)
 
+    def slope(self) -> Tensor:
+        """exp(-exp(beta)): (heads,) or (1,)."""
+        return torch.exp(-torch.exp(self.beta))
+
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x (B, L, C), positions (L,) 0-based -> tau (B or 1, H, L, 1)."""
         log_i = torch.log1p(positions.to(x.dtype))  # ln(i) with 1-based i
-        tau = 1.0 + torch.sigmoid(self.alpha).to(x.dtype)[:, None] * log_i[None, :]
+        tau = 1.0 + self.slope().to(x.dtype)[:, None] * log_i[None, :]
         tau = tau.unsqueeze(0)
         if self.token is not None:
             tau = tau + torch.tanh(self.token(x)).transpose(1, 2)
@@ -44,17 +58,32 @@ class SelectiveAttention(SoftmaxAttention):
 
     "Selective Attention: Enhancing Transformer through Principled Context Control":
     logits c * tau_q(x_i, i) * q_i.k_j, tau_q = tau_pos(i) + tau_tok(x_i),
-    tau_pos(i) = 1 + sigmoid(alpha) ln(i) (i 1-based), tau_tok = tanh(f(x_i)), f: C -> H.
-    ``value_temperature=True`` scales each value the same way, v_j <- tau_v(x_j, j) v_j, with
-    its own parameters. The temperatures add (2 if both) * (C + 1) * H parameters.
-    hook_q holds the temperature-scaled queries.
+    tau_pos(i) = 1 + exp(-exp(beta)) ln(i) (i 1-based; one beta for the layer, initialised at
+    1.5 as the official code: slope 0.0113), tau_tok = tanh(f(x_i)), f: C -> H, zero at
+    initialisation. ``value_temperature=True`` scales each value the same way,
+    v_j <- tau_v(x_j, j) v_j, with its own parameters. ``beta_init`` sets the initial beta
+    (ln(ln 2) = -0.367 gives the earlier slope 0.5), ``beta_per_head=True`` learns one beta
+    per head (attnlab's earlier layout). The temperatures add about (C + 1) * H parameters
+    each. hook_q holds the temperature-scaled queries.
+
+    Official code (umich-sota/selective_attention @ 4ea6520, lit_gpt/gpt_2_PTS.py
+    ``CausalSelfAttention``): with ``token_temperature=False`` equal to 1e-15 of scale in
+    float64, output, input and parameter gradients (tests/parity/test_selective.py). The
+    official code has the position temperature only; the paper's token temperature is on by
+    default here and starts at 0, so at initialisation the default computes the official
+    function (docs/mechanisms/selective.md).
     """
 
     def __init__(self, dim: int, heads: int, *, token_temperature: bool = True,
-                 value_temperature: bool = False, **kwargs) -> None:
+                 value_temperature: bool = False, beta_init: float = BETA_INIT,
+                 beta_per_head: bool = False, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        self.query_temperature = Temperature(dim, heads, token_temperature)
-        self.value_temperature = (Temperature(dim, self.kv_heads, token_temperature)
+        if not math.isfinite(beta_init):
+            raise ValueError(f"selective: beta_init must be finite, got {beta_init}")
+        self.query_temperature = Temperature(dim, heads, token_temperature,
+                                             beta_init=beta_init, per_head=beta_per_head)
+        self.value_temperature = (Temperature(dim, self.kv_heads, token_temperature,
+                                              beta_init=beta_init, per_head=beta_per_head)
                                   if value_temperature else None)
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call
