@@ -110,7 +110,8 @@ def test_gaam_weights_sum_to_one_and_ignore_affine_rescaling():
 
 def test_gaam_weights_match_the_gaussian_product_written_out():
     """M_n = prod_g N(y_g) / sum_n' prod_g N(y_g), y_g = (x - mu - delta_g) / sigma, per channel,
-    with non-zero offsets, computed one channel and one token at a time."""
+    with non-zero offsets, computed one channel and one token at a time; sigma^2 is the
+    unbiased variance (N - 1, as the official torch.var) plus eps."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 2, 6, 3, generator=g, dtype=torch.float64)
     offset = torch.tensor([[0.3, -0.5], [0.0, 1.0]])
@@ -120,7 +121,7 @@ def test_gaam_weights_match_the_gaussian_product_written_out():
         for ch in range(3):
             col = [x[0, h, n, ch].item() for n in range(6)]
             mu = sum(col) / 6
-            sigma = math.sqrt(sum((c - mu) ** 2 for c in col) / 6 + 1e-5)
+            sigma = math.sqrt(sum((c - mu) ** 2 for c in col) / 5 + 1e-5)
             dens = []
             for c in col:
                 p = 1.0

@@ -13,18 +13,20 @@ from attnlab.ops.common import at_least_float32
 
 
 def gaussian_weights(x: Tensor, offset: Tensor, scale: Tensor, *, keep: Tensor | None = None,
-                     eps: float = 1e-5) -> Tensor:
+                     eps: float = 1e-8, correction: int = 1) -> Tensor:
     """GAAM weights over the token axis of x (B, H, L, D), normalised to sum 1 per channel.
 
-    mu, var: per (B, H, channel) over the real tokens; y_g = (x - mu - delta_g) /
-    sqrt(var + eps); M = prod_g exp(-y_g^2 / (2 c_g^2)); ``offset`` delta and ``scale`` c are
-    (H, G). Padded tokens get weight 0.
+    mu, var: per (B, H, channel) over the real tokens, var with Bessel's ``correction``
+    (sum of squares / (N - correction), as ``torch.var``; 1 as the official, 0 divides by N;
+    a single token has var 0); y_g = (x - mu - delta_g) / sqrt(var + eps);
+    M = prod_g exp(-y_g^2 / (2 c_g^2)); ``offset`` delta and ``scale`` c are (H, G). Padded
+    tokens get weight 0.
     """
     x = at_least_float32(x)
     w = torch.ones_like(x[..., :1]) if keep is None else keep[:, None, :, None].to(x.dtype)
-    count = w.sum(2, keepdim=True).clamp_min(1)
-    mu = (x * w).sum(2, keepdim=True) / count
-    var = ((x - mu).square() * w).sum(2, keepdim=True) / count
+    count = w.sum(2, keepdim=True)
+    mu = (x * w).sum(2, keepdim=True) / count.clamp_min(1)
+    var = ((x - mu).square() * w).sum(2, keepdim=True) / (count - correction).clamp_min(1)
     std = torch.sqrt(var + eps)
     delta = offset.to(x.dtype)[None, :, None, None, :]  # (1, H, 1, 1, G)
     c = scale.to(x.dtype)[None, :, None, None, :]
@@ -49,22 +51,37 @@ class GaussianAdaptiveAttention(Attention):
     axis, mu and var per channel; y_g = (x - mu - delta_g) / sqrt(var + eps) with a learnable
     offset delta_g and scale c_g per head and Gaussian; M = prod_g exp(-y_g^2 / (2 c_g^2))
     normalised to sum 1 over the tokens; out = x * M. Here x is the value projection and the
-    output projection follows (the residual is the block's). eps sits under the square
-    root, where it belongs (the official multi-head wrapper passes it to the wrong
-    argument). The weights sum to 1 over the tokens, are invariant to x -> a x + b (a > 0)
-    with delta = 0, and become uniform as c -> inf. There is no token-to-token matrix, so
-    hook_q / hook_k are empty (width 0) and ``weights()`` is undefined.
+    output projection follows (the residual is the block's). As the official code: var is
+    the unbiased variance (N - 1; ``unbiased=False`` divides by N, attnlab's earlier
+    default), eps = 1e-8 (the official value: its multi-head wrapper passes eps to the wrong
+    argument, so its heads always use 1e-8; here ``eps`` reaches them), c_g starts at
+    exp(N(0, 1)) (``random_scale=False``: at 1, attnlab's earlier init). The weights sum to
+    1 over the tokens, are invariant to x -> a x + b (a > 0) with delta = 0, and become
+    uniform as c -> inf. There is no token-to-token matrix, so hook_q / hook_k are empty
+    (width 0) and ``weights()`` is undefined.
+
+    Official code (gioannides/Gaussian-Adaptive-Attention @ 145d1bc,
+    gaussian_adaptive_attention/GaussianBlock.py ``GaussianAdaptiveAttention``, one per head
+    on the head's channels over the tokens): equal to 1e-15 of scale in float64, output,
+    input and parameter gradients (tests/parity/test_gaam.py). The official multi-head
+    wrapper splits the normalised (token) axis into heads; attnlab splits channels
+    (docs/mechanisms/gaam.md).
     """
 
-    def __init__(self, dim: int, heads: int, *, gaussians: int = 4, eps: float = 1e-5,
-                 **kwargs) -> None:
+    def __init__(self, dim: int, heads: int, *, gaussians: int = 4, eps: float = 1e-8,
+                 unbiased: bool = True, random_scale: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, projection=ValueProjection, **kwargs)
         if gaussians < 1:
             raise ValueError(f"gaam: gaussians must be >= 1, got {gaussians}")
-        self.eps = eps
+        if not eps >= 0:
+            raise ValueError(f"gaam: eps must be >= 0, got {eps}")
+        self.eps, self.unbiased, self.random_scale = eps, unbiased, random_scale
         self.offset = nn.Parameter(torch.zeros(heads, gaussians))
-        self.scale = nn.Parameter(torch.ones(heads, gaussians))
+        # the official c = exp(N(0, 1)) per head and Gaussian; 1 with random_scale=False
+        self.scale = nn.Parameter(torch.exp(torch.randn(heads, gaussians)) if random_scale
+                                  else torch.ones(heads, gaussians))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        m = gaussian_weights(v, self.offset, self.scale, keep=call.key_mask, eps=self.eps)
+        m = gaussian_weights(v, self.offset, self.scale, keep=call.key_mask, eps=self.eps,
+                             correction=1 if self.unbiased else 0)
         return v * m.to(v.dtype)
