@@ -61,6 +61,9 @@ def test_info_prints_metadata_and_suggests_on_typos():
     assert "reweight_p=15.0" in out and "Softplus Attention" in out
     bad = CliRunner().invoke(main, ["info", "sofplus"])
     assert bad.exit_code == 2 and "Did you mean 'softplus'" in bad.output
+    assert "causal: True, False or None" in " ".join(out.split())  # the declared checks
+    negative = CliRunner().invoke(main, ["info", "softmax", "--dim", "-3"])  # was a traceback
+    assert negative.exit_code == 2 and "'--dim': -3 is not in the range" in negative.output
 
 
 def test_demo_is_an_arena_run_of_the_shipped_demo_config(tmp_path, monkeypatch):

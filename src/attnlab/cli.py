@@ -114,9 +114,12 @@ def _print_backends(name: str, dim: int, heads: int, length: int, device: str) -
 
 @main.command()
 @click.argument("name")
-@click.option("--dim", default=256, show_default=True, help="Model width of the backend probe.")
-@click.option("--heads", default=4, show_default=True, help="Heads of the backend probe.")
-@click.option("--length", default=128, show_default=True, help="Tokens of the backend probe.")
+@click.option("--dim", default=256, show_default=True, type=click.IntRange(1),
+              help="Model width of the backend probe.")
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(1),
+              help="Heads of the backend probe.")
+@click.option("--length", default=128, show_default=True, type=click.IntRange(1),
+              help="Tokens of the backend probe.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the backend probe.")
 def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
     """Metadata, defaults, op backends and docstring of one mechanism.
@@ -141,6 +144,10 @@ def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
     if i.notes:
         console.print(f"notes: {i.notes}")
     console.print("defaults: " + ", ".join(f"{k}={v!r}" for k, v in i.defaults.items()))
+    from attnlab.mechanisms.base import COMMON_ARGUMENTS
+
+    console.print("checked arguments of every mechanism: " + "; ".join(
+        f"{k}: {a.accepted()}" for k, a in COMMON_ARGUMENTS.items()), highlight=False)
     _print_backends(name, dim, heads, length, device)
     console.print()
     console.print(_plain_doc(i.cls.__doc__ or ""), markup=False, highlight=False)

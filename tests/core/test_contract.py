@@ -18,6 +18,38 @@ def test_constructor_errors(kwargs, match):
         al.build("softmax", dim=32, heads=4, **kwargs)
 
 
+BAD_COMMON_ARGUMENTS = [  # issue 41: each was accepted, or failed inside torch or Python
+    ({"causal": "false"}, r"causal must be True, False or None, got 'false' \(str\)"),
+    ({"head_dim": 0}, r"head_dim must be an int >= 1 or None, got 0"),
+    ({"head_dim": 8.0}, r"head_dim must be an int >= 1 or None, got 8.0 \(float\)"),
+    ({"kv_heads": "2"}, r"kv_heads must be an int >= 1 or None, got '2'"),
+    ({"heads": True}, r"heads must be an int >= 1, got True \(bool\)"),
+    ({"dropout": None}, r"dropout must be a finite number >= 0 and < 1, got None"),
+    ({"dropout": "0.1"}, r"dropout must be .*, got '0.1'"),
+    ({"rope_base": 0}, r"rope_base must be a finite number > 0, got 0"),
+    ({"rope_base": float("nan")}, r"rope_base must be a finite number > 0, got nan"),
+    ({"bias": "no"}, r"bias must be True or False, got 'no'"),
+    ({"rope": "yes"}, r"rope must be True or False, got 'yes'"),
+    ({"qk_norm": "yes"}, r"qk_norm must be True or False, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_COMMON_ARGUMENTS)
+def test_common_arguments_are_checked_with_their_name_and_range(kwargs, match):
+    args = {"dim": 32, "heads": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        al.build("softmax", **args)
+    with pytest.raises(TypeError, match=match):  # an ArgumentError is both
+        al.build("softmax", **args)
+
+
+@pytest.mark.parametrize("name", al.available())
+def test_every_mechanism_refuses_a_causal_string(name):
+    """causal='false' is a true string: it built a causal module."""
+    with pytest.raises(ValueError, match=f"{name}: causal must be True, False or None"):
+        al.build(name, dim=32, heads=4, causal="false")
+
+
 def test_dim_not_divisible_needs_head_dim():
     with pytest.raises(ValueError, match="pass head_dim"):
         al.build("softmax", dim=30, heads=4)

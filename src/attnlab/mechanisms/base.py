@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg, check_arguments
 from attnlab.core.call import Call, HeadShape
 from attnlab.core.hooks import HookPoint
 from attnlab.core.masks import check_key_padding, rows_seeing, visibility
@@ -31,6 +32,25 @@ from attnlab.modules.norms import QKNorm
 from attnlab.modules.projections import QKVProjection, split_heads
 from attnlab.modules.rotary import NoRotation, Rotary
 from attnlab.ops.common import expand_kv, nan_where
+
+# the arguments every mechanism takes (``attnlab info NAME`` prints them), checked on
+# construction: a wrong type or range names the argument, never fails inside torch
+COMMON_ARGUMENTS: dict[str, Arg] = {
+    "dim": Arg("int", low=1),
+    "heads": Arg("int", low=1),
+    "kv_heads": Arg("int", optional=True, low=1),
+    "head_dim": Arg("int", optional=True, low=1),
+    "qk_dim": Arg("int", optional=True, low=1),
+    "causal": Arg("bool", optional=True),
+    "dropout": Arg("float", low=0, high=1, high_open=True),
+    "bias": Arg("bool"),
+    "qk_norm": Arg("bool"),
+    "rope": Arg("bool"),
+    "rope_base": Arg("float", low=0, low_open=True),
+    "gate": Arg("str", optional=True, choices=GATE_KINDS),
+    "output_projection": Arg("bool"),
+    "output_norm": Arg("bool"),
+}
 
 
 class Attention(nn.Module):
@@ -87,10 +107,11 @@ class Attention(nn.Module):
         super().__init__()
         info = self.mechanism
         self.name = info.name if info is not None else type(self).__name__
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"{self.name}: dim must be a positive int, got {dim!r}")
-        if not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"{self.name}: heads must be a positive int, got {heads!r}")
+        check_arguments(self.name, COMMON_ARGUMENTS,
+                        dict(dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                             causal=causal, dropout=dropout, bias=bias, qk_norm=qk_norm,
+                             rope=rope, gate=gate, rope_base=rope_base, qk_dim=qk_dim,
+                             output_projection=output_projection, output_norm=output_norm))
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"{self.name}: kv_heads={kv_heads} must divide heads={heads}")
