@@ -50,6 +50,18 @@ def test_every_mechanism_refuses_a_causal_string(name):
         al.build(name, dim=32, heads=4, causal="false")
 
 
+def test_context_of_another_dtype_and_negative_spatial_sizes_are_named():
+    """Issue 41: a float64 context failed inside torch ("expected m1 and m2 to have the same
+    dtype") and spatial=(-3, -3) was taken for a 9-token input."""
+    attn = al.build("softmax", dim=16, heads=2)
+    x = torch.randn(1, 9, 16)
+    with pytest.raises(ValueError, match="context is torch.float64 on cpu, x is torch.float32"):
+        attn(x, context=torch.randn(1, 4, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"spatial must be .* of ints >= 1, got \(-3, -3\)"):
+        attn(x, spatial=(-3, -3))
+    assert attn(x, spatial=(3, 3)).shape == x.shape
+
+
 def test_dim_not_divisible_needs_head_dim():
     with pytest.raises(ValueError, match="pass head_dim"):
         al.build("softmax", dim=30, heads=4)

@@ -88,3 +88,46 @@ def test_decode_splits_apply_to_the_split_backend_only():
             ops.decode_attention(q, k, v, splits=3, backend=backend)
     with pytest.raises(ValueError, match="splits must be an int >= 1"):
         ops.decode_attention(q, k, v, splits=0)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.ones(*shape, dtype=dtype) if not dtype.is_floating_point else \
+        torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+BAD_OP_INPUTS = [  # issue 41: each failed inside torch or Python, or was accepted
+    ("int q, k, v", lambda: ops.softmax_attention(*(_t(1, 2, 3, 4, dtype=torch.int64),) * 3),
+     "must be floating point, got torch.int64"),
+    ("bool q, k, v", lambda: ops.sigmoid_attention(*(_t(1, 2, 3, 4, dtype=torch.bool),) * 3),
+     "must be floating point, got torch.bool"),
+    ("no key head", lambda: ops.softmax_attention(_t(1, 2, 3, 4), _t(1, 0, 3, 4),
+                                                  _t(1, 0, 3, 4)),
+     "need at least one head, got 2 query and 0 key heads"),
+    ("head dim 0", lambda: ops.softmax_attention(_t(1, 2, 3, 0), _t(1, 2, 3, 0),
+                                                 _t(1, 2, 3, 4)),
+     "head dim 0: there is no default scale"),
+    ("bias shape", lambda: ops.softmax_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                                 bias=_t(5, 7)),
+     r"tensor bias must be floating point and broadcast to \(B, H, Lq, Lk\) = \(1, 2, 3, 3\)"),
+    ("bias nan", lambda: ops.sigmoid_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                               bias=float("nan")),
+     "bias must be a number .not NaN."),
+    ("weights bias shape", lambda: ops.softmax_weights(_t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                                       bias=_t(2, 2, 3, 3)),
+     "softmax_weights: a tensor bias"),
+    ("scale nan", lambda: ops.softmax_attention(*(_t(1, 2, 3, 4),) * 3, scale=float("nan")),
+     "scale must be a finite number or None, got nan"),
+    ("eps -1", lambda: ops.linear_attention(*(_t(1, 2, 3, 4),) * 3, eps=-1.0),
+     "eps must be a finite number >= 0, got -1.0"),
+    ("chunk_size 2.5", lambda: ops.linear_attention(*(_t(1, 2, 3, 4),) * 3, causal=True,
+                                                    chunk_size=2.5),
+     "chunk_size must be an int >= 1, got 2.5"),
+    ("mask as a list", lambda: ops.softmax_attention(*(_t(1, 2, 3, 4),) * 3, mask=[True]),
+     "mask must be a bool tensor .True = may attend., got list"),
+]
+
+
+@pytest.mark.parametrize("what, call, match", BAD_OP_INPUTS, ids=[b[0] for b in BAD_OP_INPUTS])
+def test_bad_op_inputs_are_value_errors_that_say_what_was_expected(what, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -50,8 +50,9 @@ def check_op_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> None:
     """Validate an op-level mask: bool and broadcastable to ``(B, H, Lq, Lk)``."""
     if mask is None:
         return
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor (True = may attend), got {got}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if mask.dim() > 4:
         raise ValueError(f"mask must broadcast to (B, H, Lq, Lk) = {target}, "

@@ -15,6 +15,7 @@ always, ``prepare``, ``local_term``, ``post`` or ``update_state`` where it needs
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -348,8 +349,13 @@ class Attention(nn.Module):
                                  f"{tuple(x.shape)}")
             spatial = tuple(x.shape[1:-1])
         elif spatial is not None:
+            if not isinstance(spatial, (tuple, list)) or not all(
+                    isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+                    for s in spatial):
+                raise ValueError(f"{who}: spatial must be (H, W) or (T, H, W) of ints >= 1, "
+                                 f"got {spatial!r}")  # (-3, -3) passed for L = 9
             spatial = tuple(int(s) for s in spatial)
-            if len(spatial) not in (2, 3) or int(torch.tensor(spatial).prod()) != x.shape[1]:
+            if len(spatial) not in (2, 3) or math.prod(spatial) != x.shape[1]:
                 raise ValueError(f"{who}: spatial={spatial} does not match sequence length "
                                  f"{x.shape[1]}")
         param = next(self.parameters(), None)
@@ -378,6 +384,10 @@ class Attention(nn.Module):
                 got = tuple(context.shape) if isinstance(context, Tensor) else type(context)
                 raise ValueError(f"{who}: context must be (B, Lk, C) = ({b}, Lk, {self.dim}), "
                                  f"got {got}")
+            if (context.dtype, context.device) != (x.dtype, x.device):
+                raise ValueError(f"{who}: context is {context.dtype} on {context.device}, x "
+                                 f"is {x.dtype} on {x.device}: give both the same dtype and "
+                                 "device")
             if mask is not None:
                 raise ValueError(f"{who}: with context=, pass the key padding as context_mask")
             key_mask = check_key_padding(context_mask, b, context.shape[1], who)

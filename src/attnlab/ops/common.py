@@ -29,12 +29,36 @@ def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor | None, mask: Tensor | No
                          + (f", v {tuple(v.shape)}" if v is not None else ""))
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"{op}: q and k need at least one head, got {q.shape[1]} query and "
+                         f"{k.shape[1]} key heads")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
     if q.dtype != k.dtype or (v is not None and v.dtype != q.dtype):
         dtypes = (q.dtype, k.dtype) + ((v.dtype,) if v is not None else ())
         raise ValueError(f"{op}: q, k, v dtypes differ {dtypes}")
+    if not q.is_floating_point():
+        raise ValueError(f"{op}: q, k, v must be floating point, got {q.dtype}")
     check_op_mask(mask, q, k)
+
+
+def check_op_bias(op: str, bias: object, q: Tensor, k: Tensor) -> None:
+    """Validate an op's ``bias``: None, a number that is not NaN, or a floating tensor that
+    broadcasts to (B, H, Lq, Lk) (a wrong shape failed inside torch's broadcasting)."""
+    if bias is None:
+        return
+    if isinstance(bias, Tensor):
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        shape = (1,) * (4 - bias.dim()) + tuple(bias.shape) if bias.dim() <= 4 else None
+        if not bias.is_floating_point() or shape is None or \
+                any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
+            raise ValueError(f"{op}: a tensor bias must be floating point and broadcast to "
+                             f"(B, H, Lq, Lk) = {target}, got {bias.dtype} "
+                             f"{tuple(bias.shape)}")
+        return
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+        raise ValueError(f"{op}: bias must be a number (not NaN), a tensor or None, got "
+                         f"{bias!r}")
 
 
 def begin_weights(op: str, q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None
@@ -113,7 +137,17 @@ def shifted_exp(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
 
 
 def default_scale(q: Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    """``scale``, or 1 / sqrt(D) when it is None; a scale that is no finite number, or a
+    default for a head dim of 0, is a ValueError (nan gave different results per backend)."""
+    if scale is None:
+        if q.shape[-1] == 0:
+            raise ValueError("q and k have head dim 0: there is no default scale 1/sqrt(D) "
+                             "(pass scale=, or give them a head dim)")
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+            not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
 
 
 def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
@@ -210,6 +244,7 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
             q, k, v = autocast_inputs(*args[:3])
             causal, mask = kwargs.get("causal", False), kwargs.get("mask")
             check_qkv(op_name, q, k, v, mask)
+            check_op_bias(op_name, kwargs.get("bias"), q, k)
             if 0 in (q.shape[0], q.shape[2], k.shape[2]) and not kwargs.get("return_state"):
                 # no sequence, no query or no key: every row sees nothing, which gives 0
                 # (tied to the inputs, so that a backward gives them zero gradients)

@@ -13,6 +13,7 @@ recurrent form the decode step; all three agree and can continue from a state ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -162,8 +163,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"{op}: unknown backend {backend!r}; choose from "
                          f"{('auto', 'reference', *BACKENDS)} ('reference' is 'parallel')")
     backend = "parallel" if backend == "reference" else backend
-    if chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     if (state is not None or return_state) and not causal:
         raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
     if causal and q.shape[2] != k.shape[2] and state is not None:

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import begin, begin_weights, default_scale, guarded_op, upcast
+from attnlab.ops.common import (
+    begin,
+    begin_weights,
+    check_op_bias,
+    default_scale,
+    guarded_op,
+    upcast,
+)
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
@@ -32,6 +39,7 @@ def sigmoid_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor 
     Returns (B, H, Lq, Lk) in float32 at least.
     """
     k, visible = begin_weights("sigmoid_weights", q, k, causal=causal, mask=mask)
+    check_op_bias("sigmoid_weights", bias, q, k)
     scale = default_scale(q, scale)
     bias = default_bias(k, bias)
     q, k = upcast(q, k)

@@ -10,6 +10,7 @@ from attnlab.core.masks import visibility
 from attnlab.ops.common import (
     begin,
     begin_weights,
+    check_op_bias,
     default_scale,
     guarded_op,
     unit_last_stride,
@@ -33,6 +34,7 @@ def softmax_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor 
     Returns (B, H, Lq, Lk) in float32 at least; a row with no visible key is 0.
     """
     k, visible = begin_weights("softmax_weights", q, k, causal=causal, mask=mask)
+    check_op_bias("softmax_weights", bias, q, k)
     scale = default_scale(q, scale)
     q, k = upcast(q, k)
     s = (q @ k.transpose(-1, -2)) * scale
