@@ -62,6 +62,8 @@ def test_info_prints_metadata_and_suggests_on_typos():
     bad = CliRunner().invoke(main, ["info", "sofplus"])
     assert bad.exit_code == 2 and "Did you mean 'softplus'" in bad.output
     assert "causal: True, False or None" in " ".join(out.split())  # the declared checks
+    assert ("checked arguments of softplus: reweight_p: a finite number that is 0 (LSSA) or "
+            ">= 1 or None") in " ".join(out.split())  # its own declarations (issue 41)
     negative = CliRunner().invoke(main, ["info", "softmax", "--dim", "-3"])  # was a traceback
     assert negative.exit_code == 2 and "'--dim': -3 is not in the range" in negative.output
 

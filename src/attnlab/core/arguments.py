@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,13 @@ class ArgumentError(ValueError, TypeError):
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument: ``kind`` "int", "float", "bool" or "str"; ``optional``: None allowed;
-    ``low`` / ``high``: bounds of a number (``low_open`` / ``high_open``: excluded);
-    ``choices``: the accepted strings."""
+    """One argument: ``kind`` "int", "float", "bool" or "str"; or, for per-axis settings,
+    "ints" (a non-empty tuple or list of ints, each in the range; ``length``: exactly that
+    many), "int_or_ints" (an int or such a tuple) and "bools" (a non-empty tuple or list of
+    bools). ``optional``: None allowed; ``low`` / ``high``: bounds of a number (``low_open``
+    / ``high_open``: excluded); ``choices``: the accepted strings; ``rule`` and ``test``: a
+    further condition on one value (an int or each element), in words and as a predicate
+    ("a square number")."""
 
     kind: str
     optional: bool = False
@@ -33,6 +38,9 @@ class Arg:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] | None = None
+    length: int | None = None
+    rule: str | None = None
+    test: Callable[[Any], bool] | None = None
 
     def accepted(self) -> str:
         """What the argument accepts, in words: 'an int >= 1 or None'."""
@@ -41,12 +49,20 @@ class Arg:
         elif self.kind == "bool":
             return "True, False or None" if self.optional else "True or False"
         else:
-            text = {"int": "an int", "float": "a finite number", "str": "a string"}[self.kind]
+            text = {"int": "an int", "float": "a finite number", "str": "a string",
+                    "ints": "a non-empty tuple of ints", "bools": "a non-empty tuple of bools",
+                    "int_or_ints": "an int or a non-empty tuple of ints"}[self.kind]
+            if self.length is not None:
+                text = text.replace("a non-empty tuple of", f"a tuple of {self.length}")
+            if self.kind in ("ints", "int_or_ints") and self.low is not None:
+                text += ", each"
             if self.low is not None:
                 text += f" {'>' if self.low_open else '>='} {_num(self.low)}"
             if self.high is not None:
                 text += f"{' and' if self.low is not None else ''} " \
                         f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        if self.rule is not None:
+            text += f"{',' if self.low is not None else ''} {self.rule}"
         return text + (" or None" if self.optional else "")
 
     def fits(self, value: Any) -> bool:
@@ -56,17 +72,30 @@ class Arg:
             return isinstance(value, bool)
         if self.kind == "str":
             return isinstance(value, str) and (self.choices is None or value in self.choices)
+        if self.kind in ("ints", "int_or_ints", "bools"):
+            if self.kind == "int_or_ints" and not isinstance(value, (tuple, list)):
+                return self._fits_one(value, "int")
+            if not isinstance(value, (tuple, list)) or not value or \
+                    (self.length is not None and len(value) != self.length):
+                return False
+            return all(isinstance(v, bool) if self.kind == "bools" else self._fits_one(v, "int")
+                       for v in value)
+        return self._fits_one(value, self.kind)
+
+    def _fits_one(self, value: Any, kind: str) -> bool:
         if isinstance(value, bool):  # True is an int to Python, never a count or a rate here
             return False
-        if self.kind == "int":
+        if kind == "int":
             if not isinstance(value, numbers.Integral):
                 return False
         elif not isinstance(value, numbers.Real) or not math.isfinite(value):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        return self.high is None or (value < self.high if self.high_open
-                                     else value <= self.high)
+        if self.high is not None and (value >= self.high if self.high_open
+                                      else value > self.high):
+            return False
+        return self.test is None or bool(self.test(value))
 
 
 def check_arguments(owner: str, declared: dict[str, Arg], given: dict[str, Any]) -> None:
@@ -81,3 +110,11 @@ def check_arguments(owner: str, declared: dict[str, Arg], given: dict[str, Any])
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+SQUARE = "a square number (7 x 7 = 49)"
+
+
+def is_square(value: int) -> bool:
+    """Whether ``value`` >= 0 is a square number (a grid of agents or landmarks)."""
+    return value >= 0 and math.isqrt(value) ** 2 == value

@@ -10,10 +10,13 @@ suite iterates over :func:`available`), the docs, ``attnlab list`` and the READM
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from attnlab.core.arguments import check_arguments
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlab.mechanisms.base import Attention
@@ -120,10 +123,32 @@ def register(
             doc=_first_doc_line(cls), defaults=_own_defaults(cls),
         )
         cls.mechanism = info
+        _check_own_arguments(cls)
         _REGISTRY[name] = info
         return cls
 
     return decorate
+
+
+def _check_own_arguments(cls: type) -> None:
+    """Make the constructor check the mechanism's own declared arguments (``arguments``:
+    ``{name: Arg}``, attnlab.core.arguments) before it runs, so that ``build`` and direct
+    construction (``attnlab.mechanisms.X(...)``) refuse a bad value in the same words: the
+    mechanism, the argument, the value and what is accepted. The common arguments are
+    checked by the base class."""
+    init = cls.__dict__.get("__init__")
+    if init is None or getattr(init, "_checks_arguments", False):
+        return
+
+    @functools.wraps(init)
+    def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        info = type(self).mechanism
+        check_arguments(info.name if info is not None else cls.__name__,
+                        getattr(cls, "arguments", {}), kwargs)
+        init(self, *args, **kwargs)
+
+    checked_init._checks_arguments = True  # type: ignore[attr-defined]
+    cls.__init__ = checked_init  # type: ignore[method-assign]
 
 
 def available(*, family: str | None = None, domain: str | None = None) -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.arguments import SQUARE, Arg, is_square
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -34,12 +36,15 @@ class AgentAttention(Attention):
     is non-negative with rows summing to 1; the DWConv term is the ``local_term``.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "agents": Arg("int", low=1, rule=SQUARE, test=is_square),
+        "dwconv": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, agents: int = 49, dwconv: bool = True,
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         side = math.isqrt(agents)
-        if agents < 1 or side * side != agents:
-            raise ValueError(f"agent: agents must be a square number (7 x 7 = 49), got {agents}")
         self.agents, self.agent_grid = agents, (side, side)
         self.bias_to_keys = nn.Parameter(torch.zeros(heads, agents, 7, 7))
         self.bias_to_agents = nn.Parameter(torch.zeros(heads, agents, 7, 7))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -47,21 +49,26 @@ class CompressedConvolutionalAttention(Attention):
     float64 (tests/parity/test_cca.py); remaining differences on docs/mechanisms/cca.md.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "compression": Arg("int", low=1),
+        "head_dim": Arg("int", optional=True, low=1),
+        "rope": Arg("bool", optional=True),
+        "rope_base": Arg("float", low=0, low_open=True),
+        "rope_fraction": Arg("float", low=0, low_open=True, high=1),
+    }
+
     def __init__(self, dim: int, heads: int, *, compression: int = 2,
                  head_dim: int | None = None, rope: bool | None = None,
                  rope_base: float = 5_000_000.0, rope_fraction: float = 0.5,
                  **kwargs) -> None:
-        if compression < 1:
-            raise ValueError(f"cca: compression must be >= 1, got {compression}")
         head_dim = max(1, dim // (heads * compression)) if head_dim is None else head_dim
         # the official always rotates; None: on unless a latent head of one channel has no
         # pair to rotate
         rope = head_dim >= 2 if rope is None else rope
         rotary_dim = int(head_dim * rope_fraction)  # as the official's partial_rotary_factor
-        if rope and (rotary_dim < 1 or not 0 < rope_fraction <= 1 or
-                     2 * ((rotary_dim + 1) // 2) > head_dim):
-            raise ValueError(f"cca: rope needs 0 < rope_fraction <= 1 and head_dim * "
-                             f"rope_fraction >= 1 channels that fit the head, got "
+        if rope and (rotary_dim < 1 or 2 * ((rotary_dim + 1) // 2) > head_dim):
+            raise ValueError(f"cca: rope needs head_dim * rope_fraction >= 1 channels that "
+                             f"fit the head, got "
                              f"head_dim={head_dim}, rope_fraction={rope_fraction}")
         super().__init__(dim, heads, head_dim=head_dim, projection=CompressedConvProjection,
                          rope=rope, rope_base=rope_base,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
@@ -46,10 +48,13 @@ class DynamicMaskAttention(Attention):
     Face's float32 angles; both stay off by default (Doge's backbone; docs/mechanisms/dma.md).
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "window": Arg("int", low=1),
+        "delta_bias": Arg("bool", optional=True),
+    }
+
     def __init__(self, dim: int, heads: int, *, window: int = 2048,
                  delta_bias: bool | None = None, **kwargs) -> None:
-        if window < 1:
-            raise ValueError(f"dma: window must be >= 1, got {window}")
         kwargs.setdefault("rotary", partial(Rotary, float32_frequencies=True))
         super().__init__(dim, heads, **kwargs)
         self.window = window

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -68,13 +71,16 @@ class GaussianAdaptiveAttention(Attention):
     (docs/mechanisms/gaam.md).
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "gaussians": Arg("int", low=1),
+        "eps": Arg("float", low=0),
+        "unbiased": Arg("bool"),
+        "random_scale": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, gaussians: int = 4, eps: float = 1e-8,
                  unbiased: bool = True, random_scale: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, projection=ValueProjection, **kwargs)
-        if gaussians < 1:
-            raise ValueError(f"gaam: gaussians must be >= 1, got {gaussians}")
-        if not eps >= 0:
-            raise ValueError(f"gaam: eps must be >= 0, got {eps}")
         self.eps, self.unbiased, self.random_scale = eps, unbiased, random_scale
         self.offset = nn.Parameter(torch.zeros(heads, gaussians))
         # the official c = exp(N(0, 1)) per head and Gaussian; 1 with random_scale=False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import ClassVar
 
+from attnlab.core.arguments import Arg
 from attnlab.core.registry import register
 from attnlab.mechanisms.softmax import SoftmaxAttention
 from attnlab.modules.gates import make_gate
@@ -35,11 +37,14 @@ class GatedAttention(SoftmaxAttention):
     backbone choices, docs/mechanisms/gated.md).
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "gate": Arg("str", choices=("elementwise", "headwise"),
+                    rule="(use 'softmax' for the ungated module)"),
+        "gate_bias": Arg("bool", optional=True),
+    }
+
     def __init__(self, dim: int, heads: int, *, gate: str = "elementwise",
                  gate_bias: bool | None = None, **kwargs) -> None:
-        if gate is None:
-            raise ValueError("gated: gate must be 'elementwise' or 'headwise' "
-                             "(use 'softmax' for the ungated module)")
         kwargs.setdefault("rotary", partial(Rotary, float32_frequencies=True))
         super().__init__(dim, heads, gate=gate, **kwargs)
         self.gate_bias = self.shape.bias if gate_bias is None else bool(gate_bias)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
@@ -81,6 +83,15 @@ class HedgehogAttention(LinearFamily):
     keeps the Hedgehog paper's exp map with b_h and identity init
     (docs/mechanisms/hedgehog.md).
     """
+
+    arguments: ClassVar[dict[str, Arg]] = {
+        "feature": Arg("str", choices=FEATURES),
+        "distill": Arg("bool"),
+        "chunk_size": Arg("int", low=1),
+        "tie_qk": Arg("bool"),
+        "feature_dim": Arg("int", optional=True, low=1),
+        "feature_bias": Arg("bool"),
+    }
 
     def __init__(self, dim: int, heads: int, *, feature: str = "exp",
                  distill: bool = False, chunk_size: int = 64, tie_qk: bool = False,

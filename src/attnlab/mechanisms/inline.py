@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
@@ -94,12 +97,14 @@ class InjectiveLinearAttention(LinearFamily):
     token. The causal prefix form is an attnlab extension of the vision paper.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "feature_map": Arg("str", choices=tuple(sorted(INLINE_MAPS))),
+        "local": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, feature_map: str = "identity",
                  local: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if feature_map not in INLINE_MAPS:
-            raise ValueError(f"inline: feature_map must be one of {sorted(INLINE_MAPS)}, "
-                             f"got {feature_map!r}")
         self.feature_map = feature_map
         self.local = DynamicLocal(dim, self.kv_heads) if local else None
         self.weights_reproduce_output = not local  # weights() covers the attention, not the conv

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
@@ -56,6 +59,10 @@ class L2ViTAttention(LinearFamily):
     as in the paper); in eval mode it uses its running statistics and sequences are
     independent.
     """
+
+    arguments: ClassVar[dict[str, Arg]] = {
+        "lcm": Arg("bool"),
+    }
 
     def __init__(self, dim: int, heads: int, *, lcm: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -75,14 +78,15 @@ class LinearAttention(LinearFamily):
 
     backends = ("auto", *BACKENDS)
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "feature_map": Arg("str", choices=tuple(sorted(FEATURE_MAPS))),
+        "variant": Arg("str", choices=VARIANTS),
+        "chunk_size": Arg("int", low=1),
+    }
+
     def __init__(self, dim: int, heads: int, *, feature_map: str = "elu",
                  variant: str = "normalized", chunk_size: int = 64, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"linear: feature_map must be one of {sorted(FEATURE_MAPS)}, "
-                             f"got {feature_map!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"linear: variant must be one of {VARIANTS}, got {variant!r}")
         self.feature_map, self.variant, self.chunk_size = feature_map, variant, chunk_size
         self.normalizer = nn.Linear(dim, heads) if variant == "dsf" else None
         if self.normalizer is not None:

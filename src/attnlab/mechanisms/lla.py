@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -31,10 +34,12 @@ class LocalLinearAttention(Attention):
 
     backends = ("auto", "reference", "chunked")
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "ridge": Arg("float", low=0),
+    }
+
     def __init__(self, dim: int, heads: int, *, ridge: float = 1.0, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if ridge < 0:
-            raise ValueError(f"lla: ridge must be >= 0, got {ridge}")
         self.ridge = ridge
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:

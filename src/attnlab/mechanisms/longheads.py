@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -28,12 +31,14 @@ class LongHeadsAttention(Attention):
     (rows, Lk) weights recomputed in the backward); ``weights()`` is the dense matrix.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "chunk_size": Arg("int", low=1),
+        "budget": Arg("int", low=2),  # the first and the local chunk
+    }
+
     def __init__(self, dim: int, heads: int, *, chunk_size: int = 64, budget: int = 8,
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if chunk_size < 1 or budget < 2:
-            raise ValueError(f"longheads: chunk_size must be >= 1 and budget >= 2 (first and "
-                             f"local chunk), got {chunk_size}, {budget}")
         self.chunk_size, self.budget = chunk_size, budget
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, call: Call

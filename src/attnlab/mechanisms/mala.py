@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
@@ -29,6 +32,8 @@ class MagnitudeAwareLinearAttention(LinearFamily):
     Scaling q sharpens the weights (plain linear attention is invariant to it). The causal
     form (means over j <= i, a fixed-size state) is an attnlab extension of the vision paper.
     """
+
+    arguments: ClassVar[dict[str, Arg]] = {}
 
     def _stats(self, q: Tensor, k: Tensor, v: Tensor, call: Call):
         return prefix_sums(elu_plus_one(q), elu_plus_one(k), v, causal=self.causal,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -85,15 +87,17 @@ class MaxViTAttention(Attention):
     invisible). A sequence is a 1 x L grid.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "window": Arg("int", low=1),
+        "grid": Arg("int", low=1),
+        "axis": Arg("str", choices=AXES),
+    }
+
     def __init__(self, dim: int, heads: int, *, window: int = 7, grid: int = 7,
                  axis: str = "block+grid", **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if axis not in AXES:
-            raise ValueError(f"maxvit: axis must be one of {AXES}, got {axis!r}")
         if axis == "block+grid" and heads < 2:
             raise ValueError("maxvit: axis='block+grid' splits the heads and needs heads >= 2")
-        if window < 1 or grid < 1:
-            raise ValueError(f"maxvit: window and grid must be >= 1, got {window}, {grid}")
         self.axis, self.window, self.grid = axis, window, grid
         split = heads // 2 if axis == "block+grid" else heads
         self.parts: list[tuple[str, int, int]] = []  # (kind, first head, number of heads)

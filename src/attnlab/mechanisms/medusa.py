@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -48,11 +51,13 @@ class MultiScaleHeadAttention(Attention):
     the paper's encoder-decoder levels; the CNN around it is not part of this module.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "scales": Arg("ints", low=1),
+    }
+
     def __init__(self, dim: int, heads: int, *, scales: tuple[int, ...] = (1, 2, 4),
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if not scales or any(int(s) < 1 for s in scales):
-            raise ValueError(f"medusa: scales must be positive ints, got {scales}")
         self.scales = tuple(int(scales[i % len(scales)]) for i in range(heads))
 
     def _groups(self):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -68,14 +71,15 @@ class MILAttentionPooling(Attention):
     classifiers belong to the model.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "top_k": Arg("int", low=0),
+        "mask_rate": Arg("float", low=0, high=1, high_open=True),
+        "attn_dim": Arg("int", low=1),
+        "diversity_weight": Arg("float", low=0),
+    }
+
     def __init__(self, dim: int, heads: int, *, top_k: int = 10, mask_rate: float = 0.6,
                  attn_dim: int = 128, diversity_weight: float = 1.0, **kwargs) -> None:
-        if top_k < 0 or not 0.0 <= mask_rate < 1.0:
-            raise ValueError(f"mil_attention: need top_k >= 0 and 0 <= mask_rate < 1, got "
-                             f"{top_k}, {mask_rate}")
-        if attn_dim < 1 or diversity_weight < 0:
-            raise ValueError(f"mil_attention: need attn_dim >= 1 and diversity_weight >= 0, "
-                             f"got {attn_dim}, {diversity_weight}")
         if kwargs.get("head_dim") not in (None, dim):
             raise ValueError(f"mil_attention: every branch pools the full features, so "
                              f"head_dim is dim={dim}, got head_dim={kwargs['head_dim']}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -43,6 +46,12 @@ class MixtureOfHeadAttention(Attention):
     """
 
     rows_per_tile: int | None = None  # packed query rows per tile in eval; None: by memory
+
+    arguments: ClassVar[dict[str, Arg]] = {
+        "shared_heads": Arg("int", optional=True, low=0),
+        "top_k": Arg("int", optional=True, low=1),
+        "balance_weight": Arg("float", low=0),
+    }
 
     def __init__(self, dim: int, heads: int, *, shared_heads: int | None = None,
                  top_k: int | None = None, balance_weight: float = 0.01, **kwargs) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
-from attnlab.mechanisms.neighborhood import NeighborhoodAttention
+from attnlab.mechanisms.neighborhood import NeighborhoodAttention, per_axis
 
 
 @register("msa_conv", family="local", paper="TiC: Exploring Vision Transformer in Convolution",
@@ -25,12 +28,21 @@ class MSAConvAttention(NeighborhoodAttention):
     ``border="clip"``). A sequence is a 1-D window.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        **NeighborhoodAttention.arguments,
+        "heads_per_channel": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, kernel_size: int = 3, dilation: int = 1,
                  heads_per_channel: bool = False, **kwargs) -> None:
         if heads_per_channel:
             heads, kwargs["head_dim"] = dim, 1
             kwargs.pop("kv_heads", None)
         super().__init__(dim, heads, kernel_size=kernel_size, dilation=dilation, **kwargs)
+        if any(s != 1 for s in per_axis(self.stride)) or any(self.causal_axes or ()):
+            raise ValueError(f"msa_conv: convolution windows take neither a stride nor causal "
+                             f"axes, got stride={self.stride!r}, "
+                             f"causal_axes={self.causal_axes!r}")
 
     def _axes(self, call: Call, length: int) -> dict:
         # the op rejects a stride or causal axes together with convolution windows

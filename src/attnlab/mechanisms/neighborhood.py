@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.core.state import State
@@ -12,6 +15,10 @@ from attnlab.mechanisms.base import Attention
 from attnlab.ops.neighborhood import neighborhood_attention, neighborhood_visibility
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
+
+def per_axis(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A per-axis setting as a tuple (an int serves every axis)."""
+    return value if isinstance(value, tuple) else (value,)
 
 @register("neighborhood", family="local",
           paper="Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the "
@@ -37,20 +44,28 @@ class NeighborhoodAttention(Attention):
     backends = ("auto", "reference", "tiled", "flex")
     propagates_nonfinite = True  # its ops hide non-finite keys outside each window
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "kernel_size": Arg("int_or_ints", low=1),
+        "dilation": Arg("int_or_ints", low=1),
+        "stride": Arg("int_or_ints", low=1),
+        "causal_axes": Arg("bools", optional=True),
+    }
+
     def __init__(self, dim: int, heads: int, *, kernel_size: int | tuple[int, ...] = 7,
                  dilation: int | tuple[int, ...] = 1, stride: int | tuple[int, ...] = 1,
                  causal_axes: tuple[bool, ...] | None = None, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        self.kernel_size, self.dilation, self.stride = kernel_size, dilation, stride
+        # per-axis settings (declared in ``arguments``): a list (from a config file) as a tuple
+        self.kernel_size, self.dilation, self.stride = (
+            tuple(v) if isinstance(v, list) else v for v in (kernel_size, dilation, stride))
         self.causal_axes = None if causal_axes is None else tuple(causal_axes)
-        # validate the per-axis settings once, for the largest rank they could serve
-        for name, value in (("kernel_size", kernel_size), ("dilation", dilation),
-                            ("stride", stride)):
-            values = value if isinstance(value, tuple) else (value,)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                                 for v in values):
-                raise ValueError(f"{self.name}: {name} must be a positive int or a tuple of "
-                                 f"them, got {value!r}")
+        kernels, strides = per_axis(self.kernel_size), per_axis(self.stride)
+        if len(kernels) == 1 or len(strides) == 1 or len(kernels) == len(strides):
+            n = max(len(kernels), len(strides))
+            if any(s > k for k, s in zip(kernels * (n // len(kernels)),
+                                         strides * (n // len(strides)), strict=True)):
+                raise ValueError(f"{self.name}: stride must not exceed kernel_size, got "
+                                 f"stride={stride!r}, kernel_size={kernel_size!r}")
 
     def _axes(self, call: Call, length: int) -> dict:
         spatial = call.spatial or (length,)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -37,6 +39,10 @@ class RelativeConvolutionalAttention(Attention):
     per-head u, v' and r_{i-j} = W_r sinusoid(i - j) (Transformer-XL); O = softmax(A) V.
     Decoding carries the convolutions' last two inputs next to the KV cache.
     """
+
+    arguments: ClassVar[dict[str, Arg]] = {
+        "kernel": Arg("int", low=1),
+    }
 
     def __init__(self, dim: int, heads: int, *, kernel: int = 3, **kwargs) -> None:
         super().__init__(dim, heads,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -56,11 +58,14 @@ class RandomFeatureAttention(Attention):
 
     backends = ("auto", "reference", "tiled")
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "activation": Arg("str", choices=tuple(sorted(ACTIVATIONS))),
+        "identity_mean": Arg("float"),
+        "seed": Arg("int", low=0),
+    }
+
     def __init__(self, dim: int, heads: int, *, activation: str = "relu",
                  identity_mean: float = 0.0, seed: int = 0, **kwargs) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"rfa: activation must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {activation!r}")
         projection = functools.partial(RandomFeatureProjection, identity_mean=identity_mean,
                                        seed=seed)
         super().__init__(dim, heads, projection=projection, **kwargs)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.softmax import SoftmaxAttention
@@ -74,12 +75,17 @@ class SelectiveAttention(SoftmaxAttention):
     function (docs/mechanisms/selective.md).
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "token_temperature": Arg("bool"),
+        "value_temperature": Arg("bool"),
+        "beta_init": Arg("float"),
+        "beta_per_head": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, token_temperature: bool = True,
                  value_temperature: bool = False, beta_init: float = BETA_INIT,
                  beta_per_head: bool = False, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if not math.isfinite(beta_init):
-            raise ValueError(f"selective: beta_init must be finite, got {beta_init}")
         self.query_temperature = Temperature(dim, heads, token_temperature,
                                              beta_init=beta_init, per_head=beta_per_head)
         self.value_temperature = (Temperature(dim, self.kv_heads, token_temperature,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -32,10 +34,13 @@ class SingleHeadAttention(Attention):
 
     backends = ("auto", "reference", "sdpa", "flex")
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "partial": Arg("float", low=0, low_open=True, high=1),
+        "qk_dim": Arg("int", low=1),
+    }
+
     def __init__(self, dim: int, heads: int, *, partial: float = 0.25, qk_dim: int = 16,
                  **kwargs) -> None:
-        if not 0.0 < partial <= 1.0:
-            raise ValueError(f"shvit: partial must be in (0, 1], got {partial}")
         channels = max(heads, round(dim * partial / heads) * heads)
         if "head_dim" in kwargs:
             raise ValueError("shvit: the head width is partial * dim / heads; pass partial")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -45,20 +47,17 @@ class SigmoidAttention(Attention):
 
     backends = ("auto", "reference", "tiled", "flex")
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "max_len": Arg("int", optional=True, low=1),
+        "hybrid_norm": Arg("bool"),
+        "score_bias": Arg("float", optional=True),
+        "learn_bias": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, max_len: int | None = 1024,
                  hybrid_norm: bool = False, score_bias: float | None = None,
                  learn_bias: bool = False, **kwargs) -> None:
         super().__init__(dim, heads, output_norm=hybrid_norm, **kwargs)
-        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool)
-                                    or max_len < 1):
-            raise ValueError(f"sigmoid: max_len must be an int >= 1 or None, got {max_len!r}")
-        if score_bias is not None and (isinstance(score_bias, bool)
-                                       or not isinstance(score_bias, (int, float))
-                                       or not math.isfinite(score_bias)):
-            raise ValueError(f"sigmoid: score_bias must be a finite number or None, "
-                             f"got {score_bias!r}")
-        if not isinstance(learn_bias, bool):
-            raise ValueError(f"sigmoid: learn_bias must be True or False, got {learn_bias!r}")
         if max_len is None and score_bias is None and (self.causal or learn_bias):
             raise ValueError("sigmoid: causal attention (and learn_bias=True) needs a fixed "
                              "max_len (b = -ln(max_len)) or score_bias")

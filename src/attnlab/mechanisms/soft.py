@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import SQUARE, Arg, is_square
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -59,19 +61,20 @@ class SoftAttention(Attention):
     tokens (``ratio=1``) and the exact inverse it equals S(Q, Q) V.
     """
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "landmarks": Arg("int", low=1, rule=SQUARE, test=is_square),
+        "ratio": Arg("int", optional=True, low=1),
+        "inverse": Arg("str", choices=INVERSES),
+        "newton_iterations": Arg("int", low=0),
+        "normalize": Arg("bool"),
+        "dwconv": Arg("bool"),
+    }
+
     def __init__(self, dim: int, heads: int, *, landmarks: int = 49, ratio: int | None = None,
                  inverse: str = "newton", newton_iterations: int = 20, normalize: bool = False,
                  dwconv: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, projection=SharedQKProjection, **kwargs)
-        if ratio is not None and ratio < 1:
-            raise ValueError(f"soft: ratio must be >= 1, got {ratio}")
-        side = math.isqrt(landmarks)
-        if landmarks < 1 or side * side != landmarks:
-            raise ValueError(f"soft: landmarks must be a square number (7 x 7 = 49), "
-                             f"got {landmarks}")
         self.landmarks = landmarks
-        if inverse not in INVERSES:
-            raise ValueError(f"soft: inverse must be one of {INVERSES}, got {inverse!r}")
         self.ratio, self.inverse, self.iterations = ratio, inverse, newton_iterations
         self.normalize = normalize
         self.dwconv = DepthwiseConv(self.heads * self.head_dim, 3) if dwconv else None

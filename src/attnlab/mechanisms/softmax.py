@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -29,6 +32,8 @@ class SoftmaxAttention(Attention):
     backends = ("auto", "reference", "sdpa", "flex")
     decode_split_min = 1024  # cache length from which decoding uses decode_attention
     decode_segment: int | None = None  # keys per segment; None: decode_attention's choice
+
+    arguments: ClassVar[dict[str, Arg]] = {}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         if call.state is not None and self.backend == "auto" and q.shape[2] <= 16 and \

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -31,14 +34,16 @@ class SoftplusAttention(Attention):
 
     backends = ("auto", "reference", "tiled", "flex")
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "reweight_p": Arg("float", optional=True, rule="that is 0 (LSSA) or >= 1",
+                          test=lambda p: p == 0 or p >= 1),
+    }
+
     def __init__(self, dim: int, heads: int, *, reweight_p: float | None = 15.0,
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         if reweight_p == 0:
             reweight_p = None
-        if reweight_p is not None and reweight_p < 1:
-            raise ValueError(f"softplus: reweight_p must be >= 1, or 0 / None for LSSA, got "
-                             f"{reweight_p}")
         self.reweight_p = reweight_p
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
@@ -37,13 +39,15 @@ class SparsifinerAttention(Attention):
 
     rows_per_tile: int | None = None  # query rows per tile; None: by memory (ops.sparsifiner)
 
+    arguments: ClassVar[dict[str, Arg]] = {
+        "keep": Arg("float", low=0, low_open=True, high=1),
+        "rank": Arg("int", low=1),
+        "distill_weight": Arg("float", low=0),
+    }
+
     def __init__(self, dim: int, heads: int, *, keep: float = 0.25, rank: int = 16,
                  distill_weight: float = 1.0, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"sparsifiner: keep must be in (0, 1], got {keep}")
-        if rank < 1:
-            raise ValueError(f"sparsifiner: rank must be >= 1, got {rank}")
         self.keep, self.rank, self.distill_weight = keep, rank, distill_weight
         self.conn_a = nn.Linear(dim, heads * rank, bias=False)
         self.conn_b = nn.Linear(dim, heads * rank, bias=False)

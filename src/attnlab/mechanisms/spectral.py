@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -31,6 +34,10 @@ class SpectralGating(Attention):
     ``grid_size`` (H, W) and resized to other grids (GFNet's rule). Padded tokens are zeroed
     before the FFT. A sequence is a 1 x L grid.
     """
+
+    arguments: ClassVar[dict[str, Arg]] = {
+        "grid_size": Arg("ints", low=1, length=2),
+    }
 
     def __init__(self, dim: int, heads: int, *, grid_size: tuple[int, int] = (14, 14),
                  **kwargs) -> None:
