@@ -40,6 +40,8 @@ BASE = {"task": "copy", "mechanisms": ["softmax"], "seeds": 2}
     ({"seeds": "3"}, r"seeds: Input should be a valid integer \(got '3'\)"),
     ({"seeds": True}, "seeds: Input should be a valid integer"),
     ({"train": {"steps": 2.5}}, "train.steps"),
+    ({"mechanisms": [{"mechanism": "softmax", "kwargs": {"causal": "yes"}}]},
+     "contestant 'softmax': softmax: causal must be True, False or None, got 'yes'"),
 ])
 def test_bad_configs_are_errors_that_name_the_key(change, message):
     with pytest.raises(ConfigError, match=message):
