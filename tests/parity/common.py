@@ -4,7 +4,8 @@ forward output, the input gradient and every mapped parameter gradient."""
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 RTOL = 1e-10  # of each compared tensor's scale: its largest magnitude, at least 1
 
@@ -33,3 +34,46 @@ def assert_parity(pairs: dict[str, tuple[Tensor, Tensor]], rtol: float = RTOL) -
 def leaf(t: Tensor) -> Tensor:
     """A float64 leaf copy that records its gradient."""
     return t.detach().double().clone().requires_grad_()
+
+
+def linear(p: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    """The official layout's ``name`` projection (``name.weight``, ``name.bias`` if any)."""
+    y = x @ p[f"{name}.weight"].T
+    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
+
+
+def rms(t: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Hugging Face's (Qwen3, Doge): eps inside the root."""
+    return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def compare_with_official(attn: nn.Module, p: dict[str, Tensor], names: dict[str, str],
+                          x: Tensor, weight: Tensor, y_official: Tensor,
+                          x_official: Tensor) -> dict:
+    """Copy the official parameters ``p`` into ``attn`` (``names``: attnlab name -> official
+    name, every parameter mapped both ways), run it on ``x`` with the loss (y * weight).sum()
+    and compare output, input gradient and every parameter gradient with the official run
+    (whose loss was backpropagated already)."""
+    own = dict(attn.named_parameters())
+    assert {names[n] for n in own} == set(p), "every parameter mapped, both ways"
+    with torch.no_grad():
+        for mine, t in own.items():
+            t.copy_(p[names[mine]])
+    xa = leaf(x)
+    y = attn(xa)
+    (y * weight).sum().backward()
+    pairs = {"out": (y, y_official), "grad x": (xa.grad, x_official.grad)}
+    for mine, t in own.items():
+        pairs[f"grad {mine}"] = (t.grad, p[names[mine]].grad)
+    return assert_parity(pairs)
+
+
+def hf_rotate(t: Tensor, base: float = 10000.0) -> Tensor:
+    """Hugging Face's RoPE of (.., N, D) at positions 0..N-1: angles in float32 (as HF
+    computes them), halves rotated (channel i with i + D/2)."""
+    n, d = t.shape[-2], t.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    ang = torch.arange(n).float()[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().to(t.dtype), ang.sin().to(t.dtype)
+    return t * cos + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin

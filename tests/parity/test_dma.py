@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import compare_with_official, hf_rotate, leaf, linear
+from .common import rms as rms_norm
 
 B, N, DIM, HEADS, HD = 2, 9, 24, 4, 6
 EPS = 1e-6
@@ -46,23 +47,9 @@ def official_params(kv_heads, bias, gen):
     return {k: leaf(v) for k, v in p.items()}
 
 
-def linear(p, name, x):
-    y = x @ p[f"{name}.weight"].T
-    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
-
-
 def rms(t, weight):
-    return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + EPS))
+    return rms_norm(t, weight, EPS)
 
-
-def rotate(t):
-    n, d = t.shape[-2], t.shape[-1]
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    ang = torch.arange(n).float()[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], -1)
-    cos, sin = ang.cos().to(t.dtype), ang.sin().to(t.dtype)
-    turned = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
-    return t * cos + turned * sin
 
 
 def official_forward(p, x, kv_heads, window, causal):
@@ -72,7 +59,7 @@ def official_forward(p, x, kv_heads, window, causal):
     k = rms(linear(p, "k_proj", x).reshape(b, n, kv_heads, HD),
             p["k_norm.weight"]).transpose(1, 2)
     v = linear(p, "v_proj", x).reshape(b, n, kv_heads, HD).transpose(1, 2)
-    q, k = rotate(q), rotate(k)
+    q, k = hf_rotate(q), hf_rotate(k)
     dt = linear(p, "dt_proj", v.transpose(1, 2).reshape(b, n, kv_heads * HD))  # (B, N, kv)
     bias = (p["A"] * F.softplus(dt)).transpose(1, 2).unsqueeze(-2)  # (B, kv, 1, N)
 
@@ -116,19 +103,7 @@ def test_dma_equals_the_official_module(kv_heads, window, causal, bias):
     # Doge's attention: q/k RMSNorm and RoPE always on
     attn = al.build("dma", dim=DIM, heads=HEADS, kv_heads=kv_heads, head_dim=HD, causal=causal,
                     window=window, bias=bias, qk_norm=True, rope=True).double().train()
-    own = dict(attn.named_parameters())
-    assert {NAMES[n] for n in own} == set(p), "every parameter mapped, both ways"
-    with torch.no_grad():
-        for mine, t in own.items():
-            t.copy_(p[NAMES[mine]])
-    xa = leaf(x)
-    y = attn(xa)
-    (y * weight).sum().backward()
-
-    pairs = {"out": (y, y_off), "grad x": (xa.grad, xo.grad)}
-    for mine, t in own.items():
-        pairs[f"grad {mine}"] = (t.grad, p[NAMES[mine]].grad)
-    assert_parity(pairs)
+    compare_with_official(attn, p, NAMES, x, weight, y_off, xo)
 
 
 def test_dma_defaults_are_the_official_ones():

@@ -16,7 +16,8 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import assert_parity, leaf, linear
+from .common import rms as rms_norm
 
 B, N, DIM, HEADS, HD = 2, 7, 24, 4, 6
 EPS = 1e-6
@@ -41,13 +42,8 @@ def official_params(kind, kv_heads, qkv_bias, qk_norm, gen):
     return {k: leaf(v) for k, v in p.items()}
 
 
-def linear(p, name, x):
-    y = x @ p[f"{name}.weight"].T
-    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
-
-
 def rms(t, weight):
-    return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + EPS))
+    return rms_norm(t, weight, EPS)
 
 
 def rope_cos_sin(n, dim, dtype):

@@ -20,7 +20,7 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import compare_with_official, hf_rotate, leaf
 
 B, N, DIM, HEADS, HD = 2, 9, 24, 4, 6
 
@@ -36,14 +36,6 @@ def official_params(kv_heads, feature_dim, tied, gen):
     return {k: leaf(v) for k, v in p.items()}
 
 
-def rotate(t):
-    n, d = t.shape[-2], t.shape[-1]
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    ang = torch.arange(n).float()[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], -1)
-    cos, sin = ang.cos().to(t.dtype), ang.sin().to(t.dtype)
-    return t * cos + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin
-
 
 def feature(layer, x):
     y = torch.einsum("hdf,bhld->bhlf", layer, x)
@@ -56,7 +48,7 @@ def official_forward(p, x, kv_heads):
     q = (x @ p["q_proj.weight"].T).reshape(b, n, HEADS, HD).transpose(1, 2)
     k = (x @ p["k_proj.weight"].T).reshape(b, n, kv_heads, HD).transpose(1, 2)
     v = (x @ p["v_proj.weight"].T).reshape(b, n, kv_heads, HD).transpose(1, 2)
-    q, k = rotate(q), rotate(k)
+    q, k = hf_rotate(q), hf_rotate(k)
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     fq = feature(p["feature_map_q.mlp.layer"], q)
     fk = feature(p.get("feature_map_k.mlp.layer", p["feature_map_q.mlp.layer"]), k)
@@ -87,19 +79,7 @@ def test_hedgehog_equals_the_lolcats_module(kv_heads, feature_dim, tied, chunk):
     attn = al.build("hedgehog", dim=DIM, heads=HEADS, kv_heads=kv_heads, head_dim=HD,
                     causal=True, rope=True, feature="softmax", feature_bias=False,
                     feature_dim=feature_dim, tie_qk=tied, chunk_size=chunk).double()
-    own = dict(attn.named_parameters())
-    assert {NAMES[n] for n in own} == set(p), "every parameter mapped, both ways"
-    with torch.no_grad():
-        for mine, t in own.items():
-            t.copy_(p[NAMES[mine]])
-    xa = leaf(x)
-    y = attn(xa)
-    (y * weight).sum().backward()
-
-    pairs = {"out": (y, y_off), "grad x": (xa.grad, xo.grad)}
-    for mine, t in own.items():
-        pairs[f"grad {mine}"] = (t.grad, p[NAMES[mine]].grad)
-    assert_parity(pairs)
+    compare_with_official(attn, p, NAMES, x, weight, y_off, xo)
 
 
 def test_hedgehog_keeps_separate_query_and_key_maps_by_default():
