@@ -72,6 +72,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         assert [r["status"] for r in store.rows()].count("done") == 4
 
 
+@pytest.mark.slow  # 5 s of two worker processes: .ci/run runs it (pytest -m slow)
 def test_parallel_workers_store_the_same_runs(tmp_path):
     sweep = tiny(tmp_path, workers=2)
     seen = []
@@ -82,6 +83,7 @@ def test_parallel_workers_store_the_same_runs(tmp_path):
         assert len(store.rows()) == 4
 
 
+@pytest.mark.slow  # 5 s of two worker processes: .ci/run runs it (pytest -m slow)
 def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
     # each run sets its own thread count (part of its key), so one worker and two give
     # the same numbers, and a resumed sweep cannot mix results of different thread counts

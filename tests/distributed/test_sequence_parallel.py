@@ -20,7 +20,7 @@ def results(folder, world):
     return {r: (folder / f"rank{r}.txt").read_text() for r in range(world)}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # 4: 5 s
 def test_every_kind_matches_the_single_process_op(tmp_path, world):
     mp.spawn(agreement, args=(world, str(tmp_path / "init"), CASES, str(tmp_path)),
              nprocs=world)
