@@ -113,6 +113,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
                     f"stage 2 of 2: each contestant's chosen point on the other "
                     f"{seeds - len(sweep.tuning_seeds)} seeds = {runs}")
                 progress.update(overall, total=progress.tasks[overall].completed + len(todo))
+                failed_note(failed_kept)
                 return
             if stage == "tune":
                 tuned = len(sweep.tuning_seeds)
@@ -139,12 +140,15 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
                 f"  {where}, "
                 f"{sweep.train.threads} thread(s) each, device {sweep.train.device}, "
                 f"{sweep.train.dtype}")
+            failed_note(failed_kept)
+            progress.update(overall, total=len(todo))
+
+        def failed_note(failed_kept: int) -> None:
             if failed_kept:
                 progress.console.print(
                     f"  [yellow]{failed_kept} stored run(s) failed before and are not run "
                     "again[/yellow]: add --retry-failed to run them (e.g. after installing "
                     "a missing extra)")
-            progress.update(overall, total=len(todo))
 
         def listener(event: str, spec: Any, payload: Any) -> None:
             if event == "plan":

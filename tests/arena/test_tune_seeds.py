@@ -96,3 +96,24 @@ def test_the_report_says_on_which_seeds_it_chose():
     assert "tuned per contestant on the validation split of seed 0 (never the test): lr in " \
         "[0.01, 0.1]; the chosen point then trained on the other seeds" in setup_lines(summary)
     assert "(seed" not in budget_line(summarize(rows, ["lr"]))
+
+
+def test_the_command_line_says_both_stages(tmp_path):
+    from click.testing import CliRunner
+
+    from attnlab.cli import main
+
+    config = tmp_path / "staged.toml"
+    config.write_text('task = "copy"\nmechanisms = ["softmax"]\nseeds = 3\ntune_seeds = 1\n'
+                      'workers = 1\n[task_params]\nvocab = 6\nlength = 4\n'
+                      '[model]\ndim = 16\ndepth = 1\nheads = 2\n'
+                      '[train]\nsteps = 2\nbatch_size = 4\nlr = [0.001, 0.01]\n')
+    out = CliRunner().invoke(main, ["arena", "run", "--config", str(config), "--store",
+                                    str(tmp_path / "runs"), "--no-report"],
+                             env={"COLUMNS": "120"})
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "in two stages (tune_seeds = 1)" in text
+    assert "stage 1 of 2: 1 contestants x 2 grid points x 1 seed = 2 runs" in text
+    assert "stage 2 of 2: each contestant's chosen point on the other 2 seeds = 2 runs" in text
+    assert text.count("done in") == 4
