@@ -110,20 +110,10 @@ def check(c: dict) -> None:
         decoded[keep].sum().backward()  # backward through the decode steps
 
 
+@pytest.mark.parametrize("examples", [6, pytest.param(30, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", MECHANISMS)
-def test_generated_valid_configurations_hold_the_contract(name):
-    @settings(max_examples=6, **SETTINGS)
-    @given(configurations(name))
-    def run(c):
-        check(c)
-
-    run()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MECHANISMS)
-def test_generated_valid_configurations_hold_the_contract_larger_profile(name):
-    @settings(max_examples=30, **SETTINGS)
+def test_generated_valid_configurations_hold_the_contract(name, examples):
+    @settings(max_examples=examples, **SETTINGS)
     @given(configurations(name))
     def run(c):
         check(c)

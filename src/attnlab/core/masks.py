@@ -57,10 +57,17 @@ def check_op_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> None:
     if mask.dim() > 4:
         raise ValueError(f"mask must broadcast to (B, H, Lq, Lk) = {target}, "
                          f"got shape {tuple(mask.shape)}")
-    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-    if any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
+    if not broadcasts(mask, target):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"(B, H, Lq, Lk) = {target}")
+
+
+def broadcasts(t: Tensor, target: tuple[int, ...]) -> bool:
+    """Whether ``t`` broadcasts to ``target`` (no more dims; each size 1 or the target's)."""
+    if t.dim() > len(target):
+        return False
+    shape = (1,) * (len(target) - t.dim()) + tuple(t.shape)
+    return all(s in (1, n) for s, n in zip(shape, target, strict=True))
 
 
 def check_key_padding(mask: Tensor | None, batch: int, length: int, who: str,

@@ -196,8 +196,7 @@ class Attention(nn.Module):
                                          self.head_dim)
             return self._finish(heads_out, call, x.shape)
         q, k, v = self._qkv(call)
-        padded_rows = None if call.key_mask is None or call.context is not None else \
-            ~call.key_mask[:, None, :, None]  # this call's padded tokens, (B, 1, L, 1)
+        padded_rows = _padded_rows(call)  # before update_state widens call.key_mask
         if state is not None:
             k, v, call.key_mask = self.update_state(k, v, call)
         if self.hook_weights.active:
@@ -420,13 +419,13 @@ class Attention(nn.Module):
 
     def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(call)
-        if call.key_mask is not None and call.context is None:
+        pad = _padded_rows(call)
+        if pad is not None:
             # a padded token is no key and no value, whatever it holds (a huge finite one
             # overflows in its projection, and 0 x inf is NaN in the sums over keys); it
             # stays a query (a key-padded query reads the real keys, as ICLRegressor's
             # does), but a query row that overflowed is 0, so its NaN stays out of the
             # gradients
-            pad = ~call.key_mask[:, None, :, None]
             k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
             q = q.masked_fill(pad & ~torch.isfinite(q), 0)
         q, k, v = self.prepare(q, k, v, call)
@@ -438,6 +437,14 @@ class Attention(nn.Module):
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
         y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)
+
+
+def _padded_rows(call: Call) -> Tensor | None:
+    """Bool (B, 1, L, 1): this call's padded tokens of self-attention (None: no padding, or
+    cross-attention, whose padding is the context's)."""
+    if call.key_mask is None or call.context is not None:
+        return None
+    return ~call.key_mask[:, None, :, None]
 
 
 def _zero_nonfinite(tokens: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from attnlab.core.masks import check_op_mask, rows_seeing, visibility
+from attnlab.core.masks import broadcasts, check_op_mask, rows_seeing, visibility
 from attnlab.ops.dispatch import choose
 
 
@@ -49,9 +49,7 @@ def check_op_bias(op: str, bias: object, q: Tensor, k: Tensor) -> None:
         return
     if isinstance(bias, Tensor):
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        shape = (1,) * (4 - bias.dim()) + tuple(bias.shape) if bias.dim() <= 4 else None
-        if not bias.is_floating_point() or shape is None or \
-                any(s not in (1, t) for s, t in zip(shape, target, strict=True)):
+        if not bias.is_floating_point() or not broadcasts(bias, target):
             raise ValueError(f"{op}: a tensor bias must be floating point and broadcast to "
                              f"(B, H, Lq, Lk) = {target}, got {bias.dtype} "
                              f"{tuple(bias.shape)}")

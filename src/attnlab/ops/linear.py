@@ -13,18 +13,19 @@ recurrent form the decode step; all three agree and can continue from a state ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.core.arguments import Arg, check_arguments
 from attnlab.core.masks import visibility
 from attnlab.ops.common import expand_kv, guarded_op, upcast
 from attnlab.ops.dispatch import choose
 
 BACKENDS = ("chunked", "recurrent", "parallel")  # in order of preference for backend="auto"
+OPTIONS = {"chunk_size": Arg("int", low=1), "eps": Arg("float", low=0)}  # checked per call
 LinearState = tuple[Tensor, Tensor]  # S (B, H, Dk, Dv), z (B, H, Dk)
 
 
@@ -163,10 +164,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"{op}: unknown backend {backend!r}; choose from "
                          f"{('auto', 'reference', *BACKENDS)} ('reference' is 'parallel')")
     backend = "parallel" if backend == "reference" else backend
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be an int >= 1, got {chunk_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    check_arguments(op, OPTIONS, {"chunk_size": chunk_size, "eps": eps})
     if (state is not None or return_state) and not causal:
         raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
     if causal and q.shape[2] != k.shape[2] and state is not None:
