@@ -4,10 +4,33 @@ forward output, the input gradient and every mapped parameter gradient."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 RTOL = 1e-10  # of each compared tensor's scale: its largest magnitude, at least 1
+
+# largest error each test module reached, filled by assert_parity (read by tests/parity/table.py)
+REACHED: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class Official:
+    """What a parity test module compares with; each ``tests/parity/test_<mechanism>.py``
+    declares one as ``OFFICIAL`` and ``python -m tests.parity.table`` writes the parity table
+    of docs/mechanisms/parity.md from them and the errors the tests reach.
+
+    ``code``: "owner/repo @ commit, path, class" of the official module, or, where there is
+    none, "none: <why>" (then ``checked_against`` says what the test compares with instead);
+    ``differences``: every remaining difference of attnlab's default from that module, each
+    with its reason (empty: equal)."""
+
+    mechanism: str
+    code: str
+    checked_against: str = "its float64 re-expression (output, input and parameter gradients)"
+    differences: tuple[str, ...] = ()
 
 
 def relative_error(got: Tensor, want: Tensor) -> float:
@@ -28,6 +51,9 @@ def assert_parity(pairs: dict[str, tuple[Tensor, Tensor]], rtol: float = RTOL) -
         errors[name] = relative_error(got, want)
     bad = {k: v for k, v in errors.items() if not v <= rtol}
     assert not bad, f"differences above {rtol} of scale: {bad}"
+    module = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+    if module and errors:
+        REACHED[module] = max(REACHED.get(module, 0.0), *errors.values())
     return errors
 
 

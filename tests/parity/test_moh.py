@@ -14,7 +14,19 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import Official, assert_parity, leaf
+
+OFFICIAL = Official(
+    mechanism="moh",
+    code="SkyworkAI/MoH @ 2cefd57, MoH-DiT/models.py, MoHAttention",
+    differences=(
+        "a model sums its layers' balance losses where the official loop averages them "
+        "(contract: a module does not know the model's depth; balance_weight=0.01/depth "
+        "matches)",
+        "routers in at least float32 (deliberate: low-precision rounding must not flip top-k)",
+        "a key padding mask is accepted (contract; the official has none)",
+    ),
+)
 
 B, N, DIM, HEADS = 2, 7, 24, 6
 
