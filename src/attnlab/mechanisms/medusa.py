@@ -17,9 +17,10 @@ from attnlab.ops.softmax import softmax_attention, softmax_weights
 
 
 def pooling_matrix(grid: tuple[int, int], factor: int, keep: Tensor | None, batch: int,
-                   device) -> Tensor:
-    """(B, L_pooled, L): average of the real tokens in each factor x factor cell (1 x factor
-    for a 1 x L grid); a cell without real tokens is all zero."""
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, L_pooled, L) in ``dtype``: average of the real tokens in each factor x factor cell
+    (1 x factor for a 1 x L grid); a cell without real tokens is all zero. Built in the
+    inputs' dtype (a float32 matrix rounded 1/3 and 1/9 to 2e-8 in a float64 model)."""
     h, w = grid
     fh, fw = (min(factor, h), min(factor, w)) if h > 1 else (1, min(factor, w))
     r = torch.arange(h, device=device)[:, None] // fh
@@ -27,10 +28,10 @@ def pooling_matrix(grid: tuple[int, int], factor: int, keep: Tensor | None, batc
     cols = -(-w // fw)
     cell = (r * cols + c).reshape(-1)  # (L,)
     n_cells = int(cell.max()) + 1
-    member = (torch.arange(n_cells, device=device)[:, None] == cell[None, :]).float()
+    member = (torch.arange(n_cells, device=device)[:, None] == cell[None, :]).to(dtype)
     member = member.expand(batch, -1, -1)
     if keep is not None:
-        member = member * keep[:, None, :].float()
+        member = member * keep[:, None, :].to(dtype)
     return member / member.sum(-1, keepdim=True).clamp_min(1)
 
 
@@ -67,7 +68,8 @@ class MultiScaleHeadAttention(Attention):
     def _pooling(self, s: int, q: Tensor, call: Call) -> tuple[Tensor, Tensor]:
         """The (B, cells, L) pooling matrix of scale s and which cells hold real tokens."""
         grid = grid_of(q.shape[2], call.spatial)
-        pool = pooling_matrix(grid, s, call.key_mask, q.shape[0], q.device)
+        pool = pooling_matrix(grid, s, call.key_mask, q.shape[0], q.device,
+                              torch.promote_types(q.dtype, torch.float32))
         return pool, pool.sum(-1) > 0
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
