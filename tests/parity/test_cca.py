@@ -19,7 +19,20 @@ import torch.nn.functional as F
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import Official, assert_parity, leaf
+
+OFFICIAL = Official(
+    mechanism="cca",
+    code="Zyphra/transformers @ ff3f2ee (zaya1), src/transformers/models/zaya/modeling_zaya.py, "
+         "ZayaCCAProjection + ZayaAttention",
+    differences=(
+        "convolution kernel sizes fixed at the official defaults 2 and 2 (no option)",
+        "no sliding-window layer type (a per-layer model choice of ZAYA1)",
+        "projections keep PyTorch's init; the official model re-initialises every linear "
+        "N(0, 0.02) (a model-level choice)",
+        "softmax in the input's dtype as the official SDPA path (its eager path upcasts)",
+    ),
+)
 
 B, L, C, H, HD = 2, 9, 64, 4, 8  # compression 2: C / (H * HD)
 BASE, FRACTION = 5_000_000.0, 0.5

@@ -21,8 +21,21 @@ import torch.nn.functional as F
 
 import attnlab as al
 
-from .common import compare_with_official, hf_rotate, leaf, linear
+from .common import Official, compare_with_official, hf_rotate, leaf, linear
 from .common import rms as rms_norm
+
+OFFICIAL = Official(
+    mechanism="dma",
+    code="SmallDoges/flash-dmattn @ f024c28, examples/modeling/modeling_doge.py, DogeAttention "
+         "(core: dynamic_mask_attention_python)",
+    differences=(
+        "q/k RMSNorm and RoPE are options (qk_norm=True, rope=True), not defaults: Doge's "
+        "backbone choices",
+        "ties in the top-w choice go to the most recent key (official: torch.topk's order)",
+        "the kernel's block smoothing (block_size, off by default there) is not implemented",
+        "norm and bias in the input's dtype (official RMSNorm in float32)",
+    ),
+)
 
 B, N, DIM, HEADS, HD = 2, 9, 24, 4, 6
 EPS = 1e-6

@@ -21,7 +21,22 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import Official, assert_parity, leaf
+
+OFFICIAL = Official(
+    mechanism="gaam",
+    code="gioannides/Gaussian-Adaptive-Attention @ 145d1bc, "
+         "gaussian_adaptive_attention/GaussianBlock.py, GaussianAdaptiveAttention",
+    checked_against="its float64 re-expression, one official module per head on that head's "
+                    "value channels (output, input and parameter gradients)",
+    differences=(
+        "a head is a chunk of channels normalised over all tokens; the official multi-head "
+        "wrapper cuts the normalised axis into blocks (contract: any length, padding)",
+        "value and output projections around it (contract); the official has none",
+        "padding by a key mask, statistics over real tokens (official: a padding value counted "
+        "as zeros)",
+    ),
+)
 
 B, N, DIM = 2, 7, 24
 EPS = 1e-8

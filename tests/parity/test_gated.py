@@ -16,8 +16,19 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf, linear
+from .common import Official, assert_parity, leaf, linear
 from .common import rms as rms_norm
+
+OFFICIAL = Official(
+    mechanism="gated",
+    code="qiuzh20/gated_attention @ 49645df, modeling_qwen3.py, Qwen3Attention",
+    differences=(
+        "q/k RMSNorm and RoPE are options (qk_norm=True, rope=True), not defaults: Qwen3's "
+        "backbone choices, shared by the paper's ungated baseline",
+        "norms and softmax in the input's dtype (official: float32 under bfloat16)",
+        "PyTorch's linear init (the official model's N(0, 0.02) is a model-level choice)",
+    ),
+)
 
 B, N, DIM, HEADS, HD = 2, 7, 24, 4, 6
 EPS = 1e-6

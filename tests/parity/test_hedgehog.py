@@ -20,7 +20,19 @@ import torch
 
 import attnlab as al
 
-from .common import compare_with_official, hf_rotate, leaf
+from .common import Official, compare_with_official, hf_rotate, leaf
+
+OFFICIAL = Official(
+    mechanism="hedgehog",
+    code="HazyResearch/lolcats @ 375df84, src/model/linear_attention/linear_attention.py, "
+         "LolcatsLinearAttention (feature maps: src/model/feature_map.py)",
+    differences=(
+        "default feature map is the Hedgehog paper's [exp(xW+b), exp(-xW-b)], W identity; "
+        "LoLCATs' softmax map is feature='softmax', feature_bias=False",
+        "denominator clamped at 1e-6 (LoLCATs adds 1e-12; inactive for these features)",
+        "distillation through extra_loss() with the task loss (LoLCATs: a separate stage)",
+    ),
+)
 
 B, N, DIM, HEADS, HD = 2, 9, 24, 4, 6
 

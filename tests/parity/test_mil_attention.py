@@ -18,7 +18,18 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import Official, assert_parity, leaf
+
+OFFICIAL = Official(
+    mechanism="mil_attention",
+    code="dazhangyu123/ACMIL @ e53d19c, architecture/transformer.py, ACMIL_GA + Attention_Gated",
+    differences=(
+        "no bias on the branch score weights w_m (a constant per branch: no effect on softmax "
+        "or top-K; its official gradient is 0 too)",
+        "several bags per batch with a key padding mask (contract; the official runs one bag)",
+        "DimReduction and the classifiers belong to the model, not this module",
+    ),
+)
 
 N, C, D, BRANCHES, TOP_K, RATE = 12, 16, 8, 3, 5, 0.6
 

@@ -19,7 +19,17 @@ import torch
 
 import attnlab as al
 
-from .common import assert_parity, leaf
+from .common import Official, assert_parity, leaf
+
+OFFICIAL = Official(
+    mechanism="selective",
+    code="umich-sota/selective_attention @ 4ea6520, lit_gpt/gpt_2_PTS.py, CausalSelfAttention",
+    differences=(
+        "the paper's token temperature tanh(f(x)) is on by default (the released code has the "
+        "position term only); f starts at 0, so at init it computes the official function",
+        "ln(i) in the input's dtype (official: a float32 buffer)",
+    ),
+)
 
 B, N, DIM, HEADS = 2, 9, 24, 4
 
