@@ -16,17 +16,23 @@ from attnlab.modules.projections import split_heads
 from attnlab.ops.rfa import ACTIVATIONS, random_feature_attention, random_feature_weights
 
 
+def random_matrices(heads: int, dim: int, identity_mean: float, seed: int | None) -> Tensor:
+    """(M, C, C) float32: N(0, 1/C) entries plus ``identity_mean`` I / sqrt(C), drawn from
+    torch's default generator (``seed`` None: each layer its own draw, reproducible under
+    ``torch.manual_seed``) or from a generator seeded with ``seed``."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
+    return w + identity_mean * torch.eye(dim) / dim ** 0.5
+
+
 class RandomFeatureProjection(nn.Module):
     """q = x itself per head, k = W_m x with frozen random W_m (a buffer), v = a linear map."""
 
-    def __init__(self, shape: HeadShape, *, identity_mean: float, seed: int) -> None:
+    def __init__(self, shape: HeadShape, *, identity_mean: float, seed: int | None) -> None:
         super().__init__()
         self.shape = shape
-        dim, heads = shape.dim, shape.heads
-        self.v = nn.Linear(dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
-        w = w + identity_mean * torch.eye(dim) / dim ** 0.5
+        self.v = nn.Linear(shape.dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
+        w = random_matrices(shape.heads, shape.dim, identity_mean, seed)
         self.register_buffer("random_qk", w)  # frozen: a buffer, never trained
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,7 +57,9 @@ class RandomFeatureAttention(Attention):
 
     over the N_t keys x_t sees. W_m (C x C) are frozen: Gaussian N(0, 1/C) entries plus
     ``identity_mean`` * I / sqrt(C) (the paper's option of a mean proportional to I); only
-    the values V_m (the value and output projections) train. ``activation``: relu (default),
+    the values V_m (the value and output projections) train. ``seed``: None (default) draws
+    W_m from torch's generator at construction, so the layers of a model are independent and
+    ``torch.manual_seed`` reproduces them; an int fixes them. ``activation``: relu (default),
     sigmoid, tanh. q = x_t and k = W_m x_i enter the op (width C), so hook_q/hook_k are
     (B, M, L, C). Backends: ``tiled`` (default, memory-bounded), ``reference`` (dense).
     """
@@ -61,11 +69,11 @@ class RandomFeatureAttention(Attention):
     arguments: ClassVar[dict[str, Arg]] = {
         "activation": Arg("str", choices=tuple(sorted(ACTIVATIONS))),
         "identity_mean": Arg("float"),
-        "seed": Arg("int", low=0),
+        "seed": Arg("int", optional=True, low=0),
     }
 
     def __init__(self, dim: int, heads: int, *, activation: str = "relu",
-                 identity_mean: float = 0.0, seed: int = 0, **kwargs) -> None:
+                 identity_mean: float = 0.0, seed: int | None = None, **kwargs) -> None:
         projection = functools.partial(RandomFeatureProjection, identity_mean=identity_mean,
                                        seed=seed)
         super().__init__(dim, heads, projection=projection, **kwargs)
