@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -12,6 +13,8 @@ from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.modules.norms import QK_NORM_KINDS, QKNorm
+from attnlab.modules.rotary import Rotary
 from attnlab.ops.sigmoid import sigmoid_attention, sigmoid_weights
 
 
@@ -29,7 +32,10 @@ class SigmoidAttention(Attention):
     paper's "no bias" control); ``learn_bias=True`` makes b a parameter of each head,
     initialised at that value (the paper's Section 3 discusses a learned b). Masked entries
     weigh exactly 0. The paper stabilises training with ``qk_norm=True`` and
-    ``hybrid_norm=True`` (a LayerNorm on the attention output).
+    ``hybrid_norm=True`` (a LayerNorm on the attention output). With ``qk_norm=True`` q and k
+    of each head pass a LayerNorm (affine, with a bias, eps 1e-5) as in the official module
+    (apple/ml-sigmoid-attention ``Attention``, ``norm_layer=nn.LayerNorm``);
+    ``qk_norm_kind="rms"`` is attnlab's common RMSNorm instead (the earlier sigmoid qk-norm).
 
     A learned per-head b enters every backend as one more channel of q and k:
     [q, b_h / c] . [k, 1] c = c q.k + b_h, so the memory-bounded tiled path serves it too.
@@ -52,12 +58,17 @@ class SigmoidAttention(Attention):
         "hybrid_norm": Arg("bool"),
         "score_bias": Arg("float", optional=True),
         "learn_bias": Arg("bool"),
+        "qk_norm_kind": Arg("str", choices=QK_NORM_KINDS),
     }
 
     def __init__(self, dim: int, heads: int, *, max_len: int | None = 1024,
                  hybrid_norm: bool = False, score_bias: float | None = None,
-                 learn_bias: bool = False, **kwargs) -> None:
+                 learn_bias: bool = False, qk_norm_kind: str = "layer", **kwargs) -> None:
+        # RoPE frequencies as the official precompute_freqs_cis: 1 / 10000^(2i/d) in float32
+        kwargs.setdefault("rotary", partial(Rotary, float32_frequencies=True))
         super().__init__(dim, heads, output_norm=hybrid_norm, **kwargs)
+        if kwargs.get("qk_norm", False):  # the official qk-norm: nn.LayerNorm(head_dim)
+            self.qk_norm = QKNorm(self.shape.qk_dim, True, kind=qk_norm_kind)
         if max_len is None and score_bias is None and (self.causal or learn_bias):
             raise ValueError("sigmoid: causal attention (and learn_bias=True) needs a fixed "
                              "max_len (b = -ln(max_len)) or score_bias")
