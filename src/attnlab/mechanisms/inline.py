@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -24,19 +25,30 @@ INLINE_MAPS = {
 
 
 class DynamicLocal(nn.Module):
-    """Depthwise 3-tap (sequence) or 3x3 (image) conv on V whose kernel, one per head, is
-    predicted from the mean token: kernel = W x_mean + b. Causal: the mean over x_{<=t} and
-    taps t-2, t-1, t (an attnlab extension), with a fixed-size decode state."""
+    """InLine's local module: a depthwise 3x3 convolution on V whose kernel, one per value
+    channel, a two-layer MLP predicts from the mean token m (B, C):
 
-    def __init__(self, dim: int, heads: int) -> None:
+        K = W2 GELU(W1 m + b1) + b2,    K (B, channels, 3, 3)
+
+    W1 (C -> C) and W2 (C -> 9 channels) are block-diagonal over ``groups`` (the heads): 1x1
+    grouped convolutions with PyTorch's default init, as in the official module. On a
+    sequence the middle row gives 3 taps. Causal (an attnlab extension): the mean of
+    x_{<=t} and taps t-2, t-1, t, with a fixed-size decode state."""
+
+    def __init__(self, dim: int, channels: int, groups: int) -> None:
         super().__init__()
-        self.heads = heads
-        self.predict = nn.Linear(dim, heads * 9)
-        nn.init.zeros_(self.predict.weight)
-        nn.init.zeros_(self.predict.bias)
+        self.channels = channels
+        self.hidden = nn.Conv1d(dim, dim, 1, groups=groups)
+        self.kernel = nn.Conv1d(dim, 9 * channels, 1, groups=groups)
+
+    def kernels(self, mean: Tensor) -> Tensor:
+        """(..., C) mean tokens -> (..., channels, 3, 3) kernels."""
+        flat = mean.reshape(-1, mean.shape[-1], 1)
+        out = self.kernel(F.gelu(self.hidden(flat)))
+        return out.view(*mean.shape[:-1], self.channels, 3, 3)
 
     def forward(self, v: Tensor, call: Call, causal: bool) -> Tensor:
-        b, h, length, _ = v.shape
+        b, h, length, d = v.shape
         keep = None if call.key_mask is None else call.key_mask[:, -length:]
         x = call.x if keep is None else call.x * keep[..., None].to(call.x.dtype)
         count = (x.new_ones(b, length) if keep is None else keep.to(x.dtype))
@@ -45,15 +57,11 @@ class DynamicLocal(nn.Module):
         if causal:
             return self._causal(v, x, count, call)
         mean = x.sum(1) / count.sum(1, keepdim=True).clamp_min(1.0)
-        kernel = self.predict(mean).view(b, h, 3, 3).to(v.dtype)
+        kernel = self.kernels(mean).view(b, h, d, 3, 3).to(v.dtype)
         if call.spatial is not None and len(call.spatial) == 2:
-            hh, ww = call.spatial
-            img = F.pad(v.unflatten(2, (hh, ww)), (0, 0, 1, 1, 1, 1))
-            out = sum(kernel[:, :, i, j, None, None, None] * img[:, :, i:i + hh, j:j + ww]
-                      for i in range(3) for j in range(3))
-            return out.flatten(2, 3)
+            return _conv_image(v, kernel, call.spatial)
         seq = F.pad(v, (0, 0, 1, 1))
-        return sum(kernel[:, :, 1, j, None, None] * seq[:, :, j:j + length] for j in range(3))
+        return sum(kernel[:, :, None, :, 1, j] * seq[:, :, j:j + length] for j in range(3))
 
     def _causal(self, v: Tensor, x: Tensor, count: Tensor, call: Call) -> Tensor:
         st = call.state
@@ -65,14 +73,24 @@ class DynamicLocal(nn.Module):
             n = n + st.get("n")[:, None]
             past = st.get("v_past")
         mean = x_sum / n.clamp_min(1.0)[..., None]
-        kernel = self.predict(mean).view(*mean.shape[:2], self.heads, 3, 3)[..., 1, :]
-        kernel = kernel.permute(0, 2, 1, 3).to(v.dtype)  # (B, H, L, 3): taps t-2, t-1, t
+        b, h, length, d = v.shape
+        kernel = self.kernels(mean)[..., 1, :].view(b, length, h, d, 3)
+        kernel = kernel.transpose(1, 2).to(v.dtype)  # (B, H, L, D, 3): taps t-2, t-1, t
         seq = torch.cat([past, v], dim=2)
-        length = v.shape[2]
-        out = sum(kernel[..., j, None] * seq[:, :, j:j + length] for j in range(3))
+        out = sum(kernel[..., j] * seq[:, :, j:j + length] for j in range(3))
         if st is not None:
             st.put(x_sum=x_sum[:, -1], n=n[:, -1], v_past=seq[:, :, -2:])
         return out
+
+
+def _conv_image(v: Tensor, kernel: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """Depthwise 3x3 cross-correlation with zero padding 1 of v (B, H, L, D) on its (hh, ww)
+    grid, one kernel (B, H, D, 3, 3) per channel."""
+    hh, ww = spatial
+    img = F.pad(v.unflatten(2, (hh, ww)), (0, 0, 1, 1, 1, 1))  # (B, H, hh + 2, ww + 2, D)
+    out = sum(kernel[:, :, None, None, :, i, j] * img[:, :, i:i + hh, j:j + ww]
+              for i in range(3) for j in range(3))
+    return out.flatten(2, 3)
 
 
 @register("inline", family="linear",
@@ -85,28 +103,34 @@ class DynamicLocal(nn.Module):
 class InjectiveLinearAttention(LinearFamily):
     """InLine: injective linear attention plus a dynamic local module.
 
-    "Bridging the Divide: Reconsidering Softmax and Linear Attention" (LeapLabTHU/InLine).
-    Over the N_i visible keys,
+    "Bridging the Divide: Reconsidering Softmax and Linear Attention" (Han et al.; official
+    LeapLabTHU/InLine ``InLineAttention``). Over the N_i visible keys, c = d^-1/2,
 
         w_ij = (c / N_i) [phi(q_i).phi(k_j) - phi(q_i).mean_j phi(k_j)] + 1 / N_i,
+        y_i  = sum_j w_ij v_j + (K(mean x) * V)_i,
 
-    rows sum to 1 and weights may be negative; unlike plain linear attention the map is
+    rows of w sum to 1 and weights may be negative; unlike plain linear attention the map is
     injective (q and 2q give different weights). phi: ``identity`` (default), ``relu``,
-    ``leaky_relu``, ``exp`` (exp(0.2 x)). ``local=True`` adds the local module: a depthwise
-    3x3 (image) / 3-tap (sequence) conv on V with a per-head kernel predicted from the mean
-    token. The causal prefix form is an attnlab extension of the vision paper.
+    ``leaky_relu``, ``exp`` (exp(0.2 x)). The local module (``local=True``, default): a
+    depthwise 3x3 (image) / 3-tap (sequence) convolution on V with one kernel per channel,
+    predicted from the mean token by a per-head two-layer MLP (1x1 grouped convs, GELU);
+    ``local=False`` drops it. ``bias=True`` by default (the official qkv and output
+    projections have biases). The causal prefix form is an attnlab extension.
     """
 
     arguments: ClassVar[dict[str, Arg]] = {
         "feature_map": Arg("str", choices=tuple(sorted(INLINE_MAPS))),
         "local": Arg("bool"),
+        "bias": Arg("bool"),
     }
 
     def __init__(self, dim: int, heads: int, *, feature_map: str = "identity",
-                 local: bool = True, **kwargs) -> None:
-        super().__init__(dim, heads, **kwargs)
+                 local: bool = True, bias: bool = True, **kwargs) -> None:
+        super().__init__(dim, heads, bias=bias, **kwargs)
         self.feature_map = feature_map
-        self.local = DynamicLocal(dim, self.kv_heads) if local else None
+        channels = self.kv_heads * self.head_dim
+        self.local = (DynamicLocal(dim, channels, math.gcd(dim, self.kv_heads)) if local
+                      else None)
         self.weights_reproduce_output = not local  # weights() covers the attention, not the conv
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
