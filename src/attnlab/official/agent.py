@@ -1,0 +1,161 @@
+"""Official Agent Attention checkpoints (LeapLabTHU/Agent-Attention ``AgentAttention``) into
+attnlab's ``agent``.
+
+Layouts (keys relative to the attention module):
+
+- ``"swin"`` (default; agent_transformer/models/agent_swin.py): ``qkv.weight`` (3C, C),
+  ``qkv.bias``, ``proj.weight``, ``proj.bias``, the depthwise ``dwc.weight`` (C, 1, 3, 3) and
+  ``dwc.bias``, and the bias tables ``an_bias``, ``na_bias`` (H, m, 7, 7), ``ah_bias``
+  (1, H, m, Wh, 1), ``aw_bias`` (1, H, m, 1, Ww), ``ha_bias`` (1, H, Wh, 1, m), ``wa_bias``
+  (1, H, 1, Ww, m).
+- ``"pvt"`` (agent_transformer/models/agent_pvt.py): ``q.weight``/``q.bias`` and ``kv.weight``
+  (2C, C)/``kv.bias`` instead of ``qkv``; with ``sr_ratio`` r > 1 also ``sr.weight``
+  (C, C, r, r), ``sr.bias``, ``norm.weight``, ``norm.bias``, and ``ah_bias``/``aw_bias``
+  sized for the window divided by r.
+
+The shapes say everything: C from ``proj.weight``, the heads H and agents m from ``an_bias``,
+the window (Wh, Ww) from ``ha_bias`` and ``wa_bias``, r from ``sr.weight``, the qkv bias from
+its presence (a checkpoint built with ``qkv_bias=False`` gets q, k, v biases of 0: the same
+function, as attnlab's ``bias=`` switches all four projections). Other keyword arguments go
+to ``attnlab.build`` (e.g. ``dropout``). Agent-DeiT's class-token biases (``ac_bias``,
+``ca_bias``) have no place in attnlab's module and are refused.
+
+>>> attn = convert(block_state_of_the_attention, layout="swin")   # or from_official("agent", ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import attnlab as al
+
+LAYOUTS = ("swin", "pvt")
+_TABLES = {"bias_to_keys": "an_bias", "bias_to_agents": "na_bias",
+           "keys_row_bias": "ah_bias", "keys_col_bias": "aw_bias",
+           "agents_row_bias": "ha_bias", "agents_col_bias": "wa_bias"}
+_AXIS = {"ah_bias": 2, "aw_bias": 2, "ha_bias": 2, "wa_bias": 3}  # the axis kept second
+_HINTS = {"ac_bias": "Agent-DeiT's class-token biases are not supported (no class token)",
+          "ca_bias": "Agent-DeiT's class-token biases are not supported (no class token)",
+          "get_v.": "CSWin's module (LePE on v) is not this layout"}
+Source = tuple[str, Callable[[Tensor], Tensor]]
+
+
+def _chunk(i: int, n: int) -> Callable[[Tensor], Tensor]:
+    return lambda t: t.chunk(n, 0)[i]
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _sources(layout: str, sr: bool) -> tuple[dict[str, Source], tuple[str, ...]]:
+    """attnlab parameter -> (official key, official tensor -> attnlab tensor), and the
+    optional official keys (the qkv biases)."""
+    if layout == "swin":
+        out = {f"qkv.{p}.{kind}": (f"qkv.{kind}", _chunk(i, 3)) for i, p in enumerate("qkv")
+               for kind in ("weight", "bias")}
+        optional = ("qkv.bias",)
+    else:
+        out = {f"qkv.q.{kind}": (f"q.{kind}", _same) for kind in ("weight", "bias")}
+        out |= {f"qkv.{p}.{kind}": (f"kv.{kind}", _chunk(i, 2)) for i, p in enumerate("kv")
+                for kind in ("weight", "bias")}
+        optional = ("q.bias", "kv.bias")
+        if sr:
+            out |= {f"qkv.{m}.{kind}": (f"{m}.{kind}", _same) for m in ("sr", "norm")
+                    for kind in ("weight", "bias")}
+    out |= {"o_proj.weight": ("proj.weight", _same), "o_proj.bias": ("proj.bias", _same),
+            "dwconv.conv.weight": ("dwc.weight", _same), "dwconv.conv.bias": ("dwc.bias", _same)}
+    out |= {mine: (theirs, _table(theirs)) for mine, theirs in _TABLES.items()}
+    return out, optional
+
+
+def _table(key: str) -> Callable[[Tensor], Tensor]:
+    """The official (1, H, ...) separable tables without their axes of 1; others as they are."""
+    if key not in _AXIS:
+        return _same
+    return lambda t: t.reshape(t.shape[1], t.shape[_AXIS[key]], -1)
+
+
+def _check_keys(state_dict: Mapping[str, Tensor], layout: str) -> None:
+    sources, optional = _sources(layout, "sr.weight" in state_dict)
+    known = {theirs for theirs, _ in sources.values()}
+    unexpected = sorted(set(state_dict) - known)
+    missing = sorted(known - set(state_dict) - set(optional))
+    present = [k for k in optional if k in state_dict]
+    if present and len(present) != len(optional):  # pvt: both q and kv biases, or neither
+        missing += sorted(k for k in optional if k not in state_dict)
+    if unexpected or missing:
+        hints = sorted({h for k in unexpected for p, h in _HINTS.items() if k.startswith(p)})
+        parts = (f"unexpected keys {unexpected}" if unexpected else "",
+                 f"missing keys {missing}" if missing else "", *hints)
+        raise ValueError(f"agent ({layout!r} layout): " + "; ".join(p for p in parts if p))
+
+
+def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """dim, heads, agents, window and sr_ratio from the shapes."""
+    an, ha, wa = state_dict["an_bias"], state_dict["ha_bias"], state_dict["wa_bias"]
+    if an.dim() != 4 or ha.dim() != 5 or wa.dim() != 5:
+        raise ValueError(f"agent: an_bias {tuple(an.shape)}, ha_bias {tuple(ha.shape)}, "
+                         f"wa_bias {tuple(wa.shape)}: expected (H, m, 7, 7), "
+                         "(1, H, Wh, 1, m), (1, H, 1, Ww, m)")
+    sr = state_dict.get("sr.weight")
+    return {"dim": state_dict["proj.weight"].shape[0], "heads": an.shape[0],
+            "agents": an.shape[1], "window": (ha.shape[2], wa.shape[3]),
+            "sr_ratio": 1 if sr is None else sr.shape[-1]}
+
+
+def _merge(inferred: dict[str, Any], build_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The inferred arguments; one also given must agree, and the layout's fixed parts
+    (bias, local term, tables) are not arguments."""
+    for fixed in ("bias", "local", "dwconv", "position_bias", "kv_heads", "head_dim"):
+        if fixed in build_kwargs:
+            raise ValueError(f"agent: {fixed}= is set by the official module's layout, "
+                             "not an argument of the conversion")
+    for name, value in inferred.items():
+        given = build_kwargs.pop(name, value)
+        if (tuple(given) if isinstance(given, (tuple, list)) else given) != value and \
+                not (name == "window" and given == value[0] == value[1]):
+            raise ValueError(f"agent: {name}={given} contradicts the state dict, whose "
+                             f"shapes say {name}={value}")
+    return inferred | build_kwargs
+
+
+def convert(state_dict: Mapping[str, Tensor], *, layout: str = "swin",
+            **build_kwargs: Any) -> al.Attention:
+    """attnlab's ``agent`` module holding the official ``AgentAttention`` weights of
+    ``state_dict`` (keys relative to that module), in the official configuration (biases,
+    DWC, bias tables, ``sr_ratio``), in the checkpoint's dtype."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"agent: layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_keys(state_dict, layout)
+    kwargs = _merge(_infer(state_dict), dict(build_kwargs))
+    attn = al.build("agent", bias=True, **kwargs)
+    attn = attn.to(dtype=state_dict["proj.weight"].dtype)
+    sources, _ = _sources(layout, kwargs["sr_ratio"] > 1)
+    own = dict(attn.named_parameters())
+    if set(own) != set(sources):
+        raise ValueError(f"agent: the {layout!r} layout does not give every parameter of "
+                         f"the module built: {sorted(set(own) ^ set(sources))}")
+    with torch.no_grad():
+        for mine, (theirs, f) in sources.items():
+            own[mine].copy_(_tensor(state_dict, theirs, f, own[mine]))
+    return attn
+
+
+def _tensor(state_dict: Mapping[str, Tensor], key: str, f: Callable[[Tensor], Tensor],
+            like: Tensor) -> Tensor:
+    if key not in state_dict:  # an absent qkv bias (qkv_bias=False): zero, same function
+        return torch.zeros_like(like)
+    try:
+        t = f(state_dict[key])
+    except RuntimeError as err:
+        raise ValueError(f"agent: {key} of shape {tuple(state_dict[key].shape)} does not "
+                         f"fit {tuple(like.shape)}") from err
+    if t.shape != like.shape:
+        raise ValueError(f"agent: {key} of shape {tuple(state_dict[key].shape)} gives "
+                         f"{tuple(t.shape)} where {tuple(like.shape)} is needed")
+    return t
