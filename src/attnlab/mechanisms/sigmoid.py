@@ -43,11 +43,11 @@ class SigmoidAttention(Attention):
     The default stays the paper's b = -ln(n), fixed, as its official code has it (there with
     qk-norm and nothing on the attention output). In small causal models b can decide the
     result: on MQAR at length 32 in attnlab's TransformerLM (docs/results/sigmoid_mqar.md)
-    b = -ln 32 recalls ~0.59 of the values, with qk-norm 0.95, b = -ln(32 / 8) all of them; a
-    learned b cannot travel that far in 600 steps, and the hybrid norm hurts. A hand-written
-    model reproduces this with the same embedding scale and reverses it with smaller
-    embeddings: the best b depends on the model around the attention, so compare values of
-    ``score_bias`` when sigmoid is a contestant.
+    b = -ln 32 recalls ~0.59 of the values, with qk-norm 0.95 (the earlier RMSNorm qk-norm),
+    b = -ln(32 / 8) all of them; a learned b cannot travel that far in 600 steps, and the
+    hybrid norm hurts. A hand-written model reproduces this with the same embedding scale and
+    reverses it with smaller embeddings: the best b depends on the model around the
+    attention, so compare values of ``score_bias`` when sigmoid is a contestant.
     Backends: ``tiled`` (CPU default, memory-bounded training), ``reference``, ``flex``.
     """
 
