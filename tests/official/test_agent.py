@@ -1,5 +1,5 @@
-"""attnlab.official.agent: an official AgentAttention state dict (random; Swin and PVT layouts,
-PVT with and without sr_ratio) converted into attnlab's ``agent`` computes what the official
+"""attnlab.official.agent: an official AgentAttention state dict (random; Swin, PVT (with and
+without sr_ratio) and DeiT layouts) converted into attnlab's ``agent`` computes what the official
 module computes on it (the parity test's float64 re-expression), and bad state dicts are
 refused naming the keys."""
 
@@ -16,32 +16,34 @@ from tests.parity.test_agent import DIM, official_forward, official_params
 HEADS, AGENTS = 3, 4
 
 
-def _state(window: int, sr: int = 0, qkv_bias: bool = True,
-           seed: int = 0) -> dict[str, torch.Tensor]:
-    """sr = 0: Swin's layout; sr >= 1: PVT's."""
+def _state(window: int, sr: int = 0, qkv_bias: bool = True, seed: int = 0,
+           cls: bool = False) -> dict[str, torch.Tensor]:
+    """sr = 0: Swin's layout (DeiT's with ``cls``); sr >= 1: PVT's."""
     gen = torch.Generator().manual_seed(seed)
-    p = official_params(HEADS, AGENTS, window, sr, qkv_bias, gen)
+    p = official_params(HEADS, AGENTS, window, sr, qkv_bias, gen, cls=cls)
     return {k: v.detach().clone() for k, v in p.items()}
 
 
-def _inputs(side: int, seed: int) -> torch.Tensor:
+def _inputs(n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(2, side * side, DIM, generator=gen, dtype=torch.float64)
+    return torch.randn(2, n, DIM, generator=gen, dtype=torch.float64)
 
 
 def _close(attn: al.Attention, state: dict[str, torch.Tensor], side: int, seed: int) -> None:
-    x = _inputs(side, seed)
+    cls = "ac_bias" in state  # DeiT: the class token, then the patches, as a sequence
+    x = _inputs(side * side + cls, seed)
     with torch.no_grad():
         want = official_forward(state, x, HEADS)
-        got = attn(x, spatial=(side, side))
+        got = attn(x) if cls else attn(x, spatial=(side, side))
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-10
 
 
-@pytest.mark.parametrize("layout,window,sr", [("swin", 6, 0), ("swin", 7, 0),
+@pytest.mark.parametrize("layout,window,sr", [("swin", 6, 0), ("swin", 7, 0), ("deit", 5, 0),
                                               ("pvt", 6, 1), ("pvt", 8, 2), ("pvt", 8, 4)])
 def test_converted_module_equals_the_official_module(layout, window, sr):
-    state = _state(window, sr, seed=window + sr)
+    state = _state(window, sr, seed=window + sr, cls=layout == "deit")
     attn = convert(state, layout=layout)
+    assert attn.cls_token == (layout == "deit")
     assert (attn.dim, attn.heads, attn.agents) == (DIM, HEADS, AGENTS)
     assert attn.window == (window, window) and attn.sr_ratio == max(sr, 1)
     assert next(attn.parameters()).dtype == torch.float64
@@ -63,8 +65,10 @@ def test_unexpected_and_missing_keys_are_named():
     with pytest.raises(ValueError, match=r"missing keys \['wa_bias'\]"):
         convert({k: v for k, v in state.items() if k != "wa_bias"})
     deit = {**state, "ac_bias": torch.zeros(1, HEADS, AGENTS, 1)}
-    with pytest.raises(ValueError, match=r"unexpected keys \['ac_bias'\].*class-token"):
+    with pytest.raises(ValueError, match=r"unexpected keys \['ac_bias'\].*layout='deit'"):
         convert(deit)
+    with pytest.raises(ValueError, match=r"missing keys \['ca_bias'\]"):
+        convert(deit, layout="deit")
     with pytest.raises(ValueError, match=r"unexpected keys \['qkv.bias', 'qkv.weight'\]"):
         convert(state, layout="pvt")
     pvt = _state(8, 2)

@@ -1,12 +1,14 @@
 """agent against the official Agent Attention module (LeapLabTHU/Agent-Attention @ 207ce3e,
 agent_transformer/models/agent_swin.py ``AgentAttention``; the Agent-PVT variant of
-agent_transformer/models/agent_pvt.py ``AgentAttention`` with ``sr_ratio``).
+agent_transformer/models/agent_pvt.py ``AgentAttention`` with ``sr_ratio``, and the Agent-DeiT
+variant of agent_transformer/models/agent_deit.py ``AgentAttention`` with its class token).
 
 The official computation is re-expressed here in float64 from reading that code, in its own
 parameter layout: a fused ``qkv`` (Swin) or ``q`` and ``kv`` (PVT, with ``sr`` and ``norm``
 when sr_ratio > 1), ``proj``, the depthwise ``dwc`` and the six bias tables ``an_bias``,
 ``na_bias`` (heads, m, 7, 7), ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias`` (separable,
-sized for the window).
+sized for the window), and DeiT's class-token biases ``ac_bias`` (1, heads, m, 1) and
+``ca_bias`` (1, heads, 1, m).
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ OFFICIAL = Official(
         "contract takes any grid and sequences)",
         "a key padding mask is accepted: agents pool real tokens, padded keys are hidden "
         "(contract; the official has none)",
-        "Agent-DeiT's class token (ac/ca biases, no DWC on it) is not modelled (the contract "
-        "puts every token on the grid)",
     ),
 )
 
@@ -40,9 +40,11 @@ B, DIM = 2, 24
 
 
 def official_params(heads: int, agents: int, window: int, sr: int, qkv_bias: bool,
-                    gen: torch.Generator, scale: float = 1.0) -> dict[str, torch.Tensor]:
+                    gen: torch.Generator, scale: float = 1.0,
+                    cls: bool = False) -> dict[str, torch.Tensor]:
     """A random state dict in the official layout (Swin's fused qkv when sr == 0, PVT's q
-    and kv otherwise); ``scale``: the bias tables' std (trained scale ~1)."""
+    and kv otherwise; ``cls``: DeiT's, Swin's with ac/ca); ``scale``: the bias tables' std
+    (trained scale ~1)."""
     def w(*shape, std=None):
         std = shape[-1] ** -0.5 if std is None else std
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
@@ -56,6 +58,9 @@ def official_params(heads: int, agents: int, window: int, sr: int, qkv_bias: boo
          "aw_bias": w(1, heads, agents, 1, kw, std=scale),
          "ha_bias": w(1, heads, window, 1, agents, std=scale),
          "wa_bias": w(1, heads, 1, window, agents, std=scale)}
+    if cls:
+        p["ac_bias"] = w(1, heads, agents, 1, std=scale)
+        p["ca_bias"] = w(1, heads, 1, agents, std=scale)
     if sr == 0:
         p["qkv.weight"] = w(3 * DIM, DIM)
         if qkv_bias:
@@ -99,30 +104,35 @@ def _heads(t, heads):
 
 
 def official_forward(p: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -> torch.Tensor:
-    """One official AgentAttention (Swin or PVT layout, chosen by the keys) on x (b, n, c),
-    n = side^2 = the window the tables are sized for."""
+    """One official AgentAttention (Swin, PVT or DeiT layout, chosen by the keys) on x
+    (b, n, c), n = side^2 (DeiT: 1 + side^2) and side the window the tables are sized for."""
     b, n, c = x.shape
     side, agents = math.isqrt(n), p["an_bias"].shape[1]
+    cls = int("ac_bias" in p)
     scale = (c // heads) ** -0.5
     q, k, v, kside = _project(p, x, side)
-    pooled = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(b, c, side, side),
+    pooled = F.adaptive_avg_pool2d(q[:, cls:].transpose(1, 2).reshape(b, c, side, side),
                                    math.isqrt(agents))
     a = _heads(pooled.reshape(b, c, agents).transpose(1, 2), heads)
     q, k, v = _heads(q, heads), _heads(k, heads), _heads(v, heads)
 
     b1 = F.interpolate(p["an_bias"], size=(kside, kside), mode="bilinear").reshape(
         heads, agents, -1) + (p["ah_bias"] + p["aw_bias"]).reshape(heads, agents, -1)
+    if cls:
+        b1 = torch.cat([p["ac_bias"][0], b1], -1)
     agent_v = torch.softmax((a * scale) @ k.transpose(-1, -2) + b1, -1) @ v
     b2 = F.interpolate(p["na_bias"], size=(side, side), mode="bilinear").reshape(
         heads, agents, -1).transpose(1, 2) + (p["ha_bias"] + p["wa_bias"]).reshape(
-        heads, n, agents)
+        heads, n - cls, agents)
+    if cls:
+        b2 = torch.cat([p["ca_bias"][0], b2], -2)
     out = (torch.softmax((q * scale) @ a.transpose(-1, -2) + b2, -1) @ agent_v)
     out = out.transpose(1, 2).reshape(b, n, c)
-    vimg = v.transpose(1, 2).reshape(b, kside, kside, c).permute(0, 3, 1, 2)
+    vimg = v[:, :, cls:].transpose(1, 2).reshape(b, kside, kside, c).permute(0, 3, 1, 2)
     if kside != side:
         vimg = F.interpolate(vimg, size=(side, side), mode="bilinear")
-    out = out + F.conv2d(vimg, p["dwc.weight"], p["dwc.bias"], padding=1,
-                         groups=c).flatten(2).transpose(1, 2)
+    conv = F.conv2d(vimg, p["dwc.weight"], p["dwc.bias"], padding=1, groups=c)
+    out = torch.cat([out[:, :cls], out[:, cls:] + conv.flatten(2).transpose(1, 2)], 1)
     return _lin(p, "proj", out)
 
 
@@ -141,11 +151,16 @@ def weight_map(p: dict[str, torch.Tensor], heads: int) -> dict[str, tuple[str, o
 
     def flat(axis):  # (1, heads, ..) with one axis of 1 -> (heads, shape[axis], rest)
         return lambda t: t.reshape(heads, t.shape[axis], -1)
+
+    def vec(t):  # DeiT's (1, heads, m, 1) / (1, heads, 1, m) -> (heads, m)
+        return t.reshape(heads, -1)
     names = {"o_proj.weight": ("proj.weight", same), "o_proj.bias": ("proj.bias", same),
              "dwconv.conv.weight": ("dwc.weight", same), "dwconv.conv.bias": ("dwc.bias", same),
              "bias_to_keys": ("an_bias", same), "bias_to_agents": ("na_bias", same),
              "keys_row_bias": ("ah_bias", flat(2)), "keys_col_bias": ("aw_bias", flat(2)),
              "agents_row_bias": ("ha_bias", flat(2)), "agents_col_bias": ("wa_bias", flat(3))}
+    if "ac_bias" in p:
+        names |= {"keys_cls_bias": ("ac_bias", vec), "agents_cls_bias": ("ca_bias", vec)}
     for part in ("weight", "bias"):
         if f"qkv.{part}" in p:
             for i, s in enumerate("qkv"):
@@ -162,8 +177,10 @@ def weight_map(p: dict[str, torch.Tensor], heads: int) -> dict[str, tuple[str, o
 
 def run_parity(attn, p, heads: int, side: int, gen: torch.Generator) -> dict:
     """Copy p into attn, run both on the same input and loss, compare everything."""
-    x = torch.randn(B, side * side, DIM, generator=gen, dtype=torch.float64)
-    weight = torch.randn(B, side * side, DIM, generator=gen, dtype=torch.float64)
+    cls = int("ac_bias" in p)
+    n = side * side + cls
+    x = torch.randn(B, n, DIM, generator=gen, dtype=torch.float64)
+    weight = torch.randn(B, n, DIM, generator=gen, dtype=torch.float64)
     xo = leaf(x)
     y_off = official_forward(p, xo, heads)
     (y_off * weight).sum().backward()
@@ -176,7 +193,7 @@ def run_parity(attn, p, heads: int, side: int, gen: torch.Generator) -> dict:
         for mine, (theirs, f) in names.items():
             own[mine].copy_(f(p[theirs]))
     xa = leaf(x)
-    y = attn(xa.reshape(B, side, side, DIM)).reshape(B, side * side, DIM)
+    y = attn(xa) if cls else attn(xa.reshape(B, side, side, DIM)).reshape(B, n, DIM)
     (y * weight).sum().backward()
     pairs = {"out": (y, y_off), "grad x": (xa.grad, xo.grad)}
     for mine, (theirs, f) in names.items():
@@ -204,6 +221,15 @@ def test_agent_equals_the_official_pvt_module(sr, window, qkv_bias):
                     sr_ratio=sr, bias=qkv_bias).double()
     if not qkv_bias:  # PVT's proj always has a bias; attnlab's bias=False drops it
         attn.o_proj.bias = torch.nn.Parameter(torch.zeros(DIM, dtype=torch.float64))
+    run_parity(attn, p, heads, window, gen)
+
+
+@pytest.mark.parametrize("heads,agents,window", [(3, 4, 5), (4, 49, 14)])
+def test_agent_equals_the_official_deit_module(heads, agents, window):
+    gen = torch.Generator().manual_seed(heads * 10 + window)
+    p = official_params(heads, agents, window, 0, True, gen, cls=True)
+    attn = al.build("agent", dim=DIM, heads=heads, agents=agents, window=window,
+                    cls_token=True).double()
     run_parity(attn, p, heads, window, gen)
 
 
@@ -254,3 +280,21 @@ def test_agent_sr_ratio_ignores_what_padding_holds(grid):
     w = attn.weights(x, mask=keep, spatial=grid if grid[0] > 1 else None)
     assert w.shape == (2, 3, n, cells)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, n, dtype=torch.float64))
+
+
+def test_agent_cls_token_ignores_what_padding_holds_and_needs_1_plus_s2_tokens():
+    torch.manual_seed(2)
+    attn = al.build("agent", dim=DIM, heads=3, agents=4, window=5, cls_token=True).double()
+    x = torch.randn(2, 26, DIM, dtype=torch.float64)
+    keep = torch.ones(2, 26, dtype=torch.bool)
+    keep[1, -6:] = False
+    other = x.clone()
+    other[1, -6:] = float("nan")
+    y, y2 = attn(x, mask=keep), attn(other, mask=keep)
+    assert torch.isfinite(y).all() and (y - y2)[keep].abs().max() == 0
+    torch.testing.assert_close(attn.weights(x, mask=keep).sum(-1),
+                               torch.ones(2, 3, 26, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"1 \+ s\^2"):
+        attn(torch.randn(2, 25, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no sr_ratio"):
+        al.build("agent", dim=DIM, heads=3, cls_token=True, sr_ratio=2)

@@ -45,6 +45,9 @@ class AgentAttention(Attention):
     (``local``; the ``local_term``). ``sr_ratio`` > 1 (Agent-PVT): keys and values are
     projected from LayerNorm(Conv_{r x r, stride r}(x)) (a grid not divisible by r is
     zero-padded to whole cells) and V is resized bilinearly back to the grid before DWC.
+    ``cls_token=True`` (Agent-DeiT): the first token is a class token off the grid (input a
+    sequence of 1 + s^2 tokens): a key and a query of the agents with its own biases (ac:
+    agent -> class token, ca: class token -> agent), not pooled into agents, no DWC.
     ``bias`` (q, k, v and output projections) is on by default, as the official
     ``qkv_bias=True`` of every released model. The implied n x n matrix
     softmax(cQA^T + B2) softmax(cAK^T + B1) is non-negative with rows summing to 1.
@@ -56,23 +59,27 @@ class AgentAttention(Attention):
         "local": Arg("bool"),
         "position_bias": Arg("bool"),
         "sr_ratio": Arg("int", low=1),
+        "cls_token": Arg("bool"),
         "dwconv": Arg("bool", optional=True),
         "bias": Arg("bool"),  # a common argument, declared here for its default True
     }
 
     def __init__(self, dim: int, heads: int, *, agents: int = 49,
                  window: int | tuple[int, int] = 14, local: bool = True,
-                 position_bias: bool = True, sr_ratio: int = 1, dwconv: bool | None = None,
-                 bias: bool = True, **kwargs) -> None:
+                 position_bias: bool = True, sr_ratio: int = 1, cls_token: bool = False,
+                 dwconv: bool | None = None, bias: bool = True, **kwargs) -> None:
         if dwconv is not None:
             warnings.warn("agent: dwconv= is deprecated, use local=", FutureWarning,
                           stacklevel=2)
             local = dwconv
+        if cls_token and sr_ratio > 1:
+            raise ValueError("agent: cls_token=True (Agent-DeiT) takes no sr_ratio > 1")
         if sr_ratio > 1:
             kwargs["projection"] = lambda shape: ReducedKVProjection(shape, sr_ratio)
         super().__init__(dim, heads, bias=bias, **kwargs)
         side = math.isqrt(agents)
         self.agents, self.agent_grid, self.sr_ratio = agents, (side, side), sr_ratio
+        self.cls_token = cls_token
         self.window = (window, window) if isinstance(window, int) else tuple(window)
         self._make_biases(position_bias)
         self.dwconv = DepthwiseConv(self.kv_heads * self.head_dim, 3) if local else None
@@ -89,6 +96,8 @@ class AgentAttention(Attention):
                   "keys_row_bias": (h, m, max(wh // r, 1)),
                   "keys_col_bias": (h, m, max(ww // r, 1)),
                   "agents_row_bias": (h, wh, m), "agents_col_bias": (h, ww, m)}
+        if self.cls_token:  # Agent-DeiT's ac (agent -> class token), ca (class token -> agent)
+            shapes |= {"keys_cls_bias": (h, m), "agents_cls_bias": (h, m)}
         for name, shape in shapes.items():
             table = nn.Parameter(torch.empty(shape))
             nn.init.trunc_normal_(table, std=BIAS_STD)
@@ -101,7 +110,8 @@ class AgentAttention(Attention):
         table = _resize2d(self.bias_to_keys, grid)
         rows = _resize1d(self.keys_row_bias, grid[0])[..., :, None]
         cols = _resize1d(self.keys_col_bias, grid[1])[..., None, :]
-        return (table + rows + cols).flatten(2)
+        out = (table + rows + cols).flatten(2)
+        return torch.cat([self.keys_cls_bias[..., None], out], 2) if self.cls_token else out
 
     def _agent_bias(self, grid: tuple[int, int]) -> Tensor | None:
         """B2 (heads, n, m): query -> agent bias on the query grid."""
@@ -110,12 +120,31 @@ class AgentAttention(Attention):
         table = _resize2d(self.bias_to_agents, grid).permute(0, 2, 3, 1)
         rows = _resize1d(self.agents_row_bias.transpose(1, 2), grid[0]).transpose(1, 2)
         cols = _resize1d(self.agents_col_bias.transpose(1, 2), grid[1]).transpose(1, 2)
-        return (table + rows[:, :, None, :] + cols[:, None, :, :]).flatten(1, 2)
+        out = (table + rows[:, :, None, :] + cols[:, None, :, :]).flatten(1, 2)
+        return torch.cat([self.agents_cls_bias[:, None], out], 1) if self.cls_token else out
+
+    def _patch_grid(self, length: int, call: Call) -> tuple[int, int]:
+        """The grid of the patch tokens: all tokens, or (with ``cls_token``) all but the
+        first, which then must be s x s (Agent-DeiT: a sequence of 1 + s^2 tokens)."""
+        if not self.cls_token:
+            return grid_of(length, call.spatial)
+        side = math.isqrt(max(length - 1, 0))
+        if call.spatial is not None or length < 2 or side * side != length - 1:
+            raise ValueError(f"agent: cls_token=True takes a sequence (B, 1 + s^2, C) of a "
+                             f"class token and s x s patches, got {length} tokens"
+                             f"{'' if call.spatial is None else f' on {call.spatial}'}")
+        return side, side
+
+    def _patches(self, t: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(B, H, L, D) tokens and (B, L) mask without the class token (if any)."""
+        if not self.cls_token:
+            return t, keep
+        return t[:, :, 1:], None if keep is None else keep[:, 1:]
 
     def _parts(self, q: Tensor, k: Tensor, call: Call) -> tuple[Tensor, Tensor]:
         """softmax(c Q A^T + B2) (B, H, n, m) and softmax(c A K^T + B1) (B, H, m, n_k)."""
-        grid = grid_of(q.shape[2], call.spatial)
-        agents = masked_pool(q, call.key_mask, grid, self.agent_grid)
+        grid = self._patch_grid(q.shape[2], call)
+        agents = masked_pool(*self._patches(q, call.key_mask), grid, self.agent_grid)
         keep, kgrid = self._key_keep(call, grid)
         to_keys = softmax_weights(agents, k, mask=key_padding_to_op(keep),
                                   bias=self._key_bias(kgrid))
@@ -154,13 +183,16 @@ class AgentAttention(Attention):
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
         if self.dwconv is None:
             return None
-        grid = grid_of(call.x.shape[1], call.spatial)
+        grid = self._patch_grid(call.x.shape[1], call)
+        v, keep = self._patches(v, call.key_mask)
         flat = v.transpose(1, 2).flatten(2)  # (B, L_k, H_kv * D)
         if self.sr_ratio > 1:
             img = flat.transpose(1, 2).unflatten(2, reduced_grid(grid, self.sr_ratio))
             img = F.interpolate(img, size=grid, mode="bilinear", align_corners=False)
             flat = img.flatten(2).transpose(1, 2)
-        out = self.dwconv(flat, grid, call.key_mask)
+        out = self.dwconv(flat, grid, keep)
+        if self.cls_token:  # no convolution reaches the class token
+            out = F.pad(out, (0, 0, 1, 0))
         return self.expand_kv(self.split_heads(out, self.kv_heads))
 
 

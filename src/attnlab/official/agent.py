@@ -12,13 +12,15 @@ Layouts (keys relative to the attention module):
   (2C, C)/``kv.bias`` instead of ``qkv``; with ``sr_ratio`` r > 1 also ``sr.weight``
   (C, C, r, r), ``sr.bias``, ``norm.weight``, ``norm.bias``, and ``ah_bias``/``aw_bias``
   sized for the window divided by r.
+- ``"deit"`` (agent_transformer/models/agent_deit.py): the Swin keys and the class-token
+  biases ``ac_bias`` (1, H, m, 1) and ``ca_bias`` (1, H, 1, m); the module is built with
+  ``cls_token=True`` (its input: the class token first, then the s x s patches).
 
 The shapes say everything: C from ``proj.weight``, the heads H and agents m from ``an_bias``,
 the window (Wh, Ww) from ``ha_bias`` and ``wa_bias``, r from ``sr.weight``, the qkv bias from
 its presence (a checkpoint built with ``qkv_bias=False`` gets q, k, v biases of 0: the same
 function, as attnlab's ``bias=`` switches all four projections). Other keyword arguments go
-to ``attnlab.build`` (e.g. ``dropout``). Agent-DeiT's class-token biases (``ac_bias``,
-``ca_bias``) have no place in attnlab's module and are refused.
+to ``attnlab.build`` (e.g. ``dropout``).
 
 >>> attn = convert(block_state_of_the_attention, layout="swin")   # or from_official("agent", ...)
 """
@@ -33,13 +35,13 @@ from torch import Tensor
 
 import attnlab as al
 
-LAYOUTS = ("swin", "pvt")
+LAYOUTS = ("swin", "pvt", "deit")
 _TABLES = {"bias_to_keys": "an_bias", "bias_to_agents": "na_bias",
            "keys_row_bias": "ah_bias", "keys_col_bias": "aw_bias",
            "agents_row_bias": "ha_bias", "agents_col_bias": "wa_bias"}
 _AXIS = {"ah_bias": 2, "aw_bias": 2, "ha_bias": 2, "wa_bias": 3}  # the axis kept second
-_HINTS = {"ac_bias": "Agent-DeiT's class-token biases are not supported (no class token)",
-          "ca_bias": "Agent-DeiT's class-token biases are not supported (no class token)",
+_HINTS = {"ac_bias": "class-token biases: Agent-DeiT's module, layout='deit'",
+          "ca_bias": "class-token biases: Agent-DeiT's module, layout='deit'",
           "get_v.": "CSWin's module (LePE on v) is not this layout"}
 Source = tuple[str, Callable[[Tensor], Tensor]]
 
@@ -55,7 +57,7 @@ def _same(t: Tensor) -> Tensor:
 def _sources(layout: str, sr: bool) -> tuple[dict[str, Source], tuple[str, ...]]:
     """attnlab parameter -> (official key, official tensor -> attnlab tensor), and the
     optional official keys (the qkv biases)."""
-    if layout == "swin":
+    if layout in ("swin", "deit"):
         out = {f"qkv.{p}.{kind}": (f"qkv.{kind}", _chunk(i, 3)) for i, p in enumerate("qkv")
                for kind in ("weight", "bias")}
         optional = ("qkv.bias",)
@@ -70,7 +72,14 @@ def _sources(layout: str, sr: bool) -> tuple[dict[str, Source], tuple[str, ...]]
     out |= {"o_proj.weight": ("proj.weight", _same), "o_proj.bias": ("proj.bias", _same),
             "dwconv.conv.weight": ("dwc.weight", _same), "dwconv.conv.bias": ("dwc.bias", _same)}
     out |= {mine: (theirs, _table(theirs)) for mine, theirs in _TABLES.items()}
+    if layout == "deit":
+        out |= {"keys_cls_bias": ("ac_bias", _vector), "agents_cls_bias": ("ca_bias", _vector)}
     return out, optional
+
+
+def _vector(t: Tensor) -> Tensor:
+    """DeiT's (1, H, m, 1) and (1, H, 1, m) class-token biases as (H, m)."""
+    return t.reshape(t.shape[1], -1)
 
 
 def _table(key: str) -> Callable[[Tensor], Tensor]:
@@ -111,7 +120,8 @@ def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 def _merge(inferred: dict[str, Any], build_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The inferred arguments; one also given must agree, and the layout's fixed parts
     (bias, local term, tables) are not arguments."""
-    for fixed in ("bias", "local", "dwconv", "position_bias", "kv_heads", "head_dim"):
+    for fixed in ("bias", "local", "dwconv", "position_bias", "cls_token", "kv_heads",
+                  "head_dim"):
         if fixed in build_kwargs:
             raise ValueError(f"agent: {fixed}= is set by the official module's layout, "
                              "not an argument of the conversion")
@@ -133,7 +143,7 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "swin",
         raise ValueError(f"agent: layout must be one of {LAYOUTS}, got {layout!r}")
     _check_keys(state_dict, layout)
     kwargs = _merge(_infer(state_dict), dict(build_kwargs))
-    attn = al.build("agent", bias=True, **kwargs)
+    attn = al.build("agent", bias=True, cls_token=layout == "deit", **kwargs)
     attn = attn.to(dtype=state_dict["proj.weight"].dtype)
     sources, _ = _sources(layout, kwargs["sr_ratio"] > 1)
     own = dict(attn.named_parameters())
