@@ -18,7 +18,7 @@ from attnlab.ops.lla import lla_weights, local_linear_attention
                 "Attention For Test-Time Regression",
           causal=True, bidirectional=True, decode=True, domains=("seq",),
           complexity="n^2 d^2 + n d^3", weights=True, cross=True,
-          variants=({"ridge": 10.0},),
+          variants=({"ridge": 1.0},),
           notes="Quadratic like softmax: decodes with a KV cache (its weights depend on every "
                 "key through exp(q.k)), not a fixed-size state.")
 class LocalLinearAttention(Attention):
@@ -28,8 +28,9 @@ class LocalLinearAttention(Attention):
     Test-Time Regression": w_ij = exp(c q_i.k_j), z_ij = k_j - q_i, omega = sum w,
     mu = sum w z, Sigma = sum w z z^T + lambda omega I, rho = Sigma^-1 mu,
     s_ij = w_ij (1 - rho.z_ij) / (omega - mu.rho), o_i = sum_j s_ij v_j.
-    lambda (``ridge``, default 1) -> inf recovers softmax attention. Quadratic in L: the
-    ``chunked`` backend (default) bounds memory, and decoding uses a KV cache.
+    lambda (``ridge``, default 10 as the official ``lla_attention``) -> inf recovers softmax
+    attention. Quadratic in L: the ``chunked`` backend (default) bounds memory, and decoding
+    uses a KV cache.
     """
 
     backends = ("auto", "reference", "chunked")
@@ -38,7 +39,7 @@ class LocalLinearAttention(Attention):
         "ridge": Arg("float", low=0),
     }
 
-    def __init__(self, dim: int, heads: int, *, ridge: float = 1.0, **kwargs) -> None:
+    def __init__(self, dim: int, heads: int, *, ridge: float = 10.0, **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
         self.ridge = ridge
 
