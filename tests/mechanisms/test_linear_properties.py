@@ -51,7 +51,9 @@ def test_mala_sharpens_with_query_scale_while_relu_linear_attention_does_not():
 @pytest.mark.parametrize("causal", [False, True])
 def test_mala_and_inline_rows_sum_to_one_with_negative_entries(name, causal):
     q, k = _qk(seed=1)
-    w = _weights(name, q, k, causal=causal, **({"local": False} if name == "inline" else {}))
+    # mala: eps=0 (its official 1/(z + 1e-6) makes rows sum to z / (z + 1e-6))
+    w = _weights(name, q, k, causal=causal,
+                 **({"local": False} if name == "inline" else {"eps": 0.0}))
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 1, 32, dtype=torch.float64))
     assert (w < 0).any()
     if causal:
