@@ -42,20 +42,50 @@ def layer_specs(mechanism: str | Sequence[str], mechanism_kwargs: dict | Sequenc
     return [(n, dict(kw)) for n, kw in zip(names, kwargs, strict=True)]
 
 
+BRANCH_PLACES = ("before", "after")
+
+
+def residual_branches(attn: nn.Module) -> dict[str, nn.Module]:
+    """The residual branches a mechanism contributes to its block: its optional
+    ``residual_branches()`` returns new modules by place, ``"before"`` (added ahead of the
+    attention branch) and ``"after"`` (added after it, ahead of the MLP); each is called as
+    ``branch(x, mask)`` on the block's running input and returns what is added to it (a
+    pre-norm, if any, is part of the branch). None: no branch."""
+    make = getattr(attn, "residual_branches", None)
+    branches = dict(make()) if callable(make) else {}
+    unknown = set(branches) - set(BRANCH_PLACES)
+    if unknown:
+        raise ValueError(f"{type(attn).__name__}: residual branches at {sorted(unknown)}; "
+                         f"the places are {BRANCH_PLACES}")
+    return branches
+
+
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x))."""
+    """x + attn(norm(x)), then x + mlp(norm(x)); a mechanism's residual branches (see
+    :func:`residual_branches`), if it has any, are added before and after the attention
+    branch: x + before(x), x + attn(norm(x)), x + after(x), x + mlp(norm(x))."""
 
     def __init__(self, dim: int, heads: int, mechanism: str, kwargs: dict, mlp_ratio: int,
                  dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = build(mechanism, dim=dim, heads=heads, **kwargs)
+        for place, branch in residual_branches(self.attn).items():
+            setattr(self, place, branch)  # only mechanisms with branches get these modules
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None) -> Tensor:
+        before, after = (getattr(self, place, None) for place in BRANCH_PLACES)
+        if state is not None and (before is not None or after is not None):
+            raise ValueError(f"{self.attn.name}: its block's residual branches see the whole "
+                             "input; they do not decode with a state")
+        if before is not None:
+            x = x + before(x, mask)
         x = x + self.attn(self.norm1(x), mask=mask, state=state)
+        if after is not None:
+            x = x + after(x, mask)
         return x + self.mlp(self.norm2(x))
 
 
