@@ -28,10 +28,12 @@ def test_agent_pools_49_agents_from_a_14x14_image_as_7x7_means():
     torch.testing.assert_close(agents[0, 0, 0], block)
 
 
-def test_soft_uses_a_fixed_number_of_landmarks_by_default():
-    attn = al.build("soft", dim=32, heads=2)
-    assert attn._cells((1, 4096)) == (1, 49) and attn._cells((56, 56)) == (7, 7)
-    assert attn._cells((1, 10)) == (1, 10)  # never more landmarks than tokens
+def test_soft_landmarks_come_from_ratio_cells_or_a_fixed_number():
+    attn = al.build("soft", dim=32, heads=2)  # the official third stage: 2 x 2 cells
+    assert attn._cells((14, 14)) == (7, 7) and attn._cells((1, 4096)) == (1, 2048)
+    fixed = al.build("soft", dim=32, heads=2, landmark="pool", landmarks=49)
+    assert fixed._cells((1, 4096)) == (1, 49) and fixed._cells((56, 56)) == (7, 7)
+    assert fixed._cells((1, 10)) == (1, 10)  # never more landmarks than tokens
     assert al.build("soft", dim=32, heads=2, ratio=4)._cells((1, 4096)) == (1, 1024)
 
 
@@ -48,7 +50,8 @@ def test_newton_inverse_is_close_to_pinv():
 
 def _soft(ratio, inverse="exact"):
     torch.manual_seed(0)
-    return al.build("soft", dim=32, heads=2, ratio=ratio, inverse=inverse, dwconv=False)
+    return al.build("soft", dim=32, heads=2, landmark="pool", ratio=ratio, inverse=inverse,
+                    local=False)
 
 
 def test_soft_with_as_many_landmarks_as_tokens_equals_the_full_kernel_product():

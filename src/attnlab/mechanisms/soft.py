@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from attnlab.core.arguments import SQUARE, Arg, is_square
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import SharedQKProjection
-from attnlab.modules.spatial import DepthwiseConv, grid_of, masked_pool
+from attnlab.modules.spatial import grid_of, masked_pool
 from attnlab.ops.common import upcast
 
 INVERSES = ("newton", "exact")
+LANDMARK_OPS = ("conv", "pool")
+NEWTON_GRADS = ("inverse", "unrolled")
+
+
+def unit_gaussian(a: Tensor, b: Tensor) -> Tensor:
+    """exp(-|a - b|^2 / 2), (.., n, d) x (.., m, d) -> (.., n, m)."""
+    sq = (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(-1, -2) + (b * b).sum(-1)[..., None, :]
+    return torch.exp(-sq.clamp_min(0.0) / 2)
 
 
 def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
     """S(a, b) = exp(-|a - b|^2 / (2 sqrt(d))), (.., n, d) x (.., m, d) -> (.., n, m)."""
-    d = a.shape[-1]
-    sq = (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(-1, -2) + (b * b).sum(-1)[..., None, :]
-    return torch.exp(-sq.clamp_min(0.0) / (2 * math.sqrt(d)))
+    s = a.shape[-1] ** -0.25
+    return unit_gaussian(a * s, b * s)
 
 
 def newton_inverse(a: Tensor, iterations: int = 20, reg: float = 0.01) -> Tensor:
@@ -38,72 +48,164 @@ def newton_inverse(a: Tensor, iterations: int = 20, reg: float = 0.01) -> Tensor
     return v
 
 
+class NewtonInverse(torch.autograd.Function):
+    """V = newton_inverse(A) forward; backward as if V were the exact inverse of A + 0.01 I,
+    dL/dA = -V^T (dL/dV) V^T (SOFT's rule: two m x m products instead of differentiating
+    through every Newton step)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, iterations: int) -> Tensor:
+        with torch.no_grad():
+            v = newton_inverse(a, iterations)
+        ctx.save_for_backward(v)
+        return v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (v,) = ctx.saved_tensors
+        vt = v.transpose(-1, -2)
+        return -(vt @ grad @ vt), None
+
+
+class ConvLandmarks(nn.Module):
+    """SOFT's landmarks: a ``ratio`` x ``ratio`` convolution with stride ``ratio`` (D -> D, no
+    bias, shared by the heads) on each head's token grid, then LayerNorm(D) and GELU. A grid
+    that ``ratio`` does not divide is zero-padded at its bottom and right (the official drops
+    those rows and columns); padded tokens are zeroed first."""
+
+    def __init__(self, head_dim: int, ratio: int) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.conv = nn.Conv2d(head_dim, head_dim, ratio, stride=ratio, bias=False)
+        self.norm = nn.LayerNorm(head_dim)
+
+    def forward(self, q: Tensor, grid: tuple[int, int], keep: Tensor | None) -> Tensor:
+        """q (B, H, L, D) -> landmarks (B, H, M, D)."""
+        b, h, _, d = q.shape
+        if keep is not None:  # (not q * keep: inf x 0 is NaN)
+            q = q.masked_fill(~keep[:, None, :, None], 0)
+        img = q.reshape(b * h, *grid, d).permute(0, 3, 1, 2)
+        r = self.ratio
+        img = F.pad(img, (0, -grid[1] % r, 0, -grid[0] % r))
+        out = F.conv2d(img, self.conv.weight.to(img.dtype), stride=r)
+        out = out.flatten(2).transpose(1, 2).reshape(b, h, -1, d)
+        norm = self.norm
+        out = F.layer_norm(out, (d,), norm.weight.to(out.dtype), norm.bias.to(out.dtype), norm.eps)
+        return F.gelu(out)
+
+
+class HeadConv(nn.Module):
+    """SOFT's local term: one k x k kernel per head, shared by the head's channels, no bias,
+    on V's token grid (a sequence is a 1 x L grid: the kernel's middle row); padded tokens
+    are zeroed first."""
+
+    def __init__(self, heads: int, kernel: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(heads, heads, kernel, padding=kernel // 2, groups=heads,
+                              bias=False)
+
+    def forward(self, v: Tensor, grid: tuple[int, int], keep: Tensor | None) -> Tensor:
+        """v (B, H, L, D) -> (B, H, L, D)."""
+        b, h, n, d = v.shape
+        if keep is not None:
+            v = v.masked_fill(~keep[:, None, :, None], 0)
+        img = v.permute(0, 3, 1, 2).reshape(b * d, h, *grid)
+        return self.conv(img).reshape(b, d, h, n).permute(0, 2, 3, 1)
+
+
 @register("soft", family="linear", paper="Softmax-free Linear Transformers",
           causal=False, bidirectional=True, decode=False, domains=("image", "seq"),
           complexity="n m d", weights=True, cross=False, weights_exact=False,
           unsupported=("kv_heads",),
-          variants=({"dwconv": False, "normalize": True}, {"ratio": 1, "inverse": "exact"}))
+          variants=({"local": False, "normalize": True},
+                    {"landmark": "pool", "ratio": 1, "inverse": "exact"},
+                    {"landmark": "pool", "landmarks": 49, "newton_grad": "unrolled"}))
 class SoftAttention(Attention):
     """SOFT: a Gaussian-kernel attention approximated through m landmarks (Nystrom).
 
-    "Softmax-free Linear Transformers" (fudan-zvg/SOFT). K = Q (shared projection),
-    S(a, b) = exp(-|a - b|^2 / (2 sqrt(d))), landmarks Q~ = average pooling of Q with stride
-    ``ratio`` on the token grid (over real tokens; the paper also offers a strided conv),
+    "Softmax-free Linear Transformers" (official code fudan-zvg/SOFT,
+    ``SoftmaxFreeAttentionKernel``). K = Q (shared projection), Q' = Q / d^(1/4),
+    S(a, b) = exp(-|a - b|^2 / 2), landmarks Q~ = GELU(LayerNorm(Conv_r(Q'))) with Conv_r an
+    r x r convolution of stride r = ``ratio`` on each head's token grid,
 
-        O = S(Q, Q~) pinv(S(Q~, Q~)) S(Q~, Q) V + DWConv(V),
+        O = S(Q', Q~) pinv(S(Q~, Q~)) S(Q~, Q') V + DWConv_k(V),
 
-    pinv by 20 Newton-Raphson steps on S(Q~, Q~) + 0.01 I (``inverse="exact"``:
-    torch.linalg.pinv). Landmarks: a fixed number (``landmarks=49``: 7 x 7 on an image, as
-    the paper's per-stage ratios give at every stage; 49 on a sequence), so the cost stays
-    O(n m d + m^3), linear in n; ``ratio=r`` pools with stride r per axis instead (m grows
-    with n: m^3 dominates for long inputs). ``normalize=True``: the symmetric-normalised variant
-    D^-1/2 A D^-1/2 with D the row sums of the approximation. With as many landmarks as
-    tokens (``ratio=1``) and the exact inverse it equals S(Q, Q) V.
+    DWConv_k one k x k kernel per head (``local_kernel``), shared by its channels, no bias.
+    pinv: 20 Newton-Raphson steps on S(Q~, Q~) + 0.01 I, differentiated as the exact inverse
+    (``newton_grad="unrolled"``: through the steps); ``inverse="exact"``: torch.linalg.pinv.
+    Defaults r = 2, k = 3: the official third stage (the one with most blocks; 14 x 14 tokens
+    give 7 x 7 landmarks); m = n / r^2 grows with n. ``landmark="pool"``: average pooling
+    instead of the convolution (no LayerNorm, GELU), with stride ``ratio`` or a fixed number
+    ``landmarks`` (7 x 7 on an image, 49 on a sequence: cost linear in n). ``normalize=True``:
+    attnlab's symmetric-normalised variant D^-1/2 A D^-1/2, D the row sums of the
+    approximation. ``local=False`` drops DWConv (``dwconv=``: its deprecated name).
     """
 
     arguments: ClassVar[dict[str, Arg]] = {
-        "landmarks": Arg("int", low=1, rule=SQUARE, test=is_square),
+        "landmark": Arg("str", choices=LANDMARK_OPS),
         "ratio": Arg("int", optional=True, low=1),
+        "landmarks": Arg("int", optional=True, low=1, rule=SQUARE, test=is_square),
         "inverse": Arg("str", choices=INVERSES),
         "newton_iterations": Arg("int", low=0),
+        "newton_grad": Arg("str", choices=NEWTON_GRADS),
         "normalize": Arg("bool"),
-        "dwconv": Arg("bool"),
+        "local": Arg("bool"),
+        "local_kernel": Arg("int", low=1, rule="an odd number", test=lambda k: k % 2 == 1),
+        "dwconv": Arg("bool", optional=True),
     }
 
-    def __init__(self, dim: int, heads: int, *, landmarks: int = 49, ratio: int | None = None,
-                 inverse: str = "newton", newton_iterations: int = 20, normalize: bool = False,
-                 dwconv: bool = True, **kwargs) -> None:
+    def __init__(self, dim: int, heads: int, *, landmark: str = "conv", ratio: int | None = 2,
+                 landmarks: int | None = None, inverse: str = "newton",
+                 newton_iterations: int = 20, newton_grad: str = "inverse",
+                 normalize: bool = False, local: bool = True, local_kernel: int = 3,
+                 dwconv: bool | None = None, **kwargs) -> None:
         super().__init__(dim, heads, projection=SharedQKProjection, **kwargs)
-        self.landmarks = landmarks
-        self.ratio, self.inverse, self.iterations = ratio, inverse, newton_iterations
+        if dwconv is not None:
+            warnings.warn("soft: dwconv= is deprecated, use local=", FutureWarning,
+                          stacklevel=3)
+            local = dwconv
+        _check_landmarks(landmark, ratio, landmarks)
+        self.landmark, self.ratio, self.landmarks = landmark, ratio, landmarks
+        self.inverse, self.iterations, self.newton_grad = inverse, newton_iterations, newton_grad
         self.normalize = normalize
-        self.dwconv = DepthwiseConv(self.heads * self.head_dim, 3) if dwconv else None
-        self.weights_reproduce_output = not dwconv
+        self.landmark_op = ConvLandmarks(self.head_dim, ratio) if landmark == "conv" else None
+        self.local = HeadConv(self.heads, local_kernel) if local else None
+        self.weights_reproduce_output = not local
 
     def _cells(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The landmark grid: ``ratio`` pools with that stride per axis; otherwise a fixed
+        """The landmark grid: ``ratio`` cells per axis (rounded up); otherwise a fixed
         number of landmarks (7 x 7 on an image, 49 on a sequence), never more than tokens."""
-        if self.ratio is not None:
+        if self.landmarks is None:
             return tuple(max(1, -(-g // self.ratio)) for g in grid)
         side = math.isqrt(self.landmarks)
         if grid[0] == 1:
             return 1, min(grid[1], self.landmarks)
         return min(grid[0], side), min(grid[1], side)
 
+    def _landmarks(self, q: Tensor, call: Call, grid: tuple[int, int]) -> Tensor:
+        if self.landmark_op is not None:
+            return self.landmark_op(q, grid, call.key_mask)
+        return masked_pool(q, call.key_mask, grid, self._cells(grid))
+
+    def _inverse(self, core: Tensor) -> Tensor:
+        if self.inverse == "exact":
+            return torch.linalg.pinv(core)
+        if self.newton_grad == "unrolled":
+            return newton_inverse(core, self.iterations)
+        return NewtonInverse.apply(core, self.iterations)
+
     def _factors(self, q: Tensor, call: Call) -> tuple[Tensor, Tensor, Tensor]:
-        """S(Q, Q~), pinv(S(Q~, Q~)), S(Q~, Q) with padded keys' columns zeroed."""
+        """S(Q', Q~), pinv(S(Q~, Q~)), S(Q~, Q') with padded keys' columns zeroed."""
         grid = grid_of(q.shape[2], call.spatial)
-        cells = self._cells(grid)
-        q = upcast(q)[0]  # kernel and inverse in float32 at least (pinv has no bf16)
-        landmarks = masked_pool(q, call.key_mask, grid, cells)
-        left = gaussian_kernel(q, landmarks)
-        core = gaussian_kernel(landmarks, landmarks)
-        right = gaussian_kernel(landmarks, q)
+        q = upcast(q)[0] * q.shape[-1] ** -0.25  # float32 at least (pinv has no bf16)
+        landmarks = self._landmarks(q, call, grid)
+        left = unit_gaussian(q, landmarks)
+        core = unit_gaussian(landmarks, landmarks)
+        right = left.transpose(-1, -2)
         if call.key_mask is not None:  # masked_fill: a padded key's kernel may be NaN
             right = right.masked_fill(~call.key_mask[:, None, None, :], 0)
-        inv = (torch.linalg.pinv(core) if self.inverse == "exact"
-               else newton_inverse(core, self.iterations))
-        return left, inv, right
+        return left, self._inverse(core), right
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         # Under autocast the Newton-Schulz steps and the products through the inverse would
@@ -131,8 +233,16 @@ class SoftAttention(Attention):
             return d * a * d.transpose(-1, -2)
 
     def local_term(self, v: Tensor, call: Call) -> Tensor | None:
-        if self.dwconv is None:
+        if self.local is None:
             return None
-        out = self.dwconv(v.transpose(1, 2).flatten(2), grid_of(v.shape[2], call.spatial),
-                          call.key_mask)
-        return self.split_heads(out, self.heads)
+        return self.local(v, grid_of(v.shape[2], call.spatial), call.key_mask)
+
+
+def _check_landmarks(landmark: str, ratio: int | None, landmarks: int | None) -> None:
+    """conv landmarks need a ratio (the kernel); a fixed number of landmarks is pooling."""
+    if landmarks is not None and landmark == "conv":
+        raise ValueError("soft: a fixed number of landmarks (landmarks=) needs "
+                         "landmark='pool' (the convolution's kernel and stride are ratio)")
+    if landmarks is None and ratio is None:
+        raise ValueError("soft: give ratio= (landmarks from ratio x ratio cells) or, with "
+                         "landmark='pool', landmarks= (a fixed number)")
