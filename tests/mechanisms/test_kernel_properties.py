@@ -72,44 +72,54 @@ def test_soft_nystrom_error_falls_as_landmarks_grow():
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
-def test_l2vit_lcm_is_a_residual_around_the_linear_attention():
+def _l2vit_block(**kwargs):
+    from attnlab.models.blocks import Block
+    return Block(32, 4, "l2vit", kwargs, 4, 0.0)
+
+
+def test_l2vit_lcm_is_a_residual_branch_of_its_block():
+    """The LCM is the block's branch x + LCM(LN(x)) after the attention branch (LGABlock):
+    with its last convolution at zero the block equals the one without it (local=False)."""
     torch.manual_seed(0)
-    attn = al.build("l2vit", dim=32, heads=4).eval()
+    block = _l2vit_block().eval()
     x = torch.randn(2, 6, 6, 32)
-    plain = al.build("l2vit", dim=32, heads=4, lcm=False).eval()
-    plain.load_state_dict(attn.state_dict(), strict=False)
+    plain = _l2vit_block(local=False).eval()
+    assert not hasattr(plain, "after") and hasattr(plain, "before")
+    plain.load_state_dict(block.state_dict(), strict=False)
     with torch.no_grad():
-        attn.lcm.conv2.conv.weight.zero_()
-        attn.lcm.conv2.conv.bias.zero_()
-    torch.testing.assert_close(attn(x), plain(x))
-    # the output is tau * relu(q) S / max(relu(q) . z, 100)
-    w = plain.weights(x)
-    assert (w >= 0).all() and (w.sum(-1) <= plain.tau.view(1, 4, 1) * 1.0001).all()
+        block.after.lcm.conv2.conv.weight.zero_()
+        block.after.lcm.conv2.conv.bias.zero_()
+    torch.testing.assert_close(block(x), plain(x))
+    # the bare module is the linear attention alone: tau * relu(q) S / max(relu(q) . z, 100)
+    attn = al.build("l2vit", dim=32, heads=4).eval()
+    assert not any("lcm" in n for n, _ in attn.named_parameters())
+    w = attn.weights(x)
+    assert (w >= 0).all() and (w.sum(-1) <= attn.tau.view(1, 4, 1) * 1.0001).all()
 
 
 def test_l2vit_batch_statistics_in_training_come_from_real_tokens_only():
     """More padding (the LCM's convolutions give padded positions non-zero values) must not
     move the BatchNorm statistics, so real outputs in train mode stay the same."""
     torch.manual_seed(0)
-    attn = al.build("l2vit", dim=32, heads=4).train()
+    block = _l2vit_block().train()
     x = torch.randn(2, 10, 32)
     keep = torch.ones(2, 10, dtype=torch.bool)
     keep[1, 7:] = False
-    y = attn(x, mask=keep)
+    y = block(x, keep)
     longer = torch.cat([x, torch.randn(2, 6, 32)], 1)
     keep_longer = torch.cat([keep, torch.zeros(2, 6, dtype=torch.bool)], 1)
-    y_longer = attn(longer, mask=keep_longer)
+    y_longer = block(longer, keep_longer)
     torch.testing.assert_close(y_longer[:, :10][keep], y[keep])
 
 
 def test_l2vit_sequences_depend_on_each_other_in_training_only():
     """What docs/mechanisms/l2vit.md says: BatchNorm's batch statistics in training."""
     torch.manual_seed(0)
-    attn = al.build("l2vit", dim=32, heads=4)
+    block = _l2vit_block()
     x, other = torch.randn(1, 10, 32), torch.randn(1, 10, 32) * 3
     for training, differs in ((True, True), (False, False)):
-        attn.train(training)
-        alone, together = attn(x), attn(torch.cat([x, other]))[:1]
+        block.train(training)
+        alone, together = block(x), block(torch.cat([x, other]))[:1]
         assert (not torch.allclose(alone, together, atol=1e-4)) == differs, training
 
 
