@@ -46,19 +46,17 @@ def visibility(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
     return vis
 
 
-def check_op_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> None:
-    """Validate an op-level mask: bool and broadcastable to ``(B, H, Lq, Lk)``."""
+def check_op_mask(mask: Tensor | None, q: Tensor, k: Tensor, op: str = "op") -> None:
+    """Validate an op-level mask: bool and broadcastable to ``(B, H, Lq, Lk)``; errors name
+    ``op``."""
     if mask is None:
         return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor (True = may attend), got {got}")
+        raise ValueError(f"{op}: mask must be a bool tensor (True = may attend), got {got}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if mask.dim() > 4:
-        raise ValueError(f"mask must broadcast to (B, H, Lq, Lk) = {target}, "
-                         f"got shape {tuple(mask.shape)}")
     if not broadcasts(mask, target):
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+        raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"(B, H, Lq, Lk) = {target}")
 
 

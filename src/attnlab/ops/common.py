@@ -39,7 +39,7 @@ def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor | None, mask: Tensor | No
         raise ValueError(f"{op}: q, k, v dtypes differ {dtypes}")
     if not q.is_floating_point():
         raise ValueError(f"{op}: q, k, v must be floating point, got {q.dtype}")
-    check_op_mask(mask, q, k)
+    check_op_mask(mask, q, k, op)
 
 
 def check_op_bias(op: str, bias: object, q: Tensor, k: Tensor) -> None:
@@ -239,8 +239,14 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
         @functools.wraps(op)
         def guarded(*args, **kwargs):
             args, kwargs = split(args, kwargs)
-            q, k, v = autocast_inputs(*args[:3])
+            for name, t in zip("qkv", args[:3], strict=True):
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"{op_name}: {name} must be a 4-D tensor (B, H, L, D), "
+                                     f"got {type(t).__name__}")
             causal, mask = kwargs.get("causal", False), kwargs.get("mask")
+            if not isinstance(causal, bool):
+                raise ValueError(f"{op_name}: causal must be True or False, got {causal!r}")
+            q, k, v = autocast_inputs(*args[:3])
             check_qkv(op_name, q, k, v, mask)
             check_op_bias(op_name, kwargs.get("bias"), q, k)
             if 0 in (q.shape[0], q.shape[2], k.shape[2]) and not kwargs.get("return_state"):

@@ -459,18 +459,23 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
             k.shape[:-1] != v.shape[:-1] or q.shape[0] != k.shape[0]:
         raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "must share batch and spatial shape")
-    if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"{op}: q and k head dims must match and kv heads divide q heads")
+    if q.shape[-1] != k.shape[-1] or 0 in (q.shape[1], k.shape[1]) or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{op}: q and k head dims must match and kv heads (at least one) "
+                         f"divide q heads, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not q.is_floating_point():
+        raise ValueError(f"{op}: q, k, v must be floating point, got {q.dtype}")
     spatial = tuple(q.shape[2:-1])
     key_mask = mask
     if key_mask is not None:
-        if key_mask.dtype != torch.bool or tuple(key_mask.shape) not in (
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(
+                key_mask.shape) not in (
                 (q.shape[0], *spatial), (q.shape[0], math.prod(spatial))):
+            got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor)
+                   else type(key_mask).__name__)
             raise ValueError(f"{op}: mask must be bool key padding of shape (B, *spatial) = "
-                             f"{(q.shape[0], *spatial)}, got {key_mask.dtype} "
-                             f"{tuple(key_mask.shape)}")
+                             f"{(q.shape[0], *spatial)}, got {got}")
         key_mask = key_mask.reshape(q.shape[0], *spatial)
     rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
     if q.numel() == 0:  # no sequence or no token

@@ -1,0 +1,82 @@
+"""Every public op, every way a call can be malformed (issue 41): each generated invalid call
+raises ValueError or TypeError from attnlab's own code, with a message that names the op —
+never an exception from inside torch or Python, never a silent result.
+
+The cases are the product of the ops and the mutations below; a new op in ``ops.__all__``
+is covered by adding its valid call to ``OPS`` (``test_the_list_covers_every_public_op`` in
+test_op_arguments.py fails until then).
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab import ops
+
+from .test_op_arguments import OPS
+
+ATTNLAB = Path(ops.__file__).resolve().parents[1]
+
+
+def _valid(lq: int = 5):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, lq, 8, generator=g)
+    k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def _mutations():
+    """name -> function (q, k, v, kwargs) -> (q, k, v, kwargs) of an invalid call."""
+    def with_kw(**kw):
+        return lambda q, k, v, o: (q, k, v, {**o, **kw})
+    return {
+        "q as a list": lambda q, k, v, o: (q.tolist(), k, v, o),
+        "int64 q, k, v": lambda q, k, v, o: (q.long(), k.long(), v.long(), o),
+        "complex q, k, v": lambda q, k, v, o: (q.cfloat(), k.cfloat(), v.cfloat(), o),
+        "q float64, k float32": lambda q, k, v, o: (q.double(), k, v, o),
+        "3-d q": lambda q, k, v, o: (q[0], k, v, o),
+        "5-d k": lambda q, k, v, o: (q, k[None], v, o),
+        "batch 2 vs 1": lambda q, k, v, o: (q, k[:1], v[:1], o),
+        "4 query heads over 3 kv heads": lambda q, k, v, o: (
+            q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), o),
+        "q head dim 8, k head dim 6": lambda q, k, v, o: (q, k[..., :6], v, o),
+        "k length 5, v length 4": lambda q, k, v, o: (q, k, v[:, :, :4], o),
+        "mask of floats": with_kw(mask=torch.ones(2, 5)),
+        "mask of the wrong length": with_kw(mask=torch.ones(2, 4, dtype=torch.bool)),
+        "mask of the wrong batch": with_kw(mask=torch.ones(3, 5, dtype=torch.bool)),
+        "causal='yes'": with_kw(causal="yes"),
+        "backend=3": with_kw(backend=3),
+    }
+
+
+MUTATIONS = _mutations()
+SKIP = {  # (op, mutation) pairs that are valid calls of that op, not errors
+    ("neighborhood_attention", "4 query heads over 3 kv heads"),  # ... is an error too
+}
+CASES = [(op, m) for op in sorted(OPS) for m in MUTATIONS if (op, m) not in SKIP]
+
+
+def _raised_in_attnlab(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return Path(frames[-1].filename).resolve().is_relative_to(ATTNLAB)
+
+
+@pytest.mark.parametrize("op_name, mutation", CASES, ids=[f"{o}-{m}" for o, m in CASES])
+def test_an_invalid_op_call_is_refused_by_attnlab_naming_the_op(op_name, mutation):
+    op = getattr(ops, op_name)
+    kwargs = dict(OPS[op_name])
+    if op_name == "neighborhood_attention":
+        q, k, v = (t[:, :2] for t in _valid())  # its keys are its queries: same length
+    else:
+        q, k, v = _valid()
+    q, k, v, kwargs = MUTATIONS[mutation](q, k, v, kwargs)
+    with pytest.raises((ValueError, TypeError)) as caught:
+        op(q, k, v, **kwargs)
+    assert _raised_in_attnlab(caught.value), (
+        f"raised from {traceback.extract_tb(caught.value.__traceback__)[-1].filename}: "
+        f"{caught.value!r}")
+    assert op_name in str(caught.value), f"the message does not name {op_name}: {caught.value}"
