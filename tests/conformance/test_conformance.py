@@ -314,8 +314,6 @@ def test_float64_is_computed_in_float64(name, kwargs, causal):
 # Known open problems (issue 12), by test id; strict: a fix makes its case fail until the
 # entry goes.
 AUTOCAST_OPEN = {
-    **{f"{amp}-longheads-v1-causal": "chunk selection from low-precision scores picks other "
-       "chunks" for amp in ("bf16", "fp16")},
     "bf16-sparsifiner-v0-bidir": "top-k keys from bf16 connectivity differ from float32's",
 }
 

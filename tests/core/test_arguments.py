@@ -139,7 +139,7 @@ def test_valid_own_argument_builds_a_finite_module(name, arg, data):
                                               r"tuple of ints, each >= 1, got \(3, 0\)"),
     ("spectral", {"grid_size": 14}, r"grid_size must be a tuple of 2 ints, each >= 1"),
     ("agent", {"agents": 48}, r"agents must be an int >= 1, a square number"),
-    ("longheads", {"budget": 1}, r"budget must be an int >= 2, got 1"),
+    ("longheads", {"budget": 2}, r"budget must be an int >= 3, got 2"),
     ("maxvit", {"grid": 2.0}, r"grid must be an int >= 1, got 2.0 \(float\)"),
     ("sparsifiner", {"distill_weight": "1"}, r"distill_weight must be a finite number >= 0"),
     ("hedgehog", {"tie_qk": "yes"}, r"tie_qk must be True or False, got 'yes'"),

@@ -8,7 +8,7 @@ import torch
 
 import attnlab as al
 from attnlab.ops import neighborhood_visibility
-from attnlab.ops.longheads import select_chunks
+from attnlab.ops.longheads import chunk_keys, select_chunks
 from attnlab.ops.spectral import spectral_gating
 
 DIM, HEADS = 32, 4
@@ -290,10 +290,10 @@ def test_longheads_within_budget_is_full_causal_attention(rope):
 
 def test_longheads_output_follows_the_chunk_rule_written_out_per_query():
     """Weights and output against a loop over queries: score the earlier complete chunks
-    by q . mean key, keep chunk 0, the local chunk and the best others up to the budget,
-    softmax over the kept keys j <= i."""
+    by q . the attention-pooled chunk key, keep chunk 0, the previous and the local chunk and
+    the best others up to the budget, softmax over the kept keys j <= i."""
     torch.manual_seed(3)
-    w, budget, length = 3, 3, 14
+    w, budget, length = 3, 4, 17
     attn = build("longheads", chunk_size=w, budget=budget, causal=True)
     x = torch.randn(1, length, DIM)
     seen = {}
@@ -303,14 +303,19 @@ def test_longheads_output_follows_the_chunk_rule_written_out_per_query():
     attn(x)
     q, k, v = (seen[name].detach() for name in ("hook_q", "hook_k", "hook_v"))
     heads, d = q.shape[0], q.shape[-1]
+
+    def chunk_key(h, c):
+        qc, kc, vc = (t[h, c * w:(c + 1) * w] for t in (q, k, v))
+        vbar = (torch.softmax(qc @ kc.T / d ** 0.5, -1) @ vc).mean(0)
+        return torch.softmax(vbar @ kc.T / d ** 0.5, -1) @ kc
+
     expected = torch.zeros(heads, length, d)
     for h in range(heads):
         for i in range(length):
             local = i // w
-            scores = {c: float(q[h, i] @ k[h, c * w:(c + 1) * w].mean(0))
-                      for c in range(1, local)}
-            best = sorted(scores, key=scores.get, reverse=True)[:budget - 2]
-            kept = [j for j in range(i + 1) if j // w in {0, local, *best}]
+            scores = {c: float(q[h, i] @ chunk_key(h, c)) for c in range(1, local - 1)}
+            best = sorted(scores, key=scores.get, reverse=True)[:budget - 3]
+            kept = [j for j in range(i + 1) if j // w in {0, local - 1, local, *best}]
             a = torch.softmax(torch.stack([q[h, i] @ k[h, j] for j in kept]) / d ** 0.5, 0)
             expected[h, i] = a @ v[h, kept]
     torch.testing.assert_close(seen["hook_heads"].transpose(0, 1), expected, atol=1e-5,
@@ -324,9 +329,10 @@ def test_longheads_selects_a_planted_matching_chunk():
     k = torch.randn(1, 2, 40, d) * 0.1
     k[0, 0, 20:24] = q[0, 0, 0] * 3  # chunk 5 matches head 0's query
     k[0, 1, 12:16] = q[0, 1, 0] * 3  # chunk 3 matches head 1's query
-    sel = select_chunks(q, k, torch.tensor([39]), chunk_size=w, budget=3)[0, :, 0]
-    assert sel[0].nonzero().flatten().tolist() == [0, 5, 9]  # first, planted, local
-    assert sel[1].nonzero().flatten().tolist() == [0, 3, 9]
+    keys = chunk_keys(torch.randn(1, 2, 40, d), k, torch.randn(1, 2, 40, d), chunk_size=w)
+    sel = select_chunks(q, keys, torch.tensor([39]), chunk_size=w, budget=4, length=40)[0, :, 0]
+    assert sel[0].nonzero().flatten().tolist() == [0, 5, 8, 9]  # first, planted, prev, local
+    assert sel[1].nonzero().flatten().tolist() == [0, 3, 8, 9]
 
 
 @pytest.mark.parametrize("name,kwargs", [("dma", {"window": 64}), ("longheads", {}),
