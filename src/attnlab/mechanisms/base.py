@@ -66,7 +66,8 @@ class Attention(nn.Module):
             bidirectional when it supports both.
         dropout: dropout on the attention output (before the residual).
         bias: bias in the q, k, v and output projections.
-        qk_norm: RMSNorm on each head's q and k before the op.
+        qk_norm: a norm on each head's q and k before the op (RMSNorm; sigmoid passes the
+            official LayerNorm).
         rope: rotary position embedding on q and k (self-attention).
         gate: ``"headwise"`` or ``"elementwise"`` output gate (Gated Attention), or None.
         backend: op backend, ``"auto"`` picks the fastest correct one.
