@@ -155,11 +155,12 @@ def test_gaam_padded_tokens_get_no_weight():
 
 
 # ------------------------------------------------------------------------------------ rcmha
-def test_rcmha_scores_are_the_transformer_xl_decomposition():
-    attn = build("rcmha", causal=True)
+def test_rcmha_scores_are_the_relative_table_decomposition():
+    attn = build("rcmha", causal=True, max_len=8)
     with torch.no_grad():
         attn.u.normal_()
-        attn.v_bias.normal_()
+        attn.rel_emb.normal_()
+        attn.rel_bias.normal_()
     x = torch.randn(1, 6, DIM)
     seen = {}
     attn.hook_q.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
@@ -169,16 +170,14 @@ def test_rcmha_scores_are_the_transformer_xl_decomposition():
     w = attn.weights(x)
     attn(x)
     q, k, v = seen["q"][0], seen["k"][0], seen["v"][0]
-    from attnlab.mechanisms.rcmha import sinusoid
-
-    r = attn.rel_proj(sinusoid(torch.arange(6), DIM)).view(6, 4, -1)
+    e, b, p = attn.rel_emb, attn.rel_bias, attn.max_len
     d = attn.head_dim
     scores = torch.full((4, 6, 6), float("-inf"))
     for h in range(4):
         for i in range(6):
             for j in range(i + 1):
-                scores[h, i, j] = ((q[h, i] + attn.u[h]) @ k[h, j]
-                                   + (q[h, i] + attn.v_bias[h]) @ r[i - j, h]) / math.sqrt(d)
+                scores[h, i, j] = ((q[h, i] + attn.u[h]) @ k[h, j] + q[h, i] @ e[p - (i - j), h]
+                                   + b[p - (i - j), h]) / math.sqrt(d)
     torch.testing.assert_close(w[0], torch.softmax(scores, -1), atol=1e-5, rtol=1e-5)
     # and the output is these weights times the values, per head (not weights() @ v again)
     expected = torch.softmax(scores, -1) @ v
@@ -193,10 +192,11 @@ def test_rcmha_tiles_equal_the_dense_weights_forward_and_backward(monkeypatch, k
     import attnlab.mechanisms.rcmha as rcmha
 
     monkeypatch.setattr(rcmha, "auto_block_size", lambda batch_heads, lk: 16)
-    attn = build("rcmha", causal=True, kv_heads=kv_heads).double()
-    with torch.no_grad():
+    attn = build("rcmha", causal=True, kv_heads=kv_heads, max_len=20).double()
+    with torch.no_grad():  # 37 tokens: distances beyond max_len read the farthest row too
         attn.u.normal_()
-        attn.v_bias.normal_()
+        attn.rel_emb.normal_()
+        attn.rel_bias.normal_()
     x = torch.randn(2, 37, DIM, dtype=torch.float64)
     keep = torch.ones(2, 37, dtype=torch.bool)
     keep[1, 30:] = False
@@ -208,7 +208,7 @@ def test_rcmha_tiles_equal_the_dense_weights_forward_and_backward(monkeypatch, k
                 q, k, call).to(v.dtype) @ attn.expand_kv(v))
         xi = x.clone().requires_grad_()
         out = attn(xi, mask=keep)
-        params = [xi, attn.u, attn.v_bias, attn.rel_proj.weight]
+        params = [xi, attn.u, attn.rel_emb, attn.rel_bias]
         results.append((out, *torch.autograd.grad(out, params, grad)))
     for tiled, dense in zip(*results, strict=True):
         torch.testing.assert_close(tiled, dense)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import ClassVar
 
@@ -10,73 +9,145 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.core.arguments import Arg
-from attnlab.core.call import Call
+from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
-from attnlab.modules.projections import ConvolvedQKVProjection
+from attnlab.modules.causal_conv import CausalConv1d
+from attnlab.modules.projections import split_heads
 from attnlab.ops.common import upcast
 from attnlab.ops.tiled import auto_block_size, keys_seen, recomputed, row_tiles
 
 
-def sinusoid(distances: Tensor, dim: int) -> Tensor:
-    """Transformer-XL's sinusoidal embedding of (non-negative) distances, (n, dim)."""
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device).float() / dim))
-    angles = distances.float()[:, None] * inv[None, :]
-    return torch.cat([angles.sin(), angles.cos()], -1)[:, :dim]
+class HeadSharedConv(CausalConv1d):
+    """A causal depthwise Conv1d over time on each head's channels, one kernel per channel of
+    a head shared by all heads (the official ``SpatialDepthWiseConvolution(d_k)`` run on
+    batch x heads sequences); (B, L, heads * D) in and out, history (B, kernel - 1, heads * D)."""
+
+    def __init__(self, head_dim: int, kernel: int) -> None:
+        super().__init__(head_dim, kernel, groups=head_dim)
+
+    def forward(self, x: Tensor, keep: Tensor | None, history: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+        b, length, width = x.shape
+        d = self.conv.in_channels
+        heads = width // d
+
+        def per_head(t: Tensor) -> Tensor:  # (B, L, H D) -> (B H, L, D)
+            return t.unflatten(-1, (heads, d)).transpose(1, 2).flatten(0, 1)
+
+        def merged(t: Tensor) -> Tensor:  # (B H, L, D) -> (B, L, H D)
+            return t.unflatten(0, (b, heads)).transpose(1, 2).flatten(2)
+
+        keep = None if keep is None else keep.repeat_interleave(heads, 0)
+        y, rest = super().forward(per_head(x), keep,
+                                  None if history is None else per_head(history))
+        return merged(y), merged(rest)
+
+
+class RelativeConvolvedProjection(nn.Module):
+    """The official q, k, v: a linear map (q and k with ``bias``, v always biased) and a
+    head-shared causal depthwise convolution each; the convolutions' last inputs travel in
+    the decoding state."""
+
+    def __init__(self, shape: HeadShape, *, kernel: int, value_bias: bool) -> None:
+        super().__init__()
+        self.shape = shape
+        self.q = nn.Linear(shape.dim, shape.heads * shape.qk_dim, bias=shape.bias)
+        self.k = nn.Linear(shape.dim, shape.kv_heads * shape.qk_dim, bias=shape.bias)
+        self.v = nn.Linear(shape.dim, shape.kv_heads * shape.head_dim, bias=value_bias)
+        self.conv_q = HeadSharedConv(shape.qk_dim, kernel)
+        self.conv_k = HeadSharedConv(shape.qk_dim, kernel)
+        self.conv_v = HeadSharedConv(shape.head_dim, kernel)
+
+    def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
+        x, keep, state = call.x, call.key_mask, call.state
+        out, history = [], {}
+        for name, heads in (("q", self.shape.heads), ("k", self.shape.kv_heads),
+                            ("v", self.shape.kv_heads)):
+            past = state.get(f"conv_{name}") if state is not None else None
+            conv = getattr(self, f"conv_{name}")
+            y, history[f"conv_{name}"] = conv(getattr(self, name)(x), keep, past)
+            out.append(split_heads(y, heads))
+        if state is not None:
+            state.put(**history)
+        return out[0], out[1], out[2]
 
 
 @register("rcmha", family="scored",
           paper="RCMHA: Relative Convolutional Multi-Head Attention for Natural Language "
                 "Modelling", causal=True, bidirectional=False, decode=True, domains=("seq",),
           complexity="n^2 d", weights=True, cross=False, unsupported=("rope",),
-          variants=({"kv_heads": 2},))
+          variants=({"kv_heads": 2}, {"position_bias": False, "max_len": 16}))
 class RelativeConvolutionalAttention(Attention):
-    """Causal attention with depthwise-convolved q, k, v and Transformer-XL relative scores.
+    """Causal attention with convolved q, k, v and learned relative position scores.
 
     "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling"
-    (Sugiharto et al., 2023): q, k and v each pass a causal depthwise Conv1d (kernel 3)
-    after their projection; A_ij = c [(q_i + u).k_j + (q_i + v').r_{i-j}] with learnable
-    per-head u, v' and r_{i-j} = W_r sinusoid(i - j) (Transformer-XL); O = softmax(A) V.
-    Decoding carries the convolutions' last two inputs next to the KV cache.
+    (Sugiharto et al., 2023), as its official ``RelativeMultiHeadAttention``
+    (hermansh-id/rcmha) computes it: q, k (no bias) and v (with bias) each pass a causal
+    depthwise Conv1d (kernel 3, with bias) whose kernel per head channel is shared by all
+    heads; with P = ``max_len`` and learned tables E (2P, H, D), b (2P, H) and u (H, D),
+    all starting at 0,
+
+        A_ij = c [(q_i + u).k_j + q_i.E[P - (i - j)] + b[P - (i - j)]],   O = softmax(A) V
+
+    and an output projection with bias. ``position_bias=False`` drops E and b. A distance
+    beyond P reads row 0, the farthest (the official cannot run past P tokens). Decoding
+    carries the convolutions' last two inputs next to the KV cache.
     """
 
     arguments: ClassVar[dict[str, Arg]] = {
         "kernel": Arg("int", low=1),
+        "max_len": Arg("int", low=1),
+        "position_bias": Arg("bool"),
+        "value_bias": Arg("bool"),
+        "output_bias": Arg("bool"),
     }
 
-    def __init__(self, dim: int, heads: int, *, kernel: int = 3, **kwargs) -> None:
-        super().__init__(dim, heads,
-                         projection=functools.partial(ConvolvedQKVProjection, kernel=kernel),
-                         **kwargs)
+    def __init__(self, dim: int, heads: int, *, kernel: int = 3, max_len: int = 4096,
+                 position_bias: bool = True, value_bias: bool = True,
+                 output_bias: bool = True, **kwargs) -> None:
+        super().__init__(dim, heads, projection=lambda shape: RelativeConvolvedProjection(
+            shape, kernel=kernel, value_bias=value_bias), **kwargs)
         h, d = self.heads, self.head_dim
+        if output_bias != self.shape.bias:
+            self.o_proj = nn.Linear(h * d, dim, bias=output_bias)
+        self.max_len, self.position_bias = max_len, position_bias
         self.u = nn.Parameter(torch.zeros(h, d))
-        self.v_bias = nn.Parameter(torch.zeros(h, d))
-        self.rel_proj = nn.Linear(dim, h * d, bias=False)
+        if position_bias:
+            self.rel_emb = nn.Parameter(torch.zeros(2 * max_len, h, d))
+            self.rel_bias = nn.Parameter(torch.zeros(2 * max_len, h))
 
-    def _relative(self, lk: int, like: Tensor) -> Tensor:
-        """r_d = W_r sinusoid(d) for the distances d = 0 .. lk - 1, (H, lk, D) in like's dtype."""
-        distances = torch.arange(lk, device=like.device)
-        rel = self.rel_proj(sinusoid(distances, self.dim).to(self.rel_proj.weight.dtype))
-        return rel.to(like.dtype).view(lk, self.heads, self.head_dim).transpose(0, 1)
+    def _relative(self, lk: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """E and b at the distances d = 0 .. lk - 1 (rows P - d; a distance beyond P reads
+        row 0, the farthest): (H, lk, D), (H, lk)."""
+        if not self.position_bias:
+            return None
+        rows = (self.max_len - torch.arange(lk, device=like.device)).clamp_min(0)
+        return (self.rel_emb[rows].to(like.dtype).transpose(0, 1),
+                self.rel_bias[rows].to(like.dtype).transpose(0, 1))
 
-    def _rows(self, q: Tensor, k: Tensor, rel: Tensor, positions: Tensor,
-              key_mask: Tensor | None) -> Tensor:
+    def _rows(self, q: Tensor, k: Tensor, rel: tuple[Tensor, Tensor] | None,
+              positions: Tensor, key_mask: Tensor | None) -> Tensor:
         """The weights of the queries q (B, H, n, D) at absolute ``positions`` (n,) over the
         keys k (B, H, Lk, D) at positions 0 .. Lk - 1 (q, k upcast, k's heads expanded)."""
         lk, d = k.shape[2], q.shape[-1]
-        content = (q + self.u.to(q.dtype)[:, None, :]) @ k.transpose(-1, -2)
-        by_distance = (q + self.v_bias.to(q.dtype)[:, None, :]) @ rel[:, :lk].transpose(-1, -2)
+        scores = (q + self.u.to(q.dtype)[:, None, :]) @ k.transpose(-1, -2)
         gap = positions[:, None] - torch.arange(lk, device=q.device)[None, :]  # i - j
-        index = gap.clamp(0, lk - 1).expand(*q.shape[:3], lk)
-        scores = (content + by_distance.gather(-1, index)) / math.sqrt(d)
+        if rel is not None:
+            emb, bias = rel
+            by_distance = q @ emb[:, :lk].transpose(-1, -2) + bias[:, None, :lk]
+            index = gap.clamp(0, lk - 1).expand(*q.shape[:3], lk)
+            scores = scores + by_distance.gather(-1, index)
+        scores = scores / math.sqrt(d)
         vis = (gap >= 0)[None, None]
         if key_mask is not None:
             vis = vis & key_mask[:, None, None, :lk]
         scores = scores.masked_fill(~vis, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, -1) * vis.any(-1, keepdim=True)
 
-    def _tile(self, q: Tensor, k: Tensor, v: Tensor, rel: Tensor, positions: Tensor,
-              key_mask: Tensor | None) -> Tensor:
+    def _tile(self, q: Tensor, k: Tensor, v: Tensor, emb: Tensor | None, bias: Tensor | None,
+              positions: Tensor, key_mask: Tensor | None) -> Tensor:
+        rel = None if emb is None else (emb, bias)
         return self._rows(q, k, rel, positions, key_mask).to(v.dtype) @ v
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
@@ -90,11 +161,11 @@ class RelativeConvolutionalAttention(Attention):
         q, k = upcast(q, self.expand_kv(k))
         v = self.expand_kv(v)
         lq, lk = q.shape[2], k.shape[2]
-        rel = self._relative(lk, q)
+        emb, bias = self._relative(lk, q) or (None, None)
         rows = auto_block_size(q.shape[0] * q.shape[1], lk)
         outs = []
         for i0, i1 in row_tiles(lq, rows):
             kend = keys_seen(i1, lq, lk, True)
             outs.append(recomputed(self._tile, q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend],
-                                   rel, call.positions[i0:i1], call.key_mask))
+                                   emb, bias, call.positions[i0:i1], call.key_mask))
         return torch.cat(outs, 2)
