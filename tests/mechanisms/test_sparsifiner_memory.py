@@ -131,10 +131,11 @@ def test_op_rejects_a_mask_that_is_not_key_padding():
 
 # ------------------------------------------------------------------------------ the module
 def module_pair(dtype, causal, rows):
-    """The module (tiled, ``rows`` rows per tile) and the same weights through
-    ``attend_dense``, in training mode (distillation on)."""
+    """The module with the earlier low-rank predictor (tiled, ``rows`` rows per tile) and
+    the same weights through ``attend_dense``, in training mode (KL distillation on)."""
     torch.manual_seed(0)
-    kw = {"dim": DIM, "heads": HEADS, "keep": 0.3, "rank": 4, "causal": causal, "kv_heads": 2}
+    kw = {"dim": DIM, "heads": HEADS, "keep": 0.3, "rank": 4, "causal": causal, "kv_heads": 2,
+          "predictor": "lowrank", "distill_weight": 1.0}
     tiled = al.build("sparsifiner", **kw).to(dtype).train()
     tiled.rows_per_tile = rows
     dense = al.build("sparsifiner", **kw).to(dtype).train()
@@ -167,6 +168,35 @@ def test_module_tiles_equal_attend_dense(dtype, causal, length, rows):
                                                       for m in (tiled, dense))
     close(out, ref, "out")
     close(loss, ref_loss, "distillation loss")
+    names = ["x", *(n for n, _ in tiled.named_parameters())]
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        close(got, want, f"grad {name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_basis_predictor_tiles_equal_attend_dense(causal):
+    """The default (official) basis predictor: a training step with key padding through the
+    op's tiles (the cls row attended densely) equals ``attend_dense``, the reconstruction
+    loss and every gradient included; an input shorter than ``tokens`` uses the first rows
+    of the basis."""
+    torch.manual_seed(0)
+    kw = {"dim": DIM, "heads": HEADS, "keep": 0.3, "causal": causal, "kv_heads": 2,
+          "tokens": 40, "reduce_n": 4}
+    tiled = al.build("sparsifiner", **kw).double().train()
+    tiled.rows_per_tile = 5
+    dense = al.build("sparsifiner", **kw).double().train()
+    dense.load_state_dict(tiled.state_dict())
+    dense.attend = dense.attend_dense
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 33, DIM, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(2, 33, generator=g) > 0.2
+    mask[0, :5] = False
+    grad_out = torch.randn(2, 33, DIM, generator=g, dtype=torch.float64)
+    (out, loss, grads), (ref, ref_loss, ref_grads) = (step(m, x, mask, grad_out)
+                                                      for m in (tiled, dense))
+    keep = mask[..., None]
+    close(out * keep, ref * keep, "out")
+    close(loss, ref_loss, "reconstruction loss")
     names = ["x", *(n for n, _ in tiled.named_parameters())]
     for name, got, want in zip(names, grads, ref_grads, strict=True):
         close(got, want, f"grad {name}")

@@ -76,7 +76,7 @@ class _Plan:
     count: int  # keys kept per query
     causal: bool
     scale: float  # of the attention scores
-    rank: int  # r of the connectivity C = a c^T / sqrt(r)
+    conn_div: float  # C = a c^T / conn_div (sqrt(r) by default)
     distill: bool
     heads: int  # heads per tile
     rows: int | None  # rows per tile; None: as many as fit ``budget``
@@ -198,7 +198,7 @@ class _TileMath:
         self.q, self.a = ops.q[t.heads, t.rows], ops.a[t.heads, t.rows]
         self.k, self.v = ops.k[t.heads, t.keys], ops.v[t.heads, t.keys]
         self.c = ops.c[t.heads, t.keys]
-        self.conn = torch.bmm(self.a, self.c.mT).div_(math.sqrt(plan.rank))
+        self.conn = torch.bmm(self.a, self.c.mT).div_(plan.conn_div)
         self.conn_dtype = self.conn.dtype
         self.vis = _visible(t, ops, plan.causal)
         self.keep = _kept(self.conn, self.vis, plan.count,
@@ -236,15 +236,15 @@ class _TileMath:
         seen = self.seen.squeeze(-1)
         return (per_row * seen).sum(), seen.sum()
 
-    def distillation_grad(self, g: Tensor, rank: int) -> Tensor:
-        """dKL/dC times ``g`` (the KL sum's gradient), through C's 1/sqrt(r): the
+    def distillation_grad(self, g: Tensor, conn_div: float) -> Tensor:
+        """dKL/dC times ``g`` (the KL sum's gradient), through C's 1/conn_div: the
         reference's chain of backward kernels step by step (its log-softmax in float32 at
         least included), so that float64 results agree to float64 rounding."""
         log_q = self.log_predicted()
         g_rows = g if self.seen is None else g * self.seen
         g_log_q = self.dense_weights().mul_(g_rows).neg_().to(log_q.dtype)
         d_conn = torch.ops.aten._log_softmax_backward_data(g_log_q, log_q, -1, log_q.dtype)
-        return d_conn.masked_fill_(self.hidden, 0).to(self.conn_dtype).div_(math.sqrt(rank))
+        return d_conn.masked_fill_(self.hidden, 0).to(self.conn_dtype).div_(conn_div)
 
 
 class _SparsifinerTiles(torch.autograd.Function):
@@ -284,7 +284,7 @@ class _SparsifinerTiles(torch.autograd.Function):
                 grads.attention(t, m, m.attention_weights(), dout[t.heads, t.rows],
                                 rowdot[t.heads, t.rows], plan.scale)
             if distill:
-                grads.connectivity(t, m, m.distillation_grad(dkl, plan.rank))
+                grads.connectivity(t, m, m.distillation_grad(dkl, plan.conn_div))
         return (*grads.result(ops), None, None)
 
 
@@ -321,14 +321,14 @@ class _Grads:
         return (*att, self.da.to(ops.a.dtype), self.dc.to(ops.c.dtype))
 
 
-def _plan(q: Tensor, lk: int, rank: int, *, keep: int, causal: bool, masked: bool,
+def _plan(q: Tensor, lk: int, conn_div: float, *, keep: int, causal: bool, masked: bool,
           scale: float | None, distill: bool, rows: int | None) -> _Plan:
     """Tiles: on the CPU ``TILE_SCORES`` scores, one head each unless several fit the cache
     (``auto_tiling``); elsewhere ``TILE_ELEMENTS`` over every head."""
     b, h, lq = q.shape[:3]
     base_rows = rows or max(MIN_ROWS, min(MAX_ROWS, TILE_SCORES // max(1, lk)))
     heads = auto_tiling(b * h, lk, q.device, base_rows)[0]
-    return _Plan(keep, causal, default_scale(q, scale), rank, distill, heads, rows,
+    return _Plan(keep, causal, default_scale(q, scale), conn_div, distill, heads, rows,
                  TILE_SCORES if q.device.type == "cpu" else TILE_ELEMENTS,
                  may_be_empty=masked or (causal and lq > lk))
 
@@ -351,7 +351,8 @@ def _check(q: Tensor, k: Tensor, a: Tensor, c: Tensor, mask: Tensor | None, keep
 def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor, *, keep: int,
                           causal: bool = False, mask: Tensor | None = None,
                           scale: float | None = None, distill: bool = False,
-                          rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          rows: int | None = None,
+                          conn_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax attention over each query's ``keep`` visible keys of highest C = a c^T / sqrt(r).
 
     Args:
@@ -364,6 +365,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor,
         distill: also return the distillation KL(D || Q) summed over the rows that see a
             key (differentiable in a and c only), and their number; else both are 0.
         rows: query rows per tile; default: by memory (``TILE_SCORES``, ``auto_tiling``).
+        conn_scale: None: C = a c^T / sqrt(r); 1: C = a c^T (Sparsifiner's basis predictor:
+            a its kept basis coefficients, c the thresholded basis).
 
     Returns (out (B, H, Lq, D) in q's dtype, KL sum, rows). Equals softmax attention with
     the mask of ``top_keys`` over the (Lq, Lk) connectivity, and the dense KL (tested).
@@ -378,7 +381,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, a: Tensor, c: Tensor,
     mask3 = None
     if mask is not None:
         mask3 = mask.reshape(-1, 1, lk).expand(b, h, lk).reshape(b * h, 1, lk)
-    plan = _plan(q, lk, r, keep=keep, causal=causal, masked=mask is not None, scale=scale,
+    conn_div = math.sqrt(r) if conn_scale is None else 1.0 / conn_scale
+    plan = _plan(q, lk, conn_div, keep=keep, causal=causal, masked=mask is not None, scale=scale,
                  distill=distill, rows=rows)
     with torch.autocast(q.device.type, enabled=False):
         out, kl, seen = _SparsifinerTiles.apply(q3, k3, v3, a3, c3, mask3, plan)
