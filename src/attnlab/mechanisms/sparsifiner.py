@@ -108,7 +108,7 @@ class BasisPredictor(nn.Module):
 @register("sparsifiner", family="sparse",
           paper="Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient "
                 "Vision Transformers", causal=True, bidirectional=True, decode=False,
-          domains=("image", "seq"), complexity="n^2 (d / 2 + n / 6) + n k d", weights=True,
+          domains=("image", "seq"), complexity="n^2 r + n k d", weights=True,
           cross=False,
           variants=({"keep": 1.0}, {"predictor": "lowrank", "keep": 0.5, "rank": 4},
                     {"cls_token": False, "coef_topk": 2, "reduce_n": 3, "keep": 0.5}))
