@@ -86,7 +86,7 @@ def test_contradicting_or_parameter_adding_arguments_are_refused():
     state = _official_state()
     with pytest.raises(ValueError, match="heads=4 contradicts"):
         convert(state, heads=4)
-    with pytest.raises(ValueError, match="adds parameters"):
+    with pytest.raises(ValueError, match="add parameters"):
         convert(state, qk_norm=True)
     with pytest.raises(ValueError, match="layout must be one of"):
         convert(state, layout="cswin")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 import attnlab as al
+from attnlab.official._common import agree, hints_for, load_exactly, refuse_keys
 
 LAYOUTS = ("swin", "pvt", "deit")
 _TABLES = {"bias_to_keys": "an_bias", "bias_to_agents": "na_bias",
@@ -97,11 +98,8 @@ def _check_keys(state_dict: Mapping[str, Tensor], layout: str) -> None:
     present = [k for k in optional if k in state_dict]
     if present and len(present) != len(optional):  # pvt: both q and kv biases, or neither
         missing += sorted(k for k in optional if k not in state_dict)
-    if unexpected or missing:
-        hints = sorted({h for k in unexpected for p, h in _HINTS.items() if k.startswith(p)})
-        parts = (f"unexpected keys {unexpected}" if unexpected else "",
-                 f"missing keys {missing}" if missing else "", *hints)
-        raise ValueError(f"agent ({layout!r} layout): " + "; ".join(p for p in parts if p))
+    refuse_keys(f"agent ({layout!r} layout)", unexpected, missing,
+                hints_for(unexpected, _HINTS))
 
 
 def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -120,17 +118,8 @@ def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 def _merge(inferred: dict[str, Any], build_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The inferred arguments; one also given must agree, and the layout's fixed parts
     (bias, local term, tables) are not arguments."""
-    for fixed in ("bias", "local", "dwconv", "position_bias", "cls_token", "kv_heads",
-                  "head_dim"):
-        if fixed in build_kwargs:
-            raise ValueError(f"agent: {fixed}= is set by the official module's layout, "
-                             "not an argument of the conversion")
-    for name, value in inferred.items():
-        given = build_kwargs.pop(name, value)
-        if (tuple(given) if isinstance(given, (tuple, list)) else given) != value and \
-                not (name == "window" and given == value[0] == value[1]):
-            raise ValueError(f"agent: {name}={given} contradicts the state dict, whose "
-                             f"shapes say {name}={value}")
+    agree("agent", inferred, build_kwargs, fixed=(
+        "bias", "local", "dwconv", "position_bias", "cls_token", "kv_heads", "head_dim"))
     return inferred | build_kwargs
 
 
@@ -147,13 +136,9 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "swin",
     attn = attn.to(dtype=state_dict["proj.weight"].dtype)
     sources, _ = _sources(layout, kwargs["sr_ratio"] > 1)
     own = dict(attn.named_parameters())
-    if set(own) != set(sources):
-        raise ValueError(f"agent: the {layout!r} layout does not give every parameter of "
-                         f"the module built: {sorted(set(own) ^ set(sources))}")
-    with torch.no_grad():
-        for mine, (theirs, f) in sources.items():
-            own[mine].copy_(_tensor(state_dict, theirs, f, own[mine]))
-    return attn
+    return load_exactly("agent", attn, {mine: _tensor(state_dict, theirs, f, own[mine])
+                                        for mine, (theirs, f) in sources.items()
+                                        if mine in own})
 
 
 def _tensor(state_dict: Mapping[str, Tensor], key: str, f: Callable[[Tensor], Tensor],

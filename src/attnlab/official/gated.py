@@ -20,6 +20,7 @@ from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
+from attnlab.official._common import agree, load_exactly, refuse_keys
 
 LAYOUTS = ("qwen3",)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,31 +44,21 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "qwen3",
     if layout not in LAYOUTS:
         raise ValueError(f"gated: layout must be one of {LAYOUTS}, got {layout!r}")
     _check_keys(state_dict)
-    inferred = _infer(state_dict, build_kwargs)
-    for name, value in inferred.items():
-        given = build_kwargs.pop(name, value)
-        if given != value:
-            raise ValueError(f"gated: {name}={given!r} contradicts the state dict, whose "
-                             f"shapes say {name}={value!r}")
+    inferred = agree("gated", _infer(state_dict, build_kwargs), build_kwargs)
     build_kwargs.setdefault("causal", True)
     build_kwargs.setdefault("rope", True)
     attn = al.build("gated", **inferred, **build_kwargs)
     attn = attn.to(state_dict["q_proj.weight"].dtype)
-    _load(attn, _weights(state_dict, inferred))
-    return attn
+    return load_exactly("gated", attn, _weights(state_dict, inferred))
 
 
 def _check_keys(state_dict: Mapping[str, Tensor]) -> None:
     keys = set(state_dict)
-    unexpected = sorted(keys - set(WEIGHTS) - set(BIASES) - set(NORMS))
-    if unexpected:
-        raise ValueError(f"gated: unexpected keys in the state dict: {unexpected}")
-    missing = sorted(set(WEIGHTS) - keys)
+    missing = set(WEIGHTS) - keys
     for group in (BIASES, NORMS):  # all of a group or none
         if keys & set(group):
-            missing += sorted(set(group) - keys)
-    if missing:
-        raise ValueError(f"gated: missing keys in the state dict: {missing}")
+            missing |= set(group) - keys
+    refuse_keys("gated", keys - set(WEIGHTS) - set(BIASES) - set(NORMS), missing)
 
 
 def _infer(state_dict: Mapping[str, Tensor], given: dict[str, Any]) -> dict[str, Any]:
@@ -121,14 +112,3 @@ def _weights(state_dict: Mapping[str, Tensor], shape: dict[str, Any]) -> dict[st
         out["qk_norm.k.weight"] = state_dict["k_norm.weight"]
     return out
 
-
-def _load(attn: Attention, weights: dict[str, Tensor]) -> None:
-    """Copy ``weights`` into ``attn``'s parameters, which must be exactly those."""
-    own = dict(attn.named_parameters())
-    extra = sorted(set(own) - set(weights))
-    if extra:
-        raise ValueError(f"gated: the build arguments add parameters the official module "
-                         f"does not have: {extra}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            own[name].copy_(t)

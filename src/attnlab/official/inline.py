@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 import attnlab as al
+from attnlab.official._common import agree, hints_for, load_exactly, refuse_keys
 
 LAYOUTS = ("swin", "pvt")
 _LOCAL = {"local.hidden.weight": "residual.0.weight", "local.hidden.bias": "residual.0.bias",
@@ -63,13 +64,8 @@ def _check_keys(state_dict: Mapping[str, Tensor], layout: str) -> None:
     missing = sorted(known - set(state_dict) - set(optional))
     if [k for k in optional if k in state_dict] not in ([], list(optional)):
         missing += sorted(k for k in optional if k not in state_dict)
-    if unexpected or missing:
-        hints = sorted({h for k in unexpected for p, h in _HINTS.items() if k.startswith(p)})
-        raise ValueError(
-            f"inline ({layout!r} layout): "
-            + "; ".join(part for part in (
-                f"unexpected keys {unexpected}" if unexpected else "",
-                f"missing keys {missing}" if missing else "", *hints) if part))
+    refuse_keys(f"inline ({layout!r} layout)", unexpected, missing,
+                hints_for(unexpected, _HINTS))
 
 
 def _infer(state_dict: Mapping[str, Tensor], build_kwargs: dict[str, Any]) -> tuple[int, int]:
@@ -80,11 +76,8 @@ def _infer(state_dict: Mapping[str, Tensor], build_kwargs: dict[str, Any]) -> tu
         raise ValueError(f"inline: residual.0.weight has shape {tuple(hidden.shape)}; "
                          f"expected (C, C / heads, 1) with C = {dim}")
     heads = dim // hidden.shape[1]
-    for name, value in (("dim", dim), ("heads", heads)):
-        given = build_kwargs.pop(name, value)
-        if given != value:
-            raise ValueError(f"inline: {name}={given} contradicts the state dict, whose "
-                             f"shapes say {name}={value}")
+    agree("inline", {"dim": dim, "heads": heads}, build_kwargs,
+          fixed=("bias", "local", "kv_heads", "head_dim"))
     return dim, heads
 
 
@@ -111,19 +104,10 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "swin",
         raise ValueError(f"inline: layout must be one of {LAYOUTS}, got {layout!r}")
     _check_keys(state_dict, layout)
     dim, heads = _infer(state_dict, build_kwargs)
-    for fixed in ("bias", "local", "kv_heads", "head_dim"):
-        if fixed in build_kwargs:
-            raise ValueError(f"inline: {fixed}= is set by the official module's layout, "
-                             "not an argument of the conversion")
     attn = al.build("inline", dim=dim, heads=heads, **build_kwargs)
     attn = attn.to(dtype=state_dict["proj.weight"].dtype)
     sources, _ = _sources(layout)
     own = dict(attn.named_parameters())
-    extra = sorted(set(own) - set(sources))
-    if extra:
-        raise ValueError(f"inline: {build_kwargs} adds parameters the official module does "
-                         f"not have: {extra}")
-    with torch.no_grad():
-        for mine, (key, chunk, chunks) in sources.items():
-            own[mine].copy_(_official_tensor(state_dict, key, chunk, chunks, own[mine]))
-    return attn
+    return load_exactly("inline", attn, {
+        mine: _official_tensor(state_dict, key, chunk, chunks, own[mine])
+        for mine, (key, chunk, chunks) in sources.items() if mine in own})

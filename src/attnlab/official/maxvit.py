@@ -21,6 +21,7 @@ from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
+from attnlab.official._common import agree, load_exactly, refuse_keys
 
 LAYOUTS = ("timm", "tf")
 TABLE = "rel_pos.relative_position_bias_table"
@@ -61,49 +62,23 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "timm",
                          f"the width {dim}")
     inferred = {"dim": dim, "heads": heads, "head_dim": dim // heads,
                 "bias": "qkv.bias" in state, "window" if axis == "block" else "grid": size}
-    _agree(inferred, build_kwargs)
+    agree("maxvit", inferred, build_kwargs)
     attn = al.build("maxvit", axis=axis, **inferred, **build_kwargs)
     attn = attn.to(qkv.dtype)
     weights = _split_qkv(qkv, state.get("qkv.bias"), heads, layout)
     weights.update({"o_proj.weight": proj, f"bias.{axis}.table": table})
     if inferred["bias"]:
         weights["o_proj.bias"] = state["proj.bias"]
-    _load(attn, weights)
-    return attn
-
-
-def _load(attn: Attention, weights: dict[str, Tensor]) -> None:
-    """Copy ``weights`` into ``attn``'s parameters, which must be exactly those."""
-    own = dict(attn.named_parameters())
-    extra = sorted(set(own) - set(weights))
-    if extra:
-        raise ValueError(f"maxvit: the build arguments add parameters timm's module does "
-                         f"not have: {extra}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            own[name].copy_(t)
-
-
-def _agree(inferred: dict[str, Any], build_kwargs: dict[str, Any]) -> None:
-    """Take out of ``build_kwargs`` what the shapes say; a value given must agree."""
-    for name, value in inferred.items():
-        given = build_kwargs.pop(name, value)
-        if given != value:
-            raise ValueError(f"maxvit: {name}={given!r} contradicts the state dict, whose "
-                             f"shapes say {name}={value!r}")
+    return load_exactly("maxvit", attn, weights)
 
 
 def _checked(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The state dict without derived buffers; refuses unknown or missing keys."""
     keys = set(state_dict)
-    unexpected = sorted(keys - set(REQUIRED) - set(OPTIONAL) - set(DERIVED))
-    if unexpected:
-        raise ValueError(f"maxvit: unexpected keys in the state dict: {unexpected}")
-    missing = sorted(set(REQUIRED) - keys)
+    missing = set(REQUIRED) - keys
     if ("qkv.bias" in keys) != ("proj.bias" in keys):
-        missing += sorted(set(OPTIONAL) - keys)
-    if missing:
-        raise ValueError(f"maxvit: missing keys in the state dict: {missing}")
+        missing |= set(OPTIONAL) - keys
+    refuse_keys("maxvit", keys - set(REQUIRED) - set(OPTIONAL) - set(DERIVED), missing)
     return {k: v for k, v in state_dict.items() if k not in DERIVED}
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
+from attnlab.official._common import agree, hints_for, load_exactly, refuse_keys
 
 LAYOUTS = ("moh",)
 REQUIRED = ("qkv.weight", "proj.weight", "wg.weight")
@@ -52,16 +52,10 @@ def convert(state_dict: Mapping[str, Tensor], *, layout: str = "moh",
         raise ValueError("moh: pass top_k= (the official routed_head: routed heads per "
                          "token); the weights do not say it")
     _check_keys(state_dict)
-    inferred = _infer(state_dict)
-    for name, value in inferred.items():
-        given = build_kwargs.pop(name, value)
-        if given != value:
-            raise ValueError(f"moh: {name}={given!r} contradicts the state dict, whose "
-                             f"shapes say {name}={value!r}")
+    inferred = agree("moh", _infer(state_dict), build_kwargs)
     attn = al.build("moh", top_k=top_k, **inferred, **build_kwargs)
     attn = attn.to(state_dict["qkv.weight"].dtype)
-    _load(attn, _weights(state_dict))
-    return attn
+    return load_exactly("moh", attn, _weights(state_dict))
 
 
 def _check_keys(state_dict: Mapping[str, Tensor]) -> None:
@@ -72,15 +66,11 @@ def _check_keys(state_dict: Mapping[str, Tensor]) -> None:
         missing.append("proj.bias")
     if "wg_1.weight" in keys and "wg_0.weight" not in keys:
         missing.append("wg_0.weight")
-    if unexpected or missing:
-        hints = sorted({h for k in unexpected for p, h in HINTS.items() if k.startswith(p)})
-        if "wg.weight" in missing:
-            hints.append("a layer without wg has no routed head (routed_head=0, all heads "
-                         "shared), which attnlab's moh does not build")
-        raise ValueError("moh: " + "; ".join(part for part in (
-            f"unexpected keys in the state dict: {unexpected}" if unexpected else "",
-            f"missing keys in the state dict: {missing}" if missing else "", *hints)
-            if part))
+    hints = hints_for(unexpected, HINTS)
+    if "wg.weight" in missing:
+        hints.append("a layer without wg has no routed head (routed_head=0, all heads "
+                     "shared), which attnlab's moh does not build")
+    refuse_keys("moh", unexpected, missing, hints)
 
 
 def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -116,14 +106,3 @@ def _weights(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 if theirs in state_dict})
     return out
 
-
-def _load(attn: Attention, weights: dict[str, Tensor]) -> None:
-    """Copy ``weights`` into ``attn``'s parameters, which must be exactly those."""
-    own = dict(attn.named_parameters())
-    extra = sorted(set(own) - set(weights))
-    if extra:
-        raise ValueError(f"moh: the build arguments add parameters the official module "
-                         f"does not have: {extra}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            own[name].copy_(t)
