@@ -354,8 +354,19 @@ LARGE = [pytest.param(torch.float32, (1e2, 1e4), id="fp32"),
          pytest.param(torch.float16, (10, 100), id="fp16")]
 
 
-@pytest.mark.parametrize("dtype, scales", LARGE)
-@pytest.mark.parametrize("name, kwargs, causal", _cases())
+# Known open problem, strict: RFA's random-feature denominators can be near 0, so at x100 its
+# heads reach ~1e6, beyond float16, before the headwise gate of variant v2 scales them back.
+_RFA_FP16 = "rfa's heads overflow float16 (~1e6 at x100) before the gate scales them down"
+
+
+def _large_cases() -> list:
+    return [pytest.param(*c.values, *d.values, id=f"{c.id}-{d.id}",
+                         marks=[pytest.mark.xfail(reason=_RFA_FP16, strict=True)]
+                         if c.id.startswith("rfa-v2") and d.id == "fp16" else [])
+            for d in LARGE for c in _cases()]
+
+
+@pytest.mark.parametrize("name, kwargs, causal, dtype, scales", _large_cases())
 def test_large_activations_give_finite_outputs(name, kwargs, causal, dtype, scales):
     """Inputs scaled far beyond a normalised model's: every real token whose exact output
     (the float64 module's) fits the dtype with room to spare comes out finite (sums over the

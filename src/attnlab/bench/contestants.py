@@ -290,12 +290,15 @@ OPS = {  # name -> Contestant, for the op groups
     "decode/sdpa-gqa": Contestant("decode/sdpa-gqa", "torch", sdpa_gqa, modes=("inference",)),
 }
 
-MODULE_SETTINGS = {"dma": {"window": "L/8"}}  # "L/8": the setting scales with the length
+# "L/8", "L": the setting scales with the length (sparsifiner's official predictor has a basis
+# over a fixed token count, which must cover the length)
+MODULE_SETTINGS = {"dma": {"window": "L/8"}, "sparsifiner": {"tokens": "L"}}
+_BY_LENGTH = {"L/8": lambda n: n // 8, "L": lambda n: n}
 
 
 def module_contestant(name: str) -> Contestant:
     def prepare(w: Workload, x: dict) -> tuple[Forward, list[Tensor]]:
-        kwargs = {k: (w.length // 8 if v == "L/8" else v)
+        kwargs = {k: _BY_LENGTH[v](w.length) if isinstance(v, str) and v in _BY_LENGTH else v
                   for k, v in MODULE_SETTINGS.get(name, {}).items()}
         return attnlab_module(name, **kwargs)(w, x)
 
