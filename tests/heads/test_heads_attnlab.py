@@ -250,7 +250,7 @@ def test_massive_activations_find_the_planted_token_and_dimension():
 
 
 def test_every_attnlab_model_kind_opens_to_the_microscope():
-    """Encoder (padded), ViT and ICLRegressor (its query is a padded key): sites found, the
+    """Encoder (padded), ViT and ICLRegressor (cross-attention to its context): sites found, the
     captured maps are distributions with no weight on padding, zeroing every head of a layer
     equals cutting its output projection, and importance has one score per head."""
     from attnlab.models import ICLRegressor
@@ -264,7 +264,7 @@ def test_every_attnlab_model_kind_opens_to_the_microscope():
              (ViT(8, 2, 1, 10, dim=16, depth=2, heads=2).eval(),
               (torch.rand(2, 1, 8, 8),), {}, torch.zeros(2, 16, dtype=torch.bool)),
              (ICLRegressor(3, heads=2, depth=2).eval(), icl, {},
-              torch.tensor([[False] * 6 + [True]] * 2))]
+              torch.zeros(2, 6, dtype=torch.bool))]  # 7 queries over the 6 context tokens
     for model, args, kwargs, padding in cases:
         found = hd.sites(model)
         assert [(s.layer, s.heads, s.causal) for s in found] == [(0, 2, False), (1, 2, False)]

@@ -197,7 +197,6 @@ class Attention(nn.Module):
                                          self.head_dim)
             return self._finish(heads_out, call, x.shape)
         q, k, v = self._qkv(call)
-        padded_rows = _padded_rows(call)  # before update_state widens call.key_mask
         if state is not None:
             k, v, call.key_mask = self.update_state(k, v, call)
         if self.hook_weights.active:
@@ -208,10 +207,6 @@ class Attention(nn.Module):
             heads_out = w.to(v.dtype) @ self.expand_kv(v)
         else:
             heads_out = self.attend(q, k, v, call)
-        if padded_rows is not None:
-            # a padded query row that overflowed is 0 before anything mixes rows (a local
-            # term, a convolution of the outputs): its inf or NaN reaches no real row
-            heads_out = heads_out.masked_fill(padded_rows & ~torch.isfinite(heads_out), 0)
         local = self.local_term(v, call)
         if local is not None:
             heads_out = heads_out + local
@@ -407,28 +402,25 @@ class Attention(nn.Module):
         if key_mask is not None and context is not None:
             # context tokens are only keys and values: padded ones are 0, whatever they hold
             context = context.masked_fill(~key_mask.unsqueeze(-1), 0)
+        elif key_mask is not None:
+            # a padded token is 0 before any projection, whatever it holds: a huge finite one
+            # would overflow there, and 0 x inf or 0 x NaN is NaN in a weight gradient
+            seq = seq.masked_fill(~key_mask.unsqueeze(-1), 0)
         nonfinite = None
         if not self.propagates_nonfinite:
             if context is None:
                 seq, nonfinite = _zero_nonfinite(seq, key_mask)
             else:
                 context, nonfinite = _zero_nonfinite(context, key_mask)
-        elif key_mask is not None and context is None:  # a NaN in a padded token would make
-            # every weight gradient NaN through its projection (0 x NaN)
-            seq = seq.masked_fill((~key_mask & ~torch.isfinite(seq).all(-1)).unsqueeze(-1), 0)
         return Call(seq, positions, key_mask, spatial, state, context, nonfinite=nonfinite)
 
     def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(call)
         pad = _padded_rows(call)
         if pad is not None:
-            # a padded token is no key and no value, whatever it holds (a huge finite one
-            # overflows in its projection, and 0 x inf is NaN in the sums over keys); it
-            # stays a query (a key-padded query reads the real keys, as ICLRegressor's
-            # does), but a query row that overflowed is 0, so its NaN stays out of the
-            # gradients
+            # a padded token (0 since _begin) is no key and no value: its projections' biases
+            # stay out of the sums over keys too
             k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-            q = q.masked_fill(pad & ~torch.isfinite(q), 0)
         q, k, v = self.prepare(q, k, v, call)
         return self.hook_q(q), self.hook_k(k), self.hook_v(v)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from attnlab.core.registry import build
+from attnlab.core.registry import available, build, info
 from attnlab.models.blocks import layer_specs, sum_extra_losses
 
 
@@ -19,8 +19,9 @@ class ICLRegressor(nn.Module):
 
         y_hat = (sum_h W_O^h attn_h(Z))[query, -1],
 
-    where every head's keys and values are the L context tokens only (the query is a key
-    padding position, so it never attends to its own 0 label). No positions: the model is
+    where every head's keys and values are the L context tokens only (each layer is a
+    cross-attention of all L + 1 tokens over the L context tokens, so the query never attends
+    to its own 0 label; the mechanism must support ``context=``). No positions: the model is
     invariant to the order of the pairs, so it runs at any context length. ``depth > 1``
     stacks residual attention layers (the paper uses 1; with one layer the residual adds
     the query's 0 label, so y_hat is the attention output itself).
@@ -42,6 +43,12 @@ class ICLRegressor(nn.Module):
         self.d, self.targets = d, targets
         dim = d + targets
         specs = layer_specs(mechanism, mechanism_kwargs, depth)
+        no_cross = sorted({n for n, _ in specs if not info(n).cross})
+        if no_cross:
+            raise ValueError(f"ICLRegressor attends from every token to the context tokens "
+                             f"(cross-attention, context=), which {', '.join(no_cross)} does "
+                             f"not support; mechanisms that do: "
+                             f"{', '.join(n for n in available() if info(n).cross)}")
         self.layers = nn.ModuleList(
             build(n, dim=dim, heads=heads, **{"head_dim": head_dim or dim, "causal": False,
                                                **kw}) for n, kw in specs)
@@ -65,9 +72,9 @@ class ICLRegressor(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, x_query: Tensor) -> Tensor:
         """x (B, L, d), y (B, L) or (B, L, targets), x_query (B, d) -> y_hat (B[, targets])."""
-        z, mask = self.tokens(x, y, x_query)
+        z, _ = self.tokens(x, y, x_query)
         for layer in self.layers:  # residual; the query's label coordinates start at 0
-            z = z + layer(z, mask=mask)
+            z = z + layer(z, context=z[:, :-1])
         pred = z[:, -1, self.d:]
         return pred.squeeze(-1) if self.targets == 1 else pred
 
