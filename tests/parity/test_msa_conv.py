@@ -138,8 +138,11 @@ def test_msa_conv_equals_the_official_module(case):
         weight = weight * key_mask[:, None]  # padded rows are no output of the contract
     stage = odd(kernel)  # the 'mlp' convolution keeps the size for odd kernels only
 
+    real = 1.0 if key_mask is None else key_mask[:, None].double()
     xo = leaf(x)
-    y_off = official_attention(p, xo, kernel, dilation, key_mask)
+    # padded tokens' rows are those of zero tokens in attnlab (contract) and of their content
+    # in the official module: neither is an output, so the stage reads them as 0 in both
+    y_off = official_attention(p, xo, kernel, dilation, key_mask) * real
     if stage:
         y_off = official_stage(p, y_off, xo, kernel)
     (y_off * weight).sum().backward()
@@ -160,12 +163,11 @@ def test_msa_conv_equals_the_official_module(case):
     if sequence:
         tokens, mask = tokens[:, 0], None if key_mask is None else key_mask[:, 0]
     y = attn(tokens, mask=mask)
-    y = (y[:, None] if sequence else y).permute(0, 3, 1, 2)
+    y = (y[:, None] if sequence else y).permute(0, 3, 1, 2) * real
     if stage:
         y = official_stage({"mlp.weight": mlp}, y, xa, kernel)
     (y * weight).sum().backward()
 
-    real = 1.0 if key_mask is None else key_mask[:, None].double()
     pairs = {"out": (y * real, y_off * real), "grad x": (xa.grad, xo.grad)}
     for mine, t in own.items():
         theirs, rows = names[mine]
