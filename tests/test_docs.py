@@ -80,6 +80,19 @@ def test_every_registered_mechanism_has_a_page_naming_its_paper():
         assert title in text, f"{page.name} does not name its paper ({title!r})"
 
 
+def test_every_mechanism_has_an_official_code_section_and_a_parity_row():
+    """The parity table lists exactly the tests' OFFICIAL declarations, one per registered
+    mechanism, and each mechanism's page has its "Official code" section."""
+    from tests.parity import table
+
+    declared = {o.mechanism for o in table.declarations().values()}
+    assert declared == set(al.available()), f"no parity module: {set(al.available()) - declared}"
+    for name in al.available():
+        text = (DOCS / "mechanisms" / f"{name}.md").read_text()
+        assert "## Official code" in text, f"docs/mechanisms/{name}.md: no Official code section"
+    assert table.main(["--check"]) == 0, "python -m tests.parity.table to regenerate"
+
+
 def test_readme_performance_tables_are_generated_from_the_recorded_bench_results(tmp_path):
     """Every `<!-- bench: ... -->` block of the README equals what `attnlab bench readme`
     generates from the JSON it names."""

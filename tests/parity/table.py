@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-import platform
 import sys
 from pathlib import Path
-
-import torch
 
 from tests.parity import common
 
@@ -50,10 +47,12 @@ def row(path: str, official: common.Official, reached: float | None) -> str:
 
 def render(reached: dict[str, float]) -> str:
     head = PAGE.read_text().split(MARK)[0] if PAGE.exists() else "# Parity\n\n"
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    from attnlab.machine import describe, machine
+
+    where = describe(machine())
     lines = [MARK, "",
              f"Errors: largest relative error (of the official tensor's scale) over every "
-             f"compared tensor of the module's tests, float64, measured on {machine}.", "",
+             f"compared tensor of the module's tests, float64, measured on {where}.", "",
              "| mechanism | official code | checked against | error | verdict | test |",
              "|---|---|---|---|---|---|"]
     for path, official in declarations().items():
