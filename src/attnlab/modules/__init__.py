@@ -5,7 +5,6 @@ convolutions and spatial helpers. Each mechanism chooses its parts; the base cla
 from attnlab.modules.gates import NoGate, OutputGate
 from attnlab.modules.norms import QKNorm
 from attnlab.modules.projections import (
-    ConvolvedQKVProjection,
     QKVProjection,
     SharedQKProjection,
     ValueProjection,
@@ -13,5 +12,5 @@ from attnlab.modules.projections import (
 )
 from attnlab.modules.rotary import NoRotation, Rotary
 
-__all__ = ["ConvolvedQKVProjection", "NoGate", "NoRotation", "OutputGate", "QKNorm",
-           "QKVProjection", "Rotary", "SharedQKProjection", "ValueProjection", "split_heads"]
+__all__ = ["NoGate", "NoRotation", "OutputGate", "QKNorm", "QKVProjection", "Rotary",
+           "SharedQKProjection", "ValueProjection", "split_heads"]
