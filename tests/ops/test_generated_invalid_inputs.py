@@ -9,6 +9,7 @@ test_op_arguments.py fails until then).
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from pathlib import Path
 
@@ -80,3 +81,46 @@ def test_an_invalid_op_call_is_refused_by_attnlab_naming_the_op(op_name, mutatio
         f"raised from {traceback.extract_tb(caught.value.__traceback__)[-1].filename}: "
         f"{caught.value!r}")
     assert op_name in str(caught.value), f"the message does not name {op_name}: {caught.value}"
+
+
+def _invalid_values(annotation: object) -> list:
+    """Values no option of this annotation accepts (bool options: not bools; ints: negative,
+    fractional, text; floats: NaN, text; strings: an unknown name)."""
+    text = str(annotation)
+    if text == "bool":
+        return ["yes", 1.0]
+    if "str" in text:
+        return ["no_such_choice", 3.5]
+    if "int" in text or annotation is inspect.Parameter.empty:  # sizes, kernels, splits
+        return [-1, 2.5, "3"]
+    if "float" in text:
+        return [float("nan"), "x"]
+    return []
+
+
+SKIPPED_OPTIONS = {"mask", "backend", "causal", "state", "bias"}  # covered above / elsewhere
+OPTION_CASES = [
+    (op, p.name, value)
+    for op in sorted(OPS)
+    for p in inspect.signature(getattr(ops, op)).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in SKIPPED_OPTIONS
+    for value in _invalid_values(p.annotation)
+]
+
+
+@pytest.mark.parametrize("op_name, option, value", OPTION_CASES,
+                         ids=[f"{o}-{n}={v!r}" for o, n, v in OPTION_CASES])
+def test_an_invalid_op_option_is_refused_naming_the_op_and_the_option(op_name, option, value):
+    op = getattr(ops, op_name)
+    kwargs = {**OPS[op_name], option: value}
+    if op_name == "neighborhood_attention":
+        q, k, v = (t[:, :2] for t in _valid())
+    else:
+        q, k, v = _valid()
+    with pytest.raises((ValueError, TypeError)) as caught:
+        op(q, k, v, **kwargs)
+    where = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert _raised_in_attnlab(caught.value), f"raised at {where.filename}:{where.lineno}: " \
+                                             f"{caught.value!r}"
+    message = str(caught.value)
+    assert op_name in message and option in message, message

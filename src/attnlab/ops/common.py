@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import Arg, check_arguments
 from attnlab.core.masks import broadcasts, check_op_mask, rows_seeing, visibility
 from attnlab.ops.dispatch import choose
 
@@ -217,7 +218,13 @@ def _call_splitter(op: Callable) -> Callable[[tuple, dict], tuple[tuple, dict]]:
     return split
 
 
-def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op], Op]:
+# options of every op that has them, checked by the guard (an op adds its own)
+COMMON_OPTIONS = {"causal": Arg("bool"), "scale": Arg("float", optional=True),
+                  "block_size": Arg("int", optional=True, low=1)}
+
+
+def guarded_op(op_name: str, *, first: Callable | None = None,
+               options: dict[str, Arg] | None = None) -> Callable[[Op], Op]:
     """Decorate an op ``f(q, k, v, *, causal, mask, ...)`` (4-D tensors) with what every op
     does before and after its own work:
 
@@ -232,9 +239,14 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
     ``first``: an attempt with the op's signature on the inputs as given, which returns None
     when it met a non-finite number in them (then the guarded op runs): for an op that can
     tell so within its own passes over k and v, the clean case costs no pass of the guard's.
+    ``options``: declarations of the op's own keyword options, checked with
+    ``COMMON_OPTIONS`` (those it has) before anything runs, naming the op and the option.
     """
     def decorate(op: Op) -> Op:
         split = _call_splitter(op)
+        names = inspect.signature(op).parameters
+        declared = {k: a for k, a in {**COMMON_OPTIONS, **(options or {})}.items()
+                    if k in names}
 
         @functools.wraps(op)
         def guarded(*args, **kwargs):
@@ -243,9 +255,9 @@ def guarded_op(op_name: str, *, first: Callable | None = None) -> Callable[[Op],
                 if not isinstance(t, Tensor):
                     raise ValueError(f"{op_name}: {name} must be a 4-D tensor (B, H, L, D), "
                                      f"got {type(t).__name__}")
+            check_arguments(op_name, declared, {k: v for k, v in kwargs.items()
+                                                if k in declared})
             causal, mask = kwargs.get("causal", False), kwargs.get("mask")
-            if not isinstance(causal, bool):
-                raise ValueError(f"{op_name}: causal must be True or False, got {causal!r}")
             q, k, v = autocast_inputs(*args[:3])
             check_qkv(op_name, q, k, v, mask)
             check_op_bias(op_name, kwargs.get("bias"), q, k)

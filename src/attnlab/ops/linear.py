@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.core.arguments import Arg, check_arguments
+from attnlab.core.arguments import Arg
 from attnlab.core.masks import visibility
 from attnlab.ops.common import expand_kv, guarded_op, upcast
 from attnlab.ops.dispatch import choose
@@ -136,7 +136,8 @@ def _recurrent(fq, fk, v, causal, state):
     return torch.stack(nums, 2), torch.stack(dens, 2), (s, z)
 
 
-@guarded_op("linear_attention")
+@guarded_op("linear_attention", options={
+    **OPTIONS, "normalize": Arg("bool"), "return_state": Arg("bool")})
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                      mask: Tensor | None = None, backend: str = "auto",
                      feature_map: str | Callable[[Tensor], Tensor] = "elu",
@@ -164,7 +165,6 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"{op}: unknown backend {backend!r}; choose from "
                          f"{('auto', 'reference', *BACKENDS)} ('reference' is 'parallel')")
     backend = "parallel" if backend == "reference" else backend
-    check_arguments(op, OPTIONS, {"chunk_size": chunk_size, "eps": eps})
     if (state is not None or return_state) and not causal:
         raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
     if causal and q.shape[2] != k.shape[2] and state is not None:
@@ -188,7 +188,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     form = choose(op, backend, BACKENDS, q, k, v, limits=limits)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     phi = FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else feature_map
-    if phi is None:
+    if phi is None or not callable(phi):
         raise ValueError(f"{op}: unknown feature_map {feature_map!r}; choose from "
                          f"{sorted(FEATURE_MAPS)} or pass a callable")
     dtype = v.dtype

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.core.masks import visibility
 from attnlab.ops.common import (
     begin_weights,
@@ -170,7 +171,8 @@ def _chunk(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, i0: int, lq:
     return _block(q, k, v, None if vis is None else vis[..., :k.shape[2]], scale, ridge)
 
 
-@guarded_op("local_linear_attention")
+@guarded_op("local_linear_attention", options={
+    "ridge": Arg("float", low=0), "block_size": Arg("int", low=1)})
 def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                            mask: Tensor | None = None, scale: float | None = None,
                            ridge: float = 1.0, backend: str = "auto",

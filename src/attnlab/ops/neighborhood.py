@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.core.arguments import check_arguments
 from attnlab.ops.common import (
+    COMMON_OPTIONS,
     default_scale,
     expand_kv,
     hide_nonfinite,
@@ -466,6 +468,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
         raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not q.is_floating_point():
         raise ValueError(f"{op}: q, k, v must be floating point, got {q.dtype}")
+    check_arguments(op, COMMON_OPTIONS, {"scale": scale})
     spatial = tuple(q.shape[2:-1])
     key_mask = mask
     if key_mask is not None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.core.arguments import Arg
 from attnlab.ops.common import (
     begin,
     begin_weights,
@@ -210,7 +211,8 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     return torch.where(ok, out2.nan_to_num(0.0), out1)
 
 
-@guarded_op("softplus_attention")
+@guarded_op("softplus_attention", options={
+    "reweight_p": Arg("float", optional=True, low=1)})
 def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                        mask: Tensor | None = None, scale: float | None = None,
                        reweight_p: float | None = None, backend: str = "auto",
