@@ -2,9 +2,10 @@
 raises ValueError or TypeError from attnlab's own code, with a message that names the op —
 never an exception from inside torch or Python, never a silent result.
 
-The cases are the product of the ops and the mutations below; a new op in ``ops.__all__``
-is covered by adding its valid call to ``OPS`` (``test_the_list_covers_every_public_op`` in
-test_op_arguments.py fails until then).
+The cases are the product of the ops (the attention ops of ``OPS``, the weights functions of
+``WEIGHTS``) and the mutations below, and of every keyword option of every public op and
+values its annotation excludes; ``test_every_public_op_is_swept`` fails for a new op until it
+is added.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from attnlab import ops
 
 from .test_op_arguments import OPS
 
+WEIGHTS = {"lla_weights": {}, "random_feature_weights": {}, "sigmoid_weights": {},
+           "softmax_weights": {}, "softplus_weights": {}}
 ATTNLAB = Path(ops.__file__).resolve().parents[1]
 
 
@@ -55,10 +58,28 @@ def _mutations():
 
 
 MUTATIONS = _mutations()
-SKIP = {  # (op, mutation) pairs that are valid calls of that op, not errors
-    ("neighborhood_attention", "4 query heads over 3 kv heads"),  # ... is an error too
-}
-CASES = [(op, m) for op in sorted(OPS) for m in MUTATIONS if (op, m) not in SKIP]
+NO_VALUES = {"k length 5, v length 4"}  # a weights function takes no v
+CASES = [(op, m) for op in sorted(OPS) for m in MUTATIONS] + [
+    (op, m) for op in sorted(WEIGHTS) for m in MUTATIONS if m not in NO_VALUES]
+
+
+def test_every_public_op_is_swept():
+    assert set(ops.__all__) == set(OPS) | set(WEIGHTS) | {"neighborhood_visibility"}
+
+
+def _call(op_name: str, q, k, v, kwargs: dict):
+    op = getattr(ops, op_name)
+    if op_name in WEIGHTS:
+        return op(q, k, **kwargs)
+    if op_name == "neighborhood_visibility":
+        return op((5,), **kwargs)
+    return op(q, k, v, **kwargs)
+
+
+def _defaults(op_name: str) -> dict:
+    if op_name == "neighborhood_visibility":
+        return {"kernel_size": 3}
+    return dict(OPS.get(op_name, WEIGHTS.get(op_name, {})))
 
 
 def _raised_in_attnlab(err: BaseException) -> bool:
@@ -68,15 +89,14 @@ def _raised_in_attnlab(err: BaseException) -> bool:
 
 @pytest.mark.parametrize("op_name, mutation", CASES, ids=[f"{o}-{m}" for o, m in CASES])
 def test_an_invalid_op_call_is_refused_by_attnlab_naming_the_op(op_name, mutation):
-    op = getattr(ops, op_name)
-    kwargs = dict(OPS[op_name])
+    kwargs = _defaults(op_name)
     if op_name == "neighborhood_attention":
         q, k, v = (t[:, :2] for t in _valid())  # its keys are its queries: same length
     else:
         q, k, v = _valid()
     q, k, v, kwargs = MUTATIONS[mutation](q, k, v, kwargs)
     with pytest.raises((ValueError, TypeError)) as caught:
-        op(q, k, v, **kwargs)
+        _call(op_name, q, k, v, kwargs)
     assert _raised_in_attnlab(caught.value), (
         f"raised from {traceback.extract_tb(caught.value.__traceback__)[-1].filename}: "
         f"{caught.value!r}")
@@ -101,7 +121,7 @@ def _invalid_values(annotation: object) -> list:
 SKIPPED_OPTIONS = {"mask", "backend", "causal", "state", "bias"}  # covered above / elsewhere
 OPTION_CASES = [
     (op, p.name, value)
-    for op in sorted(OPS)
+    for op in sorted(ops.__all__)
     for p in inspect.signature(getattr(ops, op)).parameters.values()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in SKIPPED_OPTIONS
     for value in _invalid_values(p.annotation)
@@ -111,14 +131,13 @@ OPTION_CASES = [
 @pytest.mark.parametrize("op_name, option, value", OPTION_CASES,
                          ids=[f"{o}-{n}={v!r}" for o, n, v in OPTION_CASES])
 def test_an_invalid_op_option_is_refused_naming_the_op_and_the_option(op_name, option, value):
-    op = getattr(ops, op_name)
-    kwargs = {**OPS[op_name], option: value}
+    kwargs = {**_defaults(op_name), option: value}
     if op_name == "neighborhood_attention":
         q, k, v = (t[:, :2] for t in _valid())
     else:
         q, k, v = _valid()
     with pytest.raises((ValueError, TypeError)) as caught:
-        op(q, k, v, **kwargs)
+        _call(op_name, q, k, v, kwargs)
     where = traceback.extract_tb(caught.value.__traceback__)[-1]
     assert _raised_in_attnlab(caught.value), f"raised at {where.filename}:{where.lineno}: " \
                                              f"{caught.value!r}"

@@ -218,6 +218,41 @@ def _call_splitter(op: Callable) -> Callable[[tuple, dict], tuple[tuple, dict]]:
     return split
 
 
+def _prelude(op_name: str, op: Callable, options: dict[str, Arg] | None, tensors: int
+             ) -> Callable[[tuple, dict], tuple[tuple, dict]]:
+    """What every public op does with its arguments first: bind them (an unknown keyword
+    names the op), refuse leading arguments that are no tensors, check the declared options
+    (``COMMON_OPTIONS`` the op has, and its own)."""
+    split = _call_splitter(op)
+    names = inspect.signature(op).parameters
+    declared = {k: a for k, a in {**COMMON_OPTIONS, **(options or {})}.items() if k in names}
+
+    def prelude(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, kwargs = split(args, kwargs)
+        for name, t in zip("qkv", args[:tensors], strict=False):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{op_name}: {name} must be a 4-D tensor (B, H, L, D), got "
+                                 f"{type(t).__name__}")
+        check_arguments(op_name, declared, {k: v for k, v in kwargs.items() if k in declared})
+        return args, kwargs
+    return prelude
+
+
+def checked_weights(op_name: str, *, options: dict[str, Arg] | None = None
+                    ) -> Callable[[Op], Op]:
+    """Decorate a weights function ``f(q, k, *, causal, mask, ...)`` with the ops' argument
+    checks (``_prelude``); its body then calls :func:`begin_weights`."""
+    def decorate(op: Op) -> Op:
+        prelude = _prelude(op_name, op, options, tensors=2)
+
+        @functools.wraps(op)
+        def checked(*args, **kwargs):
+            args, kwargs = prelude(args, kwargs)
+            return op(*args, **kwargs)
+        return checked  # type: ignore[return-value]
+    return decorate
+
+
 # options of every op that has them, checked by the guard (an op adds its own)
 COMMON_OPTIONS = {"causal": Arg("bool"), "scale": Arg("float", optional=True),
                   "block_size": Arg("int", optional=True, low=1)}
@@ -243,20 +278,11 @@ def guarded_op(op_name: str, *, first: Callable | None = None,
     ``COMMON_OPTIONS`` (those it has) before anything runs, naming the op and the option.
     """
     def decorate(op: Op) -> Op:
-        split = _call_splitter(op)
-        names = inspect.signature(op).parameters
-        declared = {k: a for k, a in {**COMMON_OPTIONS, **(options or {})}.items()
-                    if k in names}
+        prelude = _prelude(op_name, op, options, tensors=3)
 
         @functools.wraps(op)
         def guarded(*args, **kwargs):
-            args, kwargs = split(args, kwargs)
-            for name, t in zip("qkv", args[:3], strict=True):
-                if not isinstance(t, Tensor):
-                    raise ValueError(f"{op_name}: {name} must be a 4-D tensor (B, H, L, D), "
-                                     f"got {type(t).__name__}")
-            check_arguments(op_name, declared, {k: v for k, v in kwargs.items()
-                                                if k in declared})
+            args, kwargs = prelude(args, kwargs)
             causal, mask = kwargs.get("causal", False), kwargs.get("mask")
             q, k, v = autocast_inputs(*args[:3])
             check_qkv(op_name, q, k, v, mask)

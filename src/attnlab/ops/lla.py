@@ -31,6 +31,7 @@ from attnlab.core.arguments import Arg
 from attnlab.core.masks import visibility
 from attnlab.ops.common import (
     begin_weights,
+    checked_weights,
     default_scale,
     expand_kv,
     guarded_op,
@@ -61,6 +62,7 @@ def _centred_solve(cov: Tensor, k_mean: Tensor, q: Tensor, omega: Tensor, ridge:
     return torch.linalg.solve(c, (k_mean - q).unsqueeze(-1)).squeeze(-1)
 
 
+@checked_weights("lla_weights", options={"ridge": Arg("float", low=0)})
 def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                 scale: float | None = None, ridge: float = 1.0) -> Tensor:
     """The s_ij of the equation, with the per-query differences k_j - kbar_i formed

@@ -55,17 +55,15 @@ BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend=
 SLIDING_BLOCK = {"inference": 32, "train": 64}
 
 
-def _per_axis(value, n: int, name: str, kind: type) -> tuple:
+def _per_axis(value, n: int, name: str, kind: type, op: str) -> tuple:
     values = tuple(value) if isinstance(value, Sequence) else (value,) * n
     if len(values) != n:
-        raise ValueError(f"neighborhood_attention: {name} has {len(values)} entries for "
-                         f"{n} spatial axes")
+        raise ValueError(f"{op}: {name} has {len(values)} entries for {n} spatial axes")
     for v in values:
         if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"neighborhood_attention: {name} must be positive ints, "
-                             f"got {value!r}")
+            raise ValueError(f"{op}: {name} must be positive ints, got {value!r}")
         if kind is bool and not isinstance(v, bool):
-            raise ValueError(f"neighborhood_attention: {name} must be bools, got {value!r}")
+            raise ValueError(f"{op}: {name} must be bools, got {value!r}")
     return values
 
 
@@ -111,22 +109,20 @@ class AxisRule:
 
 
 def _rules(spatial: tuple[int, ...], kernel_size, dilation, stride, causal,
-           border: str = "shift") -> list[AxisRule]:
+           border: str = "shift", op: str = "neighborhood_attention") -> list[AxisRule]:
     if border not in ("shift", "clip"):
-        raise ValueError(f"neighborhood_attention: border must be 'shift' or 'clip', "
-                         f"got {border!r}")
+        raise ValueError(f"{op}: border must be 'shift' or 'clip', got {border!r}")
     n = len(spatial)
-    ks = _per_axis(kernel_size, n, "kernel_size", int)
-    ds = _per_axis(dilation, n, "dilation", int)
-    ss = _per_axis(stride, n, "stride", int)
-    cs = _per_axis(causal, n, "causal", bool)
+    ks = _per_axis(kernel_size, n, "kernel_size", int, op)
+    ds = _per_axis(dilation, n, "dilation", int, op)
+    ss = _per_axis(stride, n, "stride", int, op)
+    cs = _per_axis(causal, n, "causal", bool, op)
     for k, s in zip(ks, ss, strict=True):
         if s > k:
-            raise ValueError(f"neighborhood_attention: stride ({s}) must not exceed "
-                             f"kernel_size ({k})")
+            raise ValueError(f"{op}: stride ({s}) must not exceed kernel_size ({k})")
     if border == "clip" and (any(cs) or any(s != 1 for s in ss)):
-        raise ValueError("neighborhood_attention: border='clip' (convolution windows) takes "
-                         "neither causal nor stride")
+        raise ValueError(f"{op}: border='clip' (convolution windows) takes neither causal "
+                         "nor stride")
     return [AxisRule(L, k, d, s, c, border == "clip")
             for L, k, d, s, c in zip(spatial, ks, ds, ss, cs, strict=True)]
 
@@ -134,8 +130,17 @@ def _rules(spatial: tuple[int, ...], kernel_size, dilation, stride, causal,
 def neighborhood_visibility(spatial: Sequence[int], *, kernel_size, dilation=1, stride=1,
                             causal=False, border: str = "shift", device=None) -> Tensor:
     """The (L, L) bool mask of generalized neighborhood attention, L = prod(spatial)."""
-    spatial = tuple(int(s) for s in spatial)
-    rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
+    op = "neighborhood_visibility"
+    if not isinstance(spatial, Sequence) or not spatial or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in spatial):
+        raise ValueError(f"{op}: spatial must be a non-empty sequence of ints >= 1, got "
+                         f"{spatial!r}")
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{op}: device={device!r} is not a device ({err})") from None
+    spatial = tuple(spatial)
+    rules = _rules(spatial, kernel_size, dilation, stride, causal, border, op)
     vis = None
     n = len(rules)
     for a, rule in enumerate(rules):
@@ -322,7 +327,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
         if block is None:
             bl = SLIDING_BLOCK["train" if needs_grad(q, k, v) else "inference"]
         else:
-            bl = _per_axis(block, 1, "block", int)[0]
+            bl = _per_axis(block, 1, "block", int, "neighborhood_attention")[0]
         out = _sliding_1d(q, k, v, rules[0], key_mask, scale, bl)
         if out is not None:
             return out
@@ -330,7 +335,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
     spatial = [r.length for r in rules]
     total = math.prod(spatial)
     blocks = (tuple(_default_block(r, n) for r in rules) if block is None
-              else _per_axis(block, n, "block", int))
+              else _per_axis(block, n, "block", int, "neighborhood_attention"))
     tiles = [_axis_tiles(r, bl, q.device) for r, bl in zip(rules, blocks, strict=True)]
     t_count = math.prod(t.q_index.shape[0] for t in tiles)
     q_flat = _linear_index([t.q_index for t in tiles], spatial)  # (T * block,)

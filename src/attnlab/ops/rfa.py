@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.ops.common import begin, begin_weights, guarded_op, row_counts, upcast
+from attnlab.ops.common import begin, begin_weights, checked_weights, guarded_op, row_counts, upcast
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
 ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 BACKENDS = ("tiled", "reference")  # in order of preference for backend="auto"
 
 
+@checked_weights("random_feature_weights")
 def random_feature_weights(q: Tensor, k: Tensor, *, causal: bool = False,
                            mask: Tensor | None = None, scale: float | None = None,
                            activation: str = "relu") -> Tensor:

@@ -16,6 +16,7 @@ from attnlab.ops.common import (
     begin,
     begin_weights,
     check_op_bias,
+    checked_weights,
     default_scale,
     guarded_op,
     upcast,
@@ -26,6 +27,7 @@ from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
 
 
+@checked_weights("sigmoid_weights")
 def sigmoid_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                     scale: float | None = None, bias: float | Tensor | None = None) -> Tensor:
     """Sigmoid attention weights W_ij = sigmoid(c q_i.k_j + b) for visible j, exactly 0

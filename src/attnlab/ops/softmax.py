@@ -11,6 +11,7 @@ from attnlab.ops.common import (
     begin,
     begin_weights,
     check_op_bias,
+    checked_weights,
     default_scale,
     guarded_op,
     unit_last_stride,
@@ -21,6 +22,7 @@ from attnlab.ops.flex import flex_call
 BACKENDS = ("sdpa", "flex", "reference")  # in order of preference for backend="auto"
 
 
+@checked_weights("softmax_weights")
 def softmax_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                     scale: float | None = None, bias: float | Tensor | None = None) -> Tensor:
     """Softmax attention weights W_ij = softmax_j(c q_i.k_j + bias_ij) over the visible keys.

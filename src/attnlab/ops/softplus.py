@@ -17,6 +17,7 @@ from attnlab.core.arguments import Arg
 from attnlab.ops.common import (
     begin,
     begin_weights,
+    checked_weights,
     guarded_op,
     row_counts,
     upcast,
@@ -54,6 +55,8 @@ def length_scale(q: Tensor, scale: float | None) -> float:
     return math.log(q.shape[-1]) if scale is None else float(scale)
 
 
+@checked_weights("softplus_weights", options={
+    "reweight_p": Arg("float", optional=True, low=1)})
 def softplus_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                      scale: float | None = None, reweight_p: float | None = None) -> Tensor:
     """LSSA weights, then LSSAR re-weighting when ``reweight_p`` is given.
