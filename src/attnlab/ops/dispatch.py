@@ -81,6 +81,10 @@ def why_not(backend: str, request: Request, *, auto: bool) -> str | None:
             return (f"compiled FlexAttention needs head dims >= {FLEX_MIN_HEAD_DIM}, got "
                     f"q/k {e} and v {ev}")
         return None
+    if backend == "triton":
+        from attnlab.ops import triton as kernels  # the package; triton itself not imported
+
+        return kernels.why_not(request.device, auto=auto)
     return None  # an op-specific backend with no general limits (e.g. lla's "chunked")
 
 
