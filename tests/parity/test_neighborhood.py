@@ -21,6 +21,7 @@ import torch
 
 import attnlab as al
 
+from ..ops.test_neighborhood import explicit_axis_window
 from .common import Official, assert_parity, leaf
 
 OFFICIAL = Official(
@@ -38,18 +39,9 @@ NAMES = {"qkv.q.weight": "q.weight", "qkv.k.weight": "k.weight", "qkv.v.weight":
 
 
 def axis_keys(i: int, length: int, k: int, d: int, s: int, causal: bool) -> list[int]:
-    """The key positions query ``i`` sees along one axis."""
-    g, ip = i % d, i // d
-    lg = len(range(g, length, d))
-    k = min(k, lg)
-    if causal:
-        leader = min((ip // s) * s + s - 1, lg - 1)
-        local = range(max(leader - k + 1, 0), ip + 1)
-    else:
-        leader = min((ip // s) * s + s // 2, lg - 1)
-        start = min(max(leader - k // 2, 0), lg - k)
-        local = range(start, start + k)
-    return [g + j * d for j in local]
+    """The key positions query ``i`` sees along one axis: the rule written out position by
+    position in the op tests (independent of attnlab's window tables)."""
+    return sorted(explicit_axis_window(length, k, d, s, causal)[i])
 
 
 def official_forward(p, x, kernel, dilation, stride, causal):
