@@ -13,18 +13,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.ops.common import (
-    begin,
     begin_weights,
     check_op_bias,
     checked_weights,
     default_scale,
+    expand_kv,
     guarded_op,
     upcast,
 )
+from attnlab.ops.dispatch import choose
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
-BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
+# in order of preference for backend="auto" (which does not choose "triton" yet: see
+# attnlab.ops.triton.why_not)
+BACKENDS = ("triton", "flex", "tiled", "reference")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
 
 
 @checked_weights("sigmoid_weights")
@@ -70,6 +75,34 @@ class SigmoidRows(RowMath):
         return torch.ops.aten.sigmoid_backward(g, w)
 
 
+def triton_limits(q: Tensor, v: Tensor, bias: float | Tensor, block_size: int | None
+                  ) -> str | None:
+    """Why the triton kernel cannot serve this call (None: it can): it takes float16,
+    bfloat16 or float32 inputs (bfloat16 not under Triton's interpreter, which has no
+    bfloat16 arithmetic), head dims 1..256, a float or per-head bias, and a block size that
+    is a power of two from 16 (``tl.dot``'s least tile side) to 128; any bool mask."""
+    from attnlab.ops.triton import interpreting
+
+    if q.dtype not in TRITON_DTYPES:
+        return f"the triton kernel takes float16, bfloat16 or float32 inputs, got {q.dtype}"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
+        return "Triton's interpreter has no bfloat16 arithmetic (bfloat16 runs on CUDA)"
+    dims = (q.shape[-1], v.shape[-1])
+    if min(dims) < 1 or max(dims) > TRITON_MAX_HEAD_DIM:
+        return (f"the triton kernel takes head dims 1..{TRITON_MAX_HEAD_DIM}, got q/k "
+                f"{dims[0]} and v {dims[1]}")
+    if isinstance(bias, Tensor):
+        shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+        if shape[0] != 1 or shape[2:] != (1, 1):
+            return ("the triton kernel takes a float bias or a per-head tensor bias, shape "
+                    f"(1, H, 1, 1) or (H, 1, 1); got {tuple(bias.shape)} (a bias (H,) adds "
+                    "along the keys, not the heads)")
+    if block_size is not None and (not 16 <= block_size <= 128 or block_size & (block_size - 1)):
+        return ("the triton kernel's block_size must be a power of two from 16 to 128, got "
+                f"{block_size}")
+    return None
+
+
 @guarded_op("sigmoid_attention")
 def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       mask: Tensor | None = None, scale: float | None = None,
@@ -79,12 +112,22 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
     Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and backward, the CPU
     default), ``flex`` (FlexAttention with score_mod = log sigmoid = -softplus(-s), rescaled
-    by exp(lse); ``F.logsigmoid`` itself fails to compile inside a score_mod on CUDA, torch 2.11).
+    by exp(lse); ``F.logsigmoid`` itself fails to compile inside a score_mod on CUDA, torch 2.11),
+    ``triton`` (``attnlab.ops.triton.sigmoid``: forward and backward Triton kernels, on CUDA or
+    under Triton's interpreter; named only for now; a float or per-head bias, any mask).
     """
     scale = default_scale(q, scale)
     bias = default_bias(k, bias)
-    name, q, k, v = begin("sigmoid_attention", backend, BACKENDS, q, k, v,
-                       tensor_bias=isinstance(bias, Tensor))
+    name = choose("sigmoid_attention", backend, BACKENDS, q, k, v,
+                  tensor_bias=isinstance(bias, Tensor),
+                  limits=lambda n: triton_limits(q, v, bias, block_size) if n == "triton"
+                  else None)
+    if name == "triton":
+        from attnlab.ops.triton.sigmoid import sigmoid_attention_triton
+
+        return sigmoid_attention_triton(q, k, v, causal=causal, mask=mask, scale=scale,
+                                        bias=bias, block_size=block_size)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if name == "reference":
         w = sigmoid_weights(q, k, causal=causal, mask=mask, scale=scale, bias=bias)
         return w.to(v.dtype) @ v

@@ -1,0 +1,320 @@
+"""Sigmoid attention in Triton (FlashSigmoid style): ``backend="triton"`` of
+:func:`attnlab.ops.sigmoid_attention`.
+
+Forward, for query row i of head h (kv head h // G, G = H / H_kv query heads per kv head)::
+
+    S_ij = c q_i . k_j + b_h,   P_ij = sigmoid(S_ij) if key j is visible to i else 0,
+    O_i  = sum_j P_ij v_j
+
+Backward, with dO the output's gradient::
+
+    dP = dO V^T,   dS = P (1 - P) dP,   dQ = c dS K,   dK = c dS^T Q,   dV = P^T dO,
+    db_h = sum over (batch, i, j) of dS (per-head tensor bias only)
+
+No row max, row sum or log-sum-exp: the rows are not normalised, so the forward is one pass
+over the key tiles of each query tile and the backward needs no D = rowsum(dO * O) pass
+(dS depends on P and dP only).
+
+Tiling: the forward and dQ kernels run one program per (query tile of BM rows, batch, head)
+and loop over key tiles of BN keys; the dK/dV kernel runs one program per (key tile, batch,
+kv head) and loops over the G query heads that share the kv head and their query tiles, so
+each gradient is written by exactly one program (no atomics) and GQA's kv heads are indexed
+in the kernel, never repeated. The per-head bias gradient is summed per key tile by the
+dK/dV kernel and over the tiles in torch. Causal (queries aligned to the end of the keys:
+row i sees keys j <= i + Lk - Lq) skips the key tiles past the diagonal (forward, dQ) and
+the query tiles before it (dK/dV). Visibility inside a tile is the key range, the causal
+rule and an optional bool mask broadcastable to (B, H, Lq, Lk), read through its strides
+(0 on broadcast axes: a key padding mask (B, 1, 1, Lk) is never materialised). Head dims are
+padded to a power of two >= 16 (``tl.dot``'s minimum) with masked loads; scores,
+sigmoids and gradients accumulate in float32; P and dS are rounded to the inputs' dtype
+before their products with V, dO, K and Q (as the reference rounds the weights to V's
+dtype). float32 products use Triton's default dot precision (tf32 on a GPU unless
+``TRITON_F32_DEFAULT=ieee``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from attnlab.ops.triton import interpreting
+
+
+@triton.jit
+def _visible(qi, kj, Lq, Lk, off, mask_base, smm, smn,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Bool tile: query ``qi`` may see key ``kj`` (index tiles that broadcast together)."""
+    vis = (qi < Lq) & (kj < Lk)
+    if CAUSAL:
+        vis = vis & (kj <= qi + off)
+    if HAS_MASK:
+        keep = tl.load(mask_base + qi * smm + kj * smn, mask=vis, other=0)
+        vis = vis & (keep != 0)
+    return vis
+
+
+@triton.jit
+def _sigmoid_fwd(Q, K, V, Bias, Mask, O,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sve,
+                 sob, soh, som, soe, smb, smh, smm, smn,
+                 G, Lq, Lk, D, Dv, scale,
+                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = Mask + b * smb + h * smh
+    bias = tl.load(Bias + h)
+    off = Lk - Lq
+    hi = Lk
+    if CAUSAL:  # the last row of this tile sees keys < (pid_m + 1) BM + off
+        hi = tl.minimum((pid_m + 1) * BM + off, Lk)
+    acc = tl.zeros((BM, BE), dtype=tl.float32)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+        p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+                       CAUSAL, HAS_MASK)
+        p = tl.where(vis, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * sve,
+                    mask=(offs_n[:, None] < Lk) & (offs_e[None, :] < Dv), other=0.0)
+        acc += tl.dot(p.to(v.dtype), v)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_e[None, :] * soe,
+             acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_e[None, :] < Dv))
+
+
+@triton.jit
+def _sigmoid_bwd_dq(Q, K, V, Bias, Mask, DO, DQ,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sve,
+                    sdob, sdoh, sdom, sdoe, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
+                    G, Lq, Lk, D, Dv, scale,
+                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    rows = offs_m[:, None] < Lq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=rows & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
+                 mask=rows & (offs_e[None, :] < Dv), other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = Mask + b * smb + h * smh
+    bias = tl.load(Bias + h)
+    off = Lk - Lq
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum((pid_m + 1) * BM + off, Lk)
+    dq = tl.zeros((BM, BD), dtype=tl.float32)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+        p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+                       CAUSAL, HAS_MASK)
+        p = tl.where(vis, p, 0.0)
+        vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
+                     mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
+        ds = p * (1.0 - p) * tl.dot(do, vt)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sve,
+                      sdob, sdoh, sdom, sdoe, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdve,
+                      smb, smh, smm, smn, sdbb, sdbh,
+                      H, G, Lq, Lk, D, Dv, scale,
+                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                      BE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    keys = offs_n[:, None] < Lk
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=keys & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_e[None, :] * sve,
+                mask=keys & (offs_e[None, :] < Dv), other=0.0)
+    off = Lk - Lq
+    lo = 0
+    if CAUSAL:  # key j is seen by rows i >= j - off: start at the tile holding the first
+        lo = (tl.maximum(pid_n * BN - off, 0) // BM) * BM
+    dk = tl.zeros((BN, BD), dtype=tl.float32)
+    dv = tl.zeros((BN, BE), dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        mask_base = Mask + b * smb + h * smh
+        bias = tl.load(Bias + h)
+        db = tl.zeros((BN,), dtype=tl.float32)
+        for start_m in range(lo, Lq, BM):
+            offs_m = start_m + tl.arange(0, BM)
+            qt = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                         mask=(offs_m[None, :] < Lq) & (offs_d[:, None] < D), other=0.0)
+            pt = tl.sigmoid(tl.dot(k, qt) * scale + bias)  # (BN, BM): P^T
+            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
+                           smn, CAUSAL, HAS_MASK)
+            pt = tl.where(vis, pt, 0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
+                         mask=(offs_m[:, None] < Lq) & (offs_e[None, :] < Dv), other=0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dst = pt * (1.0 - pt) * tl.dot(v, tl.trans(do))  # (BN, BM): dS^T
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            if BIAS_GRAD:
+                db += tl.sum(dst, axis=1)
+        if BIAS_GRAD:
+            tl.store(DB + b * sdbb + h * sdbh + pid_n, tl.sum(db, axis=0))
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=keys & (offs_d[None, :] < D))
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_e[None, :] * sdve,
+             dv.to(DV.dtype.element_ty), mask=keys & (offs_e[None, :] < Dv))
+
+
+def _padded(n: int) -> int:
+    """A head dim padded to a power of two >= 16 (``tl.dot``'s least block side)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tiles(bd: int, block_size: int | None) -> dict[str, tuple[int, int, int, int]]:
+    """(BM, BN, num_warps, num_stages) of each kernel for a padded head dim ``bd``."""
+    if block_size is not None:
+        one = (block_size, block_size, 4, 2)
+        return {"fwd": one, "dq": one, "dkdv": one}
+    if interpreting():  # small tiles: the tests cross several tiles at small lengths
+        one = (16, 16, 1, 1)
+        return {"fwd": one, "dq": one, "dkdv": one}
+    # untuned first guesses (not yet run on a GPU): the dK/dV and dQ accumulators live in
+    # registers, so their tiles narrow as the head dim grows
+    wide, widest = bd > 64, bd > 128
+    warps = 8 if wide else 4
+    return {"fwd": (64 if widest else 128, 32 if wide else 64, warps, 3),
+            "dq": (32 if widest else 64, 32, warps, 2),
+            "dkdv": (32, 32 if widest else 64, warps, 2)}
+
+
+def _mask_strides(mask: Tensor | None, shape: tuple[int, int, int, int]
+                  ) -> tuple[Tensor | None, tuple[int, ...]]:
+    """The bool mask as uint8 (a view, no copy) broadcast to (B, H, Lq, Lk) by strides."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).view(torch.uint8)
+    m = m.expand(shape)
+    return m, tuple(m.stride())
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
+             scale: float, causal: bool, block_size: int | None) -> Tensor:
+    B, H, Lq, D = q.shape
+    G, Lk, Dv = H // k.shape[1], k.shape[2], v.shape[3]
+    BD, BE = _padded(D), _padded(Dv)
+    BM, BN, warps, stages = _tiles(max(BD, BE), block_size)["fwd"]
+    o = torch.empty((B, H, Lq, Dv), dtype=v.dtype, device=q.device)
+    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    _sigmoid_fwd[(triton.cdiv(Lq, BM), B, H)](
+        q, k, v, bias, q if m is None else m, o,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
+        G, Lq, Lk, D, Dv, scale, CAUSAL=causal, HAS_MASK=m is not None,
+        BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=stages)
+    return o
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+              mask: Tensor | None, scale: float, causal: bool, block_size: int | None,
+              bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    BD, BE = _padded(D), _padded(Dv)
+    tiles = _tiles(max(BD, BE), block_size)
+    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    mptr = q if m is None else m
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    BM, BN, warps, stages = tiles["dq"]
+    _sigmoid_bwd_dq[(triton.cdiv(Lq, BM), B, H)](
+        q, k, v, bias, mptr, do, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *ms,
+        G, Lq, Lk, D, Dv, scale, CAUSAL=causal, HAS_MASK=m is not None,
+        BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = tiles["dkdv"]
+    nt = triton.cdiv(Lk, BN)
+    db = torch.zeros((B, H, nt), dtype=torch.float32, device=q.device) if bias_grad else q
+    _sigmoid_bwd_dkdv[(nt, B, Hkv)](
+        q, k, v, bias, mptr, do, dk, dv, db,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *ms, db.stride(0), db.stride(1),
+        H, G, Lq, Lk, D, Dv, scale, CAUSAL=causal, HAS_MASK=m is not None,
+        BIAS_GRAD=bias_grad, BM=BM, BN=BN, BD=BD, BE=BE, num_warps=warps,
+        num_stages=stages)
+    return dq, dk, dv, db.sum((0, 2)) if bias_grad else None
+
+
+class _SigmoidAttention(torch.autograd.Function):
+    """Forward and backward both Triton kernels; ``bias`` is the (H,) float32 per-head b."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
+                scale: float, causal: bool, block_size: int | None) -> Tensor:
+        ctx.save_for_backward(q, k, v, bias, mask)
+        ctx.scale, ctx.causal, ctx.block_size = scale, causal, block_size
+        return _forward(q, k, v, bias, mask, scale, causal, block_size)
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not differentiated again: say so
+    def backward(ctx, do: Tensor):
+        q, k, v, bias, mask = ctx.saved_tensors
+        dq, dk, dv, db = _backward(do, q, k, v, bias, mask, ctx.scale, ctx.causal,
+                                   ctx.block_size, bias_grad=ctx.needs_input_grad[3])
+        return dq, dk, dv, db, None, None, None, None
+
+
+def head_bias(bias: float | Tensor, heads: int, device: torch.device) -> Tensor:
+    """b as an (H,) float32 vector: a float repeated, or a per-head tensor (1, H or 1, 1, 1)
+    (any fewer leading dims) flattened, its gradient flowing back through the reshape."""
+    if not isinstance(bias, Tensor):
+        return torch.full((heads,), float(bias), dtype=torch.float32, device=device)
+    b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return b4.to(torch.float32).expand(1, heads, 1, 1).reshape(heads).contiguous()
+
+
+def sigmoid_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                             mask: Tensor | None, scale: float, bias: float | Tensor,
+                             block_size: int | None = None) -> Tensor:
+    """O = sigmoid(c Q K^T + b) V over the visible keys (0 weight elsewhere), in Triton.
+
+    q (B, H, Lq, D); k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv) with H_kv dividing H (GQA kv
+    heads are indexed in the kernels, not repeated); ``mask`` bool, broadcastable to
+    (B, H, Lq, Lk); ``bias`` a float or a per-head tensor (see :func:`head_bias`);
+    ``block_size`` a power of two >= 16 for both tile sides, else per-kernel defaults.
+    The op (:func:`attnlab.ops.sigmoid_attention`) checks all of this before calling.
+    Returns (B, H, Lq, Dv) in v's dtype; differentiable in q, k, v and a tensor bias.
+    """
+    b = head_bias(bias, q.shape[1], q.device)
+    return _SigmoidAttention.apply(q, k, v, b, mask, float(scale), bool(causal), block_size)
