@@ -24,7 +24,7 @@ from attnlab.core.masks import visibility
 from attnlab.ops.common import expand_kv, guarded_op, upcast
 from attnlab.ops.dispatch import choose
 
-BACKENDS = ("chunked", "recurrent", "parallel")  # in order of preference for backend="auto"
+BACKENDS = ("triton", "chunked", "recurrent", "parallel")  # preference order for "auto"
 OPTIONS = {"chunk_size": Arg("int", low=1), "eps": Arg("float", low=0)}  # checked per call
 LinearState = tuple[Tensor, Tensor]  # S (B, H, Dk, Dv), z (B, H, Dk)
 
@@ -78,6 +78,8 @@ def _parallel(fq, fk, v, causal, mask, state):
     return num, den
 
 
+TRITON_CHUNKS = (16, 32, 64, 128)  # the triton form's chunks: powers of two >= 16 (tl.dot)
+TRITON_MAX_HEAD_DIM = 128  # its (Dk x Dv) fp32 state is one tile of a program
 GROUP = 4096  # tokens whose chunks are computed together (the chunked form's unit of work)
 
 
@@ -146,12 +148,16 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                      eps: float = 1e-6):
     """Linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
 
-    Backends (the three forms, which agree): ``chunked`` (the default; chunks of
-    ``chunk_size`` with a running state), ``recurrent`` (token by token), ``parallel`` (masked
-    quadratic; the only one for a mask that is not key padding, and for causal calls with
-    fewer queries than keys and no state). ``auto`` takes ``parallel`` when the keys fit in
-    one chunk (the same product without the chunk bookkeeping: forward + backward 2.4x
-    faster at L = 32 on a CPU, ``benchmarks/results/linear-one-chunk-cpu.md``).
+    Backends (the three forms, which agree, and a kernel): ``triton`` (the chunked form in
+    Triton kernels, ``ops/triton/linear.py``, forward and backward: CUDA, or the CPU under
+    Triton's interpreter; by name only for now; no ``state``/``return_state``, key padding
+    masks only, float16/bfloat16/float32, ``chunk_size`` in 16/32/64/128, head dims up to
+    128), ``chunked`` (the default; chunks of ``chunk_size`` with a running state),
+    ``recurrent`` (token by token), ``parallel`` (masked quadratic; the only one for a mask
+    that is not key padding, and for causal calls with fewer queries than keys and no state).
+    ``auto`` takes ``parallel`` when the keys fit in one chunk (the same product without the
+    chunk bookkeeping: forward + backward 2.4x faster at L = 32 on a CPU,
+    ``benchmarks/results/linear-one-chunk-cpu.md``).
     ``causal`` aligns queries to the end of the keys.
     ``mask``: bool, True = may attend; key padding (B, 1, 1, Lk) for every backend, any
     broadcastable mask for ``parallel``. ``state=(S, z)`` continues a causal sequence whose
@@ -175,6 +181,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     def limits(name: str) -> str | None:
         if name == "parallel":
             return None
+        if name == "triton":
+            reason = triton_limits()
+            if reason is not None:
+                return reason
         if not pads_keys_only(mask):
             return f"the {name} form takes a key padding mask (B, 1, 1, Lk) only"
         if causal and q.shape[2] != k.shape[2]:
@@ -185,8 +195,22 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                     "the parallel form is that chunk's product without the bookkeeping")
         return None
 
+    def triton_limits() -> str | None:
+        if state is not None or return_state:
+            return "the triton form takes no state= and returns none (use backend='chunked')"
+        if q.dtype == torch.float64:
+            return "the triton form computes in float32 (float64: use backend='chunked')"
+        if chunk_size not in TRITON_CHUNKS:
+            return (f"the triton form takes chunk_size in {TRITON_CHUNKS} (tl.dot tiles), "
+                    f"got {chunk_size}")
+        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            return (f"the triton form takes head dims up to {TRITON_MAX_HEAD_DIM} (its fp32 "
+                    f"state tile), got q/k {q.shape[-1]} and v {v.shape[-1]}")
+        return None
+
     form = choose(op, backend, BACKENDS, q, k, v, limits=limits)
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if form != "triton":  # the triton kernels index the kv head of each query head
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     phi = FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else feature_map
     if phi is None or not callable(phi):
         raise ValueError(f"{op}: unknown feature_map {feature_map!r}; choose from "
@@ -208,6 +232,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         new = (start[0] + fk.transpose(-1, -2) @ v, start[1] + fk.sum(2)) if causal else None
     elif form == "chunked":
         num, den, new = _chunked(fq, fk, v, causal, start, chunk_size)
+    elif form == "triton":
+        from attnlab.ops.triton.linear import linear_sums
+
+        num, den = linear_sums(fq, fk, v, causal=causal, chunk=chunk_size)
     else:
         num, den, new = _recurrent(fq, fk, v, causal, start)
     out = (safe_divide(num, den, eps) if normalize else num).to(dtype)

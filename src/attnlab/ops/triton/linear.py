@@ -1,0 +1,255 @@
+"""Chunked linear attention in Triton: ``linear_attention(..., backend="triton")``.
+
+The kernels compute the two sums of linear attention on feature-mapped inputs
+(``fq = phi(q)``, ``fk = phi(k)``, already masked: padded keys are zero rows),
+
+    num_i = sum_{j in vis(i)} (fq_i . fk_j) v_j   = fq_i S_i,   S_i = sum_{j in vis(i)} fk_j v_j^T
+    den_i = sum_{j in vis(i)}  fq_i . fk_j        = fq_i . z_i, z_i = sum_{j in vis(i)} fk_j
+
+with vis(i) = {j <= i} (causal, Lq = Lk) or every key (bidirectional); the op then divides
+(``safe_divide``) or keeps the numerator.
+
+Tiling (the chunk form of fla's chunk kernels, written anew): the sequence is cut into chunks
+of C tokens (C = ``chunk``, a power of two >= 16 so that ``tl.dot`` compiles on a GPU); head
+dims are padded to powers of two >= 16 inside the kernels (masked loads, zero padding).
+
+- ``_states``, one program per (batch, kv head), walks the chunks in order and stores the
+  state *before* each chunk, S_c = sum_{j < cC} fk_j v_j^T (Dk x Dv) and z_c (Dk), in fp32;
+  bidirectional: one state, the sum over every key.
+- ``_outputs``, one program per (chunk, batch, query head): the inter-chunk part from the
+  carried state, fq_c S_c and fq_c z_c, plus (causal) the intra-chunk part as a masked
+  (C x C) product A = tril(fq_c fk_c^T): A v_c and A 1.
+- Backward, with dnum = dO and dden = dd (the op's division is autograd's):
+  ``_states_back`` walks the chunks backwards per (batch, query head) and stores the state
+  *after* each chunk, dS_c = sum_{i >= (c+1)C} fq_i dO_i^T and dz_c = sum_i dd_i fq_i;
+  ``_grad_q`` (per chunk): dfq_c = dO_c S_c^T + dd_c z_c^T + tril(dO_c v_c^T + dd_c 1^T) fk_c;
+  ``_grad_kv`` (per chunk): dfk_c = v_c dS_c^T + 1 dz_c^T + tril(..)^T fq_c and
+  dv_c = fk_c dS_c + A^T dO_c. dQ and dK/dV are separate kernels, so nothing is written
+  twice (no atomics); with GQA the key/value gradients are written per query head and summed
+  over each kv head's group afterwards.
+
+GQA: the kernels index the kv head of each query head (h // (H / H_kv)); k and v are not
+repeated. Every product accumulates in fp32 (inputs are loaded and cast to fp32).
+Triton is imported here only, when the op runs with ``backend="triton"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _states(k_ptr, v_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr, DV: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    bh = tl.program_id(0)  # batch * kv heads
+    rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    k_base, v_base = k_ptr + bh * L * DK, v_ptr + bh * L * DV
+    s_base = s_ptr + bh * NT * BK * BV + rk[:, None] * BV + rv[None, :]
+    z_base = z_ptr + bh * NT * BK + rk
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    for c in range(0, tl.cdiv(L, BT)):
+        if CAUSAL:  # the state before chunk c
+            tl.store(s_base + c * BK * BV, s)
+            tl.store(z_base + c * BK, z)
+        rows = c * BT + rt
+        kc = tl.load(k_base + rows[:, None] * DK + rk[None, :],
+                     mask=(rows[:, None] < L) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+        vc = tl.load(v_base + rows[:, None] * DV + rv[None, :],
+                     mask=(rows[:, None] < L) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        s += tl.dot(tl.trans(kc), vc, input_precision=PREC)
+        z += tl.sum(kc, 0)
+    if not CAUSAL:  # one state: every key
+        tl.store(s_base, s)
+        tl.store(z_base, z)
+
+
+@triton.jit
+def _outputs(q_ptr, k_ptr, v_ptr, s_ptr, z_ptr, o_ptr, d_ptr, LQ, LK, NT, H, HKV,
+             DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)  # chunk, batch * query heads
+    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)  # its kv head
+    rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    rows = c * BT + rt
+    qc = tl.load(q_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :],
+                 mask=(rows[:, None] < LQ) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+    state = c if CAUSAL else 0
+    s = tl.load(s_ptr + (bhk * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
+    z = tl.load(z_ptr + (bhk * NT + state) * BK + rk)
+    o = tl.dot(qc, s, input_precision=PREC)
+    d = tl.sum(qc * z[None, :], 1)
+    if CAUSAL:  # the chunk's own keys (LQ == LK): tril(q k^T)
+        kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
+                     mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
+                     mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        a = tl.dot(qc, tl.trans(kc), input_precision=PREC)
+        a = tl.where(rt[:, None] >= rt[None, :], a, 0.0)
+        o += tl.dot(a, vc, input_precision=PREC)
+        d += tl.sum(a, 1)
+    tl.store(o_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :], o,
+             mask=(rows[:, None] < LQ) & (rv[None, :] < DV))
+    tl.store(d_ptr + bh * LQ + rows, d, mask=rows < LQ)
+
+
+@triton.jit
+def _states_back(q_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr,
+                 DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    bh = tl.program_id(0)  # batch * query heads
+    rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    s_base = s_ptr + bh * NT * BK * BV + rk[:, None] * BV + rv[None, :]
+    z_base = z_ptr + bh * NT * BK + rk
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    n = tl.cdiv(L, BT)
+    for i in range(0, n):
+        c = n - 1 - i
+        if CAUSAL:  # the state after chunk c
+            tl.store(s_base + c * BK * BV, s)
+            tl.store(z_base + c * BK, z)
+        rows = c * BT + rt
+        qc = tl.load(q_ptr + bh * L * DK + rows[:, None] * DK + rk[None, :],
+                     mask=(rows[:, None] < L) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+        doc = tl.load(do_ptr + bh * L * DV + rows[:, None] * DV + rv[None, :],
+                      mask=(rows[:, None] < L) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        ddc = tl.load(dd_ptr + bh * L + rows, mask=rows < L, other=0.0).to(tl.float32)
+        s += tl.dot(tl.trans(qc), doc, input_precision=PREC)
+        z += tl.sum(qc * ddc[:, None], 0)
+    if not CAUSAL:
+        tl.store(s_base, s)
+        tl.store(z_base, z)
+
+
+@triton.jit
+def _grad_q(k_ptr, v_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, dq_ptr, LQ, LK, NT, H, HKV,
+            DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)
+    rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    rows = c * BT + rt
+    doc = tl.load(do_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :],
+                  mask=(rows[:, None] < LQ) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+    ddc = tl.load(dd_ptr + bh * LQ + rows, mask=rows < LQ, other=0.0).to(tl.float32)
+    state = c if CAUSAL else 0
+    s = tl.load(s_ptr + (bhk * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
+    z = tl.load(z_ptr + (bhk * NT + state) * BK + rk)
+    dq = tl.dot(doc, tl.trans(s), input_precision=PREC) + ddc[:, None] * z[None, :]
+    if CAUSAL:
+        kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
+                     mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
+                     mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        # d(q_i . k_j), rows i, columns j
+        p = tl.dot(doc, tl.trans(vc), input_precision=PREC) + ddc[:, None]
+        p = tl.where(rt[:, None] >= rt[None, :], p, 0.0)
+        dq += tl.dot(p, kc, input_precision=PREC)
+    tl.store(dq_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :], dq,
+             mask=(rows[:, None] < LQ) & (rk[None, :] < DK))
+
+
+@triton.jit
+def _grad_kv(q_ptr, k_ptr, v_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, dk_ptr, dv_ptr, LQ, LK, NT,
+             H, HKV, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)  # key chunk, batch * query heads
+    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)
+    rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
+    rows = c * BT + rt
+    kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
+                 mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+    vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
+                 mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+    state = c if CAUSAL else 0
+    s = tl.load(s_ptr + (bh * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
+    z = tl.load(z_ptr + (bh * NT + state) * BK + rk)
+    dk = tl.dot(vc, tl.trans(s), input_precision=PREC) + z[None, :]
+    dv = tl.dot(kc, s, input_precision=PREC)
+    if CAUSAL:  # the chunk's own queries (LQ == LK), rows i, columns j
+        qc = tl.load(q_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :],
+                     mask=(rows[:, None] < LQ) & (rk[None, :] < DK), other=0.0).to(tl.float32)
+        doc = tl.load(do_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :],
+                      mask=(rows[:, None] < LQ) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        ddc = tl.load(dd_ptr + bh * LQ + rows, mask=rows < LQ, other=0.0).to(tl.float32)
+        lower = rt[:, None] >= rt[None, :]
+        a = tl.where(lower, tl.dot(qc, tl.trans(kc), input_precision=PREC), 0.0)
+        p = tl.dot(doc, tl.trans(vc), input_precision=PREC) + ddc[:, None]
+        p = tl.where(lower, p, 0.0)
+        dk += tl.dot(tl.trans(p), qc, input_precision=PREC)
+        dv += tl.dot(tl.trans(a), doc, input_precision=PREC)
+    tl.store(dk_ptr + bh * LK * DK + rows[:, None] * DK + rk[None, :], dk,
+             mask=(rows[:, None] < LK) & (rk[None, :] < DK))
+    tl.store(dv_ptr + bh * LK * DV + rows[:, None] * DV + rv[None, :], dv,
+             mask=(rows[:, None] < LK) & (rv[None, :] < DV))
+
+
+def _block(d: int) -> int:
+    """A head dim padded to a power of two >= 16 (``tl.dot``'s smallest tile)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(t: Tensor) -> str:
+    """``tl.dot``'s fp32 mode: TF32 only where torch allows it for its own fp32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), else full fp32 ("ieee")."""
+    tf32 = t.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+class _LinearSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int):
+        b, h, lq, dk = fq.shape
+        g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
+        meta = (dk, dv, chunk, _block(dk), _block(dv), causal, _precision(fq))
+        nt = triton.cdiv(lk, chunk) if causal else 1  # states: before each chunk, or one
+        s = fq.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
+        z = fq.new_empty(b * g, nt, meta[3], dtype=torch.float32)
+        _states[(b * g,)](fk, v, s, z, lk, nt, *meta)
+        num = fq.new_empty(b, h, lq, dv, dtype=torch.float32)
+        den = fq.new_empty(b, h, lq, dtype=torch.float32)
+        grid = (triton.cdiv(lq, chunk), b * h)
+        _outputs[grid](fq, fk, v, s, z, num, den, lq, lk, nt, h, g, *meta)
+        ctx.save_for_backward(fq, fk, v, s, z)
+        ctx.meta = meta
+        return num, den
+
+    @staticmethod
+    def backward(ctx, dnum: Tensor, dden: Tensor):
+        fq, fk, v, s, z = ctx.saved_tensors
+        meta = ctx.meta
+        b, h, lq, dk = fq.shape
+        g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
+        nt, chunk = s.shape[1], meta[2]
+        dnum, dden = dnum.contiguous(), dden.contiguous()
+        ds = fq.new_empty(b * h, nt, meta[3], meta[4], dtype=torch.float32)
+        dz = fq.new_empty(b * h, nt, meta[3], dtype=torch.float32)
+        _states_back[(b * h,)](fq, dnum, dden, ds, dz, lq, nt, *meta)
+        dq = torch.empty_like(fq, dtype=torch.float32)
+        _grad_q[(triton.cdiv(lq, chunk), b * h)](fk, v, dnum, dden, s, z, dq, lq, lk, nt, h, g,
+                                                 *meta)
+        dkh = fq.new_empty(b, h, lk, dk, dtype=torch.float32)  # per query head
+        dvh = fq.new_empty(b, h, lk, dv, dtype=torch.float32)
+        _grad_kv[(triton.cdiv(lk, chunk), b * h)](fq, fk, v, dnum, dden, ds, dz, dkh, dvh, lq,
+                                                  lk, nt, h, g, *meta)
+        dkk = dkh.view(b, g, h // g, lk, dk).sum(2)  # each kv head's group of query heads
+        dvv = dvh.view(b, g, h // g, lk, dv).sum(2)
+        return dq.to(fq.dtype), dkk.to(fk.dtype), dvv.to(v.dtype), None, None
+
+
+def linear_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, chunk: int
+                ) -> tuple[Tensor, Tensor]:
+    """(num (B, H, Lq, Dv), den (B, H, Lq)) in fp32 of feature-mapped ``fq`` (B, H, Lq, Dk),
+    ``fk`` (B, H_kv, Lk, Dk) and ``v`` (B, H_kv, Lk, Dv), padded keys already zero rows;
+    causal needs Lq = Lk. ``chunk``: a power of two >= 16. Differentiable (Triton backward)."""
+    fq, fk, v = (t.contiguous() for t in (fq, fk, v))
+    return _LinearSums.apply(fq, fk, v, causal, chunk)
