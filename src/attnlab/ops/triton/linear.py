@@ -19,9 +19,11 @@ dims are padded to powers of two >= 16 inside the kernels (masked loads, zero pa
 - ``_outputs``, one program per (chunk, batch, query head): the inter-chunk part from the
   carried state, fq_c S_c and fq_c z_c, plus (causal) the intra-chunk part as a masked
   (C x C) product A = tril(fq_c fk_c^T): A v_c and A 1.
-- Backward, with dnum = dO and dden = dd (the op's division is autograd's):
-  ``_states_back`` walks the chunks backwards per (batch, query head) and stores the state
-  *after* each chunk, dS_c = sum_{i >= (c+1)C} fq_i dO_i^T and dz_c = sum_i dd_i fq_i;
+- Backward, with dnum = dO and dden = dd (the op's division is autograd's): ``_states``
+  again (the forward keeps no states: Lk / C fp32 tiles per head would outweigh one more
+  pass over k and v); ``_states_back`` walks the chunks backwards per (batch, query head)
+  and stores the state *after* each chunk, dS_c = sum_{i >= (c+1)C} fq_i dO_i^T and
+  dz_c = sum_i dd_i fq_i over the same rows;
   ``_grad_q`` (per chunk): dfq_c = dO_c S_c^T + dd_c z_c^T + tril(dO_c v_c^T + dd_c 1^T) fk_c;
   ``_grad_kv`` (per chunk): dfk_c = v_c dS_c^T + 1 dz_c^T + tril(..)^T fq_c and
   dv_c = fk_c dS_c + A^T dO_c. dQ and dK/dV are separate kernels, so nothing is written
@@ -29,7 +31,9 @@ dims are padded to powers of two >= 16 inside the kernels (masked loads, zero pa
   over each kv head's group afterwards.
 
 GQA: the kernels index the kv head of each query head (h // (H / H_kv)); k and v are not
-repeated. Every product accumulates in fp32 (inputs are loaded and cast to fp32).
+repeated. The kernels load fp32 or lower-precision inputs and cast them to fp32 (the op
+passes fp32: it upcasts before the feature map, as its other forms do); every product
+accumulates in fp32, ``tl.dot`` in full fp32 unless torch allows TF32.
 Triton is imported here only, when the op runs with ``backend="triton"``.
 """
 
@@ -219,17 +223,21 @@ class _LinearSums(torch.autograd.Function):
         den = fq.new_empty(b, h, lq, dtype=torch.float32)
         grid = (triton.cdiv(lq, chunk), b * h)
         _outputs[grid](fq, fk, v, s, z, num, den, lq, lk, nt, h, g, *meta)
-        ctx.save_for_backward(fq, fk, v, s, z)
-        ctx.meta = meta
+        ctx.save_for_backward(fq, fk, v)  # not the states: the backward recomputes them (one
+        ctx.meta = meta  # pass over k and v instead of Lk / C fp32 (Dk x Dv) tiles held per head)
         return num, den
 
     @staticmethod
     def backward(ctx, dnum: Tensor, dden: Tensor):
-        fq, fk, v, s, z = ctx.saved_tensors
+        fq, fk, v = ctx.saved_tensors
         meta = ctx.meta
         b, h, lq, dk = fq.shape
         g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
-        nt, chunk = s.shape[1], meta[2]
+        chunk, causal = meta[2], meta[5]
+        nt = triton.cdiv(lk, chunk) if causal else 1
+        s = fq.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
+        z = fq.new_empty(b * g, nt, meta[3], dtype=torch.float32)
+        _states[(b * g,)](fk, v, s, z, lk, nt, *meta)
         dnum, dden = dnum.contiguous(), dden.contiguous()
         ds = fq.new_empty(b * h, nt, meta[3], meta[4], dtype=torch.float32)
         dz = fq.new_empty(b * h, nt, meta[3], dtype=torch.float32)
