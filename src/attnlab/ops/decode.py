@@ -22,12 +22,15 @@ from torch import Tensor
 
 from attnlab.core.masks import visibility
 from attnlab.ops.common import default_scale, guarded_op, shifted_exp, unit_last_stride, upcast
+from attnlab.ops.dispatch import choose, needs_grad
 from attnlab.ops.softmax import softmax_attention
 
-# "split": attnlab's segments and exact merge; "fused": one call of SDPA's fused kernels;
+# "triton": split-KV kernels (ops/triton/decode.py; named only: auto skips it until a GPU run
+# validates it, see ops.triton.why_not; inference only); "split": attnlab's segments and
+# exact merge; "fused": one call of SDPA's fused kernels;
 # "reference": softmax_attention's dense reference. "auto": fused on an accelerator when
 # ``splits`` is None (``fused_kernel_device``), else split.
-BACKENDS = ("split", "fused", "reference")
+BACKENDS = ("triton", "split", "fused", "reference")
 
 
 @functools.cache
@@ -84,7 +87,8 @@ def _own_segments(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | Non
     return _merged_segments(q32, k32, v32, vis, splits, probe)
 
 
-def _backend(backend: str, splits: int | None, device: torch.device) -> str:
+def _backend(backend: str, splits: int | None, q: Tensor, k_cache: Tensor,
+             v_cache: Tensor) -> str:
     """The backend ``decode_attention`` runs: ``backend`` checked against ``splits``, or the
     choice of ``"auto"``."""
     if backend not in ("auto", *BACKENDS):
@@ -94,14 +98,29 @@ def _backend(backend: str, splits: int | None, device: torch.device) -> str:
                                or splits < 1):
         raise ValueError(f"decode_attention: splits must be an int >= 1, got {splits!r}")
     if splits is not None and backend in ("fused", "reference"):
-        raise ValueError(f"decode_attention: splits={splits} applies to the 'split' backend, "
-                         f"not {backend!r}")
+        raise ValueError(f"decode_attention: splits={splits} applies to the 'split' backend "
+                         f"(and 'triton'), not {backend!r}")
+    if backend == "triton":  # the dispatcher's conditions (CUDA or the interpreter), ours
+        return choose("decode_attention", backend, BACKENDS, q, k_cache, v_cache,
+                      limits=lambda name: triton_limits(q, k_cache, v_cache))
     if backend == "auto":
-        return "fused" if splits is None and fused_kernel_device(device) else "split"
+        return "fused" if splits is None and fused_kernel_device(q.device) else "split"
     if backend == "fused" and not _sdpa_takes_gqa():
         raise ValueError("decode_attention: the 'fused' backend needs SDPA's enable_gqa "
                          "(torch >= 2.5)")
     return backend
+
+
+def triton_limits(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> str | None:
+    """Why the Triton kernel cannot serve this call (None: it can). It is inference-only
+    and computes in float32 (fp32/fp16/bf16 inputs)."""
+    if needs_grad(q, k_cache, v_cache):
+        return ("the triton decode kernel is inference-only (no backward): call it under "
+                "torch.no_grad() or torch.inference_mode(), or use backend='split'")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return (f"the triton decode kernel takes float32, float16 and bfloat16, got "
+                f"{q.dtype}; use backend='split'")
+    return None
 
 
 def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None, causal: bool,
@@ -117,17 +136,24 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
     like any other). Two sums instead of a pass over the cache of their own.
     """
     b, h, lq, _ = q.shape
-    backend = _backend(backend, splits, q.device)
+    backend = _backend(backend, splits, q, k_cache, v_cache)
     if backend == "reference":  # guarded itself: nothing for the probe to do
         return softmax_attention(q, k_cache, v_cache, causal=causal, mask=mask, scale=scale,
                                  backend="reference")
-    # one query at the end of the cache sees every key: no causal mask to build or apply
-    vis = visibility(lq, k_cache.shape[2], causal=causal and lq > 1, mask=mask,
-                     device=q.device)
-    if backend == "fused":
-        out, seen = _fused(q, k_cache, v_cache, vis, scale, probe)
-    else:  # on a CPU one segment by default (its threads share the matmuls anyway)
-        out, seen = _own_segments(q, k_cache, v_cache, vis, splits or 1, scale, probe)
+    seen: Tensor | None
+    if backend == "triton":  # causal and the mask applied in the kernel (no (Lq, T) mask)
+        from attnlab.ops.triton.decode import decode
+
+        out, seen = decode(q, k_cache, v_cache, causal=causal, mask=mask,
+                           scale=default_scale(q, scale), splits=splits)
+    else:
+        # one query at the end of the cache sees every key: no causal mask to build or apply
+        vis = visibility(lq, k_cache.shape[2], causal=causal and lq > 1, mask=mask,
+                         device=q.device)
+        if backend == "fused":
+            out, seen = _fused(q, k_cache, v_cache, vis, scale, probe)
+        else:  # on a CPU one segment by default (its threads share the matmuls anyway)
+            out, seen = _own_segments(q, k_cache, v_cache, vis, splits or 1, scale, probe)
     if probe and not math.isfinite((out + seen).sum().item()):
         return None
     return out.reshape(b, h, lq, -1).to(q.dtype)
@@ -187,8 +213,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     computed again (``guarded_op``).
 
     ``backend``: ``"split"`` (the segments above, any device), ``"fused"`` (SDPA's fused
-    kernels), ``"reference"`` (``softmax_attention``'s dense reference) or ``"auto"`` (fused
-    on an accelerator when ``splits`` is None, else split).
+    kernels), ``"reference"`` (``softmax_attention``'s dense reference), ``"triton"``
+    (``ops/triton/decode.py``: one program per segment and kv head with the GQA query heads
+    packed as its rows, then an exact merge kernel; CUDA, or the CPU under Triton's
+    interpreter; inference only, float32/16 and bfloat16; ``splits=None`` chooses from the
+    cache length; named only) or ``"auto"`` (fused on an accelerator when ``splits`` is
+    None, else split).
     """
     return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
                      probe=False, backend=backend)
