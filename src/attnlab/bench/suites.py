@@ -55,8 +55,8 @@ GROUPS = {g.name: g for g in (
           "softplus mechanisms; attnlab-fp32-gemm (bf16 only): attnlab's sigmoid on float32 "
           "copies of the inputs (on the CPU the op's own path since its GEMMs on cache-sized "
           "tiles run in float32)",
-          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/attnlab-fp32-gemm",
-           "sigmoid/flex",
+          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/attnlab-triton",
+           "sigmoid/attnlab-fp32-gemm", "sigmoid/flex",
            "sigmoid/x-transformers", "sigmoid/dense", "lssa/attnlab", "lssar/attnlab"),
           "softmax/sdpa"),
     Group("neighborhood", "1-D neighborhood attention, K = 128, (1, 8, L, 64), against the "
@@ -71,11 +71,13 @@ GROUPS = {g.name: g for g in (
            "neighborhood/natten"),
           "neighborhood/sdpa-masked", shape={"causal": False}, axis="kernel"),
     Group("linear", "Causal linear attention (phi = elu + 1, normalised), (1, 8, L, 64), "
-          "against SDPA softmax", ("softmax/sdpa", "linear/attnlab", "linear/fla"),
+          "against SDPA softmax", ("softmax/sdpa", "linear/attnlab", "linear/attnlab-triton",
+                                   "linear/fla"),
           "softmax/sdpa"),
     Group("decode", "One query over a KV cache of L positions, GQA 8 query / 2 kv heads, "
           "D = 64, against one batched matmul over the cache",
-          ("decode/matmul", "decode/attnlab", "decode/sdpa-repeat-kv", "decode/sdpa-gqa"),
+          ("decode/matmul", "decode/attnlab", "decode/attnlab-triton", "decode/sdpa-repeat-kv",
+           "decode/sdpa-gqa"),
           "decode/matmul", shape={"kv_heads": 2, "causal": False}),
     Group("modules-causal", "Causal modules, attnlab.build(name, dim=512, heads=8), batch 1, "
           "against the softmax module (dma with w = L/8)",

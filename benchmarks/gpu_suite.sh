@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check of the Triton kernels (issue 36) in one command, for a lent GPU machine:
+#
+#     bash benchmarks/gpu_suite.sh            # results and the log under ${OUT:-benchmarks/results}
+#
+# 1. the kernels compiled on CUDA against the op references (tests/triton, slow ones too;
+#    fp32 dots in IEEE precision so the tolerances are the interpreter's);
+# 2. attnlab bench on CUDA, bf16, the op groups that have a triton contestant (scored,
+#    linear, decode) at lengths where the GPU is compute-bound.
+# Each step has its own time limit, so one failing or slow step leaves time for the others;
+# the whole script stays under ~8 minutes. The exit status is the first failing step's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+log="$out/gpu-suite.log"
+status=0
+step() {  # step <seconds> <command...>: run, log, remember the first failure
+    local limit=$1; shift
+    echo "\$ $*" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "(exit $rc)" | tee -a "$log"
+    [ "$status" -eq 0 ] && [ "$rc" -ne 0 ] && status=$rc
+    return 0
+}
+: > "$log"
+step 120 pip install -q --no-deps -e .
+step 30 python -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, torch.cuda.get_device_name())"
+step 240 env TRITON_F32_DEFAULT=ieee python -m pytest -q -p no:cacheprovider \
+    -m "slow or not slow" tests/triton
+step 300 attnlab bench run ops --device cuda --dtype bf16 --group scored --group linear \
+    --group decode --lengths 4096,16384 --rounds 3 --no-plots --out "$out"
+exit "$status"
