@@ -124,7 +124,7 @@ def test_auto_takes_the_parallel_form_where_only_it_can_serve():
     tril = torch.ones(5, 5, dtype=torch.bool).tril()
     with recorded() as choices:
         out = linear_attention(q, k, v, mask=tril)
-    assert choices[-1][1][0][0] == "chunked" and "key padding" in choices[-1][1][0][1]
+    assert "key padding" in dict(choices[-1][1])["chunked"]
     assert ("parallel", "chosen") in choices[-1][1]
     torch.testing.assert_close(out, linear_attention(q, k, v, causal=True))
     few = linear_attention(q[:, :, 3:], k, v, causal=True)  # 2 queries over 5 keys, no state

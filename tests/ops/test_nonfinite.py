@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import torch
 
+from attnlab import ops
 from attnlab.core.masks import rows_seeing, visibility
 from attnlab.ops import (
     decode_attention,
@@ -151,3 +152,33 @@ def test_rows_seeing_equals_the_dense_visibility(causal, lq, lk, mask_kind):
     vis = vis.expand(*vis.shape[:-2], lq, lk)
     expected = (vis & marked.unsqueeze(-2)).any(-1)
     torch.testing.assert_close(rows_seeing(marked, lq, causal=causal, mask=mask), expected)
+
+
+@pytest.mark.parametrize("value", [1e20, 1e30, 3e38])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["softmax_attention", "sigmoid_attention",
+                                  "softplus_attention", "linear_attention",
+                                  "local_linear_attention", "random_feature_attention"])
+def test_huge_finite_padded_keys_never_reach_an_output_or_a_gradient(name, causal, value):
+    """A key-padding mask's keys may hold any number: 1e30 in a padded key overflowed in
+    local_linear_attention's moments (k k^T) before the mask removed it (NaN rows and NaN
+    gradients of the real keys, issue 41); the guard now zeroes them first."""
+    op = getattr(ops, name)
+    g = torch.Generator().manual_seed(0)
+    # float32: 1e30 squared overflows there (float64 would hide the defect)
+    q, k, v = (torch.randn(2, 2, 10, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    mask = keep[:, None, None, :]
+
+    def run(fill: float):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        padded = ~keep[:, None, :, None]
+        y = op(qq, kk.masked_fill(padded, fill), vv.masked_fill(padded, fill), mask=mask,
+               causal=causal)
+        y.sum().backward()
+        return y, qq.grad, kk.grad * keep[:, None, :, None]
+
+    for got, want in zip(run(value), run(0.0), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same keys: bit-equal

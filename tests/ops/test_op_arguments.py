@@ -125,6 +125,14 @@ BAD_OP_INPUTS = [  # issue 41: each failed inside torch or Python, or was accept
      "chunk_size must be an int >= 1, got 2.5"),
     ("mask as a list", lambda: ops.softmax_attention(*(_t(1, 2, 3, 4),) * 3, mask=[True]),
      "mask must be a bool tensor .True = may attend., got list"),
+    # a state of another batch size or head count broadcast silently; ints failed in torch
+    ("state of batch 1 for batch 2", lambda: ops.linear_attention(
+        *(_t(2, 2, 3, 4),) * 3, causal=True,
+        state=ops.linear_attention(*(_t(1, 2, 3, 4),) * 3, causal=True, return_state=True)[1]),
+     r"state must be \(S, z\) with S \(2, 2, 4, 4\) and z \(2, 2, 4\).*got \(\(1, 2, 4, 4\)"),
+    ("state of ints", lambda: ops.linear_attention(*(_t(1, 2, 3, 4),) * 3, causal=True,
+                                                   state=(1, 2)),
+     r"state must be \(S, z\).*got \('int', 'int'\)"),
 ]
 
 

@@ -135,6 +135,16 @@ def shifted_exp(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     return torch.exp(scores - torch.where(torch.isfinite(top), top, 0.0)), top
 
 
+def zero_padded_keys(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """k and v with the keys of a key-padding mask ((B, 1, 1, Lk): no row sees them) set to
+    0, so that a huge finite padded key cannot overflow in an op's sums over keys (LLA's
+    moments square it) before the mask removes it."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return k, v
+    seen = mask[:, :, 0, :, None]  # (B or 1, 1, Lk, 1)
+    return k.masked_fill(~seen, 0), v.masked_fill(~seen, 0)
+
+
 def default_scale(q: Tensor, scale: float | None) -> float:
     """``scale``, or 1 / sqrt(D) when it is None; a scale that is no finite number, or a
     default for a head dim of 0, is a ValueError (nan gave different results per backend)."""
@@ -297,6 +307,7 @@ def guarded_op(op_name: str, *, first: Callable | None = None,
                 if out is not None:
                     return out
             k, v, bad = hide_nonfinite(k, v)
+            k, v = zero_padded_keys(k, v, mask)
             result = op(q, k, v, *args[3:], **kwargs)
             bad = expand_kv(bad.unsqueeze(-1), q.shape[1]).squeeze(-1)  # (B, H, Lk)
             out = result[0] if isinstance(result, tuple) else result

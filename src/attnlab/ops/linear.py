@@ -62,6 +62,28 @@ def key_padding_only(op: str, mask: Tensor | None, batch: int, lk: int) -> Tenso
     return mask[:, 0, 0].expand(batch, lk)
 
 
+def _check_state(op: str, state: object, q: Tensor, v: Tensor, feature_dim: int | None) -> None:
+    """A state must be the (S, z) of ``return_state=True`` for this batch and these heads: S
+    (B, H, Dk, Dv), z (B, H, Dk) (a state of another batch size or head count broadcast
+    silently, others failed inside torch)."""
+    b, h, dv = q.shape[0], q.shape[1], v.shape[-1]
+    dk = "Dk" if feature_dim is None else feature_dim
+    want = f"(S, z) with S ({b}, {h}, {dk}, {dv}) and z ({b}, {h}, {dk})"
+    ok = (isinstance(state, (tuple, list)) and len(state) == 2
+          and all(isinstance(t, Tensor) for t in state))
+    if ok:
+        s, z = state
+        ok = (s.dim() == 4 and z.dim() == 3 and tuple(s.shape[:2]) == (b, h)
+              and tuple(z.shape[:2]) == (b, h) and s.shape[3] == dv and s.shape[2] == z.shape[2]
+              and (feature_dim is None or s.shape[2] == feature_dim))
+    if not ok:
+        got = (tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                     for t in state) if isinstance(state, (tuple, list))
+               else type(state).__name__)
+        raise ValueError(f"{op}: state must be {want} (from return_state=True on inputs of "
+                         f"this batch and these heads), got {got}")
+
+
 def empty_state(q: Tensor, v: Tensor) -> LinearState:
     b, h, _, dk = q.shape
     return (q.new_zeros(b, h, dk, v.shape[-1]), q.new_zeros(b, h, dk))
@@ -173,6 +195,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     backend = "parallel" if backend == "reference" else backend
     if (state is not None or return_state) and not causal:
         raise ValueError(f"{op}: states summarise a causal prefix; pass causal=True")
+    if state is not None:
+        _check_state(op, state, q, v, feature_dim=q.shape[-1] if isinstance(feature_map, str)
+                     else None)
     if causal and q.shape[2] != k.shape[2] and state is not None:
         raise ValueError(f"{op}: a causal call with a state needs as many queries as keys "
                          f"(the state holds the earlier keys), got {q.shape[2]} and "
