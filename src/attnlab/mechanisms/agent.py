@@ -16,6 +16,7 @@ from attnlab.core.masks import key_padding_to_op
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import HeadShape, split_heads
+from attnlab.modules.reset import reset_module
 from attnlab.modules.spatial import DepthwiseConv, grid_of, masked_pool
 from attnlab.ops.softmax import softmax_weights
 
@@ -98,10 +99,21 @@ class AgentAttention(Attention):
                   "agents_row_bias": (h, wh, m), "agents_col_bias": (h, ww, m)}
         if self.cls_token:  # Agent-DeiT's ac (agent -> class token), ca (class token -> agent)
             shapes |= {"keys_cls_bias": (h, m), "agents_cls_bias": (h, m)}
+        self._bias_tables = tuple(shapes)
         for name, shape in shapes.items():
-            table = nn.Parameter(torch.empty(shape))
-            nn.init.trunc_normal_(table, std=BIAS_STD)
-            setattr(self, name, table)
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self._init_biases()
+
+    def _init_biases(self) -> None:
+        """The official trunc-normal tables, drawn in construction order."""
+        with torch.no_grad():
+            for name in getattr(self, "_bias_tables", ()) if self.position_bias else ():
+                nn.init.trunc_normal_(getattr(self, name), std=BIAS_STD)
+
+    def _reset_own(self) -> None:
+        self._init_biases()
+        if self.dwconv is not None:
+            reset_module(self.dwconv)
 
     def _key_bias(self, grid: tuple[int, int]) -> Tensor | None:
         """B1 (heads, m, n): agent -> key bias on the key grid."""

@@ -31,6 +31,7 @@ from attnlab.core.state import State
 from attnlab.modules.gates import GATE_KINDS, make_gate
 from attnlab.modules.norms import QKNorm
 from attnlab.modules.projections import QKVProjection, split_heads
+from attnlab.modules.reset import reset_module
 from attnlab.modules.rotary import NoRotation, Rotary
 from attnlab.ops.common import expand_kv, nan_where
 
@@ -173,6 +174,40 @@ class Attention(nn.Module):
             raise ValueError(f"{self.name} supports only {info.modes} attention, "
                              "not causal=False")
         return bool(causal)
+
+    # the parts the base class builds, in the order it builds them (``reset_parameters``)
+    BASE_PARTS: ClassVar[tuple[str, ...]] = ("qkv", "o_proj", "qk_norm", "rotary", "gate",
+                                             "drop", "out_norm", "hook_q", "hook_k", "hook_v",
+                                             "hook_weights", "hook_heads", "hook_out")
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter and buffer exactly as the constructor does (same
+        distributions, zero and identity inits, fixed tables, ``head_scale`` = 1, RoPE
+        frequencies recomputed in float32), drawing the random numbers in the constructor's
+        order: after the same ``torch.manual_seed`` a reset module equals a built one.
+
+        For meta-device (FSDP-style) initialisation: build under ``torch.device("meta")``,
+        ``module.to_empty(device=...)``, then ``module.reset_parameters()``
+        (docs/contract.md, "Meta-device initialisation"). Mechanisms extend ``_reset_own``
+        (their own tensors and parts, in construction order) and, where they replace one of
+        the base parts, ``_reset_part``."""
+        with torch.no_grad():
+            for name in self.BASE_PARTS:
+                self._reset_part(name)
+            self.head_scale.fill_(1.0)
+            self._reset_own()
+
+    def _reset_part(self, name: str) -> None:
+        """Reset the base part ``name`` (one of ``BASE_PARTS``)."""
+        reset_module(getattr(self, name))
+
+    def _reset_own(self) -> None:
+        """Reset what the mechanism adds to the base parts: by default every other child, in
+        registration (= construction) order. Override it when the mechanism holds tensors of
+        its own (and call ``reset_module`` for its parts in the order it built them)."""
+        for name, child in self.named_children():
+            if name not in self.BASE_PARTS:
+                reset_module(child)
 
     @property
     def uses_rope(self) -> bool:

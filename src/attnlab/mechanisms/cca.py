@@ -15,6 +15,7 @@ from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.causal_conv import CausalConv1d
 from attnlab.modules.projections import QKVProjection
+from attnlab.modules.reset import reset_children
 from attnlab.modules.rotary import Rotary
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 
@@ -96,6 +97,12 @@ class CompressedConvProjection(QKVProjection):
         self.conv_depthwise = CausalConv1d(channels, 2, groups=channels)
         self.conv_heads = CausalConv1d(channels, 2, groups=h + hkv)
         self.key_temperature = nn.Parameter(torch.zeros(hkv))
+
+    def reset_parameters(self) -> None:
+        """q, k, v and the two convolutions as built, the key temperature 0."""
+        reset_children(self)
+        with torch.no_grad():
+            self.key_temperature.zero_()
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         x, keep, state = call.x, call.key_mask, call.state

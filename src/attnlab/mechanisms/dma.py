@@ -14,6 +14,7 @@ from attnlab.core.call import Call
 from attnlab.core.masks import top_keys
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.modules.reset import reset_module
 from attnlab.modules.rotary import Rotary
 from attnlab.ops.key_priority import key_priority_attention
 from attnlab.ops.softmax import softmax_attention, softmax_weights
@@ -66,6 +67,10 @@ class DynamicMaskAttention(Attention):
         for norm in (self.qk_norm.q, self.qk_norm.k):
             if hasattr(norm, "eps"):  # nn.RMSNorm when qk_norm is on
                 norm.eps = DOGE_RMS_EPS
+
+    def _reset_own(self) -> None:
+        reset_module(self.delta_proj)
+        self.A.zero_()
 
     def key_priority(self, v: Tensor) -> Tensor:
         """delta (B, H_kv, Lk) from v (B, H_kv, Lk, D)."""

@@ -82,10 +82,18 @@ class GaussianAdaptiveAttention(Attention):
                  unbiased: bool = True, random_scale: bool = True, **kwargs) -> None:
         super().__init__(dim, heads, projection=ValueProjection, **kwargs)
         self.eps, self.unbiased, self.random_scale = eps, unbiased, random_scale
-        self.offset = nn.Parameter(torch.zeros(heads, gaussians))
+        self.offset = nn.Parameter(torch.empty(heads, gaussians))
+        self.scale = nn.Parameter(torch.empty(heads, gaussians))
+        with torch.no_grad():
+            self._reset_own()
+
+    def _reset_own(self) -> None:
+        self.offset.zero_()
         # the official c = exp(N(0, 1)) per head and Gaussian; 1 with random_scale=False
-        self.scale = nn.Parameter(torch.exp(torch.randn(heads, gaussians)) if random_scale
-                                  else torch.ones(heads, gaussians))
+        if self.random_scale:
+            self.scale.normal_().exp_()
+        else:
+            self.scale.fill_(1.0)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         m = gaussian_weights(v, self.offset, self.scale, keep=call.key_mask, eps=self.eps,

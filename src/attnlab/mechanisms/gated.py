@@ -8,7 +8,8 @@ from typing import ClassVar
 from attnlab.core.arguments import Arg
 from attnlab.core.registry import register
 from attnlab.mechanisms.softmax import SoftmaxAttention
-from attnlab.modules.gates import make_gate
+from attnlab.modules.gates import OutputGate, make_gate
+from attnlab.modules.reset import replay_draws
 from attnlab.modules.rotary import Rotary
 
 QWEN3_RMS_EPS = 1e-6  # the official q/k RMSNorm's eps (Qwen3 config rms_norm_eps)
@@ -49,6 +50,14 @@ class GatedAttention(SoftmaxAttention):
         super().__init__(dim, heads, gate=gate, **kwargs)
         self.gate_bias = self.shape.bias if gate_bias is None else bool(gate_bias)
         self.gate = make_gate(dim, heads, self.head_dim, gate, bias=self.gate_bias)
+        self._gate_kind = gate
         for norm in (self.qk_norm.q, self.qk_norm.k):
             if hasattr(norm, "eps"):  # nn.RMSNorm when qk_norm is on
                 norm.eps = QWEN3_RMS_EPS
+
+    def _reset_part(self, name: str) -> None:
+        if name == "gate" and isinstance(self.gate, OutputGate):
+            # the base built a biased gate that this one replaced: replay its draws first
+            replay_draws(lambda: make_gate(self.dim, self.heads, self.head_dim,
+                                           self._gate_kind), like=self.gate.proj.weight)
+        super()._reset_part(name)

@@ -42,8 +42,18 @@ class HedgehogFeatureMap(nn.Module):
         if feature_dim < 1:
             raise ValueError(f"hedgehog: feature_dim must be >= 1, got {feature_dim}")
         self.feature = feature
-        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(heads, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim)) if bias else None
+        self.weight = nn.Parameter(torch.empty(heads, head_dim, feature_dim))
+        self.bias = nn.Parameter(torch.empty(heads, 1, feature_dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The identity init of the Hedgehog feature map: W = I per head, b = 0."""
+        heads, head_dim, feature_dim = self.weight.shape
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(head_dim, feature_dim, device=self.weight.device)
+                              .repeat(heads, 1, 1))
+            if self.bias is not None:
+                self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         """Features in float32 at least: exp(30) overflows float16."""

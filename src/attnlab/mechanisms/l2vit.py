@@ -126,8 +126,13 @@ class L2ViTAttention(LinearFamily):
             local = lcm
         kwargs.setdefault("bias", True)  # the official qkv (qkv_bias=True) and proj
         super().__init__(dim, heads, **kwargs)
-        self.tau = nn.Parameter(torch.full((self.heads,), self.head_dim ** -0.5))
+        self.tau = nn.Parameter(torch.empty(self.heads))
+        with torch.no_grad():
+            self._reset_own()
         self.local, self.cpe = local, cpe
+
+    def _reset_own(self) -> None:
+        self.tau.fill_(self.head_dim ** -0.5)  # the temperature starts at 1 / sqrt(d)
 
     def residual_branches(self) -> dict[str, nn.Module]:
         """New modules for the block around this attention: ``"before"`` (the CPE, added

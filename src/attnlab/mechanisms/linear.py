@@ -11,6 +11,7 @@ from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
+from attnlab.modules.reset import reset_module
 from attnlab.ops.linear import BACKENDS, FEATURE_MAPS, linear_attention, safe_divide
 
 VARIANTS = ("normalized", "dsf")
@@ -90,8 +91,18 @@ class LinearAttention(LinearFamily):
         self.feature_map, self.variant, self.chunk_size = feature_map, variant, chunk_size
         self.normalizer = nn.Linear(dim, heads) if variant == "dsf" else None
         if self.normalizer is not None:
-            nn.init.zeros_(self.normalizer.weight)
-            nn.init.zeros_(self.normalizer.bias)
+            with torch.no_grad():
+                self._zero_normalizer()
+
+    def _zero_normalizer(self) -> None:
+        # zero-init (after nn.Linear's own draws): the normaliser starts at a constant
+        nn.init.zeros_(self.normalizer.weight)
+        nn.init.zeros_(self.normalizer.bias)
+
+    def _reset_own(self) -> None:
+        if self.normalizer is not None:
+            reset_module(self.normalizer)
+            self._zero_normalizer()
 
     def _dsf_scale(self, call: Call) -> Tensor:
         return torch.exp(-self.normalizer(call.x)).transpose(1, 2).unsqueeze(-1)  # (B,H,L,1)

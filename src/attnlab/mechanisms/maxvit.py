@@ -58,6 +58,10 @@ class RelativeBias(nn.Module):
         super().__init__()
         self.size = size
         self.table = nn.Parameter(torch.zeros(heads, 2 * size - 1, 2 * size - 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official trunc-normal table, std 0.02."""
         nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self, slot_rc: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.causal_conv import CausalConv1d
 from attnlab.modules.projections import split_heads
+from attnlab.modules.reset import replay_draws, reset_module
 from attnlab.ops.common import upcast
 from attnlab.ops.tiled import auto_block_size, keys_seen, recomputed, row_tiles
 
@@ -109,13 +110,28 @@ class RelativeConvolutionalAttention(Attention):
         super().__init__(dim, heads, projection=lambda shape: RelativeConvolvedProjection(
             shape, kernel=kernel, value_bias=value_bias), **kwargs)
         h, d = self.heads, self.head_dim
-        if output_bias != self.shape.bias:
+        self._own_o_proj = output_bias != self.shape.bias
+        if self._own_o_proj:
             self.o_proj = nn.Linear(h * d, dim, bias=output_bias)
         self.max_len, self.position_bias = max_len, position_bias
         self.u = nn.Parameter(torch.zeros(h, d))
         if position_bias:
             self.rel_emb = nn.Parameter(torch.zeros(2 * max_len, h, d))
             self.rel_bias = nn.Parameter(torch.zeros(2 * max_len, h))
+
+    def _reset_part(self, name: str) -> None:
+        if name == "o_proj" and self._own_o_proj:  # replaced: replay the base's draws here
+            replay_draws(lambda: nn.Linear(self.heads * self.head_dim, self.dim,
+                                           bias=self.shape.bias), like=self.o_proj.weight)
+            return
+        super()._reset_part(name)
+
+    def _reset_own(self) -> None:
+        if self._own_o_proj:
+            reset_module(self.o_proj)
+        for t in (self.u, getattr(self, "rel_emb", None), getattr(self, "rel_bias", None)):
+            if t is not None:
+                t.zero_()
 
     def _relative(self, lk: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
         """E and b at the distances d = 0 .. lk - 1 (rows P - d; a distance beyond P reads

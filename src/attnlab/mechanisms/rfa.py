@@ -13,16 +13,21 @@ from attnlab.core.call import Call, HeadShape
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.projections import split_heads
+from attnlab.modules.reset import reset_module
 from attnlab.ops.rfa import ACTIVATIONS, random_feature_attention, random_feature_weights
 
 
-def random_matrices(heads: int, dim: int, identity_mean: float, seed: int | None) -> Tensor:
+def random_matrices(heads: int, dim: int, identity_mean: float, seed: int | None,
+                    device: torch.device | str | None = None) -> Tensor:
     """(M, C, C) float32: N(0, 1/C) entries plus ``identity_mean`` I / sqrt(C), drawn from
     torch's default generator (``seed`` None: each layer its own draw, reproducible under
-    ``torch.manual_seed``) or from a generator seeded with ``seed``."""
+    ``torch.manual_seed``) or from a generator seeded with ``seed`` (on the CPU, then moved
+    to ``device``: the same matrices on every device)."""
     g = None if seed is None else torch.Generator().manual_seed(seed)
-    w = torch.randn(heads, dim, dim, generator=g) / dim ** 0.5
-    return w + identity_mean * torch.eye(dim) / dim ** 0.5
+    draw_on = "cpu" if g is not None and device is not None else device
+    w = torch.randn(heads, dim, dim, generator=g, device=draw_on) / dim ** 0.5
+    w = w + identity_mean * torch.eye(dim, device=w.device) / dim ** 0.5
+    return w if device is None else w.to(device)
 
 
 class RandomFeatureProjection(nn.Module):
@@ -32,8 +37,18 @@ class RandomFeatureProjection(nn.Module):
         super().__init__()
         self.shape = shape
         self.v = nn.Linear(shape.dim, shape.kv_heads * shape.head_dim, bias=shape.bias)
+        self.identity_mean, self.seed = identity_mean, seed
         w = random_matrices(shape.heads, shape.dim, identity_mean, seed)
         self.register_buffer("random_qk", w)  # frozen: a buffer, never trained
+
+    def reset_parameters(self) -> None:
+        """v as built; the random features drawn again (the same ones for a fixed ``seed``,
+        from the default generator otherwise, after v's draws as in the constructor)."""
+        reset_module(self.v)
+        with torch.no_grad():
+            self.random_qk.copy_(random_matrices(self.shape.heads, self.shape.dim,
+                                                 self.identity_mean, self.seed,
+                                                 device=self.random_qk.device))
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         src = call.source

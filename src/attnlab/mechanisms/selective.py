@@ -29,11 +29,22 @@ class Temperature(nn.Module):
                  per_head: bool = False) -> None:
         super().__init__()
         self.beta_init = beta_init
-        self.beta = nn.Parameter(torch.full((heads if per_head else 1,), float(beta_init)))
-        self.token = nn.Linear(dim, heads) if token else None
+        self.beta = nn.Parameter(torch.empty(heads if per_head else 1))
+        self.token = nn.Linear(dim, heads) if token else None  # (draws nn.Linear's init)
+        self._init_values()
+
+    def _init_values(self) -> None:
+        with torch.no_grad():
+            self.beta.fill_(float(self.beta_init))
+            if self.token is not None:  # zero-init: the temperature starts at beta alone
+                nn.init.zeros_(self.token.weight)
+                nn.init.zeros_(self.token.bias)
+
+    def reset_parameters(self) -> None:
+        """beta = ``beta_init``, the token term zero (after nn.Linear's draws, as built)."""
         if self.token is not None:
-            nn.init.zeros_(self.token.weight)
-            nn.init.zeros_(self.token.bias)
+            self.token.reset_parameters()
+        self._init_values()
 
     def slope(self) -> Tensor:
         """exp(-exp(beta)): (heads,) or (1,)."""

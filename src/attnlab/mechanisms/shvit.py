@@ -31,9 +31,21 @@ class ScaledLinear(nn.Linear):
 
     def __init__(self, fan_in: int, out: int, *, bias: bool, bn_weight: float = 1.0) -> None:
         super().__init__(fan_in, out, bias=bias)
-        self.scale = nn.Parameter(torch.full((out,), bn_weight / math.sqrt(1.0 + BN_EPS)))
-        if bias:
-            nn.init.zeros_(self.bias)
+        self.bn_weight = bn_weight
+        self.scale = nn.Parameter(torch.empty(out))
+        self._init_bn()
+
+    def _init_bn(self) -> None:
+        with torch.no_grad():
+            self.scale.fill_(self.bn_weight / math.sqrt(1.0 + BN_EPS))
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init of the weight (its draws), then the folded BatchNorm's s and b."""
+        super().reset_parameters()
+        if hasattr(self, "scale"):  # (nn.Linear.__init__ calls this before scale exists)
+            self._init_bn()
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight * self.scale[:, None], self.bias)
@@ -49,6 +61,11 @@ class PartialGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.per_token = False
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
 
     def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         (xf,) = upcast(x)  # statistics in float32 at least

@@ -79,6 +79,9 @@ class SigmoidAttention(Attention):
         self.head_bias = nn.Parameter(torch.empty(heads)) if learn_bias else None
         self.reset_bias()
 
+    def _reset_own(self) -> None:
+        self.reset_bias()
+
     def reset_bias(self) -> None:
         """Set the learned per-head b back to its initial value, the fixed b."""
         if self.head_bias is not None:

@@ -49,9 +49,16 @@ class BasisPredictor(nn.Module):
         self.proj_c_k = nn.Linear(head_dim, reduced_c)
         self.proj_n = nn.Parameter(torch.empty(tokens, reduced_n))
         self.proj_back_n = nn.Parameter(torch.empty(tokens, reduced_n))
-        self.reset_parameters()
+        self._init_official()
 
     def reset_parameters(self) -> None:
+        """As built: nn.Linear's own init of ``proj_c_q`` and ``proj_c_k`` (their draws),
+        then the official one."""
+        self.proj_c_q.reset_parameters()
+        self.proj_c_k.reset_parameters()
+        self._init_official()
+
+    def _init_official(self) -> None:
         """The official initialisation: every weight trunc-normal std 0.02, biases 0."""
         for t in (self.proj_c_q.weight, self.proj_c_k.weight, self.proj_n, self.proj_back_n):
             _trunc_normal(t)

@@ -73,8 +73,14 @@ class SpectralGating(Attention):
         self.projections = projections
         h, w = grid_size
         self.grid_size = (h, w)
-        self.filter_real = nn.Parameter(torch.randn(h, w // 2 + 1, channels) * 0.02)
-        self.filter_imag = nn.Parameter(torch.randn(h, w // 2 + 1, channels) * 0.02)
+        self.filter_real = nn.Parameter(torch.empty(h, w // 2 + 1, channels))
+        self.filter_imag = nn.Parameter(torch.empty(h, w // 2 + 1, channels))
+        with torch.no_grad():
+            self._reset_own()
+
+    def _reset_own(self) -> None:
+        self.filter_real.normal_().mul_(0.02)  # the official N(0, 0.02^2) filters
+        self.filter_imag.normal_().mul_(0.02)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         b, h, length, d = v.shape

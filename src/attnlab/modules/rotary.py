@@ -31,16 +31,43 @@ class Rotary(nn.Module):
         if not 0 < width <= head_dim:
             raise ValueError(f"rope: rotary dim {rotary_dim} does not fit head_dim={head_dim}")
         self.rotary_dim, self.float32_frequencies = width, float32_frequencies
-        if float32_frequencies:
-            steps = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        self.base, self._frequency_dim = base, rotary_dim
+        # float32 whatever the module's dtype (``_apply``), recomputed, never loaded (not in
+        # the state dict) nor rounded: ``.to(torch.bfloat16)`` keeps it float32
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self, device: torch.device | str | None = None) -> Tensor:
+        """The float32 inverse frequencies (rotary_dim / 2,), computed afresh on the CPU (the
+        same values on every device) and moved to ``device`` (default: the default device)."""
+        rotary_dim, base = self._frequency_dim, self.base
+        if self.float32_frequencies:
+            steps = torch.arange(0, rotary_dim, 2, dtype=torch.int64,
+                                 device="cpu").float() / rotary_dim
             inv_freq = 1.0 / (base ** steps)
         else:
-            inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64)
-                                / rotary_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+            inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64,
+                                              device="cpu") / rotary_dim)
+        return inv_freq.float().to(torch.get_default_device() if device is None else device)
+
+    def reset_parameters(self) -> None:
+        """Recompute ``inv_freq`` (a non-persistent buffer) on its device, in float32 (float64
+        in a float64 module: the same values widened)."""
+        dtype = torch.float64 if self.inv_freq.dtype == torch.float64 else torch.float32
+        self.inv_freq = self.frequencies(self.inv_freq.device).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(dtype)`` / ``half()`` / ``to_empty()`` would round or drop the
+        # frequencies: recompute them on the new device (float32, or float64 in a float64
+        # module, as before) after the move
+        super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:
+            self.reset_parameters()
+        return self
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         inv_freq = self.inv_freq
+        if inv_freq.is_meta and not positions.is_meta:  # built on meta, loaded with assign=True
+            inv_freq = self.frequencies(positions.device)
         if self.float32_frequencies:  # angles in float32 whatever the module's dtype, as HF
             inv_freq = inv_freq.float()
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
