@@ -58,7 +58,8 @@ def test_unexpected_missing_and_contradicting_inputs_are_named():
     with pytest.raises(ValueError, match="kv_heads=4 contradicts"):
         convert(sd, kv_heads=4)
     with pytest.raises(ValueError, match="gate rows"):
-        convert(dict(sd, **{"q_proj.weight": sd["q_proj.weight"][:-1]}))
+        convert(dict(sd, **{"q_proj.weight": sd["q_proj.weight"][:-1],
+                            "q_proj.bias": sd["q_proj.bias"][:-1]}))
     with pytest.raises(ValueError, match="layout"):
         convert(sd, layout="llama")
 

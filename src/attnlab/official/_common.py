@@ -18,9 +18,26 @@ def refuse_keys(who: str, unexpected: Iterable[str], missing: Iterable[str],
     unexpected, missing = sorted(unexpected), sorted(missing)
     if not unexpected and not missing:
         return
+    prefixes = sorted({k[:-len(m)] for k in unexpected for m in missing
+                       if k.endswith("." + m)})
+    if prefixes:  # a whole model's state dict: the attention module's keys are inside it
+        hints = [f"the state dict holds the module under a prefix: pass prefix= (e.g. "
+                 f"{prefixes[0]!r})", *hints]
+        unexpected = unexpected[:5] + ([f"... {len(unexpected) - 5} more"]
+                                       if len(unexpected) > 5 else [])
     parts = [f"unexpected keys {unexpected}" if unexpected else "",
              f"missing keys {missing}" if missing else "", *hints]
     raise ValueError(f"{who}: " + "; ".join(p for p in parts if p))
+
+
+def check_biases(who: str, state_dict: Mapping[str, Tensor], layers: Iterable[str]) -> None:
+    """Each ``<layer>.bias`` present has one entry per row of ``<layer>.weight`` (a longer one
+    was cut silently, a shorter one failed with an IndexError)."""
+    for layer in layers:
+        w, b = state_dict.get(f"{layer}.weight"), state_dict.get(f"{layer}.bias")
+        if w is not None and b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{who}: {layer}.bias has shape {tuple(b.shape)}; "
+                             f"{layer}.weight {tuple(w.shape)} needs ({w.shape[0]},)")
 
 
 def hints_for(keys: Iterable[str], hints: Mapping[str, str]) -> list[str]:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
-from attnlab.official._common import agree, load_exactly, refuse_keys
+from attnlab.official._common import agree, check_biases, load_exactly, refuse_keys
 
 LAYOUTS = ("qwen3",)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -59,6 +59,7 @@ def _check_keys(state_dict: Mapping[str, Tensor]) -> None:
         if keys & set(group):
             missing |= set(group) - keys
     refuse_keys("gated", keys - set(WEIGHTS) - set(BIASES) - set(NORMS), missing)
+    check_biases("gated", state_dict, PROJECTIONS)
 
 
 def _infer(state_dict: Mapping[str, Tensor], given: dict[str, Any]) -> dict[str, Any]:

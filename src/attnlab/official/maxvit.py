@@ -21,7 +21,7 @@ from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
-from attnlab.official._common import agree, load_exactly, refuse_keys
+from attnlab.official._common import agree, check_biases, load_exactly, refuse_keys
 
 LAYOUTS = ("timm", "tf")
 TABLE = "rel_pos.relative_position_bias_table"
@@ -79,6 +79,7 @@ def _checked(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     if ("qkv.bias" in keys) != ("proj.bias" in keys):
         missing |= set(OPTIONAL) - keys
     refuse_keys("maxvit", keys - set(REQUIRED) - set(OPTIONAL) - set(DERIVED), missing)
+    check_biases("maxvit", state_dict, ("qkv", "proj"))
     return {k: v for k, v in state_dict.items() if k not in DERIVED}
 
 

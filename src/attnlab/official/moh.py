@@ -20,7 +20,7 @@ from torch import Tensor
 
 import attnlab as al
 from attnlab.mechanisms.base import Attention
-from attnlab.official._common import agree, hints_for, load_exactly, refuse_keys
+from attnlab.official._common import agree, check_biases, hints_for, load_exactly, refuse_keys
 
 LAYOUTS = ("moh",)
 REQUIRED = ("qkv.weight", "proj.weight", "wg.weight")
@@ -71,6 +71,7 @@ def _check_keys(state_dict: Mapping[str, Tensor]) -> None:
         hints.append("a layer without wg has no routed head (routed_head=0, all heads "
                      "shared), which attnlab's moh does not build")
     refuse_keys("moh", unexpected, missing, hints)
+    check_biases("moh", state_dict, ("qkv", "proj"))
 
 
 def _infer(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
