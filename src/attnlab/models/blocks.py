@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from attnlab.core.registry import build, info
@@ -77,6 +78,11 @@ class Block(nn.Module):
                                  nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None) -> Tensor:
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and \
+                tuple(mask.shape) == tuple(x.shape[:-1]):
+            # padded tokens are 0 before the norms and the MLP too (contract: padding may hold
+            # anything; a NaN row there made every weight gradient NaN through 0 x NaN)
+            x = x.masked_fill(~mask.unsqueeze(-1), 0)
         before, after = (getattr(self, place, None) for place in BRANCH_PLACES)
         if state is not None and (before is not None or after is not None):
             raise ValueError(f"{self.attn.name}: its block's residual branches see the whole "

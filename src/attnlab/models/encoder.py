@@ -44,6 +44,8 @@ class Encoder(nn.Module):
         shape = x.shape
         if x.dim() == 4 and not self.spatial_ok:
             x = x.flatten(1, 2)
+            if isinstance(mask, Tensor) and mask.dim() == 3:  # (B, H, W) with the tokens
+                mask = mask.flatten(1, 2)
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x).reshape(shape)
