@@ -164,3 +164,9 @@ def test_lists_from_config_files_are_tuples_of_axes():
 def test_unknown_keyword_keeps_its_error():
     with pytest.raises(ValueError, match="unknown argument"):
         al.build("rfa", DIM, HEADS, identity_man=0.0)
+
+
+def test_a_mechanism_name_that_is_no_string_is_refused_naming_the_choices():
+    for name in (None, 3, ["softmax"]):  # None failed inside difflib with a TypeError
+        with pytest.raises(ValueError, match="a mechanism name is a string.*available: agent"):
+            al.build(name, dim=16, heads=2)

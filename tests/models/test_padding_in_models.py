@@ -43,3 +43,16 @@ def test_an_image_encoder_takes_an_image_mask_for_a_sequence_mechanism():
     mask[1, 2] = False
     y = enc(torch.randn(2, 3, 4, 32), mask=mask)
     assert y.shape == (2, 3, 4, 32) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"d": True}, "d must be an int >= 1, got True"),
+    ({"d": 2.5}, "d must be an int >= 1, got 2.5"),
+    ({"d": 3, "mechanism_kwargs": {"causal": True}}, "causal is not a mechanism argument"),
+    ({"d": 3, "mechanism": "neighborhood"}, "neighborhood does not support"),
+])
+def test_icl_regressor_refuses_what_it_cannot_build_naming_itself(kwargs, match):
+    from attnlab.models import ICLRegressor
+
+    with pytest.raises(ValueError, match=match):
+        ICLRegressor(**kwargs)

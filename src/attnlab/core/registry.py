@@ -167,6 +167,9 @@ def available(*, family: str | None = None, domain: str | None = None) -> list[s
 
 def info(name: str) -> MechanismInfo:
     """Metadata of a registered mechanism; unknown names raise ``ValueError`` with suggestions."""
+    if not isinstance(name, str):
+        raise ValueError(f"a mechanism name is a string, got {name!r}; available: "
+                         f"{', '.join(sorted(_REGISTRY))}")
     try:
         return _REGISTRY[name]
     except KeyError:

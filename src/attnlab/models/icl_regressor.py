@@ -38,11 +38,15 @@ class ICLRegressor(nn.Module):
                  mechanism_kwargs: dict | Sequence[dict] | None = None, *,
                  head_dim: int | None = None, depth: int = 1, targets: int = 1) -> None:
         super().__init__()
-        if d < 1 or targets < 1:
-            raise ValueError(f"d and targets must be >= 1, got d={d}, targets={targets}")
+        for name, value in (("d", d), ("targets", targets), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ICLRegressor: {name} must be an int >= 1, got {value!r}")
         self.d, self.targets = d, targets
         dim = d + targets
         specs = layer_specs(mechanism, mechanism_kwargs, depth)
+        if any("causal" in kw for _, kw in specs):
+            raise ValueError("ICLRegressor: causal is not a mechanism argument here (every "
+                             "token attends to the whole context)")
         no_cross = sorted({n for n, _ in specs if not info(n).cross})
         if no_cross:
             raise ValueError(f"ICLRegressor attends from every token to the context tokens "
@@ -57,11 +61,12 @@ class ICLRegressor(nn.Module):
     def tokens(self, x: Tensor, y: Tensor, x_query: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens (B, L + 1, d + targets) and the key mask (B, L + 1) (query = False)."""
         if x.dim() != 3 or x.shape[-1] != self.d or x_query.shape != (x.shape[0], self.d):
-            raise ValueError(f"expected x (B, L, {self.d}) and x_query (B, {self.d}), got "
+            raise ValueError(f"ICLRegressor: expected x (B, L, {self.d}) and x_query "
+                             f"(B, {self.d}), got "
                              f"{tuple(x.shape)} and {tuple(x_query.shape)}")
         y = y.unsqueeze(-1) if y.dim() == 2 else y
         if y.shape != (*x.shape[:2], self.targets):
-            raise ValueError(f"expected y (B, L) or (B, L, {self.targets}), got "
+            raise ValueError(f"ICLRegressor: expected y (B, L) or (B, L, {self.targets}), got "
                              f"{tuple(y.shape)}")
         context = torch.cat([x, y], dim=-1)
         query = torch.cat([x_query, x_query.new_zeros(x.shape[0], self.targets)], dim=-1)

@@ -139,6 +139,8 @@ def neighborhood_visibility(spatial: Sequence[int], *, kernel_size, dilation=1, 
         device = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{op}: device={device!r} is not a device ({err})") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{op}: device={str(device)!r}, but this torch has no CUDA device")
     spatial = tuple(spatial)
     rules = _rules(spatial, kernel_size, dilation, stride, causal, border, op)
     vis = None
