@@ -144,15 +144,17 @@ def info(name: str, dim: int, heads: int, length: int, device: str) -> None:
     if i.notes:
         console.print(f"notes: {i.notes}")
     console.print("defaults: " + ", ".join(f"{k}={v!r}" for k, v in i.defaults.items()))
+    from attnlab.core.registry import _accepted_arguments
     from attnlab.mechanisms.base import COMMON_ARGUMENTS
 
     own = getattr(i.cls, "arguments", {})
+    takes = _accepted_arguments(i.cls)
     console.print(f"checked arguments of {i.name}: " + ("; ".join(
         f"{k}: {a.accepted()}" for k, a in own.items()) or "none of its own"),
         highlight=False, markup=False)
-    console.print("checked arguments of every mechanism: " + "; ".join(
-        f"{k}: {a.accepted()}" for k, a in COMMON_ARGUMENTS.items() if k not in own),
-        highlight=False)
+    console.print("common arguments it takes (checked for every mechanism): " + "; ".join(
+        f"{k}: {a.accepted()}" for k, a in COMMON_ARGUMENTS.items()
+        if k not in own and k in takes), highlight=False)
     _print_backends(name, dim, heads, length, device)
     console.print()
     console.print(_plain_doc(i.cls.__doc__ or ""), markup=False, highlight=False)
