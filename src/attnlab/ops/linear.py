@@ -100,7 +100,9 @@ def _parallel(fq, fk, v, causal, mask, state):
     return num, den
 
 
-TRITON_CHUNKS = (16, 32, 64, 128)  # the triton form's chunks: powers of two >= 16 (tl.dot)
+# the triton form's chunks: powers of two >= 16 (tl.dot); 128 is left out: at head dim 128
+# its state kernels need 264 KB of shared memory on sm_90 (an H100 has 227 KB)
+TRITON_CHUNKS = (16, 32, 64)
 TRITON_MAX_HEAD_DIM = 128  # its (Dk x Dv) fp32 state is one tile of a program
 GROUP = 4096  # tokens whose chunks are computed together (the chunked form's unit of work)
 
@@ -173,7 +175,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Backends (the three forms, which agree, and a kernel): ``triton`` (the chunked form in
     Triton kernels, ``ops/triton/linear.py``, forward and backward: CUDA, or the CPU under
     Triton's interpreter; by name only for now; no ``state``/``return_state``, key padding
-    masks only, float16/bfloat16/float32, ``chunk_size`` in 16/32/64/128, head dims up to
+    masks only, float16/bfloat16/float32, ``chunk_size`` in 16/32/64, head dims up to
     128), ``chunked`` (the default; chunks of ``chunk_size`` with a running state),
     ``recurrent`` (token by token), ``parallel`` (masked quadratic; the only one for a mask
     that is not key padding, and for causal calls with fewer queries than keys and no state).
