@@ -170,3 +170,12 @@ def test_a_mechanism_name_that_is_no_string_is_refused_naming_the_choices():
     for name in (None, 3, ["softmax"]):  # None failed inside difflib with a TypeError
         with pytest.raises(ValueError, match="a mechanism name is a string.*available: agent"):
             al.build(name, dim=16, heads=2)
+
+
+@pytest.mark.parametrize("name, old", [("agent", "dwconv"), ("soft", "dwconv"), ("l2vit", "lcm")])
+def test_a_deprecated_alias_warns_at_the_callers_line_and_refuses_a_contradiction(name, old):
+    with pytest.warns(FutureWarning, match=f"{old}= is deprecated, use local=") as caught:
+        al.build(name, dim=32, heads=4, **{old: False})
+    assert caught[0].filename == __file__  # the user's line, not the registry's
+    with pytest.raises(ValueError, match=f"{old}=True .deprecated. contradicts local=False"):
+        al.build(name, dim=32, heads=4, local=False, **{old: True})

@@ -305,3 +305,16 @@ def test_mil_diversity_loss_is_the_mean_pairwise_cosine_of_the_branch_attention(
     attn.eval()
     attn(x)
     assert attn.extra_loss().item() == 0  # a training loss only
+
+
+def test_moh_routes_in_float32_in_a_bfloat16_module():
+    """The routers' logits are computed in float32 from bf16 weights and inputs (the docs'
+    "routes in at least float32"): a bf16 matmul made 9 of 2048 tokens choose other heads."""
+    torch.manual_seed(0)
+    m32 = al.build("moh", dim=256, heads=16, top_k=2)
+    rounded = {k: v.to(torch.bfloat16) for k, v in m32.state_dict().items()}
+    m16 = al.build("moh", dim=256, heads=16, top_k=2).to(torch.bfloat16)
+    m16.load_state_dict(rounded)
+    m32.load_state_dict({k: v.float() for k, v in rounded.items()})
+    x = torch.randn(4, 512, 256).to(torch.bfloat16)
+    assert torch.equal(m16.gates(x) > 0, m32.gates(x.float()) > 0)

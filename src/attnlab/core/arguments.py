@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -118,3 +121,30 @@ SQUARE = "a square number (7 x 7 = 49)"
 def is_square(value: int) -> bool:
     """Whether ``value`` >= 0 is a square number (a grid of agents or landmarks)."""
     return value >= 0 and math.isqrt(value) ** 2 == value
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside attnlab (the user's line), for warnings."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+            _PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def deprecated_alias(owner: str, old: str, old_value: Any, new: str, new_value: Any,
+                     new_default: Any) -> Any:
+    """The value of argument ``new`` when its deprecated name ``old`` may be given too: warn
+    (FutureWarning, at the user's line) when ``old`` is used, refuse ``old`` and ``new``
+    given with different values (``new`` not at its default), else ``old``'s value."""
+    if old_value is None:
+        return new_value
+    if new_value != new_default and new_value != old_value:
+        raise ArgumentError(f"{owner}: {old}={old_value!r} (deprecated) contradicts "
+                            f"{new}={new_value!r}; pass {new}= only")
+    warnings.warn(f"{owner}: {old}= is deprecated, use {new}=", FutureWarning,
+                  stacklevel=_caller_stacklevel())
+    return old_value

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.arguments import SQUARE, Arg, is_square
+from attnlab.core.arguments import SQUARE, Arg, deprecated_alias, is_square
 from attnlab.core.call import Call
 from attnlab.core.masks import key_padding_to_op
 from attnlab.core.registry import register
@@ -69,10 +68,7 @@ class AgentAttention(Attention):
                  window: int | tuple[int, int] = 14, local: bool = True,
                  position_bias: bool = True, sr_ratio: int = 1, cls_token: bool = False,
                  dwconv: bool | None = None, bias: bool = True, **kwargs) -> None:
-        if dwconv is not None:
-            warnings.warn("agent: dwconv= is deprecated, use local=", FutureWarning,
-                          stacklevel=2)
-            local = dwconv
+        local = deprecated_alias("agent", "dwconv", dwconv, "local", local, True)
         if cls_token and sr_ratio > 1:
             raise ValueError("agent: cls_token=True (Agent-DeiT) takes no sr_ratio > 1")
         if sr_ratio > 1:

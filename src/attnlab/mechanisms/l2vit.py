@@ -3,14 +3,13 @@ position encoding are residual branches it contributes to attnlab's blocks."""
 
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab.core.arguments import Arg
+from attnlab.core.arguments import Arg, deprecated_alias
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.linear import LinearFamily
@@ -120,10 +119,7 @@ class L2ViTAttention(LinearFamily):
 
     def __init__(self, dim: int, heads: int, *, local: bool = True, cpe: bool = True,
                  lcm: bool | None = None, **kwargs) -> None:
-        if lcm is not None:
-            warnings.warn("l2vit: lcm= is deprecated, use local=", FutureWarning,
-                          stacklevel=3)  # past the registry's argument check
-            local = lcm
+        local = deprecated_alias("l2vit", "lcm", lcm, "local", local, True)
         kwargs.setdefault("bias", True)  # the official qkv (qkv_bias=True) and proj
         super().__init__(dim, heads, **kwargs)
         self.tau = nn.Parameter(torch.empty(self.heads))

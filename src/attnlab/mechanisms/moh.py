@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.core.arguments import Arg
@@ -72,7 +73,7 @@ class MixtureOfHeadAttention(Attention):
 
     def gates(self, x: Tensor) -> Tensor:
         """(B, L, H) head gates, zero for the routed heads a token did not select."""
-        p = torch.softmax(at_least_float32(self.router(x)), -1)
+        p = torch.softmax(_logits(self.router, x), -1)
         top = p.topk(self.top_k, dim=-1)
         chosen = torch.zeros_like(p).scatter_(-1, top.indices, 1.0)
         routed = chosen * p
@@ -88,9 +89,9 @@ class MixtureOfHeadAttention(Attention):
         if self.shared_router is None:  # one shared head: softmax over one logit = 1
             shared = routed.new_ones(*routed.shape[:-1], 1)
         else:
-            shared = torch.softmax(at_least_float32(self.shared_router(x)), -1) * \
+            shared = torch.softmax(_logits(self.shared_router, x), -1) * \
                 self.shared_heads
-        a = 2 * torch.softmax(at_least_float32(self.mix(x)), -1)
+        a = 2 * torch.softmax(_logits(self.mix, x), -1)
         return torch.cat([a[..., :1] * shared, a[..., 1:] * routed], -1).to(x.dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
@@ -139,3 +140,10 @@ class MixtureOfHeadAttention(Attention):
         g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)
         w = softmax_weights(q, k, causal=self.causal, mask=call.op_mask)
         return w * g
+
+
+def _logits(layer: nn.Linear, x: Tensor) -> Tensor:
+    """A router's logits computed in at least float32, inputs and weights, also under
+    autocast (in bf16, 9 of 2048 tokens chose other heads than in float32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(at_least_float32(x), at_least_float32(layer.weight))

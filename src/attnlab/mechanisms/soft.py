@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import ClassVar
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from attnlab.core.arguments import SQUARE, Arg, is_square
+from attnlab.core.arguments import SQUARE, Arg, deprecated_alias, is_square
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
@@ -161,10 +160,7 @@ class SoftAttention(Attention):
                  normalize: bool = False, local: bool = True, local_kernel: int = 3,
                  dwconv: bool | None = None, **kwargs) -> None:
         super().__init__(dim, heads, projection=SharedQKProjection, **kwargs)
-        if dwconv is not None:
-            warnings.warn("soft: dwconv= is deprecated, use local=", FutureWarning,
-                          stacklevel=3)
-            local = dwconv
+        local = deprecated_alias("soft", "dwconv", dwconv, "local", local, True)
         _check_landmarks(landmark, ratio, landmarks)
         self.landmark, self.ratio, self.landmarks = landmark, ratio, landmarks
         self.inverse, self.iterations, self.newton_grad = inverse, newton_iterations, newton_grad
