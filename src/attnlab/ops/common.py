@@ -55,9 +55,10 @@ def check_op_bias(op: str, bias: object, q: Tensor, k: Tensor) -> None:
                              f"(B, H, Lq, Lk) = {target}, got {bias.dtype} "
                              f"{tuple(bias.shape)}")
         return
-    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-        raise ValueError(f"{op}: bias must be a finite number (not NaN), a tensor or None, "
-                         f"got {bias!r}")
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or \
+            bias == math.inf:  # -inf is meaningful: it hides every key (rows give 0)
+        raise ValueError(f"{op}: bias must be a number below inf (not NaN), a tensor or "
+                         f"None, got {bias!r}")
 
 
 def begin_weights(op: str, q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None
