@@ -73,6 +73,14 @@ def test_mechanism_reproduces_snapshot(case_id):
         # recorded only when it differs from eval's output: now it does not (dma's train and
         # eval paths became one), so the recorded training output must equal that one
         got["out_train"] = got["out_masked"]
+    if "out_train" in got and "out_train" not in expected:
+        # recorded where training and eval outputs were bit-equal (moh: dense rows in
+        # training, packed rows in eval); another CPU's summation order (avx2, one thread)
+        # can make them differ by rounding: the training output must equal the recording
+        train = got.pop("out_train")
+        scale = max(1.0, train.detach().abs().max().item())
+        torch.testing.assert_close(train, expected["out_masked"], atol=RTOL * scale, rtol=RTOL,
+                                   msg=lambda m: f"{case_id} out_train: {m}")
     old_names = {renamed(k, name): k for k in expected}
     assert sorted(old_names) == sorted(got), "a different set of observables"
     for key, value in got.items():
