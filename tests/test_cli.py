@@ -68,6 +68,7 @@ def test_info_prints_metadata_and_suggests_on_typos():
     assert negative.exit_code == 2 and "'--dim': -3 is not in the range" in negative.output
 
 
+@pytest.mark.slow  # trains the shipped demo: ~5 s (.ci/run runs it with -m slow)
 def test_demo_is_an_arena_run_of_the_shipped_demo_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the report goes to ./attnlab-reports/demo/
     result = invoke("demo", "--mechanisms", "softmax,sigmoid", "--steps", "3",

@@ -90,6 +90,7 @@ def test_runs_on_ray_are_stored_once_with_the_numbers_of_local_workers(local_ray
     assert (again.done, again.skipped) == (0, 2)
 
 
+@pytest.mark.slow  # ~7 s with the local Ray start (.ci/run runs it with -m slow)
 def test_a_failing_run_on_ray_is_recorded_and_the_sweep_goes_on(local_ray, tmp_path):
     # a grid over lr: two runs, the second diverges at once
     sweep = parse_sweep({**TINY, "store": str(tmp_path), "seeds": 1, "mechanisms": ["softmax"],

@@ -115,7 +115,8 @@ def _count(db):
             raise
 
 
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # spawns and kills a sweep process: ~10 s (.ci/run runs it with -m slow)
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_mid_sweep_loses_no_finished_run_and_repeats_none(tmp_path, workers):
     config = tmp_path / "sweep.toml"
     config.write_text(
