@@ -77,7 +77,8 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_run_and_nothing_hangs(tmp_path):
     """Rank 1 is killed during the first of two runs: rank 0 records that run as failed
-    (its collective raises), torchrun stops the group, the second run stays to do."""
+    (its collective raises) or is stopped by torchrun first, the group stops, the second run
+    stays to do."""
     import signal
     import time
 
@@ -94,14 +95,38 @@ def test_a_killed_rank_fails_the_run_and_nothing_hangs(tmp_path):
     while victim is None and time.monotonic() - start < 60:
         time.sleep(1)
         victim = rank_process(1, str(store))
-    time.sleep(8)  # well into the first run's training
+    # well into the first run's training: its run is claimed in the store (a fixed 8 s was
+    # too short on a loaded machine: rank 1 died before rank 0 had started the run, and no
+    # failure was recorded)
+    while not run_claimed(store) and time.monotonic() - start < 120:
+        time.sleep(0.5)
+    time.sleep(3)
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     with RunStore(store, readonly=True) as db:
         rows = db.rows("ddp")
-    assert [(r["seed"], r["status"]) for r in rows] == [(0, "failed")], out[-2000:]
-    assert "gloo" in rows[0]["error"] or "Connection" in rows[0]["error"]
+    # rank 0's collective raises and it records the run as failed, unless torchrun's SIGTERM
+    # (sent to the group once rank 1 is dead) reaches it first: then nothing is recorded and
+    # a resume runs it again. Either way no run is stored as done and nothing hangs (seen
+    # once in seven runs on a loaded 2-core machine)
+    assert [(r["seed"], r["status"]) for r in rows] in ([(0, "failed")], []), out[-2000:]
+    if rows:
+        assert "gloo" in rows[0]["error"] or "Connection" in rows[0]["error"]
+
+
+def run_claimed(store) -> bool:
+    """Whether a run of the store is claimed (started) by some process."""
+    import sqlite3
+
+    db = store / "runs.sqlite"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT COUNT(*) FROM claims").fetchone()[0] > 0
+    except sqlite3.Error:  # created but not yet initialised
+        return False
 
 
 def rank_process(rank: int, marker: str) -> int | None:
