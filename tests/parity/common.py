@@ -75,20 +75,23 @@ def rms(t: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def compare_with_official(attn: nn.Module, p: dict[str, Tensor], names: dict[str, str],
                           x: Tensor, weight: Tensor, y_official: Tensor,
-                          x_official: Tensor) -> dict:
+                          x_official: Tensor, mask: Tensor | None = None) -> dict:
     """Copy the official parameters ``p`` into ``attn`` (``names``: attnlab name -> official
     name, every parameter mapped both ways), run it on ``x`` with the loss (y * weight).sum()
     and compare output, input gradient and every parameter gradient with the official run
-    (whose loss was backpropagated already)."""
+    (whose loss was backpropagated already). ``mask``: key padding (B, L) passed to ``attn``;
+    padded rows are zero tokens' rows there (the contract), so the outputs are compared on the
+    real rows (``weight`` should be 0 on the padded ones)."""
     own = dict(attn.named_parameters())
     assert {names[n] for n in own} == set(p), "every parameter mapped, both ways"
     with torch.no_grad():
         for mine, t in own.items():
             t.copy_(p[names[mine]])
     xa = leaf(x)
-    y = attn(xa)
+    y = attn(xa) if mask is None else attn(xa, mask=mask)
     (y * weight).sum().backward()
-    pairs = {"out": (y, y_official), "grad x": (xa.grad, x_official.grad)}
+    real = 1.0 if mask is None else mask[..., None]
+    pairs = {"out": (y * real, y_official * real), "grad x": (xa.grad, x_official.grad)}
     for mine, t in own.items():
         pairs[f"grad {mine}"] = (t.grad, p[names[mine]].grad)
     return assert_parity(pairs)
