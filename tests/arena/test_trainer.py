@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from attnlab.arena.config import parse_sweep
-from attnlab.arena.trainer import OnDevice, evaluation_model, learning_rate, train_run
+from attnlab.arena.trainer import (
+    TRAIN_CURVES,
+    OnDevice,
+    evaluation_model,
+    learning_rate,
+    train_run,
+)
 from attnlab.tasks import make_task
 
 TINY = {"task": "markov", "task_params": {"states": 3, "length": 24}, "seeds": 1,
@@ -30,10 +36,14 @@ def test_eval_kwargs_rebuild_the_trained_model_with_other_mechanism_arguments():
     for (name, a), b in zip(trained.state_dict().items(), rebuilt.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name  # the trained weights, every one
-    # the same training, evaluated two ways: the numbers differ, the curves do not
+    # the same training, evaluated two ways: the numbers differ, the training curves do
+    # not (the validation curve follows the evaluation-time arguments)
     plain, other = train_run(spec_of(lssa)), train_run(spec)
-    assert plain["curves"] == other["curves"]
+    for name in ("step", *TRAIN_CURVES):
+        assert plain["curves"][name] == other["curves"][name], name
     assert plain["metrics"]["loss"] != other["metrics"]["loss"]
+    assert plain["curves"]["val_loss"] != other["curves"]["val_loss"]
+    assert other["curves"]["val_loss"][-1] == other["metrics"]["val_loss"]
 
 
 def test_bfloat16_autocast_trains_and_is_recorded_in_the_key():

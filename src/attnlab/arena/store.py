@@ -12,8 +12,9 @@ import os
 import platform
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from attnlab.arena.config import RunSpec
 from attnlab.arena.files import write_atomic
@@ -236,7 +237,7 @@ class RunStore:
     def rows(self, sweep: str | None = None, keys: list[str] | None = None
              ) -> list[dict[str, Any]]:
         """Stored runs (of one sweep, or with the given keys), oldest first, JSON decoded."""
-        query, args = "SELECT * FROM runs", ()
+        query, args = "SELECT * FROM runs", cast(tuple[str, ...], ())
         if sweep:
             query, args = query + " WHERE sweep = ?", (sweep,)
         out = []
@@ -272,6 +273,30 @@ class RunStore:
                  "SUM(status = 'failed') AS failed, MAX(finished) AS last FROM runs "
                  "GROUP BY sweep, task ORDER BY last")
         return [dict(r) for r in self.conn.execute(query)]
+
+
+def curve_series(curves: dict[str, Any]) -> dict[str, tuple[list[int], list[Any]]]:
+    """A run's ``curves`` column as name -> (steps, values): ``train_loss``, ``lr`` and
+    ``grad_norm`` on ``step``, each ``val_<metric>`` on ``val_step``. Tolerates every stored
+    form: runs of older versions have ``train_loss`` only (nothing else is made up), failed
+    runs none; a series whose length differs from its steps' is left out."""
+    out: dict[str, tuple[list[int], list[Any]]] = {}
+    for name, values in (curves or {}).items():
+        if name in ("step", "val_step") or not isinstance(values, list):
+            continue
+        steps = curves.get("val_step" if name.startswith("val_") else "step")
+        if isinstance(steps, list) and len(steps) == len(values):
+            out[name] = (steps, values)
+    return out
+
+
+def curve_points(curves: dict[str, Any]) -> Iterator[tuple[str, int, float]]:
+    """(name, step, value) for each recorded point of a run's curves (points a validation
+    pass did not give, stored as null, are skipped)."""
+    for name, (steps, values) in curve_series(curves).items():
+        for step, value in zip(steps, values, strict=True):
+            if value is not None:
+                yield name, step, value
 
 
 def _decoded(row: sqlite3.Row) -> dict[str, Any]:

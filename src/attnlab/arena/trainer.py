@@ -1,5 +1,13 @@
 """Train one run: AdamW with linear warm-up and cosine decay, then the task's evaluation
-on the validation split (to choose hyper-parameters) and on the test split."""
+on the validation split (to choose hyper-parameters) and on the test split.
+
+Besides the training loss, a run's ``curves`` hold, at the same ``curve_points`` steps, the
+learning rate and the gradient norm (before clipping), and at ``val_points`` steps the
+validation metrics. A validation pass changes nothing in the run: it runs under ``no_grad`` in
+evaluation mode (each module's mode restored after), with the random state of the CPU and the
+run's device saved and restored, and it draws its data from the fixed validation stream, never
+the training generator; a run trains to the same weights and metrics with or without it.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,13 @@ from attnlab.tasks import make_task, split_generator
 from attnlab.tasks.base import count_parameters
 
 Progress = Callable[[int, int, float], None]  # (step, steps, recent train loss)
+
+# the validation schedule when ``train.val_points`` is not given: 8 points, but at least
+# MIN_VAL_INTERVAL steps apart (a pass costs about as much as a few training steps: a tiny run
+# gets only the final validation, which is computed anyway)
+DEFAULT_VAL_POINTS = 8
+MIN_VAL_INTERVAL = 100
+TRAIN_CURVES = ("train_loss", "lr", "grad_norm")  # indexed by ``curves["step"]``
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: float) -> float:
@@ -57,6 +72,12 @@ def failed_result(error: str | None) -> dict[str, Any]:
     Fields: ``status`` ("done" / "failed"), ``metrics``, ``slices``, ``baselines``,
     ``curves``, ``params``, ``error``, ``wall_time`` and ``model`` (the trained weights as
     safetensors bytes, which the store writes to ``models/<key>.safetensors``).
+
+    ``curves``: ``step`` with, at each of those steps, ``train_loss`` and ``grad_norm`` (means
+    over the steps since the previous point; the norm before clipping) and ``lr`` (the
+    learning rate of that step); ``val_step`` with ``val_<metric>`` for each validation
+    metric (the last point is the run's final validation). Runs stored by older versions
+    have ``step`` and ``train_loss`` only.
     """
     return {"status": "failed", "metrics": {}, "slices": {}, "baselines": {}, "curves": {},
             "params": None, "error": error, "wall_time": None, "model": None}
@@ -122,12 +143,12 @@ def _train(spec: RunSpec, progress: Progress | None) -> dict[str, Any]:
 
 
 def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]:
-    task = make_task(spec.task, **spec.task_params)
+    task: Any = make_task(spec.task, **spec.task_params)  # a task's optional hooks too
     cfg = spec.train
     device = torch.device(cfg.get("device", "cpu"))
     dtype = cfg.get("dtype", "float32")
     torch.manual_seed(spec.seed)
-    model = task.build_model(spec.mechanism, spec.kwargs, **spec.model).to(device)
+    model: Any = task.build_model(spec.mechanism, spec.kwargs, **spec.model).to(device)
     params = count_parameters(model)
     opt = make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     ranks = data_parallel()  # launched by torchrun: data-parallel over the group
@@ -140,12 +161,17 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     generator = split_generator(spec.seed, "train")
     steps = cfg["steps"]
     every = max(1, steps // cfg["curve_points"])
-    curve_steps, curve_loss, window = [], [], []
+    val_every = validation_interval(steps, cfg.get("val_points"))
+    curves: dict[str, list[Any]] = {"step": [], **{name: [] for name in TRAIN_CURVES}}
+    val_curves: dict[str, list[Any]] = {"val_step": []}
+    window: list[float] = []
+    norms: list[Tensor] = []
     supervisor = attention_supervisor(model, task, cfg.get("supervise"))
     model.train()
     for step in range(steps):
+        lr = learning_rate(step, steps, cfg["lr"], cfg["warmup"])
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, cfg["lr"], cfg["warmup"])
+            group["lr"] = lr
         batch = task.train_batch(cfg["batch_size"], generator)  # the global batch
         if ranks is not None:
             batch = shard(batch, *ranks)
@@ -160,16 +186,21 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
             raise FloatingPointError(f"training loss is {seen.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         (loss + extra).backward()
-        if cfg.get("grad_clip"):
-            nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        norms.append(gradient_norm(model, cfg.get("grad_clip")))
         opt.step()
         window.append(seen.item())
         if (step + 1) % every == 0 or step + 1 == steps:
-            curve_steps.append(step + 1)
-            curve_loss.append(sum(window) / len(window))
-            window = []
+            curves["step"].append(step + 1)
+            curves["train_loss"].append(sum(window) / len(window))
+            curves["lr"].append(lr)
+            curves["grad_norm"].append(torch.stack(norms).mean().item())
+            window, norms = [], []
             if progress is not None:
-                progress(step + 1, steps, curve_loss[-1])
+                progress(step + 1, steps, curves["train_loss"][-1])
+        if val_every and (step + 1) % val_every == 0 and step + 1 < steps:
+            if supervisor is not None:
+                supervisor.captured = {}
+            _append(val_curves, step + 1, validation_point(task, spec, model, device, dtype))
     if supervisor is not None:
         supervisor.remove()
     model = evaluation_model(task, spec, model).eval()
@@ -177,10 +208,82 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
     validation = task.evaluate(evaluated, "val")
     evaluation = task.evaluate(evaluated, "test")
     metrics = {**evaluation.metrics, f"val_{task.metric}": validation.metrics[task.metric]}
+    if val_every:  # the last point is the final validation, not computed twice
+        _append(val_curves, steps, curve_metrics(task, validation))
+        curves.update(val_curves)
     return {"metrics": metrics, "slices": evaluation.slices,
             "baselines": evaluation.baselines, "params": params,
-            "curves": {"step": curve_steps, "train_loss": curve_loss},
-            "model": model_bytes(model)}
+            "curves": curves, "model": model_bytes(model)}
+
+
+def validation_interval(steps: int, points: int | None) -> int:
+    """Steps between validation passes for ``points`` passes over ``steps`` steps (the last
+    one at the end of training); 0 (no validation curve) when ``points`` is 0. ``None``: the
+    default schedule, ``DEFAULT_VAL_POINTS`` points at least ``MIN_VAL_INTERVAL`` steps
+    apart."""
+    if points is None:
+        return max(MIN_VAL_INTERVAL, steps // DEFAULT_VAL_POINTS)
+    if isinstance(points, bool) or not isinstance(points, int) or points < 0:
+        raise ValueError(f"train.val_points must be a count >= 0, got {points!r}")
+    return 0 if points == 0 else max(1, steps // points)
+
+
+def gradient_norm(model: nn.Module, clip: float | None) -> Tensor:
+    """The global L2 norm of the gradients before clipping (a 0-d tensor; no host sync),
+    clipping them to ``clip`` when it is set (exactly as ``clip_grad_norm_`` does)."""
+    if clip:
+        return nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return nn.utils.get_total_norm(grads).detach()
+
+
+def curve_metrics(task: Any, evaluation: Any) -> dict[str, float]:
+    """The metrics of a validation pass that its curve keeps, named ``val_<metric>``: the
+    task's metrics, without the closed-form baselines' (constant over training)."""
+    baselines = {f"{name}_{task.metric}" for name in evaluation.baselines}
+    return {f"val_{k}": float(v) for k, v in evaluation.metrics.items()
+            if k not in baselines and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _append(curves: dict[str, list[Any]], step: int, values: dict[str, float]) -> None:
+    """One validation point; a metric missing at some points is None there (JSON null)."""
+    done = len(curves["val_step"])
+    curves["val_step"].append(step)
+    for name, value in values.items():
+        curves.setdefault(name, [None] * done).append(value)
+    for column in curves.values():
+        if len(column) == done:  # a metric this pass did not give
+            column.append(None)
+
+
+def validation_point(task: Any, spec: RunSpec, model: nn.Module, device: torch.device,
+                     dtype: str) -> dict[str, float]:
+    """The task's validation metrics of ``model`` in the middle of training, leaving the run
+    as it was: evaluation mode and ``no_grad`` (each module's mode restored after), the CPU's
+    and the device's random state restored (the evaluation draws from the fixed validation
+    stream; a model rebuilt for ``eval_kwargs`` draws its throw-away initialisation), the
+    training generator never touched."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with _random_state_kept(device), torch.no_grad():
+            evaluated = OnDevice(evaluation_model(task, spec, model).eval(), device, dtype)
+            result = task.evaluate(evaluated, "val")
+    finally:
+        for module, training in modes:
+            module.train(training)
+    return curve_metrics(task, result)
+
+
+def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Saves the CPU's random state (and ``device``'s, for an accelerator) and restores it on
+    exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    module = getattr(torch, device.type)
+    index = device.index if device.index is not None else module.current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def attention_supervisor(model: nn.Module, task: Any, supervise: dict[str, Any] | None
