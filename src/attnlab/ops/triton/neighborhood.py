@@ -296,7 +296,8 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
                   Hkv, G, D, Dv, scale, qk_scale,
                   L0, L1, L2, K0, K1, K2, d0, d1, d2, S0, S1, S2, N0, N1, N2,
                   MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr,
-                  HAS_MASK: tl.constexpr, NITER: tl.constexpr,
+                  HAS_MASK: tl.constexpr, NITER0: tl.constexpr, NITER1: tl.constexpr,
+                  NITER2: tl.constexpr,
                   BM0: tl.constexpr, BM1: tl.constexpr, BM2: tl.constexpr,
                   BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr,
                   BD: tl.constexpr, BE: tl.constexpr):
@@ -313,9 +314,9 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
     if HAS_MASK:
         keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
         kvalid = kvalid & (keep != 0)
-    lo0, hi0 = _query_tiles(u0, Lg0, K0, S0, BM0, BN0, MODE0, NITER)
-    lo1, hi1 = _query_tiles(u1, Lg1, K1, S1, BM1, BN1, MODE1, NITER)
-    lo2, hi2 = _query_tiles(u2, Lg2, K2, S2, BM2, BN2, MODE2, NITER)
+    lo0, hi0 = _query_tiles(u0, Lg0, K0, S0, BM0, BN0, MODE0, NITER0)
+    lo1, hi1 = _query_tiles(u1, Lg1, K1, S1, BM1, BN1, MODE1, NITER1)
+    lo2, hi2 = _query_tiles(u2, Lg2, K2, S2, BM2, BN2, MODE2, NITER2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     k = tl.load(K + b * skb + hk * skh + kflat[:, None] * skn + offs_d[None, :] * skd,
@@ -432,7 +433,8 @@ def _geometry(spatial: list[int], kernel: list[int], dilation: list[int], stride
     n = [triton.cdiv(triton.cdiv(L[a], d[a]), bl[a]) for a in range(3)]
     return {"L": L, "K": Kk, "d": d, "S": S, "N": n, "modes": modes, "block": bl,
             "programs": math.prod(d[a] * n[a] for a in range(3)),
-            "niter": max(triton.cdiv(x, y) for x, y in zip(L, d, strict=True)).bit_length() + 1}
+            # binary search steps per axis: enough for the longest group (ceil(L / d))
+            "niter": [triton.cdiv(x, y).bit_length() + 1 for x, y in zip(L, d, strict=True)]}
 
 
 def _axis_args(geo: dict) -> list[int]:
@@ -494,7 +496,8 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     _nbh_bwd_dkdv[(geo["programs"], B * Hkv)](
         q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dk.stride(), *dv.stride(), *ms, lse.stride(0), lse.stride(1),
-        Hkv, G, D, Dv, scale, scale * LOG2E, *_axis_args(geo), NITER=geo["niter"], **consts)
+        Hkv, G, D, Dv, scale, scale * LOG2E, *_axis_args(geo), NITER0=geo["niter"][0],
+        NITER1=geo["niter"][1], NITER2=geo["niter"][2], **consts)
     return dq, dk, dv
 
 
