@@ -51,7 +51,7 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
                         store: str | None, name: str | None, params: dict[str, Any],
                         train: dict[str, Any] | None = None,
                         reference: str | None = None) -> Sweep:
-    overrides = {"task": task, "seeds": seeds, "workers": workers, "store": store,
+    overrides: dict[str, Any] = {"task": task, "seeds": seeds, "workers": workers, "store": store,
                  "name": name, "reference": reference}
     if mechanisms:
         overrides["mechanisms"] = [m.strip() for m in mechanisms.split(",") if m.strip()]
@@ -88,9 +88,10 @@ def stops_cleanly(progress: Progress, stored: str, *errors: type[Exception]
 
 
 def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "local",
-                      address: str | None = None) -> Any:
+                      address: str | None = None, loggers: list | None = None) -> Any:
     """Run a sweep with progress bars: one for the sweep, one per run in flight. Ctrl-C
-    stops it (finished runs are stored) with exit status 130."""
+    stops it (finished runs are stored) with exit status 130. ``loggers``
+    (``arena.loggers``) get each run as it ends, after the store has it."""
     from attnlab.arena.ray_engine import EngineError
     from attnlab.arena.store import StoreError
     from attnlab.arena.sweep import GroupError, run_sweep
@@ -170,6 +171,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
                     "[red]failed[/red]"
                 progress.console.print(f"  {desc}: {mark} in {payload['wall_time'] or 0:.1f}s")
                 progress.advance(overall)
+                send_to_loggers(loggers or [], spec, payload, progress.console)
 
         with stops_cleanly(progress, "finished runs are stored", StoreError, GroupError,
                            EngineError):
@@ -182,9 +184,25 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
         who = sorted(set(summary.elsewhere.values()))
         console.print(f"[yellow]{len(summary.elsewhere)} run(s) are being trained by another "
                       f"process[/yellow] ({escape(', '.join(who))}): not run here")
-    for who, err in summary.failures:
-        console.print(f"[red]failed[/red] {escape(who)}: {escape(err)}")
+    for run, err in summary.failures:
+        console.print(f"[red]failed[/red] {escape(run)}: {escape(err)}")
     return summary
+
+
+def send_to_loggers(loggers: list, spec: Any, result: dict[str, Any], out: Console) -> None:
+    """A finished run to each logger; a logger's error is printed and the sweep goes on (the
+    store already has the run)."""
+    if not loggers:
+        return
+    from attnlab.arena.loggers import run_row
+
+    row = run_row(spec, result)
+    for logger in loggers:
+        try:
+            logger.log(row)
+        except Exception as err:  # a logger never stops a sweep
+            out.print(f"  [yellow]{logger.kind} logger failed[/yellow] on "
+                      f"{escape(spec.label)} seed {spec.seed}: {escape(str(err))}")
 
 
 class Layout(NamedTuple):
@@ -285,8 +303,8 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     md, page = write_report(summary, out_dir)
     console.print(_results_table(summary, name))
     console.print()
-    for line in verdict_lines(summary):
-        console.print(escape(line.replace("**", "")))
+    for verdict in verdict_lines(summary):
+        console.print(escape(verdict.replace("**", "")))
     if other:
         console.print(f"[dim]{other} stored run(s) of earlier configurations of {name!r} are "
                       "not in this report[/dim]")
@@ -351,10 +369,20 @@ def arena(ctx: click.Context, store: str) -> None:
               "run (pip install 'attnlab[ray]').")
 @click.option("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:10001 or auto) "
               "[default: RAY_ADDRESS, else a local Ray instance].")
+@click.option("--log", "log", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Also send each finished run (curves, metrics, config) to TensorBoard or "
+              "W&B, repeatable; the store stays the record (pip install "
+              "'attnlab[tensorboard]' / 'attnlab[wandb]'; WANDB_MODE=offline for no network).")
+@click.option("--log-dir", type=click.Path(file_okay=False),
+              help="Where the loggers write: DIR/tensorboard/SWEEP/RUN and DIR/wandb "
+              "[default: STORE/logs].")
+@click.option("--project", default="attnlab-arena", show_default=True,
+              help="W&B project of --log wandb.")
 def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds: int | None,
             steps: int | None, workers: int | None, store: str | None, name: str | None,
             params: tuple[str, ...], train: tuple[str, ...], reference: str | None,
-            retry_failed: bool, report: bool, engine: str, address: str | None) -> None:
+            retry_failed: bool, report: bool, engine: str, address: str | None,
+            log: tuple[str, ...], log_dir: str | None, project: str) -> None:
     """Run (or resume) a sweep; finished runs are stored and never run again.
 
     \b
@@ -364,11 +392,16 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
       attnlab arena run --task mqar --mechanisms softmax,linear --train 'lr=[1e-3, 3e-3]'
       attnlab arena run --config docs/results/mqar.toml --workers 2
       attnlab arena run --config docs/results/mqar.toml --engine ray --address HEAD:6379
+      attnlab arena run --task mqar --mechanisms softmax,linear --log tensorboard
+      WANDB_MODE=offline attnlab arena run --task mqar --mechanisms softmax --log wandb
     """
     from attnlab.arena.config import ConfigError
 
     if address is not None and engine != "ray":
         raise click.UsageError("--address names a Ray cluster: use it with --engine ray")
+    if (log_dir is not None or project != "attnlab-arena") and not log:
+        raise click.UsageError("--log-dir and --project are for the loggers: add --log "
+                               "tensorboard or --log wandb")
 
     try:
         sweep = _sweep_from_options(config, task, mechanisms, seeds, steps, workers, store,
@@ -391,7 +424,18 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
     if ranks is not None and ranks[0] != 0:
         _follow_quietly(sweep, retry_failed)
         return
-    summary = run_with_progress(sweep, retry_failed, engine, address)
+    loggers = []
+    if log:
+        from attnlab.arena.loggers import LoggerError, make_loggers
+
+        try:  # a missing extra is said before anything trains
+            loggers = make_loggers(log, log_dir or Path(sweep.store) / "logs", project)
+        except LoggerError as err:
+            raise click.ClickException(str(err)) from None
+    summary = run_with_progress(sweep, retry_failed, engine, address, loggers)
+    if loggers:
+        where = log_dir or Path(sweep.store) / "logs"
+        console.print(f"logged to {', '.join(log)} under {where}/")
     if report and summary.done + summary.skipped:
         report_sweep(sweep.store, sweep.sweep_name, None)
 
@@ -465,6 +509,49 @@ def list_cmd(store: str, sweep: str | None) -> None:
     console.print(table)
 
 
+@arena.command("export")
+@click.option("--store", default=DEFAULT_STORE, show_default=True)
+@click.option("--sweep", "sweep_name", help="Only this sweep's runs [default: every run].")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv",
+              show_default=True, help="parquet needs pyarrow: pip install 'attnlab[parquet]'.")
+@click.option("--out", default="attnlab-export", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for runs.FORMAT and curves.FORMAT.")
+def export_cmd(store: str, sweep_name: str | None, fmt: str, out: str) -> None:
+    """Write the stored runs as two tables: runs (one row per run: key, label, seed,
+    status, time, the configuration flattened, the final metrics) and curves (one row per
+    curve point: key, step, metric, value).
+
+    \b
+    Examples:
+      attnlab arena export
+      attnlab arena export --sweep mqar --format parquet --out mqar-tables
+    Then, in Python:
+      runs = pandas.read_csv("attnlab-export/runs.csv")
+      curves = pandas.read_csv("attnlab-export/curves.csv")
+    """
+    from attnlab.arena.export import ExportError, export_rows
+    from attnlab.arena.store import DB_NAME, RunStore, StoreError
+
+    if not (Path(store) / DB_NAME).exists():
+        raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
+    try:
+        db = RunStore(store, readonly=True)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    with db:
+        rows = db.rows(sweep_name)
+        if sweep_name is not None and not rows:
+            known = ", ".join(s["sweep"] for s in db.sweeps()) or "none"
+            raise click.UsageError(f"no runs of sweep {sweep_name!r} in {store}/ "
+                                   f"(sweeps: {known})")
+    try:
+        done = export_rows(rows, out, fmt)
+    except ExportError as err:
+        raise click.ClickException(str(err)) from None
+    console.print(f"{done.run_count} run(s) -> {done.runs}\n"
+                  f"{done.point_count} curve point(s) -> {done.curves}")
+
+
 @arena.command("tasks")
 def tasks_cmd() -> None:
     """The tasks, their metric, slices and parameters."""
@@ -479,7 +566,7 @@ def tasks_cmd() -> None:
     for name in sorted(TASKS):
         cls = TASKS[name]
         params = ", ".join(f"{f.name}={parameter_text(f.default)}"
-                           for f in dataclasses.fields(cls))
+                           for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         arrow = "↑" if cls.higher_is_better else "↓"
         table.add_row(f"{name}\n[dim]{cls.description}[/dim]", f"{cls.metric} {arrow}",
                       cls.slice_axis, params)
