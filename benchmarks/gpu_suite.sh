@@ -5,8 +5,10 @@
 #
 # 1. the kernels compiled on CUDA against the op references (tests/triton, slow ones too;
 #    fp32 dots in IEEE precision so the tolerances are the interpreter's);
-# 2. attnlab bench on CUDA, bf16, the op groups that have a triton contestant (scored,
-#    linear, decode) at lengths where the GPU is compute-bound.
+# 2. attnlab bench's "gpu" suite on CUDA, bf16: every op with a triton kernel (sigmoid,
+#    LSSA/LSSAR, neighborhood, linear, decode) at compute-bound shapes (B=4, H=16, L=4k-32k,
+#    D=64/128) next to SDPA, FlexAttention and fla, with the issue's targets checked; each
+#    workload is recorded as it finishes, so a timeout keeps what was measured.
 # Each step has its own time limit, so one failing or slow step leaves time for the others;
 # the whole script stays under ~8 minutes. The exit status is the first failing step's.
 set -uo pipefail
@@ -30,6 +32,5 @@ step 30 python -c "import torch, triton; print('torch', torch.__version__, 'trit
 triton.__version__, torch.cuda.get_device_name())"
 step 240 env TRITON_F32_DEFAULT=ieee python -m pytest -q -p no:cacheprovider \
     -m "slow or not slow" tests/triton
-step 300 attnlab bench run ops --device cuda --dtype bf16 --group scored --group linear \
-    --group decode --lengths 4096,16384 --rounds 3 --no-plots --out "$out"
+step 330 attnlab bench run gpu --device cuda --dtype bf16 --rounds 3 --no-plots --out "$out"
 exit "$status"

@@ -91,7 +91,7 @@ def run(suite: str, device: str, dtypes: tuple[str, ...], modes: tuple[str, ...]
         lengths: str | None, groups: tuple[str, ...], contestants: tuple[str, ...],
         rounds: int, memory_limit: float, max_step_seconds: float, out: Path, fresh: bool,
         malloc: str, no_plots: bool) -> None:
-    """Run SUITE (ops, modules, decode, scaling); writes
+    """Run SUITE (ops, modules, decode, scaling, gpu); writes
     OUT/bench-SUITE-DEVICE-HOST.{json,md} and .png plots, saving after every workload."""
     import torch
 

@@ -131,7 +131,8 @@ def evaluate(target: Target, report: dict) -> dict | None:
         return {"value": value, "reached": value <= target.value,
                 "text": f"exponent {value:.2f} over {axis_name(target.group)} = "
                         f"{xs[0]}..{xs[-1]}"}
-    picked = [r for r in mine if target.length in (None, r["workload"]["length"])]
+    picked = [r for r in mine if target.length in (None, r["workload"]["length"])
+              and target.kernel in (None, r["workload"]["kernel"])]
     pairs = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
     pairs = [(n, v) for n, v in pairs if v is not None]
     if not pairs:

@@ -79,6 +79,29 @@ GROUPS = {g.name: g for g in (
           ("decode/matmul", "decode/attnlab", "decode/attnlab-triton", "decode/sdpa-repeat-kv",
            "decode/sdpa-gqa"),
           "decode/matmul", shape={"kv_heads": 2, "causal": False}),
+    # compute-bound shapes for a GPU (issue 36): enough heads and batch that the GEMMs, not
+    # the launches, set the time; the "-d128" variant at head dim 128
+    Group("scored-large", "Compute-bound scored attention, causal, (B, H, L, D) = (4, 16, L, "
+          "64), against SDPA softmax (FA2 / cuDNN on a GPU)",
+          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab", "sigmoid/attnlab-triton",
+           "sigmoid/flex", "lssa/attnlab", "lssa/attnlab-triton", "lssar/attnlab",
+           "lssar/attnlab-triton"),
+          "softmax/sdpa", shape={"batch": 4, "heads": 16, "kv_heads": 16}),
+    Group("scored-large-d128", "Compute-bound scored attention, causal, (4, 16, L, 128), "
+          "against SDPA softmax",
+          ("softmax/sdpa", "softmax/flex", "sigmoid/attnlab-triton", "sigmoid/flex",
+           "lssa/attnlab-triton", "lssar/attnlab-triton"),
+          "softmax/sdpa", shape={"batch": 4, "heads": 16, "kv_heads": 16, "head_dim": 128}),
+    Group("neighborhood-large", "1-D neighborhood attention, (1, 16, L, 128), window K, "
+          "against SDPA full (non-causal) attention of the same length: the ideal speed-up is "
+          "the FLOP ratio L / K (NATTEN's Hopper kernel: 8.3x of 16x at L = 32k, K = 2k)",
+          ("softmax/sdpa", "neighborhood/attnlab", "neighborhood/attnlab-triton",
+           "neighborhood/flex"),
+          "softmax/sdpa", shape={"heads": 16, "kv_heads": 16, "head_dim": 128, "causal": False}),
+    Group("linear-large", "Compute-bound causal linear attention (elu + 1, normalised), "
+          "(4, 16, L, 64), against SDPA softmax, with fla's chunk kernel",
+          ("softmax/sdpa", "linear/attnlab", "linear/attnlab-triton", "linear/fla"),
+          "softmax/sdpa", shape={"batch": 4, "heads": 16, "kv_heads": 16}),
     Group("modules-causal", "Causal modules, attnlab.build(name, dim=512, heads=8), batch 1, "
           "against the softmax module (dma with w = L/8)",
           tuple(f"{n}/attnlab" for n in CAUSAL_MODULES), "softmax/attnlab", inputs="module"),
@@ -104,6 +127,13 @@ SUITES: dict[str, tuple[Plan, ...]] = {
     "modules": (Plan("modules-causal", (4096,), ("train", "inference")),
                 Plan("modules-bidir", (4096,), ("train",))),
     "decode": (Plan("decode", (4096, 16384, 65536, 131072), ("inference",)),),
+    # the GPU check of the Triton kernels (benchmarks/gpu_suite.sh): compute-bound shapes
+    "gpu": (Plan("scored-large", (4096, 16384), ("train",)),
+            Plan("scored-large", (16384,), ("inference",)),
+            Plan("scored-large-d128", (8192,), ("train",)),
+            Plan("neighborhood-large", (32768,), ("train", "inference"), kernels=(128, 2048)),
+            Plan("linear-large", (4096, 16384), ("train",)),
+            Plan("decode", (32768, 131072), ("inference",))),
     "scaling": (Plan("scored", (1024, 2048, 4096, 8192, 16384), ("train",)),
                 Plan("neighborhood", (4096, 8192, 16384, 32768), ("inference",)),
                 Plan("neighborhood-k", (16384,), ("inference",), kernels=(32, 64, 128, 256, 512)),
@@ -127,9 +157,27 @@ class Target:
     value: float
     length: int | None = None
     dtype: str = "fp32"
+    kernel: int | None = None  # the neighborhood window K the target is about (None: any)
 
 
 TARGETS = (
+    # issue 36's GPU targets (bf16, compute-bound shapes: the "gpu" suite)
+    Target("sigmoid training >= 1.05x SDPA (GPU, L=16384)", "scored-large", "train",
+           "sigmoid/attnlab-triton", "ratio", 1.05, 16384, "bf16"),
+    Target("sigmoid inference >= 1.2x SDPA (GPU, L=16384)", "scored-large", "inference",
+           "sigmoid/attnlab-triton", "ratio", 1.2, 16384, "bf16"),
+    Target("LSSA training >= 0.8x SDPA (GPU, L=16384)", "scored-large", "train",
+           "lssa/attnlab-triton", "ratio", 0.8, 16384, "bf16"),
+    Target("LSSAR training >= 0.6x SDPA (GPU, L=16384)", "scored-large", "train",
+           "lssar/attnlab-triton", "ratio", 0.6, 16384, "bf16"),
+    Target("neighborhood K=128 >= 50% of ideal (GPU, L=32768)", "neighborhood-large",
+           "inference", "neighborhood/attnlab-triton", "ratio_of_ideal", 0.5, 32768, "bf16",
+           kernel=128),
+    Target("neighborhood K=2048 >= 50% of ideal (GPU, L=32768)", "neighborhood-large",
+           "inference", "neighborhood/attnlab-triton", "ratio_of_ideal", 0.5, 32768, "bf16",
+           kernel=2048),
+    Target("decode >= 2x a plain matmul (GPU, cache 32k-128k)", "decode", "inference",
+           "decode/attnlab-triton", "ratio", 2.0, None, "bf16"),
     Target("sigmoid training >= 0.9x SDPA at L=4096", "scored", "train", "sigmoid/attnlab",
            "ratio", 0.9, 4096),
     Target("LSSA training >= 0.8x SDPA at L=4096", "scored", "train", "lssa/attnlab",
