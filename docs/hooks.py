@@ -235,8 +235,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
             log.warning("%s: the link %r points to %s, which does not exist", uri, url, target)
             return url
         if (root / target).is_dir():
-            log.warning("%s: the link %r points to the directory %s outside docs/; link a "
-                        "file in it", uri, url, target)
+            log.warning("%s: the link %r points to the directory %s; the site has no folder "
+                        "listings: link a file in it", uri, url, target)
             return url
         new = posixpath.relpath(site, posixpath.dirname(uri) or ".")
         return new + hash_ + anchor

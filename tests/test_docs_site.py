@@ -128,6 +128,16 @@ def test_api_globs_expand_to_the_modules_not_named_yet(tmp_path):
     assert hooks.expand_api_globs(text, tmp_path) == "::: pkg.base\n\n::: pkg.one\n\n::: pkg.two\n"
 
 
+def test_the_landing_page_python_examples_run_and_print_what_they_say(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "index.md").read_text(), re.S)
+    assert len(blocks) == 2
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, "docs/index.md", "exec"), namespace)
+    assert capsys.readouterr().out.split("\n")[:3] == [
+        "True", "['agent', 'cca', 'dma']", "torch.Size([1, 4, 256, 32])"]
+
+
 def _slugs(heading: str) -> set[str]:
     """The anchors a heading gets: mkdocs' (python-markdown's toc) and GitHub's."""
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").strip()
