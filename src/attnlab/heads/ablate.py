@@ -1,6 +1,8 @@
 """Remove chosen heads: zero their output, replace it by its mean over a dataset, or by its
-value on another input (resampling). Works through ``head_scale`` and ``hook_heads``, so the
-model's code is not touched; everything is restored when the block ends."""
+value on another input (resampling). All three replace the head's output at ``hook_heads``
+(so a ``capture`` of ``L<n>.heads`` shows what flows on: zeros, the mean, the other input's
+output); ``scale_heads`` multiplies through ``head_scale`` instead (after ``hook_heads``).
+The model's code is not touched; everything is restored when the block ends."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
            values: dict[int, Tensor] | None = None) -> Iterator[None]:
     """Ablate ``heads`` (``{layer: [heads]}`` or ``[(layer, head)]``) inside the block.
 
-    ``how``: ``"zero"`` (the head's output is 0: ``head_scale`` = 0), ``"mean"`` (its output
+    ``how``: ``"zero"`` (the head's output is 0), ``"mean"`` (its output
     at every position is ``values[layer][head]``, (H, D), e.g. from ``mean_head_outputs``) or
     ``"resample"`` (its output is ``values[layer][..., head, :]``, (B, L, H, D), the head's
     output on another input, e.g. from ``head_outputs``; same batch and length)."""
@@ -34,14 +36,13 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
         if missing:
             raise ValueError(f"how={how!r} needs values for layers {missing} (from "
                              f"{'mean_head_outputs' if how == 'mean' else 'head_outputs'})")
-    if how == "zero":
-        with scale_heads(model, heads, 0.0):
-            yield
-        return
 
-    def replacing(value: Tensor, index: Tensor) -> Callable[..., Tensor]:
+    def replacing(value: Tensor | None, index: Tensor) -> Callable[..., Tensor]:
         def replace(_m, _i, out):
             out = out.clone()
+            if value is None:  # zero: the head passes nothing on
+                out[..., index.to(out.device), :] = 0
+                return out
             v = value.to(out.device, out.dtype)
             if how == "mean":
                 out[..., index, :] = v[index]
@@ -53,7 +54,9 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
             return out
         return replace
 
-    hooks = {layer: replacing(values[layer], torch.tensor(hs)) for layer, hs in chosen.items()}
+    hooks = {layer: replacing(None if values is None or how == "zero" else values[layer],
+                                torch.tensor(hs))
+             for layer, hs in chosen.items()}
     with forward_hooks(model_sites, "heads", hooks):
         yield
 

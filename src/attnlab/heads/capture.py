@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -159,11 +160,14 @@ class Capture:
         self.key_mask: Tensor | None = None
         self.special: Tensor | None = None
         self.positions: Tensor | None = None
+        self.model_masks: dict[int, Tensor | None] = {}  # attnlab layers: the call's padding
 
     def set_batch(self, key_mask: Tensor | None = None, special: Tensor | None = None) -> None:
-        """Tell the aggregates about the next forward's batch: ``key_mask`` (B, L) True for
-        real tokens (padding is left out of every statistic), ``special`` (B, L) True for the
-        tokens whose attention mass ``stats[layer].mean("special")`` measures."""
+        """Tell the aggregates about the next forward's batch: ``special`` (B, L) True for the
+        tokens whose attention mass ``stats[layer].mean("special")`` measures; ``key_mask``
+        (B, L) True for real tokens, used only where the model's own mask is not known (an
+        attnlab layer called without ``mask=``): the statistics follow the mask the model
+        used, so padding, windows and prefixes are never counted as keys a query saw."""
         self.key_mask = None if key_mask is None else key_mask.bool()
         self.special = None if special is None else special.bool()
 
@@ -188,12 +192,30 @@ class Capture:
             t = t.index_select(HEAD_DIM[point], torch.tensor(heads, device=t.device))
         self.records.setdefault(name, []).append(t.cpu())
 
+    def _visible(self, site: Site, w: Tensor) -> Tensor:
+        """(B, 1, Lq, Lk): the keys each query of this call saw. On a Hugging Face model the
+        mask the model passed (padding, causality, sliding windows, prefix-LM: whatever it
+        holds); on an attnlab layer the key padding the layer was called with (else the one
+        given to ``set_batch``) with its causality."""
+        b, _, lq, lk = w.shape
+        if hasattr(site.module, "visible"):  # integrations.hf: the call's own mask
+            vis = cast(Tensor | None, site.module.visible)
+            if vis is None:  # the model masked nothing
+                return torch.ones(b, 1, lq, lk, dtype=torch.bool, device=w.device)
+            if vis.dim() != 4 or vis.shape[1] != 1:
+                raise ValueError(f"{site}: the model's mask has shape {tuple(vis.shape)}, "
+                                 "expected (B, 1, Lq, Lk)")
+            return vis.to(w.device).expand(b, 1, lq, lk)
+        keys = self.model_masks.get(site.layer)
+        if keys is None or keys.shape != (b, lk):
+            keys = self.key_mask[:, -lk:] if self.key_mask is not None else \
+                torch.ones(b, lk, dtype=torch.bool)
+        keys = keys.to(w.device)
+        return visible_pairs(keys[:, lk - lq:], keys, site.causal)
+
     def _aggregate(self, site: Site, w: Tensor) -> None:
         b, h, lq, lk = w.shape
-        keys = self.key_mask if self.key_mask is not None else \
-            torch.ones(b, lk, dtype=torch.bool)
-        keys = keys[:, -lk:].to(w.device)
-        vis = visible_pairs(keys[:, lk - lq:], keys, site.causal)
+        vis = self._visible(site, w)
         stats = self.stats.setdefault(site.layer, HeadStats(h))
         special = None if self.special is None else self.special[:, -lk:].to(w.device)
         stats.update(w, vis, special, self.positions)
@@ -230,6 +252,17 @@ def capture(model: nn.Module, points: Sequence[str] = (), *,
                 def stats(_m, _i, out, site=site):
                     cap._aggregate(site, out)
                 handles.append(site.hook("weights").register_forward_hook(stats))
+                if not hasattr(site.module, "visible"):  # an attnlab layer: its mask= call
+                    def padding(_m, _args, kwargs, layer=layer):
+                        mask = kwargs.get("context_mask") if kwargs.get("context") is not None \
+                            else kwargs.get("mask")
+                        if mask is not None and kwargs.get("state") is None:
+                            mask = mask.bool().flatten(1)  # spatial padding: token order
+                        else:
+                            mask = None
+                        cap.model_masks[layer] = mask
+                    handles.append(site.module.register_forward_pre_hook(padding,
+                                                                         with_kwargs=True))
         yield cap
     finally:
         for handle in handles:

@@ -43,15 +43,14 @@ def head_importance(model: nn.Module, losses: Iterable[Callable[[], Tensor]],
                     ) -> Tensor:
     """(layers, heads) importance: sum over ``losses`` (each a call that runs the model on
     one batch and returns a scalar loss) of |d loss / d head_scale|, the heads already
-    masked (head_scale 0) keeping 0; ``normalize``: each layer divided by its L2 norm."""
+    masked (head_scale 0) keeping 0; ``normalize``: each layer divided by its L2 norm.
+    Layers with fewer heads than the widest (an encoder-decoder's decoder, per-layer head
+    counts) are padded with 0, as in ``ablation_scores``."""
     model_sites = sites(model)
-    widths = {s.heads for s in model_sites}
-    if len(widths) != 1:
-        raise ValueError(f"layers have different head counts {sorted(widths)}")
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # only the head mask's gradient is needed
         p.requires_grad_(False)
-    total = torch.zeros(len(model_sites), widths.pop())
+    total = torch.zeros(len(model_sites), max(s.heads for s in model_sites))
     try:
         with _head_mask_gradients(model_sites) as scales, torch.enable_grad():
             for loss_of in losses:
@@ -59,7 +58,7 @@ def head_importance(model: nn.Module, losses: Iterable[Callable[[], Tensor]],
                 grads = torch.autograd.grad(loss, scales, allow_unused=True)
                 for i, g in enumerate(grads):
                     if g is not None:
-                        total[i] += g.detach().abs().float().cpu()
+                        total[i, :g.numel()] += g.detach().abs().float().cpu()
                 if progress is not None:
                     progress()
     finally:
@@ -73,7 +72,8 @@ def head_importance(model: nn.Module, losses: Iterable[Callable[[], Tensor]],
 def ablation_scores(model: nn.Module, metric: Callable[[], float],
                     progress: Callable[[], None] | None = None) -> tuple[float, Tensor]:
     """(the full model's metric, (layers, heads) metric with each head zeroed alone minus
-    the full one): the exhaustive single-head ablation."""
+    the full one): the exhaustive single-head ablation. Layers with fewer heads than the
+    widest are padded with 0, as in ``head_importance``."""
     model_sites = sites(model)
     with torch.no_grad():
         base = float(metric())

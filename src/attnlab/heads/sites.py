@@ -25,12 +25,19 @@ HeadSelection = Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]
 class Site:
     """One attention layer: ``layer`` (its index, in model order), ``path`` (the module's
     name in the model), ``module`` (what carries the hook points and ``head_scale``) and
-    ``causal`` (queries see only earlier keys)."""
+    ``causal`` (queries see only earlier keys), ``kind``: ``"self"`` or ``"cross"``
+    (attention to another sequence, e.g. an encoder-decoder's decoder reading the encoder).
+
+    Layers are numbered in model order over every attention module: in an encoder-decoder
+    the encoder's self-attention layers come first, then each decoder block's self- and
+    cross-attention in turn (``str(site)`` names one unambiguously, e.g.
+    ``L3 = decoder.block.0.layer.1.EncDecAttention (cross)``)."""
 
     layer: int
     path: str
     module: nn.Module
     causal: bool
+    kind: str = "self"
 
     @property
     def heads(self) -> int:
@@ -38,6 +45,10 @@ class Site:
 
     def hook(self, point: str) -> nn.Module:
         return getattr(self.module, f"hook_{point}")
+
+    def __str__(self) -> str:
+        owner = self.path.removesuffix(".attnlab_site")
+        return f"L{self.layer} = {owner or type(self.module).__name__} ({self.kind})"
 
 
 def sites(model: nn.Module) -> list[Site]:
@@ -50,8 +61,9 @@ def sites(model: nn.Module) -> list[Site]:
             found.append(Site(len(found), path, module, bool(module.causal)))
         elif isinstance(module, HeadSite):  # causality is the HF attention module's
             owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-            found.append(Site(len(found), path, module, bool(getattr(owner, "is_causal",
-                                                                     False))))
+            found.append(Site(len(found), path, module,
+                              bool(getattr(owner, "is_causal", False)),
+                              str(getattr(module, "kind", "self"))))
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention attnlab can reach: its "
                          "layers are not attnlab.Attention modules, and it was not prepared "
@@ -104,11 +116,16 @@ def by_layer(pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
 def forward_hooks(model_sites: list[Site], point: str,
                   hooks: Mapping[int, Callable[..., object]]) -> Iterator[None]:
     """Inside the block, ``hooks[layer]`` is a forward hook on that layer's ``hook_<point>``
-    (its return value replaces the tensor); every hook is removed when the block ends."""
+    (its return value replaces the tensor); every hook is removed when the block ends.
+
+    The hooks are edits: they run before the hooks already there (``prepend``), so that a
+    ``capture`` around the block records what flows on, edited, whichever block was entered
+    first."""
     handles = []
     try:
         for layer, hook in hooks.items():
-            handles.append(model_sites[layer].hook(point).register_forward_hook(hook))
+            handles.append(model_sites[layer].hook(point).register_forward_hook(hook,
+                                                                                prepend=True))
         yield
     finally:
         for handle in handles:
