@@ -23,7 +23,7 @@ DOCS = ROOT / "docs"
 # README.md's anchors are not checked yet: README.md links
 # docs/results/hedgehog.md#the-gpu-run-that-is-not-used, a heading that is now "On a GPU"
 # (#on-a-gpu); set this to True once that link is fixed
-README_ANCHORS_CHECKED = False
+README_ANCHORS_CHECKED = True
 
 
 @functools.cache
