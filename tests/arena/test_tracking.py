@@ -48,16 +48,11 @@ def test_validation_passes_leave_the_run_bit_identical(variant):
     assert len(set(val)) > 1  # passes on a model that trains, not one copy
     # the last point is the run's final validation
     assert val[-1] == every_step["metrics"]["val_loss"]
-
-
-def test_curves_hold_the_learning_rate_and_gradient_norm_on_the_loss_curves_steps():
-    result = train_run(spec_with(10))
-    curves = result["curves"]
-    assert curves["step"] == [2, 4, 6]
+    curves = every_step["curves"]
+    assert curves["step"] == [2, 4, 6]  # lr and gradient norm on the loss curve's steps
     assert curves["lr"] == [learning_rate(s - 1, 6, 3e-3, 0.05) for s in curves["step"]]
     assert all(math.isfinite(g) and g > 0 for g in curves["grad_norm"])
-    assert curves["val_step"] == [1, 2, 3, 4, 5, 6]  # 10 points asked, 6 steps
-    assert {"val_loss", "val_accuracy"} <= set(curves)
+    assert "val_accuracy" in curves
     assert "val_bayes_loss" not in curves  # a baseline's metric: constant, not a curve
     json.dumps(curves, allow_nan=False)  # the store's JSON column
 
@@ -71,3 +66,39 @@ def test_validation_schedule():
     assert validation_interval(100, 0) == 0
     with pytest.raises(ValueError, match="val_points"):
         validation_interval(100, -1)
+
+
+def test_the_report_shows_validation_curves_next_to_the_training_loss(tmp_path):
+    from attnlab.arena.report import summarize, validation_band, write_report
+
+    def row(label, seed, val, steps=(50, 100)):
+        return {"sweep": "s", "task": "icl_regression", "label": label,
+                "mechanism": "softmax", "seed": seed, "status": "done", "params": 100,
+                "wall_time": 2.0, "finished": 1.7e9 + seed, "error": None,
+                "config": {"task_params": {"d": 5}, "model": {}, "label": label,
+                           "train": {"steps": 100, "lr": 0.01}},
+                "metrics": {"mse": val[-1], "val_mse": val[-1]}, "slices": {},
+                "baselines": {},
+                "curves": {"step": [50, 100], "train_loss": [1.0, 0.5], "lr": [0.01, 0.0],
+                           "grad_norm": [2.0, 1.0], "val_step": list(steps),
+                           "val_mse": val}}
+
+    rows = [row("a", 0, [0.5, 0.25]), row("a", 1, [0.75, 0.5]),
+            row("b", 0, [0.4, 0.3]), row("b", 1, [0.6, 0.2, 0.1], steps=(30, 60, 100))]
+    summary = summarize(rows)
+    steps, mean, half = validation_band(summary.contestant("a").chosen, "val_mse")
+    assert steps == [50, 100] and mean == [0.625, 0.375] and half[0] > 0
+    # a seed recorded on other steps is left out of the band, not misaligned into it
+    steps, mean, _ = validation_band(summary.contestant("b").chosen, "val_mse")
+    assert steps == [50, 100] and mean == [0.4, 0.3]
+    md, page = write_report(summary, tmp_path)
+    assert (tmp_path / "validation.png").stat().st_size > 1000
+    assert "![curves](curves.png)\n![validation](validation.png)" in md.read_text()
+    html = page.read_text()
+    row_start = html.index("<div class='row'>")
+    assert html.count("data:image/png;base64,", row_start, html.index("</div>", row_start)) == 2
+    # runs stored before validation curves existed have no band (their reports keep the
+    # training loss alone: test_report's rows)
+    rows[0]["curves"] = {"step": [50, 100], "train_loss": [1.0, 0.5]}
+    assert validation_band(summarize(rows[:1]).contestant("a").chosen, "val_mse") == \
+        ([], [], [])

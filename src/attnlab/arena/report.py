@@ -16,16 +16,18 @@ from typing import Any
 
 from attnlab.arena.files import write_atomic
 from attnlab.arena.stats import LEVEL, fmt, fmt_paired, is_finite, mean_ci
-from attnlab.arena.summary import Contestant, Summary, curve_band, summarize
+from attnlab.arena.summary import Contestant, GridPoint, Summary, curve_band, summarize
 from attnlab.machine import provenance
 from attnlab.tables import markdown_table
 from attnlab.tasks import TASKS
 
-Section = tuple[str, list[tuple[str, Any]]]  # heading, [("table" | "list" | "image", content)]
+# heading, [("table" | "list" | "image" | "images", content)]
+Section = tuple[str, list[tuple[str, Any]]]
 
 __all__ = ["Summary", "summarize", "table_rows", "slice_rows", "seed_rows", "grid_rows",
            "verdict_lines", "budget_line", "recipe_text", "tuning_text", "delta_text",
-           "verdict_word", "same_seeds", "figures", "write_report", "write_document", "png"]
+           "verdict_word", "same_seeds", "figures", "validation_band", "write_report",
+           "write_document", "png"]
 
 
 def _grid_text(values: dict[str, Any]) -> str:
@@ -145,8 +147,9 @@ def verdict_word(summary: Summary, c: Contestant) -> str:
 
 def slice_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Metric per slice value (mean ± 95% CI): contestants, then the closed-form baselines."""
-    keys = list(dict.fromkeys(k for s in (*(c.slices for c in summary.contestants),
-                                          *summary.baselines.values()) for k in s))
+    per_slice: list[dict[str, Any]] = [*(c.slices for c in summary.contestants),
+                                       *summary.baselines.values()]
+    keys = list(dict.fromkeys(k for s in per_slice for k in s))
     header = ["", *keys]
     rows = [[c.label, *[fmt(*c.slices.get(k, (math.nan, math.nan)), digits=4) for k in keys]]
             for c in summary.contestants if c.slices]
@@ -426,9 +429,36 @@ def _numeric(keys: list[str]) -> bool:
     return True
 
 
+def validation_band(point: GridPoint, name: str
+                    ) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and 95% half-width over seeds of the validation curve ``name`` (e.g.
+    ``val_accuracy``) of a grid point's runs: those that recorded it on the same steps as
+    the first that did (runs stored before validation curves existed have none)."""
+    curves = [r["curves"] for r in point.runs
+              if isinstance(r["curves"].get(name), list) and r["curves"].get("val_step")]
+    if not curves:
+        return [], [], []
+    steps = curves[0]["val_step"]
+    columns = [c[name] for c in curves if c["val_step"] == steps and len(c[name]) == len(steps)]
+    stats = [mean_ci(list(col)) for col in zip(*columns, strict=True)]
+    return steps, [m for m, _ in stats], [h for _, h in stats]
+
+
+def _band(ax: Any, label: str, steps: list[int], mean: list[float], half: list[float],
+          marker: str | None = None) -> list[float]:
+    """A mean line with its band (no band where the half-width is nan); the band's lower
+    edge."""
+    line, = ax.plot(steps, mean, label=_plain(label), marker=marker, markersize=3)
+    low = [m - (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
+    high = [m + (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
+    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    return low
+
+
 def figures(summary: Summary) -> dict[str, bytes]:
-    """PNG images: 'curves' (training loss, 95% bands) and 'slices' (metric per slice with
-    95% error bars, and the baselines)."""
+    """PNG images: 'curves' (training loss, 95% bands), 'validation' (the validation metric
+    during training, 95% bands; when the runs recorded it) and 'slices' (metric per slice
+    with 95% error bars, and the baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,10 +473,7 @@ def figures(summary: Summary) -> dict[str, bytes]:
         steps, mean, half = curve_band(c.chosen)
         if not steps:
             continue
-        line, = ax.plot(steps, mean, label=_plain(c.label))
-        low = [m - (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
-        high = [m + (0 if math.isnan(h) else h) for m, h in zip(mean, half, strict=True)]
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        low = _band(ax, c.label, steps, mean, half)
         positive = positive and min(low) > 0
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (mean, {LEVEL:.0%} band over seeds)")
@@ -456,6 +483,23 @@ def figures(summary: Summary) -> dict[str, bytes]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     out["curves"] = png(fig, plt)
+
+    name = f"val_{summary.metric}"
+    bands = {c.label: validation_band(c.chosen, name) for c in summary.contestants
+             if c.chosen is not None}
+    if any(steps for steps, _, _ in bands.values()):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, (steps, mean, half) in bands.items():
+            if steps:
+                _band(ax, label, steps, mean, half, marker="o")
+        arrow = "higher" if summary.higher_is_better else "lower"
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {summary.metric} (mean, {LEVEL:.0%} band over seeds)")
+        ax.set_title(_plain(f"{summary.sweep}: validation {summary.metric} ({arrow} is "
+                            "better)"))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        out["validation"] = png(fig, plt)
 
     keys = list(dict.fromkeys(k for c in summary.contestants for k in c.slices))
     if keys:
@@ -514,6 +558,11 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
                    for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_image(name: str, data: bytes) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
 
 
 def _items(d: dict[str, Any]) -> str:
@@ -589,7 +638,13 @@ def write_report(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
     if summary.grid_keys:
         sections.append(("Tuning grid (chosen: best mean validation metric)",
                          [("table", grid_rows(summary))]))
-    sections.append(("Training loss (mean and 95% band over seeds)", [("image", "curves")]))
+    if "validation" in images:
+        sections.append((f"Training loss and validation {summary.metric} during training "
+                         "(mean and 95% band over seeds)",
+                         [("images", ["curves", "validation"])]))
+    else:
+        sections.append(("Training loss (mean and 95% band over seeds)",
+                         [("image", "curves")]))
     failures = [f"{r['label']} seed {r['seed']}: {(r['error'] or '').splitlines()[0]}"
                 for r in summary.rows if r["status"] == "failed"]
     if failures:
@@ -602,7 +657,8 @@ def write_document(out_dir: str | Path, title: str, setup: list[str],
                    sections: list[Section], images: dict[str, bytes]) -> tuple[Path, Path]:
     """``report.md`` (with the PNGs of ``images`` beside it) and one self-contained
     ``report.html`` (the PNGs inlined) in ``out_dir``. ``sections``: (heading, parts), a part
-    being ("table", (header, rows)), ("list", lines) or ("image", name in ``images``)."""
+    being ("table", (header, rows)), ("list", lines), ("image", name in ``images``) or
+    ("images", [names]: side by side in the page)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in images.items():
@@ -621,16 +677,19 @@ def write_document(out_dir: str | Path, title: str, setup: list[str],
                 md += [f"- {_md(line)}" for line in content] + [""]
                 page.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>"
                                              for line in content) + "</ul>")
-            else:
+            elif kind == "image":
                 md += [f"![{_md(heading)}]({content}.png)", ""]
-                data = base64.b64encode(images[content]).decode()
-                page.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
+                page.append(_html_image(content, images[content]))
+            else:
+                md += [f"![{_md(name)}]({name}.png)" for name in content] + [""]
+                page.append("<div class='row'>" + "".join(
+                    _html_image(name, images[name]) for name in content) + "</div>")
     md_path = out / "report.md"
     write_atomic(md_path, "\n".join(md))
     style = ("body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;"
              "color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
              "#ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:"
-             "left}img{max-width:100%}")
+             "left}img{max-width:100%}.row{display:flex;gap:1em}.row img{flex:1;min-width:0}")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{style}</style></head><body>{''.join(page)}</body></html>")
     html_path = out / "report.html"
