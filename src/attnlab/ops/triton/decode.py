@@ -28,6 +28,15 @@ to (B, H, Lq, T) by strides (0 along broadcast axes), is read through computed o
 Alongside the partials each program writes, per row, the sum of its raw scores before
 masking: a key holding inf or NaN makes it non-finite, which is how the op's probe finds a
 non-finite cache without a pass of its own (``decode._split_kv``).
+
+Custom op (issue 42): the two kernels run as one ``torch.library.custom_op`` operator,
+``attnlab::decode_triton_fwd`` (output and probe), with a fake kernel, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node (a dynamic cache
+length included: the segment count is computed inside the op, from the real length).
+Inference only: no autograd formula is registered, so a backward through it raises (the op
+refuses calls that need gradients before they get here). ``custom_op`` rather than
+``triton_op``: a ``triton_op`` cannot be traced under Triton's interpreter, where CI tests
+the kernels (the reasons in full: ``attnlab.ops.triton.sigmoid``).
 """
 
 from __future__ import annotations
@@ -162,14 +171,13 @@ def default_splits(total: int, programs: int) -> int:
     return max(1, min(by_length, by_occupancy, 128))
 
 
-def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, causal: bool,
-           mask: Tensor | None, scale: float, splits: int | None) -> tuple[Tensor, Tensor]:
-    """The decode step (``decode_attention``'s computation) on Triton: q (B, H, Lq, D),
-    k_cache / v_cache (B, H_kv, T, D / Dv), mask bool broadcastable to (B, H, Lq, T) or
-    None, ``causal`` aligning the queries to the end of the cache, ``splits`` segments (None:
-    :func:`default_splits`). Returns the output (B, H, Lq, Dv) in q's dtype and the probe:
-    the sum of the scaled scores before masking (non-finite iff a key held inf or NaN, for
-    finite queries)."""
+# The kernels as a PyTorch custom op (see the module docstring); no autograd formula.
+
+
+@torch.library.custom_op("attnlab::decode_triton_fwd", mutates_args=())
+def decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor | None, causal: bool,
+              scale: float, splits: int | None) -> tuple[Tensor, Tensor]:
+    """The output (B, H, Lq, Dv) in q's dtype and the probe, a float32 scalar."""
     b, h, lq, d = q.shape
     h_kv, total, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     rows = h // h_kv * lq
@@ -208,3 +216,21 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, causal: bool,
         BLOCK_S=_pow2(n_seg, 2), BLOCK_DV=block_dv,
     )
     return out, probe.sum()
+
+
+@decode_op.register_fake
+def _decode_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor | None,
+                 causal: bool, scale: float, splits: int | None) -> tuple[Tensor, Tensor]:
+    return (q.new_empty((*q.shape[:3], v_cache.shape[-1])),
+            q.new_empty((), dtype=torch.float32))
+
+
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, causal: bool,
+           mask: Tensor | None, scale: float, splits: int | None) -> tuple[Tensor, Tensor]:
+    """The decode step (``decode_attention``'s computation) on Triton: q (B, H, Lq, D),
+    k_cache / v_cache (B, H_kv, T, D / Dv), mask bool broadcastable to (B, H, Lq, T) or
+    None, ``causal`` aligning the queries to the end of the cache, ``splits`` segments (None:
+    :func:`default_splits`). Returns the output (B, H, Lq, Dv) in q's dtype and the probe:
+    the sum of the scaled scores before masking (non-finite iff a key held inf or NaN, for
+    finite queries). One call of the custom op ``attnlab::decode_triton_fwd``."""
+    return decode_op(q, k_cache, v_cache, mask, bool(causal), float(scale), splits)

@@ -35,9 +35,18 @@ repeated. The kernels load fp32 or lower-precision inputs and cast them to fp32 
 passes fp32: it upcasts before the feature map, as its other forms do); every product
 accumulates in fp32, ``tl.dot`` in full fp32 unless torch allows TF32.
 Triton is imported here only, when the op runs with ``backend="triton"``.
+
+Custom ops (issue 42): ``attnlab::linear_triton_fwd`` (num, den) and
+``attnlab::linear_triton_bwd`` (the gradients of fq, fk, v) are ``torch.library.custom_op``
+operators with fake kernels, the forward's gradient registered with ``register_autograd``, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node per call.
+``custom_op`` rather than ``triton_op``: a ``triton_op`` cannot be traced under Triton's
+interpreter, where CI tests the kernels (the reasons in full: ``attnlab.ops.triton.sigmoid``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -209,49 +218,98 @@ def _precision(t: Tensor) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-class _LinearSums(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int):
-        b, h, lq, dk = fq.shape
-        g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
-        meta = (dk, dv, chunk, _block(dk), _block(dv), causal, _precision(fq))
-        nt = triton.cdiv(lk, chunk) if causal else 1  # states: before each chunk, or one
-        s = fq.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
-        z = fq.new_empty(b * g, nt, meta[3], dtype=torch.float32)
-        _states[(b * g,)](fk, v, s, z, lk, nt, *meta)
-        num = fq.new_empty(b, h, lq, dv, dtype=torch.float32)
-        den = fq.new_empty(b, h, lq, dtype=torch.float32)
-        grid = (triton.cdiv(lq, chunk), b * h)
-        _outputs[grid](fq, fk, v, s, z, num, den, lq, lk, nt, h, g, *meta)
-        ctx.save_for_backward(fq, fk, v)  # not the states: the backward recomputes them (one
-        ctx.meta = meta  # pass over k and v instead of Lk / C fp32 (Dk x Dv) tiles held per head)
-        return num, den
+def _fwd_states(fk: Tensor, v: Tensor, causal: bool, chunk: int, prec: str
+                ) -> tuple[Tensor, Tensor, tuple]:
+    """The key/value states (before each chunk, or one) and the kernels' meta arguments."""
+    b, g, lk, dk = fk.shape
+    dv = v.shape[-1]
+    meta = (dk, dv, chunk, _block(dk), _block(dv), causal, prec)
+    nt = triton.cdiv(lk, chunk) if causal else 1
+    s = fk.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
+    z = fk.new_empty(b * g, nt, meta[3], dtype=torch.float32)
+    _states[(b * g,)](fk, v, s, z, lk, nt, *meta)
+    return s, z, meta
 
-    @staticmethod
-    def backward(ctx, dnum: Tensor, dden: Tensor):
-        fq, fk, v = ctx.saved_tensors
-        meta = ctx.meta
-        b, h, lq, dk = fq.shape
-        g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
-        chunk, causal = meta[2], meta[5]
-        nt = triton.cdiv(lk, chunk) if causal else 1
-        s = fq.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
-        z = fq.new_empty(b * g, nt, meta[3], dtype=torch.float32)
-        _states[(b * g,)](fk, v, s, z, lk, nt, *meta)
-        dnum, dden = dnum.contiguous(), dden.contiguous()
-        ds = fq.new_empty(b * h, nt, meta[3], meta[4], dtype=torch.float32)
-        dz = fq.new_empty(b * h, nt, meta[3], dtype=torch.float32)
-        _states_back[(b * h,)](fq, dnum, dden, ds, dz, lq, nt, *meta)
-        dq = torch.empty_like(fq, dtype=torch.float32)
-        _grad_q[(triton.cdiv(lq, chunk), b * h)](fk, v, dnum, dden, s, z, dq, lq, lk, nt, h, g,
-                                                 *meta)
-        dkh = fq.new_empty(b, h, lk, dk, dtype=torch.float32)  # per query head
-        dvh = fq.new_empty(b, h, lk, dv, dtype=torch.float32)
-        _grad_kv[(triton.cdiv(lk, chunk), b * h)](fq, fk, v, dnum, dden, ds, dz, dkh, dvh, lq,
-                                                  lk, nt, h, g, *meta)
-        dkk = dkh.view(b, g, h // g, lk, dk).sum(2)  # each kv head's group of query heads
-        dvv = dvh.view(b, g, h // g, lk, dv).sum(2)
-        return dq.to(fq.dtype), dkk.to(fk.dtype), dvv.to(v.dtype), None, None
+
+# The kernels as PyTorch custom ops (see the module docstring): each op has a fake kernel
+# (its outputs' shapes and dtypes) and the forward op its autograd formula.
+
+
+@torch.library.custom_op("attnlab::linear_triton_fwd", mutates_args=())
+def linear_fwd_op(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int
+                  ) -> tuple[Tensor, Tensor]:
+    """num (B, H, Lq, Dv) and den (B, H, Lq), float32 (the kernels index contiguous rows)."""
+    fq, fk, v = (t.contiguous() for t in (fq, fk, v))
+    b, h, lq, _ = fq.shape
+    g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
+    s, z, meta = _fwd_states(fk, v, causal, chunk, _precision(fq))
+    nt = s.shape[1]
+    num = fq.new_empty(b, h, lq, dv, dtype=torch.float32)
+    den = fq.new_empty(b, h, lq, dtype=torch.float32)
+    _outputs[(triton.cdiv(lq, chunk), b * h)](fq, fk, v, s, z, num, den, lq, lk, nt, h, g,
+                                              *meta)
+    return num, den
+
+
+@linear_fwd_op.register_fake
+def _linear_fwd_fake(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int
+                     ) -> tuple[Tensor, Tensor]:
+    b, h, lq, _ = fq.shape
+    return (fq.new_empty(b, h, lq, v.shape[-1], dtype=torch.float32),
+            fq.new_empty(b, h, lq, dtype=torch.float32))
+
+
+@torch.library.custom_op("attnlab::linear_triton_bwd", mutates_args=())
+def linear_bwd_op(dnum: Tensor, dden: Tensor, fq: Tensor, fk: Tensor, v: Tensor,
+                  causal: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of fq, fk and v (their shapes and dtypes) from those of num and den.
+    The states are recomputed, not saved by the forward: one more pass over k and v instead
+    of Lk / C float32 (Dk x Dv) tiles held per head."""
+    fq, fk, v = (t.contiguous() for t in (fq, fk, v))
+    b, h, lq, dk = fq.shape
+    g, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
+    s, z, meta = _fwd_states(fk, v, causal, chunk, _precision(fq))
+    nt = s.shape[1]
+    dnum, dden = dnum.contiguous(), dden.contiguous()
+    ds = fq.new_empty(b * h, nt, meta[3], meta[4], dtype=torch.float32)
+    dz = fq.new_empty(b * h, nt, meta[3], dtype=torch.float32)
+    _states_back[(b * h,)](fq, dnum, dden, ds, dz, lq, nt, *meta)
+    dq = torch.empty_like(fq, dtype=torch.float32)
+    _grad_q[(triton.cdiv(lq, chunk), b * h)](fk, v, dnum, dden, s, z, dq, lq, lk, nt, h, g,
+                                             *meta)
+    dkh = fq.new_empty(b, h, lk, dk, dtype=torch.float32)  # per query head
+    dvh = fq.new_empty(b, h, lk, dv, dtype=torch.float32)
+    _grad_kv[(triton.cdiv(lk, chunk), b * h)](fq, fk, v, dnum, dden, ds, dz, dkh, dvh, lq,
+                                              lk, nt, h, g, *meta)
+    dkk = dkh.view(b, g, h // g, lk, dk).sum(2)  # each kv head's group of query heads
+    dvv = dvh.view(b, g, h // g, lk, dv).sum(2)
+    return dq.to(fq.dtype), dkk.to(fk.dtype), dvv.to(v.dtype)
+
+
+@linear_bwd_op.register_fake
+def _linear_bwd_fake(dnum: Tensor, dden: Tensor, fq: Tensor, fk: Tensor, v: Tensor,
+                     causal: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    return fq.new_empty(fq.shape), fk.new_empty(fk.shape), v.new_empty(v.shape)
+
+
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    fq, fk, v, causal, chunk = inputs
+    ctx.save_for_backward(fq, fk, v)
+    ctx.causal, ctx.chunk = causal, chunk
+
+
+def _linear_grad(ctx: Any, dnum: Tensor | None, dden: Tensor | None
+                 ) -> tuple[Tensor | None, ...]:
+    fq, fk, v = ctx.saved_tensors
+    if dnum is None:  # an output that took no part in the loss
+        dnum = fq.new_zeros(*fq.shape[:3], v.shape[-1], dtype=torch.float32)
+    if dden is None:
+        dden = fq.new_zeros(fq.shape[:3], dtype=torch.float32)
+    dq, dk, dv = linear_bwd_op(dnum, dden, fq, fk, v, ctx.causal, ctx.chunk)
+    return dq, dk, dv, None, None
+
+
+linear_fwd_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def linear_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, chunk: int
@@ -260,4 +318,4 @@ def linear_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, chunk: int
     ``fk`` (B, H_kv, Lk, Dk) and ``v`` (B, H_kv, Lk, Dv), padded keys already zero rows;
     causal needs Lq = Lk. ``chunk``: a power of two >= 16. Differentiable (Triton backward)."""
     fq, fk, v = (t.contiguous() for t in (fq, fk, v))
-    return _LinearSums.apply(fq, fk, v, causal, chunk)
+    return linear_fwd_op(fq, fk, v, bool(causal), int(chunk))

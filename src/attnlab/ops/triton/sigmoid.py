@@ -30,15 +30,36 @@ sigmoids and gradients accumulate in float32; P and dS are rounded to the inputs
 before their products with V, dO, K and Q (as the reference rounds the weights to V's
 dtype). float32 products use Triton's default dot precision (tf32 on a GPU unless
 ``TRITON_F32_DEFAULT=ieee``).
+
+Custom ops (issue 42): the kernels are PyTorch operators, ``attnlab::sigmoid_triton_fwd``
+and ``attnlab::sigmoid_triton_bwd`` (``torch.library.custom_op``), each with a fake kernel
+(its outputs' shapes and dtypes), the forward's gradient registered with
+``register_autograd`` as a call of the backward op. ``torch.compile(fullgraph=True)`` and
+``torch.export`` then record one opaque node per call instead of failing inside Triton's
+launcher. The other Triton modules (linear, decode, ...) follow the same convention.
+
+Why ``custom_op`` and not ``torch.library.triton_op`` + ``wrap_triton`` (which would let
+inductor see into the kernels): under Triton's interpreter, ``wrap_triton`` returns the
+kernel unwrapped (an ``InterpretedFunction`` carries none of the JIT metadata it needs), so
+tracing a ``triton_op`` runs its body on fake tensors and fails with "Cannot access data
+pointer of Tensor" (checked with torch 2.13 and triton 3.9, CPU tensors). The traced path
+could then be tested only on a GPU, while CI has none. A ``custom_op`` is opaque, so it
+traces the same way whatever Triton runs underneath (the interpreter, 3.9 here, 3.6 on the
+lent GPUs), and its host code (tile choice, the mask's uint8 view, the per-tile bias sums)
+stays ordinary Python that is never traced. What we give up is inductor fusing around or
+re-tuning the kernels; an attention kernel dominates the time of its call, so there is
+little to fuse. The price of an opaque op is a hand-written fake kernel, which
+``torch.library.opcheck`` checks against the real outputs (tests/triton/test_custom_ops.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from attnlab.ops.triton import interpreting
 
@@ -276,23 +297,57 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
     return dq, dk, dv, db.sum((0, 2)) if bias_grad else None
 
 
-class _SigmoidAttention(torch.autograd.Function):
-    """Forward and backward both Triton kernels; ``bias`` is the (H,) float32 per-head b."""
+# The kernels as PyTorch custom ops (see the module docstring): each op has a fake kernel
+# (its outputs' shapes and dtypes) and the forward op its autograd formula.
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
-                scale: float, causal: bool, block_size: int | None) -> Tensor:
-        ctx.save_for_backward(q, k, v, bias, mask)
-        ctx.scale, ctx.causal, ctx.block_size = scale, causal, block_size
-        return _forward(q, k, v, bias, mask, scale, causal, block_size)
 
-    @staticmethod
-    @once_differentiable  # the backward kernels are not differentiated again: say so
-    def backward(ctx, do: Tensor):
-        q, k, v, bias, mask = ctx.saved_tensors
-        dq, dk, dv, db = _backward(do, q, k, v, bias, mask, ctx.scale, ctx.causal,
-                                   ctx.block_size, bias_grad=ctx.needs_input_grad[3])
-        return dq, dk, dv, db, None, None, None, None
+@torch.library.custom_op("attnlab::sigmoid_triton_fwd", mutates_args=())
+def sigmoid_fwd_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
+                   scale: float, causal: bool, block_size: int | None) -> Tensor:
+    """The forward kernel: O (B, H, Lq, Dv) in v's dtype; ``bias`` the (H,) float32 b."""
+    return _forward(q, k, v, bias, mask, scale, causal, block_size)
+
+
+@sigmoid_fwd_op.register_fake
+def _sigmoid_fwd_fake(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
+                      scale: float, causal: bool, block_size: int | None) -> Tensor:
+    return q.new_empty((*q.shape[:3], v.shape[3]), dtype=v.dtype)
+
+
+@torch.library.custom_op("attnlab::sigmoid_triton_bwd", mutates_args=())
+def sigmoid_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+                   mask: Tensor | None, scale: float, causal: bool, block_size: int | None,
+                   bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernels: dQ, dK, dV (the inputs' shapes and dtypes) and db, the (H,)
+    float32 gradient of the per-head bias (zeros when ``bias_grad`` is False: not computed)."""
+    dq, dk, dv, db = _backward(do, q, k, v, bias, mask, scale, causal, block_size, bias_grad)
+    return dq, dk, dv, torch.zeros_like(bias) if db is None else db
+
+
+@sigmoid_bwd_op.register_fake
+def _sigmoid_bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+                      mask: Tensor | None, scale: float, causal: bool, block_size: int | None,
+                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(bias, dtype=torch.float32))
+
+
+def _sigmoid_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    q, k, v, bias, mask, scale, causal, block_size = inputs
+    ctx.save_for_backward(q, k, v, bias, mask)
+    ctx.scale, ctx.causal, ctx.block_size = scale, causal, block_size
+
+
+def _sigmoid_grad(ctx: Any, do: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, bias, mask = ctx.saved_tensors
+    bias_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, db = sigmoid_bwd_op(do, q, k, v, bias, mask, ctx.scale, ctx.causal,
+                                    ctx.block_size, bias_grad)
+    # the backward op has no autograd formula of its own: a second derivative raises
+    return dq, dk, dv, db if bias_grad else None, None, None, None, None
+
+
+sigmoid_fwd_op.register_autograd(_sigmoid_grad, setup_context=_sigmoid_setup)
 
 
 def head_bias(bias: float | Tensor, heads: int, device: torch.device) -> Tensor:
@@ -317,4 +372,4 @@ def sigmoid_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
     Returns (B, H, Lq, Dv) in v's dtype; differentiable in q, k, v and a tensor bias.
     """
     b = head_bias(bias, q.shape[1], q.device)
-    return _SigmoidAttention.apply(q, k, v, b, mask, float(scale), bool(causal), block_size)
+    return sigmoid_fwd_op(q, k, v, b, mask, float(scale), bool(causal), block_size)
