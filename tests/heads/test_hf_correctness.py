@@ -147,8 +147,10 @@ def test_streamed_statistics_of_an_attnlab_model_use_its_padding_without_set_bat
     torch.testing.assert_close(forgot.stats[0].mean("entropy"), told.stats[0].mean("entropy"))
 
 
-@pytest.mark.parametrize("how", ["zero", "mean", "resample"])
-@pytest.mark.parametrize("capture_first", [True, False])
+@pytest.mark.parametrize("how, capture_first", [
+    ("zero", True), ("zero", False), ("mean", True), ("resample", True),
+    pytest.param("mean", False, marks=pytest.mark.slow),
+    pytest.param("resample", False, marks=pytest.mark.slow)])
 def test_a_capture_shows_the_ablated_heads_whichever_block_is_entered_first(how,
                                                                              capture_first):
     arch = ROWS["Llama"]
@@ -184,22 +186,25 @@ def test_a_capture_shows_the_ablated_heads_whichever_block_is_entered_first(how,
             assert_close(ablated, matrix.outputs(model, batch))
 
 
-# bf16: the op path rounds q k^T, the softmax and weights @ v in bfloat16 (sdpa on the
-# CPU), the capture path computes the weights in float32 and rounds them once; each layer's
-# attention output differs by a few bf16 roundings, carried through 2 layers and the LM head:
-# 16 eps_bf16 of the logits' scale (16 x 2^-7 = 12.5%) bounds it.
-BF16_ROUNDINGS = 16
+# bf16: the op path (sdpa on the CPU) rounds the scores and the weights in bfloat16, the
+# capture path computes the weights in float32 and rounds them once before weights @ v: per
+# layer the two differ by about 2 bf16 roundings of the attention output, carried through 2
+# layers to the outputs: 4 eps_bf16 of the outputs' scale (4 x 2^-7 = 3.1%). Measured: 0.72
+# (Llama) and 0.61 (T5) eps_bf16 x scale, each path 0.65-0.80 from float32.
+BF16_ROUNDINGS = 4
 
 
-def test_capturing_weights_in_bf16_keeps_the_outputs():
-    arch = ROWS["Gemma2"]
+@pytest.mark.parametrize("name", ["Llama", "T5"])
+def test_capturing_weights_in_bf16_keeps_the_outputs(name):
+    """Capturing weights switches the layer to a dense path (float32 weights); the outputs
+    stay within bf16 rounding of the uncaptured ones (Llama: the softmax op; T5: the op with
+    its position bias)."""
+    arch = ROWS[name]
     _, model = matrix.build_pair(arch, torch.bfloat16)
     batch = matrix.inputs(arch)
-    for name in ("Gemma2", "Llama"):
-        arch = ROWS[name]
-        _, model = matrix.build_pair(arch, torch.bfloat16)
-        plain = matrix.outputs(model, batch)
-        with torch.no_grad(), hd.capture(model, ["L0.weights", "L1.weights"]) as cap:
-            captured = matrix.outputs(model, batch)
-        assert cap["L0.weights"].dtype == torch.float32
-        assert_close(captured, plain, roundings=BF16_ROUNDINGS, msg=name)
+    plain = matrix.outputs(model, batch)
+    points = [f"L{s.layer}.weights" for s in hd.sites(model)]
+    with torch.no_grad(), hd.capture(model, points) as cap:
+        captured = matrix.outputs(model, batch)
+    assert cap[points[0]].dtype == torch.float32
+    assert_close(captured, plain, roundings=BF16_ROUNDINGS, msg=name)
