@@ -48,6 +48,7 @@ def test_softcap_and_sinks_are_refused_for_mechanisms_other_than_softmax():
         matrix.outputs(model, matrix.inputs(arch))
 
 
+@pytest.mark.slow
 def test_the_sliding_window_is_in_the_mask_attnlab_gets():
     """Mistral's window changes its outputs (so the matrix row tests it), and attnlab
     follows it."""
@@ -59,6 +60,26 @@ def test_the_sliding_window_is_in_the_mask_attnlab_gets():
     windowed = matrix.outputs(eager, batch)
     assert (matrix.outputs(wide, batch) - windowed).abs().max() > 1e-3
     assert_close(matrix.outputs(ours, batch), windowed)
+
+
+def test_decoding_past_the_sliding_window_with_softcap_equals_the_full_forward():
+    """Gemma 2 (window 4, soft-capping) through attnlab: a prefill of 7 tokens and 3 decode
+    steps with the KV cache give the full forward's logits (and eager's)."""
+    arch = ROWS["Gemma2"]
+    eager, model = matrix.build_pair(arch)
+    batch = matrix.inputs(arch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        assert_close(full[mask.bool()], eager(input_ids=ids, attention_mask=mask).logits[
+            mask.bool()])
+        cache = model(input_ids=ids[:, :7], attention_mask=mask[:, :7],
+                      use_cache=True).past_key_values
+        for t in range(7, ids.shape[1]):
+            step = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                         past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            assert_close(step.logits[:, -1], full[:, t], msg=f"decode step {t}")
 
 
 def test_save_pretrained_of_a_prepared_model_has_only_the_models_keys(tmp_path):
