@@ -14,7 +14,8 @@ gradient through the normalisation)::
 
 with shift_i LSSAR's "- 1" (0 for rows that see at most ``FEW_KEYS`` keys, plus the margin
 2 N_i eps of ``attnlab.ops.softplus._lssar_shift``), w = a in a row whose r are all 0 (a
-uniform row: z2 = 0) and O_i = 0 in a row that sees no key (z1 = 0).
+uniform row: z2 = 0) and O_i = 0 in a row that sees no key (z1 = 0). As in the reference,
+z1 and rmax are clamped to at least 1e-30 (``_TINY``) where they divide.
 
 Forward: one program per (query tile, batch, head) makes the passes over the key tiles its
 rows see: (a mask only) the count N_i, then z1_i and max_j u_ij, then (LSSAR) z2_i, then the
@@ -63,6 +64,7 @@ MAX_HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EPS32 = 2.0 ** -23  # torch.finfo(torch.float32).eps: _lssar_shift's margin in float32
 _STATS = 4  # per row: N, 1 / z1, rmax, 1 / z2
+TINY = tl.constexpr(1e-30)  # attnlab.ops.softplus._TINY: the clamp of z1, rmax
 
 
 @triton.jit
@@ -160,14 +162,14 @@ def _fwd(Q, K, V, Mask, O, S,
         u = tl.where(vis, u, 0.0)
         z1 += tl.sum(u, axis=1)
         umax = tl.maximum(umax, tl.max(u, axis=1))
-    inv_z1 = tl.where(z1 > 0, 1.0 / tl.where(z1 > 0, z1, 1.0), 0.0)
+    # as the reference: u / max(z1, TINY) (0 in a row that sees no key)
+    inv_z1 = 1.0 / tl.maximum(z1, TINY)
     shift = _shift(n)
-    rmax = tl.zeros((BM,), dtype=tl.float32)
+    rmax = tl.zeros((BM,), dtype=tl.float32) + TINY
     inv_z2 = tl.zeros((BM,), dtype=tl.float32)
     if REWEIGHT:
-        # pass 2: z2 = sum_j (r_ij / rmax_i)^p
-        rmax = tl.maximum(n * (umax * inv_z1) - shift, 0.0)
-        inv_rmax = tl.where(rmax > 0, 1.0 / tl.where(rmax > 0, rmax, 1.0), 0.0)
+        # pass 2: z2 = sum_j (r_ij / max(rmax_i, TINY))^p
+        rmax = tl.maximum(n * (umax * inv_z1) - shift, TINY)
         z2 = tl.zeros((BM,), dtype=tl.float32)
         for start_n in range(0, hi, BN):
             offs_n = start_n + tl.arange(0, BN)
@@ -177,9 +179,9 @@ def _fwd(Q, K, V, Mask, O, S,
                            smn, CAUSAL, HAS_MASK)
             u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
             r = n[:, None] * (u * inv_z1[:, None]) - shift[:, None]
-            tau = tl.where(vis & (r > 0), r * inv_rmax[:, None], 0.0)
+            tau = tl.where(vis & (r > 0), r / rmax[:, None], 0.0)
             z2 += tl.sum(_power(tau, p), axis=1)
-        inv_z2 = tl.where(z2 > 0, 1.0 / tl.where(z2 > 0, z2, 1.0), 0.0)
+        inv_z2 = tl.where(z2 > 0, 1.0 / tl.maximum(z2, TINY), 0.0)  # 0: falls back to a
     s_base = S + b * ssb + h * ssh + offs_m * ssm
     tl.store(s_base, n, mask=rows)
     tl.store(s_base + 1, inv_z1, mask=rows)
@@ -197,7 +199,7 @@ def _fwd(Q, K, V, Mask, O, S,
         w = tl.where(vis, u * inv_z1[:, None], 0.0)
         if REWEIGHT:
             r = n[:, None] * w - shift[:, None]
-            tau = tl.where(vis & (r > 0), r / tl.where(rmax > 0, rmax, 1.0)[:, None], 0.0)
+            tau = tl.where(vis & (r > 0), r / rmax[:, None], 0.0)
             w = tl.where(inv_z2[:, None] > 0, _power(tau, p) * inv_z2[:, None], w)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * sve,
                     mask=(offs_n[:, None] < Lk) & (offs_e[None, :] < Dv), other=0.0)
@@ -218,11 +220,10 @@ def _weights_grad(x, vis, g, n, inv_z1, rmax, inv_z2, dw, p, REWEIGHT: tl.conste
     if REWEIGHT:
         r = n * a - _shift(n)
         live = vis & (r > 0)
-        safe_rmax = tl.where(rmax > 0, rmax, 1.0)
-        tau = tl.where(live, r / safe_rmax, 0.0)
+        tau = tl.where(live, r / rmax, 0.0)
         fallback = inv_z2 == 0
         w = tl.where(fallback, a, _power(tau, p) * inv_z2)
-        c = p * n * inv_z2 / safe_rmax
+        c = p * n * inv_z2 / rmax
         da_r = tl.where(live, c * _power(tau, p - 1.0) * (g - dw), 0.0)
         da = tl.where(fallback, g, da_r)
     return w, a, da, _sigmoid(x, e)
@@ -251,7 +252,7 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
     s_base = S + b * ssb + h * ssh + offs_m * ssm
     n = tl.load(s_base, mask=rows, other=0.0)[:, None]
     inv_z1 = tl.load(s_base + 1, mask=rows, other=0.0)[:, None]
-    rmax = tl.load(s_base + 2, mask=rows, other=0.0)[:, None]
+    rmax = tl.load(s_base + 2, mask=rows, other=1.0)[:, None]
     inv_z2 = tl.load(s_base + 3, mask=rows, other=0.0)[:, None]
     dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)[:, None]
     alpha = log_d * tl.log(tl.maximum(n, 1.0))
@@ -335,7 +336,7 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
             s_base = S + b * ssb + h * ssh + offs_m * ssm
             n = tl.load(s_base, mask=rows, other=0.0)[None, :]
             inv_z1 = tl.load(s_base + 1, mask=rows, other=0.0)[None, :]
-            rmax = tl.load(s_base + 2, mask=rows, other=0.0)[None, :]
+            rmax = tl.load(s_base + 2, mask=rows, other=1.0)[None, :]
             inv_z2 = tl.load(s_base + 3, mask=rows, other=0.0)[None, :]
             dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
             da_row = tl.load(DA + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
