@@ -78,7 +78,8 @@ def check(spatial, kernel, dilation=1, stride=1, causal=False, border="shift", h
     dv = d if dv is None else dv
     rules = _rules(tuple(spatial), kernel, dilation, stride, causal, border)
     q, k, v, grad_out = inputs(b, heads[0], heads[1], spatial, d, dv, dtype)
-    mask = key_padding(b, spatial) if padded else None
+    mask = padded if isinstance(padded, torch.Tensor) else (
+        key_padding(b, spatial) if padded else None)
     scale = d ** -0.5
     assert triton_limits(q, v, rules, mask, block) is None
     got = run(lambda q, k, v: neighborhood_attention_triton(q, k, v, rules, mask, scale, block),
@@ -177,6 +178,20 @@ def test_1d_forward_and_backward_match_the_float64_reference_fp32(case):
     check((length,), kernel, dilation, stride, causal, border, padded=padded)
 
 
+@pytest.mark.parametrize("length, kernel, causal", [(100, 61, False), (70, 33, True)])
+def test_1d_wide_kernel_with_unmasked_interior_tiles(length, kernel, causal):
+    """K >= 2 x 16 - 1: some key tiles are seen whole by every query of a tile, and the
+    kernels skip the per-element test there. K = 61 puts the ends of the keys every query
+    of a tile sees ([a - 15, a + 31) for the tile [a, a + 16)) one key off the tile grid,
+    where an off-by-one in the whole-tile test would show; key 40 is padding, inside a tile
+    that is geometrically whole for the query tile [16, 32), so that tile must take the
+    per-element test, as must the one of the padded last keys."""
+    keep = torch.ones(1, length, dtype=torch.bool, device=DEVICE)
+    keep[:, 40] = False
+    keep[:, -3:] = False
+    check((length,), kernel, causal=causal, padded=keep, heads=(1, 1) if kernel > 40 else (2, 1))
+
+
 def test_1d_rows_that_see_no_key_give_zero():
     """Batch 0's first half is padding: its first causal rows see nothing -> 0, no NaN."""
     out = check((37,), 5, causal=True, padded=True, b=2)[0]
@@ -188,8 +203,9 @@ def test_1d_gqa_three_heads_per_kv_head_and_head_dim_48():
 
 
 def test_2d_forward_and_backward_match_the_float64_reference_fp32():
-    """A 7 x 9 image, kernel 3 x 5, dilation (1, 2), causal along the rows, key padding."""
-    check((7, 9), (3, 5), (1, 2), 1, (True, False), padded=True)
+    """A 7 x 13 image, kernel 3 x 5, dilation (1, 2) (column groups of 7 and 6 positions,
+    longer than the kernel: both axes have borders), causal along the rows, key padding."""
+    check((7, 13), (3, 5), (1, 2), 1, (True, False), padded=True)
 
 
 def test_2d_stride_and_a_short_axis():
@@ -217,6 +233,22 @@ def test_compiles_in_one_graph_and_equals_eager():
     want = run(f, q, k, v, grad_out)
     for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
+
+
+def test_exports_as_the_custom_op():
+    rules = _rules((5, 6), 3, 1, 1, False)
+    q, k, v, _ = inputs(1, 2, 1, (5, 6), 16, 16)
+    mask = key_padding(1, (5, 6))
+
+    class Module(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return neighborhood_attention_triton(q, k, v, rules, mask, 0.25)
+
+    exported = torch.export.export(Module(), (q, k, v, mask))
+    targets = [str(n.target) for n in exported.graph.nodes]
+    assert "attnlab.neighborhood_triton_fwd.default" in targets
+    torch.testing.assert_close(exported.module()(q, k, v, mask), Module()(q, k, v, mask),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("what, reason", [

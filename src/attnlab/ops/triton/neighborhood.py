@@ -162,6 +162,45 @@ def _seen(s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid):
     return vis
 
 
+@triton.jit
+def _common(t, Lg, K, S, BM: tl.constexpr, MODE: tl.constexpr):
+    """[start(last), end(first)): the keys that every query of tile t sees on this axis
+    (windows are monotone); empty when the tile runs past the group's end."""
+    first = t * BM
+    last = first + BM - 1
+    _, e_first = _window(first, Lg, K, S, MODE)
+    s_last, _ = _window(tl.minimum(last, Lg - 1), Lg, K, S, MODE)
+    whole = last < Lg
+    return tl.where(whole, s_last, Lg), tl.where(whole, e_first, 0)
+
+
+@triton.jit
+def _within(u, lo, hi, BN: tl.constexpr):
+    """Key tile u (of BN) lies inside the group positions [lo, hi)."""
+    return (u * BN >= lo) & (u * BN + BN <= hi)
+
+
+@triton.jit
+def _masked(x, other, full, TRANS: tl.constexpr, s0, e0, s1, e1, s2, e2, qvalid,
+            j0, j1, j2, kvalid):
+    """x where the query sees the key, else ``other``; a ``full`` tile (every query sees
+    every key) skips the per-element test. TRANS: x is (keys, queries)."""
+    if full:
+        y = x
+    else:
+        vis = _seen(s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
+        if TRANS:
+            vis = tl.trans(vis)
+        y = tl.where(vis, x, other)
+    return y
+
+
+@triton.jit
+def _all(valid):
+    """Every slot of a 1-D bool tile is set (a scalar)."""
+    return tl.min(valid.to(tl.int32), axis=0) == 1
+
+
 # ---------------------------------------------------------------------------------- forward
 @triton.jit
 def _nbh_fwd(Q, K, V, M, O, LSE,
@@ -190,6 +229,9 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
     lo0, hi0 = _key_tiles(t0, Lg0, K0, S0, BM0, BN0, MODE0)
     lo1, hi1 = _key_tiles(t1, Lg1, K1, S1, BM1, BN1, MODE1)
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
+    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
+    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
+    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     q = tl.load(Q + b * sqb + h * sqh + flat[:, None] * sqm + offs_d[None, :] * sqd,
@@ -204,13 +246,16 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
             for u2 in range(lo2, hi2):
                 j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
                                                        d0, d1, d2, L1, L2, BN0, BN1, BN2)
+                full = (_within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
+                        & _within(u2, cs2, ce2, BN2))
                 if HAS_MASK:
                     keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
                     kvalid = kvalid & (keep != 0)
+                    full = full & _all(kvalid)
                 kt = tl.load(k_base + kflat[None, :] * skn + offs_d[:, None] * skd,
                              mask=kvalid[None, :] & (offs_d[:, None] < D), other=0.0)
-                vis = _seen(s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
-                s = tl.where(vis, tl.dot(q, kt) * qk_scale, float("-inf"))
+                s = _masked(tl.dot(q, kt) * qk_scale, float("-inf"), full, False,
+                            s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(s - m_safe[:, None])
@@ -257,6 +302,9 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
     lo0, hi0 = _key_tiles(t0, Lg0, K0, S0, BM0, BN0, MODE0)
     lo1, hi1 = _key_tiles(t1, Lg1, K1, S1, BM1, BN1, MODE1)
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
+    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
+    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
+    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     q = tl.load(Q + b * sqb + h * sqh + flat[:, None] * sqm + offs_d[None, :] * sqd,
@@ -273,15 +321,18 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
             for u2 in range(lo2, hi2):
                 j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
                                                        d0, d1, d2, L1, L2, BN0, BN1, BN2)
+                full = (_within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
+                        & _within(u2, cs2, ce2, BN2))
                 if HAS_MASK:
                     keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
                     kvalid = kvalid & (keep != 0)
+                    full = full & _all(kvalid)
                 kt = tl.load(k_base + kflat[None, :] * skn + offs_d[:, None] * skd,
                              mask=kvalid[None, :] & (offs_d[:, None] < D), other=0.0)
                 vt = tl.load(v_base + kflat[None, :] * svn + offs_e[:, None] * sve,
                              mask=kvalid[None, :] & (offs_e[:, None] < Dv), other=0.0)
-                vis = _seen(s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
-                p = tl.where(vis, tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None]), 0.0)
+                p = _masked(tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None]), 0.0, full, False,
+                            s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 ds = p * (tl.dot(do, vt) - delta[:, None])
                 dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
     tl.store(DQ + b * sdqb + h * sdqh + flat[:, None] * sdqm + offs_d[None, :] * sdqd,
@@ -314,6 +365,7 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
     if HAS_MASK:
         keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
         kvalid = kvalid & (keep != 0)
+    keys_all = _all(kvalid)  # no padding key in this tile (out-of-group slots count too)
     lo0, hi0 = _query_tiles(u0, Lg0, K0, S0, BM0, BN0, MODE0, NITER0)
     lo1, hi1 = _query_tiles(u1, Lg1, K1, S1, BM1, BN1, MODE1, NITER1)
     lo2, hi2 = _query_tiles(u2, Lg2, K2, S2, BM2, BN2, MODE2, NITER2)
@@ -344,10 +396,14 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
                                  mask=qvalid[:, None] & (offs_e[None, :] < Dv), other=0.0)
                     lse = tl.load(LSE + b * slb + h * slh + flat, mask=qvalid, other=0.0)
                     delta = tl.load(DELTA + b * slb + h * slh + flat, mask=qvalid, other=0.0)
-                    vis = _seen(s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
+                    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
+                    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
+                    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
+                    full = (keys_all & _within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
+                            & _within(u2, cs2, ce2, BN2))
                     # transposed tiles (keys, queries): P^T and dS^T
-                    pt = tl.where(tl.trans(vis),
-                                  tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :]), 0.0)
+                    pt = _masked(tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :]), 0.0, full,
+                                 True, s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                     dv += tl.dot(pt.to(do.dtype), do)
                     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
                     dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
