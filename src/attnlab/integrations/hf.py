@@ -330,8 +330,10 @@ def use_attnlab(model: nn.Module, mechanism: str = "softmax") -> nn.Module:
     register()
     modules = attention_modules(model)
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention module that calls "
-                         "transformers' attention interface (none attnlab can reach)")
+        raise ValueError(f"{type(model).__name__} has no attention module attnlab recognises "
+                         "(a module whose class name ends in Attention, with a config and a "
+                         "`scaling`, that calls transformers' attention interface): attnlab "
+                         "cannot run inside it")
     try:
         model.set_attn_implementation(name)  # type: ignore[operator]
     except (ValueError, AttributeError) as err:
