@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from attnlab.ops import decode_attention, linear_attention, sigmoid_attention
 from attnlab.ops.triton.decode import decode, decode_op
 from attnlab.ops.triton.linear import linear_bwd_op, linear_fwd_op, linear_sums
 from attnlab.ops.triton.sigmoid import sigmoid_attention_triton, sigmoid_bwd_op, sigmoid_fwd_op
@@ -195,3 +196,30 @@ def test_decode_has_no_backward():
     out, _ = decode(q.requires_grad_(), k, v, causal=False, mask=None, scale=0.3, splits=2)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         out.sum().backward()
+
+
+# ------------------------------------------------- the ops themselves, with backend="triton"
+
+def op_calls() -> dict[str, tuple]:
+    """Each op called as a user would, with backend="triton", and inputs needing gradients
+    (decode: inference only, none)."""
+    q, k, v = randn(1, 2, 17, 8, seed=12), randn(1, 1, 17, 8, seed=13), randn(1, 1, 17, 8, seed=14)
+    return {
+        "sigmoid": (lambda q, k, v: sigmoid_attention(q, k, v, causal=True, bias=-2.0,
+                                                      backend="triton"), (q, k, v)),
+        "linear": (lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=16,
+                                                    backend="triton"), (q, k, v)),
+        "decode": (lambda q, k, v: decode_attention(q, k, v, causal=True, splits=2,
+                                                    backend="triton"), (q[:, :, -2:], k, v)),
+    }
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "linear", "decode"])
+def test_the_ops_compile_as_one_graph(op):
+    """The op's checks, dispatch and guards around the kernel trace too (fullgraph)."""
+    f, inputs = op_calls()[op]
+    if op == "decode":
+        with torch.no_grad():
+            exactly(compiled(f)(*inputs), f(*inputs))
+    else:
+        exactly(outputs_and_grads(compiled(f), *inputs), outputs_and_grads(f, *inputs))
