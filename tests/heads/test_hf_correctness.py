@@ -122,6 +122,12 @@ def test_importance_and_ablation_agree_on_uneven_head_counts():
     for scores in (importance, ablation):
         assert (scores[2:, 2:] == 0).all()  # the decoder's missing heads
         assert (scores[:, :2] != 0).all() and (scores[:2] != 0).all()
+    keep = hd.real_heads(model)
+    assert int(keep.sum()) == 4 + 4 + 4 * 2 and not keep[2:, 2:].any()
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(importance[keep].numpy(), ablation[keep].numpy()).statistic
+    assert hd.rank_correlation(importance, ablation, keep) == pytest.approx(float(rho))
 
 
 def mistral_mask(batch):

@@ -15,6 +15,7 @@ from attnlab.heads.importance import (
     head_importance,
     pruning_curve,
     rank_correlation,
+    real_heads,
 )
 from attnlab.heads.injection import InjectionFit, fit_injection, inject, task_embedding
 from attnlab.heads.runs import LoadedRun, load_run
@@ -29,6 +30,7 @@ __all__ = ["POINTS", "Capture", "HeadClusters", "HeadHunt", "HeadStats", "Loaded
            "cluster_heads", "edit_weights", "grid_positions", "guided", "head_hunter",
            "head_importance", "head_outputs", "load_run", "massive_activations",
            "mean_head_outputs", "offset_patterns", "pruning_curve", "rank_correlation",
+           "real_heads",
            "redistribute", "shift_toward", "sink_heads", "sink_scores", "sites",
            "toward_identity", "RegressionCircuit", "circuit_predictions", "head_divergence",
            "random_heads", "regression_circuit", "scale_heads", "segment_attention",

@@ -16,6 +16,7 @@ from attnlab.heads.importance import (
     head_importance,
     pruning_curve,
     rank_correlation,
+    real_heads,
 )
 from attnlab.heads.sinks import massive_activations, sink_heads
 from attnlab.heads.sites import sites
@@ -72,9 +73,10 @@ def importance_analysis(subject: Subject, tick: Tick = None) -> Result:
     """Michel et al. importance next to exhaustive single-head ablation of the metric."""
     importance = head_importance(subject.model, subject.losses, progress=tick)
     base, change = ablation_scores(subject.model, subject.metric, progress=tick)
-    rho = rank_correlation(importance, -change)
+    keep = real_heads(subject.model)  # layers with fewer heads are padded
+    rho = rank_correlation(importance, -change, keep)
     top = sorted((float(change[a, b]), a, b) for a in range(change.shape[0])
-                  for b in range(change.shape[1]))[:5]
+                  for b in range(change.shape[1]) if keep[a, b])[:5]
     lines = [f"metric of the full model: {base:.4f} ({subject.metric_name})",
              f"Spearman rank correlation of importance with the metric's drop under "
              f"single-head ablation: {rho:.3f}",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from attnlab.heads.ablate import ablate
 from attnlab.heads.sites import Site, sites
 
-__all__ = ["head_importance", "ablation_scores", "rank_correlation", "PruningCurve",
+__all__ = ["head_importance", "ablation_scores", "rank_correlation", "real_heads", "PruningCurve",
            "pruning_curve", "pruning_steps"]
 
 
@@ -87,12 +87,29 @@ def ablation_scores(model: nn.Module, metric: Callable[[], float],
     return base, out
 
 
-def rank_correlation(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation of two score tensors of the same shape."""
+def real_heads(model: nn.Module) -> Tensor:
+    """(layers, widest layer's heads) bool: True where a head exists (the entries of
+    ``head_importance`` and ``ablation_scores`` that are not padding)."""
+    model_sites = sites(model)
+    keep = torch.zeros(len(model_sites), max(s.heads for s in model_sites), dtype=torch.bool)
+    for s in model_sites:
+        keep[s.layer, :s.heads] = True
+    return keep
+
+
+def rank_correlation(a: Tensor, b: Tensor, keep: Tensor | None = None) -> float:
+    """Spearman's rank correlation of two score tensors of the same shape, over the entries
+    where ``keep`` is True (default all; ``real_heads(model)`` leaves out the padding of
+    layers with fewer heads)."""
     from scipy.stats import spearmanr
 
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    if keep is not None:
+        if keep.shape != a.shape:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, the scores "
+                             f"{tuple(a.shape)}")
+        a, b = a[keep], b[keep]
     return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
 
 
