@@ -31,9 +31,11 @@ start and end are non-decreasing in i' for each rule (shift, causal, clip: see
 
 All ranges are computed arithmetically in the kernel (no index tables: Triton's interpreter
 has no indirect loads); inside a visited tile the per-element mask is the per-axis window
-test, the valid positions and the key padding mask. Head dims are padded to a power of two
->= 16 (``tl.dot``'s least side) with masked loads. float32 products use Triton's default dot
-precision (tf32 on a GPU unless ``TRITON_F32_DEFAULT=ieee``).
+test, the valid positions and the key padding mask, skipped for a key tile that every query
+of the tile sees whole on every axis (inside [start(last), end(first)): ``_common``) and that
+holds no padding key, which for a wide kernel is most of them. Head dims are padded to a
+power of two >= 16 (``tl.dot``'s least side) with masked loads. float32 products use
+Triton's default dot precision (tf32 on a GPU unless ``TRITON_F32_DEFAULT=ieee``).
 
 The kernels are PyTorch custom ops (``attnlab::neighborhood_triton_fwd`` and ``_bwd``, with
 fake implementations and the backward registered on the forward), so a call traces under
