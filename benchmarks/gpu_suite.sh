@@ -3,7 +3,8 @@
 #
 #     bash benchmarks/gpu_suite.sh            # results and the log under ${OUT:-benchmarks/results}
 #
-# 1. the kernels compiled on CUDA against the op references (tests/triton, slow ones too;
+# 1. the kernels compiled on CUDA against the op references (tests/triton at the
+#    interpreter's shapes, then tests/cuda/test_triton_kernels.py at larger ones, bf16 too;
 #    fp32 dots in IEEE precision so the tolerances are the interpreter's);
 # 2. attnlab bench's "gpu" suite on CUDA, bf16: every op with a triton kernel (sigmoid,
 #    LSSA/LSSAR, neighborhood, linear, decode) at compute-bound shapes (B=4, H=16, L=4k-32k,
@@ -27,10 +28,11 @@ step() {  # step <seconds> <command...>: run, log, remember the first failure
     return 0
 }
 : > "$log"
-step 120 pip install -q --no-deps -e .
+step 60 pip install -q --no-deps -e .
 step 30 python -c "import torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, torch.cuda.get_device_name())"
-step 240 env TRITON_F32_DEFAULT=ieee python -m pytest -q -p no:cacheprovider \
-    -m "slow or not slow" tests/triton
-step 330 attnlab bench run gpu --device cuda --dtype bf16 --rounds 3 --no-plots --out "$out"
+step 120 env TRITON_F32_DEFAULT=ieee python -m pytest -q -p no:cacheprovider tests/triton
+step 120 env TRITON_F32_DEFAULT=ieee python -m pytest -q -p no:cacheprovider -m cuda \
+    tests/cuda/test_triton_kernels.py
+step 210 attnlab bench run gpu --device cuda --dtype bf16 --rounds 3 --no-plots --out "$out"
 exit "$status"
