@@ -59,9 +59,9 @@ def test_validation_passes_leave_the_run_bit_identical(variant):
 
 def test_validation_schedule():
     assert validation_interval(1200, 10) == 120
-    assert validation_interval(1200, None) == 150  # the default: 8 points
-    assert validation_interval(600, None) == 100  # at least 100 steps apart
-    assert validation_interval(6, None) == 100  # a tiny run: the final validation only
+    assert validation_interval(1200, None) == 200  # the default: 6 points
+    assert validation_interval(600, None) == 150  # at least 150 steps apart
+    assert validation_interval(6, None) == 150  # a tiny run: the final validation only
     assert validation_interval(6, 10) == 1
     assert validation_interval(100, 0) == 0
     with pytest.raises(ValueError, match="val_points"):

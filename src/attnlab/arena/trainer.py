@@ -28,11 +28,12 @@ from attnlab.tasks.base import count_parameters
 
 Progress = Callable[[int, int, float], None]  # (step, steps, recent train loss)
 
-# the validation schedule when ``train.val_points`` is not given: 8 points, but at least
-# MIN_VAL_INTERVAL steps apart (a pass costs about as much as a few training steps: a tiny run
-# gets only the final validation, which is computed anyway)
-DEFAULT_VAL_POINTS = 8
-MIN_VAL_INTERVAL = 100
+# the validation schedule when ``train.val_points`` is not given: 6 points, but at least
+# MIN_VAL_INTERVAL steps apart. A pass costs about as much as 7.5 training steps of the
+# default comparison (so about +4% on its 600-step runs); a tiny run gets only the final
+# validation, which is computed anyway.
+DEFAULT_VAL_POINTS = 6
+MIN_VAL_INTERVAL = 150
 TRAIN_CURVES = ("train_loss", "lr", "grad_norm")  # indexed by ``curves["step"]``
 
 
@@ -281,8 +282,10 @@ def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManage
     exit."""
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
-    module = getattr(torch, device.type)
-    index = device.index if device.index is not None else module.current_device()
+    index = device.index
+    if index is None:
+        module = getattr(torch, device.type, None)
+        index = module.current_device() if hasattr(module, "current_device") else 0
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
