@@ -102,3 +102,16 @@ def test_the_report_shows_validation_curves_next_to_the_training_loss(tmp_path):
     rows[0]["curves"] = {"step": [50, 100], "train_loss": [1.0, 0.5]}
     assert validation_band(summarize(rows[:1]).contestant("a").chosen, "val_mse") == \
         ([], [], [])
+
+
+def test_a_sweep_sets_the_validation_schedule_and_refuses_a_negative_one():
+    """``train.val_points`` is a sweep key (part of the run key when given; absent, the run
+    keys of existing stores do not change)."""
+    spec = parse_sweep({**TINY, "mechanisms": ["softmax"],
+                        "train": {**TINY["train"], "val_points": 2}}).runs()[0]
+    assert spec.train["val_points"] == 2
+    default = parse_sweep({**TINY, "mechanisms": ["softmax"]}).runs()[0]
+    assert "val_points" not in default.train and default.key != spec.key
+    with pytest.raises(ValueError, match="val_points"):
+        parse_sweep({**TINY, "mechanisms": ["softmax"],
+                     "train": {**TINY["train"], "val_points": -1}})

@@ -118,6 +118,9 @@ class Train(Strict):
     warmup: float | list[float] = Field(0.05, description="fraction of steps")
     grad_clip: float | list[float] | None = 1.0
     curve_points: int = Field(60, gt=1, description="points of the stored loss curve")
+    val_points: int | None = Field(
+        None, ge=0, description="validation passes recorded during training (0: none; None: "
+        "6 points at least 150 steps apart; the last is the final validation)")
     device: str = Field("auto", validate_default=True,
                         description="'auto' (cuda when available), 'cpu', 'cuda', "
                         "'cuda:N'; resolved when the config is read")
