@@ -3,12 +3,14 @@ input gradients, under Triton's interpreter on a machine without CUDA (conftest)
 tensors where there is a GPU.
 
 Tolerance. The exact result is the reference computed in float64. LSSAR's r = N a - 1
-cancels, and its relu has a kink at r = 0 (with p = 1, where the gradient jumps), so float32
-itself can be far from float64 on a given input: the reference computed in the kernel's dtype
-is. The kernel is held, element by element, to that reference's own distance from float64
-(twice it: the kernel rounds as often, in another order) plus a few ulps of the dtype
-(float32: 32, the sums of a few dozen terms in another order; float16: 4, P and dS rounded to
-float16 before their products as the reference rounds its weights).
+cancels, its power p multiplies relative errors by p, and its relu has a kink at r = 0 (with
+p = 1 the gradient jumps there), so float32 itself can be far from float64 on a given input:
+the reference computed in the kernel's dtype is (LSSAR's dq at p = 15 erred 2e-5 of its
+largest value, 150 ulps, on the slow test's inputs; at p = 1 a row 4e-6 from the kink erred
+3e-2). The kernel is held, in each row of each result, to twice that reference's largest
+distance from float64 in the same row (the kernel rounds as often, in another order) plus a
+few ulps of the dtype (float32: 32, the sums of a few dozen terms in another order; float16:
+4, P and dS rounded to float16 before their products as the reference rounds its weights).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def run(q, k, v, grad_out, *, backend, causal, mask=None, reweight_p=None, log_d
 
 def check(q, k, v, grad_out, **kw):
     """The kernel against the float64 reference, within twice the distance of the reference
-    computed in q's dtype from it plus ``ulps`` (module docstring); returns the kernel's."""
+    computed in q's dtype from it (per row) plus ``ulps`` (module docstring); returns the
+    kernel's results."""
     dtype = q.dtype
     got = run(q, k, v, grad_out, backend="triton", **kw)
     same = run(q, k, v, grad_out, backend="reference", **kw)
@@ -74,7 +77,8 @@ def check(q, k, v, grad_out, **kw):
         assert torch.isfinite(a).all(), name
         assert a.abs().sum() > 0, f"{name} is all 0"
         scale = max(1.0, r.abs().max().item())
-        bound = tol * (scale + r.abs()) + 2 * (s.double() - r).abs()
+        # the reference's error in the same output row (over the last dim), twice
+        bound = tol * (scale + r.abs()) + 2 * (s.double() - r).abs().amax(-1, keepdim=True)
         err = (a.double() - r).abs()
         worst = (err - bound).argmax()
         assert (err <= bound).all(), (
