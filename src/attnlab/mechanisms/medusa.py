@@ -27,7 +27,7 @@ def pooling_matrix(grid: tuple[int, int], factor: int, keep: Tensor | None, batc
     c = torch.arange(w, device=device)[None, :] // fw
     cols = -(-w // fw)
     cell = (r * cols + c).reshape(-1)  # (L,)
-    n_cells = int(cell.max()) + 1
+    n_cells = -(-h // fh) * cols  # the largest cell + 1, from the grid (no host sync)
     member = (torch.arange(n_cells, device=device)[:, None] == cell[None, :]).to(dtype)
     member = member.expand(batch, -1, -1)
     if keep is not None:

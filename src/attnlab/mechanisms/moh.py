@@ -12,7 +12,7 @@ from attnlab.core.arguments import Arg
 from attnlab.core.call import Call
 from attnlab.core.registry import register
 from attnlab.mechanisms.base import Attention
-from attnlab.ops.common import at_least_float32
+from attnlab.ops.common import at_least_float32, tracing
 from attnlab.ops.softmax import softmax_attention, softmax_weights
 from attnlab.ops.tiled import MIN_ROWS, TILE_ELEMENTS, row_tiles
 
@@ -96,7 +96,9 @@ class MixtureOfHeadAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         g = self.gates(call.x).transpose(1, 2).unsqueeze(-1)  # (B, H, L, 1)
-        if self.training:
+        if self.training or tracing():
+            # traced (torch.compile, torch.export) the dense form as well: the packed rows
+            # of _sparse have data-dependent counts; the gates zero the same rows
             out = softmax_attention(q, k, v, causal=self.causal, mask=call.op_mask)
             self.rows_computed = q.shape[0] * q.shape[1] * q.shape[2]
             return out * g

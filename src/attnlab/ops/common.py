@@ -178,19 +178,62 @@ def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
 
 
 Op = TypeVar("Op", bound=Callable)
+Fn = TypeVar("Fn", bound=Callable)
 
 
 def hide_nonfinite(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``k`` and ``v`` with every key that holds a non-finite number (in k or v) set to 0,
     and those keys, bool (.., Lk). A hidden key (padding, a causal future) multiplied by a
-    0 weight would still give NaN (0 x NaN); zeroed, it gives 0."""
+    0 weight would still give NaN (0 x NaN); zeroed, it gives 0.
+
+    Branch-free where a branch costs (issue 42): traced (``torch.compile``, ``torch.export``)
+    and on accelerators the keys are confined with :func:`confine_keys` whatever they hold,
+    without ``if bad.any()`` (which broke the graph, and on a GPU waits for the device).
+    Eagerly on the CPU, where reading the flag is no device sync, clean keys skip the copy:
+    for a decode step over a long cache the copy cost several times the step
+    (``benchmarks/guard_overhead.py``). Both give the same numbers."""
     # one reduction per tensor (a key's sum is non-finite iff it holds inf or NaN, short of
-    # an overflow near the dtype's max), and no copy of k and v unless a key is bad: for a
-    # decode step over a long cache these passes would otherwise cost more than the step
+    # an overflow near the dtype's max)
     bad = ~torch.isfinite(k.sum(-1) + v.sum(-1))
-    if not bad.any():
+    if k.device.type == "cpu" and not tracing() and not bad.any():
         return k, v, bad
-    return k.masked_fill(bad.unsqueeze(-1), 0), v.masked_fill(bad.unsqueeze(-1), 0), bad
+    return confine_keys(k, v, bad)
+
+
+def confine_keys(k: Tensor, v: Tensor, bad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``k`` and ``v`` with the keys ``bad`` (.., Lk) set to 0 (clean keys copied unchanged),
+    and ``bad``: the branch-free half of :func:`hide_nonfinite`."""
+    hide = bad.unsqueeze(-1)
+    # torch.where, not masked_fill: with the (.., Lk, 1) mask broadcast over D, masked_fill
+    # took ~3x as long on the CPU
+    return torch.where(hide, 0.0, k), torch.where(hide, 0.0, v), bad
+
+
+def tracing() -> bool:
+    """Whether this call is being traced (``torch.compile``, ``torch.export``) rather than run
+    eagerly: the ops then take their branch-free paths (no host sync, no logging)."""
+    return torch.compiler.is_compiling()
+
+
+def constant_geometry(fn: Fn) -> Fn:
+    """Decorate a function of Python values (lengths, window rules, block sizes, a device)
+    that builds index tensors with data-dependent steps (``int(t.max())``, boolean
+    indexing): traced, it runs eagerly on real tensors outside the trace and its result
+    enters the graph as a constant, so the graph does not break at those steps and
+    ``torch.export`` does not meet a data-dependent size. Its arguments are guarded on
+    (a new length recompiles); it must not read a traced tensor."""
+    @functools.wraps(fn)
+    def eager(*args, **kwargs):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        if not torch.compiler.is_compiling() or not _get_current_dispatch_mode_stack():
+            return fn(*args, **kwargs)  # eagerly, or called by dynamo outside its fake mode
+        # non-strict export runs this under fake and proxy modes: step out of both
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch._C._DisableTorchDispatch():
+            return fn(*args, **kwargs)
+    return torch.compiler.assume_constant_result(eager)  # type: ignore[return-value]
 
 
 def nan_where(rows: Tensor, like: Tensor) -> Tensor:
@@ -303,7 +346,7 @@ def guarded_op(op_name: str, *, first: Callable | None = None,
                 # (tied to the inputs, so that a backward gives them zero gradients)
                 tie = (q.sum() + k.sum() + v.sum()) * 0
                 return v.new_zeros(*q.shape[:3], v.shape[-1]) + tie.to(v.dtype)
-            if first is not None:
+            if first is not None and not tracing():  # its probe reads a number on the host
                 out = first(q, k, v, *args[3:], **kwargs)
                 if out is not None:
                     return out

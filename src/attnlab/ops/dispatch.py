@@ -13,7 +13,6 @@ returns them (``attnlab info`` prints them)::
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,13 +50,20 @@ class Request:
         return self.q.device.type
 
 
-@functools.cache
+_flex_found: list[bool] = []  # the answer, once known (no functools.cache: torch.compile
+# warns that it traces through such a cache)
+
+
 def flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return False
-    return True
+    """Whether this torch build has FlexAttention (looked up once)."""
+    if not _flex_found:
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError:  # pragma: no cover - torch < 2.5
+            _flex_found.append(False)
+        else:
+            _flex_found.append(True)
+    return _flex_found[0]
 
 
 def why_not(backend: str, request: Request, *, auto: bool) -> str | None:
@@ -150,7 +156,9 @@ def choose(op: str, backend: str, backends: tuple[str, ...], q: Tensor, k: Tenso
         recording.append((op, verdicts))
     for name, verdict in verdicts:
         if verdict == "chosen":
-            if log.isEnabledFor(logging.DEBUG):
+            # no logging while torch.compile / torch.export trace the call (a logger call
+            # broke the graph); the choice is made at trace time, the same as eagerly
+            if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: %s (%s)", op, name,
                           "; ".join(f"{n}: {w}" for n, w in verdicts if n != name) or "asked")
             return name

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnlab.ops.common import at_least_float32, expand_kv, upcast
+from attnlab.ops.common import at_least_float32, expand_kv, tracing, upcast
 from attnlab.ops.softmax import softmax_weights
 from attnlab.ops.tiled import auto_block_size, recomputed, row_tiles
 
@@ -133,7 +133,8 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, *, k
     lk = k.shape[2]
     passes = budget if rotate is not None else 1  # RoPE scores one matrix per rank
     rows = rows or auto_block_size(b * h * passes, lk)
-    last = positions.max().item() if lq else 0
+    traced = tracing()
+    last = 0 if traced or not lq else positions.max().item()  # traced: no host read
     if last >= lk:
         raise ValueError(f"longheads: a query at position {last} needs keys up to it, "
                          f"got {lk} keys")
@@ -146,7 +147,9 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, *, k
 
     outs = []
     for i0, i1 in row_tiles(lq, rows):
-        kend = int(positions[i0:i1].max()) + 1
+        # the keys up to the tile's last query; traced, where that position is no Python
+        # number, all keys (the causal selection masks the later ones: the same weights)
+        kend = lk if traced else int(positions[i0:i1].max()) + 1
         mask_t = None if key_mask is None else key_mask[:, :kend]
         outs.append(recomputed(tile, q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend],
                                positions[i0:i1], mask_t))

@@ -39,10 +39,12 @@ from torch import Tensor
 from attnlab.core.arguments import check_arguments
 from attnlab.ops.common import (
     COMMON_OPTIONS,
+    constant_geometry,
     default_scale,
     expand_kv,
     hide_nonfinite,
     nan_where,
+    tracing,
     unit_last_stride,
 )
 from attnlab.ops.dispatch import choose, needs_grad
@@ -77,6 +79,11 @@ class AxisRule:
     stride: int
     causal: bool
     clip: bool = False  # convolution windows: centred, cut at the borders (no shift)
+
+    def values(self) -> tuple[int, int, int, int, bool, bool]:
+        """The fields, ``AxisRule(*rule.values()) == rule`` (plain values, which tracing
+        takes as constants where it cannot take the rule)."""
+        return (self.length, self.kernel, self.dilation, self.stride, self.causal, self.clip)
 
     def windows(self, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For every position i: (group g, position i' in the group, start, end) with the
@@ -168,6 +175,15 @@ class AxisTiles:
 
 
 def _axis_tiles(rule: AxisRule, block: int, device) -> AxisTiles:
+    """One axis cut into tiles of ``block`` query positions (traced: a constant)."""
+    return AxisTiles(*_axis_tiles_of(rule.values(), block, device))
+
+
+@constant_geometry
+def _axis_tiles_of(fields: tuple, block: int, device) -> tuple[Tensor, ...]:
+    """:func:`_axis_tiles` of the rule given by its fields (plain values, which tracing takes
+    as constants), as a tuple."""
+    rule = AxisRule(*fields)
     d = rule.dilation
     g, ip, start, end = rule.windows(device)
     length = rule.length
@@ -194,9 +210,8 @@ def _axis_tiles(rule: AxisRule, block: int, device) -> AxisTiles:
     visible = (k_valid[..., None, :] & (q_start[..., None] <= kp[..., None, :])
                & (kp[..., None, :] < q_end[..., None]))
     tiles = d * n_blocks
-    return AxisTiles(q_pos.reshape(tiles, block), k_pos.reshape(tiles, width),
-                     visible.reshape(tiles, block, width), g * n_blocks + ip // block,
-                     ip % block)
+    return (q_pos.reshape(tiles, block), k_pos.reshape(tiles, width),
+            visible.reshape(tiles, block, width), g * n_blocks + ip // block, ip % block)
 
 
 def _linear_index(axis_idx: list[Tensor], spatial: list[int]) -> Tensor:
@@ -220,9 +235,9 @@ def _combine_visibility(tiles: list[AxisTiles]) -> Tensor:
         shape[a], shape[n + a], shape[2 * n + a] = t.visible.shape
         m = t.visible.view(shape)
         vis = m if vis is None else vis & m
-    t_count = math.prod(t.visible.shape[0] for t in tiles)
-    b_count = math.prod(t.visible.shape[1] for t in tiles)
-    w_count = math.prod(t.visible.shape[2] for t in tiles)
+    t_count = math.prod([t.visible.shape[0] for t in tiles])
+    b_count = math.prod([t.visible.shape[1] for t in tiles])
+    w_count = math.prod([t.visible.shape[2] for t in tiles])
     return vis.reshape(t_count, b_count, w_count)
 
 
@@ -253,6 +268,35 @@ def _tile_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, empty: Tensor
     return out if empty is None else out.masked_fill(empty[None], 0.0)
 
 
+@constant_geometry
+def _sliding_geometry(fields: tuple, kernel: int, block: int, shared: bool, device
+                      ) -> tuple[int, int, int, Tensor, Tensor, Tensor, Tensor]:
+    """The tiles of :func:`_sliding_1d` (a function of the window rule and the block only,
+    a constant when traced): the first and last affine tile and their count, the border
+    tiles, and for the tiles whose visibility is built (the border ones and the first affine
+    one when ``shared``, else all) their query and key positions and visibility (T', B, W)."""
+    rule = AxisRule(*fields)  # plain values in (which tracing takes as constants)
+    length = rule.length
+    width = block + kernel - 1
+    n_tiles = -(-length // block)
+    lead = kernel - 1 if rule.causal else kernel // 2
+    tile = torch.arange(n_tiles, device=device)
+    start = (tile * block - lead).clamp(0, length - width)  # (T,) first key of each tile
+    affine = (start == tile * block - lead) & ((tile + 1) * block <= length)
+    regular = tile[affine]
+    first, last = (int(regular[0]), int(regular[-1])) if len(regular) else (0, -1)
+    border = torch.cat([tile[:first], tile[last + 1:]])
+    built = torch.cat([border, regular[:1]]) if shared else tile
+    _, _, w_start, w_end = rule.windows(device)
+    q_pos = built[:, None] * block + torch.arange(block, device=device)  # (T', B)
+    k_pos = start[built][:, None] + torch.arange(width, device=device)  # (T', W)
+    real = q_pos < length
+    q_pos = q_pos.clamp(max=length - 1)
+    vis = (real[..., None] & (w_start[q_pos][..., None] <= k_pos[:, None, :])
+           & (k_pos[:, None, :] < w_end[q_pos][..., None]))  # (T', B, W)
+    return first, last, len(regular), border, q_pos, k_pos, vis
+
+
 def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tensor | None,
                 scale: float, block: int) -> Tensor | None:
     """The tiled backend on one axis without dilation or stride, borders shifted (not
@@ -272,26 +316,14 @@ def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tenso
     if width >= length:
         return None
     q, k, v = unit_last_stride(q, k, v)  # the tiles are views: SDPA's fused kernel needs it
-    n_tiles = -(-length // block)
     lead = kernel - 1 if rule.causal else kernel // 2
-    tile = torch.arange(n_tiles, device=q.device)
-    start = (tile * block - lead).clamp(0, length - width)  # (T,) first key of each tile
-    affine = (start == tile * block - lead) & ((tile + 1) * block <= length)
-    regular = tile[affine]
-    first, last = (int(regular[0]), int(regular[-1])) if len(regular) else (0, -1)
-    border = torch.cat([tile[:first], tile[last + 1:]])
     # Without a key mask every affine tile sees its keys alike, so one (B, W) bias serves
     # them all: the visibility is built for the border tiles and the first affine one only
     # (for all tiles it cost ~10% of the call at 16k). A key mask differs per tile.
     shared = key_mask is None
-    built = torch.cat([border, regular[:1]]) if shared else tile
-    _, _, w_start, w_end = rule.windows(q.device)
-    q_pos = built[:, None] * block + torch.arange(block, device=q.device)  # (T', B)
-    k_pos = start[built][:, None] + torch.arange(width, device=q.device)  # (T', W)
-    real = q_pos < length
-    q_pos = q_pos.clamp(max=length - 1)
-    vis = (real[..., None] & (w_start[q_pos][..., None] <= k_pos[:, None, :])
-           & (k_pos[:, None, :] < w_end[q_pos][..., None]))  # (T', B, W)
+    first, last, n_regular, border, q_pos, k_pos, vis = _sliding_geometry(
+        rule.values(), kernel, block, shared, q.device)
+    regular = range(n_regular)  # only its length is read below
     # rows of `vis` (and of the bias) for the border tiles and for the affine ones
     at_border = slice(0, len(border)) if shared else border
     affine_rows = slice(len(border), len(border) + 1) if shared else slice(first, last + 1)
@@ -339,7 +371,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
     blocks = (tuple(_default_block(r, n) for r in rules) if block is None
               else _per_axis(block, n, "block", int, "neighborhood_attention"))
     tiles = [_axis_tiles(r, bl, q.device) for r, bl in zip(rules, blocks, strict=True)]
-    t_count = math.prod(t.q_index.shape[0] for t in tiles)
+    t_count = math.prod([t.q_index.shape[0] for t in tiles])
     q_flat = _linear_index([t.q_index for t in tiles], spatial)  # (T * block,)
     k_flat = _linear_index([t.k_index for t in tiles], spatial)  # (T * W,)
     per_batch = torch.arange(b, device=q.device)[:, None] * total
@@ -361,7 +393,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rules: list[AxisRule], key_mask: Ten
     if key_mask is not None:  # rows whose keys are all padding give 0
         out_t = out_t.masked_fill(empty.view(1, b * t_count, -1, 1), 0.0)
     # each position reads its output back from (its tile, its slot)
-    blocks_per_tile = math.prod(t.q_index.shape[1] for t in tiles)
+    blocks_per_tile = math.prod([t.q_index.shape[1] for t in tiles])
     tile_flat = _linear_index([t.tile_of[None, :] for t in tiles],
                               [t.q_index.shape[0] for t in tiles])
     slot_flat = _linear_index([t.slot_of[None, :] for t in tiles],
@@ -405,7 +437,7 @@ def _window_block_mask(rules: tuple[AxisRule, ...], device: str):
     once per rule and device (building it costs about as much as the attention)."""
     from attnlab.ops.flex import block_mask_of
 
-    n = math.prod(r.length for r in rules)
+    n = math.prod([r.length for r in rules])
     return block_mask_of(_window_mask_mod(rules, None, device), None, None, n, n, device)
 
 
@@ -500,7 +532,9 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
         out = _flex(q, k, v, rules, key_mask, scale)
     else:
         out = _tiled(q, k, v, rules, key_mask, scale, block)
-    if bool(bad.any()):  # rare: NaN on the queries whose window holds a non-finite key
+    # rare: NaN on the queries whose window holds a non-finite key (a second windowed pass,
+    # skipped eagerly when no key is bad; traced, always taken: no host sync, one graph)
+    if tracing() or bool(bad.any()):
         seen = _tiled(*(bad.new_zeros(*bad.shape, 1, dtype=torch.float32),) * 2,
                       bad.unsqueeze(-1).float(), rules, key_mask, 1.0, block)[..., 0] > 0
         out = out + nan_where(expand_kv(seen, q.shape[1]), out)

@@ -69,12 +69,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
         attn_mask = torch.where(vis, torch.as_tensor(bias, dtype=q.dtype, device=q.device),
                                 float("-inf"))
         vis = attn_mask != float("-inf")
+    # give rows that see no key something to attend to, then zero them (branch-free: no
+    # host sync, one graph under torch.compile; a no-op on the other rows)
     empty = ~vis.any(-1, keepdim=True)
-    has_empty = bool(empty.any())
-    if has_empty:  # give empty rows something to attend to, then zero them
-        attn_mask = attn_mask | empty if bias is None else attn_mask.masked_fill(empty, 0.0)
+    attn_mask = attn_mask | empty if bias is None else attn_mask.masked_fill(empty, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return out.masked_fill(empty, 0.0) if has_empty else out
+    return out.masked_fill(empty, 0.0)
 
 
 @guarded_op("softmax_attention")

@@ -20,6 +20,7 @@ from attnlab.ops.common import (
     checked_weights,
     guarded_op,
     row_counts,
+    tracing,
     upcast,
     visible_counts,
 )
@@ -108,7 +109,7 @@ class SoftplusRows(RowMath):
         n = block_counts(vis, s)
         alpha = self.log_d * torch.log(n.clamp_min(1.0))
         x = s.mul_(alpha)
-        if float(alpha.max()) < 80.0:
+        if _exp_is_safe(alpha, self.log_d, s.shape[-1]):
             e = x.exp_()  # keep e^x: the backward's sigmoid(x) = e / (1 + e)
             a = torch.log1p(e)
         else:
@@ -130,11 +131,10 @@ class SoftplusRows(RowMath):
         w = _power_(base, self.p)
         z2 = w.sum(-1, keepdim=True)
         w.mul_(1.0 / torch.where(z2 > 0, z2, 1.0))
-        fallback = z2 == 0
-        if bool(fallback.any()):
-            w = torch.where(fallback, a, w)
-        else:
-            fallback = None
+        rows = z2 == 0
+        fallback: Tensor | None = None
+        if tracing() or bool(rows.any()):  # traced: branch-free (a no-op where none)
+            w, fallback = torch.where(rows, a, w), rows
         aux[5] = (base, r_max, fallback)
         return w, aux
 
@@ -157,6 +157,17 @@ class SoftplusRows(RowMath):
         else:
             ds = du.mul_(torch.sigmoid(x_or_e))
         return ds if vis is None else vis.fill_(ds, 0.0)
+
+
+def _exp_is_safe(alpha: Tensor, log_d: float, keys: int) -> bool:
+    """Whether e^x of the scores x = alpha s (|s| <= 1) cannot overflow: every alpha < 80.
+    Eagerly the largest alpha is read; traced (``torch.compile``, ``torch.export``), where
+    reading it would break the graph, its bound from the row's at most ``keys`` keys,
+    alpha <= log_d ln(keys) (the same choice except where that bound reaches 80, e.g.
+    2e10 keys at the default log_d = ln 32; both choices compute softplus)."""
+    if not tracing():
+        return float(alpha.max()) < 80.0
+    return log_d <= 0 or keys < math.exp(min(80.0 / log_d, 700.0))
 
 
 def _flush_(t: Tensor, p: float) -> Tensor:
