@@ -69,6 +69,12 @@ class MILAttentionPooling(Attention):
     numbers. Remaining differences (docs/mechanisms/mil_attention.md): no bias on w_m (a
     per-branch constant; softmax and top-K ignore it), padding, the dimension reduction and
     classifiers belong to the model.
+
+    Under ``torch.compile`` (inductor) STKIM's uniform draw comes from inductor's own random
+    generator, not from torch's: compiled training masks other instances than eager
+    training with the same seed (the same distribution; eval has no draw and is equal).
+    ``torch._inductor.config.fallback_random = True`` makes compiled draws equal eager
+    ones (docs/mechanisms/mil_attention.md).
     """
 
     arguments: ClassVar[dict[str, Arg]] = {
