@@ -31,7 +31,9 @@ class MixtureOfHeadAttention(Attention):
     softmax(W_s x) * h_s; [a1, a2] = 2 softmax(W_h x) scale the shared and routed gates;
     O = W_O concat_h(g_h head_h), so exactly h_s + k gates are non-zero per token.
     In eval mode a routed head is computed only for the tokens that selected it, a tile of
-    those rows at a time (memory linear in L). The
+    those rows at a time (memory linear in L); traced (``torch.compile``, ``torch.export``),
+    where the number of such rows is data-dependent, every row is computed and the zero
+    gates drop the others (the training form: the same output up to rounding). The
     load-balance loss E * sum_i mean_t(p_i) * mean_t(1[i in top-k]) (E routed heads), times
     ``balance_weight`` = 0.01, is ``extra_loss()``. ``weights()`` folds the gates into the rows.
 
