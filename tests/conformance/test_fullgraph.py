@@ -160,8 +160,9 @@ def test_fullgraph_forward_and_backward_equal_eager(name, causal):
     g = torch.autograd.grad(y[keep].sum(), [x, *params], allow_unused=True)
     close(y, expected)
     for got, want in zip(g, g_expected, strict=True):
-        assert (got is None) == (want is None)
-        if want is not None:
+        if want is None:  # unused eagerly: the compiled graph may give zeros instead (e.g.
+            assert got is None or not got.any()  # sparsifiner's predictor in training)
+        else:
             close(got, want)
 
 
