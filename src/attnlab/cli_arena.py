@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import click
 from rich import box
@@ -51,6 +51,7 @@ def _sweep_from_options(config: str | None, task: str | None, mechanisms: str | 
                         store: str | None, name: str | None, params: dict[str, Any],
                         train: dict[str, Any] | None = None,
                         reference: str | None = None) -> Sweep:
+    overrides: dict[str, Any]
     overrides = {"task": task, "seeds": seeds, "workers": workers, "store": store,
                  "name": name, "reference": reference}
     if mechanisms:
@@ -179,9 +180,9 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
         console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
                       "aside")
     if summary.elsewhere:
-        who = sorted(set(summary.elsewhere.values()))
+        owners = sorted(set(summary.elsewhere.values()))
         console.print(f"[yellow]{len(summary.elsewhere)} run(s) are being trained by another "
-                      f"process[/yellow] ({escape(', '.join(who))}): not run here")
+                      f"process[/yellow] ({escape(', '.join(owners))}): not run here")
     for who, err in summary.failures:
         console.print(f"[red]failed[/red] {escape(who)}: {escape(err)}")
     return summary
@@ -271,8 +272,8 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
         except ConfigError as err:
             raise click.ClickException(str(err)) from None
         rows = sweep_rows(db, sweep)
-        line = next(s for s in sweeps if s["sweep"] == name)
-        other = line["done"] + line["failed"] - len(rows)
+        entry = next(s for s in sweeps if s["sweep"] == name)
+        other = entry["done"] + entry["failed"] - len(rows)
     if not rows:
         raise click.UsageError(f"sweep {name!r} has no finished run yet")
     summary = summarize_sweep(rows, sweep)
@@ -479,7 +480,7 @@ def tasks_cmd() -> None:
     for name in sorted(TASKS):
         cls = TASKS[name]
         params = ", ".join(f"{f.name}={parameter_text(f.default)}"
-                           for f in dataclasses.fields(cls))
+                           for f in dataclasses.fields(cast(Any, cls)))  # a dataclass
         arrow = "↑" if cls.higher_is_better else "↓"
         table.add_row(f"{name}\n[dim]{cls.description}[/dim]", f"{cls.metric} {arrow}",
                       cls.slice_axis, params)

@@ -11,6 +11,7 @@ import html
 import io
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,9 @@ def verdict_word(summary: Summary, c: Contestant) -> str:
 
 def slice_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Metric per slice value (mean ± 95% CI): contestants, then the closed-form baselines."""
-    keys = list(dict.fromkeys(k for s in (*(c.slices for c in summary.contestants),
-                                          *summary.baselines.values()) for k in s))
+    per_slice: list[Mapping[str, object]] = [*(c.slices for c in summary.contestants),
+                                             *summary.baselines.values()]
+    keys = list(dict.fromkeys(k for s in per_slice for k in s))
     header = ["", *keys]
     rows = [[c.label, *[fmt(*c.slices.get(k, (math.nan, math.nan)), digits=4) for k in keys]]
             for c in summary.contestants if c.slices]
@@ -623,8 +625,8 @@ def write_document(out_dir: str | Path, title: str, setup: list[str],
                                              for line in content) + "</ul>")
             else:
                 md += [f"![{_md(heading)}]({content}.png)", ""]
-                data = base64.b64encode(images[content]).decode()
-                page.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
+                encoded = base64.b64encode(images[content]).decode()
+                page.append(f'<img alt="{content}" src="data:image/png;base64,{encoded}">')
     md_path = out / "report.md"
     write_atomic(md_path, "\n".join(md))
     style = ("body{font-family:system-ui,sans-serif;max-width:1040px;margin:2em auto;"

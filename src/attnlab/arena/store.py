@@ -236,6 +236,7 @@ class RunStore:
     def rows(self, sweep: str | None = None, keys: list[str] | None = None
              ) -> list[dict[str, Any]]:
         """Stored runs (of one sweep, or with the given keys), oldest first, JSON decoded."""
+        args: tuple[str, ...]
         query, args = "SELECT * FROM runs", ()
         if sweep:
             query, args = query + " WHERE sweep = ?", (sweep,)

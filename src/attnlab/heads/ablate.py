@@ -53,6 +53,7 @@ def ablate(model: nn.Module, heads: HeadSelection, how: str = "zero", *,
             return out
         return replace
 
+    assert values is not None  # how != "zero": checked above
     hooks = {layer: replacing(values[layer], torch.tensor(hs)) for layer, hs in chosen.items()}
     with forward_hooks(model_sites, "heads", hooks):
         yield

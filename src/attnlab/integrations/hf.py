@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -134,7 +134,7 @@ def _is_attention_module(module: nn.Module) -> bool:
 
 
 def _attach(module: nn.Module) -> HeadSite:
-    config = module.config
+    config: Any = module.config  # a transformers PretrainedConfig
     heads = config.num_attention_heads
     site = HeadSite(heads, getattr(config, "num_key_value_heads", None) or heads)
     buffer = next(module.parameters(), None)
@@ -159,7 +159,7 @@ def use_attnlab(model: nn.Module, mechanism: str = "softmax") -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no attention module that calls "
                          "transformers' attention interface (none attnlab can reach)")
     try:
-        model.set_attn_implementation(name)
+        cast(Any, model).set_attn_implementation(name)  # a transformers PreTrainedModel
     except (ValueError, AttributeError) as err:
         raise ValueError(f"{type(model).__name__} does not support attention backends, so "
                          f"attnlab cannot run inside it: {err}") from None
