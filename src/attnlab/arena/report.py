@@ -11,6 +11,7 @@ import html
 import io
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
