@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 from rich import box
@@ -183,7 +183,7 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
     if summary.elsewhere:
         owners = sorted(set(summary.elsewhere.values()))
         console.print(f"[yellow]{len(summary.elsewhere)} run(s) are being trained by another "
-                      f"process[/yellow] ({escape(', '.join(who))}): not run here")
+                      f"process[/yellow] ({escape(', '.join(owners))}): not run here")
     for run, err in summary.failures:
         console.print(f"[red]failed[/red] {escape(run)}: {escape(err)}")
     return summary

@@ -11,7 +11,6 @@ import html
 import io
 import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 

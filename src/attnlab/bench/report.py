@@ -133,8 +133,8 @@ def evaluate(target: Target, report: dict) -> dict | None:
                         f"{xs[0]}..{xs[-1]}"}
     picked = [r for r in mine if target.length in (None, r["workload"]["length"])
               and target.kernel in (None, r["workload"]["kernel"])]
-    pairs = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
-    pairs = [(n, v) for n, v in pairs if v is not None]
+    measured = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
+    pairs = [(n, v) for n, v in measured if v is not None]
     if not pairs:
         return None
     if target.kind == "ratio_of_ideal":

@@ -234,7 +234,7 @@ def constant_geometry(fn: Fn) -> Fn:
 
         with unset_fake_temporarily(), torch._C._DisableTorchDispatch():
             return fn(*args, **kwargs)
-    return torch.compiler.assume_constant_result(eager)  # type: ignore[return-value]
+    return torch.compiler.assume_constant_result(eager)
 
 
 def nan_where(rows: Tensor, like: Tensor) -> Tensor:

@@ -241,6 +241,7 @@ def _combine_visibility(tiles: list[AxisTiles]) -> Tensor:
     t_count = math.prod([t.visible.shape[0] for t in tiles])
     b_count = math.prod([t.visible.shape[1] for t in tiles])
     w_count = math.prod([t.visible.shape[2] for t in tiles])
+    assert vis is not None  # at least one axis
     return vis.reshape(t_count, b_count, w_count)
 
 
