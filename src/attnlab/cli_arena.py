@@ -181,9 +181,9 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
         console.print(f"stored {summary.imported} result(s) that an earlier run had kept "
                       "aside")
     if summary.elsewhere:
-        who = sorted(set(summary.elsewhere.values()))
+        owners = sorted(set(summary.elsewhere.values()))
         console.print(f"[yellow]{len(summary.elsewhere)} run(s) are being trained by another "
-                      f"process[/yellow] ({escape(', '.join(who))}): not run here")
+                      f"process[/yellow] ({escape(', '.join(owners))}): not run here")
     for run, err in summary.failures:
         console.print(f"[red]failed[/red] {escape(run)}: {escape(err)}")
     return summary
@@ -289,8 +289,8 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
         except ConfigError as err:
             raise click.ClickException(str(err)) from None
         rows = sweep_rows(db, sweep)
-        line = next(s for s in sweeps if s["sweep"] == name)
-        other = line["done"] + line["failed"] - len(rows)
+        entry = next(s for s in sweeps if s["sweep"] == name)
+        other = entry["done"] + entry["failed"] - len(rows)
     if not rows:
         raise click.UsageError(f"sweep {name!r} has no finished run yet")
     summary = summarize_sweep(rows, sweep)

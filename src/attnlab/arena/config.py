@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -278,7 +278,7 @@ class Sweep(Strict):
         return self.name or self.task
 
     def variants(self) -> list[Variant]:
-        return list(self.mechanisms)  # type: ignore[arg-type]  (normalised by the validator)
+        return list(cast("list[Variant]", self.mechanisms))  # normalised by the validator
 
     def grid_points(self) -> list[dict[str, Any]]:
         """One dict per combination of the list-valued train keys ([{}] without a grid)."""
@@ -376,6 +376,8 @@ def format_error(err: ValidationError, source: str) -> str:
     take one of several types (``lr``: a number or a list) gets one line, from the type its
     value has: 'train.lr.1: Input should be a finite number (got nan)', not one line per
     type it could have had."""
+    lines: list[str]
+    seen: set[str]
     lines, seen = [], set()
     errors = sorted(err.errors(), key=lambda e: -len(e["loc"]))  # the deepest of a union
     for e in errors:

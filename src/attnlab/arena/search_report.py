@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.arena.files import write_atomic
-from attnlab.arena.report import png, write_document
+from attnlab.arena.report import Section, png, write_document
 from attnlab.arena.search import COSTS, Design, design_of
 
 COST_UNITS = dict(zip(COSTS, ("parameters", "forward FLOPs per sequence",
@@ -97,7 +97,7 @@ def write_search_report(study: Any, out_dir: str | Path, *, metric: str,
     out = Path(out_dir)
     images = {"front": figure(pts, metric, cost, higher_is_better)}
     front = [p for p in pts if p.on_front]
-    sections = [
+    sections: list[Section] = [
         ("Verdict", [("list", verdict(pts, metric))]),
         ("Pareto front", [("table", table(front, metric, cost)), ("image", "front")]),
         ("Every design trained", [("table", table(pts, metric, cost))]),

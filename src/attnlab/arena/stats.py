@@ -4,6 +4,7 @@ quantiles from scipy)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from scipy import stats
@@ -19,11 +20,11 @@ def t_quantile(df: int, level: float = LEVEL) -> float:
     return float(stats.t.ppf(0.5 + level / 2, df))
 
 
-def finite(values: list[float | None]) -> list[float]:
+def finite(values: Iterable[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def mean_ci(values: list[float | None]) -> tuple[float, float]:
+def mean_ci(values: Sequence[float | None]) -> tuple[float, float]:
     """(mean, half-width of the 95% interval); the half-width is nan for one value."""
     values = finite(values)
     if not values:

@@ -206,7 +206,8 @@ def _train(todo: list[RunSpec], store: RunStore, summary: SweepSummary, workers:
     if workers == 1 or len(todo) <= 1:
         for spec in todo:
             listener("start", spec, None)
-            finish(spec, train_run(spec, lambda s, n, loss, spec=spec:
+            # mypy cannot infer a lambda with a default argument against Progress
+            finish(spec, train_run(spec, lambda s, n, loss, spec=spec:  # type: ignore[misc]
                                    listener("step", spec, (s, n, loss))))
     else:
         _run_parallel(todo, min(workers, len(todo)), finish, listener)

@@ -16,7 +16,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +158,7 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, find_unused_parameters=True)
-    forward = torch.compile(wrapped) if cfg.get("compile") else wrapped
+    forward = cast(nn.Module, torch.compile(wrapped)) if cfg.get("compile") else wrapped
     generator = split_generator(spec.seed, "train")
     steps = cfg["steps"]
     every = max(1, steps // cfg["curve_points"])
@@ -179,9 +179,10 @@ def _train_on_device(spec: RunSpec, progress: Progress | None) -> dict[str, Any]
         batch = to_device(batch, device)
         with autocast(device, dtype):
             loss = task.loss(forward, batch)
-            extra = model.extra_loss()
+            extra = cast(Any, model).extra_loss()  # the task's models define it
             if supervisor is not None:
-                extra = extra + supervisor.loss(*task.attention_targets(batch))
+                # a task that supervises attention defines attention_targets
+                extra = extra + supervisor.loss(*cast(Any, task).attention_targets(batch))
         seen = loss.detach() if ranks is None else mean_over_ranks(loss)  # the global batch's
         if not torch.isfinite(seen):
             raise FloatingPointError(f"training loss is {seen.item()} at step {step}")

@@ -78,17 +78,17 @@ def flex_sigmoid(w: Workload, x: dict) -> tuple[Forward, list[Tensor]]:
     if w.device == "cuda":
         from torch.nn.attention.flex_attention import AuxRequest
 
-        def score(s, b, h, i, j):
+        def score_lse(s, b, h, i, j):
             return F.logsigmoid(s + bias)
 
         mask = block_mask(lambda b, h, i, j: j <= i, w, length, length) if causal else None
 
-        def forward() -> Tensor:
-            out, aux = compiled_flex()(q, k, v, score_mod=score, block_mask=mask,
+        def forward_lse() -> Tensor:
+            out, aux = compiled_flex()(q, k, v, score_mod=score_lse, block_mask=mask,
                                        return_aux=AuxRequest(lse=True))
             return out * aux.lse.exp().unsqueeze(-1).to(out.dtype)
 
-        return forward, []
+        return forward_lse, []
     pad_k = torch.zeros(*k.shape[:2], 1, k.shape[-1], dtype=k.dtype, device=k.device)
     k_extra = torch.cat([k, pad_k], 2)
     v_extra = torch.cat([F.pad(v, (0, 1)), F.pad(torch.ones_like(v[:, :, :1, :1]),

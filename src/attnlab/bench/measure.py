@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -51,7 +52,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], None], device: str, calls: int = 1) -> float:
+def timed(step: Callable[[], object], device: str, calls: int = 1) -> float:
     """Seconds per call of ``step``, called ``calls`` times back to back (the device's queue
     drained before and after)."""
     synchronize(device)
@@ -116,10 +117,10 @@ def peak_mb(step: Callable[[], None], device: str) -> float | None:
     if not cpu_peak_supported():
         step()
         return None
-    before = status_kib("VmRSS")
+    before = cast(int, status_kib("VmRSS"))  # cpu_peak_supported: /proc/self/status is there
     Path("/proc/self/clear_refs").write_text("5")
     step()
-    return (status_kib("VmHWM") - before) * 1024 / 1e6
+    return (cast(int, status_kib("VmHWM")) - before) * 1024 / 1e6
 
 
 def gemm_rate(device: str, dtype: str, *, size: int | None = None, repeats: int = 5) -> float:

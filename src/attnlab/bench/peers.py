@@ -34,7 +34,7 @@ def peer_versions() -> dict[str, str]:
     """Versions of the installed peers (recorded with every result)."""
     import torch
 
-    versions = {"torch": torch.__version__}
+    versions: dict[str, str] = {"torch": torch.__version__}
     for peer, dist in (("natten", "natten"), ("fla", "flash-linear-attention"),
                        ("x-transformers", "x-transformers")):
         if peer_missing(peer) is None:

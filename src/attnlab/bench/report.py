@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from attnlab.bench.suites import GROUPS, TARGETS, Target
@@ -15,7 +15,7 @@ from attnlab.machine import describe
 from attnlab.tables import markdown_table
 
 
-def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
+def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Least-squares slope of log y against log x (None with fewer than 2 points)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
     if len(pts) < 2:
@@ -133,8 +133,8 @@ def evaluate(target: Target, report: dict) -> dict | None:
                         f"{xs[0]}..{xs[-1]}"}
     picked = [r for r in mine if target.length in (None, r["workload"]["length"])
               and target.kernel in (None, r["workload"]["kernel"])]
-    pairs = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
-    pairs = [(n, v) for n, v in pairs if v is not None]
+    measured = [(r["workload"]["length"], ratio(r, rows)) for r in picked]
+    pairs = [(n, v) for n, v in measured if v is not None]
     if not pairs:
         return None
     if target.kind == "ratio_of_ideal":
@@ -209,7 +209,7 @@ def markdown(report: dict, plots: dict[tuple[str, str, str], str] | None = None)
            f"Peers installed: {peers}.", "", "Produced by:", ""]
     out += [f"- `{r['command']}` ({r['date']}, attnlab {r['attnlab']} @ {r['commit']}, "
             f"allocator `{r.get('malloc', 'default')}`)" for r in report["runs"]]
-    gemm = {}
+    gemm: dict[str, list[float]] = {}
     for row in report["rows"]:
         if row.get("gemm_flops_per_s"):
             gemm.setdefault(row["workload"]["dtype"], []).append(row["gemm_flops_per_s"])
@@ -217,8 +217,8 @@ def markdown(report: dict, plots: dict[tuple[str, str, str], str] | None = None)
         out += ["", "Measured GEMM rate (median over the workloads' measurements): " + ", ".join(
             f"{dtype} {sorted(v)[len(v) // 2] / 1e9:.0f} GFLOP/s" for dtype, v in gemm.items())
             + "."]
-    verdicts = [(t, evaluate(t, report)) for t in TARGETS]
-    verdicts = [(t, v) for t, v in verdicts if v is not None]
+    evaluated = [(t, evaluate(t, report)) for t in TARGETS]
+    verdicts = [(t, v) for t, v in evaluated if v is not None]
     if verdicts:
         out += ["", "## Targets", "", markdown_table(
             ["target", "measured", "verdict"],

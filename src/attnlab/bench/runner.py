@@ -52,6 +52,7 @@ def run_worker(w: Workload, names: list[str], *, memory_limit_gb: float,
                          PEAK_ALLOCATOR if phase == "memory" else ALLOCATORS[malloc])
     proc = subprocess.Popen([sys.executable, "-m", "attnlab.bench.worker", json.dumps(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     rows = None
     try:
         for line in proc.stdout:

@@ -31,6 +31,7 @@ class Group:
         if self.inputs == "module":
             return None
         b, h, n, d = w.batch, w.heads, w.length, w.head_dim
+        work: float
         if self.name == "decode":
             work = 4 * b * h * n * d
         elif self.name == "linear":

@@ -32,10 +32,10 @@ def make_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
               grad: torch.Tensor | None) -> Callable[[], None]:
     """Training: forward, backward with ``grad``, gradients dropped. Inference: no grad."""
     if grad is None:
-        def step() -> None:
+        def inference_step() -> None:
             with torch.no_grad():
                 forward()
-        return step
+        return inference_step
 
     def step() -> None:
         forward().backward(grad)

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 
@@ -128,7 +129,8 @@ _PACKAGE = str(Path(__file__).resolve().parents[1])
 
 def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside attnlab (the user's line), for warnings."""
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
             _PACKAGE):
         frame, level = frame.f_back, level + 1

@@ -32,6 +32,13 @@ class HeadSite(nn.Module):
     (B, H, Lq, Lk), ``hook_heads`` (B, Lq, H, D), before ``head_scale`` and the model's own
     output projection). ``integrations.hf`` attaches one to each attention module."""
 
+    head_scale: Tensor  # made by register_buffer / add_module in __init__
+    hook_q: HookPoint
+    hook_k: HookPoint
+    hook_v: HookPoint
+    hook_weights: HookPoint
+    hook_heads: HookPoint
+
     def __init__(self, heads: int, kv_heads: int | None = None) -> None:
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads

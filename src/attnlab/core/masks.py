@@ -136,6 +136,7 @@ def rows_seeing(marked: Tensor, lq: int, *, causal: bool, mask: Tensor | None = 
         mask = mask.reshape((1,) * (marked.dim() + 1 - mask.dim()) + tuple(mask.shape))
         if mask.shape[-2] != 1:
             vis = visibility(lq, lk, causal=causal, mask=mask, device=marked.device)
+            assert vis is not None  # a mask was given
             return (vis & marked.unsqueeze(-2)).any(-1)
         marked = marked & mask.squeeze(-2)
     shape = (*marked.shape[:-1], lq)

@@ -74,7 +74,7 @@ def _first_doc_line(cls: type) -> str:
 
 def _own_defaults(cls: type) -> dict[str, Any]:
     """Constructor defaults, i.e. what ``build(name, dim=..., heads=...)`` uses."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     internal = _part_arguments(params)
     return {
         n: p.default
@@ -148,7 +148,7 @@ def _check_own_arguments(cls: type) -> None:
         init(self, *args, **kwargs)
 
     checked_init._checks_arguments = True  # type: ignore[attr-defined]
-    cls.__init__ = checked_init  # type: ignore[method-assign]
+    cls.__init__ = checked_init  # type: ignore[misc]
 
 
 def available(*, family: str | None = None, domain: str | None = None) -> list[str]:

@@ -54,6 +54,7 @@ class State:
             )
         now = _parameter_kind(module)
         if module is not None and self._made_for is not None and now != self._made_for:
+            assert now is not None  # differs from a kind that is not None
             raise ValueError(f"{owner}: the state was made when the module's parameters were "
                              f"{self._made_for[0]} on {self._made_for[1]}, they are now "
                              f"{now[0]} on {now[1]}; its tensors are of the old kind: start "

@@ -90,6 +90,7 @@ def ring_pass(tensors: list[Tensor], group: dist.ProcessGroup | None = None,
     works = [dist.isend(flat, to_rank, group=group), dist.irecv(incoming, from_rank,
                                                                    group=group)]
     for work in works:
+        assert work is not None  # this rank is in the group
         if not work.wait(timeout):
             raise RuntimeError(f"ring pass between ranks timed out after {timeout}")
     out, start = [], 0

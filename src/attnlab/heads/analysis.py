@@ -61,6 +61,7 @@ def capture_analysis(subject: Subject, tick: Tick = None,
                                               "nats"),
               "distance": figures.head_heatmap(distance, f"mean attention distance "
                                                f"({subject.unit})", subject.unit, ".1f")}
+    sections: list[tuple[str, list[tuple[str, Any]]]]
     sections = [("Mean attention maps (layer x head)", [("image", "attention_maps")]),
                 ("Attention entropy per head (mean over real query tokens)",
                  [("table", grid_rows(entropy)), ("image", "entropy")]),
@@ -88,6 +89,7 @@ def importance_analysis(subject: Subject, tick: Tick = None) -> Result:
                                                  "(layer-normalised)", "importance"),
               "ablation": figures.head_heatmap(change, "metric change with the head "
                                                "zeroed alone", "change", ".3f")}
+    sections: list[tuple[str, list[tuple[str, Any]]]]
     sections = [("Summary: importance", [("list", lines)]),
                 ("Head importance (Michel et al. 2019, each layer L2-normalised)",
                  [("table", grid_rows(importance)), ("image", "importance")]),
@@ -120,6 +122,7 @@ def pruning_analysis(subject: Subject, step: float = 0.1, floor: float | None = 
                  f"random orders (seeds 0-{seeds - 1}): {before['random']} heads"]
     images = {"pruning": figures.pruning_plot(guided, randoms, subject.metric_name, floor,
                                               f"{subject.name}: iterative head pruning")}
+    sections: list[tuple[str, list[tuple[str, Any]]]]
     sections = [(f"Pruning curves (importance order re-scored after each step; {seeds} "
                  "random orders)",
                  [("list", lines), ("table", (["fraction pruned", "importance order",
@@ -225,6 +228,7 @@ def spatial_analysis(subject: Subject, stats: dict[int, HeadStats] | None = None
     first = stats[layers[0]]  # uniform attention on the same inputs: the baseline
     flat_local = float(first.uniform_profile("query")[:2].sum())
     flat_pair = first.uniform_profile("pair")
+    kinds: list[dict[str, Any]]
     rows, kinds = [], []
     for c in range(found.k):
         members = found.members(c)
@@ -276,6 +280,7 @@ def spatial_analysis(subject: Subject, stats: dict[int, HeadStats] | None = None
                   for k in layers for h in range(strength[k].shape[0])]
     heads_rows.append(["uniform", *[f"{float(v):.3f}" for v in flat_pair[:shown]]])
     width = min(shown, strength[layers[0]].shape[1])
+    assert found.linkage is not None  # cluster_heads keeps its merge table
     threshold = None if found.k < 2 else float(found.linkage[-(found.k - 1), 2])
     images = {"strength": figures.distance_plot(
                   {k: v[:, :shown] for k, v in strength.items()},
@@ -290,6 +295,7 @@ def spatial_analysis(subject: Subject, stats: dict[int, HeadStats] | None = None
               "dendrogram": figures.dendrogram_plot(found.linkage,
                                                     [name(h) for h in found.heads],
                                                     threshold, "heads by attention pattern")}
+    sections: list[tuple[str, list[tuple[str, Any]]]]
     sections = [("Summary: where the heads look", [("list", lines)]),
                 (f"Attention strength against distance (mean attention weight of a query-key "
                  f"pair at Chebyshev distance d, {unit})",

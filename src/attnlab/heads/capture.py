@@ -44,7 +44,7 @@ class HeadStats:
     token index); distances use the first rows of it."""
 
     heads: int
-    rows: Tensor = None  # (H,) real query rows seen
+    rows: Tensor | None = None  # (H,) real query rows seen
     sums: dict[str, Tensor] = field(default_factory=dict)  # (H,) each
     column_mass: Tensor | None = None  # (H, L): sum over queries of A[q, k]
     column_seen: Tensor | None = None  # (L,): queries that could see key k
@@ -104,11 +104,11 @@ class HeadStats:
         if name not in self.sums:
             raise KeyError(f"no {name!r} statistic (known: {', '.join(self.sums)}; "
                            "'special' needs cap.set_batch(special=...))")
-        return self.sums[name] / self.rows.clamp_min(1)
+        return self.sums[name] / _seen(self.rows).clamp_min(1)
 
     def mean_map(self) -> Tensor:
         """(H, Lq, Lk): the mean attention map over the inputs of the first length seen."""
-        return self.map_sum / max(self.map_count, 1)
+        return _seen(self.map_sum) / max(self.map_count, 1)
 
     def distance_profile(self, per: str = "pair") -> Tensor:
         """(H, D): attention against distance d = 0, 1, ... (Chebyshev distance of the
@@ -117,28 +117,36 @@ class HeadStats:
         (the "attention strength" of "How Does Attention Work in Vision Transformers?"; uniform
         attention over n keys gives 1/n at every d); ``per="query"``: the share of a query's
         mass at distance d (sums to 1 over d)."""
-        return self._per(self.ring_mass, per)
+        return self._per(_seen(self.ring_mass), per)
 
     def uniform_profile(self, per: str = "pair") -> Tensor:
         """(D,): ``distance_profile`` of a head attending uniformly to every key it may see,
         on the same inputs (padding, causality and lengths as they were): the baseline."""
-        return self._per(self.ring_uniform, per)
+        return self._per(_seen(self.ring_uniform), per)
 
     def _per(self, mass: Tensor, per: str) -> Tensor:
         if per == "pair":
-            return mass / self.ring_pairs.clamp_min(1)
+            return mass / _seen(self.ring_pairs).clamp_min(1)
         if per == "query":  # every head saw the same rows
-            return mass / self.rows[0].clamp_min(1)
+            return mass / _seen(self.rows)[0].clamp_min(1)
         raise ValueError(f"per must be 'pair' or 'query', got {per!r}")
 
     def uniform_mean_distance(self) -> float:
         """``mean("distance")`` of uniform attention on the same inputs."""
-        return self.uniform_distance / float(self.rows[0].clamp_min(1))
+        return self.uniform_distance / float(_seen(self.rows)[0].clamp_min(1))
 
     def sink_scores(self) -> Tensor:
         """(H, L): alpha_k = sum_q A[q, k] / (queries that see k): Gu et al.'s sink score
         (T - k queries see key k in a causal model)."""
-        return self.column_mass / self.column_seen.clamp_min(1)
+        return _seen(self.column_mass) / _seen(self.column_seen).clamp_min(1)
+
+
+def _seen(t: Tensor | None) -> Tensor:
+    """A HeadStats sum, which exists once weights were seen (ValueError before)."""
+    if t is None:
+        raise ValueError("no attention weights were captured yet (run the model inside "
+                         "capture(...) first)")
+    return t
 
 
 def _padded(t: Tensor | None, size: int, rows: int | None = None) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -65,7 +66,7 @@ class RegressionCircuit:
         return float((self.mu * self.omega).sum())
 
 
-def _layer(model: torch.nn.Module) -> torch.nn.Module:
+def _layer(model: torch.nn.Module) -> Any:  # the plain softmax Attention (its parts duck-typed)
     from attnlab.mechanisms.base import Attention
     from attnlab.models.icl_regressor import ICLRegressor
     from attnlab.modules.projections import QKVProjection
@@ -95,7 +96,7 @@ def regression_circuit(model: torch.nn.Module) -> RegressionCircuit:
     paper's form (see :class:`RegressionCircuit`)."""
     layer = _layer(model)
     h, dh, dq = layer.heads, layer.head_dim, layer.shape.qk_dim
-    d = model.d
+    d = cast(int, model.d)  # an ICLRegressor (_layer checked)
     with torch.no_grad():
         wq = layer.qkv.q.weight.reshape(h, dq, -1)
         wk = layer.qkv.k.weight.reshape(h, dq, -1)

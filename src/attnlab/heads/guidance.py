@@ -73,6 +73,7 @@ def head_hunter(model: nn.Module, run: Callable[[], Tensor],
                 best, best_score = head, score
             if progress:
                 progress()
+        assert best is not None  # count <= len(pool): a candidate is left
         chosen.append(best)
         scores.append(best_score)
     return HeadHunt(chosen, scores, start)

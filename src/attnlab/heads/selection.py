@@ -24,8 +24,8 @@ from attnlab.heads.sites import sites
 __all__ = ["head_divergence", "random_heads", "segment_attention", "top_heads"]
 
 
-def head_divergence(model: nn.Module, with_segment: Callable[[], object],
-                    without_segment: Callable[[], object], keep_with: Tensor,
+def head_divergence(model: nn.Module, with_segment: Callable[..., object],
+                    without_segment: Callable[..., object], keep_with: Tensor,
                     keep_without: Tensor) -> Tensor:
     """(layers, heads) VHD: ``with_segment()`` and ``without_segment()`` each run one forward;
     position ``keep_with[p]`` of the first and ``keep_without[p]`` of the second hold the same

@@ -12,10 +12,14 @@ import contextlib
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from attnlab.core.hooks import HEAD_HOOKS, HeadSite
+
+if TYPE_CHECKING:
+    from attnlab.mechanisms.base import Attention
 
 POINTS = tuple(name.removeprefix("hook_") for name in HEAD_HOOKS)  # q k v weights heads
 HeadSelection = Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]
@@ -35,7 +39,7 @@ class Site:
 
     layer: int
     path: str
-    module: nn.Module
+    module: Attention | HeadSite
     causal: bool
     kind: str = "self"
 
@@ -55,7 +59,7 @@ def sites(model: nn.Module) -> list[Site]:
     """The model's attention layers in order; ValueError when it has none attnlab can reach."""
     from attnlab.mechanisms.base import Attention
 
-    found = []
+    found: list[Site] = []
     for path, module in model.named_modules():
         if isinstance(module, Attention):
             found.append(Site(len(found), path, module, bool(module.causal)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -97,7 +97,7 @@ def circuit_study(store: str | Path, sweep: str, tick: Tick = None,
         initial, _ = circuit_measures(_initial(task, row), episode)
         entry = per_label.setdefault(row["label"], {"trained": {}, "initial": {}})
         entry["trained"][row["seed"]], entry["initial"][row["seed"]] = trained, initial
-        heads_of[row["label"]] = run.model.layers[0].heads
+        heads_of[row["label"]] = cast(Any, run.model).layers[0].heads  # an ICLRegressor
         if row["label"] == (example or row["label"]) and row["seed"] == 0 and \
                 (example_run is None or heads_of[row["label"]] > heads_of[example_run[0]]):
             example_run = (row["label"], row["key"], run, circuit, episode)

@@ -10,6 +10,7 @@ the test images (per image: the change of the true class's log-probability, and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,18 +54,18 @@ def guidance_study(store: str | Path, sweep: str, count: int = 4, strength: floa
         def objective(logits: Tensor) -> float:
             return float(_true_logp(logits, val_y).mean())
 
-        hunt = head_hunter(model, lambda m=model: m(val_x), objective, count, strength=strength,
-                           scale=scale)
+        hunt = head_hunter(model, functools.partial(model, val_x), objective, count,
+                           strength=strength, scale=scale)
         with torch.no_grad():
             plain = model(test_x)
         base = _true_logp(plain, test_y)
-        chosen = guided(model, lambda m=model: m(test_x), hunt.chosen, strength, scale,
+        chosen = guided(model, functools.partial(model, test_x), hunt.chosen, strength, scale,
                         plain=plain)
         effect = _true_logp(chosen, test_y) - base
         controls, control_acc = [], []
         for _ in range(draws):
-            g = guided(model, lambda m=model: m(test_x), random_heads(model, count, generator),
-                       strength, scale, plain=plain)
+            g = guided(model, functools.partial(model, test_x),
+                       random_heads(model, count, generator), strength, scale, plain=plain)
             controls.append(_true_logp(g, test_y) - base)
             control_acc.append(float((g.argmax(-1) == test_y).float().mean()))
         control = torch.stack(controls).mean(0)

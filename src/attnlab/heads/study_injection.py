@@ -14,6 +14,7 @@ control, another map's embedding (the effect must be the task's).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def injection_scores(model: nn.Module, task: Any, *, few_shots: tuple[int, ...] 
         embeddings[k] = []
         for t in range(task.maps):
             few, _ = task.prompts(torch.full((prompts,), t), k, fit_stream)
-            embeddings[k].append(task_embedding(model, lambda few=few: model(few)))
+            embeddings[k].append(task_embedding(model, functools.partial(model, few)))
     top = max(few_shots)
     names = ["zero-shot", *[name for k in few_shots for name in (f"{k}-shot", soft(k),
                                                                hard(k))], OTHER]
@@ -75,7 +76,7 @@ def injection_scores(model: nn.Module, task: Any, *, few_shots: tuple[int, ...] 
                                        queries=test_queries)
         parts["zero-shot"].append(_scores(model, tokens, answers))
         for k in few_shots:
-            fit = fit_injection(model, embeddings[k][t], lambda x=fit_tokens: model(x),
+            fit = fit_injection(model, embeddings[k][t], functools.partial(model, fit_tokens),
                                 fit_answers, steps=steps)
             weights[k][t] = fit.weights
             ones = {layer: torch.ones_like(w) for layer, w in fit.weights.items()}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -90,14 +90,14 @@ def segment_divergence(model: torch.nn.Module, data: SegmentInputs, tick: Tick =
                        ) -> Tensor:
     """(layers, heads) head divergence on S1's tokens ([CLS] included) with and without S2,
     averaged over the pairs of ``data``."""
-    total = 0
+    total: Tensor | float = 0
     for i, (a, _) in enumerate(data.pieces):
         keep = torch.arange(1 + len(a))
         total = total + head_divergence(model, lambda i=i: model(**data.single(i, True)),
                                         lambda i=i: model(**data.single(i, False)), keep, keep)
         if tick:
             tick()
-    return total / len(data.pieces)
+    return cast(Tensor, total / len(data.pieces))  # a tensor: there are pieces
 
 
 def sink_tokens(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, list[int]]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ def minilm_subject(batch_size: int = 16, importance_pairs: int = 96,
 
     held_batches = [encode(held_out[i:i + batch_size])
                     for i in range(0, len(held_out), batch_size)]
-    inputs = [((lambda b=b: model(**b)), b["attention_mask"].bool(),
+    inputs: list[tuple[Callable[[], Any], Tensor | None, Tensor | None]]
+    inputs = [(functools.partial(model, **b), b["attention_mask"].bool(),
                torch.isin(b["input_ids"], torch.tensor([tokenizer.sep_token_id])))
               for b in held_batches]
     tokens = [[tokenizer.convert_ids_to_tokens(row) for row in b["input_ids"].tolist()]
@@ -97,7 +99,7 @@ def minilm_subject(batch_size: int = 16, importance_pairs: int = 96,
 
     return Subject(
         "all-MiniLM-L6-v2", model,
-        [lambda a=a, b=b: contrastive(a, b) for a, b in batches], cosine,
+        [functools.partial(contrastive, a, b) for a, b in batches], cosine,
         "mean cosine of held-out sentence embeddings to the unpruned model's", inputs,
         tokens, hidden_states,
         [f"{len(train)} docstring pairs for the loss (in-batch contrastive, batches of "
@@ -126,9 +128,9 @@ def run_subject(store: str | Path, key: str, batches: int = 4, batch_size: int =
     grid = getattr(model, "grid", None)  # a ViT: distances between patches
     return Subject(
         f"run {row['key'][:10]} ({row['label']} seed {row['seed']}, task {row['sweep']})",
-        model, [lambda b=b: task.loss(model, b) for b in data], metric,
+        model, [functools.partial(task.loss, model, b) for b in data], metric,
         f"{'' if sign > 0 else '-'}validation {task.metric}",
-        [((lambda b=b: task.loss(model, b)), None, None) for b in data],
+        [(functools.partial(task.loss, model, b), None, None) for b in data],
         notes=[f"{batches} training batches of {batch_size} (seed {seed}) for the loss and "
                "the attention statistics"],
         positions=None if grid is None else grid_positions(grid),

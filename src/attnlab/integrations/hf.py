@@ -69,7 +69,7 @@ def _always_materialised_mask(*args: Any, allow_is_causal_skip: bool = True,
     means: every key visible to every query, which a bidirectional model may skip)."""
     from transformers.masking_utils import sdpa_mask
 
-    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)  # type: ignore[misc]
+    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,16 @@ class AgentAttention(Attention):
     ``qkv_bias=True`` of every released model. The implied n x n matrix
     softmax(cQA^T + B2) softmax(cAK^T + B1) is non-negative with rows summing to 1.
     """
+
+    # position-bias tables, made by setattr in __init__ (declared for the type checker)
+    bias_to_keys: nn.Parameter
+    bias_to_agents: nn.Parameter
+    keys_row_bias: nn.Parameter
+    keys_col_bias: nn.Parameter
+    agents_row_bias: nn.Parameter
+    agents_col_bias: nn.Parameter
+    keys_cls_bias: nn.Parameter
+    agents_cls_bias: nn.Parameter
 
     arguments: ClassVar[dict[str, Arg]] = {
         "agents": Arg("int", low=1, rule=SQUARE, test=is_square),
@@ -176,7 +186,8 @@ class AgentAttention(Attention):
         if keep is not None:
             pad = ~keep[:, None, :, None]
             k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-            q = q.masked_fill(~call.key_mask[:, None, :, None] & ~torch.isfinite(q), 0)
+            key_mask = cast(Tensor, call.key_mask)  # keep is made from it
+            q = q.masked_fill(~key_mask[:, None, :, None] & ~torch.isfinite(q), 0)
         q, k, v = self.prepare(q, k, v, call)
         return self.hook_q(q), self.hook_k(k), self.hook_v(v)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,14 @@ class Attention(nn.Module):
 
     mechanism: ClassVar[MechanismInfo | None] = None
     backends: ClassVar[tuple[str, ...]] = ("auto",)
+    # made in __init__ by register_buffer / setattr (declared here for the type checker)
+    head_scale: Tensor
+    hook_q: HookPoint
+    hook_k: HookPoint
+    hook_v: HookPoint
+    hook_weights: HookPoint
+    hook_heads: HookPoint
+    hook_out: HookPoint
 
     def __init__(
         self,
@@ -253,6 +261,9 @@ class Attention(nn.Module):
             state.advance(call.x.shape[1])
         return out
 
+    if TYPE_CHECKING:  # nn.Module.__call__ is typed as returning Any; a call runs forward
+        __call__ = forward
+
     def weights(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None,
                 spatial: tuple[int, ...] | None = None) -> Tensor:
@@ -292,6 +303,7 @@ class Attention(nn.Module):
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append to the KV cache; return all cached keys, values and their padding mask."""
         state, b, length = call.state, k.shape[0], k.shape[2]
+        assert state is not None  # called with a state only
         keep = call.key_mask
         if keep is None:
             keep = torch.ones(b, length, dtype=torch.bool, device=k.device)
@@ -380,7 +392,7 @@ class Attention(nn.Module):
             spatial = tuple(x.shape[1:-1])
         elif spatial is not None:
             if not isinstance(spatial, (tuple, list)) or not all(
-                    isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+                    isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
                     for s in spatial):
                 raise ValueError(f"{who}: spatial must be (H, W) or (T, H, W) of ints >= 1, "
                                  f"got {spatial!r}")  # (-3, -3) passed for L = 9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +115,7 @@ class CompressedConvProjection(QKVProjection):
         mixed, hist1 = self.conv_depthwise(torch.cat([q, k], -1), None, past("conv_depthwise"))
         hist2 = past("conv_heads")
         if hist2 is None:  # before t = 0 the first conv saw zeros: its output there is its bias
-            hist2 = self.conv_depthwise.conv.bias.to(mixed.dtype).expand(b, 1, -1)
+            hist2 = cast(Tensor, self.conv_depthwise.conv.bias).to(mixed.dtype).expand(b, 1, -1)
         mixed, hist2 = self.conv_heads(mixed, None, hist2)
         cq, ck = mixed.split([h * d, hkv * d], -1)
         q0, k0 = q.view(b, length, h, d), k.view(b, length, hkv, d)

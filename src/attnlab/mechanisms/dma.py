@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ class DynamicMaskAttention(Attention):
         self.delta_proj = nn.Linear(self.kv_heads * self.head_dim, self.kv_heads,
                                     bias=self.delta_bias)
         self.A = nn.Parameter(torch.zeros(self.kv_heads))
+        norm: Any  # nn.RMSNorm or nn.Identity
         for norm in (self.qk_norm.q, self.qk_norm.k):
             if hasattr(norm, "eps"):  # nn.RMSNorm when qk_norm is on
                 norm.eps = DOGE_RMS_EPS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from attnlab.core.arguments import Arg
 from attnlab.core.registry import register
@@ -51,6 +51,7 @@ class GatedAttention(SoftmaxAttention):
         self.gate_bias = self.shape.bias if gate_bias is None else bool(gate_bias)
         self.gate = make_gate(dim, heads, self.head_dim, gate, bias=self.gate_bias)
         self._gate_kind = gate
+        norm: Any  # nn.RMSNorm or nn.Identity
         for norm in (self.qk_norm.q, self.qk_norm.k):
             if hasattr(norm, "eps"):  # nn.RMSNorm when qk_norm is on
                 norm.eps = QWEN3_RMS_EPS

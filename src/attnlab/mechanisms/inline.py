@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ class DynamicLocal(nn.Module):
         if call.spatial is not None and len(call.spatial) == 2:
             return _conv_image(v, kernel, call.spatial)
         seq = F.pad(v, (0, 0, 1, 1))
-        return sum(kernel[:, :, None, :, 1, j] * seq[:, :, j:j + length] for j in range(3))
+        return cast(Tensor, sum(kernel[:, :, None, :, 1, j] * seq[:, :, j:j + length]
+                                for j in range(3)))
 
     def _causal(self, v: Tensor, x: Tensor, count: Tensor, call: Call) -> Tensor:
         st = call.state
@@ -69,15 +70,15 @@ class DynamicLocal(nn.Module):
         n = count.cumsum(1)
         past = v.new_zeros(*v.shape[:2], 2, v.shape[-1])
         if st is not None and st.get("x_sum") is not None:
-            x_sum = x_sum + st.get("x_sum")[:, None]
-            n = n + st.get("n")[:, None]
-            past = st.get("v_past")
+            x_sum = x_sum + cast(Tensor, st.get("x_sum"))[:, None]
+            n = n + cast(Tensor, st.get("n"))[:, None]  # put with x_sum
+            past = cast(Tensor, st.get("v_past"))
         mean = x_sum / n.clamp_min(1.0)[..., None]
         b, h, length, d = v.shape
         kernel = self.kernels(mean)[..., 1, :].view(b, length, h, d, 3)
         kernel = kernel.transpose(1, 2).to(v.dtype)  # (B, H, L, D, 3): taps t-2, t-1, t
         seq = torch.cat([past, v], dim=2)
-        out = sum(kernel[..., j] * seq[:, :, j:j + length] for j in range(3))
+        out = cast(Tensor, sum(kernel[..., j] * seq[:, :, j:j + length] for j in range(3)))
         if st is not None:
             st.put(x_sum=x_sum[:, -1], n=n[:, -1], v_past=seq[:, :, -2:])
         return out
@@ -88,8 +89,8 @@ def _conv_image(v: Tensor, kernel: Tensor, spatial: tuple[int, ...]) -> Tensor:
     grid, one kernel (B, H, D, 3, 3) per channel."""
     hh, ww = spatial
     img = F.pad(v.unflatten(2, (hh, ww)), (0, 0, 1, 1, 1, 1))  # (B, H, hh + 2, ww + 2, D)
-    out = sum(kernel[:, :, None, None, :, i, j] * img[:, :, i:i + hh, j:j + ww]
-              for i in range(3) for j in range(3))
+    out = cast(Tensor, sum(kernel[:, :, None, None, :, i, j] * img[:, :, i:i + hh, j:j + ww]
+                           for i in range(3) for j in range(3)))
     return out.flatten(2, 3)
 
 

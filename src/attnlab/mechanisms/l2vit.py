@@ -3,7 +3,7 @@ position encoding are residual branches it contributes to attnlab's blocks."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ def _tokens(x: Tensor, mask: Tensor | None) -> tuple[Tensor, tuple[int, int], Te
     grid = tuple(x.shape[1:3]) if x.dim() == 4 else (1, x.shape[1])
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
     keep = None if mask is None else mask.reshape(x.shape[0], -1)
-    return tokens, grid, keep
+    return tokens, cast("tuple[int, int]", grid), keep
 
 
 class LocalConcentration(nn.Module):

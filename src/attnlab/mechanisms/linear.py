@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class LinearFamily(Attention):
         st = call.state
         if st is None or st.get(names[0]) is None:
             return None
-        return tuple(st.get(n) for n in names)
+        return tuple(cast(Tensor, st.get(n)) for n in names)  # saved together
 
     def read_prefix(self, call: Call):
         """The ``prefix_sums`` state ((S1, z1), (S2, z2)) kept in the call's state, or None."""
@@ -96,6 +96,7 @@ class LinearAttention(LinearFamily):
 
     def _zero_normalizer(self) -> None:
         # zero-init (after nn.Linear's own draws): the normaliser starts at a constant
+        assert self.normalizer is not None  # variant "dsf"
         nn.init.zeros_(self.normalizer.weight)
         nn.init.zeros_(self.normalizer.bias)
 
@@ -105,6 +106,7 @@ class LinearAttention(LinearFamily):
             self._zero_normalizer()
 
     def _dsf_scale(self, call: Call) -> Tensor:
+        assert self.normalizer is not None  # variant "dsf"
         return torch.exp(-self.normalizer(call.x)).transpose(1, 2).unsqueeze(-1)  # (B,H,L,1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -152,7 +152,7 @@ class MaxViTAttention(Attention):
             vis = (group[:, None] == group[None, :])[None, None]
             bias = self.bias[kind](part.slot_rc)[:, slot][:, :, slot]  # (n, L, L)
             if call.key_mask is not None:
-                vis = vis & call.op_mask
+                vis = vis & cast(Tensor, call.op_mask)
             weights.append(softmax_weights(q[:, first:first + n], k[:, first:first + n],
                                            mask=vis, bias=bias))
         return torch.cat(weights, 1)

@@ -150,4 +150,5 @@ class MILAttentionPooling(Attention):
         a = self._attention(q, k, call)
         self._diversity(a)
         z = (a.to(v.dtype) @ v)[:, :, 0] * self.head_scale.to(v.dtype)[:, None]  # (B, M, C)
+        assert call.nonfinite is not None  # marked by _begin (propagates_nonfinite is False)
         return z + nan_where(call.nonfinite.any(-1, keepdim=True), z)

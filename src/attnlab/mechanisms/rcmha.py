@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ class HeadSharedConv(CausalConv1d):
     def __init__(self, head_dim: int, kernel: int) -> None:
         super().__init__(head_dim, kernel, groups=head_dim)
 
-    def forward(self, x: Tensor, keep: Tensor | None, history: Tensor | None
+    def forward(self, x: Tensor, keep: Tensor | None = None, history: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         b, length, width = x.shape
         d = self.conv.in_channels
@@ -122,7 +122,8 @@ class RelativeConvolutionalAttention(Attention):
     def _reset_part(self, name: str) -> None:
         if name == "o_proj" and self._own_o_proj:  # replaced: replay the base's draws here
             replay_draws(lambda: nn.Linear(self.heads * self.head_dim, self.dim,
-                                           bias=self.shape.bias), like=self.o_proj.weight)
+                                           bias=self.shape.bias),
+                         like=cast(Tensor, self.o_proj.weight))
             return
         super()._reset_part(name)
 
@@ -163,7 +164,7 @@ class RelativeConvolutionalAttention(Attention):
 
     def _tile(self, q: Tensor, k: Tensor, v: Tensor, emb: Tensor | None, bias: Tensor | None,
               positions: Tensor, key_mask: Tensor | None) -> Tensor:
-        rel = None if emb is None else (emb, bias)
+        rel = None if emb is None else (emb, cast(Tensor, bias))
         return self._rows(q, k, rel, positions, key_mask).to(v.dtype) @ v
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:

@@ -33,6 +33,8 @@ def random_matrices(heads: int, dim: int, identity_mean: float, seed: int | None
 class RandomFeatureProjection(nn.Module):
     """q = x itself per head, k = W_m x with frozen random W_m (a buffer), v = a linear map."""
 
+    random_qk: Tensor  # a buffer (register_buffer)
+
     def __init__(self, shape: HeadShape, *, identity_mean: float, seed: int | None) -> None:
         super().__init__()
         self.shape = shape

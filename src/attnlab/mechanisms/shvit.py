@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +156,9 @@ class SingleHeadAttention(Attention):
         # the output projection comes after the concatenation with the other channels (post)
         super().__init__(dim, heads, head_dim=channels // heads, qk_dim=qk_dim, bias=bias,
                          projection=projection, output_projection=False, **kwargs)
-        if self.qkv.norm is not None:
-            self.qkv.norm.per_token = self.causal
+        norm: Any = self.qkv.norm
+        if norm is not None:
+            norm.per_token = self.causal
         self.partial_channels = channels
         self.proj = ScaledLinear(dim, dim, bias=bias, bn_weight=0.0)
 

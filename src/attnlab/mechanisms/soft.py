@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,8 @@ class SoftAttention(Attention):
         self.landmark, self.ratio, self.landmarks = landmark, ratio, landmarks
         self.inverse, self.iterations, self.newton_grad = inverse, newton_iterations, newton_grad
         self.normalize = normalize
-        self.landmark_op = ConvLandmarks(self.head_dim, ratio) if landmark == "conv" else None
+        self.landmark_op = (ConvLandmarks(self.head_dim, cast(int, ratio))  # ratio: checked
+                            if landmark == "conv" else None)
         self.local = HeadConv(self.heads, local_kernel) if local else None
         self.weights_reproduce_output = not local
 
@@ -173,7 +174,8 @@ class SoftAttention(Attention):
         """The landmark grid: ``ratio`` cells per axis (rounded up); otherwise a fixed
         number of landmarks (7 x 7 on an image, 49 on a sequence), never more than tokens."""
         if self.landmarks is None:
-            return tuple(max(1, -(-g // self.ratio)) for g in grid)
+            assert self.ratio is not None  # _check_landmarks: ratio or landmarks
+            return cast("tuple[int, int]", tuple(max(1, -(-g // self.ratio)) for g in grid))
         side = math.isqrt(self.landmarks)
         if grid[0] == 1:
             return 1, min(grid[1], self.landmarks)

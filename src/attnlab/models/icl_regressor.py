@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -84,4 +85,4 @@ class ICLRegressor(nn.Module):
         return pred.squeeze(-1) if self.targets == 1 else pred
 
     def extra_loss(self) -> Tensor:
-        return sum_extra_losses(self.layers, self.layers[0].head_scale)
+        return sum_extra_losses(self.layers, cast(Tensor, self.layers[0].head_scale))

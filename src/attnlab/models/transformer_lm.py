@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,7 @@ class TransformerLM(nn.Module):
 
     def new_states(self, batch_size: int) -> list[State]:
         """One decoding state per layer."""
-        return [b.attn.new_state(batch_size) for b in self.blocks]
+        return [cast(Block, b).attn.new_state(batch_size) for b in self.blocks]
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -21,6 +21,9 @@ class QKNorm(nn.Module):
     (``nn.LayerNorm``: affine with a bias, eps 1e-5, as the official sigmoid attention).
     ``shared``: one norm for both (mechanisms whose keys are their queries, such as SOFT)."""
 
+    q: nn.Module
+    k: nn.Module
+
     def __init__(self, dim: int, enabled: bool, *, shared: bool = False,
                  kind: str = "rms") -> None:
         super().__init__()

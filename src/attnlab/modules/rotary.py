@@ -19,6 +19,8 @@ class Rotary(nn.Module):
     must equal an official Hugging Face model.
     """
 
+    inv_freq: Tensor  # a non-persistent buffer (register_buffer)
+
     def __init__(self, head_dim: int, base: float = 10000.0, *, rotary_dim: int | None = None,
                  float32_frequencies: bool = False) -> None:
         super().__init__()

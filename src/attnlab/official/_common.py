@@ -5,10 +5,12 @@ parameters."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+M = TypeVar("M", bound=nn.Module)  # load_exactly returns the module it was given
 
 
 def refuse_keys(who: str, unexpected: Iterable[str], missing: Iterable[str],
@@ -70,7 +72,7 @@ def agree(who: str, inferred: Mapping[str, Any], build_kwargs: dict[str, Any], *
     return dict(inferred)
 
 
-def load_exactly(who: str, attn: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:
+def load_exactly(who: str, attn: M, weights: Mapping[str, Tensor]) -> M:
     """Copy ``weights`` (attnlab name -> tensor) into ``attn``, whose parameters must be
     exactly those names (the build arguments added none the official module lacks)."""
     own = dict(attn.named_parameters())

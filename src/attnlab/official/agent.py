@@ -61,6 +61,7 @@ def _sources(layout: str, sr: bool) -> tuple[dict[str, Source], tuple[str, ...]]
     if layout in ("swin", "deit"):
         out = {f"qkv.{p}.{kind}": (f"qkv.{kind}", _chunk(i, 3)) for i, p in enumerate("qkv")
                for kind in ("weight", "bias")}
+        optional: tuple[str, ...]
         optional = ("qkv.bias",)
     else:
         out = {f"qkv.q.{kind}": (f"q.{kind}", _same) for kind in ("weight", "bias")}

@@ -46,6 +46,7 @@ def _sources(layout: str) -> tuple[dict[str, tuple[str, int, int]], tuple[str, .
     if layout == "swin":
         fused = {f"qkv.{p}.{kind}": (f"qkv.{kind}", i, 3) for i, p in enumerate("qkv")
                  for kind in ("weight", "bias")}
+        optional: tuple[str, ...]
         optional = ("qkv.bias",)
     else:
         fused = {f"qkv.q.{kind}": (f"q.{kind}", 0, 1) for kind in ("weight", "bias")}

@@ -174,6 +174,7 @@ def visible_counts(lq: int, lk: int, *, causal: bool, mask: Tensor | None,
         counts = torch.where(last >= 0, csum[:, last.clamp_min(0)], torch.zeros_like(csum[:, :1]))
         return counts.view(-1, 1, lq, 1)
     vis = visibility(lq, lk, causal=causal, mask=mask, device=device)
+    assert vis is not None  # a mask or causal: not everything is visible
     return vis.sum(-1, keepdim=True)
 
 
@@ -233,7 +234,7 @@ def constant_geometry(fn: Fn) -> Fn:
 
         with unset_fake_temporarily(), torch._C._DisableTorchDispatch():
             return fn(*args, **kwargs)
-    return torch.compiler.assume_constant_result(eager)  # type: ignore[return-value]
+    return torch.compiler.assume_constant_result(eager)
 
 
 def nan_where(rows: Tensor, like: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,8 @@ BACKENDS = ("triton", "split", "fused", "reference")
 def _sdpa_takes_gqa() -> bool:
     """Whether this torch's SDPA takes ``enable_gqa`` (torch >= 2.5)."""
     try:
-        F.scaled_dot_product_attention(*(torch.zeros(1, h, 1, 1) for h in (2, 1, 1)),
-                                       enable_gqa=True)
+        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1),
+                                       torch.zeros(1, 1, 1, 1), enable_gqa=True)
     except TypeError:
         return False
     return True
@@ -154,7 +155,7 @@ def _split_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int | None
             out, seen = _fused(q, k_cache, v_cache, vis, scale, probe)
         else:  # on a CPU one segment by default (its threads share the matmuls anyway)
             out, seen = _own_segments(q, k_cache, v_cache, vis, splits or 1, scale, probe)
-    if probe and not math.isfinite((out + seen).sum().item()):
+    if probe and not math.isfinite((out + cast(Tensor, seen)).sum().item()):
         return None
     return out.reshape(b, h, lq, -1).to(q.dtype)
 
@@ -220,8 +221,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     cache length; named only) or ``"auto"`` (fused on an accelerator when ``splits`` is
     None, else split).
     """
-    return _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask, scale=scale,
-                     probe=False, backend=backend)
+    return cast(Tensor, _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask,
+                                  scale=scale, probe=False, backend=backend))
 
 
 def _segments(q: Tensor, k: Tensor, v: Tensor, vis: Tensor | None, n_seg: int, probe: bool

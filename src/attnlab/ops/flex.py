@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ def _flex_for(device: torch.device) -> Callable:
     """Compiled FlexAttention on CUDA; the eager (unfused reference) one elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return compiled_flex() if device.type == "cuda" else flex_attention
+    return compiled_flex() if device.type == "cuda" else cast(Callable, flex_attention)
 
 
 def _mask_mod(causal: bool, offset: int, mask: Tensor | None) -> Callable | None:
@@ -47,7 +48,8 @@ def _mask_mod(causal: bool, offset: int, mask: Tensor | None) -> Callable | None
 def _causal_block_mask(lq: int, lk: int, device: str):
     """The end-aligned causal block mask, broadcast over batch and heads (building one costs
     about as much as a short attention call, so it is cached per shape and device)."""
-    return block_mask_of(_mask_mod(True, lk - lq, None), None, None, lq, lk, device)
+    return block_mask_of(cast(Callable, _mask_mod(True, lk - lq, None)), None, None, lq, lk,
+                         device)
 
 
 def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
@@ -64,6 +66,7 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         block_mask = _causal_block_mask(lq, lk, str(q.device))
     elif mask is not None:
         mod = _mask_mod(causal, lk - lq, mask.expand(b, h, lq, lk))
+        assert mod is not None  # a mask was given
         block_mask = block_mask_of(mod, b, h, lq, lk, q.device)
     fn = _flex_for(q.device)
     if not return_lse:
@@ -94,6 +97,8 @@ def flex_masked(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     query of a block can see. ``q``, ``k``, ``v`` are (B, H, L, D) with expanded heads."""
     b, h, lq, _ = q.shape
     if block_mask is None:
+        if mask_mod is None:
+            raise ValueError("flex_masked needs a mask_mod or a block_mask")
         block_mask = block_mask_of(mask_mod, b, h, lq, k.shape[2], q.device)
     fn = _flex_for(q.device)
     return fn(q, k, v, block_mask=block_mask, scale=scale)

@@ -14,6 +14,7 @@ recurrent form the decode step; all three agree and can continue from a state ``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,10 @@ def pads_keys_only(mask: Tensor | None) -> bool:
     return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
+@overload
+def key_padding_only(op: str, mask: Tensor, batch: int, lk: int) -> Tensor: ...
+@overload
+def key_padding_only(op: str, mask: Tensor | None, batch: int, lk: int) -> Tensor | None: ...
 def key_padding_only(op: str, mask: Tensor | None, batch: int, lk: int) -> Tensor | None:
     """(B, Lk) bool from an op-level mask that only pads keys, for the factorised forms."""
     if mask is None:
@@ -72,7 +77,7 @@ def _check_state(op: str, state: object, q: Tensor, v: Tensor, feature_dim: int 
     ok = (isinstance(state, (tuple, list)) and len(state) == 2
           and all(isinstance(t, Tensor) for t in state))
     if ok:
-        s, z = state
+        s, z = cast(LinearState, state)
         ok = (s.dim() == 4 and z.dim() == 3 and tuple(s.shape[:2]) == (b, h)
               and tuple(z.shape[:2]) == (b, h) and s.shape[3] == dv and s.shape[2] == z.shape[2]
               and (feature_dim is None or s.shape[2] == feature_dim))
@@ -168,7 +173,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                      mask: Tensor | None = None, backend: str = "auto",
                      feature_map: str | Callable[[Tensor], Tensor] = "elu",
                      normalize: bool = True, chunk_size: int = 64,
-                     state: LinearState | None = None, return_state: bool = False,
+                     state: tuple[Tensor, ...] | None = None, return_state: bool = False,
                      eps: float = 1e-6):
     """Linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
 
@@ -253,6 +258,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         num, den = _parallel(fq, fk, v, causal, mask, start)
     if keep is not None:  # padded keys contribute nothing to sums or states
         fk, v = fk * keep.to(fk.dtype), v * keep.to(v.dtype)
+    new: tuple[Tensor, ...] | None
     if q.shape[2] == 0:  # no token: the state passes through
         num, den, new = fq.new_zeros(*fq.shape[:3], v.shape[-1]), fq.new_zeros(fq.shape[:3]), start
     elif form == "parallel":
@@ -286,11 +292,12 @@ def prefix_sums(fq: Tensor, fk: Tensor, v: Tensor, *, causal: bool, mask: Tensor
     v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     ones_q = fq.new_ones(*fq.shape[:-1], 1)
     ones_k = fk.new_ones(*fk.shape[:-1], 1)
+    kw: dict[str, Any]
     kw = dict(causal=causal, feature_map="identity", normalize=False, mask=mask, backend=backend,
               chunk_size=chunk_size, return_state=causal)
     s1, s2 = state if state is not None else (None, None)
     r1 = linear_attention(fq, fk, v_aug, state=s1, **kw)
     r2 = linear_attention(ones_q, ones_k, v_aug, state=s2, **kw)
     (ad, n1), (vn, n2) = (r1, r2) if causal else ((r1, None), (r2, None))
-    new = (n1, n2) if causal else None
+    new = cast(PrefixState, (n1, n2)) if causal else None
     return ad[..., :-1], ad[..., -1], vn[..., :-1], vn[..., -1], new

@@ -118,6 +118,7 @@ class _SecondMoment(torch.autograd.Function):
             for j0 in range(0, k.shape[-2], chunk):
                 part = w[..., j0:j0 + chunk] @ _outer_squares(k[..., j0:j0 + chunk, :])
                 total = part if total is None else total.add_(part)
+        assert total is not None  # at least one key
         return total.unflatten(-1, (d, d))
 
     @staticmethod

@@ -31,6 +31,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,7 @@ def neighborhood_visibility(spatial: Sequence[int], *, kernel_size, dilation=1, 
         m = m.view(shape)
         vis = m if vis is None else vis & m
     total = math.prod(spatial)
+    assert vis is not None  # at least one axis
     return vis.reshape(total, total)
 
 
@@ -223,6 +225,7 @@ def _linear_index(axis_idx: list[Tensor], spatial: list[int]) -> Tensor:
         shape[a], shape[n + a] = idx.shape
         term = idx.view(shape) * math.prod(spatial[a + 1:])
         flat = term if flat is None else flat + term
+    assert flat is not None  # at least one axis
     return flat.reshape(-1)
 
 
@@ -238,6 +241,7 @@ def _combine_visibility(tiles: list[AxisTiles]) -> Tensor:
     t_count = math.prod([t.visible.shape[0] for t in tiles])
     b_count = math.prod([t.visible.shape[1] for t in tiles])
     w_count = math.prod([t.visible.shape[2] for t in tiles])
+    assert vis is not None  # at least one axis
     return vis.reshape(t_count, b_count, w_count)
 
 
@@ -330,7 +334,8 @@ def _sliding_1d(q: Tensor, k: Tensor, v: Tensor, rule: AxisRule, key_mask: Tenso
     out = q.new_empty(b, h, length, v.shape[-1])
     unmasked = _tile_bias(vis, q.dtype) if shared else None  # the same for every i
     for i in range(b):
-        bias, empty = unmasked or _tile_bias(vis & key_mask[i][k_pos][:, None, :], q.dtype)
+        bias, empty = unmasked or _tile_bias(vis & cast(Tensor, key_mask)[i][k_pos][:, None, :],
+                                                   q.dtype)
         if len(regular):
             n_reg = last + 1 - first
             span = slice(first * block, (last + 1) * block)

@@ -7,6 +7,8 @@ serves them (forward and backward, no L x L matrix per head).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,7 +16,8 @@ from torch import Tensor
 from attnlab.ops.common import begin, begin_weights, checked_weights, guarded_op, row_counts, upcast
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
-ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "sigmoid": torch.sigmoid,
+                                                     "tanh": torch.tanh}
 BACKENDS = ("tiled", "reference")  # in order of preference for backend="auto"
 
 

@@ -176,7 +176,7 @@ def _flush_(t: Tensor, p: float) -> Tensor:
     below Lk 2^-126 times the row's largest (2^-114 at Lk = 4096). Subnormal operands make the
     elementwise passes and the GEMMs that read them many times slower (LSSAR training at
     L = 4096: 1060 -> 850 ms). float64 rows are flushed alike: the loss is as small."""
-    return torch.nn.functional.threshold_(t, 2.0 ** ((math.log2(t.shape[-1]) - 126.0) / p), 0.0)
+    return torch.threshold_(t, 2.0 ** ((math.log2(t.shape[-1]) - 126.0) / p), 0.0)
 
 
 def _power_(t: Tensor, p: float) -> Tensor:
@@ -189,6 +189,7 @@ def _power_(t: Tensor, p: float) -> Tensor:
             p >>= 1
             if p:
                 base = base * base if base is t else base.mul_(base)
+        assert result is not None  # p >= 1 has a set bit
         return result
     return t.log_().mul_(p).exp_()
 

@@ -281,6 +281,7 @@ class _SparsifinerTiles(torch.autograd.Function):
         for t in ops.tiles(plan):
             m = _TileMath(t, ops, plan, backward=True)
             if dout is not None:
+                assert rowdot is not None  # made with dout
                 grads.attention(t, m, m.attention_weights(), dout[t.heads, t.rows],
                                 rowdot[t.heads, t.rows], plan.scale)
             if distill:
@@ -310,6 +311,7 @@ class _Grads:
 
     def connectivity(self, t: _Tile, x: _TileMath, d_conn: Tensor) -> None:
         """C = a c^T / sqrt(r)'s backward (``d_conn`` already through the 1/sqrt(r))."""
+        assert self.da is not None and self.dc is not None  # made when distilling
         self.da[t.heads, t.rows] = torch.bmm(d_conn, x.c)
         self.dc[t.heads, t.keys] += torch.bmm(d_conn.mT, x.a)
 
@@ -318,6 +320,7 @@ class _Grads:
         att = (self.dq, self.dk, self.dv) if self.used_attention else (None, None, None)
         if self.da is None:
             return (*att, None, None)
+        assert self.dc is not None  # made with da
         return (*att, self.da.to(ops.a.dtype), self.dc.to(ops.c.dtype))
 
 

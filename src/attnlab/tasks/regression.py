@@ -235,6 +235,6 @@ class TestTimeRegression(InContextRegression):
         out = {"least_squares": (test_pred["least_squares"] - test[3].double()).pow(2)
                .mean().item()}
         for name in ("nadaraya_watson", "local_linear"):
-            best = min((k for k in fit_err if k.startswith(name + "@")), key=fit_err.get)
+            best = min((k for k in fit_err if k.startswith(name + "@")), key=lambda k: fit_err[k])
             out[name] = (test_pred[best] - test[3].double()).pow(2).mean().item()
         return out

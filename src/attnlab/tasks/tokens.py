@@ -43,7 +43,7 @@ class TokenTask(Task):
     def max_length(self) -> int:
         raise NotImplementedError
 
-    def sample(self, batch_size: int, generator: torch.Generator,
+    def sample(self, batch_size: int, generator: torch.Generator, *args: Any,
                **slice_kwargs: Any) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
