@@ -82,8 +82,11 @@ def check(spatial, kernel, dilation=1, stride=1, causal=False, border="shift", h
         key_padding(b, spatial) if padded else None)
     scale = d ** -0.5
     assert triton_limits(q, v, rules, mask, block) is None
-    got = run(lambda q, k, v: neighborhood_attention_triton(q, k, v, rules, mask, scale, block),
-              q, k, v, grad_out)
+    # backend="triton" through the op (its checks, dispatch, limits and GQA path)
+    got = run(lambda q, k, v: neighborhood_attention(
+        q, k, v, kernel_size=kernel, dilation=dilation, stride=stride, causal=causal,
+        border=border, mask=mask, scale=scale, backend="triton", block=block),
+        q, k, v, grad_out)
     ref = run(lambda q, k, v: neighborhood_attention(
         q, k, v, kernel_size=kernel, dilation=dilation, stride=stride, causal=causal,
         border=border, mask=mask, scale=scale, backend="reference"),
@@ -296,3 +299,25 @@ def test_2d_float16_gqa_and_clip():
 @pytest.mark.slow
 def test_longer_1d_many_tiles():
     check((131,), 9, 2, 3, False, padded=True, b=2)
+
+
+def test_the_op_runs_the_kernel_when_triton_is_named_and_auto_only_on_cuda(monkeypatch):
+    """backend="triton" reaches the kernel (a wiring that fell through to another backend
+    would still agree with the reference in every test above); auto takes it on CUDA only."""
+    import attnlab.ops.triton.neighborhood as kernels
+    from attnlab.ops.dispatch import explain
+    from attnlab.ops.neighborhood import BACKENDS
+
+    q, k, v, _ = inputs(1, 2, 1, (9,), 16, 16, torch.float32)
+    verdicts = dict(explain("neighborhood_attention", "auto", BACKENDS, q, k, v))
+    if DEVICE.type == "cuda":
+        assert verdicts["triton"] == "chosen"
+    else:  # the interpreter is for tests: auto never picks it for CPU tensors
+        assert verdicts["triton"].startswith("skipped: auto uses the triton kernels on CUDA")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("kernel called")
+
+    monkeypatch.setattr(kernels, "neighborhood_attention_triton", refuse)
+    with pytest.raises(RuntimeError, match="kernel called"):
+        neighborhood_attention(q, k, v, kernel_size=3, backend="triton")

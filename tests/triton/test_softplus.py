@@ -20,7 +20,8 @@ import os
 import pytest
 import torch
 
-from attnlab.ops.softplus import length_scale, softplus_attention
+from attnlab.ops.dispatch import explain
+from attnlab.ops.softplus import BACKENDS, length_scale, softplus_attention
 from attnlab.ops.triton.softplus import softplus_attention_triton, triton_limits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,12 +54,9 @@ def run(q, k, v, grad_out, *, backend, causal, mask=None, reweight_p=None, log_d
     """Output and gradients of q, k, v for sum(out * grad_out)."""
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     log_d = length_scale(q, None) if log_d is None else log_d
-    if backend == "triton":
-        out = softplus_attention_triton(*leaves, causal=causal, mask=mask, log_d=log_d,
-                                        reweight_p=reweight_p)
-    else:
-        out = softplus_attention(*leaves, causal=causal, mask=mask, scale=log_d,
-                                 reweight_p=reweight_p, backend=backend)
+    # backend="triton" through the op (its dispatch, limits and GQA path), as users call it
+    out = softplus_attention(*leaves, causal=causal, mask=mask, scale=log_d,
+                             reweight_p=reweight_p, backend=backend)
     grads = torch.autograd.grad((out.double() * grad_out.double()).sum(), leaves)
     return (out, *grads)
 
@@ -207,3 +205,28 @@ def test_what_the_kernel_refuses_is_explained(what, reason):
 def test_larger_head_dims_and_lengths(d, mode):
     q, k, v, grad_out = inputs(2, 4, 2, 45, 70, d, seed=10)
     check(q, k, v, grad_out, causal=True, mask=key_padding(2, 70), reweight_p=MODES[mode])
+
+
+def test_auto_chooses_it_on_cuda_only_and_a_block_size_is_refused():
+    q, k, v, _ = inputs(1, 2, 1, 5, 7, 16)
+    verdicts = dict(explain("softplus_attention", "auto", BACKENDS, q, k, v))
+    if DEVICE.type == "cuda":
+        assert verdicts["triton"] == "chosen"
+    else:  # the interpreter is for tests: auto never picks it for CPU tensors
+        assert verdicts["triton"].startswith("skipped: auto uses the triton kernels on CUDA")
+    with pytest.raises(ValueError, match="choose their own tiles"):
+        softplus_attention(q, k, v, backend="triton", block_size=32)
+
+
+def test_the_op_runs_the_kernel_when_triton_is_named(monkeypatch):
+    """backend="triton" reaches the kernel (a wiring that fell through to another backend
+    would still agree with the reference in every test above)."""
+    import attnlab.ops.triton.softplus as kernels
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("kernel called")
+
+    monkeypatch.setattr(kernels, "softplus_attention_triton", refuse)
+    q, k, v, _ = inputs(1, 2, 1, 5, 7, 16)
+    with pytest.raises(RuntimeError, match="kernel called"):
+        softplus_attention(q, k, v, causal=True, backend="triton")

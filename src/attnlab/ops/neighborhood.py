@@ -50,7 +50,9 @@ from attnlab.ops.common import (
 )
 from attnlab.ops.dispatch import choose, needs_grad
 
-BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
+# in order of preference for backend="auto" (which takes "triton" on CUDA only: see
+# attnlab.ops.triton.why_not)
+BACKENDS = ("triton", "flex", "tiled", "reference")
 # queries per tile of the 1-D sliding-window path, measured on the 2-core CPU at L = 16k
 # (tiles of 16 to 256): inference is fastest with 32 for K = 31 to 511; training, whose
 # backward writes and folds gradients of the (tile, W) key windows, W / B times k's size,
@@ -493,7 +495,12 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
     heads than q (GQA). ``border="clip"`` gives convolution windows instead: centred on the
     query, cut at the borders (fewer keys there), no stride or causal. Rows with no visible
     key give 0. ``block``: tile edge per axis for
-    the tiled backend (default: about the kernel, rounded up to the stride).
+    the tiled backend (default: about the kernel, rounded up to the stride) and for the
+    triton one (powers of two whose product is 16 to 256; default per number of axes).
+    Backends: ``reference`` (dense), ``tiled`` (window tiles), ``flex`` (a block mask),
+    ``triton`` (``attnlab.ops.triton.neighborhood``: flash-style forward and backward kernels
+    that visit only each query tile's window of key tiles, on CUDA or under Triton's
+    interpreter).
     """
     op = "neighborhood_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -527,16 +534,23 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
     rules = _rules(spatial, kernel_size, dilation, stride, causal, border)
     if q.numel() == 0:  # no sequence or no token
         return v.new_zeros(*q.shape[:-1], v.shape[-1])
-    backend = choose(op, backend, BACKENDS, q, k, v)
+    backend = choose(op, backend, BACKENDS, q, k, v,
+                     limits=lambda n: _triton_limits(q, v, rules, key_mask, block)
+                     if n == "triton" else None)
     scale = default_scale(q, scale)
     k, v, bad = hide_nonfinite(k, v)  # a key outside every window never reaches the output
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    if backend == "reference":
-        out = _reference(q, k, v, rules, key_mask, scale)
-    elif backend == "flex":
-        out = _flex(q, k, v, rules, key_mask, scale)
+    if backend == "triton":  # GQA kv heads indexed in the kernels, never repeated
+        from attnlab.ops.triton.neighborhood import neighborhood_attention_triton
+
+        out = neighborhood_attention_triton(q, k, v, rules, key_mask, scale, block)
     else:
-        out = _tiled(q, k, v, rules, key_mask, scale, block)
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+        if backend == "reference":
+            out = _reference(q, k, v, rules, key_mask, scale)
+        elif backend == "flex":
+            out = _flex(q, k, v, rules, key_mask, scale)
+        else:
+            out = _tiled(q, k, v, rules, key_mask, scale, block)
     # rare: NaN on the queries whose window holds a non-finite key (a second windowed pass,
     # skipped eagerly when no key is bad; traced, always taken: no host sync, one graph)
     if tracing() or bool(bad.any()):
@@ -544,3 +558,12 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, *, kernel_size, dila
                       bad.unsqueeze(-1).float(), rules, key_mask, 1.0, block)[..., 0] > 0
         out = out + nan_where(expand_kv(seen, q.shape[1]), out)
     return out
+
+
+def _triton_limits(q: Tensor, v: Tensor, rules: Sequence[AxisRule], key_mask: Tensor | None,
+                   block: int | tuple[int, ...] | None) -> str | None:
+    """Why the triton kernels cannot serve this call (asked only once triton is known to
+    import: the dispatcher's general conditions come first)."""
+    from attnlab.ops.triton.neighborhood import triton_limits
+
+    return triton_limits(q, v, rules, key_mask, block)

@@ -15,19 +15,22 @@ from torch import Tensor
 
 from attnlab.core.arguments import Arg
 from attnlab.ops.common import (
-    begin,
     begin_weights,
     checked_weights,
+    expand_kv,
     guarded_op,
     row_counts,
     tracing,
     upcast,
     visible_counts,
 )
+from attnlab.ops.dispatch import choose
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, block_counts, row_tiled
 
-BACKENDS = ("flex", "tiled", "reference")  # in order of preference for backend="auto"
+# in order of preference for backend="auto" (which takes "triton" on CUDA only: see
+# attnlab.ops.triton.why_not)
+BACKENDS = ("triton", "flex", "tiled", "reference")
 
 # The "- 1" of LSSAR is skipped for rows that see at most this many keys: for causal
 # sequences without padding these are the first 3 rows, as in the paper.
@@ -239,12 +242,22 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     (B, H, Lq, Lk); ``scale`` is c in alpha_i = c ln(N_i), default ln(D). Returns
     (B, H, Lq, Dv). Backends: ``reference`` (dense), ``tiled`` (memory-bounded forward and
     backward, the CPU default), ``flex`` (two FlexAttention passes; the second re-weights
-    with the first's lse).
+    with the first's lse), ``triton`` (``attnlab.ops.triton.softplus``: forward and backward
+    Triton kernels with float32 row statistics, on CUDA or under Triton's interpreter; the
+    kernel chooses its own tiles, so it takes no ``block_size``).
     """
     if reweight_p is not None and reweight_p < 1:
         raise ValueError(f"softplus_attention: reweight_p must be >= 1, got {reweight_p}")
     log_d = length_scale(q, scale)
-    name, q, k, v = begin("softplus_attention", backend, BACKENDS, q, k, v)
+    name = choose("softplus_attention", backend, BACKENDS, q, k, v,
+                  limits=lambda n: _triton_limits(q, k, v, mask, reweight_p, block_size)
+                  if n == "triton" else None)
+    if name == "triton":  # GQA kv heads indexed in the kernels, never repeated
+        from attnlab.ops.triton.softplus import softplus_attention_triton
+
+        return softplus_attention_triton(q, k, v, causal=causal, mask=mask, log_d=log_d,
+                                         reweight_p=reweight_p)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if name == "reference":
         w = softplus_weights(q, k, causal=causal, mask=mask, scale=log_d, reweight_p=reweight_p)
         return w.to(v.dtype) @ v
@@ -262,3 +275,14 @@ def softplus_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                     reweight_p=reweight_p)
         return out.to(v.dtype)
     return _flex(q, k, v, causal=causal, mask=mask, log_d=log_d, reweight_p=reweight_p)
+
+
+def _triton_limits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                   reweight_p: float | None, block_size: int | None) -> str | None:
+    """Why the triton kernels cannot serve this call (asked only once triton is known to
+    import: the dispatcher's general conditions come first)."""
+    if block_size is not None:
+        return "the triton kernels choose their own tiles: leave block_size unset"
+    from attnlab.ops.triton.softplus import triton_limits
+
+    return triton_limits(q, k, v, mask, reweight_p)

@@ -13,7 +13,6 @@ tests: slow). ``ATTNLAB_TRITON_AUTO=0`` makes auto skip them on CUDA too (a name
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,10 +20,14 @@ INSTALL = "pip install 'attnlab[triton]' (CUDA builds of torch ship triton)"
 AUTO_SWITCH = "ATTNLAB_TRITON_AUTO"  # "0": backend="auto" does not choose the triton kernels
 
 
-@functools.cache
+# looked up once, when this package is first imported (not with functools.cache, through
+# which torch.compile warns that it traces)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def importable() -> bool:
     """Whether the ``triton`` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreting() -> bool:
