@@ -45,3 +45,20 @@ def test_every_op_with_kernels_lists_triton_first():
 
     for op in (sigmoid, linear, decode):
         assert op.BACKENDS[0] == "triton", op.__name__
+
+
+def test_decode_auto_takes_the_kernel_where_the_dispatcher_allows_and_it_can_serve(
+        monkeypatch):
+    """decode_attention resolves auto itself (fused / split): it takes triton when the
+    dispatcher's conditions hold (CUDA; simulated here) and the call is inference."""
+    import torch
+
+    from attnlab.ops.decode import _backend
+
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 32, 8)
+    assert _backend("auto", None, q, k, k) != "triton"  # CPU tensors: never
+    monkeypatch.setattr(kernels, "why_not", lambda device, *, auto: None)  # as on CUDA
+    with torch.no_grad():
+        assert _backend("auto", None, q, k, k) == "triton"
+    q.requires_grad_(True)  # a backward is wanted: the kernel has none
+    assert _backend("auto", None, q, k, k) == "split"

@@ -26,11 +26,11 @@ from attnlab.ops.common import default_scale, guarded_op, shifted_exp, unit_last
 from attnlab.ops.dispatch import choose, needs_grad
 from attnlab.ops.softmax import softmax_attention
 
-# "triton": split-KV kernels (ops/triton/decode.py; named only: auto skips it until a GPU run
-# validates it, see ops.triton.why_not; inference only); "split": attnlab's segments and
-# exact merge; "fused": one call of SDPA's fused kernels;
-# "reference": softmax_attention's dense reference. "auto": fused on an accelerator when
-# ``splits`` is None (``fused_kernel_device``), else split.
+# "triton": split-KV kernels (ops/triton/decode.py; inference only); "split": attnlab's
+# segments and exact merge; "fused": one call of SDPA's fused kernels;
+# "reference": softmax_attention's dense reference. "auto": triton on CUDA where the kernels
+# can serve the call (see ops.triton.why_not), else fused on an accelerator when ``splits``
+# is None (``fused_kernel_device``), else split.
 BACKENDS = ("triton", "split", "fused", "reference")
 
 
@@ -88,6 +88,15 @@ def _own_segments(q: Tensor, k_cache: Tensor, v_cache: Tensor, vis: Tensor | Non
     return _merged_segments(q32, k32, v32, vis, splits, probe)
 
 
+def _auto_takes_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the triton kernels: on CUDA, triton importable (and
+    ``ATTNLAB_TRITON_AUTO`` not 0), and the call within the kernels' limits."""
+    from attnlab.ops import triton as kernels  # the package; triton itself not imported
+
+    return (kernels.why_not(q.device.type, auto=True) is None
+            and triton_limits(q, k_cache, v_cache) is None)
+
+
 def _backend(backend: str, splits: int | None, q: Tensor, k_cache: Tensor,
              v_cache: Tensor) -> str:
     """The backend ``decode_attention`` runs: ``backend`` checked against ``splits``, or the
@@ -105,6 +114,8 @@ def _backend(backend: str, splits: int | None, q: Tensor, k_cache: Tensor,
         return choose("decode_attention", backend, BACKENDS, q, k_cache, v_cache,
                       limits=lambda name: triton_limits(q, k_cache, v_cache))
     if backend == "auto":
+        if _auto_takes_triton(q, k_cache, v_cache):
+            return "triton"
         return "fused" if splits is None and fused_kernel_device(q.device) else "split"
     if backend == "fused" and not _sdpa_takes_gqa():
         raise ValueError("decode_attention: the 'fused' backend needs SDPA's enable_gqa "
@@ -218,8 +229,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, splits: int
     (``ops/triton/decode.py``: one program per segment and kv head with the GQA query heads
     packed as its rows, then an exact merge kernel; CUDA, or the CPU under Triton's
     interpreter; inference only, float32/16 and bfloat16; ``splits=None`` chooses from the
-    cache length; named only) or ``"auto"`` (fused on an accelerator when ``splits`` is
-    None, else split).
+    cache length) or ``"auto"`` (triton on CUDA where it can serve the call, else fused on
+    an accelerator when ``splits`` is None, else split).
     """
     return cast(Tensor, _split_kv(q, k_cache, v_cache, splits=splits, causal=causal, mask=mask,
                                   scale=scale, probe=False, backend=backend))

@@ -25,7 +25,7 @@ from attnlab.ops.dispatch import choose
 from attnlab.ops.flex import flex_call
 from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 
-# in order of preference for backend="auto" (which does not choose "triton" yet: see
+# in order of preference for backend="auto" (which takes "triton" on CUDA only: see
 # attnlab.ops.triton.why_not)
 BACKENDS = ("triton", "flex", "tiled", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,7 +114,7 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     default), ``flex`` (FlexAttention with score_mod = log sigmoid = -softplus(-s), rescaled
     by exp(lse); ``F.logsigmoid`` itself fails to compile inside a score_mod on CUDA, torch 2.11),
     ``triton`` (``attnlab.ops.triton.sigmoid``: forward and backward Triton kernels, on CUDA or
-    under Triton's interpreter; named only for now; a float or per-head bias, any mask).
+    under Triton's interpreter; auto takes it on CUDA; a float or per-head bias, any mask).
     """
     scale = default_scale(q, scale)
     bias = default_bias(k, bias)
