@@ -3,6 +3,14 @@ import os
 import pytest
 import torch
 
+# The Triton kernels' tests (tests/triton) run the kernels in Triton's interpreter on a
+# machine without CUDA. triton.jit reads TRITON_INTERPRET when a kernel is defined, so it is
+# set here, before any test module can import a kernel module (set in tests/triton's
+# conftest, it came after other directories' tests had imported them, and the kernels then
+# mixed compiled and interpreted functions when the whole suite ran with triton installed).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default=None,

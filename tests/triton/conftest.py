@@ -1,17 +1,11 @@
 """The Triton kernels' tests: on a machine without CUDA they run the kernels in Triton's
-interpreter (``TRITON_INTERPRET=1``, set here before any kernel is defined), against the op
-references; without the ``triton`` extra installed they are skipped, saying so (``.ci/run``
-installs it)."""
+interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py before any kernel is
+defined), against the op references; without the ``triton`` extra installed they are
+skipped, saying so (``.ci/run`` installs it)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton", reason="the triton extra is not installed: "
                                      "pip install -e '.[triton]'")
