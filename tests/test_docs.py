@@ -67,7 +67,8 @@ def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out.split()
-    assert printed == ["True", "True", "True", "torch.Size([1,", "8,", "4096,", "64])", "8", "2"]
+    assert printed == ["True", "True", "True", "torch.Size([1,", "8,", "4096,", "64])", "8", "2",
+                       "True", "torch.Size([2,", "37,", "64])"]
 
 
 def test_every_registered_mechanism_has_a_page_naming_its_paper():

@@ -166,28 +166,42 @@ def test_fullgraph_forward_and_backward_equal_eager(name, causal):
             close(got, want)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, causal", _cases())
-def test_export(name, causal):
-    """``torch.export.export`` of every mechanism and mode with a key-padding mask and
-    ``Dim.AUTO`` on the sequence length: the program equals eager at the example's length
-    and, unless ``STATIC_LENGTH`` lists the mechanism (with the reason), at a second length;
-    a listed mechanism's program refuses the second length (so the list stays exact)."""
+def _check_export(name: str, causal: bool, masked: bool) -> None:
     attn = _make(name, causal).eval()
     x, keep = _inputs()
-    program = torch.export.export(attn, (x,), {"mask": keep}, dynamic_shapes={
-        "x": {1: Dim.AUTO}, "mask": {1: Dim.AUTO}})
+    kwargs = {"mask": keep} if masked else {}
+    shapes = {"x": {1: Dim.AUTO}, **({"mask": {1: Dim.AUTO}} if masked else {})}
+    program = torch.export.export(attn, (x,), kwargs, dynamic_shapes=shapes)
     with torch.no_grad():
-        close(program.module()(x, mask=keep), attn(x, mask=keep))
+        close(program.module()(x, **kwargs), attn(x, **kwargs))
     listed = name in STATIC_LENGTH or f"{name}-{'causal' if causal else 'bidir'}" in STATIC_LENGTH
     n = SECOND_LENGTH.get(name, 21)
     x, keep = _inputs(n, seed=n)
+    kwargs = {"mask": keep} if masked else {}
     if listed:  # the length is a constant (of the input's shape, or a guard on it)
         with pytest.raises((RuntimeError, AssertionError), match=rf"Guard failed|{LENGTH}"):
-            program.module()(x, mask=keep)
+            program.module()(x, **kwargs)
         return
     with torch.no_grad():
-        close(program.module()(x, mask=keep), attn(x, mask=keep))
+        close(program.module()(x, **kwargs), attn(x, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masked", [True, False], ids=["key-padding", "no-mask"])
+@pytest.mark.parametrize("name, causal", _cases())
+def test_export(name, causal, masked):
+    """``torch.export.export`` of every mechanism and mode, with a key-padding mask and
+    without one (another path in several ops: SDPA's is_causal), ``Dim.AUTO`` on the
+    sequence length: the program equals eager at the example's length and, unless
+    ``STATIC_LENGTH`` lists the mechanism (with the reason), at a second length; a listed
+    mechanism's program refuses the second length (so the list stays exact)."""
+    _check_export(name, causal, masked)
+
+
+def test_export_of_causal_softmax_without_a_mask():
+    """The unmasked causal path hands SDPA ``is_causal`` computed from the lengths, which a
+    symbolic length made a SymBool that SDPA refused (found by the README's example)."""
+    _check_export("softmax", True, masked=False)
 
 
 @pytest.mark.slow

@@ -57,8 +57,10 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
     lq, lk = q.shape[2], k.shape[2]
     q, k, v = unit_last_stride(q, k, v)
     if mask is None and bias is None and (not causal or lq == lk or lq == 1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq == lk and lq > 1,
-                                              scale=scale)
+        # bool(): under torch.export with a symbolic length the comparison is a SymBool,
+        # which SDPA refuses (the conversion records the condition as a guard)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=bool(causal and lq == lk and lq > 1), scale=scale)
     vis = visibility(lq, lk, causal=causal, mask=mask, device=q.device)
     if vis is None:
         vis = torch.ones(1, 1, 1, lk, dtype=torch.bool, device=q.device)
