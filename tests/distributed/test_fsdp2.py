@@ -27,11 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# plain softmax, one with its own parameters (the local kernel's MLP), one with feature-map
-# MLPs initialised to the identity, one with a gate (sigmoid is left out: its output at init
-# is ~1e-3, so one step moves its weights by less than the tolerance)
+# one mechanism with its own parameters (the local kernel's MLP) and one with feature-map
+# MLPs initialised to the identity, besides the projections (softmax and gated passed too;
+# left out to keep CI's slow phase short; sigmoid is left out: its output at init is ~1e-3,
+# so one step moves its weights by less than the tolerance)
 @pytest.mark.slow  # two processes, ~10 s each: .ci/run runs it (pytest -m slow)
-@pytest.mark.parametrize("name", ["softmax", "inline", "hedgehog", "gated"])
+@pytest.mark.parametrize("name", ["inline", "hedgehog"])
 def test_fsdp2_meta_build_loaded_from_rank0_trains_as_one_process(name, tmp_path):
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "tests.distributed.fsdp2_worker", name,
