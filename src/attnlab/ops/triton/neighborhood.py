@@ -54,6 +54,7 @@ from torch import Tensor
 
 from attnlab.ops.neighborhood import AxisRule
 from attnlab.ops.triton import interpreting
+from attnlab.ops.triton.common import padded
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -440,9 +441,6 @@ def _probe(KEYS, QUERIES, L, K, d, S, NQ, NK, MODE: tl.constexpr, NITER: tl.cons
 
 
 # ------------------------------------------------------------------------------------- host
-def _padded(n: int) -> int:
-    """A head dim padded to a power of two >= 16 (``tl.dot``'s least block side)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def _mode(rule: AxisRule) -> int:
@@ -522,7 +520,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, spatial: 
         lse.stride(0), lse.stride(1), H, G, D, Dv, scale * LOG2E, *_axis_args(geo),
         MODE0=geo["modes"][0], MODE1=geo["modes"][1], MODE2=geo["modes"][2],
         HAS_MASK=key_mask is not None, BM0=bm[0], BM1=bm[1], BM2=bm[2],
-        BN0=bm[0], BN1=bm[1], BN2=bm[2], BD=_padded(D), BE=_padded(Dv), num_warps=4,
+        BN0=bm[0], BN1=bm[1], BN2=bm[2], BD=padded(D), BE=padded(Dv), num_warps=4,
         num_stages=2)
     return o, lse
 
@@ -545,7 +543,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     bm = geo["block"]
     consts = {"MODE0": geo["modes"][0], "MODE1": geo["modes"][1], "MODE2": geo["modes"][2],
               "HAS_MASK": key_mask is not None, "BM0": bm[0], "BM1": bm[1], "BM2": bm[2],
-              "BN0": bm[0], "BN1": bm[1], "BN2": bm[2], "BD": _padded(D), "BE": _padded(Dv),
+              "BN0": bm[0], "BN1": bm[1], "BN2": bm[2], "BD": padded(D), "BE": padded(Dv),
               "num_warps": 4, "num_stages": 2}
     _nbh_bwd_dq[(geo["programs"], B * H)](
         q, k, v, m, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
@@ -661,7 +659,7 @@ def neighborhood_attention_triton(q: Tensor, k: Tensor, v: Tensor, rules: Sequen
         raise ValueError(f"neighborhood_attention_triton: q {tuple(q.shape)} does not match "
                          f"the rules' spatial shape {tuple(spatial)}")
     if block is None:
-        bl = default_block(n, max(_padded(q.shape[-1]), _padded(v.shape[-1])))
+        bl = default_block(n, max(padded(q.shape[-1]), padded(v.shape[-1])))
     else:
         bl = (block,) * n if isinstance(block, int) else tuple(block)
         why = _check_block(bl, n)

@@ -62,19 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnlab.ops.triton import interpreting
-
-
-@triton.jit
-def _visible(qi, kj, Lq, Lk, off, mask_base, smm, smn,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Bool tile: query ``qi`` may see key ``kj`` (index tiles that broadcast together)."""
-    vis = (qi < Lq) & (kj < Lk)
-    if CAUSAL:
-        vis = vis & (kj <= qi + off)
-    if HAS_MASK:
-        keep = tl.load(mask_base + qi * smm + kj * smn, mask=vis, other=0)
-        vis = vis & (keep != 0)
-    return vis
+from attnlab.ops.triton.common import mask_strides, padded, visible
 
 
 @triton.jit
@@ -107,7 +95,7 @@ def _sigmoid_fwd(Q, K, V, Bias, Mask, O,
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
         p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
                        CAUSAL, HAS_MASK)
         p = tl.where(vis, p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * sve,
@@ -150,7 +138,7 @@ def _sigmoid_bwd_dq(Q, K, V, Bias, Mask, DO, DQ,
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
         p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
                        CAUSAL, HAS_MASK)
         p = tl.where(vis, p, 0.0)
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
@@ -199,7 +187,7 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
             qt = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
                          mask=(offs_m[None, :] < Lq) & (offs_d[:, None] < D), other=0.0)
             pt = tl.sigmoid(tl.dot(k, qt) * scale + bias)  # (BN, BM): P^T
-            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
+            vis = visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
                            smn, CAUSAL, HAS_MASK)
             pt = tl.where(vis, pt, 0.0)
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
@@ -215,11 +203,6 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
              (dk * scale).to(DK.dtype.element_ty), mask=keys & (offs_d[None, :] < D))
     tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_e[None, :] * sdve,
              dv.to(DV.dtype.element_ty), mask=keys & (offs_e[None, :] < Dv))
-
-
-def _padded(n: int) -> int:
-    """A head dim padded to a power of two >= 16 (``tl.dot``'s least block side)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def _tiles(bd: int, block_size: int | None) -> dict[str, tuple[int, int, int, int]]:
@@ -239,24 +222,14 @@ def _tiles(bd: int, block_size: int | None) -> dict[str, tuple[int, int, int, in
             "dkdv": (32, 32 if widest else 64, warps, 2)}
 
 
-def _mask_strides(mask: Tensor | None, shape: tuple[int, int, int, int]
-                  ) -> tuple[Tensor | None, tuple[int, ...]]:
-    """The bool mask as uint8 (a view, no copy) broadcast to (B, H, Lq, Lk) by strides."""
-    if mask is None:
-        return None, (0, 0, 0, 0)
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).view(torch.uint8)
-    m = m.expand(shape)
-    return m, tuple(m.stride())
-
-
 def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None,
              scale: float, causal: bool, block_size: int | None) -> Tensor:
     B, H, Lq, D = q.shape
     G, Lk, Dv = H // k.shape[1], k.shape[2], v.shape[3]
-    BD, BE = _padded(D), _padded(Dv)
+    BD, BE = padded(D), padded(Dv)
     BM, BN, warps, stages = _tiles(max(BD, BE), block_size)["fwd"]
     o = torch.empty((B, H, Lq, Dv), dtype=v.dtype, device=q.device)
-    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    m, ms = mask_strides(mask, (B, H, Lq, Lk))
     _sigmoid_fwd[(triton.cdiv(Lq, BM), B, H)](
         q, k, v, bias, q if m is None else m, o,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms,
@@ -271,9 +244,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
-    BD, BE = _padded(D), _padded(Dv)
+    BD, BE = padded(D), padded(Dv)
     tiles = _tiles(max(BD, BE), block_size)
-    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    m, ms = mask_strides(mask, (B, H, Lq, Lk))
     mptr = q if m is None else m
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -57,6 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnlab.ops.triton import interpreting
+from attnlab.ops.triton.common import mask_strides, padded, visible
 
 # as attnlab.ops.softplus.FEW_KEYS (not imported: that module imports this one lazily)
 FEW_KEYS = 3
@@ -65,19 +66,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EPS32 = 2.0 ** -23  # torch.finfo(torch.float32).eps: _lssar_shift's margin in float32
 _STATS = 4  # per row: N, 1 / z1, rmax, 1 / z2
 TINY = tl.constexpr(1e-30)  # attnlab.ops.softplus._TINY: the clamp of z1, rmax
-
-
-@triton.jit
-def _visible(qi, kj, Lq, Lk, off, mask_base, smm, smn,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Bool tile: query ``qi`` may see key ``kj`` (index tiles that broadcast together)."""
-    vis = (qi < Lq) & (kj < Lk)
-    if CAUSAL:
-        vis = vis & (kj <= qi + off)
-    if HAS_MASK:
-        keep = tl.load(mask_base + qi * smm + kj * smn, mask=vis, other=0)
-        vis = vis & (keep != 0)
-    return vis
 
 
 @triton.jit
@@ -140,7 +128,7 @@ def _fwd(Q, K, V, Mask, O, S,
         n = tl.zeros((BM,), dtype=tl.float32)
         for start_n in range(0, hi, BN):
             offs_n = start_n + tl.arange(0, BN)
-            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
+            vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
                            smn, CAUSAL, HAS_MASK)
             n += tl.sum(vis.to(tl.float32), axis=1)
     elif CAUSAL:
@@ -156,7 +144,7 @@ def _fwd(Q, K, V, Mask, O, S,
         offs_n = start_n + tl.arange(0, BN)
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
                        CAUSAL, HAS_MASK)
         u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
         u = tl.where(vis, u, 0.0)
@@ -175,7 +163,7 @@ def _fwd(Q, K, V, Mask, O, S,
             offs_n = start_n + tl.arange(0, BN)
             kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
+            vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
                            smn, CAUSAL, HAS_MASK)
             u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
             r = n[:, None] * (u * inv_z1[:, None]) - shift[:, None]
@@ -193,7 +181,7 @@ def _fwd(Q, K, V, Mask, O, S,
         offs_n = start_n + tl.arange(0, BN)
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
                        CAUSAL, HAS_MASK)
         u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
         w = tl.where(vis, u * inv_z1[:, None], 0.0)
@@ -272,7 +260,7 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
                          mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
                          mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
-            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
+            vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
                            smn, CAUSAL, HAS_MASK)
             w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n,
                                           inv_z1, rmax, inv_z2, dw, p, REWEIGHT)
@@ -286,7 +274,7 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
                      mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
+        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
                        CAUSAL, HAS_MASK)
         w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n,
                                       inv_z1, rmax, inv_z2, dw, p, REWEIGHT)
@@ -341,7 +329,7 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
             dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
             da_row = tl.load(DA + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
             alpha = log_d * tl.log(tl.maximum(n, 1.0))
-            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
+            vis = visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
                            smn, CAUSAL, HAS_MASK)
             # (BN, BM) tiles: the transposes of the dQ kernel's
             w, a, da, sig = _weights_grad(alpha * tl.dot(k, qt), vis,
@@ -354,11 +342,6 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
              dk.to(DK.dtype.element_ty), mask=keys & (offs_d[None, :] < D))
     tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_e[None, :] * sdve,
              dv.to(DV.dtype.element_ty), mask=keys & (offs_e[None, :] < Dv))
-
-
-def _padded(n: int) -> int:
-    """A head dim padded to a power of two >= 16 (``tl.dot``'s least block side)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 def _tiles(bd: int) -> dict[str, tuple[int, int, int, int]]:
@@ -375,25 +358,15 @@ def _tiles(bd: int) -> dict[str, tuple[int, int, int, int]]:
             "dkdv": (32, 64 if not wide else 32, warps, 2)}
 
 
-def _mask_strides(mask: Tensor | None, shape: tuple[int, int, int, int]
-                  ) -> tuple[Tensor | None, tuple[int, ...]]:
-    """The bool mask as uint8 (a view, no copy) broadcast to (B, H, Lq, Lk) by strides."""
-    if mask is None:
-        return None, (0, 0, 0, 0)
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).view(torch.uint8)
-    m = m.expand(shape)
-    return m, tuple(m.stride())
-
-
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
              log_d: float, reweight_p: float | None) -> tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     G, Lk, Dv = H // k.shape[1], k.shape[2], v.shape[3]
-    BD, BE = _padded(D), _padded(Dv)
+    BD, BE = padded(D), padded(Dv)
     BM, BN, warps, stages = _tiles(max(BD, BE))["fwd"]
     o = torch.empty((B, H, Lq, Dv), dtype=v.dtype, device=q.device)
     stats = torch.empty((B, H, Lq, _STATS), dtype=torch.float32, device=q.device)
-    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    m, ms = mask_strides(mask, (B, H, Lq, Lk))
     _fwd[(triton.cdiv(Lq, BM), B, H)](
         q, k, v, q if m is None else m, o, stats,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *ms, *stats.stride()[:3],
@@ -409,9 +382,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
-    BD, BE = _padded(D), _padded(Dv)
+    BD, BE = padded(D), padded(Dv)
     tiles = _tiles(max(BD, BE))
-    m, ms = _mask_strides(mask, (B, H, Lq, Lk))
+    m, ms = mask_strides(mask, (B, H, Lq, Lk))
     mptr = q if m is None else m
     reweight = reweight_p is not None
     p = float(reweight_p or 1.0)
