@@ -59,16 +59,33 @@ def test_adding_a_mechanism_as_contract_md_shows_touches_three_files_and_passes(
     assert info.returncode == 0 and "Swin Transformer V2" in info.stdout, info.stderr
 
 
-def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
+def readme_blocks(compiling: bool) -> list[str]:
+    """The README's Python examples: those that compile or export (seconds of tracing) or the
+    others."""
     readme = (DOCS.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 2
+    return [b for b in blocks if ("torch.compile" in b or "torch.export" in b) == compiling]
+
+
+def run_blocks(blocks: list[str]) -> None:
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_the_readme_python_examples_run_and_print_what_they_say(capsys):
+    blocks = readme_blocks(compiling=False)
+    assert len(blocks) >= 4
+    run_blocks(blocks)
     printed = capsys.readouterr().out.split()
-    assert printed == ["True", "True", "True", "torch.Size([1,", "8,", "4096,", "64])", "8", "2",
-                       "True", "torch.Size([2,", "37,", "64])"]
+    assert printed == ["True", "True", "True", "torch.Size([1,", "8,", "4096,", "64])", "8", "2"]
+
+
+@pytest.mark.slow  # ~5 s of tracing: .ci/run runs it (pytest -m slow)
+def test_the_readme_compile_and_export_example_prints_what_it_says(capsys):
+    (block,) = readme_blocks(compiling=True)
+    run_blocks([block])
+    assert capsys.readouterr().out.split() == ["True", "torch.Size([2,", "37,", "64])"]
 
 
 def test_every_registered_mechanism_has_a_page_naming_its_paper():

@@ -142,6 +142,7 @@ def test_a_killed_ray_worker_is_retried_once_then_recorded(local_ray, tmp_path, 
         assert "Ray task failed" in row["error"] and summary.failed == 1
 
 
+@pytest.mark.slow  # ~8 s with the local Ray start: .ci/run runs it (pytest -m slow)
 def test_the_cli_runs_a_sweep_on_ray(local_ray, tmp_path):
     result = CliRunner().invoke(main, [
         "arena", "run", "--task", "copy", "--mechanisms", "softmax", "--seeds", "1",
