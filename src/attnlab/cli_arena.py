@@ -198,11 +198,19 @@ def send_to_loggers(loggers: list, spec: Any, result: dict[str, Any], out: Conso
 
     row = run_row(spec, result)
     for logger in loggers:
+        tally = LOGGED.setdefault(logger.kind, [0, 0])
         try:
             logger.log(row)
         except Exception as err:  # a logger never stops a sweep
+            tally[1] += 1
             out.print(f"  [yellow]{logger.kind} logger failed[/yellow] on "
                       f"{escape(spec.label)} seed {spec.seed}: {escape(str(err))}")
+        else:
+            tally[0] += 1
+
+
+# runs sent to each logger kind in this command: [logged, failed] (what the final line says)
+LOGGED: dict[str, list[int]] = {}
 
 
 class Layout(NamedTuple):
@@ -432,10 +440,17 @@ def run_cmd(config: str | None, task: str | None, mechanisms: str | None, seeds:
             loggers = make_loggers(log, log_dir or Path(sweep.store) / "logs", project)
         except LoggerError as err:
             raise click.ClickException(str(err)) from None
+    LOGGED.clear()
     summary = run_with_progress(sweep, retry_failed, engine, address, loggers)
     if loggers:
         where = log_dir or Path(sweep.store) / "logs"
-        console.print(f"logged to {', '.join(log)} under {where}/")
+        for kind in log:
+            logged, failed = LOGGED.get(kind, [0, 0])
+            text = f"{kind}: {logged} run(s) logged under {where}/"
+            if failed:  # the store has these runs; a rerun skips them, so say it plainly
+                text += (f"; [red]{failed} failed[/red] (they are stored, but not in "
+                         f"{kind}: see the errors above)")
+            console.print(text)
     if report and summary.done + summary.skipped:
         report_sweep(sweep.store, sweep.sweep_name, None)
 
@@ -525,7 +540,7 @@ def export_cmd(store: str, sweep_name: str | None, fmt: str, out: str) -> None:
     Examples:
       attnlab arena export
       attnlab arena export --sweep mqar --format parquet --out mqar-tables
-    Then, in Python:
+    Then, in Python (pandas is yours to install; attnlab does not need it):
       runs = pandas.read_csv("attnlab-export/runs.csv")
       curves = pandas.read_csv("attnlab-export/curves.csv")
     """

@@ -211,3 +211,26 @@ def test_wandb_offline_writes_its_run_directory(store, tmp_path, monkeypatch):
         for tag, value in values.items():
             item = re.escape(tag.encode()) + rb"\x82\x01." + re.escape(json.dumps(value).encode())
             assert re.search(item, data, re.DOTALL), (tag, value)
+
+
+def test_a_failing_logger_is_counted_in_the_final_line_not_reported_as_logged(tmp_path,
+                                                                              monkeypatch):
+    """A logger that fails on every run (e.g. W&B without an account): the sweep goes on,
+    and the last line says how many runs were logged and how many failed."""
+    import attnlab.arena.loggers as loggers
+
+    class Failing:
+        kind = "wandb"
+
+        def log(self, row):
+            raise RuntimeError("No API key configured")
+
+    monkeypatch.setattr(loggers, "make_loggers", lambda kinds, log_dir, project: [Failing()])
+    (tmp_path / "tiny.toml").write_text(SWEEP)
+    result = CliRunner().invoke(main, [
+        "arena", "run", "--config", str(tmp_path / "tiny.toml"), "--store",
+        str(tmp_path / "store"), "--workers", "1", "--no-report", "--log", "wandb"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "wandb logger failed" in text
+    assert "wandb: 0 run(s) logged" in text and "; 1 failed" in text
