@@ -234,3 +234,16 @@ def test_a_failing_logger_is_counted_in_the_final_line_not_reported_as_logged(tm
     text = " ".join(result.output.split())  # the console wraps long lines
     assert "wandb logger failed" in text
     assert "wandb: 0 run(s) logged" in text and "; 1 failed" in text
+
+
+def test_parquet_text_columns_stay_text_when_every_value_is_null(tmp_path):
+    """A store without a failed run has no error text: the column is still a string column
+    (it was int64, so tables from two stores did not concatenate)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from attnlab.arena.export import write_parquet
+
+    path = write_parquet([{"key": "a", "error": None, "extra": None, "seed": 0}],
+                         ["key", "error", "extra", "seed"], tmp_path / "runs.parquet")
+    schema = pq.read_table(path).schema
+    assert [str(schema.field(n).type) for n in ("key", "error", "extra", "seed")] == \
+        ["string", "string", "string", "int64"]

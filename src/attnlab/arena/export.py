@@ -37,6 +37,10 @@ CURVE_COLUMNS = ("key", "sweep", "label", "seed", "step", "metric", "value")
 # configuration keys that are already columns of their own
 _TOP_LEVEL = {"sweep", "task", "label", "mechanism", "seed"}
 PARQUET_HINT = "pip install 'attnlab[parquet]'"
+# always text in Parquet, whatever a store holds (an all-null column would otherwise get a
+# numeric type, and tables from two stores would not concatenate)
+TEXT_COLUMNS = frozenset({"key", "sweep", "task", "label", "mechanism", "status", "finished",
+                          "host", "error", "metric"})
 
 
 class ExportError(Exception):
@@ -154,7 +158,8 @@ def write_parquet(records: list[dict[str, Any]], columns: list[str], path: Path)
     arrays, fields = [], []
     for name in columns:
         values = [rec.get(name) for rec in records]
-        kind = _arrow_type(pa, values)
+        kind = pa.string() if name in TEXT_COLUMNS or all(v is None for v in values) \
+            else _arrow_type(pa, values)
         if kind == pa.string():
             values = [None if v is None else str(v) for v in values]
         elif kind == pa.float64():
