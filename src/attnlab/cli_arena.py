@@ -189,6 +189,19 @@ def run_with_progress(sweep: Sweep, retry_failed: bool = False, engine: str = "l
     return summary
 
 
+def open_store(store: str | Path) -> Any:
+    """The result store at ``store``, read-only (a RunStore), or a usage error saying there
+    is none and how to make one."""
+    from attnlab.arena.store import DB_NAME, RunStore, StoreError
+
+    if not (Path(store) / DB_NAME).exists():
+        raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
+    try:
+        return RunStore(store, readonly=True)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+
+
 def send_to_loggers(loggers: list, spec: Any, result: dict[str, Any], out: Console) -> None:
     """A finished run to each logger; a logger's error is printed and the sweep goes on (the
     store already has the run)."""
@@ -269,16 +282,10 @@ def report_sweep(store: str, sweep_name: str | None, out: str | None) -> None:
     its table and verdict."""
     from attnlab.arena.config import ConfigError, stored_sweep
     from attnlab.arena.report import verdict_lines, write_report
-    from attnlab.arena.store import DB_NAME, RunStore, StoreError
     from attnlab.arena.summary import summarize_sweep
     from attnlab.arena.sweep import sweep_rows
 
-    if not (Path(store) / DB_NAME).exists():
-        raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
-    try:
-        db = RunStore(store, readonly=True)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
+    db = open_store(store)
     with db:
         sweeps = db.sweeps()
         if not sweeps:
@@ -545,14 +552,8 @@ def export_cmd(store: str, sweep_name: str | None, fmt: str, out: str) -> None:
       curves = pandas.read_csv("attnlab-export/curves.csv")
     """
     from attnlab.arena.export import ExportError, export_rows
-    from attnlab.arena.store import DB_NAME, RunStore, StoreError
 
-    if not (Path(store) / DB_NAME).exists():
-        raise click.UsageError(f"no result store at {store}/ (run: attnlab arena run ...)")
-    try:
-        db = RunStore(store, readonly=True)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from None
+    db = open_store(store)
     with db:
         rows = db.rows(sweep_name)
         if sweep_name is not None and not rows:
