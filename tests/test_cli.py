@@ -12,7 +12,7 @@ from attnlab.arena.config import load_sweep
 from attnlab.arena.store import RunStore
 from attnlab.arena.trainer import train_run
 from attnlab.cli import main, registry_markdown
-from attnlab.cli_arena import CONFIGS
+from attnlab.cli.arena import CONFIGS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

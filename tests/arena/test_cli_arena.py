@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from attnlab.arena.config import load_sweep
 from attnlab.cli import main
-from attnlab.cli_arena import DEFAULT_CONFIG
+from attnlab.cli.arena import DEFAULT_CONFIG
 
 
 def test_default_comparison_has_four_mechanisms_four_seeds_and_twenty_runs():

@@ -96,7 +96,7 @@ def test_a_config_that_is_not_utf8_is_a_clean_error(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    from attnlab.cli_arena import DEFAULT_CONFIG
+    from attnlab.cli.arena import DEFAULT_CONFIG
 
     root = Path(__file__).parents[2] / "docs" / "results"
     paths = [DEFAULT_CONFIG, *sorted(root.glob("*.toml"))]

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from attnlab.arena.report import delta_text, summarize, table_rows, verdict_lines, verdict_word
 from attnlab.arena.stats import paired_difference
-from attnlab.cli_arena import _results_table
+from attnlab.cli.arena import _results_table
 
 LONG = "sigmoid-learned-b-qknorm"  # 24 characters
 

@@ -297,7 +297,7 @@ def test_timed_workers_run_with_the_allocator_setting_and_rows_record_it(tmp_pat
 
 
 def test_the_cli_offers_every_allocator_setting():
-    from attnlab.cli_bench import run
+    from attnlab.cli.bench import run
 
     option = next(p for p in run.params if p.name == "malloc")
     assert set(option.type.choices) == set(ALLOCATORS) and option.default in ALLOCATORS

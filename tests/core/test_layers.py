@@ -14,7 +14,7 @@ LEAVES = {"tables", "machine"}  # helpers usable by every layer: they import no 
 
 
 def layer_of(module: str) -> str | None:
-    """``attnlab.ops.softmax`` -> ``ops``; ``attnlab.cli_arena`` -> ``cli``."""
+    """``attnlab.ops.softmax`` -> ``ops``; ``attnlab.cli.arena`` -> ``cli``."""
     parts = module.split(".")
     if parts[0] != "attnlab" or len(parts) == 1:
         return None

@@ -105,7 +105,7 @@ def test_injection_stands_in_for_demonstrations_on_a_trained_model(tmp_path):
     from attnlab.arena.config import parse_sweep
     from attnlab.arena.sweep import run_sweep
     from attnlab.heads.runs import load_run, saved_runs
-    from attnlab.heads.study_injection import injection_scores, soft
+    from attnlab.heads.studies.injection import injection_scores, soft
 
     store = tmp_path / "runs"
     run_sweep(parse_sweep({"name": "maps", "task": "icl_maps", "mechanisms": ["softmax"],

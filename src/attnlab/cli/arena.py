@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the arena modules import torch: only when a command runs
     from attnlab.arena.config import Sweep
 
 console = Console()
-CONFIGS = Path(__file__).parent / "arena" / "configs"
+CONFIGS = Path(__file__).parents[1] / "arena" / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.toml"
 
 

@@ -301,7 +301,7 @@ def circuit_cmd(store: str, sweep: str, example: str | None, out: str | None) ->
       attnlab arena run --config docs/results/icl_regression.toml --store runs
       attnlab heads circuit --store runs --sweep icl_regression
     """
-    from attnlab.heads.study_circuits import circuit_study
+    from attnlab.heads.studies.circuits import circuit_study
 
     lines = [f"sweep {sweep} of {store}/: every finished one-layer softmax run with a saved "
              "model; test episodes at the training context length (2,048, the task's fixed "
@@ -351,7 +351,7 @@ def guidance_cmd(store: str, sweep: str, count: int, strength: float, scale: flo
       attnlab arena run --config docs/results/vit_digits.toml --store runs
       attnlab heads guidance --store runs --sweep vit_digits --count 4
     """
-    from attnlab.heads.study_guidance import guidance_study
+    from attnlab.heads.studies.guidance import guidance_study
 
     lines = [f"sweep {sweep} of {store}/: every finished digits run with a saved model"]
     _study(store, [sweep], "guidance", out, f"Perturbation guidance with HeadHunter: {sweep}",
@@ -379,7 +379,7 @@ def supervision_cmd(store: str, sweep: str, control: str, out: str | None) -> No
       attnlab arena run --config docs/results/attention_supervision_control.toml --store runs
       attnlab heads supervision --store runs
     """
-    from attnlab.heads.study_supervision import supervision_study
+    from attnlab.heads.studies.supervision import supervision_study
 
     lines = [f"sweeps {sweep} (supervised) and {control} (control) of {store}/, paired by "
              "seed"]
@@ -414,7 +414,7 @@ def inject_cmd(store: str, sweep: str, few_shots: str, prompts: int, steps: int,
       attnlab arena run --config docs/results/icl_maps.toml --store runs
       attnlab heads inject --store runs --sweep icl_maps
     """
-    from attnlab.heads.study_injection import injection_study
+    from attnlab.heads.studies.injection import injection_study
 
     try:
         ks = tuple(int(k) for k in few_shots.split(","))
@@ -454,7 +454,7 @@ def steer_cmd(count: int, factor: float, amount: float, share: float, draws: int
     Example:
       attnlab heads steer --count 8 --out docs/results/heads-steer-minilm
     """
-    from attnlab.heads.study_steering import steering_study
+    from attnlab.heads.studies.steering import steering_study
 
     def work(tick: Callable[[], None]) -> Any:
         try:

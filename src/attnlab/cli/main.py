@@ -187,17 +187,17 @@ def demo(ctx: click.Context, mechanisms: str | None, steps: int | None,
       attnlab demo
       attnlab demo --mechanisms softmax,gated,selective --steps 600
     """
-    from attnlab.cli_arena import CONFIGS, run_cmd
+    from attnlab.cli.arena import CONFIGS, run_cmd
 
     ctx.invoke(run_cmd, config=str(CONFIGS / "demo.toml"), mechanisms=mechanisms, steps=steps,
                store=store)
 
 
 def _add_arena() -> None:
-    import attnlab.cli_search  # noqa: F401 - registers `attnlab arena search`
-    from attnlab.cli_arena import arena
-    from attnlab.cli_bench import bench
-    from attnlab.cli_heads import heads
+    import attnlab.cli.search  # noqa: F401 - registers `attnlab arena search`
+    from attnlab.cli.arena import arena
+    from attnlab.cli.bench import bench
+    from attnlab.cli.heads import heads
 
     main.add_command(arena)
     main.add_command(bench)

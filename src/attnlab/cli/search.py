@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from attnlab.cli_arena import _pairs, arena, console, stops_cleanly
+from attnlab.cli.arena import _pairs, arena, console, stops_cleanly
 
 
 def _ints(text: str | None, option: str) -> list[int] | None:
