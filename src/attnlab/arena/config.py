@@ -53,7 +53,8 @@ class ModelSettings(Strict):
     heads: int | None = Field(None, gt=0)
     head_dim: int | None = Field(None, gt=0)
     positions: Literal["rope", "learned", "none"] | None = None
-    mlp_ratio: int | None = Field(None, gt=0)
+    mlp_ratio: int | None = Field(None, ge=0, description="0: attention-only blocks "
+                                  "(no MLP, no second norm)")
     dropout: float | None = Field(None, ge=0, lt=1)
     tie_embeddings: bool | None = None
     embed_std: float | None = Field(None, gt=0)

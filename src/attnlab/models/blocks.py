@@ -64,18 +64,29 @@ def residual_branches(attn: nn.Module) -> dict[str, nn.Module]:
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); a mechanism's residual branches (see
     :func:`residual_branches`), if it has any, are added before and after the attention
-    branch: x + before(x), x + attn(norm(x)), x + after(x), x + mlp(norm(x))."""
+    branch: x + before(x), x + attn(norm(x)), x + after(x), x + mlp(norm(x)).
+
+    ``mlp_ratio=0`` makes an attention-only block: no MLP and no second norm, so the block is
+    x + attn(norm(x)) (with the residual branches, if any); ``mlp`` and ``norm2`` are then
+    None. The attention-only models of the interpretability literature (two layers, attention
+    only: the induction-head circuit) are built this way."""
 
     def __init__(self, dim: int, heads: int, mechanism: str, kwargs: dict, mlp_ratio: int,
                  dropout: float) -> None:
         super().__init__()
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, int) or mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be an integer >= 0 (0: attention only, no "
+                             f"MLP), got {mlp_ratio!r}")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = build(mechanism, dim=dim, heads=heads, **kwargs)
         for place, branch in residual_branches(self.attn).items():
             setattr(self, place, branch)  # only mechanisms with branches get these modules
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.norm2: nn.LayerNorm | None = None
+        self.mlp: nn.Sequential | None = None
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                     nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, state: State | None = None) -> Tensor:
         if isinstance(mask, Tensor) and mask.dtype == torch.bool and \
@@ -92,6 +103,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), mask=mask, state=state)
         if after is not None:
             x = x + after(x, mask)
+        if self.mlp is None or self.norm2 is None:
+            return x  # attention only
         return x + self.mlp(self.norm2(x))
 
 

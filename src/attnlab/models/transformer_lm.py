@@ -39,6 +39,10 @@ class TransformerLM(nn.Module):
             softmax, 1,200 steps): N(0, 0.02) (GPT-2's, here tied or not) stalls MQAR at
             0.52 accuracy, N(0, 1) stalls induction at 0.10, N(0, 0.1) and N(0, 0.3)
             solve both (1.0).
+        mlp_ratio: hidden width of each block's MLP as a multiple of ``dim``. Default 4.
+            0 builds an attention-only model: blocks x + attn(norm(x)) with no MLP and no
+            second norm (the two-layer attention-only models in which induction heads are
+            studied).
         train_length: the training context length, passed as ``max_len`` to every
             mechanism whose constructor takes one (sigmoid's bias b = -ln n) unless its
             kwargs set it. None leaves the mechanism's own default.
