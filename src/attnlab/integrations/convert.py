@@ -1,0 +1,564 @@
+"""Any registered attnlab mechanism inside a pretrained Hugging Face model.
+
+``convert(model, "hedgehog")`` replaces every self-attention module of a transformers model
+with a :class:`ConvertedAttention`: a module with the Hugging Face module's call signature
+around an ``attnlab.Attention`` of the chosen mechanism, built for the layer's shape (heads,
+key/value heads for GQA, head width, causal or bidirectional) and holding the pretrained
+q, k, v and output projections (weights and biases, in the pretrained layout: a projection
+without a bias gets none). Everything else the mechanism has (feature maps, gates,
+temperatures, biases, convolutions) is new and initialised by the mechanism's constructor, as
+its paper says; :func:`new_parameters` lists it. A mechanism whose output at initialisation
+is softmax attention's gives the unchanged model.
+
+Architectures (``ARCHITECTURES``): BERT (post-norm encoder: the module replaces the
+``BertSelfAttention`` and takes ``BertSelfOutput.dense`` in as its output projection; the
+dense's place becomes an ``nn.Identity``, dropout, residual and LayerNorm stay where they
+are), GPT-2 (fused ``Conv1D`` q, k, v: stored transposed, split in three; the residual dropout
+``resid_pdrop`` becomes the module's ``dropout``), Llama, Qwen2 and Mistral (RoPE with the
+model's ``rope_theta``, default rope type only, checked against the model's own frequencies;
+GQA; Qwen2's q, k, v biases; Mistral's and Qwen2's sliding window, which the attnlab module
+does not implement: exact while a sequence fits in the window, refused beyond it).
+
+The converted model keeps transformers' masks: each forward reads the key padding from the
+model's attention mask (boolean or additive, 2-D or 4-D), checks that the mask is what
+padding plus the module's causal rule give (a custom 4-D mask is refused) and hands attnlab
+the (B, L) padding mask. It does not use transformers' KV cache (``config.use_cache`` is set
+to False; ``generate`` recomputes the sequence). ``attnlab.heads`` finds the attnlab modules
+(``sites(model)``), so capture, ablation and the rest work on a converted model.
+
+Conversion is atomic: every module is built (and every check made) before the model is
+touched, so a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
+from attnlab.core.registry import available, build, info
+from attnlab.integrations.hf import METADATA, require_transformers
+from attnlab.mechanisms.base import Attention
+from attnlab.modules.rotary import Rotary
+
+__all__ = ["ARCHITECTURES", "ConvertedAttention", "convert", "converted_modules",
+           "extra_loss", "new_parameters", "pretrained_parameters", "teacher", "refusal"]
+
+# the constructor arguments conversion sets from the pretrained model
+SET_BY_MODEL = ("dim", "heads", "kv_heads", "head_dim", "causal", "bias", "rope", "rope_base",
+                "dropout")
+# why a mechanism's projections cannot hold a softmax model's q, k, v (by projection class)
+PROJECTION_REASONS = {
+    "SharedQKProjection": "its keys are its queries (one shared q = k map), a pretrained "
+                          "model has separate q and k maps",
+    "ValueProjection": "it mixes values without queries or keys, so the pretrained q and k "
+                       "would be dropped",
+    "InputValues": "it mixes the input tokens without q, k or v projections",
+    "RandomFeatureProjection": "its queries are the input itself and its keys frozen random "
+                               "features, not learned q and k maps",
+    "CompressedConvProjection": "it compresses q, k and v into a latent of width "
+                                "dim / compression through convolutions, which full-width "
+                                "pretrained maps do not fit",
+    "GatedInstanceProjection": "it pools instances through a gated attention network with "
+                               "no keys or values of the pretrained shape",
+    "PartialProjection": "it attends with a fraction of the channels through its own "
+                         "normalised projections, not full-width q, k, v maps",
+}
+
+# mechanisms whose head layout itself differs from a pretrained model's (refused before
+# building: their constructors reject the pretrained head shape)
+LAYOUT_REASONS = {
+    "shvit": "it attends with a fraction of the channels (partial heads of width "
+             "partial * dim / heads) through its own normalised projections",
+    "mil_attention": "it pools instances through gated attention branches that each read "
+                     "every channel (head_dim = dim), with no keys of the pretrained shape",
+}
+
+
+@dataclass
+class _Pretrained:
+    """One layer's pretrained attention in attnlab's layout (weights (out, in))."""
+
+    path: str  # where the converted module goes
+    original: nn.Module  # the Hugging Face module it replaces (the teacher)
+    dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    q: tuple[Tensor, Tensor | None]
+    k: tuple[Tensor, Tensor | None]
+    v: tuple[Tensor, Tensor | None]
+    o: tuple[Tensor, Tensor | None]
+    rope_base: float | None = None  # None: no RoPE
+    window: int | None = None  # sliding window (keys i - window < j <= i)
+    dropout: float = 0.0
+    layer_idx: int = 0
+    # further modules to put in place with the converted one: path -> module
+    also: dict[str, nn.Module] = field(default_factory=dict)
+    originals_also: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model family ``convert`` maps: its transformers ``model_type`` and the function that
+    reads each layer's pretrained attention (``layers(model)``)."""
+
+    name: str
+    model_type: str
+    layers: Callable[[nn.Module], list[_Pretrained]]
+
+
+def _who(model: nn.Module, mechanism: str) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__}" + (f" ({kind})" if kind else "") + f" -> {mechanism}"
+
+
+def _linear(layer: Any) -> tuple[Tensor, Tensor | None]:
+    bias = layer.bias if isinstance(layer.bias, Tensor) else None
+    return layer.weight.detach(), None if bias is None else bias.detach()
+
+
+# ------------------------------------------------------------------------- architectures
+def _bert_layers(model: nn.Module) -> list[_Pretrained]:
+    config: Any = model.config
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind not in (None, "absolute"):
+        raise ValueError(f"position_embedding_type={kind!r} (relative position scores in the "
+                         "attention) is not reproduced; only 'absolute' is")
+    out: list[_Pretrained] = []
+    for path, m in model.named_modules():
+        if not (hasattr(m, "self") and hasattr(m, "output") and
+                hasattr(m.self, "query") and hasattr(m.output, "dense")):
+            continue
+        if getattr(m, "is_cross_attention", False):
+            raise ValueError(f"{path} is cross-attention; convert maps self-attention only")
+        self_attn, dense = m.self, m.output.dense
+        heads = int(self_attn.num_attention_heads)
+        head_dim = int(self_attn.attention_head_size)
+        prefix = f"{path}." if path else ""
+        out.append(_Pretrained(
+            path=f"{prefix}self", original=self_attn, dim=int(config.hidden_size), heads=heads,
+            kv_heads=heads, head_dim=head_dim, causal=bool(getattr(self_attn, "is_causal",
+                                                                   False)),
+            q=_linear(self_attn.query), k=_linear(self_attn.key), v=_linear(self_attn.value),
+            o=_linear(dense), layer_idx=len(out),
+            also={f"{prefix}output.dense": nn.Identity()},
+            originals_also={f"{prefix}output.dense": dense}))
+        _check_scaling(self_attn, head_dim, path)
+    return out
+
+
+def _gpt2_layers(model: nn.Module) -> list[_Pretrained]:
+    config: Any = model.config
+    if not getattr(config, "scale_attn_weights", True):
+        raise ValueError("scale_attn_weights=False (unscaled scores) is not reproduced")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("scale_attn_by_inverse_layer_idx=True (a score scale of 1 / layer) "
+                         "is not reproduced")
+    out: list[_Pretrained] = []
+    for path, m in model.named_modules():
+        if not (hasattr(m, "c_attn") and hasattr(m, "c_proj") and hasattr(m, "split_size")):
+            continue
+        if getattr(m, "is_cross_attention", False):
+            raise ValueError(f"{path} is cross-attention; convert maps self-attention only")
+        dim, heads = int(m.embed_dim), int(m.num_heads)
+        # Conv1D stores its weight (in, out): y = x W + b; attnlab's Linear holds (out, in)
+        w, b = m.c_attn.weight.detach().t(), m.c_attn.bias.detach()
+        (qw, kw, vw), (qb, kb, vb) = w.split(dim, dim=0), b.split(dim, dim=0)
+        out.append(_Pretrained(
+            path=path, original=m, dim=dim, heads=heads, kv_heads=heads,
+            head_dim=int(m.head_dim), causal=bool(m.is_causal), q=(qw, qb), k=(kw, kb),
+            v=(vw, vb), o=(m.c_proj.weight.detach().t(), m.c_proj.bias.detach()),
+            dropout=float(m.resid_dropout.p), layer_idx=len(out)))
+        _check_scaling(m, int(m.head_dim), path)
+    return out
+
+
+def _rope(model: nn.Module, head_dim: int) -> float:
+    """The RoPE base of a Llama-family model, after checking that attnlab's float32 RoPE
+    reproduces the model's own frequencies (default rope type, no attention scaling)."""
+    config: Any = model.config
+    params = dict(getattr(config, "rope_parameters", None) or
+                  getattr(config, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} (RoPE scaling) is not reproduced; only the "
+                         "'default' rope type is")
+    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    ours = Rotary(head_dim, base, float32_frequencies=True).inv_freq
+    for path, m in model.named_modules():
+        inv_freq = getattr(m, "inv_freq", None)
+        if not isinstance(inv_freq, Tensor) or isinstance(m, Rotary):
+            continue
+        if float(getattr(m, "attention_scaling", 1.0)) != 1.0:
+            raise ValueError(f"{path} scales cos and sin by {m.attention_scaling}, which attnlab's "
+                             "RoPE does not reproduce")
+        if inv_freq.shape != ours.shape or not torch.equal(inv_freq.detach().float().cpu(),
+                                                           ours.cpu()):
+            raise ValueError(f"{path}'s RoPE frequencies differ from attnlab's for "
+                             f"rope_theta={base} (partial or scaled RoPE): not reproduced")
+    return base
+
+
+def _decoder_layers(model: nn.Module) -> list[_Pretrained]:
+    config: Any = model.config
+    out: list[_Pretrained] = []
+    base = None
+    for path, m in model.named_modules():
+        if not all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            continue
+        head_dim = int(m.head_dim)
+        heads = m.q_proj.out_features // head_dim
+        kv_heads = m.k_proj.out_features // head_dim
+        if base is None:
+            base = _rope(model, head_dim)
+        window = getattr(m, "sliding_window", getattr(config, "sliding_window", None)) \
+            if config.model_type == "mistral" else getattr(m, "sliding_window", None)
+        out.append(_Pretrained(
+            path=path, original=m, dim=int(config.hidden_size), heads=heads,
+            kv_heads=kv_heads, head_dim=head_dim, causal=bool(getattr(m, "is_causal", True)),
+            q=_linear(m.q_proj), k=_linear(m.k_proj), v=_linear(m.v_proj),
+            o=_linear(m.o_proj), rope_base=base, window=None if window is None else
+            int(window), layer_idx=len(out)))
+        _check_scaling(m, head_dim, path)
+    return out
+
+
+def _check_scaling(module: nn.Module, head_dim: int, path: str) -> None:
+    scaling = getattr(module, "scaling", None)
+    if scaling is not None and not math.isclose(float(scaling), head_dim ** -0.5,
+                                                rel_tol=1e-12):
+        raise ValueError(f"{path} scales its scores by {scaling}, not head_dim^-1/2: not "
+                         "reproduced")
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("BERT", "bert", _bert_layers),
+    Architecture("GPT-2", "gpt2", _gpt2_layers),
+    Architecture("Llama", "llama", _decoder_layers),
+    Architecture("Qwen2", "qwen2", _decoder_layers),
+    Architecture("Mistral", "mistral", _decoder_layers),
+)}
+
+
+# ------------------------------------------------------------------------ the module
+class ConvertedAttention(nn.Module):
+    """A pretrained model's attention layer run by an attnlab mechanism (``self.attn``).
+
+    Takes the Hugging Face module's call (``hidden_states`` and the keyword arguments its
+    layer passes: ``attention_mask``, ``position_embeddings``, ``cache``, ...) and returns
+    ``(output, None)``, the tuple the layer unpacks. ``pretrained`` names the parameters of
+    ``attn`` that hold the pretrained projections; every other parameter of ``attn`` is the
+    mechanism's own (new). ``teacher`` is the replaced Hugging Face module (not a submodule:
+    not in ``state_dict``, not moved by ``.to()``), or None when conversion dropped it."""
+
+    teacher: nn.Module | None
+    teacher_parts: dict[str, nn.Module]
+
+    def __init__(self, attn: Attention, *, architecture: str, layer_idx: int,
+                 window: int | None, pretrained: tuple[str, ...],
+                 teacher: nn.Module | None = None,
+                 teacher_parts: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.attn = attn
+        self.architecture, self.layer_idx, self.window = architecture, layer_idx, window
+        self.pretrained = pretrained
+        # plain attributes, not submodules (kept out of parameters(), state_dict and sites())
+        self.__dict__["teacher"] = teacher
+        self.__dict__["teacher_parts"] = dict(teacher_parts or {})
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.attn.causal)
+
+    def extra_repr(self) -> str:
+        window = f", window={self.window}" if self.window is not None else ""
+        return f"{self.architecture} layer {self.layer_idx}{window}"
+
+    def forward(self, hidden_states: Tensor, *args: Any, attention_mask: Tensor | None = None,
+                position_embeddings: Any = None, position_ids: Tensor | None = None,
+                cache: Any = None, past_key_values: Any = None, past_key_value: Any = None,
+                encoder_hidden_states: Tensor | None = None,
+                output_attentions: bool | None = None,
+                **kwargs: Any) -> tuple[Tensor, None]:
+        who = f"{self.attn.name} in {self.architecture} layer {self.layer_idx}"
+        if args:
+            raise ValueError(f"{who}: unexpected positional arguments after hidden_states "
+                             "(the converted module takes the rest by keyword)")
+        if any(c is not None for c in (cache, past_key_values, past_key_value)):
+            raise ValueError(f"{who}: a converted model does not use transformers' KV cache: "
+                             "call it with use_cache=False")
+        if encoder_hidden_states is not None:
+            raise ValueError(f"{who}: cross-attention (encoder_hidden_states) is not converted")
+        if output_attentions:
+            raise ValueError(f"{who}: output_attentions is not returned by a converted model; "
+                             "read the weights with attnlab.heads.capture (L<layer>.weights)")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in METADATA
+                         and k != "use_cache")
+        if unknown:
+            raise ValueError(f"{who}: got {', '.join(unknown)}, which the converted module "
+                             "does not implement")
+        length = hidden_states.shape[1]
+        if self.window is not None and length > self.window:
+            raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
+                             f"{self.window} keys, which attnlab modules do not implement: "
+                             f"exact up to {self.window} tokens, got {length}")
+        if self.attn.uses_rope and position_ids is not None:
+            expected = torch.arange(length, device=position_ids.device)
+            if not bool((position_ids == expected).all()):
+                raise ValueError(f"{who}: position_ids other than 0..L-1 (e.g. left padding "
+                                 "with computed positions) are not reproduced: attnlab's RoPE "
+                                 "counts positions from the first token")
+        keep = _key_padding(attention_mask, hidden_states.shape[0], length, self.causal,
+                            self.window, who)
+        return self.attn(hidden_states, mask=keep), None
+
+
+def _key_padding(attention_mask: Tensor | None, batch: int, length: int, causal: bool,
+                 window: int | None, who: str) -> Tensor | None:
+    """The (B, L) key padding mask (True = real token) a transformers attention mask holds,
+    or None when every token is real; a mask that is not padding + the causal rule (+ the
+    window) is refused."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 2:  # flash-attention style: the padding itself
+        keep = mask.bool() if mask.dtype != torch.bool else mask
+    elif mask.dim() == 4 and mask.shape[-2:] == (length, length) and mask.shape[1] == 1:
+        visible = mask[:, 0] if mask.dtype == torch.bool else \
+            mask[:, 0] > torch.finfo(mask.dtype).min / 2
+        visible = visible.expand(batch, length, length)
+        keep = visible.diagonal(dim1=-2, dim2=-1) if causal else visible.any(-2)
+        rule = torch.ones(length, length, dtype=torch.bool, device=mask.device)
+        if causal:
+            rule = rule.tril()
+            if window is not None:
+                rule = rule.triu(-(window - 1))
+        expected = rule & keep[:, None, :]
+        rows = expected.any(-1, keepdim=True)  # rows that see no key may hold anything
+        if not bool(((visible == expected) | ~rows).all()):
+            raise ValueError(f"{who}: the attention mask is not key padding plus the "
+                             f"{'causal' if causal else 'bidirectional'} rule (a custom 4-D "
+                             "mask, e.g. packed sequences): not reproduced")
+    else:
+        raise ValueError(f"{who}: attention mask of shape {tuple(mask.shape)} not understood "
+                         f"(expected (B, L) or (B, 1, L, L) with L = {length})")
+    if tuple(keep.shape) != (batch, length):
+        raise ValueError(f"{who}: attention mask of shape {tuple(mask.shape)} does not match "
+                         f"the batch ({batch}, {length})")
+    return None if bool(keep.all()) else keep
+
+
+# -------------------------------------------------------------------------- building
+def refusal(mechanism: str, *, causal: bool, rope: bool, gqa: bool) -> str | None:
+    """Why ``mechanism`` cannot run a pretrained layer with these properties, judged from its
+    registry entry (None: nothing there forbids it; building may still refuse)."""
+    meta = info(mechanism)
+    if mechanism in LAYOUT_REASONS:
+        return f"{mechanism} cannot be initialised from softmax weights: " \
+               f"{LAYOUT_REASONS[mechanism]}"
+    if causal and not meta.causal:
+        return f"{mechanism} is bidirectional only: it cannot run a causal model"
+    if not causal and not meta.bidirectional:
+        return f"{mechanism} is causal only: it cannot run a bidirectional model"
+    if "seq" not in meta.domains:
+        return f"{mechanism} works on {'/'.join(meta.domains)} inputs, not token sequences"
+    if rope and "rope" in meta.unsupported:
+        return f"{mechanism} has no RoPE option: the model's rotary positions would be lost"
+    if gqa and "kv_heads" in meta.unsupported:
+        return f"{mechanism} has no kv_heads option: the model's grouped key/value heads (GQA) " \
+               "do not fit"
+    return None
+
+
+def _build(layer: _Pretrained, mechanism: str, kwargs: dict[str, Any],
+           architecture: str, keep_teacher: bool) -> ConvertedAttention:
+    why = refusal(mechanism, causal=layer.causal, rope=layer.rope_base is not None,
+                  gqa=layer.kv_heads != layer.heads)
+    if why is not None:
+        raise ValueError(why)
+    has_bias = any(b is not None for _, b in (layer.q, layer.k, layer.v, layer.o))
+    args: dict[str, Any] = dict(dim=layer.dim, heads=layer.heads, head_dim=layer.head_dim,
+                                causal=layer.causal, bias=has_bias, dropout=layer.dropout)
+    if layer.kv_heads != layer.heads:
+        args["kv_heads"] = layer.kv_heads
+    if layer.rope_base is not None:
+        args.update(rope=True, rope_base=layer.rope_base)
+    weight = layer.q[0]
+    with torch.device(weight.device):
+        attn = build(mechanism, **args, **kwargs)
+    attn = attn.to(dtype=weight.dtype)
+    if layer.rope_base is not None:  # Hugging Face's RoPE: float32 frequencies and angles
+        attn.rotary = Rotary(attn.shape.qk_dim, layer.rope_base,
+                             float32_frequencies=True).to(weight.device)
+    pretrained = _load_projections(attn, layer, mechanism)
+    attn.train(layer.original.training)
+    return ConvertedAttention(attn, architecture=architecture, layer_idx=layer.layer_idx,
+                              window=layer.window, pretrained=pretrained,
+                              teacher=layer.original if keep_teacher else None,
+                              teacher_parts=layer.originals_also if keep_teacher else None)
+
+
+def _load_projections(attn: Attention, layer: _Pretrained, mechanism: str
+                      ) -> tuple[str, ...]:
+    """Put the pretrained q, k, v, o into ``attn`` (new Linear layers with the pretrained
+    bias layout); returns their parameter names in ``attn``."""
+    qkv = attn.qkv
+    maps = {name: getattr(qkv, name, None) for name in ("q", "k", "v")}
+    reason = PROJECTION_REASONS.get(type(qkv).__name__)
+    if reason is None and not all(isinstance(m, nn.Linear) for m in maps.values()):
+        reason = f"its projection {type(qkv).__name__} has no plain q, k, v linear maps"
+    if reason is None and not isinstance(attn.o_proj, nn.Linear):
+        reason = "it has no output projection of its own (it mixes or projects the heads " \
+                 "itself), so the pretrained output projection has no place"
+    if reason is None:
+        for name, (w, _) in (("q", layer.q), ("k", layer.k), ("v", layer.v), ("o", layer.o)):
+            target = attn.o_proj if name == "o" else maps[name]
+            assert isinstance(target, nn.Linear)
+            if tuple(target.weight.shape) != tuple(w.shape):
+                reason = (f"its {name} projection is {tuple(target.weight.shape)}, the "
+                          f"pretrained one {tuple(w.shape)} (out, in)")
+                break
+    if reason is not None:
+        raise ValueError(f"{mechanism} cannot be initialised from softmax weights: {reason}")
+    names = []
+    for name, (w, b) in (("q", layer.q), ("k", layer.k), ("v", layer.v), ("o", layer.o)):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                        dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                assert lin.bias is not None
+                lin.bias.copy_(b)
+        if name == "o":
+            attn.o_proj = lin
+            prefix = "o_proj"
+        else:
+            setattr(qkv, name, lin)
+            prefix = f"qkv.{name}"
+        names += [f"{prefix}.weight"] + ([f"{prefix}.bias"] if b is not None else [])
+    return tuple(names)
+
+
+def _architecture(model: nn.Module, mechanism: str) -> Architecture:
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        known = ", ".join(f"{a.name} ({t})" for t, a in ARCHITECTURES.items())
+        raise ValueError(f"{_who(model, mechanism)}: attnlab has no mapping of model type "
+                         f"{kind!r}'s attention modules onto its own (where q, k, v, o, the "
+                         f"positions and the masks live); it converts {known}")
+    return ARCHITECTURES[kind]
+
+
+def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
+            **kwargs: Any) -> nn.Module:
+    """Replace every self-attention module of the transformers ``model`` with an attnlab
+    module of ``mechanism`` (in place; returns the model).
+
+    The pretrained q, k, v and output projections (weights, biases, GQA layout) go into the
+    new modules; RoPE (base, rotate-half pairing, float32 angles), causal or bidirectional
+    masking, padding and the GPT-2 residual dropout are reproduced; the mechanism's own
+    parameters are initialised by its constructor (``new_parameters(model)`` lists them).
+    ``kwargs`` go to the mechanism (``attnlab info NAME``), except what the model sets
+    (``SET_BY_MODEL``). ``keep_teacher``: keep each replaced module reachable as
+    ``teacher(module)`` (for attention transfer; False frees its memory).
+
+    ValueError, naming the model class and the mechanism, for: an architecture attnlab does
+    not map (or a feature of it that it does not reproduce: RoPE scaling, cross-attention,
+    relative positions), a mechanism that cannot hold softmax weights (why), a mechanism
+    whose masking mode is not the model's (a bidirectional-only one in a causal model), and
+    a model already converted. Nothing of the model changes when conversion fails.
+    """
+    require_transformers()
+    if not isinstance(mechanism, str) or mechanism not in available():
+        raise ValueError(f"{_who(model, str(mechanism))}: unknown mechanism {mechanism!r}; "
+                         f"known: {', '.join(available())}")
+    who = _who(model, mechanism)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{who}: expected a transformers model (nn.Module)")
+    done = converted_modules(model)
+    if done:
+        raise ValueError(f"{who}: the model is already converted (to "
+                         f"{done[0][1].attn.name}); convert the original model instead")
+    fixed = sorted(set(kwargs) & set(SET_BY_MODEL))
+    if fixed:
+        raise ValueError(f"{who}: {', '.join(fixed)} come from the pretrained model and "
+                         "cannot be passed")
+    arch = _architecture(model, mechanism)
+    try:
+        layers = arch.layers(model)
+        if not layers:
+            raise ValueError("no attention module of the expected layout was found")
+        built = [_build(layer, mechanism, kwargs, arch.name, keep_teacher) for layer in layers]
+    except ValueError as err:
+        raise ValueError(f"{who}: {err}") from None
+    # everything is built: put it in place (setattr on the parents cannot fail halfway)
+    for layer, module in zip(layers, built, strict=True):
+        _put(model, layer.path, module)
+        for path, part in layer.also.items():
+            _put(model, path, part)
+    config: Any = model.config
+    config.use_cache = False
+    return model
+
+
+def _put(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def extra_loss(model: nn.Module) -> Tensor:
+    """The sum of the converted modules' ``extra_loss()`` of the last forward (MoH load
+    balancing, Hedgehog and Sparsifiner distillation, ...): add it to the task loss."""
+    found = converted_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no converted attention (run convert "
+                         "first)")
+    losses = [m.attn.extra_loss() for _, m in found]
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def converted_modules(model: nn.Module) -> list[tuple[str, ConvertedAttention]]:
+    """The converted attention modules of ``model``, with their paths, in order."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, ConvertedAttention)]
+
+
+def _split_parameters(model: nn.Module, new: bool) -> Iterator[tuple[str, nn.Parameter]]:
+    found = converted_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no converted attention (run convert "
+                         "first)")
+    for path, module in found:
+        prefix = f"{path}.attn." if path else "attn."
+        for name, param in module.attn.named_parameters():
+            if (name in module.pretrained) != new:
+                yield prefix + name, param
+
+
+def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The mechanism's own parameters in a converted model (feature maps, gates, ...), by
+    name: what attention transfer trains. Empty for a mechanism that adds none (softmax)."""
+    return dict(_split_parameters(model, new=True))
+
+
+def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The converted modules' parameters that hold the pretrained q, k, v, o projections."""
+    return dict(_split_parameters(model, new=False))
+
+
+def teacher(module: nn.Module) -> nn.Module:
+    """The Hugging Face attention module a ``ConvertedAttention`` replaced (kept unless
+    ``convert(..., keep_teacher=False)``); ValueError otherwise."""
+    if not isinstance(module, ConvertedAttention):
+        raise ValueError(f"{type(module).__name__} is not a converted attention module")
+    if module.teacher is None:
+        raise ValueError("the teacher was not kept (convert(..., keep_teacher=False))")
+    return module.teacher

@@ -1,0 +1,222 @@
+"""``attnlab.integrations.convert``: a pretrained transformers model onto attnlab mechanisms.
+
+Tiny random-initialised models of the five architectures (tests/integrations/tiny.py, built
+offline with ``from_config``). Softmax, and the mechanisms whose start is softmax, must give
+the original model's outputs on a padded batch within the float32 tolerance; every other
+mechanism must convert and train (slow sweep) or be refused with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import attnlab as al  # noqa: E402
+from attnlab.heads import ablate, capture, sites  # noqa: E402
+from attnlab.integrations import convert as conv  # noqa: E402
+from attnlab.integrations.convert import (  # noqa: E402
+    ConvertedAttention,
+    convert,
+    converted_modules,
+    new_parameters,
+    pretrained_parameters,
+    teacher,
+)
+from tests.integrations.tiny import TINY, WINDOW, build, check, inputs, outputs  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+ARCHS = list(TINY)
+
+
+def _same_outputs(original, converted, ids, mask):
+    real = mask.bool()
+    with torch.no_grad():
+        expected = outputs(original, ids, mask)
+        got = outputs(converted, ids, mask)
+    assert_close(got[real], expected[real])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_softmax_gives_the_original_model(arch):
+    """Pretrained q, k, v, o, biases, GQA, RoPE, masks and padding (full, right- and
+    left-padded rows) carried over: the converted model equals the original."""
+    model = build(arch)
+    converted = convert(copy.deepcopy(model), "softmax")
+    assert len(converted_modules(converted)) == 2
+    assert new_parameters(converted) == {}
+    _same_outputs(model, converted, *inputs())
+
+
+@pytest.mark.parametrize("mechanism, arch, kwargs", [
+    ("dma", "Llama", {}),  # its window (2048) covers the sequence, A starts neutral
+    ("selective", "BERT", {"beta_init": 6.0}),  # temperature exp(-exp(6)) ln i = 0
+    ("selective", "Qwen2", {"beta_init": 6.0}),
+    ("longheads", "GPT-2", {}),  # its budget covers every chunk of a short sequence
+])
+def test_mechanisms_that_start_as_softmax_give_the_original_model(mechanism, arch, kwargs):
+    model = build(arch)
+    converted = convert(copy.deepcopy(model), mechanism, **kwargs)
+    assert new_parameters(converted) or mechanism == "longheads"
+    _same_outputs(model, converted, *inputs())
+
+
+def test_a_mechanism_with_new_parameters_trains_on_the_pretrained_projections():
+    """Hedgehog on Qwen2 (GQA, q/k/v biases, o without bias): its feature maps are new and
+    get gradients, the pretrained weights and biases are copied, the bias layout is kept."""
+    result = check("hedgehog", "Qwen2")
+    assert result.status == "converted", result
+    model = convert(build("Qwen2"), "hedgehog")
+    first = converted_modules(model)[0][1]
+    original = teacher(first)
+    assert torch.equal(first.attn.qkv.k.bias, original.k_proj.bias)
+    assert first.attn.o_proj.bias is None and first.attn.kv_heads == 2
+    new, kept = new_parameters(model), pretrained_parameters(model)
+    assert any("phi" in name for name in new) and not set(new) & set(kept)
+    assert "model.layers.0.self_attn.attn.qkv.q.bias" in kept
+
+
+def test_gpt2_conv1d_weights_are_transposed_and_split():
+    model = convert(build("GPT-2"), "softmax")
+    first = converted_modules(model)[0][1]
+    c_attn = teacher(first).c_attn
+    assert torch.equal(first.attn.qkv.v.weight, c_attn.weight[:, 64:].t())
+    assert torch.equal(first.attn.qkv.v.bias, c_attn.bias[64:])
+
+
+def test_bert_takes_the_output_dense_in():
+    model = convert(build("BERT"), "softmax")
+    layer = model.encoder.layer[0].attention
+    assert isinstance(layer.self, ConvertedAttention)
+    assert isinstance(layer.output.dense, torch.nn.Identity)
+    assert torch.equal(layer.self.attn.o_proj.weight,
+                       layer.self.teacher_parts["encoder.layer.0.attention.output.dense"].weight)
+
+
+def test_the_microscope_works_on_a_converted_model():
+    model = convert(build("Llama"), "softmax")
+    found = sites(model)
+    assert [s.path for s in found] == [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+    assert all(s.causal for s in found)
+    ids, mask = inputs()
+    with torch.no_grad(), capture(model, ["L1.weights"]) as cap:
+        base = outputs(model, ids, mask)
+    w = cap["L1.weights"]
+    assert w.shape == (3, 4, ids.shape[1], ids.shape[1])
+    assert torch.allclose(w[0].sum(-1), torch.ones(4, ids.shape[1]))
+    assert (w[0].triu(1) == 0).all()  # causal
+    with torch.no_grad(), ablate(model, {1: [0, 1, 2, 3]}):
+        ablated = outputs(model, ids, mask)
+    assert not torch.allclose(ablated, base)
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_an_architecture_attnlab_does_not_map_is_refused():
+    import transformers
+
+    config = transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, vocab_size=50,
+                                    word_embed_proj_dim=16)
+    model = transformers.OPTModel(config)
+    with pytest.raises(ValueError, match=r"OPTModel \(opt\) -> softmax: .*model type 'opt'"):
+        convert(model, "softmax")
+
+
+@pytest.mark.parametrize("arch, mechanism, message", [
+    ("GPT-2", "agent", r"GPT2LMHeadModel \(gpt2\) -> agent: agent is bidirectional only"),
+    ("BERT", "longheads", r"BertModel \(bert\) -> longheads: longheads is causal only"),
+    ("BERT", "soft", r"BertModel \(bert\) -> soft: soft cannot be initialised from softmax "
+                     r"weights: its keys are its queries"),
+    ("Llama", "rfa", r"LlamaForCausalLM \(llama\) -> rfa: rfa has no RoPE option"),
+    ("Llama", "shvit", r"-> shvit: shvit cannot be initialised from softmax weights"),
+    ("Llama", "nonesuch", r"unknown mechanism 'nonesuch'"),
+])
+def test_a_mechanism_that_cannot_take_the_model_is_refused(arch, mechanism, message):
+    model = build(arch)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        convert(model, mechanism)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_features_not_reproduced_are_refused():
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(llama\) -> softmax: rope type "
+                                         r"'linear'"):
+        convert(build("Llama", rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                    rope_theta=10000.0)), "softmax")
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        convert(build("GPT-2", scale_attn_by_inverse_layer_idx=True), "softmax")
+    with pytest.raises(ValueError, match="come from the pretrained model"):
+        convert(build("BERT"), "softmax", causal=True)
+
+
+def test_a_converted_model_is_refused():
+    model = convert(build("BERT"), "softmax")
+    with pytest.raises(ValueError, match=r"BertModel \(bert\) -> linear: the model is already "
+                                         r"converted \(to softmax\)"):
+        convert(model, "linear")
+
+
+def test_calls_the_converted_module_does_not_reproduce_are_refused():
+    ids, mask = inputs()
+    model = convert(build("Mistral"), "softmax")
+    long = torch.randint(3, 90, (1, WINDOW + 2))
+    with pytest.raises(ValueError, match=f"sliding window of {WINDOW} keys"):
+        model(input_ids=long)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
+    with pytest.raises(ValueError, match="position_ids other than"):
+        model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand(3, -1) + 1)
+
+
+def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
+    """The second layer's conversion fails: every module, weight and the config are as
+    before (conversion builds everything before it touches the model)."""
+    model = build("Llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    real_build, calls = conv._build, []
+
+    def failing(layer, *args, **kwargs):
+        calls.append(layer.path)
+        if len(calls) == 2:
+            raise ValueError("planted failure in layer 1")
+        return real_build(layer, *args, **kwargs)
+
+    monkeypatch.setattr(conv, "_build", failing)
+    with pytest.raises(ValueError, match="planted failure in layer 1"):
+        convert(model, "hedgehog")
+    assert len(calls) == 2
+    after = dict(model.named_modules())
+    assert after.keys() == modules.keys()
+    assert all(after[name] is module for name, module in modules.items())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.config.use_cache is True
+
+
+def test_keep_teacher_false_drops_the_reference():
+    model = convert(build("GPT-2"), "softmax", keep_teacher=False)
+    with pytest.raises(ValueError, match="keep_teacher=False"):
+        teacher(converted_modules(model)[0][1])
+
+
+# ------------------------------------------------------------------ every mechanism (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", al.available())
+def test_every_mechanism_converts_or_is_refused_with_its_reason(mechanism):
+    """On each architecture: converted (runs on the padded batch, finite, right shape,
+    gradients reach every new parameter, q copied: ``tiny.check``) or refused with the
+    reason; refused exactly where the registry's modes, RoPE or projection layout forbid."""
+    meta = al.info(mechanism)
+    for arch in ARCHS:
+        result = check(mechanism, arch)
+        causal = arch != "BERT"
+        if (causal and not meta.causal) or (not causal and not meta.bidirectional):
+            assert result.status == "refused" and "only" in result.detail, result
+        elif result.status == "refused":
+            assert any(why in result.detail for why in (
+                "cannot be initialised from softmax weights", "has no RoPE option")), result
