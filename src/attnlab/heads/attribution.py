@@ -1,0 +1,504 @@
+"""Attribution patching (AtP) and edge attribution patching (EAP): activation patching's
+first-order estimate, from one forward and backward pass instead of one forward per piece.
+
+Activation patching replaces one piece ``a`` of a run (a head's output, its queries, ...) by its
+value ``a'`` from another run and measures metric(patched) - metric(unpatched run). AtP (Nanda
+2023; Kramar et al. 2024, "AtP*") estimates every piece at once by the first-order Taylor term
+
+    score(piece) ~= (a' - a) . d metric / d a        (the gradient at the unpatched run)
+
+``attribution_patching`` returns the same ``PatchScores`` (axes, sign and NaN padding) as
+activation patching (``heads.patching.activation_patching``), so the two compare entry by
+entry; the estimate is exact wherever the metric is linear in the piece (e.g. a head's output
+read out linearly) and misses the curvature elsewhere (notably a saturated softmax: see
+``docs``' attribution section).
+
+EAP (Syed, Rager, Conmy 2023) scores the edges of the residual-stream graph: upstream nodes
+write into the residual stream (``"embed"``: the residual entering the first block; ``"L<l>.H<h>"``:
+head h of layer l, its ``hook_heads`` value through what follows it in its attention module:
+gate, ``head_scale``, output projection), downstream nodes read from it (``"L<l>.H<h>.q|k|v"``:
+head h's query, key or value input; ``"logits"``: the final residual through the final norm and
+the unembedding). An edge u -> v is the direct path of u's output into v's input:
+
+    score(u -> v) = (out_u(target) - out_u(base)) . d metric / d in_v (base run)
+
+where the gradient reaches ``in_v`` (the residual stream at v's block input) through head v's
+q (or k, v) alone: a vector-Jacobian product of the block's norm and projections with the
+``hook_q`` (``hook_k``, ``hook_v``) gradient restricted to that head. MLPs are not nodes here:
+an edge's score is its direct path only, and the edges out of a head add up to its AtP score
+exactly when nothing else reads the residual stream (attention-only models).
+EAP assumes pre-norm residual blocks (the residual entering a block is the sum of the
+embedding and every earlier block's outputs): attnlab's ``TransformerLM``, GPT-2, Llama and
+the like, not BERT's post-norm blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.heads.metrics import Inputs, Metric, PatchScores, run_model
+from attnlab.heads.sites import POINTS, Site, forward_hooks, sites
+
+__all__ = ["attribution_patching", "edge_attribution_patching", "EdgeScores", "Agreement",
+           "agreement"]
+
+Forward = Callable[[nn.Module, Inputs], Tensor]
+DIRECTIONS = ("denoise", "noise")
+# where the head and the sequence position are in each hook point's tensor
+_HEAD_DIM = {"q": 1, "k": 1, "v": 1, "weights": 1, "heads": 2}
+_POSITION_DIM = {"q": 2, "k": 2, "v": 2, "weights": 2, "heads": 1}  # weights: the query row
+READS = ("q", "k", "v")
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'denoise' (clean activations into the corrupted "
+                         f"run) or 'noise' (corrupted into the clean run), got {direction!r}")
+
+
+def _scalar(value: Tensor, what: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"the metric must return one number (a 0-d tensor), got {shape} "
+                         f"on the {what} run")
+    return value.reshape(())
+
+
+def _base_and_target(clean: Inputs, corrupted: Inputs, direction: str
+                     ) -> tuple[Inputs, Inputs]:
+    """(the run the gradient is taken at, the run whose activations are patched in)."""
+    return (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+
+
+def _check_same_shape(name: str, base: Tensor, target: Tensor) -> None:
+    if base.shape != target.shape:
+        raise ValueError(f"{name} has shape {tuple(target.shape)} on one input and "
+                         f"{tuple(base.shape)} on the other: clean and corrupted inputs must "
+                         "have the same batch size and length")
+
+
+class _Recorder:
+    """Forward hooks that keep each layer's activation at one hook point and, on a gradient
+    run, add a zero leaf tensor to it: d metric / d (that leaf) is d metric / d activation,
+    through every later path, whether or not the model's parameters require gradients."""
+
+    def __init__(self, grad: bool) -> None:
+        self.grad = grad
+        self.values: dict[int, Tensor] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.leaves: dict[int, Tensor] = {}
+
+    def hook(self, layer: int, what: str) -> Callable[..., Tensor]:
+        def record(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+            if layer in self.values:
+                raise ValueError(f"{what} of layer {layer} ran twice in one forward: "
+                                 "attribution needs one value per hook point and run")
+            self.values[layer] = out.detach()
+            if self.grad:
+                leaf = torch.zeros_like(out, requires_grad=True)
+                self.leaves[layer] = leaf
+                out = out + leaf
+                self.outputs[layer] = out
+            return out
+        return record
+
+    def gradients(self, of: Tensor) -> dict[int, Tensor]:
+        """d ``of`` / d activation for every recorded layer (zeros where it does not reach)."""
+        layers = sorted(self.leaves)
+        grads = torch.autograd.grad(of, [self.leaves[i] for i in layers], retain_graph=True,
+                                    allow_unused=True)
+        return {i: torch.zeros_like(self.leaves[i]) if g is None else g
+                for i, g in zip(layers, grads, strict=True)}
+
+
+def _run(model: nn.Module, forward: Forward, inputs: Inputs) -> Tensor:
+    return forward(model, inputs)
+
+
+def _reduce(product: Tensor, point: str, per_position: bool) -> Tensor:
+    """Sum an elementwise product over everything but the head (and the position): (H[, L])."""
+    head, pos = _HEAD_DIM[point], _POSITION_DIM[point]
+    keep = (head, pos) if per_position else (head,)
+    summed = product.sum(dim=[d for d in range(product.dim()) if d not in keep])
+    return summed if not per_position or head < pos else summed.transpose(0, 1)
+
+
+def _promoted(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs, metric: Metric,
+                         *, point: str = "heads", per_position: bool = False,
+                         direction: str = "denoise", forward: Forward | None = None
+                         ) -> PatchScores:
+    """AtP: the first-order estimate of activation patching of every head (and position) at
+    ``point`` (``q``, ``k``, ``v``, ``weights`` or ``heads``), from one forward and backward
+    pass on the base input and one forward pass on the other.
+
+    ``direction="denoise"``: the base run is ``corrupted`` and the clean activations are
+    patched in; ``"noise"``: the reverse. The score of head h (and position p) is
+    sum over its entries of (a_target - a_base) * d metric / d a at the base run, summed over
+    the batch, the head's width (and the positions, unless ``per_position``): the estimate of
+    metric(patched) - metric(base run), with ``activation_patching``'s axes ``("layer",
+    "head"[, "position"])``, its sign and its NaN padding of layers with fewer heads. ``k``
+    and ``v`` count key/value heads; the position of ``weights`` is the query row.
+
+    ``metric`` maps the logits to one number (``heads.metrics.logit_difference``, ...);
+    ``forward(model, inputs)`` returns the logits (default ``heads.metrics.run_model``: a token
+    tensor or a mapping of keyword arguments, on attnlab and Hugging Face models)."""
+    _check_direction(direction)
+    if point not in POINTS:
+        raise ValueError(f"point must be one of {', '.join(POINTS)} (the head-level hook "
+                         f"points), got {point!r}")
+    forward = forward or run_model
+    model_sites = sites(model)
+    base_inputs, target_inputs = _base_and_target(clean, corrupted, direction)
+
+    target = _Recorder(grad=False)
+    with torch.no_grad(), forward_hooks(model_sites, point, {
+            s.layer: target.hook(s.layer, f"L{s.layer}.{point}") for s in model_sites}):
+        target_metric = _scalar(metric(_run(model, forward, target_inputs)), "target")
+    base = _Recorder(grad=True)
+    with torch.enable_grad(), forward_hooks(model_sites, point, {
+            s.layer: base.hook(s.layer, f"L{s.layer}.{point}") for s in model_sites}):
+        base_metric = _scalar(metric(_run(model, forward, base_inputs)), "base")
+        if not base_metric.requires_grad:
+            raise ValueError("the metric does not depend on the model's activations (it "
+                             "returned a tensor without a gradient): compute it from the "
+                             "logits it is given")
+        grads = base.gradients(base_metric)
+
+    per_layer: list[Tensor] = []
+    for s in model_sites:
+        if s.layer not in base.values or s.layer not in target.values:
+            raise ValueError(f"L{s.layer}.{point} did not run: the model never called "
+                             f"{s.path}'s hook point {point!r}")
+        a_base, a_target = base.values[s.layer], target.values[s.layer]
+        _check_same_shape(f"L{s.layer}.{point}", a_base, a_target)
+        delta = _promoted(a_target) - _promoted(a_base)
+        per_layer.append(_reduce(delta * _promoted(grads[s.layer]), point, per_position))
+    scores = _stack_padded(per_layer)
+    metrics = {"base": float(base_metric.detach()), "target": float(target_metric)}
+    clean_value, corrupted_value = ((metrics["target"], metrics["base"]) if direction ==
+                                    "denoise" else (metrics["base"], metrics["target"]))
+    axes = ("layer", "head", "position") if per_position else ("layer", "head")
+    return PatchScores(scores.detach().cpu(), axes, point, "attribution", direction,
+                       clean_value, corrupted_value)
+
+
+def _stack_padded(rows: Sequence[Tensor]) -> Tensor:
+    """Per-layer (H_l[, L]) scores as (layers, max H[, L]), NaN where a layer has no head."""
+    width = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), float("nan"))
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r
+    return out
+
+
+# ------------------------------------------------------------------------------ EAP
+
+
+@dataclass
+class EdgeScores:
+    """Scores of the edges u -> v of the residual-stream graph (``edge_attribution_patching``).
+
+    ``upstream``: the writers (``"embed"``, ``"L<l>.H<h>"``); ``downstream``: the readers
+    (``"L<l>.H<h>.q"``, ``.k``, ``.v`` -- k and v count key/value heads -- and ``"logits"``);
+    ``scores`` (upstream x downstream): each edge's estimate of metric(edge patched) -
+    metric(base run); ``valid`` marks the edges that exist (u writes before v reads: an
+    upstream head feeds only later layers); the others hold 0. ``direction``, ``clean`` and
+    ``corrupted`` as in ``PatchScores``."""
+
+    upstream: list[str]
+    downstream: list[str]
+    scores: Tensor
+    valid: Tensor
+    direction: str
+    clean: float
+    corrupted: float
+    method: str = "edge attribution"
+
+    def score(self, upstream: str, downstream: str) -> float:
+        """The score of one edge, by node names."""
+        return float(self.scores[self._index(self.upstream, upstream, "upstream"),
+                                 self._index(self.downstream, downstream, "downstream")])
+
+    def top(self, k: int = 10) -> list[tuple[str, str, float]]:
+        """The ``k`` existing edges of largest absolute score: (upstream, downstream, score)."""
+        flat = self.scores.masked_fill(~self.valid, 0.0).flatten()
+        count = min(k, int(self.valid.sum()))
+        order = flat.abs().argsort(descending=True, stable=True)[:count]
+        width = self.scores.shape[1]
+        return [(self.upstream[int(o) // width], self.downstream[int(o) % width],
+                 float(flat[o])) for o in order]
+
+    @staticmethod
+    def _index(names: list[str], name: str, side: str) -> int:
+        if name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"no {side} node {name!r}{hint}")
+        return names.index(name)
+
+
+def _block_of(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
+    """(the residual block holding ``site``'s attention, the attention module itself)."""
+    owner_path = site.path.removesuffix(".attnlab_site")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    if "." not in owner_path:
+        raise ValueError(f"edge attribution needs the attention layers inside residual blocks; "
+                         f"{site} is not inside a block")
+    return model.get_submodule(owner_path.rpartition(".")[0]), owner
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise ValueError(f"a module returned {type(out).__name__}: edge attribution needs a "
+                     "tensor (or a tuple starting with one) from each block and attention")
+
+
+def _replace_first(out: Any, value: Tensor) -> Any:
+    if isinstance(out, Tensor):
+        return value
+    return type(out)([value, *out[1:]]) if isinstance(out, tuple | list) else out
+
+
+class _Graph:
+    """The hooks of one EAP run: the residual entering each block (and leaving the last one),
+    each attention module's output, and hook_q/k/v/heads of every layer."""
+
+    def __init__(self, model: nn.Module, model_sites: list[Site], grad: bool) -> None:
+        self.model_sites, self.grad = model_sites, grad
+        pairs = [_block_of(model, s) for s in model_sites]
+        self.blocks = [b for b, _ in pairs]
+        self.attention = [a for _, a in pairs]
+        if len({id(b) for b in self.blocks}) != len(self.blocks) or any(
+                s.kind != "self" for s in model_sites):
+            raise ValueError("edge attribution needs one self-attention layer per residual "
+                             "block (a decoder-only or encoder-only stack); this model has "
+                             "cross-attention or several attention layers in one block")
+        self.points = {p: _Recorder(grad) for p in (*READS, "heads")}
+        self.resid: dict[int, Tensor] = {}  # the residual entering block l (its value)
+        self.resid_leaf: dict[int, Tensor] = {}
+        self.final: Tensor | None = None
+        self.final_leaf: Tensor | None = None
+        self.attn_out: dict[int, Tensor] = {}
+
+    def _leaf(self, value: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.grad:
+            return value, None
+        leaf = torch.zeros_like(value, requires_grad=True)
+        return value + leaf, leaf
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = []
+
+        def block_input(layer: int) -> Callable[..., Any]:
+            def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if args and isinstance(args[0], Tensor):
+                    x = args[0]
+                elif isinstance(kwargs.get("hidden_states"), Tensor):
+                    x = kwargs["hidden_states"]
+                else:
+                    raise ValueError(f"block {layer} got no residual tensor (its first "
+                                     "argument or hidden_states=)")
+                self.resid[layer] = x.detach()
+                x, leaf = self._leaf(x)
+                if leaf is not None:
+                    self.resid_leaf[layer] = leaf
+                if args and isinstance(args[0], Tensor):
+                    return (x, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": x}
+            return pre
+
+        def attention_output(layer: int) -> Callable[..., Any]:
+            def post(module: nn.Module, args: Any, out: Any) -> None:
+                self.attn_out[layer] = _first_tensor(out)
+            return post
+
+        def last_output(module: nn.Module, args: Any, out: Any) -> Any:
+            x = _first_tensor(out)
+            self.final = x.detach()
+            x, self.final_leaf = self._leaf(x)
+            return _replace_first(out, x)
+
+        try:
+            for i, (block, attn) in enumerate(zip(self.blocks, self.attention, strict=True)):
+                handles.append(block.register_forward_pre_hook(block_input(i),
+                                                               with_kwargs=True))
+                if self.grad:
+                    handles.append(attn.register_forward_hook(attention_output(i)))
+            handles.append(self.blocks[-1].register_forward_hook(last_output))
+            with contextlib.ExitStack() as stack:
+                for p, rec in self.points.items():
+                    stack.enter_context(forward_hooks(self.model_sites, p, {
+                        s.layer: rec.hook(s.layer, f"L{s.layer}.{p}")
+                        for s in self.model_sites}))
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _batched_vjp(output: Tensor, leaf: Tensor, cotangents: Tensor) -> Tensor:
+    """d <output, c> / d leaf for each cotangent c (N, *output.shape): (N, *leaf.shape)."""
+    try:
+        (g,) = torch.autograd.grad(output, leaf, cotangents, retain_graph=True,
+                                   is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one product at a time
+        rows = [torch.autograd.grad(output, leaf, c, retain_graph=True, allow_unused=True)[0]
+                for c in cotangents]
+        g = None if rows[0] is None else torch.stack(rows)
+    return torch.zeros(len(cotangents), *leaf.shape, dtype=leaf.dtype,
+                       device=leaf.device) if g is None else g
+
+
+def _one_head_each(grad: Tensor) -> Tensor:
+    """(H, *grad.shape): copy h keeps head h of ``grad`` (B, H, L, D) and zeros the rest."""
+    heads = grad.shape[1]
+    eye = torch.eye(heads, dtype=grad.dtype, device=grad.device)
+    return grad.unsqueeze(0) * eye.reshape(heads, 1, heads, 1, 1)
+
+
+def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs,
+                              metric: Metric, *, forward: Forward | None = None,
+                              direction: str = "noise") -> EdgeScores:
+    """EAP: the first-order estimate of patching each edge u -> v of the residual-stream graph
+    (see the module docstring for the nodes), from one forward and backward pass on the base
+    input and one forward pass on the other.
+
+    ``direction="noise"`` (the paper's): the base run is ``clean`` and each upstream node's
+    corrupted output is patched into one downstream input; ``"denoise"``: the reverse. The
+    score of u -> v is (out_u(target) - out_u(base)) . d metric / d in_v at the base run, the
+    gradient flowing into the residual through head v's own q, k or v projection only
+    (``"logits"``: through the final norm and unembedding), summed over batch and positions.
+    ``metric`` and ``forward`` as in ``attribution_patching``."""
+    _check_direction(direction)
+    forward = forward or run_model
+    model_sites = sites(model)
+    base_inputs, target_inputs = _base_and_target(clean, corrupted, direction)
+
+    target = _Graph(model, model_sites, grad=False)
+    with torch.no_grad(), target.hooked():
+        target_metric = _scalar(metric(_run(model, forward, target_inputs)), "target")
+    base = _Graph(model, model_sites, grad=True)
+    with torch.enable_grad(), base.hooked():
+        base_metric = _scalar(metric(_run(model, forward, base_inputs)), "base")
+        if not base_metric.requires_grad:
+            raise ValueError("the metric does not depend on the model's activations (it "
+                             "returned a tensor without a gradient): compute it from the "
+                             "logits it is given")
+        scores, valid, upstream, downstream = _edge_scores(model_sites, base, target,
+                                                           base_metric)
+    metrics = {"base": float(base_metric.detach()), "target": float(target_metric)}
+    clean_value, corrupted_value = ((metrics["target"], metrics["base"]) if direction ==
+                                    "denoise" else (metrics["base"], metrics["target"]))
+    return EdgeScores(upstream, downstream, scores.detach().cpu(), valid, direction,
+                      clean_value, corrupted_value)
+
+
+def _edge_scores(model_sites: list[Site], base: _Graph, target: _Graph, base_metric: Tensor
+                 ) -> tuple[Tensor, Tensor, list[str], list[str]]:
+    layers = len(model_sites)
+    for i in range(layers):
+        if i not in base.resid or i not in target.resid:
+            raise ValueError(f"block {i} did not run")
+    if base.final is None or target.final is None or base.final_leaf is None:
+        raise ValueError("the last block did not run")
+    grads = {p: base.points[p].gradients(base_metric) for p in READS}
+    (final_grad,) = torch.autograd.grad(base_metric, base.final_leaf, retain_graph=True)
+
+    upstream = ["embed"] + [f"L{s.layer}.H{h}" for s in model_sites for h in range(s.heads)]
+    first_head = [1]
+    for s in model_sites:
+        first_head.append(first_head[-1] + s.heads)
+    _check_same_shape("the residual entering block 0", base.resid[0], target.resid[0])
+    d_embed = _promoted(target.resid[0]) - _promoted(base.resid[0])
+    d_heads = {}
+    for s in model_sites:
+        a, b = target.points["heads"].values[s.layer], base.points["heads"].values[s.layer]
+        _check_same_shape(f"L{s.layer}.heads", b, a)
+        d_heads[s.layer] = _promoted(a) - _promoted(b)
+
+    def upstream_scores(cotangents: Tensor, before: int) -> Tensor:
+        """(U, N): the edges from every writer before layer ``before`` into N readers whose
+        residual-stream gradients are ``cotangents`` (N, B, L, C)."""
+        out = cotangents.new_zeros(len(upstream), len(cotangents), dtype=d_embed.dtype)
+        out[0] = (_promoted(cotangents) * d_embed).flatten(1).sum(1)
+        for s in model_sites[:before]:
+            leaf = base.points["heads"].leaves[s.layer]
+            back = _batched_vjp(base.attn_out[s.layer], leaf, cotangents)  # (N, B, L, H, D)
+            per_head = (_promoted(back) * d_heads[s.layer]).sum(dim=(1, 2, 4))  # (N, H)
+            out[first_head[s.layer]:first_head[s.layer] + s.heads] = per_head.T
+        return out
+
+    columns: list[Tensor] = []
+    downstream: list[str] = []
+    reach: list[int] = []  # how many layers of writers each reader sees
+    for s in model_sites:
+        leaf = base.resid_leaf[s.layer]
+        for p in READS:
+            out = base.points[p].outputs[s.layer]
+            heads = out.shape[1]
+            into_resid = _batched_vjp(out, leaf, _one_head_each(grads[p][s.layer]))
+            columns.append(upstream_scores(into_resid, s.layer))
+            downstream += [f"L{s.layer}.H{h}.{p}" for h in range(heads)]
+            reach += [s.layer] * heads
+    columns.append(upstream_scores(final_grad.unsqueeze(0), layers))
+    downstream.append("logits")
+    reach.append(layers)
+    scores = torch.cat(columns, dim=1)
+    writer_layer = torch.tensor([-1] + [s.layer for s in model_sites for _ in range(s.heads)])
+    valid = writer_layer[:, None] < torch.tensor(reach)[None, :]
+    return scores.masked_fill(~valid.to(scores.device), 0.0), valid, upstream, downstream
+
+
+# ------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How well two score tensors agree: Spearman's rank correlation over the entries both
+    hold (not NaN), the share of the ``k`` largest (by absolute value) they have in common,
+    and the number of entries compared."""
+
+    spearman: float
+    top_k_overlap: float
+    k: int
+    entries: int
+
+
+def agreement(estimate: PatchScores | Tensor, reference: PatchScores | Tensor, *,
+              k: int = 5) -> Agreement:
+    """Compare an estimate (AtP, EAP) with the reference (activation or path patching):
+    Spearman over the entries both define and the top-``k`` overlap by absolute score."""
+    from attnlab.heads.importance import rank_correlation
+
+    a = estimate.scores if isinstance(estimate, PatchScores) else estimate
+    b = reference.scores if isinstance(reference, PatchScores) else reference
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)} (compare "
+                         "scores of the same point, axes and model)")
+    keep = ~(a.isnan() | b.isnan())
+    entries = int(keep.sum())
+    if entries < 2:
+        raise ValueError("fewer than two entries to compare")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, entries)
+    fa, fb = a[keep].double(), b[keep].double()
+    top_a = set(fa.abs().argsort(descending=True, stable=True)[:k].tolist())
+    top_b = set(fb.abs().argsort(descending=True, stable=True)[:k].tolist())
+    return Agreement(rank_correlation(fa, fb), len(top_a & top_b) / k, k, entries)
