@@ -79,6 +79,18 @@ def test_a_mechanism_with_new_parameters_trains_on_the_pretrained_projections():
     assert "model.layers.0.self_attn.attn.qkv.q.bias" in kept
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Mistral"])
+def test_rope_is_the_models_own(arch):
+    """The frequencies equal the model's bit for bit (a 1-ulp difference, e.g. attnlab's
+    correctly rounded base^(-2i/d), is below what a short equality test sees)."""
+    model = build(arch, rope_parameters=dict(rope_type="default", rope_theta=500.0))
+    inv_freq = model.model.rotary_emb.inv_freq
+    convert(model, "softmax")
+    for _, module in converted_modules(model):
+        assert module.attn.rotary.float32_frequencies
+        assert torch.equal(module.attn.rotary.inv_freq, inv_freq)
+
+
 def test_gpt2_conv1d_weights_are_transposed_and_split():
     model = convert(build("GPT-2"), "softmax")
     first = converted_modules(model)[0][1]
