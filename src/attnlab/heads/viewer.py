@@ -6,9 +6,9 @@ layer's heads (each head's Lq x Lk pattern drawn on a canvas), a click on a head
 hovering a cell shows the query token, the key token and the weight, and hovering a token
 colours the tokens it attends to in the chosen head.
 
-The weights are stored as one byte per cell (256 levels between the page's smallest and
-largest weight, base64 in an embedded JSON block): about 1.34 bytes per cell, so 4 layers x 8
-heads x 128 tokens (524,288 cells) make a page of about 0.7 MB. Pages above ``max_cells``
+The weights are stored as one byte per cell (256 levels over the page's range, 0..1 for
+probabilities; base64 in an embedded JSON block): about 1.36 bytes per cell, so 4 layers x 8
+heads x 128 tokens (524,288 cells) make a page of 713,622 bytes. Pages above ``max_cells``
 (default 2**22 cells, about 5.6 MB) are refused with a message saying how to make them
 smaller (``layers=``, ``heads=``, fewer tokens, or a larger ``max_cells``).
 
