@@ -82,7 +82,7 @@ def test_patching_a_head_equals_a_manual_replacement_of_its_output(direction):
 
 
 @pytest.mark.parametrize("point, layer, head, position, index", [
-    ("q", 1, 2, 7, (2, 7)), ("k", 0, 1, 2, (1, 2)), ("v", 0, 3, 4, (3, 4)),
+    ("q", 1, 2, 7, (2, 7)), ("k", 0, 1, 2, (1, 2)), ("v", 1, 3, 4, (3, 4)),
     ("weights", 1, 0, 7, (0, 7)), ("heads", 0, 1, 5, (5, 1))])
 def test_per_position_pieces_of_each_point_equal_manual_replacements(point, layer, head,
                                                                      position, index):
@@ -93,6 +93,7 @@ def test_per_position_pieces_of_each_point_equal_manual_replacements(point, laye
     assert scores.axes == ("layer", "head", "position") and scores.scores.shape == (2, 4, 8)
     expected = manual_patch(model, corrupted, clean, layer, point, index) - \
         metric_of(model, corrupted)
+    assert abs(float(expected)) > 1e-4  # the piece matters
     close(scores.scores[layer, head, position], expected)
     # causal: positions before the corrupted one hold the same activations, nothing changes
     assert scores.scores[:, :, :2].abs().max() <= zero_tolerance(scores)
@@ -228,11 +229,13 @@ def test_path_patching_to_a_receiver_head_patches_only_its_chosen_input(via):
 
 
 def test_a_sender_at_or_after_the_receiver_has_no_effect():
-    model = small_lm()
+    model = small_lm(depth=3)
     clean, corrupted = pair()
-    for sender in ([(1, 0)], [(0, 2)]):
+    for sender in ([(2, 0)], [(1, 1)]):
         assert pt.path_patching(model, clean, corrupted, METRIC, senders=sender,
-                                receivers=[(0, 2)]) == 0.0
+                                receivers=[(1, 2)]) == 0.0
+    assert pt.path_patching(model, clean, corrupted, METRIC, senders=[(0, 0)],
+                            receivers=[(1, 2)]) != 0.0
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -265,3 +268,102 @@ def test_bad_input_gets_clear_errors():
         pt.path_patching(model, clean, corrupted, METRIC, senders=[(0, 0)], receivers="out")
     with pytest.raises(ValueError, match="no head comes before"):
         pt.path_patching_scores(model, clean, corrupted, METRIC, receivers=[(0, 1)])
+
+
+# --------------------------------------------------------------- Hugging Face models
+def hf_pair(name):
+    """A tiny random transformers model (from_config, offline) prepared by use_attnlab, and
+    clean / corrupted batches (left padding in the second row) that differ at position 5."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
+    from attnlab.heads import matrix
+
+    arch = next(a for a in matrix.ARCHITECTURES if a.name == name)
+    _, model = matrix.build_pair(arch)
+    clean = matrix.inputs(arch)
+    corrupted = dict(clean, input_ids=clean["input_ids"].clone())
+    corrupted["input_ids"][:, 5] = (corrupted["input_ids"][:, 5] + 7) % matrix.VOCAB
+    return model, clean, corrupted
+
+
+def hf_metric_of(model, inputs):
+    with torch.no_grad():
+        return METRIC(model(**inputs).logits)
+
+
+def test_hf_gpt2_head_patching_equals_a_manual_replacement():
+    model, clean, corrupted = hf_pair("GPT-2")
+    scores = pt.activation_patching(model, clean, corrupted, METRIC, direction="noise")
+    assert scores.scores.shape == (2, 4)
+    site = hd.sites(model)[1]
+    with hd.capture(model, ["L1.heads"]) as cap, torch.no_grad():
+        model(**corrupted)
+
+    def replace(_m, _i, out):
+        out = out.clone()
+        out[:, :, 2] = cap["L1.heads"][:, :, 2]
+        return out
+    handle = site.hook("heads").register_forward_hook(replace)
+    try:
+        expected = hf_metric_of(model, clean)
+    finally:
+        handle.remove()
+    close(scores.scores[1, 2], expected - hf_metric_of(model, clean))
+
+
+def test_hf_llama_kv_heads_are_patched_and_path_patched_through_their_group():
+    model, clean, corrupted = hf_pair("Llama")  # 4 query heads, 2 key/value heads
+    scores = pt.activation_patching(model, clean, corrupted, METRIC, point="v")
+    assert scores.scores.shape == (2, 2)
+    sender, receiver = [(0, 0)], (1, 2)  # query head 2 reads kv head 1
+    value = pt.path_patching(model, clean, corrupted, METRIC, senders=sender,
+                             receivers=[receiver], via="v")
+    clean_outs = hd.head_outputs(model, lambda: model(**clean))
+    corrupted_outs = hd.head_outputs(model, lambda: model(**corrupted))
+    others = [(layer, h) for layer in range(2) for h in range(4) if (layer, h) != sender[0]]
+    with hd.ablate(model, sender, "resample", values=corrupted_outs), \
+            hd.ablate(model, others, "resample", values=clean_outs), \
+            hd.capture(model, ["L1.v"]) as cap, torch.no_grad():
+        model(**clean)
+
+    def replace(_m, _i, out):
+        out = out.clone()
+        out[:, 1] = cap["L1.v"][:, 1]
+        return out
+    handle = hd.sites(model)[1].hook("v").register_forward_hook(replace)
+    try:
+        expected = hf_metric_of(model, clean)
+    finally:
+        handle.remove()
+    expected = expected - hf_metric_of(model, clean)
+    assert abs(float(expected)) > 1e-5
+    close(value, expected)
+
+
+# ----------------------------------------------------------------------------- figure
+def test_heatmap_writes_png_and_svg_and_refuses_what_it_cannot_draw(tmp_path):
+    pytest.importorskip("matplotlib")
+    from attnlab.heads.metrics import PatchScores
+    from attnlab.heads.patching_figures import patching_heatmap
+
+    values = torch.tensor([[0.5, -0.25, float("nan")], [0.0, 1.0, 0.125]], dtype=torch.float64)
+    heads = PatchScores(values, ("layer", "head"), "heads", "activation patching", "denoise",
+                        clean=2.0, corrupted=1.0)
+    png = patching_heatmap(heads, tmp_path / "heads.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_position = PatchScores(torch.randn(2, 3, 4, dtype=torch.float64),
+                               ("layer", "head", "position"), "q", "activation patching",
+                               "noise", clean=1.0, corrupted=0.0)
+    svg = patching_heatmap(per_position, tmp_path / "sub" / "q.svg", normalised=False,
+                           tokens=["a", "b", "c", "d"], title="q by position")
+    text = svg.read_text()
+    assert "<svg" in text and "q by position" in text
+    with pytest.raises(ValueError, match="must end in .png or .svg"):
+        patching_heatmap(heads, tmp_path / "heads.jpg")
+    with pytest.raises(ValueError, match="4 positions"):
+        patching_heatmap(per_position, tmp_path / "q.png", tokens=["a"])
+    with pytest.raises(ValueError, match="these scores have none"):
+        patching_heatmap(heads, tmp_path / "h.png", tokens=["a"])
+    same = PatchScores(values, ("layer", "head"), "heads", "activation patching", "denoise",
+                       clean=1.0, corrupted=1.0)
+    with pytest.raises(ValueError, match="nothing to normalise by"):
+        patching_heatmap(same, tmp_path / "same.png")
