@@ -185,6 +185,51 @@ def test_hugging_face_capture_with_left_padding():
             assert torch.equal(w.triu(1), torch.zeros_like(w))  # causal: no future keys
 
 
+@pytest.mark.slow
+def test_hugging_face_encoder_decoder_pages():
+    """BART (4 encoder, 2 decoder heads): a page of the encoder's self-attention (padding
+    left out), one of the cross-attention (decoder queries x encoder keys) and one of the
+    decoder's self-attention; mixing shapes on one page is refused."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install -e '.[hf]'")
+    from attnlab.heads import matrix
+
+    arch = next(a for a in matrix.ARCHITECTURES if a.name == "BART")
+    _, model = matrix.build_pair(arch)
+    batch = matrix.inputs(arch)
+    model_sites = hd.sites(model)
+    with torch.no_grad(), hd.capture(model, [f"L{s.layer}.weights" for s in model_sites]) as cap:
+        model(**batch)
+    encoder = [s.layer for s in model_sites if ".encoder." in s.path]
+    cross = [s.layer for s in model_sites if s.kind == "cross"]
+    decoder = [s.layer for s in model_sites if s.kind == "self" and ".decoder." in s.path]
+    assert encoder and cross and decoder
+    source = [f"s{i}" for i in range(matrix.LENGTH)]
+    target = [f"t{i}" for i in range(matrix.DECODER_LENGTH)]
+    real = int(batch["attention_mask"][1].sum())
+    pages = {
+        "encoder": (viewer.page_data(cap, source, layers=encoder, item=1,
+                                     key_mask=batch["attention_mask"]), slice(-real, None),
+                    slice(-real, None)),
+        "cross": (viewer.page_data(cap, source, layers=cross, item=1,
+                                   key_mask=batch["attention_mask"], query_tokens=target),
+                  slice(None), slice(-real, None)),
+        "decoder": (viewer.page_data(cap, target, layers=decoder, item=1), slice(None),
+                    slice(None)),
+    }
+    for name, (data, rows, cols) in pages.items():
+        for li, entry in enumerate(data["layers"]):
+            heads = model_sites[entry["layer"]].heads
+            assert entry["heads"] == list(range(heads)), name
+            assert heads == (4 if name == "encoder" else 2), name
+            for h in range(heads):
+                expected = cap[f"L{entry['layer']}.weights"][1, h][rows, cols]
+                assert (decoded(data, li, h) - expected).abs().max() <= storage_error(data)
+    assert pages["cross"][0]["queries"] == target and pages["cross"][0]["keys"] == source[-real:]
+    with pytest.raises(ValueError, match="one page shows layers of one shape"):
+        viewer.page_data(cap, source, layers=encoder + cross, item=1,
+                         key_mask=batch["attention_mask"], query_tokens=target)
+
+
 # --- in a real browser -------------------------------------------------------------------
 
 

@@ -146,9 +146,14 @@ def page_data(weights: Weights, tokens: Sequence[str], *,
                              f"{', '.join(map(str, sorted(maps)))})")
     if not chosen:
         raise ValueError("no layers chosen")
+    raw = {j: tuple(maps[j].shape[-2:]) for j in chosen}
+    if len(set(raw.values())) > 1:
+        listing = ", ".join(f"L{j} {q} x {k}" for j, (q, k) in raw.items())
+        raise ValueError(f"one page shows layers of one shape, and these differ (queries x "
+                         f"keys: {listing}): choose layers of one shape with layers= (e.g. an "
+                         "encoder-decoder's self- and cross-attention on separate pages)")
     keys_all = [str(t) for t in tokens]
     picked: dict[int, Tensor] = {}
-    shape: tuple[int, int] | None = None
     keys: list[str] = []
     queries: list[str] = []
     for j in chosen:
@@ -184,13 +189,7 @@ def page_data(weights: Weights, tokens: Sequence[str], *,
             if len(layer_queries) != lq:
                 raise ValueError(f"layer {j} has {lq} queries but {len(layer_queries)} "
                                  "query_tokens were given")
-        if shape is None:
-            shape, keys, queries = (w.shape[1], w.shape[2]), layer_keys, layer_queries
-        elif (w.shape[1], w.shape[2]) != shape:
-            raise ValueError(f"layer {j} has {w.shape[1]} x {w.shape[2]} (queries x keys) "
-                             f"where layer {chosen[0]} has {shape[0]} x {shape[1]}: one page "
-                             "shows layers of one shape (e.g. an encoder-decoder's self- and "
-                             "cross-attention separately): choose them with layers=")
+        keys, queries = layer_keys, layer_queries  # the same for every layer (one shape)
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {j} has non-finite weights (NaN or inf) at real "
                              "positions; padding rows often hold them: pass key_mask= (the "
