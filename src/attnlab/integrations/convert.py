@@ -46,8 +46,9 @@ from attnlab.integrations.hf import METADATA, require_transformers
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.rotary import Rotary
 
-__all__ = ["ARCHITECTURES", "ConvertedAttention", "convert", "converted_modules",
-           "extra_loss", "new_parameters", "pretrained_parameters", "teacher", "refusal"]
+__all__ = ["ARCHITECTURES", "ConvertedAttention", "PretrainedRotary", "convert",
+           "converted_modules", "extra_loss", "new_parameters", "pretrained_parameters",
+           "teacher", "refusal"]
 
 # the constructor arguments conversion sets from the pretrained model
 SET_BY_MODEL = ("dim", "heads", "kv_heads", "head_dim", "causal", "bias", "rope", "rope_base",
@@ -96,6 +97,7 @@ class _Pretrained:
     v: tuple[Tensor, Tensor | None]
     o: tuple[Tensor, Tensor | None]
     rope_base: float | None = None  # None: no RoPE
+    rope_frequencies: Tensor | None = None  # the model's own inverse frequencies
     window: int | None = None  # sliding window (keys i - window < j <= i)
     dropout: float = 0.0
     layer_idx: int = 0
@@ -180,9 +182,26 @@ def _gpt2_layers(model: nn.Module) -> list[_Pretrained]:
     return out
 
 
-def _rope(model: nn.Module, head_dim: int) -> float:
-    """The RoPE base of a Llama-family model, after checking that attnlab's float32 RoPE
-    reproduces the model's own frequencies (default rope type, no attention scaling)."""
+class PretrainedRotary(Rotary):
+    """attnlab's RoPE (half-split pairing, float32 angles, as Hugging Face's) with the
+    pretrained model's inverse frequencies exactly as the model holds them: those of
+    ``rope_theta`` computed in float32, rounded when the model was cast (``model.to(
+    torch.bfloat16)`` rounds Hugging Face's ``inv_freq`` buffer, and the model rotates by the
+    rounded values). ``reset_parameters`` and ``.to()`` keep them."""
+
+    def __init__(self, head_dim: int, base: float, inv_freq: Tensor) -> None:
+        self.__dict__["given"] = inv_freq.detach().float().cpu().clone()
+        super().__init__(head_dim, base, float32_frequencies=True)
+
+    def frequencies(self, device: torch.device | str | None = None) -> Tensor:
+        given: Tensor = self.__dict__["given"]
+        return given.to(torch.get_default_device() if device is None else device)
+
+
+def _rope(model: nn.Module, head_dim: int) -> tuple[float, Tensor]:
+    """The RoPE base and inverse frequencies of a Llama-family model, after checking that
+    they are attnlab's float32 RoPE of that base (rounded to the dtype the model holds them
+    in): default rope type, no attention scaling."""
     config: Any = model.config
     params = dict(getattr(config, "rope_parameters", None) or
                   getattr(config, "rope_scaling", None) or {})
@@ -192,6 +211,7 @@ def _rope(model: nn.Module, head_dim: int) -> float:
                          "'default' rope type is")
     base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     ours = Rotary(head_dim, base, float32_frequencies=True).inv_freq
+    found = ours
     for path, m in model.named_modules():
         inv_freq = getattr(m, "inv_freq", None)
         if not isinstance(inv_freq, Tensor) or isinstance(m, Rotary):
@@ -199,33 +219,34 @@ def _rope(model: nn.Module, head_dim: int) -> float:
         if float(getattr(m, "attention_scaling", 1.0)) != 1.0:
             raise ValueError(f"{path} scales cos and sin by {m.attention_scaling}, which attnlab's "
                              "RoPE does not reproduce")
-        if inv_freq.shape != ours.shape or not torch.equal(inv_freq.detach().float().cpu(),
-                                                           ours.cpu()):
+        theirs = inv_freq.detach().cpu()
+        if theirs.shape != ours.shape or not torch.equal(theirs, ours.to(theirs.dtype)):
             raise ValueError(f"{path}'s RoPE frequencies differ from attnlab's for "
                              f"rope_theta={base} (partial or scaled RoPE): not reproduced")
-    return base
+        found = theirs.float()
+    return base, found
 
 
 def _decoder_layers(model: nn.Module) -> list[_Pretrained]:
     config: Any = model.config
     out: list[_Pretrained] = []
-    base = None
+    rope: tuple[float, Tensor] | None = None
     for path, m in model.named_modules():
         if not all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
             continue
         head_dim = int(m.head_dim)
         heads = m.q_proj.out_features // head_dim
         kv_heads = m.k_proj.out_features // head_dim
-        if base is None:
-            base = _rope(model, head_dim)
+        if rope is None:
+            rope = _rope(model, head_dim)
         window = getattr(m, "sliding_window", getattr(config, "sliding_window", None)) \
             if config.model_type == "mistral" else getattr(m, "sliding_window", None)
         out.append(_Pretrained(
             path=path, original=m, dim=int(config.hidden_size), heads=heads,
             kv_heads=kv_heads, head_dim=head_dim, causal=bool(getattr(m, "is_causal", True)),
             q=_linear(m.q_proj), k=_linear(m.k_proj), v=_linear(m.v_proj),
-            o=_linear(m.o_proj), rope_base=base, window=None if window is None else
-            int(window), layer_idx=len(out)))
+            o=_linear(m.o_proj), rope_base=rope[0], rope_frequencies=rope[1],
+            window=None if window is None else int(window), layer_idx=len(out)))
         _check_scaling(m, head_dim, path)
     return out
 
@@ -360,13 +381,13 @@ def refusal(mechanism: str, *, causal: bool, rope: bool, gqa: bool) -> str | Non
     """Why ``mechanism`` cannot run a pretrained layer with these properties, judged from its
     registry entry (None: nothing there forbids it; building may still refuse)."""
     meta = info(mechanism)
-    if mechanism in LAYOUT_REASONS:
-        return f"{mechanism} cannot be initialised from softmax weights: " \
-               f"{LAYOUT_REASONS[mechanism]}"
     if causal and not meta.causal:
         return f"{mechanism} is bidirectional only: it cannot run a causal model"
     if not causal and not meta.bidirectional:
         return f"{mechanism} is causal only: it cannot run a bidirectional model"
+    if mechanism in LAYOUT_REASONS:
+        return f"{mechanism} cannot be initialised from softmax weights: " \
+               f"{LAYOUT_REASONS[mechanism]}"
     if "seq" not in meta.domains:
         return f"{mechanism} works on {'/'.join(meta.domains)} inputs, not token sequences"
     if rope and "rope" in meta.unsupported:
@@ -395,8 +416,9 @@ def _build(layer: _Pretrained, mechanism: str, kwargs: dict[str, Any],
         attn = build(mechanism, **args, **kwargs)
     attn = attn.to(dtype=weight.dtype)
     if layer.rope_base is not None:  # Hugging Face's RoPE: float32 frequencies and angles
-        attn.rotary = Rotary(attn.shape.qk_dim, layer.rope_base,
-                             float32_frequencies=True).to(weight.device)
+        assert layer.rope_frequencies is not None
+        attn.rotary = PretrainedRotary(attn.shape.qk_dim, layer.rope_base,
+                                       layer.rope_frequencies).to(weight.device)
     pretrained = _load_projections(attn, layer, mechanism)
     attn.train(layer.original.training)
     return ConvertedAttention(attn, architecture=architecture, layer_idx=layer.layer_idx,
@@ -506,6 +528,9 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
             _put(model, path, part)
     config: Any = model.config
     config.use_cache = False
+    generation: Any = getattr(model, "generation_config", None)
+    if generation is not None:  # generate() reads its own use_cache
+        generation.use_cache = False
     return model
 
 
