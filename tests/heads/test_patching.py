@@ -141,7 +141,6 @@ def test_patching_identical_inputs_scores_zero_and_layers_choose_rows():
 
 
 def test_residual_points_restore_the_clean_metric_through_a_complete_cut():
-    pytest.importorskip("attnlab.heads.points")
     model = small_lm()
     clean, corrupted = pair()
     gap = metric_of(model, clean) - metric_of(model, corrupted)
@@ -308,6 +307,11 @@ def test_hf_gpt2_head_patching_equals_a_manual_replacement():
     finally:
         handle.remove()
     close(scores.scores[1, 2], expected - hf_metric_of(model, clean))
+    # residual points through heads.points: block 0's input at every position is a cut
+    whole = pt.activation_patching(model, clean, corrupted, METRIC, point="resid_pre",
+                                   layers=[0], direction="noise")
+    assert whole.scores.shape == (2,) and whole.scores[1].isnan()
+    close(whole.scores[0], hf_metric_of(model, corrupted) - hf_metric_of(model, clean))
 
 
 def test_hf_llama_kv_heads_are_patched_and_path_patched_through_their_group():

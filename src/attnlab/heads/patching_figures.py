@@ -16,7 +16,8 @@ from attnlab.heads.metrics import PatchScores
 __all__ = ["patching_heatmap"]
 
 FORMATS = (".png", ".svg")
-MAX_WRITTEN = 256  # cells per panel up to which the values are written in
+MAX_WRITTEN = 256  # cells per panel up to which the values are written in ...
+MAX_WRITTEN_COLUMNS = 16  # ... when it has at most this many columns
 
 
 def _pyplot():
@@ -70,9 +71,9 @@ def patching_heatmap(scores: PatchScores, path: str | Path, *, normalised: bool 
     top = top or 1.0
     plt = _pyplot()
     rows, cols = panels[0].shape
-    columns = min(len(panels), 4)
+    columns = min(len(panels), 4 if cols <= 8 else 2 if cols <= 16 else 1)
     lines = math.ceil(len(panels) / columns)
-    width = max(3.0, 0.42 * cols + 1.6)
+    width = max(3.0, (0.42 if cols <= 16 else 0.3) * cols + 1.6)
     height = max(2.2, 0.36 * rows + 1.2)
     fig, grid = plt.subplots(lines, columns, figsize=(width * columns + 0.8, height * lines),
                              squeeze=False, layout="constrained")
@@ -84,7 +85,7 @@ def patching_heatmap(scores: PatchScores, path: str | Path, *, normalised: bool 
         panel = panels[k]
         image = ax.imshow(panel.numpy(), cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto",
                           interpolation="nearest")
-        if panel.numel() <= MAX_WRITTEN:
+        if panel.numel() <= MAX_WRITTEN and cols <= MAX_WRITTEN_COLUMNS:
             for i in range(rows):
                 for j in range(cols):
                     v = float(panel[i, j])
