@@ -326,6 +326,40 @@ def _study(store: str, sweeps: list[str], name: str, out: str | None, title: str
     _write(target, title, lines, [(name, result)], command)
 
 
+@heads.command("induction")
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store holding the sweep's induction runs (with saved models).")
+@click.option("--sweep", default="heads_induction", show_default=True,
+              help="Sweep of two-layer attention-only runs on the induction task.")
+@click.option("--batches", type=click.IntRange(1), default=4, show_default=True,
+              help="Held-out batches per seed.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Sequences per batch.")
+@click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/induction].")
+def induction_cmd(store: str, sweep: str, batches: int, batch_size: int,
+                  out: str | None) -> None:
+    """The known-answer experiment: in two-layer attention-only models trained on the
+    induction task, the previous-token head (layer 0) and the induction head (layer 1) read
+    off the attention patterns, against the heads that activation patching, attribution
+    patching (AtP) and path patching rank first, with the other heads of each layer as the
+    control and 95% intervals over seeds.
+
+    \b
+    Example:
+      attnlab arena run --config docs/results/heads_induction.toml --store runs
+      attnlab heads induction --store runs --out docs/results/heads-induction
+    """
+    from attnlab.heads.studies.induction import induction_study
+
+    lines = [f"sweep {sweep} of {store}/: every finished run with a saved model; held-out "
+             f"sequences of the task's test split, {batches} batches of {batch_size} per seed"]
+    _study(store, [sweep], "induction", out, f"Induction heads, the known answer: {sweep}",
+           lines, lambda tick: induction_study(store, sweep, batches=batches,
+                                               batch_size=batch_size, tick=tick),
+           f"attnlab heads induction --store {store} --sweep {sweep} --batches {batches} "
+           f"--batch-size {batch_size}")
+
+
 @heads.command("guidance")
 @click.option("--store", default=DEFAULT_STORE, show_default=True,
               help="Result store holding the sweep's digits (ViT) runs.")
