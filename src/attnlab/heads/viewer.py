@@ -289,6 +289,8 @@ class PageRender:
     console: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
     selftest: dict[str, Any] | None = None
+    returncode: int = 0
+    log: str = ""  # the end of Chromium's stderr, for when it failed
 
     def map_fraction(self) -> float:
         """The share of the maps' pixels in the screenshot that are tinted (blue - red >= 3:
@@ -314,7 +316,8 @@ class PageRender:
     def problems(self, min_map: float = 0.05) -> list[str]:
         """Everything wrong with the render: console messages (the page logs nothing when all
         is well), errors it caught, a failed or missing self-test, a blank screenshot."""
-        out = [f"console: {line}" for line in self.console]
+        out = [f"Chromium exited with {self.returncode}: {self.log}"] if self.returncode else []
+        out += [f"console: {line}" for line in self.console]
         out += [f"page error: {e}" for e in self.page_errors]
         if self.selftest is None:
             out.append("the self-test did not run (no result in the DOM)")
@@ -336,7 +339,9 @@ def render_page(page: str | Path, png: str | Path, *, selftest: bool = True,
                 timeout: float = 60.0) -> PageRender:
     """Open ``page`` in headless Chromium (``browser`` or the first on PATH) once: a
     screenshot of ``size`` to ``png``, the DOM after the scripts ran, and the console's lines
-    (``--enable-logging=stderr``). ``selftest``: open it with ``?selftest=1``."""
+    (``--enable-logging=stderr``). ``selftest``: open it with ``?selftest=1``. Runs with
+    ``--no-sandbox`` (Chromium does not start as root without it, as in containers and CI)
+    and a throwaway profile."""
     exe = browser or find_browser()
     if exe is None:
         raise FileNotFoundError("no Chromium on PATH: install it (Debian/Ubuntu: apt-get "
@@ -361,7 +366,8 @@ def render_page(page: str | Path, png: str | Path, *, selftest: bool = True,
     errors_m = re.search(r'<ul id="errors"[^>]*>(.*?)</ul>', dom, re.S)
     page_errors = [html.unescape(e) for e in
                    re.findall(r"<li>(.*?)</li>", errors_m.group(1), re.S)] if errors_m else []
-    return PageRender(png, dom, console, page_errors, result)
+    return PageRender(png, dom, console, page_errors, result, done.returncode,
+                      "\n".join(done.stderr.strip().splitlines()[-5:]))
 
 
 _TEMPLATE = r"""<!doctype html>
