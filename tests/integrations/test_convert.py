@@ -96,6 +96,10 @@ def test_a_bfloat16_model_keeps_its_rounded_rope_and_generates_the_same_tokens()
     rotates by: the converted model uses the same; greedy generation (no KV cache) agrees."""
     model = build("Llama").to(torch.bfloat16)
     converted = convert(copy.deepcopy(model), "softmax")
+    rounded = model.model.rotary_emb.inv_freq
+    assert rounded.dtype == torch.bfloat16
+    for _, module in converted_modules(converted):
+        assert torch.equal(module.attn.rotary.inv_freq, rounded.float())
     _same_outputs(model, converted, *inputs())
     prompt = inputs(batch=1)[0][:, :5]
     greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
