@@ -133,3 +133,62 @@ def test_direct_logit_attribution_checks_its_target():
         lens.direct_logit_attribution(model, x, (3, VOCAB))
     with pytest.raises(ValueError, match=r"a direction is \(vocab,\)"):
         lens.direct_logit_attribution(model, x, torch.zeros(7))
+
+
+# the matrix rows (attnlab.heads.matrix) beyond GPT-2 / Llama / BERT, with what each must give
+MATRIX = {"Mistral": "dla", "Qwen2": "dla", "Phi-3": "dla", "Qwen3": "dla", "gpt-oss": "dla",
+          "Falcon (ALiBi)": "dla",  # parallel attention; adds the attention output in place
+          "BLOOM": "dla",  # its modules add the residual themselves
+          "GPT-NeoX": "dla", "Gemma2": "lens", "OLMo-2": "lens",  # sandwich norms: no DLA
+          "Cohere2": "refused",  # a logit scale after the unembedding
+          "DistilBERT": "post-norm", "RoBERTa": "post-norm"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_points_and_lens_across_the_architecture_matrix(name):
+    transformers = pytest.importorskip("transformers")
+    from attnlab.heads import matrix
+
+    arch = next(a for a in matrix.ARCHITECTURES if a.name == name)
+    torch.manual_seed(0)
+    config = getattr(transformers, arch.config)(**{**arch.options, "vocab_size": VOCAB})
+    model, x = getattr(transformers, arch.model)(config).eval(), tokens()
+    expect = MATRIX[name]
+    forward = (lambda m, t: m(t).last_hidden_state) if expect == "post-norm" else None
+    _, cache = pt.run_with_cache(model, x, forward=forward)
+    assert torch.equal(cache["blocks.0.resid_post"], cache["blocks.1.resid_pre"])
+    results = lens.head_results(model, x, forward=forward)
+    for i in range(2):
+        if expect != "post-norm":
+            parts = (cache[f"blocks.{i}.resid_pre"] + cache[f"blocks.{i}.attn_out"]
+                     + cache[f"blocks.{i}.mlp_out"])
+            assert_close(parts, cache[f"blocks.{i}.resid_post"], msg=f"{name} block {i}")
+        if expect in ("dla", "post-norm"):  # sandwich: the heads sum to the norm's input
+            proj = pt.out_projection(model, i)
+            bias = 0 if proj.bias is None else proj.bias
+            assert_close(results[i].sum(-2) + bias, cache[f"blocks.{i}.attn_out"])
+    if expect == "refused":
+        with pytest.raises(ValueError, match="differ from the model's logits"):
+            lens.logit_lens(model, x)
+    elif expect in ("dla", "lens"):
+        assert_close(lens.logit_lens(model, x)[-1], model(x).logits)
+    if expect == "dla":
+        out = lens.direct_logit_attribution(model, x, (3, 5))
+        assert_close(out.residual(), torch.zeros(2))
+    elif expect == "lens":
+        with pytest.raises(ValueError, match="norms each attention output"):
+            lens.direct_logit_attribution(model, x, (3, 5))
+
+
+@pytest.mark.slow
+def test_attribution_refuses_a_residual_multiplier():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GraniteConfig(hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=VOCAB,
+                                        residual_multiplier=0.5)
+    model = transformers.GraniteForCausalLM(config).eval()
+    assert "residual_multiplier=0.5" in pt.hook_points(model)["blocks.0.attn_out"]
+    with pytest.raises(ValueError, match="differ from the final residual"):
+        lens.direct_logit_attribution(model, tokens(), (3, 5))

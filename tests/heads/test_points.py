@@ -144,6 +144,9 @@ def test_unknown_names_suggest_close_ones():
     with pytest.raises(ValueError, match="did you mean blocks.1.attn_out"):
         with pt.edit_points(model, {"blocks.1.atn_out": lambda t: t}):
             pass
+    with pytest.raises(ValueError, match="blocks.1.mlp_out, blocks.1.resid_post did not run"):
+        pt.run_with_cache(model, tokens(), "blocks.1.*", forward=lambda m, t: m.blocks[0](
+            m.embed(t)))
     with pytest.raises(ValueError, match="no residual stack found"):
         pt.hook_points(nn.Sequential(nn.Linear(3, 3)))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,8 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f",
                     "final_norm")
-OUT_PROJECTION_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "out_lin", "o")
+OUT_PROJECTION_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "out_lin", "o", "Wo")
+MLP_OUT_NAMES = ("dense_4h_to_h", "down_proj", "c_proj", "fc2")  # an MLP's last projection
 HEAD_SEQ_DIM = {"q": 2, "k": 2, "v": 2, "weights": 2, "heads": 1}
 
 
@@ -159,7 +161,25 @@ def _hf_parts(model: nn.Module, path: str, i: int, block: nn.Module) -> tuple[st
     if isinstance(post_attn, nn.Module) and isinstance(post_mlp, nn.Module):
         # Gemma 2/3, OLMo-2: x + norm(attn(...)), x + norm(mlp(...))
         return "sandwich", BlockParts(i, path, block, post_attn, post_mlp, attention)
-    return "pre-norm", BlockParts(i, path, block, attention, mlp[1], attention)
+    attn_part, mlp_part = attention, mlp[1]
+    if _takes_residual(attention) or _takes_residual(mlp_part):
+        # BLOOM: the modules add the residual themselves; what they add is their last
+        # projection's output
+        inner_attn = _child(attention, OUT_PROJECTION_NAMES)
+        inner_mlp = _child(mlp_part, MLP_OUT_NAMES)
+        if inner_attn is None or inner_mlp is None:
+            raise ValueError(f"{where}: its attention / MLP add the residual inside, and their "
+                             f"last projections were not found (looked for "
+                             f"{', '.join(OUT_PROJECTION_NAMES)} / {', '.join(MLP_OUT_NAMES)})")
+        attn_part, mlp_part = inner_attn[1], inner_mlp[1]
+    return "pre-norm", BlockParts(i, path, block, attn_part, mlp_part, attention)
+
+
+def _takes_residual(module: nn.Module) -> bool:
+    try:
+        return "residual" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def layout(model: nn.Module) -> Layout:
@@ -331,6 +351,12 @@ def _describe(lay: Layout, model: nn.Module, p: BlockParts) -> dict[str, str]:
         attn = f"output of {path(p.attn)} (incl. its output projection's bias), added to the " \
             "residual"
         mlp = f"output of {path(p.mlp)}, added to the residual"
+        if p.attn is not p.attention:
+            attn += " (the attention module adds the residual itself)"
+        factor = getattr(getattr(model, "config", None), "residual_multiplier", None)
+        if isinstance(factor, int | float) and factor != 1:
+            scaled = f" (the model multiplies it by residual_multiplier={factor} first)"
+            attn, mlp = attn + scaled, mlp + scaled
     return {"resid_pre": f"input of {path(p.block)}", "attn_out": attn, "mlp_out": mlp,
             "resid_post": f"output of {path(p.block)}"
                           + ("" if lay.residual_sums else " (after its last LayerNorm)")}
@@ -342,8 +368,7 @@ def _points(model: nn.Module) -> dict[str, _Point]:
     first = lay.blocks[0].block
     out["embed"] = _Point("embed", first, "pre", 1,
                           f"the residual entering block 0 (input of {_path_of(model, first)}): "
-                          "token (+ position) embeddings of a language model, the input of "
-                          "an Encoder, patches + positions of a ViT")
+                          "the embeddings as the first block receives them")
     for p in lay.blocks:
         text = _describe(lay, model, p)
         b = f"blocks.{p.index}"
@@ -372,8 +397,9 @@ def _points(model: nn.Module) -> dict[str, _Point]:
                                         text["resid_post"])
     if lay.final_norm is not None:
         out["final_norm"] = _Point("final_norm", lay.final_norm, "out", 1,
-                                   f"output of the final norm {lay.final_norm_path} "
-                                   f"({type(lay.final_norm).__name__})")
+                                   f"output of the final norm, {lay.final_norm_path} "
+                                   f"({type(lay.final_norm).__name__}): what the unembedding "
+                                   "reads")
     try:
         model_sites = sites(model)
     except ValueError:
@@ -525,10 +551,9 @@ class ActivationCache:
             raise CacheFull(name, tuple(tensor.shape), size, self.nbytes, len(self._store),
                             self.max_bytes)
         t = tensor if keep_graph else tensor.detach()
-        if index is not None:
-            t = t.index_select(seq_dim, index)
-        elif t.untyped_storage().nbytes() > size:  # a view of a larger buffer: hold only it
-            t = t.clone()
+        # a copy: the model may change the tensor in place later (Falcon adds the attention
+        # output into the MLP's), and a view would keep a larger buffer alive
+        t = t.clone() if index is None else t.index_select(seq_dim, index)
         self._store[name] = t
         self.nbytes += size
 
@@ -595,6 +620,11 @@ def run_with_cache(model: nn.Module, inputs: Inputs, names: str | Sequence[str] 
     finally:
         for handle in handles:
             handle.remove()
+    missing = [p.name for p in chosen if p.name not in cache]
+    if missing:
+        raise ValueError(f"hook points {', '.join(missing)} did not run in this forward (the "
+                         "model computed them without calling the module they hook, or "
+                         "forward= skipped them)")
     return logits, cache
 
 
