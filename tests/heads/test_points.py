@@ -229,6 +229,14 @@ def test_residual_identities_on_unmodified_hf_decoders(kind):
     with pt.edit_points(model, {"blocks.1.mlp_out": lambda t: t * 0}):
         edited = model(x).logits
     assert not torch.allclose(edited, logits) and no_hooks_left(model, own_hooks)
+    shift = torch.randn(32)
+    with pt.edit_points(model, {"embed": lambda t: t + shift,
+                                "blocks.1.resid_pre": lambda t: t - shift}):
+        _, moved = pt.run_with_cache(model, x, ["blocks.0.resid_pre", "blocks.1.resid_pre",
+                                                "blocks.0.resid_post"])
+    assert_close(moved["blocks.0.resid_pre"], cache["embed"] + shift)
+    assert_close(moved["blocks.1.resid_pre"], moved["blocks.0.resid_post"] - shift)
+    assert no_hooks_left(model, own_hooks)
 
 
 def test_bert_points_are_post_norm_and_the_head_points_need_use_attnlab():

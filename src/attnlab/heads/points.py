@@ -91,7 +91,11 @@ class Layout:
         return self.family != "post-norm"
 
 
-def _path_of(model: nn.Module, module: nn.Module) -> str:
+def _path_of(model: nn.Module, module: nn.Module, paths: dict[int, str] | None = None) -> str:
+    """The name of ``module`` in ``model`` (``paths``: ``{id(module): name}``, to look up
+    many)."""
+    if paths is not None:
+        return paths.get(id(module), "?")
     for name, m in model.named_modules():
         if m is module:
             return name
@@ -331,8 +335,9 @@ class _Point:
     heads: int = 0  # "z": split the last axis into (heads, D)
 
 
-def _describe(lay: Layout, model: nn.Module, p: BlockParts) -> dict[str, str]:
-    path = lambda m: f"{_path_of(model, m)} ({type(m).__name__})"  # noqa: E731
+def _describe(lay: Layout, model: nn.Module, p: BlockParts, paths: dict[int, str]
+              ) -> dict[str, str]:
+    path = lambda m: f"{_path_of(model, m, paths)} ({type(m).__name__})"  # noqa: E731
     if lay.family == "attnlab":
         attn = f"output of {path(p.attn)} (after its output projection and dropout)"
         if p.branches:
@@ -364,18 +369,20 @@ def _describe(lay: Layout, model: nn.Module, p: BlockParts) -> dict[str, str]:
 
 def _points(model: nn.Module) -> dict[str, _Point]:
     lay = layout(model)
+    paths = {id(m): name for name, m in model.named_modules()}
     out: dict[str, _Point] = {}
     first = lay.blocks[0].block
     out["embed"] = _Point("embed", first, "pre", 1,
-                          f"the residual entering block 0 (input of {_path_of(model, first)}): "
-                          "the embeddings as the first block receives them")
+                          "the residual entering block 0 (input of "
+                          f"{_path_of(model, first, paths)}): the embeddings as the first "
+                          "block receives them")
     for p in lay.blocks:
-        text = _describe(lay, model, p)
+        text = _describe(lay, model, p, paths)
         b = f"blocks.{p.index}"
         out[f"{b}.resid_pre"] = _Point(f"{b}.resid_pre", p.block, "pre", 1, text["resid_pre"])
         branch_points = {place: _Point(f"{b}.{place}_out", branch, "out", 1,
                                        f"output of the residual branch "
-                                       f"{_path_of(model, branch)}, added {place} the "
+                                       f"{_path_of(model, branch, paths)}, added {place} the "
                                        "attention")
                          for place, branch in p.branches.items()}
         if "before" in branch_points:
@@ -388,7 +395,7 @@ def _points(model: nn.Module) -> dict[str, _Point]:
         if proj is not None:
             out[f"{b}.attn_z"] = _Point(
                 f"{b}.attn_z", proj.module, "z", 1,
-                f"input of {_path_of(model, proj.module)} split per head (B, L, "
+                f"input of {_path_of(model, proj.module, paths)} split per head (B, L, "
                 f"{proj.heads}, {proj.head_dim}): each head's share of attn_out", proj.heads)
         if "after" in branch_points:
             out[f"{b}.after_out"] = branch_points["after"]
@@ -591,10 +598,12 @@ def run_with_cache(model: nn.Module, inputs: Inputs, names: str | Sequence[str] 
     ``positions`` (an index, a slice or a list of indices) keeps only those sequence positions
     of every point (axis 1 of residual points (B, L, D), ``attn_z`` and ``L{j}.heads``
     (B, L, H, D); axis 2 of ``L{j}.q|k|v|weights`` (B, H, L, ...)); an int keeps the axis
-    (length 1). ``max_bytes`` bounds the bytes held: the point that would exceed it raises
-    ``MemoryError`` before it is stored (the forward stops there). ``grad=False`` runs under
-    ``torch.no_grad()``; ``grad=True`` runs with autograd and keeps the cached tensors in the
-    graph. A name matching no point is a ValueError suggesting close names."""
+    (length 1). Each point is stored as a copy (the model may change its own tensor in place
+    later). ``max_bytes`` bounds the bytes held: the point that would exceed it raises
+    :class:`CacheFull` (a ``MemoryError``) before it is stored (the forward stops there).
+    ``grad=False`` runs under ``torch.no_grad()``; ``grad=True`` runs with autograd and keeps
+    the cached tensors in the graph. A name matching no point, or a point that did not run in
+    the forward, is a ValueError (suggesting close names)."""
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     chosen = _resolve(_points(model), names)
