@@ -187,7 +187,9 @@ def activation_patching(model: nn.Module, clean: Inputs, corrupted: Inputs, metr
     ``layers``), (layers[, positions]) for residual points. ``forward(model, inputs)`` gives
     the logits where ``model(inputs)`` does not; ``metric(logits)`` must return one number.
     ``pieces_per_forward`` patched copies of the input share a forward (1: one forward
-    per piece)."""
+    per piece). ``layers`` chooses attention layers (``sites`` numbering) for head points,
+    blocks for residual points. Patching ``weights`` runs the chosen layers on the dense
+    weights path (as a capture of ``weights`` does), the unpatched runs included."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     _check_pieces_per_forward(pieces_per_forward)
