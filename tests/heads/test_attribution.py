@@ -119,6 +119,61 @@ def by_hand(model, clean, corrupted, metric, point, direction, per_position, der
     return torch.stack(rows)
 
 
+def residual_module(model, block, point):
+    """(module, hook kind) of a TransformerLM residual point, found here by hand."""
+    b = model.blocks[block]
+    return {"resid_pre": (b, "pre"), "attn_out": (b.attn, "out"), "mlp_out": (b.mlp, "out"),
+            "resid_post": (b, "out")}[point]
+
+
+def residual_by_hand(model, clean, corrupted, metric, point, direction, per_position,
+                     derivative):
+    """(blocks[, positions]): a residual point of each block moved toward the other run, by
+    real patching or (``derivative``) d/dt at t = 0, through hooks written here."""
+    base, target = bases(clean, corrupted, direction)
+    with torch.no_grad():
+        unpatched = metric(model(base))
+    rows = []
+    for i in range(len(model.blocks)):
+        module, kind = residual_module(model, i, point)
+        seen = {}
+        if kind == "pre":
+            grab = module.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(v=a[0]))
+        else:
+            grab = module.register_forward_hook(
+                lambda m, a, out, seen=seen: seen.update(v=out))
+        with torch.no_grad():
+            model(target)
+        grab.remove()
+        value = seen["v"]
+
+        def run(t, value=value, module=module, kind=kind):
+            factor = t.reshape(1, -1, 1) if per_position else t
+            if kind == "pre":
+                handle = module.register_forward_pre_hook(
+                    lambda m, a: (a[0] + factor * (value - a[0]), *a[1:]))
+            else:
+                handle = module.register_forward_hook(
+                    lambda m, a, out: out + factor * (value - out))
+            try:
+                return metric(model(base))
+            finally:
+                handle.remove()
+        shape = (LENGTH,) if per_position else ()
+        if derivative:
+            t = torch.zeros(shape, requires_grad=True)
+            rows.append(torch.autograd.grad(run(t), t)[0])
+            continue
+        row = torch.zeros(shape)
+        for index in ([(j,) for j in range(LENGTH)] if per_position else [()]):
+            one = torch.zeros(shape)
+            one[index] = 1
+            with torch.no_grad():
+                row[index] = run(one) - unpatched
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def caches(model, x):
     """The residual entering each block and each layer's hook_heads value (TransformerLM)."""
     resid, heads, handles = {}, {}, []
@@ -219,6 +274,13 @@ def test_atp_is_the_derivative_of_patching_on_a_nonlinear_model(direction):
         want = by_hand(model, clean, corrupted, metric, point, direction, False, True)
         assert got.axes == ("layer", "head") and got.method == "attribution"
         assert_close(got.scores, want, msg=point)
+    for point in at.RESIDUAL_POINTS:
+        got = at.attribution_patching(model, clean, corrupted, metric, point=point,
+                                      direction=direction, per_position=point == "resid_pre")
+        want = residual_by_hand(model, clean, corrupted, metric, point, direction,
+                                point == "resid_pre", True)
+        assert got.axes == (("layer", "position") if point == "resid_pre" else ("layer",))
+        assert_close(got.scores, want, msg=point)
     got = at.attribution_patching(model, clean, corrupted, metric, point="heads",
                                   direction=direction, per_position=True)
     assert got.axes == ("layer", "head", "position")
@@ -241,6 +303,28 @@ def test_atp_equals_real_patching_where_the_metric_is_linear(direction):
                            False)
             assert_close(got.scores, want, msg=f"{point}, per_position={per_position}")
             assert got.scores.abs().max() > 1e-3  # the check is not vacuous
+    for point in ("attn_out", "resid_post"):  # the logits are linear in these too
+        got = at.attribution_patching(model, clean, corrupted, metric, point=point,
+                                      direction=direction, per_position=True)
+        assert_close(got.scores, residual_by_hand(model, clean, corrupted, metric, point,
+                                                  direction, True, False), msg=point)
+
+
+def test_atp_has_activation_patchings_axes_sign_and_values_where_linear():
+    """Entry by entry against heads.patching.activation_patching, head and residual points."""
+    from attnlab.heads.patching import activation_patching
+
+    model = lm(1, linear=True, mlp=False)
+    clean, corrupted, metric = inputs()
+    for point, per_position, direction in (("heads", True, "denoise"), ("v", False, "noise"),
+                                           ("resid_post", True, "noise")):
+        got = at.attribution_patching(model, clean, corrupted, metric, point=point,
+                                      per_position=per_position, direction=direction)
+        want = activation_patching(model, clean, corrupted, metric, point=point,
+                                   per_position=per_position, direction=direction)
+        assert (got.axes, got.point, got.direction) == (want.axes, want.point, want.direction)
+        assert (got.clean, got.corrupted) == pytest.approx((want.clean, want.corrupted))
+        assert_close(got.scores, want.scores.to(got.scores.dtype), msg=point)
 
 
 def test_atp_metric_values_and_zero_on_equal_inputs():
@@ -373,7 +457,7 @@ def test_gpt2_atp_equals_patching_when_linear_and_eap_adds_up():
 def test_bad_input_is_refused_clearly():
     model = lm(1)
     clean, corrupted, metric = inputs()
-    with pytest.raises(ValueError, match="point must be one of"):
+    with pytest.raises(ValueError, match="unknown point 'resid': head points are q, k"):
         at.attribution_patching(model, clean, corrupted, metric, point="resid")
     with pytest.raises(ValueError, match="direction must be"):
         at.attribution_patching(model, clean, corrupted, metric, direction="both")

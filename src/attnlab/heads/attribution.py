@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from attnlab.heads.metrics import Inputs, Metric, PatchScores, run_model
 from attnlab.heads.sites import POINTS, Site, forward_hooks, sites
 
-__all__ = ["attribution_patching", "edge_attribution_patching", "EdgeScores", "Agreement",
-           "agreement"]
+__all__ = ["RESIDUAL_POINTS", "attribution_patching", "edge_attribution_patching", "EdgeScores",
+           "Agreement", "agreement"]
 
 Forward = Callable[[nn.Module, Inputs], Tensor]
 DIRECTIONS = ("denoise", "noise")
@@ -54,6 +54,7 @@ DIRECTIONS = ("denoise", "noise")
 _HEAD_DIM = {"q": 1, "k": 1, "v": 1, "weights": 1, "heads": 2}
 _POSITION_DIM = {"q": 2, "k": 2, "v": 2, "weights": 2, "heads": 1}  # weights: the query row
 READS = ("q", "k", "v")
+RESIDUAL_POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # heads.points, per block
 
 
 def _check_direction(direction: str) -> None:
@@ -94,19 +95,29 @@ class _Recorder:
         self.outputs: dict[int, Tensor] = {}
         self.leaves: dict[int, Tensor] = {}
 
+    def take(self, layer: int, what: str, out: Tensor) -> Tensor:
+        """Record ``out`` as layer ``layer``'s value; on a gradient run return it plus a zero
+        leaf (the tensor that flows on)."""
+        if layer in self.values:
+            raise ValueError(f"{what} ran twice in one forward: attribution needs one value "
+                             "per hook point and run")
+        self.values[layer] = out.detach()
+        if self.grad:
+            leaf = torch.zeros_like(out, requires_grad=True)
+            self.leaves[layer] = leaf
+            out = out + leaf
+            self.outputs[layer] = out
+        return out
+
     def hook(self, layer: int, what: str) -> Callable[..., Tensor]:
+        """A forward hook doing ``take`` on a module's output."""
         def record(module: nn.Module, args: Any, out: Tensor) -> Tensor:
-            if layer in self.values:
-                raise ValueError(f"{what} of layer {layer} ran twice in one forward: "
-                                 "attribution needs one value per hook point and run")
-            self.values[layer] = out.detach()
-            if self.grad:
-                leaf = torch.zeros_like(out, requires_grad=True)
-                self.leaves[layer] = leaf
-                out = out + leaf
-                self.outputs[layer] = out
-            return out
+            return self.take(layer, what, out)
         return record
+
+    def edit(self, layer: int, what: str) -> Callable[[Tensor], Tensor]:
+        """An ``points.edit_points`` function doing ``take``."""
+        return lambda x: self.take(layer, what, x)
 
     def gradients(self, of: Tensor) -> dict[int, Tensor]:
         """d ``of`` / d activation for every recorded layer (zeros where it does not reach)."""
@@ -138,8 +149,10 @@ def attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs, met
                          direction: str = "denoise", forward: Forward | None = None
                          ) -> PatchScores:
     """AtP: the first-order estimate of activation patching of every head (and position) at
-    ``point`` (``q``, ``k``, ``v``, ``weights`` or ``heads``), from one forward and backward
-    pass on the base input and one forward pass on the other.
+    ``point`` (``q``, ``k``, ``v``, ``weights`` or ``heads``), or of every block's residual
+    point (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post``, through
+    ``heads.points``), from one forward and backward pass on the base input and one forward
+    pass on the other.
 
     ``direction="denoise"``: the base run is ``corrupted`` and the clean activations are
     patched in; ``"noise"``: the reverse. The score of head h (and position p) is
@@ -147,26 +160,23 @@ def attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs, met
     the batch, the head's width (and the positions, unless ``per_position``): the estimate of
     metric(patched) - metric(base run), with ``activation_patching``'s axes ``("layer",
     "head"[, "position"])``, its sign and its NaN padding of layers with fewer heads. ``k``
-    and ``v`` count key/value heads; the position of ``weights`` is the query row.
+    and ``v`` count key/value heads; the position of ``weights`` is the query row. Residual
+    points give (blocks[, positions]), axes ``("layer"[, "position"])``, as activation
+    patching does.
 
     ``metric`` maps the logits to one number (``heads.metrics.logit_difference``, ...);
     ``forward(model, inputs)`` returns the logits (default ``heads.metrics.run_model``: a token
     tensor or a mapping of keyword arguments, on attnlab and Hugging Face models)."""
     _check_direction(direction)
-    if point not in POINTS:
-        raise ValueError(f"point must be one of {', '.join(POINTS)} (the head-level hook "
-                         f"points), got {point!r}")
+    if point not in POINTS and point not in RESIDUAL_POINTS:
+        raise ValueError(f"unknown point {point!r}: head points are {', '.join(POINTS)}, "
+                         f"residual points {', '.join(RESIDUAL_POINTS)}")
     forward = forward or run_model
-    model_sites = sites(model)
     base_inputs, target_inputs = _base_and_target(clean, corrupted, direction)
-
-    target = _Recorder(grad=False)
-    with torch.no_grad(), forward_hooks(model_sites, point, {
-            s.layer: target.hook(s.layer, f"L{s.layer}.{point}") for s in model_sites}):
+    target, base = _Recorder(grad=False), _Recorder(grad=True)
+    with torch.no_grad(), _recording(model, point, target) as layers:
         target_metric = _scalar(metric(_run(model, forward, target_inputs)), "target")
-    base = _Recorder(grad=True)
-    with torch.enable_grad(), forward_hooks(model_sites, point, {
-            s.layer: base.hook(s.layer, f"L{s.layer}.{point}") for s in model_sites}):
+    with torch.enable_grad(), _recording(model, point, base):
         base_metric = _scalar(metric(_run(model, forward, base_inputs)), "base")
         if not base_metric.requires_grad:
             raise ValueError("the metric does not depend on the model's activations (it "
@@ -175,21 +185,53 @@ def attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs, met
         grads = base.gradients(base_metric)
 
     per_layer: list[Tensor] = []
-    for s in model_sites:
-        if s.layer not in base.values or s.layer not in target.values:
-            raise ValueError(f"L{s.layer}.{point} did not run: the model never called "
-                             f"{s.path}'s hook point {point!r}")
-        a_base, a_target = base.values[s.layer], target.values[s.layer]
-        _check_same_shape(f"L{s.layer}.{point}", a_base, a_target)
-        delta = _promoted(a_target) - _promoted(a_base)
-        per_layer.append(_reduce(delta * _promoted(grads[s.layer]), point, per_position))
-    scores = _stack_padded(per_layer)
+    for layer, name in enumerate(layers):
+        if layer not in base.values or layer not in target.values:
+            raise ValueError(f"{name} did not run: the model never reached that hook point")
+        a_base, a_target = base.values[layer], target.values[layer]
+        _check_same_shape(name, a_base, a_target)
+        product = (_promoted(a_target) - _promoted(a_base)) * _promoted(grads[layer])
+        if point in POINTS:
+            per_layer.append(_reduce(product, point, per_position))
+        else:  # (B, L, C): the position is axis 1
+            per_layer.append(product.sum(dim=(0, 2)) if per_position else product.sum())
+    axes: tuple[str, ...]
+    if point in POINTS:
+        scores = _stack_padded(per_layer)
+        axes = ("layer", "head", "position") if per_position else ("layer", "head")
+    else:
+        scores = torch.stack(per_layer)
+        axes = ("layer", "position") if per_position else ("layer",)
     metrics = {"base": float(base_metric.detach()), "target": float(target_metric)}
     clean_value, corrupted_value = ((metrics["target"], metrics["base"]) if direction ==
                                     "denoise" else (metrics["base"], metrics["target"]))
-    axes = ("layer", "head", "position") if per_position else ("layer", "head")
     return PatchScores(scores.detach().cpu(), axes, point, "attribution", direction,
                        clean_value, corrupted_value)
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, point: str, recorder: _Recorder) -> Iterator[list[str]]:
+    """Inside the block, ``recorder`` takes ``point`` of every layer (head-level points:
+    ``heads.sites``' hook points; residual points: ``heads.points.edit_points`` on each
+    block); yields the names of the layers' points."""
+    if point in POINTS:
+        model_sites = sites(model)
+        names = [f"L{s.layer}.{point}" for s in model_sites]
+        with forward_hooks(model_sites, point, {s.layer: recorder.hook(s.layer, names[i])
+                                                for i, s in enumerate(model_sites)}):
+            yield names
+        return
+    from attnlab.heads import points
+
+    known = points.hook_points(model)
+    names = []
+    while f"blocks.{len(names)}.{point}" in known:
+        names.append(f"blocks.{len(names)}.{point}")
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no {point} hook points (heads.points "
+                         "finds no residual blocks)")
+    with points.edit_points(model, {n: recorder.edit(i, n) for i, n in enumerate(names)}):
+        yield names
 
 
 def _stack_padded(rows: Sequence[Tensor]) -> Tensor:
