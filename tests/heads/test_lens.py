@@ -133,6 +133,9 @@ def test_direct_logit_attribution_checks_its_target():
         lens.direct_logit_attribution(model, x, (3, VOCAB))
     with pytest.raises(ValueError, match=r"a direction is \(vocab,\)"):
         lens.direct_logit_attribution(model, x, torch.zeros(7))
+    # the unembedding is read a chunk of rows at a time: chunks that do not divide the vocab
+    d = torch.randn(2, VOCAB, dtype=torch.float64)
+    assert_close(lens._readout(d, model.head, chunk=10), d @ model.head.weight.double())
 
 
 # the matrix rows (attnlab.heads.matrix) beyond GPT-2 / Llama / BERT, with what each must give

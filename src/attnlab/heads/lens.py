@@ -53,7 +53,7 @@ def _check_last(lens_last: Tensor, logits: Tensor, what: str) -> None:
         raise ValueError(f"{what}: the model's logits {tuple(logits.shape)} do not match the "
                          f"lens' last layer {tuple(lens_last.shape)} (pass forward= returning "
                          "logits for every position)")
-    a, b = lens_last.double(), logits.double()
+    a, b = lens_last.to(_wide(logits.device)), logits.to(_wide(logits.device))
     scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
     # the same modules on the same residual, another matmul shape: rounding only (in 16-bit
     # dtypes this catches gross differences only)
@@ -84,7 +84,8 @@ def logit_lens(model: nn.Module, inputs: Inputs, *, positions: Positions = None,
     """(blocks + 1, B, P, vocab): the model's final norm and unembedding applied to ``embed``
     and to each ``blocks.{i}.resid_post`` (at ``positions``, default all: P = L). The last
     entry is the model's logits (checked: a model that changes its logits after the
-    unembedding is refused; Gemma 2's final soft-capping is applied)."""
+    unembedding is refused; Gemma 2's final soft-capping is applied). The result holds
+    (blocks + 1) x B x P x vocab numbers: choose ``positions`` on long inputs."""
     lay = _lm_layout(model, "logit_lens")
     names = ["embed", *(f"blocks.{p.index}.resid_post" for p in lay.blocks)]
     logits, cache = run_with_cache(model, inputs, names, positions=positions,
@@ -171,7 +172,7 @@ class LogitAttribution:
         """A plain-text table of the batch means: one row per block (attention, MLP, its
         ``heads`` largest heads), then the embeddings, the bias, the sum and the model's
         total."""
-        m = lambda t: float(t.double().mean())  # noqa: E731
+        m = lambda t: float(t.float().mean())  # noqa: E731
         lines = [f"{'piece':<10} {'attn':>9} {'mlp':>9}  top heads"]
         for i in range(self.attn.shape[1]):
             per_head = self.heads[:, i].mean(0).nan_to_num(0.0)
@@ -189,8 +190,14 @@ class LogitAttribution:
         return "\n".join(lines)
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """The dtype the attribution is computed in: float64 (float32 where the device has no
+    float64: MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _direction(target: Target, batch: int, vocab: int, device: torch.device) -> Tensor:
-    """(B, vocab) float64: the logit direction d of ``target``."""
+    """(B, vocab) in ``_wide``: the logit direction d of ``target``."""
     def one_hot(tokens: Tensor | int) -> Tensor:
         t = torch.as_tensor(tokens, device=device)
         if t.is_floating_point() or t.dim() > 1:
@@ -201,7 +208,7 @@ def _direction(target: Target, batch: int, vocab: int, device: torch.device) -> 
             raise ValueError(f"{t.numel()} token ids for a batch of {batch}")
         if bool(((t < 0) | (t >= vocab)).any()):
             raise ValueError(f"token ids must be in 0..{vocab - 1}, got {t.tolist()}")
-        return nn.functional.one_hot(t, vocab).double()
+        return nn.functional.one_hot(t, vocab).to(_wide(device))
 
     if isinstance(target, tuple):
         if len(target) != 2:
@@ -212,7 +219,7 @@ def _direction(target: Target, batch: int, vocab: int, device: torch.device) -> 
                 (target.dim() == 2 and target.shape[0] != batch):
             raise ValueError(f"a direction is (vocab,) or (B, vocab) = ({batch}, {vocab}), got "
                              f"{tuple(target.shape)}")
-        return target.to(device, torch.float64).expand(batch, vocab)
+        return target.to(device, _wide(device)).expand(batch, vocab)
     return one_hot(target)
 
 
@@ -224,22 +231,23 @@ def _frozen_norm(norm: nn.Module, x: Tensor, y: Tensor) -> tuple[str, Tensor, Te
     eps = next((float(v) for v in (getattr(norm, n, None) for n in
                                    ("eps", "variance_epsilon", "epsilon"))
                 if isinstance(v, int | float)), 0.0)
-    x = x.double()
+    wide = _wide(x.device)
+    x = x.to(wide)
     d = x.shape[-1]
-    gamma0 = torch.ones(d, dtype=torch.float64, device=x.device) if not isinstance(
-        weight, Tensor) else weight.detach().double()
+    gamma0 = torch.ones(d, dtype=wide, device=x.device) if not isinstance(
+        weight, Tensor) else weight.detach().to(wide)
     if isinstance(bias, Tensor) or isinstance(norm, nn.LayerNorm):
         kinds = [("LayerNorm", gamma0)]
     else:  # RMSNorm: Llama's weight * x / rms, Gemma's (1 + weight) * x / rms
         kinds = [("RMSNorm", gamma0), ("RMSNorm", 1 + gamma0)]
-    beta = bias.detach().double() if isinstance(bias, Tensor) else None
+    beta = bias.detach().to(wide) if isinstance(bias, Tensor) else None
     tol = 256 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
     readings = []
     for kind, gamma in kinds:
         centred = x - x.mean(-1, keepdim=True) if kind == "LayerNorm" else x
         s = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         rebuilt = gamma * centred / s + (0 if beta is None else beta)
-        readings.append((float((rebuilt - y.double()).abs().max()), kind, gamma, s))
+        readings.append((float((rebuilt - y.to(wide)).abs().max()), kind, gamma, s))
     gap, kind, gamma, s = min(readings, key=lambda r: r[0])
     if gap <= tol:
         return kind, gamma, beta, s
@@ -287,35 +295,35 @@ def direct_logit_attribution(model: nn.Module, inputs: Inputs, target: Target, *
     _check_sum(got, lay, final)
     kind, gamma, beta, s = _frozen_norm(lay.final_norm, final, got["final_norm"])
     d = _direction(target, batch, vocab, logits.device)
-    w_u = _weight(unembed)  # (vocab, D)
-    r = gamma * (d @ w_u) / s  # (B, D): the residual direction of d
+    wide = d.dtype
+    u = _readout(d, unembed)  # (B, D): d in the space the unembedding reads
+    r = gamma * u / s  # (B, D): the residual direction of d
     if kind == "LayerNorm":
         r = r - r.mean(-1, keepdim=True)  # c . r_centred == (c - mean c) . r
     b_u = getattr(unembed, "bias", None)
-    bias = d @ (w_u @ beta) if beta is not None else torch.zeros(batch, dtype=torch.float64,
-                                                                 device=r.device)
+    bias = u @ beta if beta is not None else torch.zeros(batch, dtype=wide, device=r.device)
     if isinstance(b_u, Tensor):
-        bias = bias + d @ b_u.detach().double()
+        bias = bias + d @ b_u.detach().to(wide)
 
     def along(t: Tensor) -> Tensor:
-        return (t.double() * r).sum(-1)
+        return (t.to(wide) * r).sum(-1)
 
     widest = max(p.heads for p in projections)
-    heads = torch.full((batch, n, widest), float("nan"), dtype=torch.float64, device=r.device)
-    attn, attn_bias, mlp, branches = (torch.zeros(batch, n, dtype=torch.float64,
-                                                  device=r.device) for _ in range(4))
+    heads = torch.full((batch, n, widest), float("nan"), dtype=wide, device=r.device)
+    attn, attn_bias, mlp, branches = (torch.zeros(batch, n, dtype=wide, device=r.device)
+                                      for _ in range(4))
     for p, proj in zip(lay.blocks, projections, strict=True):
         i = p.index
-        z = got[f"blocks.{i}.attn_z"].double()  # (B, H, Dh)
+        z = got[f"blocks.{i}.attn_z"].to(wide)  # (B, H, Dh)
         heads[:, i, :proj.heads] = torch.einsum("bhd,ohd,bo->bh", z,
-                                                proj.weight.detach().double(), r)
+                                                proj.weight.detach().to(wide), r)
         if proj.bias is not None:
-            attn_bias[:, i] = r @ proj.bias.detach().double()
+            attn_bias[:, i] = r @ proj.bias.detach().to(wide)
         attn[:, i] = along(got[f"blocks.{i}.attn_out"])
         mlp[:, i] = along(got[f"blocks.{i}.mlp_out"])
         for place in p.branches:
             branches[:, i] += along(got[f"blocks.{i}.{place}_out"])
-    total = (logits[:, position].detach().double() * d).sum(-1)
+    total = (logits[:, position].detach().to(wide) * d).sum(-1)
     return LogitAttribution(along(got["embed"]).float(), attn.float(), heads.float(),
                             attn_bias.float(), mlp.float(), branches.float(), bias.float(),
                             total.float(), position, kind)
@@ -325,12 +333,13 @@ def _check_sum(got: dict[str, Tensor], lay: Layout, final: Tensor) -> None:
     """The pieces must add up to the final residual: else the model scales or transforms
     them on their way into the residual (a residual multiplier, a norm) and their
     attributions would not be what reaches the logits."""
-    total = got["embed"].double()
+    wide = _wide(final.device)
+    total = got["embed"].to(wide)
     for p in lay.blocks:
         for k in ("attn_out", "mlp_out", *(f"{place}_out" for place in p.branches)):
-            total = total + got[f"blocks.{p.index}.{k}"].double()
+            total = total + got[f"blocks.{p.index}.{k}"].to(wide)
     scale = max(1.0, float(final.abs().max()))
-    gap = float((total - final.double()).abs().max())
+    gap = float((total - final.to(wide)).abs().max())
     tol = 256 * torch.finfo(final.dtype).eps * scale
     if gap > tol:
         raise ValueError(f"the embeddings, attention and MLP outputs differ from the final "
@@ -339,8 +348,15 @@ def _check_sum(got: dict[str, Tensor], lay: Layout, final: Tensor) -> None:
                          "would not be what reaches the logits")
 
 
-def _weight(unembed: nn.Module) -> Tensor:
+def _readout(d: Tensor, unembed: nn.Module, chunk: int = 8192) -> Tensor:
+    """(B, D): ``d @ W_U`` in d's dtype, reading the unembedding's weight (vocab, D) a chunk
+    of rows at a time (a large vocabulary is never copied whole into float64)."""
     weight: Any = getattr(unembed, "weight", None)
     if not isinstance(unembed, nn.Linear) or not isinstance(weight, Tensor):
         raise ValueError(f"the unembedding {type(unembed).__name__} is not an nn.Linear")
-    return weight.detach().double()
+    out = d.new_zeros(d.shape[0], weight.shape[1])
+    for start in range(0, weight.shape[0], chunk):
+        rows = d[:, start:start + chunk]
+        if bool(rows.any()):
+            out += rows @ weight[start:start + chunk].detach().to(d.dtype)
+    return out
