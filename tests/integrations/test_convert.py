@@ -51,6 +51,13 @@ def test_softmax_gives_the_original_model(arch):
     _same_outputs(model, converted, *inputs())
 
 
+@pytest.mark.parametrize("arch", ["BERT", "Llama"])
+def test_the_eager_implementations_additive_masks(arch):
+    """``attn_implementation="eager"`` hands float masks (0 visible, the dtype's min hidden)."""
+    model = build(arch, attn_implementation="eager")
+    _same_outputs(model, convert(copy.deepcopy(model), "softmax"), *inputs())
+
+
 @pytest.mark.parametrize("mechanism, arch, kwargs", [
     ("dma", "Llama", {}),  # its window (2048) covers the sequence, A starts neutral
     ("selective", "BERT", {"beta_init": 6.0}),  # temperature exp(-exp(6)) ln i = 0
@@ -198,6 +205,22 @@ def test_calls_the_converted_module_does_not_reproduce_are_refused():
         model(input_ids=ids, attention_mask=mask, use_cache=True)
     with pytest.raises(ValueError, match="position_ids other than"):
         model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand(3, -1) + 1)
+
+
+def test_a_mask_that_is_not_padding_plus_the_rule_is_refused():
+    keep = torch.tensor([[True, True, True, False]])
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    mask = (causal & keep[:, None, :]).unsqueeze(1)  # (B, 1, L, L): padding + causal
+    assert torch.equal(conv._key_padding(mask, 1, 4, True, None, "x"), keep)
+    assert torch.equal(conv._key_padding(mask.float().log(), 1, 4, True, None, "x"), keep)
+    windowed = mask & torch.ones(4, 4, dtype=torch.bool).triu(-1)  # window of 2 keys
+    assert torch.equal(conv._key_padding(windowed, 1, 4, True, 2, "x"), keep)
+    holed = mask.clone()
+    holed[0, 0, 2, 0] = False  # query 2 may not see key 0: not padding (packed sequences)
+    with pytest.raises(ValueError, match="not key padding plus the causal rule"):
+        conv._key_padding(holed, 1, 4, True, None, "x")
+    with pytest.raises(ValueError, match="not key padding plus the causal rule"):
+        conv._key_padding(mask, 1, 4, True, 2, "x")  # the window is missing from the mask
 
 
 def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
