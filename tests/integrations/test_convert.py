@@ -81,6 +81,9 @@ def test_a_mechanism_with_new_parameters_trains_on_the_pretrained_projections():
     original = teacher(first)
     assert torch.equal(first.attn.qkv.k.bias, original.k_proj.bias)
     assert first.attn.o_proj.bias is None and first.attn.kv_heads == 2
+    assert first.attn.qkv.q.weight is original.q_proj.weight  # shared, not copied
+    model.double()
+    assert original.q_proj.weight.dtype == torch.float64  # the teacher follows .to()
     new, kept = new_parameters(model), pretrained_parameters(model)
     assert any("phi" in name for name in new) and not set(new) & set(kept)
     assert "model.layers.0.self_attn.attn.qkv.q.bias" in kept

@@ -5,7 +5,9 @@ with a :class:`ConvertedAttention`: a module with the Hugging Face module's call
 around an ``attnlab.Attention`` of the chosen mechanism, built for the layer's shape (heads,
 key/value heads for GQA, head width, causal or bidirectional) and holding the pretrained
 q, k, v and output projections (weights and biases, in the pretrained layout: a projection
-without a bias gets none). Everything else the mechanism has (feature maps, gates,
+without a bias gets none). A pretrained ``nn.Linear``'s parameters are shared, not copied
+(the replaced module, kept as the teacher, uses the same tensors); GPT-2's fused Conv1D is
+copied, transposed and split. Everything else the mechanism has (feature maps, gates,
 temperatures, biases, convolutions) is new and initialised by the mechanism's constructor, as
 its paper says; :func:`new_parameters` lists it. A mechanism whose output at initialisation
 is softmax attention's gives the unchanged model.
@@ -122,8 +124,9 @@ def _who(model: nn.Module, mechanism: str) -> str:
 
 
 def _linear(layer: Any) -> tuple[Tensor, Tensor | None]:
+    """An ``nn.Linear``'s own weight and bias parameters (shared, not copied)."""
     bias = layer.bias if isinstance(layer.bias, Tensor) else None
-    return layer.weight.detach(), None if bias is None else bias.detach()
+    return layer.weight, bias
 
 
 # ------------------------------------------------------------------------- architectures
@@ -171,7 +174,7 @@ def _gpt2_layers(model: nn.Module) -> list[_Pretrained]:
             raise ValueError(f"{path} is cross-attention; convert maps self-attention only")
         dim, heads = int(m.embed_dim), int(m.num_heads)
         # Conv1D stores its weight (in, out): y = x W + b; attnlab's Linear holds (out, in)
-        w, b = m.c_attn.weight.detach().t(), m.c_attn.bias.detach()
+        w, b = m.c_attn.weight.detach().t(), m.c_attn.bias.detach()  # copied below
         (qw, kw, vw), (qb, kb, vb) = w.split(dim, dim=0), b.split(dim, dim=0)
         out.append(_Pretrained(
             path=path, original=m, dim=dim, heads=heads, kv_heads=heads,
@@ -276,8 +279,12 @@ class ConvertedAttention(nn.Module):
     layer passes: ``attention_mask``, ``position_embeddings``, ``cache``, ...) and returns
     ``(output, None)``, the tuple the layer unpacks. ``pretrained`` names the parameters of
     ``attn`` that hold the pretrained projections; every other parameter of ``attn`` is the
-    mechanism's own (new). ``teacher`` is the replaced Hugging Face module (not a submodule:
-    not in ``state_dict``, not moved by ``.to()``), or None when conversion dropped it."""
+    mechanism's own (new). ``teacher`` is the replaced Hugging Face module, or None when
+    conversion dropped it: not a submodule (not in ``parameters()``, ``state_dict`` or
+    ``sites``); it shares the pretrained ``nn.Linear`` parameters with ``attn`` (so it
+    follows the model's ``.to()`` and sees updates to them), while GPT-2's teacher keeps its
+    own Conv1D weights. ``teacher_parts``: other replaced modules by path (BERT's output
+    dense, whose parameters ``attn.o_proj`` shares)."""
 
     teacher: nn.Module | None
     teacher_parts: dict[str, nn.Module]
@@ -451,13 +458,21 @@ def _load_projections(attn: Attention, layer: _Pretrained, mechanism: str
         raise ValueError(f"{mechanism} cannot be initialised from softmax weights: {reason}")
     names = []
     for name, (w, b) in (("q", layer.q), ("k", layer.k), ("v", layer.v), ("o", layer.o)):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
-                        dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
+        if isinstance(w, nn.Parameter) and (b is None or isinstance(b, nn.Parameter)):
+            # the pretrained Linear's own parameters: no copy, and the teacher module keeps
+            # using them (it follows the converted model's .to() and sees its updates)
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+            lin.weight = w
             if b is not None:
-                assert lin.bias is not None
-                lin.bias.copy_(b)
+                lin.bias = b
+        else:  # a transposed or split layout (GPT-2's Conv1D): a copy
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                            dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if b is not None:
+                    assert lin.bias is not None
+                    lin.bias.copy_(b)
         if name == "o":
             attn.o_proj = lin
             prefix = "o_proj"
@@ -490,7 +505,9 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     parameters are initialised by its constructor (``new_parameters(model)`` lists them).
     ``kwargs`` go to the mechanism (``attnlab info NAME``), except what the model sets
     (``SET_BY_MODEL``). ``keep_teacher``: keep each replaced module reachable as
-    ``teacher(module)`` (for attention transfer; False frees its memory).
+    ``teacher(module)`` (for attention transfer; it shares the pretrained Linear parameters,
+    so it costs no weight memory except for GPT-2, whose Conv1D weights are copied: False
+    frees them).
 
     ValueError, naming the model class and the mechanism, for: an architecture attnlab does
     not map (or a feature of it that it does not reproduce: RoPE scaling, cross-attention,
