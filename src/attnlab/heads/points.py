@@ -598,9 +598,11 @@ def run_with_cache(model: nn.Module, inputs: Inputs, names: str | Sequence[str] 
     ``positions`` (an index, a slice or a list of indices) keeps only those sequence positions
     of every point (axis 1 of residual points (B, L, D), ``attn_z`` and ``L{j}.heads``
     (B, L, H, D); axis 2 of ``L{j}.q|k|v|weights`` (B, H, L, ...)); an int keeps the axis
-    (length 1). Each point is stored as a copy (the model may change its own tensor in place
-    later). ``max_bytes`` bounds the bytes held: the point that would exceed it raises
-    :class:`CacheFull` (a ``MemoryError``) before it is stored (the forward stops there).
+    (length 1). In an ``Encoder`` / ``ViT`` whose blocks see (B, H, W, dim) grids, axis 1 of
+    a residual point is the grid's row. Each point is stored as a copy (the model may change
+    its own tensor in place later). ``max_bytes`` bounds the bytes held: the point that would
+    exceed it raises :class:`CacheFull` (a ``MemoryError``) before it is stored (the forward
+    stops there).
     ``grad=False`` runs under ``torch.no_grad()``; ``grad=True`` runs with autograd and keeps
     the cached tensors in the graph. A name matching no point, or a point that did not run in
     the forward, is a ValueError (suggesting close names)."""
