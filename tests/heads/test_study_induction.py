@@ -15,6 +15,7 @@ from attnlab.heads.studies.induction import (
     induction_batch,
     induction_positions,
     induction_scores,
+    interpolation,
     known_answer,
     previous_token_scores,
 )
@@ -122,6 +123,21 @@ def test_known_answer_finds_planted_heads_in_a_model():
         known = known_answer(model, [batch])
     assert known["previous_head"] == (0, 2) and known["induction_head"] == (1, 1)
     assert known["previous_token"][0, 2] == 1.0 and known["induction"][1, 1] == 1.0
+
+
+def test_interpolation_ends_at_the_clean_run_and_at_activation_patching():
+    from attnlab.heads.patching import activation_patching
+    from tests.tolerances import assert_close
+
+    task, batch = _batch(size=8)
+    torch.manual_seed(1)
+    model = task.build_model("softmax", {}, dim=16, depth=2, heads=2, mlp_ratio=0).eval()
+    curve = torch.tensor(interpolation(model, batch, (0, 1), (0.0, 0.5, 1.0)))
+    noised = activation_patching(model, batch.clean, batch.corrupted, batch.metric,
+                                 point="heads", direction="noise")
+    ends = torch.tensor([noised.clean, noised.clean + float(noised.scores[0, 1])])
+    assert_close(curve[[0, 2]], ends)
+    assert curve[1] != curve[0] and curve[1] != curve[2]
 
 
 @pytest.mark.slow

@@ -341,8 +341,8 @@ def induction_cmd(store: str, sweep: str, batches: int, batch_size: int,
     """The known-answer experiment: in two-layer attention-only models trained on the
     induction task, the previous-token head (layer 0) and the induction head (layer 1) read
     off the attention patterns, against the heads that activation patching, attribution
-    patching (AtP) and path patching rank first, with the other heads of each layer as the
-    control and 95% intervals over seeds.
+    patching (AtP) and path patching rank first, against the other heads of each layer and a
+    random head, with 95% intervals over seeds.
 
     \b
     Example:

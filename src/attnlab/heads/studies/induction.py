@@ -244,7 +244,38 @@ def head_effects(model: nn.Module, batch: InductionBatch,
     if receivers and path is not None:
         scores = path(model, batch.clean, batch.corrupted, batch.metric,
                       receivers=list(receivers), via="k")
-        out["path noise -> induction keys"] = -scores.normalised().float()
+        out["path noise into induction keys"] = -scores.normalised().float()
+    return out
+
+
+ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def interpolation(model: nn.Module, batch: InductionBatch, head: tuple[int, int],
+                  alphas: Sequence[float] = ALPHAS) -> list[float]:
+    """The metric on the clean sequences with ``head``'s output (hook point ``heads``) set to
+    (1 - a) clean + a corrupted, for each a of ``alphas``: how far the metric is from linear
+    in the head's output, which is what attribution patching (its slope at a = 0 times the
+    whole change) assumes when noising."""
+    from attnlab.heads.sites import forward_hooks
+
+    layer, h = head
+    model_sites = sites(model)
+    name = f"L{layer}.heads"
+    with torch.no_grad():
+        with capture(model, [name]) as clean_cap:
+            model(batch.clean)
+        with capture(model, [name]) as corrupted_cap:
+            model(batch.corrupted)
+    clean, corrupted = clean_cap[name], corrupted_cap[name]
+    out = []
+    for a in alphas:
+        def mix(_m: nn.Module, _i: Any, value: Tensor, a: float = a) -> Tensor:
+            value = value.clone()
+            value[:, :, h] = (1 - a) * clean[:, :, h] + a * corrupted[:, :, h]
+            return value
+        with torch.no_grad(), forward_hooks(model_sites, "heads", {layer: mix}):
+            out.append(float(batch.metric(model(batch.clean))))
     return out
 
 
@@ -310,6 +341,7 @@ def induction_study(store: str | Path, sweep: str, *, batches: int = 4,
         effects = [head_effects(run.model, b, receivers) for b in drawn]
         mean = {name: torch.stack([e[name] for e in effects]).mean(0) for name in effects[0]}
         per_seed[row["seed"]] = {"key": row["key"], "metrics": row.get("metrics") or {},
+                                 "row": row,
                                  "known": known, "effects": mean,
                                  "clean_corrupted": _gaps(run.model, drawn)}
         if example is None:
@@ -331,8 +363,30 @@ def _gaps(model: nn.Module, batches: Sequence[InductionBatch]) -> tuple[float, f
 def _accuracy(metrics: dict[str, Any]) -> str:
     for key in ("test_accuracy", "accuracy"):
         if isinstance(metrics.get(key), (int, float)):
-            return f"{metrics[key]:.3f}"
+            return f"{metrics[key]:.4f}"
     return "–"
+
+
+def _recipe(per_seed: dict[int, dict[str, Any]]) -> list[str]:
+    """The training recipe of the runs, from the store (the first seed's configuration)."""
+    first = per_seed[min(per_seed)]["row"]
+    spec = first["config"]
+    train = spec["train"]
+    times = [per_seed[s]["row"].get("wall_time") for s in sorted(per_seed)]
+    lines = [f"task {spec['task']} {spec['task_params']}; mechanism {spec['mechanism']}",
+             f"model {spec['model']} ({first.get('params', '?')} parameters)",
+             f"training: {train['steps']} steps, batch {train['batch_size']}, AdamW lr "
+             f"{train['lr']}, weight decay {train['weight_decay']}, warm-up {train['warmup']}, "
+             f"gradient clipping {train['grad_clip']}, {train['dtype']} on {train['device']}; "
+             f"seeds {', '.join(str(s) for s in sorted(per_seed))}"]
+    if all(isinstance(t, (int, float)) for t in times):
+        machine = spec.get("machine", "a machine not recorded")
+        lines.append("training time per run: " + ", ".join(f"{t:.0f} s" for t in times) +
+                     f" (the stored wall times, on {machine})")
+    command = (spec.get("provenance") or {}).get("command")
+    if command:
+        lines.append(f"trained with `{command}`")
+    return lines
 
 
 KNOWN = ((0, "previous_heads", "previous_head", "previous-token"),
@@ -421,14 +475,21 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
             "clean_metric": s["clean_corrupted"][0], "corrupted_metric": s["clean_corrupted"][1],
             "effects": {m: s["effects"][m].tolist() for m in methods}}
     summary = [
-        "previous-token heads (layer 0, score >= 0.5) per seed: " + "; ".join(
+        "previous-token heads (layer 0, score ≥ 0.5) per seed: " + "; ".join(
             f"seed {seed}: " + (", ".join(_head((0, h)) for h in
                                           per_seed[seed]["known"]["previous_heads"]) or "none")
             for seed in seeds),
-        "induction heads (layer 1, score >= 0.5) per seed: " + "; ".join(
+        "induction heads (layer 1, score ≥ 0.5) per seed: " + "; ".join(
             f"seed {seed}: " + (", ".join(_head((1, h)) for h in
                                           per_seed[seed]["known"]["induction_heads"]) or "none")
             for seed in seeds)]
+    for layer, many, _, what in KNOWN:
+        full = sum(len(per_seed[seed]["known"][many]) ==
+                   per_seed[seed]["known"]["previous_token"].shape[1] for seed in seeds)
+        if full:
+            summary.append(f"every layer-{layer} head is a {what} head in {full}/{n} seeds: "
+                           f"there the layer-{layer} check cannot fail, and the heads of the "
+                           "layer have no other head to be compared with")
     for m in methods:
         line = (f"{m}: the top layer-0 head is a previous-token head in {hits[m][0][0]}/{n} "
                 f"seeds (the highest-scoring one in {hits[m][0][1]}/{n})")
@@ -441,10 +502,10 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
                        "this attnlab, so it was not run")
     definitions = [
         "previous-token score: a head's mean attention weight from position i onto i - 1 "
-        "(every i >= 1); induction score: its mean weight from position s + j of the "
+        "(every i ≥ 1); induction score: its mean weight from position s + j of the "
         "segment's second occurrence onto f + j + 1, the token after the same token's first "
         "occurrence (j = 0 .. m - 2, the prediction positions); the known heads: the heads "
-        f"of layer 0 (previous-token) and layer 1 (induction) scoring >= {THRESHOLD} (in "
+        f"of layer 0 (previous-token) and layer 1 (induction) scoring ≥ {THRESHOLD} (in "
         "bold below); the highest-scoring one of each layer is the single known head",
         "clean: held-out sequences of the task (test split, stream 1); corrupted: the same "
         "with the segment's first occurrence (all m positions) replaced by random data tokens "
@@ -453,7 +514,7 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
         "effect: the patching score of the head's output (hook point heads) as a share of the "
         "clean - corrupted gap, signed so that +1 = the head alone restores the whole gap "
         "(denoise: clean output into the corrupted run) or destroys it (noise: corrupted "
-        "output into the clean run); path noise -> induction keys: path patching of each "
+        "output into the clean run); path noise into induction keys: path patching of each "
         "layer-0 head into the keys of the induction heads only (the other heads frozen)",
         "expected: noising and path patching find the previous-token head; denoising cannot, "
         "by construction: its clean output tells the induction head where the segment's "
@@ -465,6 +526,7 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
         "heads.selection.random_heads draws: the mean over every head that has a score)"]
     sections: list = [
         ("Summary", [("list", summary)]),
+        ("Recipe", [("list", _recipe(per_seed))]),
         ("Definitions", [("list", definitions)]),
         ("The known answer per seed (from the attention patterns)", [("table", (
             ["seed", "test accuracy", "previous-token score, L0 h0 / h1 / ...",
@@ -480,6 +542,24 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
         sections.append(("Rank correlation of attribution and activation patching (Spearman "
                          "over every head, per seed)", [("table", (
                              ["direction", "mean ± 95% CI", "per seed"], corr_rows))]))
+    row, model, batch, known = example
+    if any(m.startswith("attribution") for m in methods):
+        curve_rows = []
+        for layer, many, one, what in KNOWN:
+            head = (layer, known[many][0]) if known[many] else known[one]
+            curve = interpolation(model, batch, head)
+            curve_rows.append([f"{_head(head)} ({what})",
+                               *(f"{v:.2f}" for v in curve)])
+            numbers.setdefault("interpolation", {})[_head(head)] = curve
+        sections.append((
+            f"Why attribution misses when noising (seed {row['seed']}, one batch)", [
+                ("list", ["the metric on the clean sequences with one known head's output "
+                          "set to (1 - a) clean + a corrupted (a = 1 is activation "
+                          "patching's noising run): attribution patching extrapolates the "
+                          "slope at a = 0 to a = 1, so where the curve is flat at a = 0 and "
+                          "falls later it predicts almost nothing (the failure AtP* of "
+                          "Kramár et al., 2024, attributes to saturated attention)"]),
+                ("table", (["head", *(f"a = {a:g}" for a in ALPHAS)], curve_rows))]))
     images = _figures(per_seed, example, methods)
     if images:
         sections.append((f"Seed {example[0]['seed']}", [("image", name) for name in images]))
@@ -507,7 +587,7 @@ def _figures(per_seed: dict[int, dict[str, Any]], example: tuple, methods: list[
         if m.startswith("path"):
             continue
         effect = per_seed[seed]["effects"][m]
-        title = f"seed {seed}: {m} (share of the gap)"
+        title = f"seed {seed}: {m} (signed: +1 = the whole gap)"
         images[m.replace(" ", "_")] = heatmap(effect, title)
     return images
 
@@ -527,11 +607,11 @@ def _heatmap() -> Callable[[Tensor, str], bytes]:
 
         from attnlab.heads.metrics import PatchScores
 
-        # the effects are already shares of the gap, signed: drawn as they are
+        # the effects are already shares of the gap (a gap of 1 leaves them as they are)
         wrapped = PatchScores(scores.double(), ("layer", "head"), "heads", "effect", "",
                               1.0, 0.0)
         with tempfile.TemporaryDirectory() as folder:
-            path = patching_heatmap(wrapped, Path(folder) / "map.png", normalised=False,
+            path = patching_heatmap(wrapped, Path(folder) / "map.png", normalised=True,
                                     title=title)
             return Path(path).read_bytes()
     return draw
