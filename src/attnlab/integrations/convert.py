@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
 from attnlab.core.registry import available, build, info
-from attnlab.integrations.hf import METADATA, require_transformers
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.rotary import Rotary
 
@@ -327,6 +326,8 @@ class ConvertedAttention(nn.Module):
         if output_attentions:
             raise ValueError(f"{who}: output_attentions is not returned by a converted model; "
                              "read the weights with attnlab.heads.capture (L<layer>.weights)")
+        from attnlab.integrations.hf import METADATA  # here: hf.py may re-export convert
+
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in METADATA
                          and k != "use_cache")
         if unknown:
@@ -515,6 +516,8 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     whose masking mode is not the model's (a bidirectional-only one in a causal model), and
     a model already converted. Nothing of the model changes when conversion fails.
     """
+    from attnlab.integrations.hf import require_transformers  # (hf.py may import this module)
+
     require_transformers()
     if not isinstance(mechanism, str) or mechanism not in available():
         raise ValueError(f"{_who(model, str(mechanism))}: unknown mechanism {mechanism!r}; "
