@@ -487,7 +487,9 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
         full = sum(len(per_seed[seed]["known"][many]) ==
                    per_seed[seed]["known"]["previous_token"].shape[1] for seed in seeds)
         if full:
-            summary.append(f"every layer-{layer} head is a {what} head in {full}/{n} seeds: "
+            article = "an" if what[0] in "aeiou" else "a"
+            summary.append(f"every layer-{layer} head is {article} {what} head in {full}/{n} "
+                           "seeds: "
                            f"there the layer-{layer} check cannot fail, and the heads of the "
                            "layer have no other head to be compared with")
     for m in methods:
