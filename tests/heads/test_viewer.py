@@ -275,3 +275,21 @@ def test_the_browser_check_catches_a_blank_render(tmp_path, model):
     result = viewer.render_page(page, tmp_path / "page.png")
     assert result.selftest is not None and result.selftest["ok"]  # it ran; nothing was drawn
     assert [p for p in result.problems() if p.startswith("blank render")], result.problems()
+
+
+def test_heads_view_command_writes_a_page_and_refuses_bad_layers(tmp_path):
+    """`attnlab heads view` on the bundled MiniLM: one page with the sentence's tokens; a layer
+    the model does not have is a usage error naming the layers it has."""
+    pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    from attnlab.cli import main
+
+    page = tmp_path / "view.html"
+    args = ["heads", "view", "--model", "minilm", "--text", "The cat sat.", "--out", str(page)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    assert "[CLS]" in html and "cat" in html and "page:" in result.output
+    bad = CliRunner().invoke(main, [*args, "--layers", "9"])
+    assert bad.exit_code == 2 and "layer 9" in bad.output

@@ -503,3 +503,99 @@ def steer_cmd(count: int, factor: float, amount: float, share: float, draws: int
             "S2): 64 to choose heads, the rest held out"], [("steer", result)],
            f"attnlab heads steer --count {count} --factor {factor} --amount {amount} "
            f"--share {share} --draws {draws}")
+
+
+
+
+def _view_model(model: str, store: str, text: str) -> tuple[Any, dict[str, Any], list[str]]:
+    """(model, its inputs for one sequence, the token strings) for ``--model``."""
+    import torch
+
+    if model == "minilm" or model.startswith("hf:"):
+        from attnlab.integrations import hf
+
+        if model == "minilm":
+            net, tokenizer = hf.load_minilm()
+        else:
+            transformers = hf.require_transformers()
+            hf.register()
+            name = model.removeprefix("hf:")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            net = hf.use_attnlab(transformers.AutoModel.from_pretrained(
+                name, attn_implementation=hf.implementation_name("softmax")).eval())
+        batch = tokenizer([text], return_tensors="pt")
+        return net, dict(batch), tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    from attnlab.heads.runs import load_run
+
+    run = load_run(store, model)
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise click.UsageError("for an arena run, --text is token ids separated by spaces "
+                               "(e.g. --text '3 14 15 9 2')") from None
+    return run.model, {"x": torch.tensor([ids])}, [str(i) for i in ids]
+
+
+def _ints(text: str, what: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] or None
+    except ValueError:
+        raise click.UsageError(f"--{what}: comma-separated integers, got {text!r}") from None
+
+
+@heads.command("view")
+@click.option("--model", required=True, help="minilm (all-MiniLM-L6-v2, needs the hf extra), "
+              "hf:NAME (a Hugging Face model name or folder, loaded with from_pretrained), "
+              "or an arena run key (or its first characters) of --store.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="Result store the run keys refer to.")
+@click.option("--text", required=True, help="The input: a sentence for minilm and hf: "
+              "models, token ids separated by spaces for an arena run.")
+@click.option("--layers", default="", help="Comma-separated layers [default: all].")
+@click.option("--heads", "head_list", default="", help="Comma-separated heads of every "
+              "layer [default: all].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help=f"The HTML page [default {DEFAULT_REPORTS}/heads/MODEL/view.html].")
+@click.option("--check", is_flag=True, help="Open the page in headless Chromium: a "
+              "screenshot beside it (.png); fails on console errors or a blank render.")
+def view_cmd(model: str, store: str, text: str, layers: str, head_list: str,
+             out: str | None, check: bool) -> None:
+    """An attention-pattern page: one self-contained HTML file (layers, a grid of heads,
+    click to enlarge, hover a cell or a token).
+
+    \b
+    Examples:
+      attnlab heads view --model minilm --text "The cat sat on the mat because it was warm."
+      attnlab heads view --model 3f2a9c1e --text "5 1 7 3 5" --out view.html --check
+    """
+    import torch
+
+    from attnlab.heads.capture import capture
+    from attnlab.heads.sites import sites
+    from attnlab.heads.viewer import attention_page, render_page
+
+    try:
+        with console.status(f"loading {escape(model)} ..."):
+            net, inputs, tokens = _view_model(model, store, text)
+        points = [f"L{s.layer}.weights" for s in sites(net)]
+        with torch.no_grad(), capture(net, points) as cap:
+            net(inputs["x"]) if set(inputs) == {"x"} else net(**inputs)
+        path = Path(out) if out else Path(DEFAULT_REPORTS) / "heads" / _slug(model) / "view.html"
+        page = attention_page(cap, tokens, path, layers=_ints(layers, "layers"),
+                              heads=_ints(head_list, "heads"), title=f"{model}: {text}")
+    except (KeyError, FileNotFoundError, ImportError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise click.UsageError(str(message)) from None
+    console.print(f"page: {page} ({page.stat().st_size:,} bytes, {len(tokens)} tokens)")
+    if check:
+        try:
+            result = render_page(page, page.with_suffix(".png"))
+        except FileNotFoundError as err:
+            raise click.UsageError(str(err)) from None
+        problems = result.problems()
+        for problem in problems:
+            console.print(f"[red]{escape(problem)}[/red]")
+        if problems:
+            raise click.ClickException(f"the page did not pass in Chromium ({len(problems)} "
+                                       "problems)")
+        console.print(f"checked in Chromium: screenshot {result.png}")
