@@ -451,6 +451,33 @@ def test_gpt2_atp_equals_patching_when_linear_and_eap_adds_up():
     assert atp.scores.abs().max() > 1e-4
 
 
+def test_llama_gqa_counts_kv_heads_and_eap_adds_up():
+    """Llama with 4 query and 2 key/value heads (MLPs adding nothing): k, v scores and EAP's
+    k, v readers count the kv heads, and the edges out of a head add up to its AtP."""
+    transformers = pytest.importorskip("transformers",
+                                       reason="needs the hf extra: pip install -e '.[hf]'")
+    from attnlab.integrations import hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+    hf.use_attnlab(model)
+    clean, corrupted, metric = inputs()
+    assert at.attribution_patching(model, clean, corrupted, metric, point="k").scores.shape \
+        == (2, 2)
+    edges = at.edge_attribution_patching(model, clean, corrupted, metric)
+    assert edges.downstream[:8] == ["L0.H0.q", "L0.H1.q", "L0.H2.q", "L0.H3.q", "L0.H0.k",
+                                    "L0.H1.k", "L0.H0.v", "L0.H1.v"]
+    atp = at.attribution_patching(model, clean, corrupted, metric, direction="noise")
+    assert_close(edges.scores[1:].sum(1).reshape(2, 4), atp.scores)
+    assert atp.scores.abs().max() > 1e-4
+
+
 # ----------------------------------------------------------------- errors, agreement
 
 
