@@ -258,3 +258,18 @@ def test_bert_points_are_post_norm_and_the_head_points_need_use_attnlab():
                                  positions=[0])
     assert heads["L1.weights"].shape == (2, 4, 1, 7) and heads["blocks.1.attn_z"].shape == \
         (2, 1, 4, 8)
+
+
+def test_attention_only_blocks_have_no_mlp_point_and_the_identity_still_holds():
+    model, x = tiny_lm(mlp_ratio=0), tokens()
+    assert model.blocks[0].mlp is None
+    names = pt.hook_points(model)
+    assert "blocks.0.mlp_out" not in names and "blocks.0.attn_out" in names
+    logits, cache = pt.run_with_cache(model, x)
+    assert_close(logits, model(x))
+    for i in range(2):
+        assert_close(cache[f"blocks.{i}.resid_pre"] + cache[f"blocks.{i}.attn_out"],
+                     cache[f"blocks.{i}.resid_post"], msg=f"block {i}")
+    assert torch.equal(cache["blocks.0.resid_post"], cache["blocks.1.resid_pre"])
+    with pytest.raises(ValueError, match="no hook point matches 'blocks.0.mlp_out'"):
+        pt.run_with_cache(model, x, ["blocks.0.mlp_out"])

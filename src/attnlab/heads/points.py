@@ -8,7 +8,8 @@ Names follow TransformerLens (``i``: the block, in model order)::
     blocks.{i}.resid_pre  the residual entering block i (a forward pre-hook on the block)
     blocks.{i}.attn_out   what the attention sublayer adds to the residual
     blocks.{i}.attn_z     the input of the attention's output projection, per head (B, L, H, D)
-    blocks.{i}.mlp_out    what the MLP sublayer adds to the residual
+    blocks.{i}.mlp_out    what the MLP sublayer adds to the residual (absent in attention-only
+                          blocks, where resid_post = resid_pre + attn_out)
     blocks.{i}.resid_post the residual leaving block i (its output)
     final_norm            the output of the final norm (what the unembedding reads)
     L{j}.q|k|v|weights|heads  the head-level points of ``heads.sites`` (where they exist)
@@ -55,7 +56,8 @@ HEAD_SEQ_DIM = {"q": 2, "k": 2, "v": 2, "weights": 2, "heads": 1}
 @dataclass(frozen=True)
 class BlockParts:
     """One block (layer) of the residual stack: ``attn`` is the module whose output is
-    ``attn_out``, ``mlp`` the one whose output is ``mlp_out``, ``attention`` the attention
+    ``attn_out``, ``mlp`` the one whose output is ``mlp_out`` (None in an attention-only
+    block: attnlab's ``mlp_ratio=0``, which has no ``mlp_out`` point), ``attention`` the attention
     module itself (where the output projection lives), ``branches`` attnlab's extra residual
     branches (``before``/``after``, see ``models.blocks.residual_branches``)."""
 
@@ -63,7 +65,7 @@ class BlockParts:
     path: str
     block: nn.Module
     attn: nn.Module
-    mlp: nn.Module
+    mlp: nn.Module | None
     attention: nn.Module
     branches: Mapping[str, nn.Module] = field(default_factory=dict)
 
@@ -186,6 +188,13 @@ def _takes_residual(module: nn.Module) -> bool:
         return False
 
 
+def _optional_mlp(block: nn.Module) -> nn.Module | None:
+    """An attnlab block's MLP, or None for an attention-only block (``mlp_ratio=0``: its
+    ``mlp`` and ``norm2`` are None and the block is x + attn(norm(x)))."""
+    mlp = getattr(block, "mlp", None)
+    return mlp if isinstance(mlp, nn.Module) else None
+
+
 def layout(model: nn.Module) -> Layout:
     """The residual stack of ``model``: attnlab ``Block`` lists, or the Hugging Face layer
     list (the ``nn.ModuleList`` of ``config.num_hidden_layers`` layers) with each layer's
@@ -204,7 +213,7 @@ def layout(model: nn.Module) -> Layout:
 
         path, blocks = stacks[0]
         parts = tuple(BlockParts(i, f"{path}.{i}", b, b.get_submodule("attn"),
-                                 b.get_submodule("mlp"), b.get_submodule("attn"),
+                                 _optional_mlp(b), b.get_submodule("attn"),
                                  {p: b.get_submodule(p) for p in BRANCH_PLACES
                                   if isinstance(getattr(b, p, None), nn.Module)})
                       for i, b in enumerate(blocks))
@@ -343,7 +352,7 @@ def _describe(lay: Layout, model: nn.Module, p: BlockParts, paths: dict[int, str
         if p.branches:
             attn += "; the block's residual branches (" + ", ".join(p.branches) + \
                 f") are not in it: they are blocks.{p.index}.<place>_out"
-        mlp = f"output of {path(p.mlp)}"
+        mlp = "" if p.mlp is None else f"output of {path(p.mlp)}"
     elif lay.family == "post-norm":
         attn = f"output of {path(p.attn)}: the attention's projection, before the residual " \
             "add and the LayerNorm after it (post-norm: resid_post is not a sum)"
@@ -399,7 +408,8 @@ def _points(model: nn.Module) -> dict[str, _Point]:
                 f"{proj.heads}, {proj.head_dim}): each head's share of attn_out", proj.heads)
         if "after" in branch_points:
             out[f"{b}.after_out"] = branch_points["after"]
-        out[f"{b}.mlp_out"] = _Point(f"{b}.mlp_out", p.mlp, "out", 1, text["mlp_out"])
+        if p.mlp is not None:  # attention-only blocks have no MLP: resid_post = pre + attn
+            out[f"{b}.mlp_out"] = _Point(f"{b}.mlp_out", p.mlp, "out", 1, text["mlp_out"])
         out[f"{b}.resid_post"] = _Point(f"{b}.resid_post", p.block, "out", 1,
                                         text["resid_post"])
     if lay.final_norm is not None:
