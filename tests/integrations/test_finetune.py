@@ -165,3 +165,5 @@ def test_refusals():
         finetune(bert, data, objective="logits", teacher=build("BERT"), steps=1,
                  progress=False)
     assert len(converted_modules(bert)) == 2
+    with pytest.raises(ValueError, match="no converted attention"):
+        finetune(build("GPT-2"), data, objective="lm", lora=2, steps=1, progress=False)

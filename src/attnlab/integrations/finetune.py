@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,9 +145,13 @@ def _add_lora(model: nn.Module, rank: int, alpha: float | None) -> None:
             raise ValueError(f"the model already holds LoRA adapters of rank {sorted(ranks)}, "
                              f"not {rank} (merge_lora first, or pass lora={sorted(ranks)[0]})")
         return
+    targets = _targets(model)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no converted attention whose pretrained "
+                         "q, k, v, o LoRA could adapt (run convert first)")
     peft = require_peft()
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha,
-                             lora_dropout=0.0, target_modules=_targets(model), bias="none")
+                             lora_dropout=0.0, target_modules=targets, bias="none")
     peft.inject_adapter_in_model(config, model)
 
 
@@ -336,6 +341,8 @@ def finetune(model: nn.Module, data: Iterable[Batch], *,
                 while step < steps:
                     batch = cursor.next()
                     if batch is _END:
+                        warnings.warn(f"the data ended after {step} of {steps} steps",
+                                      stacklevel=2)
                         break
                     optimizer.zero_grad(set_to_none=True)
                     loss = _step_loss(model, teacher, batch, objective, device)
