@@ -227,3 +227,23 @@ def test_teacher_mode_is_the_original_model_and_is_undone():
     assert_close(got, expected)
     assert len(converted_modules(model)) == 2
     assert len(pretrained_parameters(model)) == 16
+
+
+def test_convert_with_distill_is_convert_then_attention_transfer():
+    """``convert(..., distill=batches, distill_options=...)`` trains the new parameters as
+    ``attention_transfer`` called after ``convert`` does (bitwise: the same draws), and
+    refuses to distill without the teacher or to take options without data."""
+    data = batches(2, 0)
+    options = {"steps": 3, "progress": False}
+    fused = convert(build("GPT-2"), "hedgehog", distill=data, distill_options=options)
+    plain = convert(build("GPT-2"), "hedgehog")
+    untrained = {n: p.detach().clone() for n, p in new_parameters(plain).items()}
+    attention_transfer(plain, data, **options)
+    ours, theirs = new_parameters(fused), new_parameters(plain)
+    assert ours.keys() == theirs.keys() == untrained.keys()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert any(not torch.equal(ours[n], untrained[n]) for n in ours)  # it did train
+    with pytest.raises(ValueError, match="keep_teacher"):
+        convert(build("GPT-2"), "hedgehog", keep_teacher=False, distill=data)
+    with pytest.raises(ValueError, match="without distill"):
+        convert(build("GPT-2"), "hedgehog", distill_options=options)

@@ -16,7 +16,12 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from attnlab.integrations.convert import convert, converted_modules  # noqa: E402
+from attnlab.integrations.convert import (  # noqa: E402
+    convert,
+    converted_modules,
+    new_parameters,
+    pretrained_parameters,
+)
 from attnlab.integrations.distill import teacher_mode  # noqa: E402
 from attnlab.integrations.finetune import (  # noqa: E402
     _lora_layers,
@@ -54,10 +59,15 @@ def test_lora_trains_adapters_and_new_parameters_only_and_merges():
     model = convert(copy.deepcopy(original), "hedgehog")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     new = set(_new_parameters(model))
+    pretrained = set(pretrained_parameters(model))
     log = finetune(model, batches(4, 0), objective="logits", lora=4, steps=8, lr=1e-2,
                    progress=False)
     assert log.steps == 8 and len(log.losses) == 8 and log.lora == 4
     adapters = lora_parameters(model)
+    # convert's lists see through the adapters: the same new parameters, the pretrained ones
+    # under peft's names (base_layer), no adapter in either
+    assert set(new_parameters(model)) == new
+    assert {n.replace(".base_layer.", ".") for n in pretrained_parameters(model)} == pretrained
     assert adapters and all(p.requires_grad for p in adapters.values())
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapters.items())
     after = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()

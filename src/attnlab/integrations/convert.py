@@ -496,6 +496,7 @@ def _architecture(model: nn.Module, mechanism: str) -> Architecture:
 
 
 def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
+            distill: Any = None, distill_options: dict[str, Any] | None = None,
             **kwargs: Any) -> nn.Module:
     """Replace every self-attention module of the transformers ``model`` with an attnlab
     module of ``mechanism`` (in place; returns the model).
@@ -509,6 +510,12 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     ``teacher(module)`` (for attention transfer; it shares the pretrained Linear parameters,
     so it costs no weight memory except for GPT-2, whose Conv1D weights are copied: False
     frees them).
+
+    ``distill``: batches of text (token tensors or tokenizer outputs) to train the new
+    parameters on right after conversion by attention transfer
+    (``attnlab.integrations.distill.attention_transfer(model, distill, **distill_options)``;
+    call that function yourself to get its log). The conversion is atomic; the transfer runs
+    after it, so a transfer that fails leaves the model converted.
 
     ValueError, naming the model class and the mechanism, for: an architecture attnlab does
     not map (or a feature of it that it does not reproduce: RoPE scaling, cross-attention,
@@ -529,6 +536,11 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     if done:
         raise ValueError(f"{who}: the model is already converted (to "
                          f"{done[0][1].attn.name}); convert the original model instead")
+    if distill is not None and not keep_teacher:
+        raise ValueError(f"{who}: distill= trains each layer to mimic the replaced one, which "
+                         "keep_teacher=False drops")
+    if distill is None and distill_options:
+        raise ValueError(f"{who}: distill_options without distill= (the batches to train on)")
     fixed = sorted(set(kwargs) & set(SET_BY_MODEL))
     if fixed:
         raise ValueError(f"{who}: {', '.join(fixed)} come from the pretrained model and "
@@ -551,6 +563,10 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     generation: Any = getattr(model, "generation_config", None)
     if generation is not None:  # generate() reads its own use_cache
         generation.use_cache = False
+    if distill is not None:
+        from attnlab.integrations.distill import attention_transfer  # (it imports this module)
+
+        attention_transfer(model, distill, **(distill_options or {}))
     return model
 
 
@@ -584,7 +600,9 @@ def _split_parameters(model: nn.Module, new: bool) -> Iterator[tuple[str, nn.Par
     for path, module in found:
         prefix = f"{path}.attn." if path else "attn."
         for name, param in module.attn.named_parameters():
-            if (name in module.pretrained) != new:
+            if ".lora_" in name:  # a peft adapter (finetune(..., lora=r)): neither kind
+                continue
+            if (name.replace(".base_layer.", ".") in module.pretrained) != new:
                 yield prefix + name, param
 
 
