@@ -576,3 +576,71 @@ def test_atp_and_eap_rank_like_patching_on_a_trained_induction_model():
     got = at.agreement(torch.tensor([edges.score(u, v) for u, v in pairs]), real, k=10)
     print(f"EAP edges: {got}")
     assert got.spearman > 0.5 and got.top_k_overlap >= 0.7
+
+
+# ------------------------------------------------------- integrated gradients (steps)
+
+
+def test_ig_with_one_step_is_atp_bit_for_bit():
+    model = lm(2)
+    clean, corrupted, metric = inputs()
+    for point in ("heads", "k", "attn_out"):
+        plain = at.attribution_patching(model, clean, corrupted, metric, point=point)
+        one = at.attribution_patching(model, clean, corrupted, metric, point=point, steps=1)
+        assert torch.equal(plain.scores, one.scores) and one.method == "attribution"
+
+
+def test_ig_two_steps_average_the_slopes_at_the_base_and_halfway():
+    """steps=2: the mean of d/dt metric at t = 0 and at t = 1/2, where t moves every head of
+    the layer together toward the other run (the layer's other pieces as well), by hand."""
+    model = lm(2)
+    clean, corrupted, metric = inputs()
+    base, target = bases(clean, corrupted, "noise")
+    got = at.attribution_patching(model, clean, corrupted, metric, point="heads",
+                                  direction="noise", steps=2)
+    assert got.method == "attribution (integrated gradients, 2 steps)"
+    for layer in range(2):
+        value = value_at(model, target, layer, "heads")
+        slopes = []
+        for start in (0.0, 0.5):
+            t = torch.full((4,), start, requires_grad=True)
+            m = patched_metric(model, base, value, metric, layer, "heads", t, False)
+            slopes.append(torch.autograd.grad(m, t)[0])
+        assert_close(got.scores[layer], (slopes[0] + slopes[1]) / 2, msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("direction", ["denoise", pytest.param("noise", marks=pytest.mark.slow)])
+def test_ig_of_one_piece_converges_to_real_patching(direction):
+    """A residual point without positions is one piece per layer, interpolated alone: its
+    integrated-gradients score tends to activation patching's (the left Riemann sum's error
+    falls like 1/steps) on a nonlinear model where AtP is far off."""
+    from attnlab.heads.patching import activation_patching
+
+    model = lm(2)
+    clean, corrupted, metric = inputs()
+    want = activation_patching(model, clean, corrupted, metric, point="attn_out",
+                               direction=direction).scores
+    errors = []
+    for steps in (1, 4, 16):
+        got = at.attribution_patching(model, clean, corrupted, metric, point="attn_out",
+                                      direction=direction, steps=steps).scores
+        errors.append(float((got - want.to(got.dtype)).abs().max()))
+    assert errors[0] > 0.1 * float(want.abs().max())  # AtP is not already right here
+    assert errors[1] < errors[0] / 2 and errors[2] < errors[1] / 2.5, errors
+
+
+def test_ig_is_exact_at_any_steps_where_the_metric_is_linear():
+    model = lm(1, linear=True, mlp=False)
+    clean, corrupted, metric = inputs()
+    got = at.attribution_patching(model, clean, corrupted, metric, point="heads",
+                                  per_position=True, direction="noise", steps=3)
+    assert_close(got.scores, by_hand(model, clean, corrupted, metric, "heads", "noise", True,
+                                     False))
+
+
+def test_ig_steps_must_be_a_positive_integer():
+    model = lm(1)
+    clean, corrupted, metric = inputs()
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            at.attribution_patching(model, clean, corrupted, metric, steps=bad)
