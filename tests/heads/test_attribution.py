@@ -644,3 +644,21 @@ def test_ig_steps_must_be_a_positive_integer():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             at.attribution_patching(model, clean, corrupted, metric, steps=bad)
+
+
+def test_eap_ig_edges_out_of_a_writer_add_up_to_its_atp_ig():
+    """Attention only in effect (MLPs that add nothing): with integrated gradients too, the
+    edges out of a head add up to its AtP-IG score (the same line: its layer's hook_heads),
+    the edges out of the embeddings to AtP-IG of block 0's resid_pre; steps=1 is EAP."""
+    model = lm(2, mlp=False)
+    clean, corrupted, metric = inputs()
+    plain = at.edge_attribution_patching(model, clean, corrupted, metric)
+    assert torch.equal(plain.scores, at.edge_attribution_patching(
+        model, clean, corrupted, metric, steps=1).scores)
+    edges = at.edge_attribution_patching(model, clean, corrupted, metric, steps=3)
+    atp = at.attribution_patching(model, clean, corrupted, metric, direction="noise", steps=3)
+    assert_close(edges.scores[1:].sum(1).reshape(2, 4), atp.scores)
+    embed = at.attribution_patching(model, clean, corrupted, metric, point="resid_pre",
+                                    direction="noise", steps=3)
+    assert_close(edges.scores[0].sum(), embed.scores[0])
+    assert not torch.allclose(edges.scores, plain.scores)  # the steps changed something

@@ -94,13 +94,16 @@ class _Recorder:
         self.values: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
         self.leaves: dict[int, Tensor] = {}
+        self.mix: dict[int, Callable[[Tensor], Tensor]] = {}  # layer -> what replaces out
 
     def take(self, layer: int, what: str, out: Tensor) -> Tensor:
         """Record ``out`` as layer ``layer``'s value; on a gradient run return it plus a zero
-        leaf (the tensor that flows on)."""
+        leaf (the tensor that flows on). A layer in ``mix`` first has ``out`` replaced."""
         if layer in self.values:
             raise ValueError(f"{what} ran twice in one forward: attribution needs one value "
                              "per hook point and run")
+        if layer in self.mix:
+            out = self.mix[layer](out)
         self.values[layer] = out.detach()
         if self.grad:
             leaf = torch.zeros_like(out, requires_grad=True)
@@ -403,6 +406,7 @@ class _Graph:
         self.final: Tensor | None = None
         self.final_leaf: Tensor | None = None
         self.attn_out: dict[int, Tensor] = {}
+        self.mix_embed: Callable[[Tensor], Tensor] | None = None  # replaces block 0's input
 
     def _leaf(self, value: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.grad:
@@ -423,6 +427,8 @@ class _Graph:
                 else:
                     raise ValueError(f"block {layer} got no residual tensor (its first "
                                      "argument or hidden_states=)")
+                if layer == 0 and self.mix_embed is not None:
+                    x = self.mix_embed(x)
                 self.resid[layer] = x.detach()
                 x, leaf = self._leaf(x)
                 if leaf is not None:
@@ -483,7 +489,7 @@ def _one_head_each(grad: Tensor) -> Tensor:
 
 def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs,
                               metric: Metric, *, forward: Forward | None = None,
-                              direction: str = "noise") -> EdgeScores:
+                              direction: str = "noise", steps: int = 1) -> EdgeScores:
     """EAP: the first-order estimate of patching each edge u -> v of the residual-stream graph
     (see the module docstring for the nodes), from one forward and backward pass on the base
     input and one forward pass on the other.
@@ -493,8 +499,16 @@ def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs
     score of u -> v is (out_u(target) - out_u(base)) . d metric / d in_v at the base run, the
     gradient flowing into the residual through head v's own q, k or v projection only
     (``"logits"``: through the final norm and unembedding), summed over batch and positions.
-    ``metric`` and ``forward`` as in ``attribution_patching``."""
+    ``metric`` and ``forward`` as in ``attribution_patching``.
+
+    ``steps = m`` > 1: integrated gradients, as ``attribution_patching`` does it: the
+    gradients into the readers that score the edges out of one writer group (the embeddings;
+    the heads of one layer) are the mean over the m points k / m, k = 0 .. m - 1, of the line
+    from the group's base output to its target output (``hook_heads`` of that layer, or the
+    residual entering block 0, set on the line; everything else runs on the base input): (m -
+    1) x (layers + 1) more EAP passes. 1 is plain EAP."""
     _check_direction(direction)
+    _check_steps(steps)
     forward = forward or run_model
     model_sites = sites(model)
     base_inputs, target_inputs = _base_and_target(clean, corrupted, direction)
@@ -511,6 +525,9 @@ def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs
                              "logits it is given")
         scores, valid, upstream, downstream = _edge_scores(model_sites, base, target,
                                                            base_metric)
+    if steps > 1:
+        scores = _integrated_edges(model, forward, base_inputs, metric, model_sites, base,
+                                   target, scores, steps)
     metrics = {"base": float(base_metric.detach()), "target": float(target_metric)}
     clean_value, corrupted_value = ((metrics["target"], metrics["base"]) if direction ==
                                     "denoise" else (metrics["base"], metrics["target"]))
@@ -518,8 +535,43 @@ def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs
                       clean_value, corrupted_value)
 
 
-def _edge_scores(model_sites: list[Site], base: _Graph, target: _Graph, base_metric: Tensor
-                 ) -> tuple[Tensor, Tensor, list[str], list[str]]:
+def _integrated_edges(model: nn.Module, forward: Forward, base_inputs: Inputs, metric: Metric,
+                      model_sites: list[Site], base: _Graph, target: _Graph, first: Tensor,
+                      steps: int) -> Tensor:
+    """EAP scores with each writer group's rows averaged over ``steps`` points of its line
+    (``first``: the scores at k = 0, the base run's)."""
+    total = first.detach().clone()
+    start = 1
+    groups: list[tuple[int, slice]] = [(-1, slice(0, 1))]  # -1: the embeddings
+    for s in model_sites:
+        groups.append((s.layer, slice(start + sum(x.heads for x in model_sites[:s.layer]),
+                                      start + sum(x.heads for x in model_sites[:s.layer + 1]))))
+    for group, rows in groups:
+        if group < 0:
+            a, b = base.resid[0], target.resid[0]
+        else:
+            a, b = base.points["heads"].values[group], target.points["heads"].values[group]
+        for k in range(1, steps):
+            def mix(x: Tensor, a: Tensor = a, b: Tensor = b, alpha: float = k / steps
+                    ) -> Tensor:
+                return torch.lerp(a.to(x.dtype), b.to(x.dtype), alpha)
+            graph = _Graph(model, base.model_sites, grad=True)
+            if group < 0:
+                graph.mix_embed = mix
+            else:
+                graph.points["heads"].mix[group] = mix
+            with torch.enable_grad(), graph.hooked():
+                value = _scalar(metric(_run(model, forward, base_inputs)), "interpolated")
+                scores = _edge_scores(model_sites, graph, target, value, plain=base)[0]
+            total[rows] += scores[rows].detach()
+    return total / steps
+
+
+def _edge_scores(model_sites: list[Site], base: _Graph, target: _Graph, base_metric: Tensor,
+                 plain: _Graph | None = None) -> tuple[Tensor, Tensor, list[str], list[str]]:
+    """The EAP scores from the gradients of ``base_metric`` through ``base``'s leaves, the
+    output differences from ``target`` minus ``plain`` (default ``base``: the same run)."""
+    plain = plain or base
     layers = len(model_sites)
     for i in range(layers):
         if i not in base.resid or i not in target.resid:
@@ -533,11 +585,11 @@ def _edge_scores(model_sites: list[Site], base: _Graph, target: _Graph, base_met
     first_head = [1]
     for s in model_sites:
         first_head.append(first_head[-1] + s.heads)
-    _check_same_shape("the residual entering block 0", base.resid[0], target.resid[0])
-    d_embed = _promoted(target.resid[0]) - _promoted(base.resid[0])
+    _check_same_shape("the residual entering block 0", plain.resid[0], target.resid[0])
+    d_embed = _promoted(target.resid[0]) - _promoted(plain.resid[0])
     d_heads = {}
     for s in model_sites:
-        a, b = target.points["heads"].values[s.layer], base.points["heads"].values[s.layer]
+        a, b = target.points["heads"].values[s.layer], plain.points["heads"].values[s.layer]
         _check_same_shape(f"L{s.layer}.heads", b, a)
         d_heads[s.layer] = _promoted(a) - _promoted(b)
 
