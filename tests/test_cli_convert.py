@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from attnlab.cli.convert import convert
 
 
-def _run(*args: str) -> object:
+def _run(*args: str) -> Result:
     return CliRunner().invoke(convert, list(args), catch_exceptions=False)
 
 
@@ -47,6 +47,14 @@ def test_minilm_end_to_end(tmp_path: Path) -> None:
     assert saved["recipe"]["mechanism"] == "linear" and saved["recipe"]["new_parameters"] == 0
     assert 0 < saved["scores"]["cosine"] < 1 and "nearest-neighbour" in result.output
     assert (out / "model.safetensors").stat().st_size > 10_000_000
+    # attention transfer (attnlab.integrations.distill) of Hedgehog's feature maps
+    out = tmp_path / "hh"
+    result = _run("minilm", "--mechanism", "hedgehog", "--distill", "hedgehog", "--steps", "2",
+                  "--sentences", "8", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "attention transfer (hedgehog loss), 2 steps" in result.output
+    recipe = json.loads((out / "convert.json").read_text())["recipe"]
+    assert recipe["distill"] == "hedgehog" and recipe["steps"] == 2
     # softmax is the control: the teacher itself
     result = _run("minilm", "--mechanism", "softmax", "--sentences", "8", "--out",
                   str(tmp_path / "soft"))

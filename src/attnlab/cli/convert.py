@@ -14,7 +14,7 @@ from rich.markup import escape
 from attnlab.arena.files import DEFAULT_REPORTS, DEFAULT_STORE
 
 console = Console()
-DISTILL = ("none", "hedgehog", "lolcats")
+DISTILL = ("none", "auto", "hedgehog", "lolcats")
 
 
 def _kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -120,7 +120,8 @@ def minilm_cmd(mechanism: str, kw: tuple[str, ...], distill: str, steps: int, lr
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
         data = cv.minilm_batches(tokenizer, [pool[int(i)] for i in order[:512]], 16, device)
         with console.status(f"attention transfer ({loss}, {steps} steps) ..."):
-            cv.distill(student, data, loss, steps, lr, seed)
+            log = cv.distill(student, data, loss, steps, lr, seed)
+        console.print(escape(str(log)))
     student.eval()
     with console.status(f"embedding {sentences} held-out sentences ..."):
         scores = cv.embedding_agreement(sentence_embeddings(student, tokenizer, held),
@@ -160,28 +161,25 @@ def _save(target: Path, model: Any, recipe: dict[str, Any], scores: dict[str, An
                    "with --teacher-steps].")
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
 @click.option("--teacher-steps", type=click.IntRange(1), default=150, show_default=True)
-@click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True)
 @click.option("--steps", type=click.IntRange(0), default=0, show_default=True,
-              help="Attention-transfer steps, and the from-scratch baseline's training steps "
-                   "(0: no baseline).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
-              show_default=True)
+              help="Training steps of the from-scratch baseline (0: none).")
 @click.option("--windows", type=click.IntRange(1), default=128, show_default=True,
               help="Held-out test windows for the perplexity.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/convert/lm-MECH].")
 def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: str,
-           teacher_steps: int, distill: str, steps: int, lr: float, windows: int, seed: int,
-           device: str, out: str | None) -> None:
+           teacher_steps: int, steps: int, windows: int, seed: int, device: str,
+           out: str | None) -> None:
     """A causal softmax TransformerLM (char_lm) converted to MECHANISM: perplexity of the
     teacher, of the converted model and (with --steps) of the mechanism trained from scratch
-    for as many steps; saves the converted model, the recipe and the numbers."""
+    for as many steps; saves the converted model, the recipe and the numbers. Not
+    distilled: attention transfer (attnlab.integrations.distill) runs on Hugging Face models
+    converted by attnlab.integrations.convert, not on TransformerLMs."""
     from attnlab.heads.studies import conversion as cv
 
     kwargs = _kwargs(kw)
     device = _device(device)
-    loss = _distill_loss(distill)
     try:
         chosen = cv.contestant(mechanism, kwargs)
     except ValueError as err:
@@ -202,17 +200,6 @@ def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: 
     inputs, targets = cv.lm_windows(length, windows)
     new = sum(v.numel() for k, v in student.state_dict().items()
               if k not in teacher.model.state_dict())
-    if loss and steps and new:
-        import torch
-
-        from attnlab.tasks.char_lm import split_corpus
-        from attnlab.tasks.char_lm import windows as draw
-
-        gen = torch.Generator().manual_seed(1000 + seed)
-        data = [draw(split_corpus("train"), 32, length, gen)[:, :-1].to(device)
-                for _ in range(16)]
-        with console.status(f"attention transfer ({loss}, {steps} steps) ..."):
-            cv.distill(student, data, loss, steps, lr, seed)
     scores = {"teacher": cv.perplexity(teacher.model, inputs, targets),
               "converted": cv.perplexity(student, inputs, targets), "windows": windows}
     if steps:
@@ -223,15 +210,15 @@ def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: 
     recipe = {"model": "TransformerLM char_lm", "teacher": teacher_key or
               f"trained {teacher_steps} steps", "task_params": teacher.task_params,
               "model_args": teacher.model_args, "mechanism": chosen.mechanism,
-              "contestant": chosen.label, "kwargs": args, "distill": loss,
-              "steps": steps, "lr": lr, "seed": seed, "new_parameters": new}
+              "contestant": chosen.label, "kwargs": args, "distill": None,
+              "scratch_steps": steps, "seed": seed, "new_parameters": new}
     target = Path(out) if out else Path(DEFAULT_REPORTS) / "convert" / \
         f"lm-{chosen.label.replace('+', 'p')}"
     _save(target, student, recipe, scores)
     scratch_text = f"   {chosen.label} from scratch ({steps} steps): {scores['scratch']:.3f}" \
         if "scratch" in scores else ""
     console.print(f"TransformerLM -> {escape(chosen.label)} ({chosen.mechanism}, {new:,} new "
-                  f"parameters, distill: {loss or 'none'})")
+                  "parameters, not distilled)")
     console.print(f"perplexity on {windows} held-out windows: teacher {scores['teacher']:.3f}"
                   f"   converted {scores['converted']:.3f}{escape(scratch_text)}")
     console.print(f"saved: {target / 'model.safetensors'} and {target / 'convert.json'}")
@@ -269,7 +256,7 @@ def _stored_teacher(store: str, key: str, device: str) -> Any:
               help="char_lm context length of the causal teacher.")
 @click.option("--dim", type=click.IntRange(8), default=64, show_default=True,
               help="Width of the causal teacher.")
-@click.option("--distill", type=click.Choice(DISTILL), default="hedgehog",
+@click.option("--distill", type=click.Choice(DISTILL), default="auto",
               show_default=True, help="Attention transfer (skipped, and said so, when "
                                       "attnlab.integrations.distill is absent).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
@@ -319,7 +306,10 @@ def study_cmd(mechanisms: str, seeds: int, parts: str, sentences: int, teacher_s
     me = provenance()
     setup = [f"command: `{command}`", f"machine: {describe(machine())}",
              f"attnlab {me['attnlab']} (commit {me['commit']}), {me['date']}",
-             "distillation: " + (f"{loss}, {steps} steps, lr {lr}" if distilled else
+             "distillation (MiniLM only; the causal TransformerLMs are compared as converted, "
+             "attention transfer works on Hugging Face conversions): " +
+             (f"attention_transfer loss={loss}, {steps} steps, lr {lr}, batches of 16 "
+              "training-part sentences" if distilled else
                                  "none (converted models are evaluated as converted: "
                                  + ("attnlab.integrations.distill is absent"
                                     if loss else "--distill none") + ")"),

@@ -297,8 +297,10 @@ def distill_available() -> bool:
 
 def distill(model: nn.Module, data: Sequence[Any], loss: str, steps: int, lr: float,
             seed: int, device: str | None = None) -> Any:
-    """Attention transfer of ``model``'s new parameters towards its teacher with
-    ``attnlab.integrations.distill.attention_transfer`` (ImportError when it is absent)."""
+    """Attention transfer of a converted Hugging Face model's new parameters towards its
+    teacher with ``attnlab.integrations.distill.attention_transfer`` (ImportError when it is
+    absent); returns its ``TransferLog``. (It needs ``convert``'s modules: a ``TransformerLM``
+    from ``convert_lm`` has none, so the causal arm is not distilled.)"""
     try:
         from attnlab.integrations.distill import attention_transfer
     except ImportError:
@@ -348,7 +350,9 @@ def _minilm_arm(names: Sequence[str], seeds: Sequence[int], sentences: int,
                                        generator=torch.Generator().manual_seed(1000 + seed))
                 data = minilm_batches(tokenizer, [train_pool[int(i)] for i in order[:16 * 32]],
                                       16, device)
-                distill(student, data, distill_loss, steps, lr, seed)
+                log = distill(student, data, distill_loss, steps, lr, seed)
+                row.update(transfer_first=log.mean(0), transfer_last=log.mean(-1),
+                           untrained=float(len(log.untrained)))
             student.eval()
             row.update(embedding_agreement(sentence_embeddings(student, tokenizer, held),
                                            reference))
@@ -359,7 +363,7 @@ def _minilm_arm(names: Sequence[str], seeds: Sequence[int], sentences: int,
 
 
 def _lm_arm(names: Sequence[str], seeds: Sequence[int], teacher_steps: int, steps: int,
-            windows: int, distill_loss: str | None, lr: float, device: str,
+            windows: int, device: str,
             task_params: dict[str, Any], model_args: dict[str, Any], tick: Tick
             ) -> tuple[dict[str, dict[int, dict[str, float]]], dict[int, float]]:
     inputs, targets = lm_windows(task_params["length"], windows)
@@ -374,14 +378,6 @@ def _lm_arm(names: Sequence[str], seeds: Sequence[int], teacher_steps: int, step
             student = convert_lm(teacher, c.mechanism, kwargs, seed)
             new = sum(v.numel() for k, v in student.state_dict().items()
                       if k not in teacher.model.state_dict())
-            if distill_loss and steps and new:
-                gen = torch.Generator().manual_seed(1000 + seed)
-                from attnlab.tasks.char_lm import split_corpus
-                from attnlab.tasks.char_lm import windows as draw
-
-                data = [draw(split_corpus("train"), 32, task_params["length"], gen)[:, :-1]
-                        .to(device) for _ in range(16)]
-                distill(student, data, distill_loss, steps, lr, seed)
             row = {"converted": perplexity(student, inputs, targets),
                    "new_parameters": float(new)}
             scratch = train_lm(c.mechanism, kwargs, seed, steps, task_params, model_args,
@@ -431,8 +427,9 @@ def conversion_study(names: Sequence[str], seeds: Sequence[int], *, sentences: i
     if "minilm" in parts:
         mini = _minilm_arm(names, seeds, sentences, distill_loss, steps, lr, device, tick)
         numbers["minilm"] = mini
-        header = ["contestant", "new parameters", "cosine to teacher", "NN agreement",
-                  f"cosine - {reference}", f"NN agreement - {reference}"]
+        header = ["contestant", "new parameters", "transfer loss first -> last",
+                  "cosine to teacher", "NN agreement", f"cosine - {reference}",
+                  f"NN agreement - {reference}"]
         rows = []
         for name in names:
             runs = mini[name]
@@ -442,15 +439,19 @@ def conversion_study(names: Sequence[str], seeds: Sequence[int], *, sentences: i
                                                   _by_seed(mini[reference], m)))
                      if name != reference else "(reference)"
                      for m in ("cosine", "nn_agreement")]
-            rows.append([name, f"{int(next(iter(runs.values()))['new_parameters']):,}",
+            first = [r["transfer_first"] for r in runs.values() if "transfer_first" in r]
+            last = [r["transfer_last"] for r in runs.values() if "transfer_last" in r]
+            moved = f"{fmt(*mean_ci(first), 3)} -> {fmt(*mean_ci(last), 3)}" if first else \
+                "not trained"
+            rows.append([name, f"{int(next(iter(runs.values()))['new_parameters']):,}", moved,
                          *cells, *diffs])
         sections.append((f"MiniLM (all-MiniLM-L6-v2): agreement with the teacher on "
                          f"{sentences} held-out sentences per seed (mean ± 95% CI over "
                          f"{len(seeds)} seeds; differences paired by seed [95% CI])",
                          [("table", (header, rows))]))
     if "lm" in parts:
-        lm, teachers = _lm_arm(names, seeds, teacher_steps, steps, windows, distill_loss, lr,
-                               device, task_params, model_args, tick)
+        lm, teachers = _lm_arm(names, seeds, teacher_steps, steps, windows, device,
+                               task_params, model_args, tick)
         numbers["lm"] = {"runs": lm, "teacher": teachers}
         header = ["contestant", "converted ppl", f"scratch ppl ({steps} steps)",
                   "converted - teacher", "converted - scratch", f"converted - {reference}"]
