@@ -170,3 +170,31 @@ def test_heads_induction_command_on_a_small_trained_sweep(tmp_path):
     missing = CliRunner().invoke(main, ["heads", "induction", "--store", str(store),
                                         "--sweep", "nothing"])
     assert missing.exit_code == 2 and "no finished run" in missing.output
+
+
+def test_a_whole_layer_line_and_the_integrated_gradients_method():
+    """``interpolation(model, batch, (layer, None))`` moves every head of the layer together:
+    at a = 1 it is noising the whole layer (activation patching of its attn_out, an
+    attention-only model); ``head_effects`` adds the IG method (steps > 1 only) and times
+    every method."""
+    from attnlab.heads.patching import activation_patching
+    from attnlab.heads.studies.induction import head_effects, ig_name
+    from tests.tolerances import assert_close
+
+    task, batch = _batch(size=8)
+    torch.manual_seed(1)
+    model = task.build_model("softmax", {}, dim=16, depth=2, heads=2, mlp_ratio=0).eval()
+    curve = interpolation(model, batch, (0, None), (0.0, 1.0))
+    whole = activation_patching(model, batch.clean, batch.corrupted, batch.metric,
+                                point="attn_out", direction="noise")
+    assert_close(torch.tensor(curve), torch.tensor([whole.clean,
+                                                    whole.clean + float(whole.scores[0])]))
+    seconds: dict[str, float] = {}
+    effects = head_effects(model, batch, ig_steps=3, seconds=seconds)
+    names = {f"{m} {d}" for m in ("activation", "attribution", ig_name(3))
+             for d in ("denoise", "noise")}
+    assert set(effects) == names and set(seconds) == names
+    assert all(effects[n].shape == (2, 2) for n in names)
+    assert not torch.equal(effects[f"{ig_name(3)} noise"], effects["attribution noise"])
+    assert set(head_effects(model, batch, ig_steps=1)) == names - {
+        f"{ig_name(3)} denoise", f"{ig_name(3)} noise"}

@@ -54,6 +54,7 @@ __all__ = ["InductionBatch", "answer_metric", "corrupt_first_occurrence", "head_
 Tick = Callable[[], None] | None
 DIRECTIONS = ("denoise", "noise")
 SIGN = {"denoise": 1.0, "noise": -1.0}  # effect = SIGN x normalised score
+IG_STEPS = 16  # integrated-gradients attribution: gradient points per layer
 THRESHOLD = 0.5  # a head with at least this score belongs to the known set of its layer
 FIRST_DATA_TOKEN = 2  # the induction task's tokens 0 and 1 are special (copying.NOISE, SEP)
 
@@ -221,42 +222,66 @@ def _path_scores() -> Callable[..., Any] | None:
 
 
 def head_effects(model: nn.Module, batch: InductionBatch,
-                 receivers: Sequence[tuple[int, int]] = ()) -> dict[str, Tensor]:
-    """{method name: (layers, heads) effect} on one batch: activation patching and
-    attribution patching (when ``attnlab.heads.attribution`` is there) of each head's output
-    (hook point ``heads``), denoising and noising; with ``receivers`` (the induction heads),
-    path patching of every layer-0 head into those heads' keys (noising, the same sign). The
-    effect is the normalised score times +1 (denoise) or -1 (noise): the share of the clean -
-    corrupted gap the head restores or destroys."""
+                 receivers: Sequence[tuple[int, int]] = (), *, ig_steps: int = IG_STEPS,
+                 seconds: dict[str, float] | None = None) -> dict[str, Tensor]:
+    """{method name: (layers, heads) effect} on one batch: activation patching, attribution
+    patching (AtP) and attribution patching with integrated gradients over ``ig_steps``
+    points (when ``attnlab.heads.attribution`` is there; 0 or 1 leaves it out) of each
+    head's output (hook point ``heads``), denoising and noising; with ``receivers`` (the
+    induction heads), path patching of every layer-0 head into those heads' keys (noising,
+    the same sign). The effect is the normalised score times +1 (denoise) or -1 (noise): the
+    share of the clean - corrupted gap the head restores or destroys. ``seconds``, when
+    given, gains each method's wall time on this batch (added to what it holds)."""
+    import time
+
     from attnlab.heads.patching import activation_patching
 
     attribution = _attribution()
     out: dict[str, Tensor] = {}
+    clock = seconds if seconds is not None else {}
+
+    def timed(name: str, run: Callable[..., Any], **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = run(model, batch.clean, batch.corrupted, batch.metric, **kwargs)
+        clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
+        return result
+
     for direction in DIRECTIONS:
-        act = activation_patching(model, batch.clean, batch.corrupted, batch.metric,
-                                  point="heads", direction=direction)
-        out[f"activation {direction}"] = SIGN[direction] * act.normalised().float()
-        if attribution is not None:
-            atp = attribution(model, batch.clean, batch.corrupted, batch.metric,
-                              point="heads", direction=direction)
-            out[f"attribution {direction}"] = SIGN[direction] * atp.normalised().float()
+        name = f"activation {direction}"
+        act = timed(name, activation_patching, point="heads", direction=direction)
+        out[name] = SIGN[direction] * act.normalised().float()
+        if attribution is None:
+            continue
+        runs = [(f"attribution {direction}", 1)]
+        if ig_steps > 1:
+            runs.append((f"{ig_name(ig_steps)} {direction}", ig_steps))
+        for name, steps in runs:
+            atp = timed(name, attribution, point="heads", direction=direction,
+                        **({"steps": steps} if steps > 1 else {}))
+            out[name] = SIGN[direction] * atp.normalised().float()
     path = _path_scores()
     if receivers and path is not None:
-        scores = path(model, batch.clean, batch.corrupted, batch.metric,
-                      receivers=list(receivers), via="k")
-        out["path noise into induction keys"] = -scores.normalised().float()
+        name = "path noise into induction keys"
+        scores = timed(name, path, receivers=list(receivers), via="k")
+        out[name] = -scores.normalised().float()
     return out
+
+
+def ig_name(steps: int) -> str:
+    """The method name of attribution patching with integrated gradients over ``steps``."""
+    return f"attribution IG ({steps} steps)"
 
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def interpolation(model: nn.Module, batch: InductionBatch, head: tuple[int, int],
+def interpolation(model: nn.Module, batch: InductionBatch, head: tuple[int, int | None],
                   alphas: Sequence[float] = ALPHAS) -> list[float]:
     """The metric on the clean sequences with ``head``'s output (hook point ``heads``) set to
     (1 - a) clean + a corrupted, for each a of ``alphas``: how far the metric is from linear
     in the head's output, which is what attribution patching (its slope at a = 0 times the
-    whole change) assumes when noising."""
+    whole change) assumes when noising. ``(layer, None)``: every head of the layer moves
+    together (the line along which integrated gradients takes its slopes)."""
     from attnlab.heads.sites import forward_hooks
 
     layer, h = head
@@ -272,6 +297,8 @@ def interpolation(model: nn.Module, batch: InductionBatch, head: tuple[int, int]
     for a in alphas:
         def mix(_m: nn.Module, _i: Any, value: Tensor, a: float = a) -> Tensor:
             value = value.clone()
+            if h is None:
+                return (1 - a) * clean + a * corrupted
             value[:, :, h] = (1 - a) * clean[:, :, h] + a * corrupted[:, :, h]
             return value
         with torch.no_grad(), forward_hooks(model_sites, "heads", {layer: mix}):
@@ -310,13 +337,14 @@ def _mean_of(effect: Tensor, layer: int, heads: Sequence[int]) -> float:
 
 
 def induction_study(store: str | Path, sweep: str, *, batches: int = 4,
-                    batch_size: int = 64, tick: Tick = None
+                    batch_size: int = 64, tick: Tick = None, ig_steps: int = IG_STEPS
                     ) -> tuple[dict[str, Any], list, dict[str, bytes]]:
     """The known-answer experiment over every finished run of ``sweep`` with a saved model:
     per seed the known heads (from the attention patterns) and the heads each method ranks
     first; the known heads' effects against the other heads of their layer (mean ± 95% CI
     over seeds of the per-seed means over ``batches`` held-out batches of ``batch_size``);
-    the rank correlation of attribution and activation patching."""
+    the rank correlation of attribution (AtP, and AtP with integrated gradients over
+    ``ig_steps`` points) and activation patching; each method's wall time per batch."""
     from attnlab.heads.runs import load_run, saved_runs
     from attnlab.tasks.base import split_generator
 
@@ -338,12 +366,15 @@ def induction_study(store: str | Path, sweep: str, *, batches: int = 4,
         drawn = [induction_batch(run.task, batch_size, data, noise) for _ in range(batches)]
         known = known_answer(run.model, drawn)
         receivers = [(1, h) for h in known["induction_heads"]] or [known["induction_head"]]
-        effects = [head_effects(run.model, b, receivers) for b in drawn]
+        seconds: dict[str, float] = {}
+        effects = [head_effects(run.model, b, receivers, ig_steps=ig_steps, seconds=seconds)
+                   for b in drawn]
         mean = {name: torch.stack([e[name] for e in effects]).mean(0) for name in effects[0]}
         per_seed[row["seed"]] = {"key": row["key"], "metrics": row.get("metrics") or {},
                                  "row": row,
                                  "known": known, "effects": mean,
-                                 "clean_corrupted": _gaps(run.model, drawn)}
+                                 "clean_corrupted": _gaps(run.model, drawn),
+                                 "seconds": {m: t / batches for m, t in seconds.items()}}
         if example is None:
             example = (row, run.model, drawn[0], known)
         if tick:
@@ -455,14 +486,22 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
     numbers: dict[str, Any] = {"seeds": {}, "batches": batches, "batch_size": batch_size,
                                "threshold": THRESHOLD}
     corr_rows = []
-    for direction in DIRECTIONS:
-        a, b = f"attribution {direction}", f"activation {direction}"
-        if a in methods:
-            rhos = {seed: _spearman(per_seed[seed]["effects"][a].flatten(),
-                                    per_seed[seed]["effects"][b].flatten()) for seed in seeds}
-            corr_rows.append([direction, fmt(*mean_ci(list(rhos.values())), 3),
-                              ", ".join(f"{rhos[s]:+.2f}" for s in seeds)])
-            numbers.setdefault("spearman", {})[direction] = rhos
+    for a in methods:
+        if not a.startswith("attribution"):
+            continue
+        direction = a.rsplit(" ", 1)[1]
+        b = f"activation {direction}"
+        rhos = {seed: _spearman(per_seed[seed]["effects"][a].flatten(),
+                                per_seed[seed]["effects"][b].flatten()) for seed in seeds}
+        corr_rows.append([a, fmt(*mean_ci(list(rhos.values())), 3),
+                          ", ".join(f"{rhos[s]:+.2f}" for s in seeds)])
+        # "spearman": {direction: ...} for AtP as before; the others under their name
+        key = direction if a == f"attribution {direction}" else a
+        numbers.setdefault("spearman", {})[key] = rhos
+    cost_rows = [[m, fmt(*mean_ci([per_seed[seed]["seconds"][m] for seed in seeds]), 3)]
+                 for m in methods if all(m in per_seed[seed]["seconds"] for seed in seeds)]
+    numbers["seconds_per_batch"] = {m: {str(seed): per_seed[seed]["seconds"].get(m)
+                                        for seed in seeds} for m in methods}
     for seed in seeds:
         s = per_seed[seed]
         k = s["known"]
@@ -542,8 +581,13 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
               "known - others", "random head", "known - random"], control_rows))])]
     if corr_rows:
         sections.append(("Rank correlation of attribution and activation patching (Spearman "
-                         "over every head, per seed)", [("table", (
-                             ["direction", "mean ± 95% CI", "per seed"], corr_rows))]))
+                         "over every head, per seed, against activation patching in the same "
+                         "direction)", [("table", (
+                             ["method", "mean ± 95% CI", "per seed"], corr_rows))]))
+    if cost_rows:
+        sections.append((f"Cost (wall seconds per batch of {batch_size}, mean ± 95% CI over "
+                         "seeds, on the machine named above)", [("table", (
+                             ["method", "seconds per batch"], cost_rows))]))
     row, model, batch, known = example
     if any(m.startswith("attribution") for m in methods):
         curve_rows = []
@@ -553,6 +597,11 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
             curve_rows.append([f"{_head(head)} ({what})",
                                *(f"{v:.2f}" for v in curve)])
             numbers.setdefault("interpolation", {})[_head(head)] = curve
+        for layer, *_ in KNOWN:
+            curve = interpolation(model, batch, (layer, None))
+            curve_rows.append([f"every head of layer {layer} together",
+                               *(f"{v:.2f}" for v in curve)])
+            numbers.setdefault("interpolation", {})[f"L{layer}"] = curve
         sections.append((
             f"Why attribution misses when noising (seed {row['seed']}, one batch)", [
                 ("list", ["the metric on the clean sequences with one known head's output "
@@ -560,7 +609,12 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
                           "patching's noising run): attribution patching extrapolates the "
                           "slope at a = 0 to a = 1, so where the curve is flat at a = 0 and "
                           "falls later it predicts almost nothing (the failure AtP* of "
-                          "Kramár et al., 2024, attributes to saturated attention)"]),
+                          "Kramár et al., 2024, attributes to saturated attention); "
+                          "attribution with integrated gradients averages the slope at "
+                          "a = k / m (k = 0 .. m - 1) on the line along which every head of "
+                          "the layer moves together (heads.attribution, steps=m), so a fall "
+                          "later on the line counts (the last rows: that line, every head of "
+                          "the layer set to (1 - a) clean + a corrupted)"]),
                 ("table", (["head", *(f"a = {a:g}" for a in ALPHAS)], curve_rows))]))
     images = _figures(per_seed, example, methods)
     if images:
@@ -590,7 +644,8 @@ def _figures(per_seed: dict[int, dict[str, Any]], example: tuple, methods: list[
             continue
         effect = per_seed[seed]["effects"][m]
         title = f"seed {seed}: {m} (signed: +1 = the whole gap)"
-        images[m.replace(" ", "_")] = heatmap(effect, title)
+        slug = m.replace("IG (", "ig").replace(" steps)", "").replace(" ", "_")
+        images[slug] = heatmap(effect, title)
     return images
 
 
