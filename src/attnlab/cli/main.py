@@ -197,11 +197,13 @@ def _add_arena() -> None:
     import attnlab.cli.search  # noqa: F401 - registers `attnlab arena search`
     from attnlab.cli.arena import arena
     from attnlab.cli.bench import bench
+    from attnlab.cli.convert import convert
     from attnlab.cli.heads import heads
 
     main.add_command(arena)
     main.add_command(bench)
     main.add_command(heads)
+    main.add_command(convert)
 
 
 _add_arena()
