@@ -11,7 +11,12 @@ value ``a'`` from another run and measures metric(patched) - metric(unpatched ru
 activation patching (``heads.patching.activation_patching``), so the two compare entry by
 entry; the estimate is exact wherever the metric is linear in the piece (e.g. a head's output
 read out linearly) and misses the curvature elsewhere (notably a saturated softmax: see
-``docs``' attribution section).
+``docs``' attribution section). ``steps=m`` > 1 takes the gradient as integrated gradients
+do (the activation variant of EAP-IG, Hanna, Pezzelle and Belinkov 2024): the mean over m
+points on the line from the base activations to the target ones, one layer (one writer group
+for EAP) moved at a time, which sees a fall of the metric that the slope at the base run
+misses. Kramár et al.'s QK fix (the patched attention pattern computed exactly) is not
+implemented.
 
 EAP (Syed, Rager, Conmy 2023) scores the edges of the residual-stream graph: upstream nodes
 write into the residual stream (``"embed"``: the residual entering the first block; ``"L<l>.H<h>"``:
