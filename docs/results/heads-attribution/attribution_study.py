@@ -33,7 +33,7 @@ from attnlab.tasks import make_task
 
 
 # ---------------------------------------------------------- direct edge patching by hand
-def _caches(model: nn.Module, x: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+def _caches(model: Any, x: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
     """The residual entering each block and each layer's hook_heads value (TransformerLM)."""
     resid: dict[int, Tensor] = {}
     heads: dict[int, Tensor] = {}
@@ -52,7 +52,7 @@ def _caches(model: nn.Module, x: Tensor) -> tuple[dict[int, Tensor], dict[int, T
     return resid, heads
 
 
-def _edge_patched(model: nn.Module, base: Tensor, caches: tuple, metric: Metric,
+def _edge_patched(model: Any, base: Tensor, caches: tuple, metric: Metric,
                   upstream: Any, downstream: Any) -> Tensor:
     """The metric of the base run where only ``downstream``'s input (one head's q, k or v, or
     the residual the final norm reads) sees out_u(target) - out_u(base) added to the
@@ -90,7 +90,7 @@ def _edge_patched(model: nn.Module, base: Tensor, caches: tuple, metric: Metric,
         handle.remove()
 
 
-def edges_by_hand(model: nn.Module, clean: Tensor, corrupted: Tensor, metric: Metric,
+def edges_by_hand(model: Any, clean: Tensor, corrupted: Tensor, metric: Metric,
                   edges: list, direction: str = "noise") -> Tensor:
     """Real direct edge patching of each (upstream, downstream) edge."""
     base, target = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
@@ -236,10 +236,11 @@ def main() -> None:
                                       receivers=[(rl, rh)], via=p))
     index = torch.tensor([i for i, _ in heads_only])
     for steps, found in results.items():
-        est = torch.tensor([found.score(u, v) for u, v in pairs])
+        edge_est = torch.tensor([found.score(u, v) for u, v in pairs])
         name = "EAP" if steps == 1 else f"EAP-IG{m}"
-        show(f"{name} vs direct edge patching", est, real, 10)
-        show(f"{name} vs path_patching (head senders)", est[index], torch.tensor(path), 10)
+        show(f"{name} vs direct edge patching", edge_est, real, 10)
+        show(f"{name} vs path_patching (head senders)", edge_est[index], torch.tensor(path),
+             10)
     show("direct edge patching vs path_patching", real[index], torch.tensor(path), 10)
     print(f"reach: the corruption is at position {reach_from}")
 
