@@ -121,6 +121,15 @@ def test_direct_logit_attribution_on_a_transformer_lm():
     assert "block 1" in out.table() and len(out.top_heads(3)) == 3
 
 
+def test_direct_logit_attribution_on_an_attention_only_lm():
+    """An attention-only TransformerLM (mlp_ratio=0) has no mlp_out point: the attribution
+    still adds up to the logits, with every MLP term 0."""
+    torch.manual_seed(0)
+    model = TransformerLM(VOCAB, dim=32, depth=2, heads=4, mlp_ratio=0).eval()
+    out = check_attribution(model, tokens())
+    assert bool((out.mlp == 0).all()) and bool(out.attn.abs().gt(0).all())
+
+
 @pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_direct_logit_attribution_on_hf_decoders(kind):
     out = check_attribution(hf_model(kind), tokens())

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.heads.metrics import Inputs
-from attnlab.heads.points import Layout, Positions, layout, out_projection, run_with_cache
+from attnlab.heads.points import (
+    BlockParts,
+    Layout,
+    Positions,
+    layout,
+    out_projection,
+    run_with_cache,
+)
 
 __all__ = ["LogitAttribution", "direct_logit_attribution", "head_results", "logit_lens"]
 
@@ -280,7 +287,7 @@ def direct_logit_attribution(model: nn.Module, inputs: Inputs, target: Target, *
     n = len(lay.blocks)
     names = ["embed", "final_norm", f"blocks.{n - 1}.resid_post"]
     for p in lay.blocks:
-        names += [f"blocks.{p.index}.{k}" for k in ("attn_out", "attn_z", "mlp_out")]
+        names += [f"blocks.{p.index}.{k}" for k in _parts(p, "attn_z")]
         names += [f"blocks.{p.index}.{place}_out" for place in p.branches]
     projections = [out_projection(model, p.index, where=lay) for p in lay.blocks]
     logits, cache = run_with_cache(model, inputs, names, positions=[position], forward=forward)
@@ -320,13 +327,22 @@ def direct_logit_attribution(model: nn.Module, inputs: Inputs, target: Target, *
         if proj.bias is not None:
             attn_bias[:, i] = r @ proj.bias.detach().to(wide)
         attn[:, i] = along(got[f"blocks.{i}.attn_out"])
-        mlp[:, i] = along(got[f"blocks.{i}.mlp_out"])
+        if p.mlp is not None:  # an attention-only block adds no MLP output (0)
+            mlp[:, i] = along(got[f"blocks.{i}.mlp_out"])
         for place in p.branches:
             branches[:, i] += along(got[f"blocks.{i}.{place}_out"])
     total = (logits[:, position].detach().to(wide) * d).sum(-1)
     return LogitAttribution(along(got["embed"]).float(), attn.float(), heads.float(),
                             attn_bias.float(), mlp.float(), branches.float(), bias.float(),
                             total.float(), position, kind)
+
+
+def _parts(block: BlockParts, *extra: str) -> list[str]:
+    """The points of ``block`` whose outputs are added to the residual (``attn_out``,
+    ``mlp_out`` unless the block has no MLP, its branches' ``*_out``), then ``extra``."""
+    names = ["attn_out", *(["mlp_out"] if block.mlp is not None else []),
+             *(f"{place}_out" for place in block.branches)]
+    return [*names, *extra]
 
 
 def _check_sum(got: dict[str, Tensor], lay: Layout, final: Tensor) -> None:
@@ -336,7 +352,7 @@ def _check_sum(got: dict[str, Tensor], lay: Layout, final: Tensor) -> None:
     wide = _wide(final.device)
     total = got["embed"].to(wide)
     for p in lay.blocks:
-        for k in ("attn_out", "mlp_out", *(f"{place}_out" for place in p.branches)):
+        for k in _parts(p):
             total = total + got[f"blocks.{p.index}.{k}"].to(wide)
     scale = max(1.0, float(final.abs().max()))
     gap = float((total - final.to(wide)).abs().max())
