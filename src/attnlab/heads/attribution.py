@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.heads.metrics import Inputs, Metric, PatchScores, run_model
+from attnlab.heads.points import tensor_of, with_tensor
 from attnlab.heads.sites import POINTS, Site, forward_hooks, sites
 
 __all__ = ["RESIDUAL_POINTS", "attribution_patching", "edge_attribution_patching", "EdgeScores",
@@ -376,21 +377,6 @@ def _block_of(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
     return model.get_submodule(owner_path.rpartition(".")[0]), owner
 
 
-def _first_tensor(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise ValueError(f"a module returned {type(out).__name__}: edge attribution needs a "
-                     "tensor (or a tuple starting with one) from each block and attention")
-
-
-def _replace_first(out: Any, value: Tensor) -> Any:
-    if isinstance(out, Tensor):
-        return value
-    return type(out)([value, *out[1:]]) if isinstance(out, tuple | list) else out
-
-
 class _Graph:
     """The hooks of one EAP run: the residual entering each block (and leaving the last one),
     each attention module's output, and hook_q/k/v/heads of every layer."""
@@ -445,14 +431,14 @@ class _Graph:
 
         def attention_output(layer: int) -> Callable[..., Any]:
             def post(module: nn.Module, args: Any, out: Any) -> None:
-                self.attn_out[layer] = _first_tensor(out)
+                self.attn_out[layer] = tensor_of(out, "edge attribution")
             return post
 
         def last_output(module: nn.Module, args: Any, out: Any) -> Any:
-            x = _first_tensor(out)
+            x = tensor_of(out, "edge attribution")
             self.final = x.detach()
             x, self.final_leaf = self._leaf(x)
-            return _replace_first(out, x)
+            return with_tensor(out, x)
 
         try:
             for i, (block, attn) in enumerate(zip(self.blocks, self.attention, strict=True)):

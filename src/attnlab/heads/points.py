@@ -458,7 +458,9 @@ def _resolve(points: Mapping[str, _Point], names: str | Sequence[str]) -> list[_
     return sorted(chosen.values(), key=lambda p: order.index(p.name))
 
 
-def _tensor_of(value: Any, what: str) -> Tensor:
+def tensor_of(value: Any, what: str) -> Tensor:
+    """The tensor a module gave: ``value`` itself or the first element of its tuple/list
+    (transformers' modules return tuples); ValueError naming ``what`` otherwise."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
@@ -467,7 +469,8 @@ def _tensor_of(value: Any, what: str) -> Tensor:
                      "tuple starting with one")
 
 
-def _with_tensor(value: Any, new: Tensor) -> Any:
+def with_tensor(value: Any, new: Tensor) -> Any:
+    """``value`` (a tensor, or a tuple/list starting with one) with that tensor replaced."""
     if isinstance(value, Tensor):
         return new
     return type(value)([new, *value[1:]]) if isinstance(value, list) else (new, *value[1:])
@@ -629,12 +632,12 @@ def run_with_cache(model: nn.Module, inputs: Inputs, names: str | Sequence[str] 
                 handles.append(p.module.register_forward_pre_hook(pre, with_kwargs=True))
             elif p.kind == "z":
                 def z(_m: nn.Module, args: tuple, p: _Point = p) -> None:
-                    cache._add(p.name, _z_view(_tensor_of(args, p.name), p.heads), p.seq_dim,
+                    cache._add(p.name, _z_view(tensor_of(args, p.name), p.heads), p.seq_dim,
                                grad)
                 handles.append(p.module.register_forward_pre_hook(z))
             else:
                 def out(_m: nn.Module, _args: tuple, value: Any, p: _Point = p) -> None:
-                    cache._add(p.name, _tensor_of(value, p.name), p.seq_dim, grad)
+                    cache._add(p.name, tensor_of(value, p.name), p.seq_dim, grad)
                 handles.append(p.module.register_forward_hook(out))
         with contextlib.nullcontext() if grad else torch.no_grad():
             logits = (forward or run_model)(model, inputs)
@@ -699,17 +702,17 @@ def edit_points(model: nn.Module, edits: Mapping[str, Edit]) -> Iterator[None]:
                 def z(_m: nn.Module, args: tuple,
                       group: list[tuple[_Point, Edit]] = group) -> tuple:
                     p, edit = group[0]
-                    x = _tensor_of(args, p.name)
+                    x = tensor_of(args, p.name)
                     new = _apply(edit, _z_view(x, p.heads), p.name)
                     return (new.flatten(-2), *args[1:])
                 handles.append(module.register_forward_pre_hook(z, prepend=True))
             else:
                 def out(_m: nn.Module, _args: tuple, value: Any,
                         group: list[tuple[_Point, Edit]] = group) -> Any:
-                    x = _tensor_of(value, group[0][0].name)
+                    x = tensor_of(value, group[0][0].name)
                     for p, edit in group:
                         x = _apply(edit, x, p.name)
-                    return _with_tensor(value, x)
+                    return with_tensor(value, x)
                 handles.append(module.register_forward_hook(out, prepend=True))
         yield
     finally:

@@ -39,8 +39,7 @@ forward stops after the last of them).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
+import io
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 
 import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
 from attnlab.core.registry import build
+from attnlab.files import write_atomic
 from attnlab.integrations.convert import ConvertedAttention, converted_modules, new_parameters
 from attnlab.mechanisms.base import Attention
 
@@ -486,22 +486,12 @@ _END = object()
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temporary file in the same folder, then os.replace: a reader
-    (a resumed run) sees the previous checkpoint or the whole new one."""
+    """torch.save through ``attnlab.files.write_atomic``: a reader (a resumed run) sees the
+    previous checkpoint or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would give
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def _load(path: Path, kind: str, config: dict[str, Any],
