@@ -306,10 +306,12 @@ def study_cmd(mechanisms: str, seeds: int, parts: str, sentences: int, teacher_s
     me = provenance()
     setup = [f"command: `{command}`", f"machine: {describe(machine())}",
              f"attnlab {me['attnlab']} (commit {me['commit']}), {me['date']}",
-             "distillation (MiniLM only; the causal TransformerLMs are compared as converted, "
-             "attention transfer works on Hugging Face conversions): " +
+             "distillation (both arms; the causal TransformerLMs through "
+             "conversion.lm_as_converted, the teacher's softmax attention of each block as "
+             "the layer's teacher): " +
              (f"attention_transfer loss={loss}, {steps} steps, lr {lr}, batches of 16 "
-              "training-part sentences" if distilled else
+              "training-part sentences (MiniLM) and of 32 training-part windows (char-LM), "
+              "teacher forcing" if distilled else
                                  "none (converted models are evaluated as converted: "
                                  + ("attnlab.integrations.distill is absent"
                                     if loss else "--distill none") + ")"),

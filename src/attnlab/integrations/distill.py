@@ -13,10 +13,13 @@ every converted layer reproduces the frozen softmax layer it replaced:
   layer's output (after the output projection) and the teacher layer's, over real tokens
   and channels. Works for every mechanism.
 - ``loss="auto"``: hedgehog where the mechanism's weights give its output exactly (output =
-  weights @ values: ``Attention.weights_reproduce_output``) and depend on every new
-  parameter (a probe on random tokens); lolcats otherwise (no weights, a term beside them
-  as InLine's and Agent's, or an output gate as Gated Attention's, which the weights do not
-  see). A new parameter the chosen loss does not reach is listed in
+  weights @ values: ``Attention.weights_reproduce_output``), depend on every new
+  parameter and are distributions (non-negative, every row summing to 1), all three checked
+  on a probe of random tokens; lolcats otherwise (no weights, a term beside them as InLine's
+  and Agent's, an output gate as Gated Attention's, which the weights do not see, or weights
+  that are not distributions, as linear attention's with the identity feature map, for
+  which the cross-entropy is unbounded below: ``loss="hedgehog"`` refuses those).
+  A new parameter the chosen loss does not reach is listed in
   ``TransferLog.untrained``, with a warning.
 
 Teacher forcing, as both papers do: each batch runs once through the frozen model (the
@@ -32,13 +35,20 @@ All selected layers train together, one optimizer step per batch. With teacher f
 layer's loss depends only on its own parameters and on inputs that no other student layer
 produces, and AdamW acts coordinate by coordinate, so training them together gives the
 same parameters as training them one after another on the same batches, at the cost of one
-frozen forward per batch instead of one per layer. ``layers=[i, ...]`` trains a subset (the
+frozen forward per batch instead of one per layer.
+
+Any model whose attention modules are ``ConvertedAttention`` with a kept teacher works, not
+only ``convert``'s Hugging Face models: ``attnlab.heads.studies.conversion`` wraps an attnlab
+``TransformerLM`` moved onto another mechanism that way (its teacher: the softmax
+``TransformerLM``'s attention of the same block), and a tensor batch goes to a forward
+without ``input_ids`` positionally. ``layers=[i, ...]`` trains a subset (the
 forward stops after the last of them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import time
 import warnings
@@ -214,6 +224,17 @@ def _model_inputs(batch: Batch, device: torch.device) -> dict[str, Any]:
     return moved
 
 
+def _call(model: nn.Module, batch: Batch) -> Any:
+    """``model`` on ``batch``: a Hugging Face model by keyword (``input_ids``, ...); a model
+    whose forward takes no ``input_ids`` (an attnlab ``TransformerLM``: ``tokens``) gets a
+    tensor batch positionally."""
+    device = _device(model)
+    if isinstance(batch, Tensor) and \
+            "input_ids" not in inspect.signature(model.forward).parameters:
+        return model(batch.to(device))
+    return model(**_model_inputs(batch, device))
+
+
 def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -280,7 +301,6 @@ def _teacher_pass(model: nn.Module, layers: list[_Layer], batch: Batch, *,
         if layer.index == last:
             raise _Stop
 
-    inputs = _model_inputs(batch, _device(model))
     handles = []
     with teacher_mode(model):
         try:
@@ -289,7 +309,7 @@ def _teacher_pass(model: nn.Module, layers: list[_Layer], batch: Batch, *,
                 handles.append(layer.module.teacher.register_forward_hook(hook,
                                                                           with_kwargs=True))
             with torch.no_grad():
-                model(**inputs)
+                _call(model, batch)
         except _Stop:
             pass
         finally:
@@ -328,12 +348,50 @@ def _resolve_loss(loss: str, module: ConvertedAttention) -> str:
     has_weights = bool(meta.weights) if meta is not None else True
     if loss == "auto":  # the weights say everything about the output only when exact
         exact = has_weights and bool(module.attn.weights_reproduce_output)
-        return "hedgehog" if exact and _weights_reach_all(module) else "lolcats"
-    if loss == "hedgehog" and not has_weights:
-        raise ValueError(f"loss='hedgehog' compares attention weights, which "
-                         f"{module.attn.name} does not define; use loss='lolcats' (layer "
-                         "outputs)")
+        return "hedgehog" if exact and _weights_reach_all(module) and \
+            _not_a_distribution(module) is None else "lolcats"
+    if loss == "hedgehog":
+        if not has_weights:
+            raise ValueError(f"loss='hedgehog' compares attention weights, which "
+                             f"{module.attn.name} does not define; use loss='lolcats' (layer "
+                             "outputs)")
+        why = _not_a_distribution(module)
+        if why is not None:
+            raise ValueError(f"loss='hedgehog' is a cross-entropy between attention "
+                             f"distributions, and {module.attn.name}'s weights are not one "
+                             f"({why}, on a probe of random tokens): its minimum says nothing "
+                             "about the output; use loss='lolcats' (layer outputs)")
     return loss
+
+
+def _probe(attn: Attention) -> tuple[Tensor, torch.Generator]:
+    """Random probe tokens (1, 5, dim) on the device and in the dtype of ``attn``'s
+    parameters, and the generator that drew them (seeded: the same probe every call)."""
+    first = next(attn.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, attn.dim, generator=gen).to(first.device, first.dtype)
+    return x, gen
+
+
+def _not_a_distribution(module: ConvertedAttention) -> str | None:
+    """None when the weights of the converted ``module`` are non-negative and every query
+    row sums to 1 on a probe of random tokens (within the square root of the dtype's
+    epsilon); otherwise what is wrong with them (e.g. linear attention with the identity
+    feature map: negative weights, rows not normalised)."""
+    attn = module.attn
+    x, _ = _probe(attn)
+    with torch.no_grad():
+        w = attn.weights(x).float()
+    tol = torch.finfo(x.dtype).eps ** 0.5
+    low = float(w.min())
+    sums = w.sum(-1)
+    worst = float((sums - 1).abs().max())
+    wrong = []
+    if low < -tol:
+        wrong.append(f"a weight of {low:.3g}")
+    if worst > tol:
+        wrong.append(f"a row summing to {float(sums.flatten()[(sums - 1).abs().argmax()]):.4g}")
+    return " and ".join(wrong) if wrong else None
 
 
 def _weights_reach_all(module: ConvertedAttention) -> bool:
@@ -344,8 +402,7 @@ def _weights_reach_all(module: ConvertedAttention) -> bool:
     new = [p for n, p in attn.named_parameters() if n not in module.pretrained]
     if not new:
         return True
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 5, attn.dim, generator=gen).to(new[0].device, new[0].dtype)
+    x, gen = _probe(attn)
     with torch.enable_grad():
         w = attn.weights(x)
         probe = (w.float() * torch.randn(w.shape, generator=gen).to(w.device)).sum()
@@ -553,8 +610,8 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
     ``attention_mask``, ...; ``labels`` are ignored), read pass after pass until ``steps``
     batches are used (a one-shot iterator ends the run early, with a warning). ``loss``:
     "hedgehog" (cross-entropy on the attention weights), "lolcats" (MSE on the layer
-    outputs) or "auto" (hedgehog where the weights give the output exactly and see every
-    new parameter). Only
+    outputs) or "auto" (hedgehog where the weights give the output exactly, see every
+    new parameter and are distributions). Only
     ``new_parameters(model)`` of the chosen ``layers`` train (AdamW, ``lr``, no weight
     decay); the pretrained projections, the rest of the model and the teacher modules stay
     as they are. The student layers run in the mode the model is in (``model.train()``
@@ -569,7 +626,7 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
 
     ValueError: a model that is not converted or whose teachers were not kept, a mechanism
     with no new parameters (nothing to train), loss="hedgehog" for a mechanism without
-    weights, bad ``layers``/``steps``/``lr``/``every``.
+    weights or whose weights are not distributions, bad ``layers``/``steps``/``lr``/``every``.
     """
     _check_training_arguments(steps, lr, every)
     chosen, params = _prepare(model, loss, layers)

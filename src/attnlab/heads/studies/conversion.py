@@ -7,8 +7,9 @@ another mechanism; how much of the teacher it keeps is measured here:
   sentence's embedding to the teacher's, and nearest-neighbour agreement (the share of
   sentences whose nearest other sentence is the same under both models);
 - a causal teacher (an arena ``TransformerLM`` trained with softmax on ``char_lm``):
-  perplexity on the held-out test windows, of the teacher, of the converted model, and of the
-  same mechanism trained from scratch through the arena for the same number of steps.
+  perplexity on the held-out test windows, of the teacher, of the converted model (as
+  converted and after attention transfer, ``lm_as_converted``), and of the same mechanism
+  trained from scratch through the arena for the same number of steps.
 
 ``convert_lm`` moves a ``TransformerLM`` onto another mechanism (``convert`` maps Hugging
 Face models only): the same model built with the new mechanism, every tensor the two share
@@ -24,9 +25,10 @@ arena's style. Attention transfer, when asked for, is ``attnlab.integrations.dis
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -39,7 +41,8 @@ from attnlab.arena.stats import fmt, fmt_paired, mean_ci, paired_difference
 
 __all__ = ["CONTESTANTS", "Contestant", "LMTeacher", "contestant", "convert_lm",
            "conversion_study", "distill_available", "embedding_agreement", "held_out_sentences",
-           "nearest_neighbours", "perplexity", "sentence_pool", "train_lm", "lm_windows"]
+           "lm_as_converted", "lm_distill_batches", "nearest_neighbours", "perplexity",
+           "sentence_pool", "train_lm", "lm_windows"]
 
 Tick = Callable[[], None] | None
 SIGMOID_N = "n"  # placeholder in a contestant's kwargs: the sequence length (b = -ln n)
@@ -295,12 +298,62 @@ def distill_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def lm_as_converted(student: nn.Module, teacher: LMTeacher) -> Iterator[nn.Module]:
+    """``student`` (from ``convert_lm``) with the attention of every block wrapped, for the
+    block, in ``attnlab.integrations.convert.ConvertedAttention``: its teacher is the
+    softmax attention of the same block of ``teacher.model`` (kept as is, not copied), its
+    pretrained parameters those whose names the teacher's state dict holds (q, k, v, o), the
+    rest the mechanism's new ones. Attention transfer
+    (``attnlab.integrations.distill.attention_transfer``) then trains the new parameters
+    with teacher forcing, as for a Hugging Face conversion. The blocks get their own
+    attention modules back on exit (also after an error)."""
+    from attnlab.integrations.convert import ConvertedAttention
+    from attnlab.mechanisms.base import Attention
+
+    state = teacher.model.state_dict()
+    wrapped: list[tuple[nn.Module, str, Attention]] = []
+    paths = [path for path, m in student.named_modules()
+             if isinstance(m, Attention) and path.endswith(".attn")]
+    if not paths:
+        raise ValueError(f"{type(student).__name__} has no attnlab attention modules to wrap")
+    try:
+        for index, path in enumerate(paths):
+            attn = student.get_submodule(path)
+            assert isinstance(attn, Attention)
+            try:
+                original = teacher.model.get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"the teacher has no {path} for the student's") from None
+            parent_path, _, name = path.rpartition(".")
+            parent = student.get_submodule(parent_path)
+            pretrained = tuple(n for n, _ in attn.named_parameters() if f"{path}.{n}" in state)
+            setattr(parent, name, ConvertedAttention(
+                attn, architecture="attnlab TransformerLM", layer_idx=index, window=None,
+                pretrained=pretrained, teacher=original))
+            wrapped.append((parent, name, attn))
+        yield student
+    finally:
+        for parent, name, attn in wrapped:
+            setattr(parent, name, attn)
+
+
+def lm_distill_batches(length: int, steps: int, seed: int, batch_size: int = 32
+                       ) -> list[Tensor]:
+    """``steps`` batches of ``batch_size`` token windows (``length`` tokens) of the
+    ``char_lm`` corpus's training part for attention transfer: ``steps * batch_size`` evenly
+    spread windows in an order drawn with ``1000 + seed`` (as the MiniLM arm's sentences)."""
+    inputs, _ = lm_windows(length, max(1, steps) * batch_size, split="train")
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(1000 + seed))
+    return list(inputs[order].split(batch_size))
+
+
 def distill(model: nn.Module, data: Sequence[Any], loss: str, steps: int, lr: float,
             seed: int, device: str | None = None) -> Any:
-    """Attention transfer of a converted Hugging Face model's new parameters towards its
-    teacher with ``attnlab.integrations.distill.attention_transfer`` (ImportError when it is
-    absent); returns its ``TransferLog``. (It needs ``convert``'s modules: a ``TransformerLM``
-    from ``convert_lm`` has none, so the causal arm is not distilled.)"""
+    """Attention transfer of a converted model's new parameters towards its teacher with
+    ``attnlab.integrations.distill.attention_transfer`` (ImportError when it is absent);
+    returns its ``TransferLog``. A Hugging Face model from ``convert``, or a
+    ``TransformerLM`` from ``convert_lm`` inside ``lm_as_converted``."""
     try:
         from attnlab.integrations.distill import attention_transfer
     except ImportError:
@@ -364,9 +417,16 @@ def _minilm_arm(names: Sequence[str], seeds: Sequence[int], sentences: int,
 
 def _lm_arm(names: Sequence[str], seeds: Sequence[int], teacher_steps: int, steps: int,
             windows: int, device: str,
-            task_params: dict[str, Any], model_args: dict[str, Any], tick: Tick
-            ) -> tuple[dict[str, dict[int, dict[str, float]]], dict[int, float]]:
+            task_params: dict[str, Any], model_args: dict[str, Any], tick: Tick,
+            distill_loss: str | None = None, lr: float = 1e-2
+            ) -> tuple[dict[str, dict[int, dict[str, float]]], dict[int, float],
+                       dict[str, str]]:
+    """Per contestant and seed: perplexity as converted, after attention transfer
+    (``distill_loss``, ``steps`` steps, ``lr``; equal to the converted one for a mechanism
+    with no new parameters or without distillation) and from scratch; the teachers'
+    perplexities; the loss each distilled contestant got (auto resolved)."""
     inputs, targets = lm_windows(task_params["length"], windows)
+    losses: dict[str, str] = {}
     out: dict[str, dict[int, dict[str, float]]] = {n: {} for n in names}
     teachers: dict[int, float] = {}
     for seed in seeds:
@@ -380,6 +440,16 @@ def _lm_arm(names: Sequence[str], seeds: Sequence[int], teacher_steps: int, step
                       if k not in teacher.model.state_dict())
             row = {"converted": perplexity(student, inputs, targets),
                    "new_parameters": float(new)}
+            row["distilled"] = row["converted"]
+            if distill_loss and steps and new:
+                data = lm_distill_batches(task_params["length"], steps, seed)
+                data = [d.to(device) for d in data]
+                with lm_as_converted(student, teacher) as wrapped:
+                    log = distill(wrapped, data, distill_loss, steps, lr, seed)
+                row.update(transfer_first=log.mean(0), transfer_last=log.mean(-1),
+                           untrained=float(len(log.untrained)),
+                           distilled=perplexity(student, inputs, targets))
+                losses[name] = log.loss
             scratch = train_lm(c.mechanism, kwargs, seed, steps, task_params, model_args,
                                device) if steps else None
             row["scratch"] = math.nan if scratch is None else \
@@ -387,7 +457,7 @@ def _lm_arm(names: Sequence[str], seeds: Sequence[int], teacher_steps: int, step
             out[name][seed] = row
             if tick:
                 tick()
-    return out, teachers
+    return out, teachers, losses
 
 
 def _by_seed(runs: dict[int, dict[str, float]], key: str) -> dict[int, float]:
@@ -450,25 +520,35 @@ def conversion_study(names: Sequence[str], seeds: Sequence[int], *, sentences: i
                          f"{len(seeds)} seeds; differences paired by seed [95% CI])",
                          [("table", (header, rows))]))
     if "lm" in parts:
-        lm, teachers = _lm_arm(names, seeds, teacher_steps, steps, windows, device,
-                               task_params, model_args, tick)
-        numbers["lm"] = {"runs": lm, "teacher": teachers}
-        header = ["contestant", "converted ppl", f"scratch ppl ({steps} steps)",
-                  "converted - teacher", "converted - scratch", f"converted - {reference}"]
-        rows = [["teacher (softmax)", fmt(*mean_ci(list(teachers.values())), 4), "", "", "",
-                 ""]]
+        lm, teachers, lm_losses = _lm_arm(names, seeds, teacher_steps, steps, windows,
+                                          device, task_params, model_args, tick,
+                                          distill_loss, lr)
+        numbers["lm"] = {"runs": lm, "teacher": teachers, "losses": lm_losses}
+        header = ["contestant", "new parameters", "transfer loss first -> last",
+                  "converted ppl", "distilled ppl", f"scratch ppl ({steps} steps)",
+                  "distilled - teacher", "distilled - scratch", f"distilled - {reference}"]
+        rows = [["teacher (softmax)", "", "", fmt(*mean_ci(list(teachers.values())), 4),
+                 "", "", "", "", ""]]
         for name in names:
             runs = lm[name]
-            conv = _by_seed(runs, "converted")
+            dist = _by_seed(runs, "distilled")
+            first = [r["transfer_first"] for r in runs.values() if "transfer_first" in r]
+            last = [r["transfer_last"] for r in runs.values() if "transfer_last" in r]
+            moved = (f"{lm_losses.get(name, '')}: {fmt(*mean_ci(first), 3)} -> "
+                     f"{fmt(*mean_ci(last), 3)}") if first else "not trained"
             rows.append([
-                name, fmt(*mean_ci(list(conv.values())), 4),
+                name, f"{int(next(iter(runs.values()))['new_parameters']):,}", moved,
+                fmt(*mean_ci([r["converted"] for r in runs.values()]), 4),
+                fmt(*mean_ci(list(dist.values())), 4),
                 fmt(*mean_ci([r["scratch"] for r in runs.values()]), 4),
-                fmt_paired(paired_difference(conv, teachers)),
-                fmt_paired(paired_difference(conv, _by_seed(runs, "scratch"))),
-                fmt_paired(paired_difference(conv, _by_seed(lm[reference], "converted")))
+                fmt_paired(paired_difference(dist, teachers)),
+                fmt_paired(paired_difference(dist, _by_seed(runs, "scratch"))),
+                fmt_paired(paired_difference(dist, _by_seed(lm[reference], "distilled")))
                 if name != reference else "(reference)"])
         sections.append((f"Causal char-LM teacher (softmax TransformerLM, {teacher_steps} "
-                         f"steps): perplexity on {windows} held-out windows (mean ± 95% CI "
-                         f"over {len(seeds)} seeds; differences paired by seed [95% CI])",
+                         f"steps): perplexity on {windows} held-out windows, as converted, "
+                         f"after attention transfer ({distill_loss or 'none'}, {steps} steps; "
+                         "= converted where nothing is trained) and from scratch (mean ± 95% "
+                         f"CI over {len(seeds)} seeds; differences paired by seed [95% CI])",
                          [("table", (header, rows))]))
     return numbers, sections, {}
