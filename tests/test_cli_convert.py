@@ -76,13 +76,18 @@ def test_lm_and_study_end_to_end(tmp_path: Path) -> None:
     scores = json.loads((out / "convert.json").read_text())["scores"]
     assert {"teacher", "converted", "scratch"} <= set(scores)
     study = tmp_path / "study"
-    result = _run("study", "--parts", "lm", "--mechanisms", "softmax,elu+1", "--seeds", "2",
-                  "--teacher-steps", "3", "--steps", "2", "--windows", "4", "--length", "16",
-                  "--dim", "16", "--distill", "none", "--out", str(study))
+    result = _run("study", "--parts", "lm", "--mechanisms", "softmax,elu+1,hedgehog",
+                  "--seeds", "2", "--teacher-steps", "3", "--steps", "2", "--windows", "4",
+                  "--length", "16", "--dim", "16", "--distill", "auto", "--out", str(study))
     assert result.exit_code == 0, result.output
     numbers = json.loads((study / "results.json").read_text())
     runs, teacher = numbers["lm"]["runs"], numbers["lm"]["teacher"]
     for seed in ("0", "1"):  # the softmax control is its teacher
         assert runs["softmax"][seed]["converted"] == teacher[seed]
+        # nothing to train: distilled = converted; Hedgehog's feature maps are distilled
+        assert runs["elu+1"][seed]["distilled"] == runs["elu+1"][seed]["converted"]
+        assert "transfer_first" in runs["hedgehog"][seed]
+        assert "transfer_first" not in runs["elu+1"][seed]
+    assert numbers["lm"]["losses"] == {"hedgehog": "hedgehog"}
     report = (study / "report.md").read_text()
     assert "convert study" in report and "elu+1" in report and "machine:" in report

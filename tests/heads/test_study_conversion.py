@@ -15,6 +15,7 @@ from attnlab.heads.studies.conversion import (
     convert_lm,
     embedding_agreement,
     held_out_sentences,
+    lm_as_converted,
     nearest_neighbours,
     perplexity,
     sentence_pool,
@@ -134,3 +135,61 @@ def test_held_out_sentences() -> None:
     assert all(s[0].isupper() and s[-1] in ".!?" for s in a)
     with pytest.raises(ValueError, match="count must be"):
         held_out_sentences(len(pool) + 1, 0)
+
+
+def _batches(count: int, seed: int, batch: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = _teacher().model.embed.num_embeddings
+    return [torch.randint(0, vocab, (batch, TASK["length"]), generator=gen)
+            for _ in range(count)]
+
+
+def test_attention_transfer_of_a_converted_transformer_lm() -> None:
+    """The causal arm's distillation: a TransformerLM moved onto Hedgehog, wrapped by
+    ``lm_as_converted``, gets attention transfer as a Hugging Face conversion does. The first
+    step's loss of each layer is the cross-entropy from the softmax teacher's own weights to
+    the student's, both on the hidden states the TEACHER feeds that layer (teacher forcing);
+    the loss falls on held-out batches; only the new parameters change; the teacher is
+    unchanged; the blocks get their own attention back."""
+    from attnlab.integrations.distill import attention_transfer, evaluate_transfer
+    from attnlab.mechanisms.base import Attention
+
+    teacher = _teacher()
+    student = convert_lm(teacher, "hedgehog", seed=0)
+    teacher_state = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    student_state = {k: v.clone() for k, v in student.state_dict().items()}
+    train, held = _batches(6, 0), _batches(2, 99)
+
+    # the expected first-step losses, from the teacher's own forward
+    inputs: dict[int, torch.Tensor] = {}
+    blocks = list(teacher.model.blocks)
+    handles = [b.attn.register_forward_pre_hook(
+        lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        teacher.model(train[0])
+    for h in handles:
+        h.remove()
+    expected = {}
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            t = block.attn.weights(inputs[i])
+            s = student.blocks[i].attn.weights(inputs[i])
+            expected[i] = (-(t * s.clamp_min(1e-12).log()).sum(-1)).mean()
+
+    with lm_as_converted(student, teacher) as wrapped:
+        before = evaluate_transfer(wrapped, held, kl=True)
+        log = attention_transfer(wrapped, train * 3, loss="hedgehog", steps=18, lr=3e-2,
+                                 progress=False)
+        after = evaluate_transfer(wrapped, held, kl=True)
+    assert log.loss == "hedgehog" and log.untrained == []
+    for i, value in expected.items():
+        assert_close(torch.tensor(log.losses[i][0]), value, msg=f"layer {i}")
+    for i in before:
+        assert after[i] < 0.8 * before[i], (i, before[i], after[i])
+    assert all(isinstance(b.attn, Attention) for b in student.blocks)
+    for k, v in teacher.model.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, student_state[k])}
+    new = {k for k in student_state if k not in teacher_state}
+    assert changed and changed <= new, changed - new

@@ -247,3 +247,18 @@ def test_convert_with_distill_is_convert_then_attention_transfer():
         convert(build("GPT-2"), "hedgehog", keep_teacher=False, distill=data)
     with pytest.raises(ValueError, match="without distill"):
         convert(build("GPT-2"), "hedgehog", distill_options=options)
+
+
+def test_auto_refuses_the_hedgehog_loss_for_weights_that_are_not_distributions():
+    """Linear attention with the identity feature map (DSF normaliser): its weights give the
+    output exactly and see its new normaliser, but they are negative and their rows do not
+    sum to 1, so the cross-entropy is unbounded below (it fell from 0.91 to -5 while the
+    model did not improve): "auto" picks the output MSE, and "hedgehog" is refused. Hedgehog's
+    own weights are distributions and keep the Hedgehog loss."""
+    module = converted_modules(convert(build("GPT-2"), "linear", feature_map="identity",
+                                       variant="dsf"))[0][1]
+    assert _resolve_loss("auto", module) == "lolcats"
+    with pytest.raises(ValueError, match="not one .*a weight of -"):
+        _resolve_loss("hedgehog", module)
+    hedgehog = converted_modules(convert(build("GPT-2"), "hedgehog"))[0][1]
+    assert _resolve_loss("auto", hedgehog) == _resolve_loss("hedgehog", hedgehog) == "hedgehog"

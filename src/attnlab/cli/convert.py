@@ -174,8 +174,8 @@ def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: 
     """A causal softmax TransformerLM (char_lm) converted to MECHANISM: perplexity of the
     teacher, of the converted model and (with --steps) of the mechanism trained from scratch
     for as many steps; saves the converted model, the recipe and the numbers. Not
-    distilled: attention transfer (attnlab.integrations.distill) runs on Hugging Face models
-    converted by attnlab.integrations.convert, not on TransformerLMs."""
+    distilled here: `attnlab convert study --parts lm` distils the causal arm
+    (conversion.lm_as_converted with attnlab.integrations.distill)."""
     from attnlab.heads.studies import conversion as cv
 
     kwargs = _kwargs(kw)
