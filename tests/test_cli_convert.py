@@ -71,10 +71,12 @@ def test_minilm_end_to_end(tmp_path: Path) -> None:
 def test_lm_and_study_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "lm"
     result = _run("lm", "--mechanism", "gated", "--teacher-steps", "3", "--steps", "2",
-                  "--windows", "4", "--out", str(out))
+                  "--windows", "4", "--distill", "auto", "--out", str(out))
     assert result.exit_code == 0, result.output
-    scores = json.loads((out / "convert.json").read_text())["scores"]
-    assert {"teacher", "converted", "scratch"} <= set(scores)
+    saved = json.loads((out / "convert.json").read_text())
+    assert {"teacher", "converted", "distilled", "scratch"} <= set(saved["scores"])
+    assert saved["recipe"]["distill"] == "lolcats" and saved["recipe"]["transfer_steps"] == 2
+    assert _run("lm", "--mechanism", "gated", "--distill", "auto").exit_code == 2  # no steps
     study = tmp_path / "study"
     result = _run("study", "--parts", "lm", "--mechanisms", "softmax,elu+1,hedgehog",
                   "--seeds", "2", "--teacher-steps", "3", "--steps", "2", "--windows", "4",

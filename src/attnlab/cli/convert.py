@@ -162,24 +162,33 @@ def _save(target: Path, model: Any, recipe: dict[str, Any], scores: dict[str, An
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
 @click.option("--teacher-steps", type=click.IntRange(1), default=150, show_default=True)
 @click.option("--steps", type=click.IntRange(0), default=0, show_default=True,
-              help="Training steps of the from-scratch baseline (0: none).")
+              help="Training steps of the from-scratch baseline, and attention-transfer steps "
+                   "with --distill (0: neither).")
+@click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True,
+              help="Attention transfer of the new parameters, teacher-forced by the softmax "
+                   "teacher's blocks (attnlab.integrations.distill).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
+              show_default=True, help="Attention-transfer learning rate.")
 @click.option("--windows", type=click.IntRange(1), default=128, show_default=True,
               help="Held-out test windows for the perplexity.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/convert/lm-MECH].")
 def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: str,
-           teacher_steps: int, steps: int, windows: int, seed: int, device: str,
-           out: str | None) -> None:
+           teacher_steps: int, steps: int, distill: str, lr: float, windows: int, seed: int,
+           device: str, out: str | None) -> None:
     """A causal softmax TransformerLM (char_lm) converted to MECHANISM: perplexity of the
-    teacher, of the converted model and (with --steps) of the mechanism trained from scratch
-    for as many steps; saves the converted model, the recipe and the numbers. Not
-    distilled here: `attnlab convert study --parts lm` distils the causal arm
-    (conversion.lm_as_converted with attnlab.integrations.distill)."""
+    teacher, of the converted model, (with --distill and --steps) of the converted model
+    after attention transfer of its new parameters (conversion.lm_as_converted with
+    attnlab.integrations.distill) and (with --steps) of the mechanism trained from scratch
+    for as many steps; saves the (distilled) converted model, the recipe and the numbers."""
     from attnlab.heads.studies import conversion as cv
 
     kwargs = _kwargs(kw)
     device = _device(device)
+    loss = _distill_loss(distill)
+    if loss and not steps:
+        raise click.UsageError(f"--distill {distill} needs --steps N > 0 (transfer steps)")
     try:
         chosen = cv.contestant(mechanism, kwargs)
     except ValueError as err:
@@ -202,6 +211,14 @@ def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: 
               if k not in teacher.model.state_dict())
     scores = {"teacher": cv.perplexity(teacher.model, inputs, targets),
               "converted": cv.perplexity(student, inputs, targets), "windows": windows}
+    log = None
+    if loss and new:
+        data = [b.to(device) for b in cv.lm_distill_batches(length, steps, seed)]
+        with console.status(f"attention transfer ({loss}, {steps} steps) ..."), \
+                cv.lm_as_converted(student, teacher) as wrapped:
+            log = cv.distill(wrapped, data, loss, steps, lr, seed)
+        console.print(str(log))
+        scores["distilled"] = cv.perplexity(student, inputs, targets)
     if steps:
         with console.status(f"training {chosen.label} from scratch ({steps} steps) ..."):
             scratch = cv.train_lm(chosen.mechanism, args, seed, steps, teacher.task_params,
@@ -210,17 +227,22 @@ def lm_cmd(mechanism: str, kw: tuple[str, ...], teacher_key: str | None, store: 
     recipe = {"model": "TransformerLM char_lm", "teacher": teacher_key or
               f"trained {teacher_steps} steps", "task_params": teacher.task_params,
               "model_args": teacher.model_args, "mechanism": chosen.mechanism,
-              "contestant": chosen.label, "kwargs": args, "distill": None,
+              "contestant": chosen.label, "kwargs": args,
+              "distill": None if log is None else log.loss,
+              "transfer_steps": 0 if log is None else log.steps, "lr": lr,
               "scratch_steps": steps, "seed": seed, "new_parameters": new}
     target = Path(out) if out else Path(DEFAULT_REPORTS) / "convert" / \
         f"lm-{chosen.label.replace('+', 'p')}"
     _save(target, student, recipe, scores)
     scratch_text = f"   {chosen.label} from scratch ({steps} steps): {scores['scratch']:.3f}" \
         if "scratch" in scores else ""
+    said = "not distilled" if log is None else f"distilled: {log.loss}, {log.steps} steps"
+    distilled_text = f"   distilled {scores['distilled']:.3f}" if "distilled" in scores else ""
     console.print(f"TransformerLM -> {escape(chosen.label)} ({chosen.mechanism}, {new:,} new "
-                  "parameters, not distilled)")
+                  f"parameters, {said})")
     console.print(f"perplexity on {windows} held-out windows: teacher {scores['teacher']:.3f}"
-                  f"   converted {scores['converted']:.3f}{escape(scratch_text)}")
+                  f"   converted {scores['converted']:.3f}{distilled_text}"
+                  f"{escape(scratch_text)}")
     console.print(f"saved: {target / 'model.safetensors'} and {target / 'convert.json'}")
 
 
