@@ -551,6 +551,34 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _resume(path: Path, kind: str, config: dict[str, Any],
+            params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+            cursor: _Cursor, device: torch.device, steps: int) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` (of format ``kind``, written by ``_checkpoint`` for
+    the same ``config``) into ``params``, ``optimizer``, the random state and ``cursor``;
+    its payload (``step``, ``log``). ValueError if it is past ``steps``."""
+    payload = _load(path, kind, config, params)
+    if payload["step"] > steps:
+        raise ValueError(f"{path} is at step {payload['step']}, beyond steps={steps}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(payload["params"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(payload["rng"], device)
+    cursor.skip_to(*payload["position"])
+    return payload
+
+
+def _checkpoint(path: Path, kind: str, config: dict[str, Any], step: int,
+                params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                cursor: _Cursor, device: torch.device, losses: Any) -> None:
+    """Everything ``_resume`` needs to continue after ``step``, written atomically."""
+    _save(path, {"format": kind, "config": config, "step": step,
+                 "params": {n: p.detach().cpu() for n, p in params.items()},
+                 "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                 "position": cursor.position, "log": {"losses": losses}})
+
+
 def _load(path: Path, kind: str, config: dict[str, Any],
           params: Mapping[str, nn.Parameter]) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -646,15 +674,8 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
         cursor = _Cursor(data)
         step = 0
         if path is not None and resume and path.exists():
-            payload = _load(path, CHECKPOINT_FORMAT, config, params)
-            if payload["step"] > steps:
-                raise ValueError(f"{path} is at step {payload['step']}, beyond steps={steps}")
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(payload["params"][name])
-            optimizer.load_state_dict(payload["optimizer"])
-            _set_rng_state(payload["rng"], device)
-            cursor.skip_to(*payload["position"])
+            payload = _resume(path, CHECKPOINT_FORMAT, config, params, optimizer, cursor,
+                              device, steps)
             step = log.resumed_from = int(payload["step"])
             log.losses = {int(k): list(v) for k, v in payload["log"]["losses"].items()}
         model.eval()
@@ -678,11 +699,8 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
                     log.losses[index].append(value)
                 advance(f"loss {sum(got.values()) / len(got):.4g}")
                 if path is not None and (step % every == 0 or step == steps):
-                    _save(path, {"format": CHECKPOINT_FORMAT, "config": config, "step": step,
-                                 "params": {n: p.detach().cpu() for n, p in params.items()},
-                                 "optimizer": optimizer.state_dict(),
-                                 "rng": _rng_state(device), "position": cursor.position,
-                                 "log": {"losses": log.losses}})
+                    _checkpoint(path, CHECKPOINT_FORMAT, config, step, params, optimizer,
+                                cursor, device, log.losses)
         optimizer.zero_grad(set_to_none=True)
     log.steps = step
     if step > (log.resumed_from or 0):

@@ -42,16 +42,14 @@ from attnlab.integrations.distill import (
     Batch,
     _bar,
     _check_training_arguments,
+    _checkpoint,
     _Cursor,
     _device,
-    _load,
     _model_inputs,
     _modes_kept,
     _put,
+    _resume,
     _rng_context,
-    _rng_state,
-    _save,
-    _set_rng_state,
     teacher_mode,
 )
 
@@ -325,16 +323,8 @@ def finetune(model: nn.Module, data: Iterable[Batch], *,
             cursor = _Cursor(data)
             step = 0
             if path is not None and resume and path.exists():
-                payload = _load(path, CHECKPOINT_FORMAT, config, train)
-                if payload["step"] > steps:
-                    raise ValueError(f"{path} is at step {payload['step']}, beyond "
-                                     f"steps={steps}")
-                with torch.no_grad():
-                    for name, p in train.items():
-                        p.copy_(payload["params"][name])
-                optimizer.load_state_dict(payload["optimizer"])
-                _set_rng_state(payload["rng"], device)
-                cursor.skip_to(*payload["position"])
+                payload = _resume(path, CHECKPOINT_FORMAT, config, train, optimizer, cursor,
+                                  device, steps)
                 step = log.resumed_from = int(payload["step"])
                 log.losses = list(payload["log"]["losses"])
             with _bar(progress, steps, step, f"fine-tuning ({objective})") as advance:
@@ -352,12 +342,8 @@ def finetune(model: nn.Module, data: Iterable[Batch], *,
                     log.losses.append(float(loss.detach()))
                     advance(f"loss {log.losses[-1]:.4g}")
                     if path is not None and (step % every == 0 or step == steps):
-                        _save(path, {"format": CHECKPOINT_FORMAT, "config": config,
-                                     "step": step,
-                                     "params": {n: p.detach().cpu() for n, p in train.items()},
-                                     "optimizer": optimizer.state_dict(),
-                                     "rng": _rng_state(device), "position": cursor.position,
-                                     "log": {"losses": log.losses}})
+                        _checkpoint(path, CHECKPOINT_FORMAT, config, step, train, optimizer,
+                                    cursor, device, log.losses)
             optimizer.zero_grad(set_to_none=True)
         finally:
             for p, flag in flags.values():
