@@ -136,7 +136,9 @@ def test_valid_own_argument_builds_a_finite_module(name, arg, data):
     ("rfa", {"identity_mean": math.inf}, r"rfa: identity_mean must be a finite number, got inf"),
     ("softplus", {"reweight_p": math.inf}, r"softplus: reweight_p must be a finite number "
                                            r"that is 0 \(LSSA\) or >= 1 or None, got inf"),
-    ("lla", {"ridge": math.nan}, r"lla: ridge must be a finite number >= 0, got nan"),
+    ("lla", {"ridge": math.nan}, r"lla: ridge must be a finite number > 0, got nan"),
+    # lambda = 0: the first causal query sees one key, Sigma is singular (a LinAlgError)
+    ("lla", {"ridge": 0.0}, r"lla: ridge must be a finite number > 0, got 0.0"),
     ("moh", {"balance_weight": math.nan},
      r"moh: balance_weight must be a finite number >= 0, got nan"),
     ("neighborhood", {"kernel_size": (3, 0)}, r"kernel_size must be an int or a non-empty "

@@ -144,3 +144,19 @@ def test_chunked_training_never_holds_an_l_by_l_matrix():
     with MaxNumel() as dense:
         local_linear_attention(q, k, v, causal=True, backend="reference").sum().backward()
     assert dense.largest >= heads * n * n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_a_ridge_below_rounding_stays_finite_on_causal_rows_with_few_keys(dtype, backend):
+    # the first causal queries see fewer keys than D: their covariance is singular, and a
+    # positive lambda smaller than the dtype's rounding (hypothesis drew 5e-324) was lost
+    q, k, v = (t.to(dtype) for t in data(n=12, d=6, dv=3))
+    for ridge in (5e-324, 1e-30):
+        out = local_linear_attention(q, k, v, causal=True, ridge=ridge, backend=backend)
+        assert torch.isfinite(out).all(), (ridge, out)
+    # the floor changes nothing at an ordinary lambda: the explicit ridge solve agrees
+    want = explicit_ridge_intercepts(*data(n=12, d=6, dv=3), 0.5, True)
+    got = local_linear_attention(q, k, v, causal=True, ridge=0.5, backend=backend)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

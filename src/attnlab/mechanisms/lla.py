@@ -29,14 +29,15 @@ class LocalLinearAttention(Attention):
     mu = sum w z, Sigma = sum w z z^T + lambda omega I, rho = Sigma^-1 mu,
     s_ij = w_ij (1 - rho.z_ij) / (omega - mu.rho), o_i = sum_j s_ij v_j.
     lambda (``ridge``, default 10 as the official ``lla_attention``) -> inf recovers softmax
-    attention. Quadratic in L: the ``chunked`` backend (default) bounds memory, and decoding
-    uses a KV cache.
+    attention; lambda must be > 0 (at 0 a query that sees fewer than D keys, the first ones
+    of a causal sequence, has a singular Sigma). Quadratic in L: the ``chunked`` backend
+    (default) bounds memory, and decoding uses a KV cache.
     """
 
     backends = ("auto", "reference", "chunked")
 
     arguments: ClassVar[dict[str, Arg]] = {
-        "ridge": Arg("float", low=0),
+        "ridge": Arg("float", low=0, low_open=True),
     }
 
     def __init__(self, dim: int, heads: int, *, ridge: float = 10.0, **kwargs) -> None:

@@ -55,14 +55,20 @@ def _kernel(q: Tensor, k: Tensor, visible: Tensor | None, scale: float) -> Tenso
 
 def _centred_solve(cov: Tensor, k_mean: Tensor, q: Tensor, omega: Tensor, ridge: float
                    ) -> Tensor:
-    """beta = (cov + lambda omega I)^-1 (kbar - q) per query; rows with no key give 0."""
+    """beta = (cov + lambda omega I)^-1 (kbar - q) per query; rows with no key give 0.
+
+    lambda omega is kept at least eps (omega + trace cov) of the dtype: a query that sees fewer
+    keys than D has a singular cov, and a positive lambda below that floor is lost in rounding
+    (the solve would fail or give inf). Any lambda the floor changes gives an output that
+    rounding dominates anyway."""
     empty = omega == 0
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    c = cov + (ridge * omega + empty.to(omega.dtype))[..., None, None] * eye
+    floor = torch.finfo(cov.dtype).eps * (omega + cov.diagonal(dim1=-2, dim2=-1).sum(-1))
+    c = cov + (torch.maximum(ridge * omega, floor) + empty.to(omega.dtype))[..., None, None] * eye
     return torch.linalg.solve(c, (k_mean - q).unsqueeze(-1)).squeeze(-1)
 
 
-@checked_weights("lla_weights", options={"ridge": Arg("float", low=0)})
+@checked_weights("lla_weights", options={"ridge": Arg("float", low=0, low_open=True)})
 def lla_weights(q: Tensor, k: Tensor, *, causal: bool = False, mask: Tensor | None = None,
                 scale: float | None = None, ridge: float = 1.0) -> Tensor:
     """The s_ij of the equation, with the per-query differences k_j - kbar_i formed
@@ -175,20 +181,21 @@ def _chunk(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, i0: int, lq:
 
 
 @guarded_op("local_linear_attention", options={
-    "ridge": Arg("float", low=0), "block_size": Arg("int", low=1)})
+    "ridge": Arg("float", low=0, low_open=True), "block_size": Arg("int", low=1)})
 def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                            mask: Tensor | None = None, scale: float | None = None,
                            ridge: float = 1.0, backend: str = "auto",
                            block_size: int = 64) -> Tensor:
     """Local linear attention on (B, H, L, D) tensors (k, v may have fewer heads: GQA).
 
-    ``ridge`` is lambda. Backends: ``reference`` (dense, explicit z), ``chunked`` (default:
-    blocks of ``block_size`` queries, recomputed in the backward; memory O(block L + chunk D^2)
-    per head, time still quadratic in L).
+    ``ridge`` is lambda, > 0 (at 0 the covariance of a query that sees fewer than D keys is
+    singular; lambda -> 0 is a limit, take a small positive value). Backends: ``reference``
+    (dense, explicit z), ``chunked`` (default: blocks of ``block_size`` queries, recomputed in
+    the backward; memory O(block L + chunk D^2) per head, time still quadratic in L).
     """
     backend = choose("local_linear_attention", backend, BACKENDS, q, k, v)
-    if ridge < 0:
-        raise ValueError(f"local_linear_attention: ridge must be >= 0, got {ridge}")
+    if not ridge > 0:  # lambda = 0: a query with fewer visible keys than D has a singular Sigma
+        raise ValueError(f"local_linear_attention: ridge must be > 0, got {ridge}")
     scale = default_scale(q, scale)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     lq, lk = q.shape[2], k.shape[2]
