@@ -59,6 +59,9 @@ def convert() -> None:
     Examples:
       attnlab convert minilm --mechanism hedgehog --out converted/minilm-hedgehog
       attnlab convert lm --mechanism gated --teacher-steps 150
+      attnlab convert hf ./my-llama --mechanism hedgehog --distill auto --steps 200 --out x
+      attnlab convert hf minilm --mechanism hedgehog --distill auto --steps 20 --out y
+      attnlab convert load x
       attnlab convert study --seeds 3 --out docs/results/conversion
     """
 
@@ -346,3 +349,10 @@ def study_cmd(mechanisms: str, seeds: int, parts: str, sentences: int, teacher_s
     write_atomic(target / "results.json", json.dumps(
         {"setup": setup, **numbers}, indent=1, default=str))
     console.print(f"report: {md} and {page} (numbers: {target / 'results.json'})")
+
+
+# any local transformers checkpoint (attnlab.cli.convert_hf): convert hf, convert load
+from attnlab.cli.convert_hf import hf_cmd, load_cmd  # noqa: E402
+
+convert.add_command(hf_cmd)
+convert.add_command(load_cmd)

@@ -1,0 +1,474 @@
+"""``attnlab convert hf``: any local transformers checkpoint (GPT-2, Llama, Qwen2, Mistral,
+BERT) converted to another mechanism, distilled (attention transfer), fine-tuned (in full or
+with LoRA), evaluated against the unconverted model and saved; ``attnlab convert load``
+reads a saved one back.
+
+Text (``--text FILE``, default the bundled char_lm corpus's English sentences): the file's
+non-empty lines, the last tenth of them (at least one line) held out for the evaluation and
+the rest for training; with the default corpus, the sentences of its training part train
+and those of its test part are held out (``conversion.sentence_pool``). Causal models read
+the lines joined by newlines, tokenised once and cut into consecutive windows of
+``--length`` tokens (training windows in an order drawn from the seed, ``--batch-size`` a
+batch; ``--eval`` held-out windows evenly spread over the held-out part, perplexity over
+every next-token prediction in them). Encoders read one line per example (padded, truncated
+to ``--length`` tokens): training batches of ``--batch-size`` lines in an order drawn from
+the seed, ``--eval`` held-out lines evenly spread, compared by the cosine of their
+mean-pooled embeddings to the unconverted model's and nearest-neighbour agreement
+(``conversion.embedding_agreement``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+console = Console()
+DISTILL = ("none", "auto", "hedgehog", "lolcats")  # as attnlab convert minilm / lm
+OBJECTIVES = ("none", "lm", "logits", "hidden")
+HELD_OUT = 10  # --text: the last 1/HELD_OUT of the lines is held out
+
+
+# ----------------------------------------------------------------------------- text
+def _lines(text: str | None) -> tuple[list[str], list[str], str]:
+    """(training lines, held-out lines, description) of ``--text`` or the bundled corpus."""
+    if text is None:
+        from attnlab.heads.studies.conversion import sentence_pool
+
+        return list(sentence_pool("train")), list(sentence_pool("test")), \
+            "char_lm corpus sentences (bundled): training part / test part"
+    raw = Path(text).read_bytes()
+    try:
+        lines = [line.strip() for line in raw.decode("utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise click.UsageError(f"--text {text}: not UTF-8 text ({err})") from None
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        raise click.UsageError(f"--text {text}: {len(lines)} non-empty line(s); at least 2 "
+                               "are needed (the last tenth is held out)")
+    held = max(1, len(lines) // HELD_OUT)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return lines[:-held], lines[-held:], \
+        f"{text} (sha256 {digest}…): {len(lines) - held} training lines, last {held} held out"
+
+
+def _windows(tokenizer: Any, lines: Sequence[str], length: int) -> Tensor:
+    """The lines joined by newlines, tokenised (no special tokens) and cut into consecutive
+    windows of ``length`` tokens: (N, length)."""
+    import torch
+
+    ids = tokenizer("\n".join(lines), add_special_tokens=False, verbose=False)["input_ids"]
+    count = len(ids) // length
+    return torch.tensor(ids[:count * length], dtype=torch.long).view(count, length)
+
+
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` indices evenly spread over ``range(total)`` (all when fewer)."""
+    if total <= count:
+        return list(range(total))
+    return [int(i * total / count) for i in range(count)]
+
+
+def _order(total: int, seed: int) -> list[int]:
+    import torch
+
+    return torch.randperm(total, generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+
+
+def _data(tokenizer: Any, causal: bool, train: list[str], held: list[str], length: int,
+          batch_size: int, count: int, seed: int) -> tuple[list[Any], Any]:
+    """(training batches, held-out examples): token windows for a causal model, tokenised
+    line batches and held-out lines for an encoder."""
+    if causal:
+        windows = _windows(tokenizer, train, length)
+        if len(windows) < batch_size:
+            raise click.UsageError(f"the training text gives {len(windows)} window(s) of "
+                                   f"{length} tokens, fewer than one batch of {batch_size}: "
+                                   "give more text or lower --length / --batch-size")
+        shuffled = windows[_order(len(windows), seed)]
+        batches = list(shuffled[:len(shuffled) // batch_size * batch_size].split(batch_size))
+        test = _windows(tokenizer, held, length)
+        if not len(test):
+            raise click.UsageError(f"the held-out text gives no window of {length} tokens: "
+                                   "give more text or lower --length")
+        return batches, test[_spread(count, len(test))]
+    if len(held) < 2:
+        raise click.UsageError("nearest-neighbour agreement needs at least 2 held-out lines; "
+                               "give more text")
+    order = _order(len(train), seed)
+    batches = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        chosen = [train[i] for i in order[start:start + batch_size]]
+        batches.append(dict(tokenizer(chosen, padding=True, truncation=True,
+                                      max_length=length, return_tensors="pt")))
+    if not batches:
+        raise click.UsageError(f"the training text has {len(train)} line(s), fewer than one "
+                               f"batch of {batch_size}")
+    return batches, [held[i] for i in _spread(count, len(held))]
+
+
+def _on(batch: Any, device: str) -> Any:
+    if hasattr(batch, "to"):  # a tensor
+        return batch.to(device)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------ evaluation
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int) -> float:
+    """exp(mean next-token cross-entropy) of a causal transformers model over every
+    prediction inside ``windows`` (N, L); eval mode (the model's mode is restored)."""
+    import torch
+    import torch.nn.functional as F
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x in windows.split(batch_size):
+                x = x.to(device)
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+                total += float(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(),
+                                               reduction="sum"))
+                count += x[:, 1:].numel()
+    finally:
+        model.train(was)
+    return math.exp(total / count)
+
+
+def _embeddings(model: nn.Module, tokenizer: Any, lines: list[str], batch_size: int,
+                length: int) -> Tensor:
+    from attnlab.integrations.hf import sentence_embeddings
+
+    was = model.training
+    model.eval()
+    try:
+        return sentence_embeddings(model, tokenizer, lines, batch_size=batch_size,
+                                   max_length=length)
+    finally:
+        model.train(was)
+
+
+# ------------------------------------------------------------------------- checks
+def _dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any]
+             ) -> str | None:
+    """convert's refusal of ``mechanism`` for the model of ``config``, found on a skeleton
+    of the model on the meta device (no weights read or allocated); None when it converts
+    or the skeleton cannot be built (the real conversion then decides)."""
+    import torch
+    import transformers
+    from torch import Tensor
+
+    from attnlab.integrations.convert import convert
+
+    try:
+        with torch.device("meta"):
+            skeleton = getattr(transformers, class_name).from_config(copy.deepcopy(config))
+        for path, module in list(skeleton.named_modules()):
+            freq = getattr(module, "inv_freq", None)
+            if isinstance(freq, Tensor) and freq.is_meta:  # RoPE frequencies are checked
+                parent, _, name = path.rpartition(".")
+                setattr(skeleton.get_submodule(parent) if parent else skeleton, name,
+                        type(module)(config=skeleton.config))
+    except Exception:  # noqa: BLE001  (no skeleton: the conversion itself will tell)
+        return None
+    try:
+        convert(skeleton, mechanism, **args)
+    except ValueError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001  (a meta-device limitation, not a refusal)
+        return None
+    return None
+
+
+def _guard(folder: Path, run: dict[str, Any]) -> None:
+    """``folder/run.json`` records the run the checkpoints belong to; another run's folder
+    is refused (its checkpoints would be loaded into another model or data)."""
+    from attnlab.files import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        differ = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
+        if differ:
+            said = "; ".join(f"{k}: {before.get(k)!r} there, {run.get(k)!r} now"
+                             for k in differ)
+            raise click.UsageError(f"--checkpoint {folder} holds the checkpoints of another "
+                                   f"run ({said}): pass another folder")
+        return
+    write_atomic(path, json.dumps(run, indent=1))
+
+
+# ------------------------------------------------------------------------- command
+@click.command("hf")
+@click.argument("source")
+@click.option("--mechanism", required=True,
+              help="A contestant (softmax, hedgehog, elu+1, identity, sigmoid, gated, lssa, "
+                   "neighborhood) or any registered mechanism.")
+@click.option("--kw", multiple=True, help="Mechanism argument key=value (repeatable).")
+@click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True,
+              help="Attention transfer of the new parameters (attention_transfer; auto: "
+                   "hedgehog where the weights give the output, else lolcats).")
+@click.option("--steps", type=click.IntRange(0), default=100, show_default=True,
+              help="Attention-transfer steps (with --distill).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
+              show_default=True, help="Attention-transfer learning rate.")
+@click.option("--finetune", "objective", type=click.Choice(OBJECTIVES), default="none",
+              show_default=True,
+              help="Fine-tuning after the transfer: lm (next-token loss; causal models), "
+                   "logits (KL to the unconverted model's outputs; causal models) or hidden "
+                   "(MSE to its final hidden states).")
+@click.option("--finetune-steps", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-4,
+              show_default=True)
+@click.option("--lora", type=click.IntRange(1), default=None,
+              help="Fine-tune LoRA adapters of this rank on q, k, v, o (and the new "
+                   "parameters) instead of every weight; needs peft.")
+@click.option("--merge/--no-merge", default=True, show_default=True,
+              help="Fold the LoRA adapters into the weights before saving (--no-merge saves "
+                   "them as adapters; loading them back needs peft).")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+              help="Plain UTF-8 text to train and evaluate on: its non-empty lines, the last "
+                   "tenth held out [default: the bundled char_lm corpus's sentences].")
+@click.option("--length", type=click.IntRange(2), default=128, show_default=True,
+              help="Tokens per window (causal models) or per line at most (encoders).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--eval", "count", type=click.IntRange(2), default=64, show_default=True,
+              help="Held-out windows (causal models) or lines (encoders) to evaluate on.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the new parameters' initialisation, the data order and training.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path),
+              help="A folder for the training checkpoints (transfer.pt, finetune.pt, written "
+                   "every --every steps and at the end): rerunning the same command resumes "
+                   "from them.")
+@click.option("--every", type=click.IntRange(1), default=50, show_default=True,
+              help="Checkpoint interval in steps (with --checkpoint).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to save the converted model in (model.safetensors, convert.json; "
+                   "attnlab.integrations.saved.load_converted loads it).")
+def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps: int,
+           lr: float, objective: str, finetune_steps: int, finetune_lr: float,
+           lora: int | None, merge: bool, text: str | None, length: int, batch_size: int,
+           count: int, seed: int, device: str, checkpoint: Path | None, every: int,
+           out: Path) -> None:
+    """A local transformers checkpoint SOURCE (a save_pretrained folder with config.json,
+    weights and tokenizer; or 'minilm', the bundled all-MiniLM-L6-v2) converted to
+    MECHANISM, optionally distilled (--distill) and fine-tuned (--finetune, --lora),
+    evaluated on held-out text against the unconverted model (perplexity for causal models;
+    embedding cosine and nearest-neighbour agreement for encoders) and saved to --out.
+
+    \b
+    Examples:
+      attnlab convert hf ./my-gpt2 --mechanism hedgehog --distill auto --steps 200 --out x
+      attnlab convert hf minilm --mechanism hedgehog --distill auto --steps 20 --out y
+      attnlab convert hf ./llama --mechanism hedgehog --distill auto --finetune logits \\
+          --lora 8 --checkpoint ckpt --out z     (rerun it to resume from ckpt)
+    """
+    import torch
+
+    from attnlab.cli.convert import _device, _distill_loss, _kwargs
+    from attnlab.heads.studies import conversion as cv
+    from attnlab.integrations import saved
+    from attnlab.integrations.convert import convert, new_parameters, refusal
+
+    kwargs = _kwargs(kw)
+    device = _device(device)
+    loss = _distill_loss(distill)
+    if loss and not steps:
+        raise click.UsageError(f"--distill {distill} needs --steps N > 0")
+    tune = None if objective == "none" else objective
+    if tune and not finetune_steps:
+        raise click.UsageError(f"--finetune {objective} needs --finetune-steps N > 0")
+    if lora is not None and tune is None:
+        raise click.UsageError("--lora RANK needs --finetune lm|logits|hidden")
+    if lora is not None:
+        from attnlab.integrations.finetune import require_peft
+
+        try:
+            require_peft()
+        except ImportError as err:
+            raise click.UsageError(f"--lora: {err}") from None
+    try:
+        chosen = cv.contestant(mechanism, kwargs)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    # what the config says, before any weight is read
+    try:
+        config = saved.source_config(source)
+        kind = str(config.model_type)
+        class_name = saved.auto_class(kind)
+    except (FileNotFoundError, ImportError) as err:
+        raise click.UsageError(str(err)) from None
+    except ValueError as err:
+        raise click.UsageError(f"convert refused: {source} ({config.model_type}) -> "
+                               f"{chosen.mechanism}: {err}") from None
+    except OSError as err:
+        raise click.UsageError(f"{source}: {err}") from None
+    causal = kind != "bert"
+    if not causal and tune in ("lm", "logits"):
+        raise click.UsageError(f"--finetune {tune}: {source} is a {kind} encoder without a "
+                               "language-model head (no logits); use --finetune hidden")
+    args = cv._resolved(chosen.kwargs, length if causal else None)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    why = refusal(chosen.mechanism, causal=causal, rope=kind in ("llama", "qwen2", "mistral"),
+                  gqa=kv != heads)
+    who = f"{source} ({kind}) -> {chosen.mechanism}"
+    if why is None:
+        why = _dry_run(config, class_name, chosen.mechanism, args)
+        if why is not None:
+            raise click.UsageError(f"convert refused: {why}")
+    else:
+        raise click.UsageError(f"convert refused: {who}: {why}")
+    try:
+        tokenizer = saved.load_tokenizer(source)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    train, held, described = _lines(text)
+    batches, test = _data(tokenizer, causal, train, held, length, batch_size, count, seed)
+    batches = [_on(b, device) for b in batches]
+    if checkpoint is not None:
+        _guard(checkpoint, {
+            "source": source if source == saved.MINILM else str(Path(source).resolve()),
+            "mechanism": chosen.mechanism, "kwargs": args, "text": described,
+            "length": length, "batch_size": batch_size, "seed": seed, "distill": loss,
+            "lr": lr, "finetune": tune, "finetune_lr": finetune_lr, "lora": lora})
+
+    with console.status(f"loading {source} ..."):
+        model, _ = saved.load_source(source)
+    model = model.to(device)
+    names = {"teacher": "teacher (unconverted)", "converted": "converted",
+             "distilled": "after attention transfer", "finetuned": "after fine-tuning"}
+    scores: dict[str, Any] = {}
+    reference = None
+    if causal:
+        scores["teacher"] = perplexity(model, test, batch_size)
+    else:
+        reference = _embeddings(model, tokenizer, test, batch_size, length)
+
+    def score(stage: str) -> None:
+        if causal:
+            scores[stage] = perplexity(model, test, batch_size)
+        else:
+            assert reference is not None
+            scores[stage] = cv.embedding_agreement(
+                _embeddings(model, tokenizer, test, batch_size, length), reference)
+
+    frozen = None
+    if tune in ("logits", "hidden") and lora is None:  # full fine-tuning distils from a copy
+        frozen = copy.deepcopy(model).eval()
+    torch.manual_seed(seed)
+    try:
+        convert(model, chosen.mechanism, **args)
+    except ValueError as err:
+        raise click.UsageError(f"convert refused: {err}") from None
+    new = sum(p.numel() for p in new_parameters(model).values())
+    score("converted")
+    transfer = None
+    if loss and new:
+        from attnlab.integrations.distill import attention_transfer
+
+        transfer = attention_transfer(
+            model, batches, loss=loss, steps=steps, lr=lr, seed=seed, every=every,
+            checkpoint=None if checkpoint is None else checkpoint / "transfer.pt")
+        console.print(escape(str(transfer)))
+        score("distilled")
+    elif loss:
+        console.print(f"{chosen.mechanism} has no new parameters: nothing to transfer")
+    tuned = None
+    if tune:
+        from attnlab.integrations.finetune import finetune, merge_lora
+
+        try:
+            tuned = finetune(model, batches, objective=tune, teacher=frozen, lora=lora,
+                             steps=finetune_steps, lr=finetune_lr, seed=seed, every=every,
+                             checkpoint=None if checkpoint is None
+                             else checkpoint / "finetune.pt")
+        except ValueError as err:
+            raise click.UsageError(f"--finetune {tune}: {err}") from None
+        if lora is not None and merge:
+            merge_lora(model)
+        console.print(escape(str(tuned)))
+        score("finetuned")
+    del frozen
+    model.eval()
+
+    console.print(f"text: {escape(described)}")
+    table = Table(title=f"{escape(who)}: {len(test)} held-out "
+                        f"{'windows' if causal else 'lines'}")
+    table.add_column("model")
+    if causal:
+        table.add_column("perplexity", justify="right")
+        table.add_column("vs teacher", justify="right")
+        for stage, value in scores.items():
+            table.add_row(names[stage], f"{value:.3f}", "" if stage == "teacher" else
+                          f"{value / scores['teacher']:.3f}x")
+    else:
+        table.add_column("cosine to teacher", justify="right")
+        table.add_column("NN agreement", justify="right")
+        table.add_row(names["teacher"], "1 (reference)", "1 (reference)")
+        for stage, value in scores.items():
+            table.add_row(names[stage], f"{value['cosine']:.4f}",
+                          f"{value['nn_agreement']:.4f}")
+    console.print(table)
+    recipe = {
+        "source": source, "kwargs": args, "seed": seed, "mechanism": chosen.mechanism,
+        "contestant": chosen.label, "new_parameters": new, "text": described,
+        "length": length, "batch_size": batch_size, "eval": len(test),
+        "distill": None if transfer is None else {
+            "loss": transfer.loss, "steps": transfer.steps, "lr": lr,
+            "first": transfer.first(), "last": transfer.last()},
+        "finetune": None if tuned is None else {
+            "objective": tune, "steps": tuned.steps, "lr": finetune_lr, "lora": lora,
+            "merged": bool(lora is not None and merge), "trainable": tuned.trainable,
+            "first": tuned.losses[0] if tuned.losses else None,
+            "last": tuned.losses[-1] if tuned.losses else None},
+        "scores": {"metric": "perplexity" if causal else "embedding agreement", **scores}}
+    saved.save_converted(model, out, recipe)
+    console.print(f"{escape(who)}: {new:,} new parameters; saved: {escape(str(out))}"
+                  f"/model.safetensors and convert.json (load_converted loads it)")
+
+
+@click.command("load")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+def load_cmd(folder: Path, device: str) -> None:
+    """Load a model saved by 'attnlab convert hf' (FOLDER) back from its source checkpoint
+    (attnlab.integrations.saved.load_converted) and print what made it and its scores."""
+    from attnlab.cli.convert import _device
+    from attnlab.integrations import saved
+    from attnlab.integrations.convert import converted_modules
+
+    try:
+        info = saved.read_converted(folder)
+        model = saved.load_converted(folder, device=_device(device))
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise click.UsageError(str(err)) from None
+    found = converted_modules(model)
+    src = info["source"]
+    console.print(f"{escape(str(folder))}: {src['model_class']} from {escape(src['path'])}, "
+                  f"{len(found)} attention layers on {info['mechanism']} "
+                  f"{escape(json.dumps(info['kwargs']))}"
+                  + (f", LoRA rank {info['lora']['rank']} (unmerged)" if info["lora"] else ""))
+    recipe = info["recipe"]
+    for key in ("distill", "finetune", "scores"):
+        if recipe.get(key) is not None:
+            console.print(f"{key}: {escape(json.dumps(recipe[key]))}")
+    prov = info["provenance"]
+    console.print(f"made by attnlab {prov['attnlab']} (commit {prov['commit']}), "
+                  f"{prov['date']}: {escape(prov['command'])}")
