@@ -24,9 +24,29 @@ does not implement: exact while a sequence fits in the window, refused beyond it
 The converted model keeps transformers' masks: each forward reads the key padding from the
 model's attention mask (boolean or additive, 2-D or 4-D), checks that the mask is what
 padding plus the module's causal rule give (a custom 4-D mask is refused) and hands attnlab
-the (B, L) padding mask. It does not use transformers' KV cache (``config.use_cache`` is set
-to False; ``generate`` recomputes the sequence). ``attnlab.heads`` finds the attnlab modules
-(``sites(model)``), so capture, ablation and the rest work on a converted model.
+the (B, L) padding mask. ``attnlab.heads`` finds the attnlab modules (``sites(model)``), so
+capture, ablation and the rest work on a converted model.
+
+The cache (``use_cache``). A decoder converted to a mechanism that can decode (its registry
+entry has ``decode=True``: softmax, hedgehog, linear, gated, sigmoid, ...) generates with its
+attnlab decoding state instead of a KV cache: when transformers hands the layer a
+``DynamicCache``, the layer keeps its :class:`~attnlab.core.state.State` in the cache, in
+place of that layer's (empty) entry (a :class:`StateCacheLayer`, reporting the tokens consumed
+as the cache's length), and feeds the mechanism only the new tokens (``state=``): a KV cache
+for softmax, an O(1)-per-token summary for a linear mechanism. RoPE positions continue from
+the state's position, the padding of the cached tokens stays in the state. The rule
+``convert`` applies: a plain forward builds no state (``config.use_cache = False``, as the
+unconverted path always had it: captures, training and the microscope see the full forward);
+``generate`` keeps the model's own ``generation_config.use_cache`` when the mechanism can
+decode, and ``model(..., use_cache=True)`` (or a ``cache=``) runs the cached path; a
+mechanism that cannot decode sets ``generation_config.use_cache = False`` too and refuses a
+cache (ValueError naming the model class and the mechanism), while generating without one as
+before. Refused with a cache, with the reason: a cache other than ``DynamicCache`` (static,
+quantized), beam search and other reordering or cropping of the cache (an attnlab state
+cannot be reordered or rolled back), a sliding window overrun by cached plus new tokens, and,
+for RoPE models, left padding (attnlab counts positions from the first token of the batch,
+Hugging Face from each row's first real token; GPT-2's learned positions generate
+left-padded batches exactly).
 
 Conversion is atomic: every module is built (and every check made) before the model is
 touched, so a failure leaves the model as it was.
@@ -34,6 +54,7 @@ touched, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,12 +65,13 @@ from torch import Tensor, nn
 
 import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
 from attnlab.core.registry import available, build, info
+from attnlab.core.state import State
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.rotary import Rotary
 
-__all__ = ["ARCHITECTURES", "ConvertedAttention", "PretrainedRotary", "convert",
-           "converted_modules", "extra_loss", "new_parameters", "pretrained_parameters",
-           "teacher", "refusal"]
+__all__ = ["ARCHITECTURES", "ConvertedAttention", "PretrainedRotary", "StateCacheLayer",
+           "convert", "converted_modules", "extra_loss", "new_parameters",
+           "pretrained_parameters", "teacher", "refusal"]
 
 # the constructor arguments conversion sets from the pretrained model
 SET_BY_MODEL = ("dim", "heads", "kv_heads", "head_dim", "causal", "bias", "rope", "rope_base",
@@ -291,10 +313,13 @@ class ConvertedAttention(nn.Module):
     def __init__(self, attn: Attention, *, architecture: str, layer_idx: int,
                  window: int | None, pretrained: tuple[str, ...],
                  teacher: nn.Module | None = None,
-                 teacher_parts: dict[str, nn.Module] | None = None) -> None:
+                 teacher_parts: dict[str, nn.Module] | None = None,
+                 model: str | None = None) -> None:
         super().__init__()
         self.attn = attn
         self.architecture, self.layer_idx, self.window = architecture, layer_idx, window
+        # the converted model, for messages: "LlamaForCausalLM (llama) -> hedgehog"
+        self.model_name = model if model is not None else f"{architecture} -> {attn.name}"
         self.pretrained = pretrained
         # plain attributes, not submodules (kept out of parameters(), state_dict and sites())
         self.__dict__["teacher"] = teacher
@@ -318,9 +343,7 @@ class ConvertedAttention(nn.Module):
         if args:
             raise ValueError(f"{who}: unexpected positional arguments after hidden_states "
                              "(the converted module takes the rest by keyword)")
-        if any(c is not None for c in (cache, past_key_values, past_key_value)):
-            raise ValueError(f"{who}: a converted model does not use transformers' KV cache: "
-                             "call it with use_cache=False")
+        given = [c for c in (cache, past_key_values, past_key_value) if c is not None]
         if encoder_hidden_states is not None:
             raise ValueError(f"{who}: cross-attention (encoder_hidden_states) is not converted")
         if output_attentions:
@@ -333,6 +356,9 @@ class ConvertedAttention(nn.Module):
         if unknown:
             raise ValueError(f"{who}: got {', '.join(unknown)}, which the converted module "
                              "does not implement")
+        if given:
+            return self._cached(hidden_states, given[0], attention_mask, position_ids,
+                                who), None
         length = hidden_states.shape[1]
         if self.window is not None and length > self.window:
             raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
@@ -348,39 +374,228 @@ class ConvertedAttention(nn.Module):
                             self.window, who)
         return self.attn(hidden_states, mask=keep), None
 
+    def _cached(self, hidden_states: Tensor, cache: Any, attention_mask: Tensor | None,
+                position_ids: Tensor | None, who: str) -> Tensor:
+        """The forward with a transformers cache: only the new tokens go through the
+        mechanism, with the attnlab state this layer keeps in ``cache``."""
+        meta = self.attn.mechanism
+        if meta is not None and not meta.decode:
+            raise ValueError(f"{self.model_name}: {self.attn.name} cannot decode with a state "
+                             "(its registry entry has decode=False), so a cache cannot hold "
+                             "it: call the model and generate with use_cache=False (each step "
+                             "then recomputes the whole sequence)")
+        if not self.causal:
+            raise ValueError(f"{self.model_name}: {who} is bidirectional; a cache serves "
+                             "causal decoding only: call it with use_cache=False")
+        slot = _cache_slot(cache, self.layer_idx, f"{self.model_name}: {who}")
+        batch, length = hidden_states.shape[0], hidden_states.shape[1]
+        past = slot.get_seq_length()
+        if self.window is not None and past + length > self.window:
+            raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
+                             f"{self.window} keys, which attnlab modules do not implement: "
+                             f"exact up to {self.window} tokens, got {past} cached + {length} "
+                             f"new = {past + length}")
+        if self.attn.uses_rope and position_ids is not None:
+            expected = torch.arange(past, past + length, device=position_ids.device)
+            if position_ids.shape[-1] != length or not bool((position_ids == expected).all()):
+                raise ValueError(f"{who}: position_ids other than {past}..{past + length - 1} "
+                                 f"(the {past} cached tokens, then the new ones) are not "
+                                 "reproduced: attnlab's RoPE counts positions from the first "
+                                 "token of the batch, and left padding (Hugging Face counts "
+                                 "from each row's first real token) is refused with RoPE; pad "
+                                 "on the right or generate the sequences one at a time")
+        if slot.state is not None and slot.state.batch_size != batch:
+            raise ValueError(f"{who}: the cache holds a state of {slot.state.batch_size} "
+                             f"sequences, the call has {batch}")
+        keep = _key_padding(attention_mask, batch, length, True, self.window, who, past=past,
+                            cached=slot.padding)
+        if slot.state is None:
+            slot.state = self.attn.new_state(batch)
+            slot.is_initialized = True
+        out = self.attn(hidden_states, mask=None if keep is None else keep[:, past:],
+                        state=slot.state)
+        slot.padding = keep
+        return out
+
+
+class StateCacheLayer:
+    """A converted layer's entry in a transformers ``DynamicCache``: the layer's attnlab
+    decoding state (``state``, None before the first call) and the key padding of the tokens it
+    holds (``padding``, (B, tokens) bool, True = real; None while every token is real).
+
+    It takes the place of the layer's empty ``DynamicLayer`` on the layer's first call with the
+    cache, and answers what transformers asks a cache layer: its length (``get_seq_length``:
+    the tokens the state has consumed, from which ``generate`` and the model compute the new
+    tokens' positions and masks) and the mask sizes. What an attnlab state cannot do is refused:
+    keys written by a transformers attention (``update``), reordering for beam search,
+    selecting or repeating rows after the state exists, and cropping (rolling back tokens)."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False  # nothing to allocate before the first call
+
+    def __init__(self, *, is_sliding: bool = False, who: str = "a converted layer") -> None:
+        super().__init__()  # CacheLayerMixin's, in the class transformers sees
+        self.who = who  # the model, mechanism and layer, for messages
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.is_sliding = is_sliding
+        self.is_initialized = False
+        self.state: State | None = None
+        self.padding: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"StateCacheLayer({self.state!r})"
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Nothing to allocate: the state is made by the layer's first call."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        raise ValueError(f"{self.who}: a transformers attention module wrote keys into this "
+                         "converted layer's cache entry (a cache shared between a converted "
+                         "and an unconverted model?)")
+
+    def get_seq_length(self) -> int:
+        """The tokens the state has consumed."""
+        return 0 if self.state is None else int(self.state.position)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(key length, key offset) of the mask transformers builds: every consumed token."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        """Kept where it is (a state is small, or a KV cache the mechanism owns)."""
+
+    def prefetch(self) -> None:
+        """Nothing offloaded, nothing to fetch."""
+
+    def reset(self) -> None:
+        """Forget the state (the next call starts a new sequence)."""
+        self.state, self.padding, self.is_initialized = None, None, False
+
+    def _refuse(self, what: str) -> None:
+        if self.state is not None:
+            raise ValueError(f"{self.who}: {what} is not supported with an attnlab "
+                             "decoding state (its tensors are the mechanism's own, a summary "
+                             "for a linear mechanism, and cannot be reordered or rolled "
+                             "back): use num_beams=1 (greedy or sampling) or use_cache=False")
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._refuse("reordering the cache (beam search)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            self._refuse(f"cropping {abs(tokens_to_remove)} tokens from the cache (assisted "
+                         "or speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            self._refuse("repeating the cache's sequences")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._refuse("selecting the cache's sequences")
+
+
+@functools.cache
+def _state_layer_type() -> type:
+    """``StateCacheLayer`` as a transformers ``CacheLayerMixin`` (built on first use, so
+    that this module imports without transformers)."""
+    from transformers.cache_utils import CacheLayerMixin
+
+    return type("StateCacheLayer", (StateCacheLayer, CacheLayerMixin),
+                {"__doc__": StateCacheLayer.__doc__, "__module__": __name__})
+
+
+def _cache_slot(cache: Any, layer_idx: int, who: str) -> StateCacheLayer:
+    """The entry of layer ``layer_idx`` in a transformers cache: the ``StateCacheLayer`` put
+    there by an earlier call, or a new one in place of the layer's empty entry."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"{who}: a converted layer keeps its attnlab state in a DynamicCache "
+                         f"(the default of generate), got {type(cache).__name__} (a static "
+                         "or quantized cache holds keys and values the mechanism does not "
+                         "make): pass no cache_implementation, or use_cache=False")
+    layers = cache.layers
+    if len(layers) <= layer_idx:
+        make = cache.layer_class_to_replicate
+        if make is None:
+            raise ValueError(f"{who}: the cache has {len(layers)} layers, not layer "
+                             f"{layer_idx}")
+        while len(layers) <= layer_idx:
+            layers.append(make())
+    entry = layers[layer_idx]
+    if isinstance(entry, StateCacheLayer):
+        return entry
+    if not isinstance(entry, DynamicLayer) or entry.get_seq_length() > 0:
+        raise ValueError(f"{who}: the cache's entry for this layer is a "
+                         f"{type(entry).__name__} holding {entry.get_seq_length()} tokens, "
+                         "not a converted layer's state (a cache filled by another model?)")
+    slot = _state_layer_type()(is_sliding=bool(getattr(entry, "is_sliding", False)), who=who)
+    layers[layer_idx] = slot
+    return slot
+
 
 def _key_padding(attention_mask: Tensor | None, batch: int, length: int, causal: bool,
-                 window: int | None, who: str) -> Tensor | None:
-    """The (B, L) key padding mask (True = real token) a transformers attention mask holds,
-    or None when every token is real; a mask that is not padding + the causal rule (+ the
-    window) is refused."""
+                 window: int | None, who: str, *, past: int = 0,
+                 cached: Tensor | None = None) -> Tensor | None:
+    """The (B, past + L) key padding mask (True = real token) a transformers attention mask
+    holds, or None when every token is real; a mask that is not padding + the causal rule (+
+    the window) is refused. ``past``: tokens already in the cache (the keys are those and the
+    L new tokens, the queries the new ones); ``cached``: their padding, (B, past), None when
+    all are real: a mask that pads them otherwise is refused."""
+    total = past + length
     if attention_mask is None:
+        if cached is not None and not bool(cached.all()):
+            raise ValueError(f"{who}: the cache holds padded tokens but no attention mask was "
+                             "passed: pass the mask of the cached and the new tokens")
         return None
     mask = attention_mask
     if mask.dim() == 2:  # flash-attention style: the padding itself
         keep = mask.bool() if mask.dtype != torch.bool else mask
-    elif mask.dim() == 4 and mask.shape[-2:] == (length, length) and mask.shape[1] == 1:
+    elif mask.dim() == 4 and mask.shape[-2:] == (length, total) and mask.shape[1] == 1:
         visible = mask[:, 0] if mask.dtype == torch.bool else \
             mask[:, 0] > torch.finfo(mask.dtype).min / 2
-        visible = visible.expand(batch, length, length)
-        keep = visible.diagonal(dim1=-2, dim2=-1) if causal else visible.any(-2)
-        rule = torch.ones(length, length, dtype=torch.bool, device=mask.device)
-        if causal:
-            rule = rule.tril()
+        visible = visible.expand(batch, length, total)
+        if causal:  # a token is real when it sees itself
+            keep = visible[:, :, past:].diagonal(dim1=-2, dim2=-1)
+            if past:
+                before = cached if cached is not None else \
+                    torch.ones(batch, past, dtype=torch.bool, device=mask.device)
+                keep = torch.cat((before.to(mask.device), keep), dim=1)
+        else:
+            keep = visible.any(-2)
+        rule = torch.ones(length, total, dtype=torch.bool, device=mask.device)
+        if causal:  # query i is token past + i
+            rule = rule.tril(past)
             if window is not None:
-                rule = rule.triu(-(window - 1))
+                rule = rule.triu(past - (window - 1))
         expected = rule & keep[:, None, :]
         rows = expected.any(-1, keepdim=True)  # rows that see no key may hold anything
         if not bool(((visible == expected) | ~rows).all()):
+            cache_note = f" or a padding of the {past} cached tokens other than theirs" \
+                if past else ""
             raise ValueError(f"{who}: the attention mask is not key padding plus the "
                              f"{'causal' if causal else 'bidirectional'} rule (a custom 4-D "
-                             "mask, e.g. packed sequences): not reproduced")
+                             f"mask, e.g. packed sequences{cache_note}): not reproduced")
     else:
+        expect = f"(B, L) or (B, 1, L, L) with L = {length}" if not past else \
+            f"(B, {total}) or (B, 1, {length}, {total}): {past} cached + {length} new tokens"
         raise ValueError(f"{who}: attention mask of shape {tuple(mask.shape)} not understood "
-                         f"(expected (B, L) or (B, 1, L, L) with L = {length})")
-    if tuple(keep.shape) != (batch, length):
+                         f"(expected {expect})")
+    if tuple(keep.shape) != (batch, total):
         raise ValueError(f"{who}: attention mask of shape {tuple(mask.shape)} does not match "
-                         f"the batch ({batch}, {length})")
+                         f"the batch ({batch}, {total})")
+    if past and mask.dim() == 2:
+        before = cached if cached is not None else \
+            torch.ones(batch, past, dtype=torch.bool, device=keep.device)
+        if not torch.equal(keep[:, :past], before.to(keep.device)):
+            raise ValueError(f"{who}: the attention mask pads the {past} cached tokens "
+                             "otherwise than when they were fed")
     return None if bool(keep.all()) else keep
 
 
@@ -407,7 +622,8 @@ def refusal(mechanism: str, *, causal: bool, rope: bool, gqa: bool) -> str | Non
 
 
 def _build(layer: _Pretrained, mechanism: str, kwargs: dict[str, Any],
-           architecture: str, keep_teacher: bool) -> ConvertedAttention:
+           architecture: str, keep_teacher: bool, model: str | None = None
+           ) -> ConvertedAttention:
     why = refusal(mechanism, causal=layer.causal, rope=layer.rope_base is not None,
                   gqa=layer.kv_heads != layer.heads)
     if why is not None:
@@ -432,7 +648,8 @@ def _build(layer: _Pretrained, mechanism: str, kwargs: dict[str, Any],
     return ConvertedAttention(attn, architecture=architecture, layer_idx=layer.layer_idx,
                               window=layer.window, pretrained=pretrained,
                               teacher=layer.original if keep_teacher else None,
-                              teacher_parts=layer.originals_also if keep_teacher else None)
+                              teacher_parts=layer.originals_also if keep_teacher else None,
+                              model=model)
 
 
 def _load_projections(attn: Attention, layer: _Pretrained, mechanism: str
@@ -517,6 +734,12 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
     call that function yourself to get its log). The conversion is atomic; the transfer runs
     after it, so a transfer that fails leaves the model converted.
 
+    The cache: ``config.use_cache`` becomes False (a plain forward builds no state);
+    ``generation_config.use_cache`` stays as the model had it when the mechanism can decode
+    (registry ``decode=True``), so ``generate`` feeds each layer only the new token with the
+    layer's attnlab state kept in transformers' ``DynamicCache``; a mechanism that cannot
+    decode sets it to False too and refuses a cache (module docstring, "The cache").
+
     ValueError, naming the model class and the mechanism, for: an architecture attnlab does
     not map (or a feature of it that it does not reproduce: RoPE scaling, cross-attention,
     relative positions), a mechanism that cannot hold softmax weights (why), a mechanism
@@ -550,7 +773,8 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
         layers = arch.layers(model)
         if not layers:
             raise ValueError("no attention module of the expected layout was found")
-        built = [_build(layer, mechanism, kwargs, arch.name, keep_teacher) for layer in layers]
+        built = [_build(layer, mechanism, kwargs, arch.name, keep_teacher, who)
+                 for layer in layers]
     except ValueError as err:
         raise ValueError(f"{who}: {err}") from None
     # everything is built: put it in place (setattr on the parents cannot fail halfway)
@@ -558,11 +782,13 @@ def convert(model: nn.Module, mechanism: str, *, keep_teacher: bool = True,
         _put(model, layer.path, module)
         for path, part in layer.also.items():
             _put(model, path, part)
+    # the cache rule (module docstring): a plain forward builds no state; generate keeps
+    # the model's own use_cache when the mechanism can decode with a state
     config: Any = model.config
     config.use_cache = False
     generation: Any = getattr(model, "generation_config", None)
-    if generation is not None:  # generate() reads its own use_cache
-        generation.use_cache = False
+    if generation is not None and not info(mechanism).decode:
+        generation.use_cache = False  # generate() reads its own use_cache
     if distill is not None:
         from attnlab.integrations.distill import attention_transfer  # (it imports this module)
 

@@ -1,0 +1,300 @@
+"""Cached generation of converted decoders: each layer's attnlab decoding state lives in
+transformers' ``DynamicCache`` (``convert.StateCacheLayer``), and ``generate`` feeds the
+mechanism only the new token.
+
+What must hold, on the tiny GPT-2, Llama, Qwen2 and Mistral (tests/integrations/tiny.py):
+``generate(use_cache=True)`` gives the tokens of ``use_cache=False``, its per-step logits are
+the full forward's of the final sequence, the attnlab modules see the prompt once and then one
+token per step, RoPE continues from the cache's length, left padding works where positions are
+the model's (GPT-2) and is refused with RoPE, a mechanism without ``decode`` refuses a cache
+and still generates without one, and what a state cannot do (beam search, a static cache, a
+sliding window overrun) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import attnlab as al  # noqa: E402
+from attnlab.integrations import convert as conv  # noqa: E402
+from attnlab.integrations.convert import StateCacheLayer, convert  # noqa: E402
+from tests.integrations.tiny import VOCAB, WINDOW, build, inputs  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+DECODERS = ["GPT-2", "Llama", "Qwen2", "Mistral"]
+# a linear mechanism (elu+1 feature maps), Hedgehog's learned feature maps, softmax's KV cache,
+# and two scored ones with their own parameters: every one has decode=True
+MECHANISMS = ["softmax", "linear", "hedgehog", "gated", "sigmoid"]
+GREEDY = dict(do_sample=False, pad_token_id=0)
+# the longest path of sums in a tiny decoder's logits (2 layers of hidden 32: q, k, v and o
+# projections of 32 terms, scores of 8, at most 12 keys, the MLP's 32 + 64, the 32-wide head):
+# the cached and the full forward sum the same terms in another order
+ROUNDINGS = 512
+
+
+def _converted(arch: str, mechanism: str) -> torch.nn.Module:
+    return convert(build(arch), mechanism)
+
+
+@functools.cache
+def _prompt(length: int, batch: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+@contextmanager
+def _seen(model: torch.nn.Module) -> Iterator[list[tuple[int, bool]]]:
+    """(tokens, with a state) of every call of the first converted layer's attnlab module."""
+    calls: list[tuple[int, bool]] = []
+    attn = conv.converted_modules(model)[0][1].attn
+
+    def record(module, args, kwargs):
+        calls.append((args[0].shape[1], kwargs.get("state") is not None))
+
+    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _check_cached_generation(arch: str, mechanism: str, prompt_length: int = 5,
+                             new: int = 5) -> None:
+    model = _converted(arch, mechanism)
+    assert model.generation_config.use_cache is True and model.config.use_cache is False
+    prompt = _prompt(prompt_length)
+    with _seen(model) as calls:
+        cached = model.generate(prompt, max_new_tokens=new, use_cache=True, output_logits=True,
+                                return_dict_in_generate=True, **GREEDY)
+    # the state is used: the prompt once, then only the new token each step
+    assert calls == [(prompt_length, True)] + [(1, True)] * (new - 1), calls
+    cache = cached.cache
+    assert all(isinstance(layer, StateCacheLayer) for layer in cache.layers)
+    fed = prompt_length + new - 1  # the last token is generated, never fed
+    assert cache.get_seq_length() == fed
+    assert all(layer.state.position == fed for layer in cache.layers)
+    with _seen(model) as calls:
+        plain = model.generate(prompt, max_new_tokens=new, use_cache=False, **GREEDY)
+    assert [n for n, _ in calls] == list(range(prompt_length, prompt_length + new))
+    assert torch.equal(cached.sequences, plain), (arch, mechanism)
+    # each step's logits are the full forward's at that position
+    with torch.no_grad():
+        full = model(cached.sequences, use_cache=False).logits
+    steps = torch.stack(cached.logits, dim=1)
+    assert_close(steps, full[:, prompt_length - 1:-1], roundings=ROUNDINGS,
+                 msg=f"{mechanism} on {arch}")
+
+
+def test_cached_generation_of_a_linear_mechanism_with_rope_and_gqa():
+    """Hedgehog on Llama (RoPE, grouped kv heads), an odd prompt: same tokens and per-step
+    logits as the full recomputation, the module fed one token per step."""
+    _check_cached_generation("Llama", "hedgehog", prompt_length=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_cached_generation_equals_the_full_forward(arch, mechanism):
+    _check_cached_generation(arch, mechanism, prompt_length=7 if arch != "Mistral" else 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", [m for m in al.available() if al.info(m).decode])
+def test_every_decoding_mechanism_generates_with_its_state(mechanism):
+    """Every mechanism with decode=True that converts onto Llama (or GPT-2, for those without
+    a RoPE option) generates with its state as without."""
+    for arch in ("Llama", "GPT-2"):
+        try:
+            model = _converted(arch, mechanism)
+        except ValueError:
+            continue
+        prompt = _prompt(4)
+        cached = model.generate(prompt, max_new_tokens=4, use_cache=True, **GREEDY)
+        plain = model.generate(prompt, max_new_tokens=4, use_cache=False, **GREEDY)
+        assert torch.equal(cached, plain), (arch, mechanism)
+        return
+    pytest.fail(f"{mechanism} converts onto neither Llama nor GPT-2")
+
+
+@pytest.mark.parametrize("mechanism", [
+    "linear", pytest.param("softmax", marks=pytest.mark.slow),
+    pytest.param("hedgehog", marks=pytest.mark.slow)])
+def test_a_forward_continued_from_its_cache_equals_the_full_forward(mechanism):
+    """By hand: a padded batch (a full row, a right-padded and a left-padded one) run in two
+    chunks through the cache (6 tokens, then 4 at once) gives the full forward's logits; the
+    cached tokens' padding stays in the state."""
+    ids, mask = inputs()
+    model = _converted("Llama", mechanism)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        first = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        assert first.cache.get_seq_length() == 6
+        rest = model(input_ids=ids[:, 6:], attention_mask=mask, cache=first.cache,
+                     use_cache=True)
+    got = torch.cat((first.logits, rest.logits), dim=1)
+    real = mask.bool()
+    assert_close(got[real], full[real], roundings=ROUNDINGS, msg=mechanism)
+    layer = rest.cache.layers[0]
+    assert layer.state.position == ids.shape[1]
+    assert torch.equal(layer.padding, mask.bool())
+
+
+# ------------------------------------------------------------------------------- padding
+def test_left_padded_batches_generate_each_row_as_alone_on_gpt2():
+    """GPT-2 (learned positions, which the model computes from the mask): a left-padded batch
+    generates, cached, the tokens of the uncached batch and of each row alone."""
+    model = _converted("GPT-2", "softmax")
+    long, short = _prompt(7)[0], _prompt(4)[0]
+    ids = torch.stack((long, torch.cat((torch.zeros(3, dtype=torch.long), short))))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    new = 4
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=new, use_cache=True,
+                            **GREEDY)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, use_cache=False,
+                           **GREEDY)
+    assert torch.equal(cached, plain)
+    alone = model.generate(short[None], max_new_tokens=new, use_cache=True, **GREEDY)
+    assert torch.equal(cached[1, -new:], alone[0, -new:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["linear", "hedgehog", "sigmoid"])
+def test_left_padding_keeps_padded_tokens_out_of_every_state(mechanism):
+    """The per-step logits of a left-padded row equal the row's own, alone (the padded
+    tokens never enter a recurrent summary)."""
+    model = _converted("GPT-2", mechanism)
+    short = _prompt(4)[0]
+    ids = torch.stack((_prompt(7)[0], torch.cat((torch.zeros(3, dtype=torch.long), short))))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    options = dict(max_new_tokens=4, use_cache=True, output_logits=True,
+                   return_dict_in_generate=True, **GREEDY)
+    batch = model.generate(ids, attention_mask=mask, **options)
+    alone = model.generate(short[None], **options)
+    assert_close(torch.stack(batch.logits, 1)[1], torch.stack(alone.logits, 1)[0],
+                 roundings=ROUNDINGS)
+
+
+def test_left_padding_with_rope_is_refused_with_and_without_the_cache():
+    model = _converted("Llama", "softmax")
+    ids = torch.cat((torch.zeros(1, 2, dtype=torch.long), _prompt(4)), dim=1).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="position_ids other than"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=use_cache,
+                           **GREEDY)
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_a_mechanism_that_cannot_decode_refuses_the_cache_and_generates_without():
+    """Sparsifiner (decode=False): convert turns generate's cache off; asking for one names
+    the model class and the mechanism; generation without it works as before."""
+    assert not al.info("sparsifiner").decode
+    model = _converted("Llama", "sparsifiner")
+    assert model.generation_config.use_cache is False and model.config.use_cache is False
+    prompt = _prompt(5)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(llama\) -> sparsifiner: "
+                                         r"sparsifiner cannot decode .*use_cache=False"):
+        model.generate(prompt, max_new_tokens=2, use_cache=True, **GREEDY)
+    default = model.generate(prompt, max_new_tokens=3, **GREEDY)
+    assert torch.equal(default, model.generate(prompt, max_new_tokens=3, use_cache=False,
+                                               **GREEDY))
+
+
+def test_convert_keeps_the_models_generation_use_cache():
+    model = build("GPT-2")
+    model.generation_config.use_cache = False
+    convert(model, "softmax")
+    assert model.generation_config.use_cache is False and model.config.use_cache is False
+
+
+def test_a_sliding_window_overrun_through_the_cache_is_refused():
+    """Mistral (window 12): up to 12 tokens generate with the cache; a step whose cached and
+    new tokens pass the window is refused, as the full recomputation is."""
+    model = _converted("Mistral", "softmax")
+    prompt = _prompt(8)
+    fits = model.generate(prompt, max_new_tokens=WINDOW - 8 + 1, use_cache=True, **GREEDY)
+    assert fits.shape[1] == WINDOW + 1  # 12 tokens fed, the 13th generated
+    with pytest.raises(ValueError, match=rf"sliding window of {WINDOW} keys.*{WINDOW} cached "
+                                         r"\+ 1 new"):
+        model.generate(prompt, max_new_tokens=WINDOW - 8 + 2, use_cache=True, **GREEDY)
+    with pytest.raises(ValueError, match=rf"sliding window of {WINDOW} keys"):
+        model.generate(prompt, max_new_tokens=WINDOW - 8 + 2, use_cache=False, **GREEDY)
+
+
+def test_what_a_state_cannot_do_is_refused():
+    import transformers
+
+    model = _converted("Llama", "linear")
+    prompt = _prompt(4)
+    with pytest.raises(ValueError, match=r"-> linear: .*beam search.*num_beams=1"):
+        model.generate(prompt, max_new_tokens=3, num_beams=2, use_cache=True, **GREEDY)
+    static = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(ValueError, match=r"keeps its attnlab state in a DynamicCache .*, got "
+                                         r"StaticCache"):
+        model(input_ids=prompt, cache=static, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True)
+    with pytest.raises(ValueError, match="cropping 1 tokens"):
+        out.cache.crop(-1)
+    other = _converted("Llama", "linear")  # a cache holds one model's states
+    with pytest.raises(ValueError, match="made by another 'linear' module"):
+        other(input_ids=prompt[:, :1], cache=out.cache, use_cache=True)
+
+
+def test_a_mask_that_repads_the_cached_tokens_is_refused():
+    model = _converted("GPT-2", "softmax")
+    ids, mask = inputs()
+    out = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+    changed = mask.clone()
+    changed[0, 0] = 0  # a cached real token now padding
+    with pytest.raises(ValueError, match="not key padding plus the causal rule"):
+        model(input_ids=ids[:, 6:], attention_mask=changed, cache=out.cache)
+    with pytest.raises(ValueError, match="padding of the 6 cached tokens other than theirs"):
+        model(input_ids=ids[:, 6:], cache=out.cache)  # no mask: the cached padding is lost
+
+
+def test_key_padding_with_cached_tokens():
+    """The (B, 1, L, past + L) masks transformers builds for new tokens after a cache: the
+    padding of every key, checked against the cached tokens' padding."""
+    past, length = 3, 2
+    cached = torch.tensor([[False, True, True]])
+    keep = torch.cat((cached, torch.tensor([[True, True]])), dim=1)
+    rule = torch.ones(length, past + length, dtype=torch.bool).tril(past)
+    mask = (rule & keep[:, None, :]).unsqueeze(1)
+    found = conv._key_padding(mask, 1, length, True, None, "x", past=past, cached=cached)
+    assert torch.equal(found, keep)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(conv._key_padding(additive, 1, length, True, None, "x", past=past,
+                                         cached=cached), keep)
+    assert torch.equal(conv._key_padding(keep.long(), 1, length, True, None, "x", past=past,
+                                         cached=cached), keep)
+    with pytest.raises(ValueError, match="not key padding plus the causal rule"):
+        conv._key_padding(mask, 1, length, True, None, "x", past=past, cached=None)
+    with pytest.raises(ValueError, match="pads the 3 cached tokens otherwise"):
+        conv._key_padding(torch.ones(1, past + length), 1, length, True, None, "x",
+                          past=past, cached=cached)
+    with pytest.raises(ValueError, match="the cache holds padded tokens but no attention mask"):
+        conv._key_padding(None, 1, length, True, None, "x", past=past, cached=cached)
+    assert conv._key_padding(None, 1, length, True, None, "x", past=past, cached=None) is None
+    with pytest.raises(ValueError, match=r"\(B, 5\) or \(B, 1, 2, 5\)"):
+        conv._key_padding(mask[..., 1:], 1, length, True, None, "x", past=past, cached=cached)
+
+
+def test_a_plain_forward_builds_no_state():
+    """``config.use_cache`` is False after convert: ``model(ids)`` runs the full forward (no
+    state, as before), so captures of every key's weights keep working."""
+    model = _converted("Qwen2", "linear")
+    with _seen(model) as calls:
+        out = model(input_ids=_prompt(5))
+    assert calls == [(5, False)] and out.cache is None
+    copy.deepcopy(model)  # a converted model still copies (no state kept on it)
