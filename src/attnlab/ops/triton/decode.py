@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnlab.ops.triton.common import mask_strides, padded
+
 LOG2E = 1.4426950408889634
 MAX_BLOCK_M = 64
 
@@ -187,14 +189,9 @@ def decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor | None, 
     seg = -(-total // max(1, min(n_split, total)))
     n_seg = -(-total // seg)
     block_n = min(64, _pow2(seg))
-    block_d, block_dv = _pow2(d), _pow2(dv)
+    block_d, block_dv = padded(d), padded(dv)
 
-    if mask is not None:
-        mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask4 = mask4.expand(b, h, lq, total).view(torch.uint8)
-        mask_strides = mask4.stride()
-    else:
-        mask4, mask_strides = q, (0, 0, 0, 0)  # never read
+    mask4, mstrides = mask_strides(mask, (b, h, lq, total))
 
     dev = q.device
     m = torch.empty(b * h_kv * n_seg * rows, device=dev, dtype=torch.float32)
@@ -205,8 +202,8 @@ def decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor | None, 
     native = dev.type == "cuda" and k_cache.dtype in (torch.float16, torch.bfloat16)
 
     _segment_kernel[(n_seg, b * h_kv, row_blocks)](
-        q, k_cache, v_cache, mask4, m, l_sum, u, probe,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
+        q, k_cache, v_cache, q if mask4 is None else mask4, m, l_sum, u, probe,  # q: never read
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mstrides,
         h_kv, lq, total, d, dv, rows, seg, n_seg, scale * LOG2E,
         CAUSAL=causal and lq > 1, HAS_MASK=mask is not None, NATIVE_DOT=native,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -53,6 +53,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnlab.ops.triton.common import padded, store_tile, tile
+
+
+@triton.jit
+def _chunk(base, rows, cols, L, W):
+    """The (rows, cols) tile, as fp32, of a contiguous (L, W) matrix at ``base``: rows < L
+    and columns < W loaded, the padding 0."""
+    return tile(base, rows, rows < L, cols, W, 1, W).to(tl.float32)
+
+
+@triton.jit
+def _put_chunk(base, x, rows, cols, L, W):
+    """Store the (rows, cols) tile ``x`` into a contiguous (L, W) matrix at ``base``."""
+    store_tile(base, x, rows, rows < L, cols, W, 1, W)
+
+
+@triton.jit
+def _kv_head(bh, H, HKV):
+    """The (batch * kv heads) index of the kv head of ``bh`` (batch * query heads)."""
+    return (bh // H) * HKV + (bh % H) // (H // HKV)
+
+
+@triton.jit
+def _state(s_ptr, z_ptr, bh, c, NT, rk, rv, BK: tl.constexpr, BV: tl.constexpr,
+           CAUSAL: tl.constexpr):
+    """The state (S, z) that chunk c of ``bh`` uses: its own (causal) or the one state."""
+    state = c if CAUSAL else 0
+    s = tl.load(s_ptr + (bh * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
+    z = tl.load(z_ptr + (bh * NT + state) * BK + rk)
+    return s, z
+
 
 @triton.jit
 def _states(k_ptr, v_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr, DV: tl.constexpr,
@@ -70,10 +101,8 @@ def _states(k_ptr, v_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr, DV: tl.constexp
             tl.store(s_base + c * BK * BV, s)
             tl.store(z_base + c * BK, z)
         rows = c * BT + rt
-        kc = tl.load(k_base + rows[:, None] * DK + rk[None, :],
-                     mask=(rows[:, None] < L) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-        vc = tl.load(v_base + rows[:, None] * DV + rv[None, :],
-                     mask=(rows[:, None] < L) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        kc = _chunk(k_base, rows, rk, L, DK)
+        vc = _chunk(v_base, rows, rv, L, DV)
         s += tl.dot(tl.trans(kc), vc, input_precision=PREC)
         z += tl.sum(kc, 0)
     if not CAUSAL:  # one state: every key
@@ -85,29 +114,23 @@ def _states(k_ptr, v_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr, DV: tl.constexp
 def _outputs(q_ptr, k_ptr, v_ptr, s_ptr, z_ptr, o_ptr, d_ptr, LQ, LK, NT, H, HKV,
              DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              BV: tl.constexpr, CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
+             PREC: tl.constexpr):
     c, bh = tl.program_id(0), tl.program_id(1)  # chunk, batch * query heads
-    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)  # its kv head
+    bhk = _kv_head(bh, H, HKV)
     rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     rows = c * BT + rt
-    qc = tl.load(q_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :],
-                 mask=(rows[:, None] < LQ) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-    state = c if CAUSAL else 0
-    s = tl.load(s_ptr + (bhk * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
-    z = tl.load(z_ptr + (bhk * NT + state) * BK + rk)
+    qc = _chunk(q_ptr + bh * LQ * DK, rows, rk, LQ, DK)
+    s, z = _state(s_ptr, z_ptr, bhk, c, NT, rk, rv, BK, BV, CAUSAL)
     o = tl.dot(qc, s, input_precision=PREC)
     d = tl.sum(qc * z[None, :], 1)
     if CAUSAL:  # the chunk's own keys (LQ == LK): tril(q k^T)
-        kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
-                     mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
-                     mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        kc = _chunk(k_ptr + bhk * LK * DK, rows, rk, LK, DK)
+        vc = _chunk(v_ptr + bhk * LK * DV, rows, rv, LK, DV)
         a = tl.dot(qc, tl.trans(kc), input_precision=PREC)
         a = tl.where(rt[:, None] >= rt[None, :], a, 0.0)
         o += tl.dot(a, vc, input_precision=PREC)
         d += tl.sum(a, 1)
-    tl.store(o_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :], o,
-             mask=(rows[:, None] < LQ) & (rv[None, :] < DV))
+    _put_chunk(o_ptr + bh * LQ * DV, o, rows, rv, LQ, DV)
     tl.store(d_ptr + bh * LQ + rows, d, mask=rows < LQ)
 
 
@@ -115,7 +138,7 @@ def _outputs(q_ptr, k_ptr, v_ptr, s_ptr, z_ptr, o_ptr, d_ptr, LQ, LK, NT, H, HKV
 def _states_back(q_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr,
                  DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
+                 PREC: tl.constexpr):
     bh = tl.program_id(0)  # batch * query heads
     rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     s_base = s_ptr + bh * NT * BK * BV + rk[:, None] * BV + rv[None, :]
@@ -129,10 +152,8 @@ def _states_back(q_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, L, NT, DK: tl.constexpr,
             tl.store(s_base + c * BK * BV, s)
             tl.store(z_base + c * BK, z)
         rows = c * BT + rt
-        qc = tl.load(q_ptr + bh * L * DK + rows[:, None] * DK + rk[None, :],
-                     mask=(rows[:, None] < L) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-        doc = tl.load(do_ptr + bh * L * DV + rows[:, None] * DV + rv[None, :],
-                      mask=(rows[:, None] < L) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        qc = _chunk(q_ptr + bh * L * DK, rows, rk, L, DK)
+        doc = _chunk(do_ptr + bh * L * DV, rows, rv, L, DV)
         ddc = tl.load(dd_ptr + bh * L + rows, mask=rows < L, other=0.0).to(tl.float32)
         s += tl.dot(tl.trans(qc), doc, input_precision=PREC)
         z += tl.sum(qc * ddc[:, None], 0)
@@ -147,52 +168,40 @@ def _grad_q(k_ptr, v_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, dq_ptr, LQ, LK, NT, H, H
             BV: tl.constexpr, CAUSAL: tl.constexpr,
             PREC: tl.constexpr):
     c, bh = tl.program_id(0), tl.program_id(1)
-    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)
+    bhk = _kv_head(bh, H, HKV)
     rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     rows = c * BT + rt
-    doc = tl.load(do_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :],
-                  mask=(rows[:, None] < LQ) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+    doc = _chunk(do_ptr + bh * LQ * DV, rows, rv, LQ, DV)
     ddc = tl.load(dd_ptr + bh * LQ + rows, mask=rows < LQ, other=0.0).to(tl.float32)
-    state = c if CAUSAL else 0
-    s = tl.load(s_ptr + (bhk * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
-    z = tl.load(z_ptr + (bhk * NT + state) * BK + rk)
+    s, z = _state(s_ptr, z_ptr, bhk, c, NT, rk, rv, BK, BV, CAUSAL)
     dq = tl.dot(doc, tl.trans(s), input_precision=PREC) + ddc[:, None] * z[None, :]
     if CAUSAL:
-        kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
-                     mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
-                     mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        kc = _chunk(k_ptr + bhk * LK * DK, rows, rk, LK, DK)
+        vc = _chunk(v_ptr + bhk * LK * DV, rows, rv, LK, DV)
         # d(q_i . k_j), rows i, columns j
         p = tl.dot(doc, tl.trans(vc), input_precision=PREC) + ddc[:, None]
         p = tl.where(rt[:, None] >= rt[None, :], p, 0.0)
         dq += tl.dot(p, kc, input_precision=PREC)
-    tl.store(dq_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :], dq,
-             mask=(rows[:, None] < LQ) & (rk[None, :] < DK))
+    _put_chunk(dq_ptr + bh * LQ * DK, dq, rows, rk, LQ, DK)
 
 
 @triton.jit
 def _grad_kv(q_ptr, k_ptr, v_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, dk_ptr, dv_ptr, LQ, LK, NT,
              H, HKV, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
              BV: tl.constexpr, CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
+             PREC: tl.constexpr):
     c, bh = tl.program_id(0), tl.program_id(1)  # key chunk, batch * query heads
-    bhk = (bh // H) * HKV + (bh % H) // (H // HKV)
+    bhk = _kv_head(bh, H, HKV)
     rt, rk, rv = tl.arange(0, BT), tl.arange(0, BK), tl.arange(0, BV)
     rows = c * BT + rt
-    kc = tl.load(k_ptr + bhk * LK * DK + rows[:, None] * DK + rk[None, :],
-                 mask=(rows[:, None] < LK) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-    vc = tl.load(v_ptr + bhk * LK * DV + rows[:, None] * DV + rv[None, :],
-                 mask=(rows[:, None] < LK) & (rv[None, :] < DV), other=0.0).to(tl.float32)
-    state = c if CAUSAL else 0
-    s = tl.load(s_ptr + (bh * NT + state) * BK * BV + rk[:, None] * BV + rv[None, :])
-    z = tl.load(z_ptr + (bh * NT + state) * BK + rk)
+    kc = _chunk(k_ptr + bhk * LK * DK, rows, rk, LK, DK)
+    vc = _chunk(v_ptr + bhk * LK * DV, rows, rv, LK, DV)
+    s, z = _state(s_ptr, z_ptr, bh, c, NT, rk, rv, BK, BV, CAUSAL)
     dk = tl.dot(vc, tl.trans(s), input_precision=PREC) + z[None, :]
     dv = tl.dot(kc, s, input_precision=PREC)
     if CAUSAL:  # the chunk's own queries (LQ == LK), rows i, columns j
-        qc = tl.load(q_ptr + bh * LQ * DK + rows[:, None] * DK + rk[None, :],
-                     mask=(rows[:, None] < LQ) & (rk[None, :] < DK), other=0.0).to(tl.float32)
-        doc = tl.load(do_ptr + bh * LQ * DV + rows[:, None] * DV + rv[None, :],
-                      mask=(rows[:, None] < LQ) & (rv[None, :] < DV), other=0.0).to(tl.float32)
+        qc = _chunk(q_ptr + bh * LQ * DK, rows, rk, LQ, DK)
+        doc = _chunk(do_ptr + bh * LQ * DV, rows, rv, LQ, DV)
         ddc = tl.load(dd_ptr + bh * LQ + rows, mask=rows < LQ, other=0.0).to(tl.float32)
         lower = rt[:, None] >= rt[None, :]
         a = tl.where(lower, tl.dot(qc, tl.trans(kc), input_precision=PREC), 0.0)
@@ -200,15 +209,8 @@ def _grad_kv(q_ptr, k_ptr, v_ptr, do_ptr, dd_ptr, s_ptr, z_ptr, dk_ptr, dv_ptr, 
         p = tl.where(lower, p, 0.0)
         dk += tl.dot(tl.trans(p), qc, input_precision=PREC)
         dv += tl.dot(tl.trans(a), doc, input_precision=PREC)
-    tl.store(dk_ptr + bh * LK * DK + rows[:, None] * DK + rk[None, :], dk,
-             mask=(rows[:, None] < LK) & (rk[None, :] < DK))
-    tl.store(dv_ptr + bh * LK * DV + rows[:, None] * DV + rv[None, :], dv,
-             mask=(rows[:, None] < LK) & (rv[None, :] < DV))
-
-
-def _block(d: int) -> int:
-    """A head dim padded to a power of two >= 16 (``tl.dot``'s smallest tile)."""
-    return max(16, triton.next_power_of_2(d))
+    _put_chunk(dk_ptr + bh * LK * DK, dk, rows, rk, LK, DK)
+    _put_chunk(dv_ptr + bh * LK * DV, dv, rows, rv, LK, DV)
 
 
 def _precision(t: Tensor) -> str:
@@ -223,7 +225,7 @@ def _fwd_states(fk: Tensor, v: Tensor, causal: bool, chunk: int, prec: str
     """The key/value states (before each chunk, or one) and the kernels' meta arguments."""
     b, g, lk, dk = fk.shape
     dv = v.shape[-1]
-    meta = (dk, dv, chunk, _block(dk), _block(dv), causal, prec)
+    meta = (dk, dv, chunk, padded(dk), padded(dv), causal, prec)
     nt = triton.cdiv(lk, chunk) if causal else 1
     s = fk.new_empty(b * g, nt, meta[3], meta[4], dtype=torch.float32)
     z = fk.new_empty(b * g, nt, meta[3], dtype=torch.float32)

@@ -54,11 +54,10 @@ from torch import Tensor
 
 from attnlab.ops.neighborhood import AxisRule
 from attnlab.ops.triton import interpreting
-from attnlab.ops.triton.common import padded
+from attnlab.ops.triton.common import input_limits, padded, store_tile, tile, tile_t
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SHIFT, CAUSAL, CLIP = 0, 1, 2  # the window modes of an axis
 
 
@@ -204,6 +203,47 @@ def _all(valid):
     return tl.min(valid.to(tl.int32), axis=0) == 1
 
 
+@triton.jit
+def _groups(pid, L0, L1, L2, d0, d1, d2, N0, N1, N2):
+    """Program ``pid`` -> its dilation group g, tile t and group length Lg on each axis
+    (axis 2 varies fastest)."""
+    g2, t2, Lg2 = _group(pid % (d2 * N2), L2, d2, N2)
+    g1, t1, Lg1 = _group((pid // (d2 * N2)) % (d1 * N1), L1, d1, N1)
+    g0, t0, Lg0 = _group(pid // (d2 * N2 * d1 * N1), L0, d0, N0)
+    return g0, t0, Lg0, g1, t1, Lg1, g2, t2, Lg2
+
+
+@triton.jit
+def _query_axis(p, t, Lg, K, S, BM: tl.constexpr, MODE: tl.constexpr):
+    """On one axis, for the group positions ``p`` of query tile t: each query's window
+    [s, e) and the keys [cs, ce) that every query of the tile sees (``_common``)."""
+    s, e = _window(p, Lg, K, S, MODE)
+    cs, ce = _common(t, Lg, K, S, BM, MODE)
+    return s, e, cs, ce
+
+
+@triton.jit
+def _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2,
+          BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr):
+    """Key tile (u0, u1, u2) lies inside the keys every query of the tile sees, per axis."""
+    return (_within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
+            & _within(u2, cs2, ce2, BN2))
+
+
+@triton.jit
+def _key_slots(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2, d0, d1, d2, L1, L2, m_base, smn,
+               HAS_MASK: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+               BN2: tl.constexpr):
+    """``_positions`` of key tile (u0, u1, u2), its validity cleared where the key padding
+    mask (at ``m_base``, stride ``smn``) holds False."""
+    j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
+                                           d0, d1, d2, L1, L2, BN0, BN1, BN2)
+    if HAS_MASK:
+        keep = tl.load(m_base + kflat * smn, mask=kvalid, other=0)
+        kvalid = kvalid & (keep != 0)
+    return j0, j1, j2, kflat, kvalid
+
+
 # ---------------------------------------------------------------------------------- forward
 @triton.jit
 def _nbh_fwd(Q, K, V, M, O, LSE,
@@ -221,24 +261,18 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    g2, t2, Lg2 = _group(pid % (d2 * N2), L2, d2, N2)
-    g1, t1, Lg1 = _group((pid // (d2 * N2)) % (d1 * N1), L1, d1, N1)
-    g0, t0, Lg0 = _group(pid // (d2 * N2 * d1 * N1), L0, d0, N0)
+    g0, t0, Lg0, g1, t1, Lg1, g2, t2, Lg2 = _groups(pid, L0, L1, L2, d0, d1, d2, N0, N1, N2)
     p0, p1, p2, flat, qvalid = _positions(t0, t1, t2, g0, g1, g2, Lg0, Lg1, Lg2,
                                           d0, d1, d2, L1, L2, BM0, BM1, BM2)
-    s0, e0 = _window(p0, Lg0, K0, S0, MODE0)
-    s1, e1 = _window(p1, Lg1, K1, S1, MODE1)
-    s2, e2 = _window(p2, Lg2, K2, S2, MODE2)
+    s0, e0, cs0, ce0 = _query_axis(p0, t0, Lg0, K0, S0, BM0, MODE0)
+    s1, e1, cs1, ce1 = _query_axis(p1, t1, Lg1, K1, S1, BM1, MODE1)
+    s2, e2, cs2, ce2 = _query_axis(p2, t2, Lg2, K2, S2, BM2, MODE2)
     lo0, hi0 = _key_tiles(t0, Lg0, K0, S0, BM0, BN0, MODE0)
     lo1, hi1 = _key_tiles(t1, Lg1, K1, S1, BM1, BN1, MODE1)
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
-    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
-    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
-    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    q = tl.load(Q + b * sqb + h * sqh + flat[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = tile(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_i = tl.full((BM0 * BM1 * BM2,), float("-inf"), dtype=tl.float32)
@@ -247,16 +281,13 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
     for u0 in range(lo0, hi0):
         for u1 in range(lo1, hi1):
             for u2 in range(lo2, hi2):
-                j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
-                                                       d0, d1, d2, L1, L2, BN0, BN1, BN2)
-                full = (_within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
-                        & _within(u2, cs2, ce2, BN2))
+                j0, j1, j2, kflat, kvalid = _key_slots(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
+                                                       d0, d1, d2, L1, L2, M + b * smb, smn,
+                                                       HAS_MASK, BN0, BN1, BN2)
+                full = _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2, BN0, BN1, BN2)
                 if HAS_MASK:
-                    keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
-                    kvalid = kvalid & (keep != 0)
                     full = full & _all(kvalid)
-                kt = tl.load(k_base + kflat[None, :] * skn + offs_d[:, None] * skd,
-                             mask=kvalid[None, :] & (offs_d[:, None] < D), other=0.0)
+                kt = tile_t(k_base, kflat, kvalid, offs_d, skn, skd, D)
                 s = _masked(tl.dot(q, kt) * qk_scale, float("-inf"), full, False,
                             s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -264,14 +295,13 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_base + kflat[:, None] * svn + offs_e[None, :] * sve,
-                            mask=kvalid[:, None] & (offs_e[None, :] < Dv), other=0.0)
+                v = tile(v_base, kflat, kvalid, offs_e, svn, sve, Dv)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h * soh + flat[:, None] * som + offs_e[None, :] * soe,
-             out.to(O.dtype.element_ty), mask=qvalid[:, None] & (offs_e[None, :] < Dv))
+    store_tile(O + b * sob + h * soh, out.to(O.dtype.element_ty), flat, qvalid, offs_e, som,
+                soe, Dv)
     # log2-sum-exp2 of the scaled scores; 0 for a row that sees no key (its P is masked)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), 0.0)
     tl.store(LSE + b * slb + h * slh + flat, lse, mask=qvalid)
@@ -294,26 +324,19 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // G
-    g2, t2, Lg2 = _group(pid % (d2 * N2), L2, d2, N2)
-    g1, t1, Lg1 = _group((pid // (d2 * N2)) % (d1 * N1), L1, d1, N1)
-    g0, t0, Lg0 = _group(pid // (d2 * N2 * d1 * N1), L0, d0, N0)
+    g0, t0, Lg0, g1, t1, Lg1, g2, t2, Lg2 = _groups(pid, L0, L1, L2, d0, d1, d2, N0, N1, N2)
     p0, p1, p2, flat, qvalid = _positions(t0, t1, t2, g0, g1, g2, Lg0, Lg1, Lg2,
                                           d0, d1, d2, L1, L2, BM0, BM1, BM2)
-    s0, e0 = _window(p0, Lg0, K0, S0, MODE0)
-    s1, e1 = _window(p1, Lg1, K1, S1, MODE1)
-    s2, e2 = _window(p2, Lg2, K2, S2, MODE2)
+    s0, e0, cs0, ce0 = _query_axis(p0, t0, Lg0, K0, S0, BM0, MODE0)
+    s1, e1, cs1, ce1 = _query_axis(p1, t1, Lg1, K1, S1, BM1, MODE1)
+    s2, e2, cs2, ce2 = _query_axis(p2, t2, Lg2, K2, S2, BM2, MODE2)
     lo0, hi0 = _key_tiles(t0, Lg0, K0, S0, BM0, BN0, MODE0)
     lo1, hi1 = _key_tiles(t1, Lg1, K1, S1, BM1, BN1, MODE1)
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
-    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
-    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
-    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    q = tl.load(Q + b * sqb + h * sqh + flat[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + flat[:, None] * sdom + offs_e[None, :] * sdoe,
-                 mask=qvalid[:, None] & (offs_e[None, :] < Dv), other=0.0)
+    q = tile(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
+    do = tile(DO + b * sdob + h * sdoh, flat, qvalid, offs_e, sdom, sdoe, Dv)
     lse = tl.load(LSE + b * slb + h * slh + flat, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + b * slb + h * slh + flat, mask=qvalid, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -322,24 +345,20 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
     for u0 in range(lo0, hi0):
         for u1 in range(lo1, hi1):
             for u2 in range(lo2, hi2):
-                j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
-                                                       d0, d1, d2, L1, L2, BN0, BN1, BN2)
-                full = (_within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
-                        & _within(u2, cs2, ce2, BN2))
+                j0, j1, j2, kflat, kvalid = _key_slots(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
+                                                       d0, d1, d2, L1, L2, M + b * smb, smn,
+                                                       HAS_MASK, BN0, BN1, BN2)
+                full = _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2, BN0, BN1, BN2)
                 if HAS_MASK:
-                    keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
-                    kvalid = kvalid & (keep != 0)
                     full = full & _all(kvalid)
-                kt = tl.load(k_base + kflat[None, :] * skn + offs_d[:, None] * skd,
-                             mask=kvalid[None, :] & (offs_d[:, None] < D), other=0.0)
-                vt = tl.load(v_base + kflat[None, :] * svn + offs_e[:, None] * sve,
-                             mask=kvalid[None, :] & (offs_e[:, None] < Dv), other=0.0)
+                kt = tile_t(k_base, kflat, kvalid, offs_d, skn, skd, D)
+                vt = tile_t(v_base, kflat, kvalid, offs_e, svn, sve, Dv)
                 p = _masked(tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None]), 0.0, full, False,
                             s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 ds = p * (tl.dot(do, vt) - delta[:, None])
                 dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-    tl.store(DQ + b * sdqb + h * sdqh + flat[:, None] * sdqm + offs_d[None, :] * sdqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=qvalid[:, None] & (offs_d[None, :] < D))
+    store_tile(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), flat, qvalid,
+                offs_d, sdqm, sdqd, D)
 
 
 @triton.jit
@@ -360,24 +379,17 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
-    g2, u2, Lg2 = _group(pid % (d2 * N2), L2, d2, N2)
-    g1, u1, Lg1 = _group((pid // (d2 * N2)) % (d1 * N1), L1, d1, N1)
-    g0, u0, Lg0 = _group(pid // (d2 * N2 * d1 * N1), L0, d0, N0)
-    j0, j1, j2, kflat, kvalid = _positions(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2,
-                                           d0, d1, d2, L1, L2, BN0, BN1, BN2)
-    if HAS_MASK:
-        keep = tl.load(M + b * smb + kflat * smn, mask=kvalid, other=0)
-        kvalid = kvalid & (keep != 0)
+    g0, u0, Lg0, g1, u1, Lg1, g2, u2, Lg2 = _groups(pid, L0, L1, L2, d0, d1, d2, N0, N1, N2)
+    j0, j1, j2, kflat, kvalid = _key_slots(u0, u1, u2, g0, g1, g2, Lg0, Lg1, Lg2, d0, d1, d2,
+                                           L1, L2, M + b * smb, smn, HAS_MASK, BN0, BN1, BN2)
     keys_all = _all(kvalid)  # no padding key in this tile (out-of-group slots count too)
     lo0, hi0 = _query_tiles(u0, Lg0, K0, S0, BM0, BN0, MODE0, NITER0)
     lo1, hi1 = _query_tiles(u1, Lg1, K1, S1, BM1, BN1, MODE1, NITER1)
     lo2, hi2 = _query_tiles(u2, Lg2, K2, S2, BM2, BN2, MODE2, NITER2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    k = tl.load(K + b * skb + hk * skh + kflat[:, None] * skn + offs_d[None, :] * skd,
-                mask=kvalid[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + kflat[:, None] * svn + offs_e[None, :] * sve,
-                mask=kvalid[:, None] & (offs_e[None, :] < Dv), other=0.0)
+    k = tile(K + b * skb + hk * skh, kflat, kvalid, offs_d, skn, skd, D)
+    v = tile(V + b * svb + hk * svh, kflat, kvalid, offs_e, svn, sve, Dv)
     dk = tl.zeros((BN0 * BN1 * BN2, BD), dtype=tl.float32)
     dv = tl.zeros((BN0 * BN1 * BN2, BE), dtype=tl.float32)
     for gh in range(0, G):
@@ -388,34 +400,26 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
                     p0, p1, p2, flat, qvalid = _positions(t0, t1, t2, g0, g1, g2, Lg0, Lg1,
                                                           Lg2, d0, d1, d2, L1, L2,
                                                           BM0, BM1, BM2)
-                    s0, e0 = _window(p0, Lg0, K0, S0, MODE0)
-                    s1, e1 = _window(p1, Lg1, K1, S1, MODE1)
-                    s2, e2 = _window(p2, Lg2, K2, S2, MODE2)
-                    qt = tl.load(Q + b * sqb + h * sqh + flat[None, :] * sqm
-                                 + offs_d[:, None] * sqd,
-                                 mask=qvalid[None, :] & (offs_d[:, None] < D), other=0.0)
-                    do = tl.load(DO + b * sdob + h * sdoh + flat[:, None] * sdom
-                                 + offs_e[None, :] * sdoe,
-                                 mask=qvalid[:, None] & (offs_e[None, :] < Dv), other=0.0)
+                    s0, e0, cs0, ce0 = _query_axis(p0, t0, Lg0, K0, S0, BM0, MODE0)
+                    s1, e1, cs1, ce1 = _query_axis(p1, t1, Lg1, K1, S1, BM1, MODE1)
+                    s2, e2, cs2, ce2 = _query_axis(p2, t2, Lg2, K2, S2, BM2, MODE2)
+                    qt = tile_t(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
+                    do = tile(DO + b * sdob + h * sdoh, flat, qvalid, offs_e, sdom, sdoe, Dv)
                     lse = tl.load(LSE + b * slb + h * slh + flat, mask=qvalid, other=0.0)
                     delta = tl.load(DELTA + b * slb + h * slh + flat, mask=qvalid, other=0.0)
-                    cs0, ce0 = _common(t0, Lg0, K0, S0, BM0, MODE0)
-                    cs1, ce1 = _common(t1, Lg1, K1, S1, BM1, MODE1)
-                    cs2, ce2 = _common(t2, Lg2, K2, S2, BM2, MODE2)
-                    full = (keys_all & _within(u0, cs0, ce0, BN0) & _within(u1, cs1, ce1, BN1)
-                            & _within(u2, cs2, ce2, BN2))
+                    full = keys_all & _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2,
+                                            BN0, BN1, BN2)
                     # transposed tiles (keys, queries): P^T and dS^T
                     pt = _masked(tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :]), 0.0, full,
                                  True, s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                     dv += tl.dot(pt.to(do.dtype), do)
                     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
                     dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
-    tl.store(DK + b * sdkb + hk * sdkh + kflat[:, None] * sdkn + offs_d[None, :] * sdkd,
-             (dk * scale).to(DK.dtype.element_ty),
-             mask=_inside(j0, j1, j2, Lg0, Lg1, Lg2)[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + b * sdvb + hk * sdvh + kflat[:, None] * sdvn + offs_e[None, :] * sdve,
-             dv.to(DV.dtype.element_ty),
-             mask=_inside(j0, j1, j2, Lg0, Lg1, Lg2)[:, None] & (offs_e[None, :] < Dv))
+    inside = _inside(j0, j1, j2, Lg0, Lg1, Lg2)
+    store_tile(DK + b * sdkb + hk * sdkh, (dk * scale).to(DK.dtype.element_ty), kflat, inside,
+                offs_d, sdkn, sdkd, D)
+    store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), kflat, inside, offs_e,
+                sdvn, sdve, Dv)
 
 
 @triton.jit
@@ -616,14 +620,9 @@ def triton_limits(q: Tensor, v: Tensor, rules: Sequence[AxisRule], key_mask: Ten
     float32 inputs (bfloat16 not under Triton's interpreter, which has no bfloat16
     arithmetic), head dims 1..128, 1 to 3 spatial axes, and ``block`` (tile edge per axis) a
     power of two per axis with a product from 16 to 256; any rule and key padding mask."""
-    if q.dtype not in DTYPES:
-        return f"the triton kernel takes float16, bfloat16 or float32 inputs, got {q.dtype}"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
-        return "Triton's interpreter has no bfloat16 arithmetic (bfloat16 runs on CUDA)"
-    dims = (q.shape[-1], v.shape[-1])
-    if min(dims) < 1 or max(dims) > MAX_HEAD_DIM:
-        return (f"the triton kernel takes head dims 1..{MAX_HEAD_DIM}, got q/k {dims[0]} and "
-                f"v {dims[1]}")
+    why = input_limits(q, v, MAX_HEAD_DIM)
+    if why is not None:
+        return why
     if not 1 <= len(rules) <= 3:
         return f"the triton kernel takes 1 to 3 spatial axes, got {len(rules)}"
     if key_mask is not None and key_mask.dtype != torch.bool:

@@ -62,7 +62,29 @@ import triton.language as tl
 from torch import Tensor
 
 from attnlab.ops.triton import interpreting
-from attnlab.ops.triton.common import mask_strides, padded, visible
+from attnlab.ops.triton.common import (
+    key_program,
+    key_tile,
+    mask_strides,
+    padded,
+    query_program,
+    store_tile,
+    tile,
+    tile_t,
+    visible,
+)
+
+
+@triton.jit
+def _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm, smn,
+           Lq, Lk, D, off, scale, bias,
+           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+    """One key tile of a query tile (forward and dQ): its key indices, K^T and
+    P = sigmoid(c Q K^T + b) (BM, BN), 0 where a key is not visible."""
+    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
+                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
+    p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
+    return offs_n, kt, tl.where(vis, p, 0.0)
 
 
 @triton.jit
@@ -72,37 +94,21 @@ def _sigmoid_fwd(Q, K, V, Bias, Mask, O,
                  G, Lq, Lk, D, Dv, scale,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = Mask + b * smb + h * smh
+    (pid_m, b, h, offs_m, offs_d, offs_e, q, k_base, v_base, mask_base,
+     off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
+                          Lq, Lk, D, BM, BD, BE)
     bias = tl.load(Bias + h)
-    off = Lk - Lq
     hi = Lk
     if CAUSAL:  # the last row of this tile sees keys < (pid_m + 1) BM + off
         hi = tl.minimum((pid_m + 1) * BM + off, Lk)
     acc = tl.zeros((BM, BE), dtype=tl.float32)
     for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
-        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                       CAUSAL, HAS_MASK)
-        p = tl.where(vis, p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * sve,
-                    mask=(offs_n[:, None] < Lk) & (offs_e[None, :] < Dv), other=0.0)
+        offs_n, kt, p = _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
+                               smn, Lq, Lk, D, off, scale, bias, CAUSAL, HAS_MASK, BN)
+        v = tile(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
         acc += tl.dot(p.to(v.dtype), v)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_e[None, :] * soe,
-             acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_e[None, :] < Dv))
+    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, offs_m < Lq, offs_e,
+               som, soe, Dv)
 
 
 @triton.jit
@@ -112,41 +118,23 @@ def _sigmoid_bwd_dq(Q, K, V, Bias, Mask, DO, DQ,
                     G, Lq, Lk, D, Dv, scale,
                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    rows = offs_m[:, None] < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=rows & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
-                 mask=rows & (offs_e[None, :] < Dv), other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = Mask + b * smb + h * smh
+    (pid_m, b, h, offs_m, offs_d, offs_e, q, k_base, v_base, mask_base,
+     off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
+                          Lq, Lk, D, BM, BD, BE)
+    do = tile(DO + b * sdob + h * sdoh, offs_m, offs_m < Lq, offs_e, sdom, sdoe, Dv)
     bias = tl.load(Bias + h)
-    off = Lk - Lq
     hi = Lk
     if CAUSAL:
         hi = tl.minimum((pid_m + 1) * BM + off, Lk)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
-        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                       CAUSAL, HAS_MASK)
-        p = tl.where(vis, p, 0.0)
-        vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
-                     mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
+        offs_n, kt, p = _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
+                               smn, Lq, Lk, D, off, scale, bias, CAUSAL, HAS_MASK, BN)
+        vt = tile_t(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
         ds = p * (1.0 - p) * tl.dot(do, vt)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
+    store_tile(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), offs_m,
+               offs_m < Lq, offs_d, sdqm, sdqd, D)
 
 
 @triton.jit
@@ -158,21 +146,8 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                       BE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hk = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    keys = offs_n[:, None] < Lk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=keys & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_e[None, :] * sve,
-                mask=keys & (offs_e[None, :] < Dv), other=0.0)
-    off = Lk - Lq
-    lo = 0
-    if CAUSAL:  # key j is seen by rows i >= j - off: start at the tile holding the first
-        lo = (tl.maximum(pid_n * BN - off, 0) // BM) * BM
+    pid_n, b, hk, offs_n, offs_d, offs_e, k, v, off, lo = key_program(
+        K, V, skb, skh, skn, skd, svb, svh, svn, sve, Lq, Lk, D, Dv, CAUSAL, BM, BN, BD, BE)
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dv = tl.zeros((BN, BE), dtype=tl.float32)
     for g in range(0, G):
@@ -184,14 +159,12 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
         db = tl.zeros((BN,), dtype=tl.float32)
         for start_m in range(lo, Lq, BM):
             offs_m = start_m + tl.arange(0, BM)
-            qt = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                         mask=(offs_m[None, :] < Lq) & (offs_d[:, None] < D), other=0.0)
+            qt = tile_t(q_base, offs_m, offs_m < Lq, offs_d, sqm, sqd, D)
             pt = tl.sigmoid(tl.dot(k, qt) * scale + bias)  # (BN, BM): P^T
             vis = visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
-                           smn, CAUSAL, HAS_MASK)
+                          smn, CAUSAL, HAS_MASK)
             pt = tl.where(vis, pt, 0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
-                         mask=(offs_m[:, None] < Lq) & (offs_e[None, :] < Dv), other=0.0)
+            do = tile(do_base, offs_m, offs_m < Lq, offs_e, sdom, sdoe, Dv)
             dv += tl.dot(pt.to(do.dtype), do)
             dst = pt * (1.0 - pt) * tl.dot(v, tl.trans(do))  # (BN, BM): dS^T
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
@@ -199,10 +172,11 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
                 db += tl.sum(dst, axis=1)
         if BIAS_GRAD:
             tl.store(DB + b * sdbb + h * sdbh + pid_n, tl.sum(db, axis=0))
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=keys & (offs_d[None, :] < D))
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_e[None, :] * sdve,
-             dv.to(DV.dtype.element_ty), mask=keys & (offs_e[None, :] < Dv))
+    keys = offs_n < Lk
+    store_tile(DK + b * sdkb + hk * sdkh, (dk * scale).to(DK.dtype.element_ty), offs_n, keys,
+               offs_d, sdkn, sdkd, D)
+    store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), offs_n, keys, offs_e,
+               sdvn, sdve, Dv)
 
 
 def _tiles(bd: int, block_size: int | None) -> dict[str, tuple[int, int, int, int]]:

@@ -57,12 +57,22 @@ import triton.language as tl
 from torch import Tensor
 
 from attnlab.ops.triton import interpreting
-from attnlab.ops.triton.common import mask_strides, padded, visible
+from attnlab.ops.triton.common import (
+    input_limits,
+    key_program,
+    key_tile,
+    mask_strides,
+    padded,
+    query_program,
+    store_tile,
+    tile,
+    tile_t,
+    visible,
+)
 
 # as attnlab.ops.softplus.FEW_KEYS (not imported: that module imports this one lazily)
 FEW_KEYS = 3
 MAX_HEAD_DIM = 128
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EPS32 = 2.0 ** -23  # torch.finfo(torch.float32).eps: _lssar_shift's margin in float32
 _STATS = 4  # per row: N, 1 / z1, rmax, 1 / z2
 TINY = tl.constexpr(1e-30)  # attnlab.ops.softplus._TINY: the clamp of z1, rmax
@@ -100,26 +110,26 @@ def _shift(n):
 
 
 @triton.jit
+def _logits(q, alpha, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm, smn,
+            Lq, Lk, D, off, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+    """One key tile of a forward pass: its key indices, visibility and u = softplus(x)."""
+    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
+                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
+    u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
+    return offs_n, vis, u
+
+
+@triton.jit
 def _fwd(Q, K, V, Mask, O, S,
          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sve,
          sob, soh, som, soe, smb, smh, smm, smn, ssb, ssh, ssm,
          G, Lq, Lk, D, Dv, log_d, p,
          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
+    (pid_m, b, h, offs_m, offs_d, offs_e, q, k_base, v_base, mask_base,
+     off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
+                          Lq, Lk, D, BM, BD, BE)
     rows = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = Mask + b * smb + h * smh
-    off = Lk - Lq
     hi = Lk
     if CAUSAL:  # the last row of this tile sees keys < (pid_m + 1) BM + off
         hi = tl.maximum(tl.minimum((pid_m + 1) * BM + off, Lk), 0)
@@ -129,7 +139,7 @@ def _fwd(Q, K, V, Mask, O, S,
         for start_n in range(0, hi, BN):
             offs_n = start_n + tl.arange(0, BN)
             vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
-                           smn, CAUSAL, HAS_MASK)
+                          smn, CAUSAL, HAS_MASK)
             n += tl.sum(vis.to(tl.float32), axis=1)
     elif CAUSAL:
         n = tl.minimum(tl.maximum(offs_m + off + 1, 0), Lk).to(tl.float32)
@@ -141,12 +151,8 @@ def _fwd(Q, K, V, Mask, O, S,
     z1 = tl.zeros((BM,), dtype=tl.float32)
     umax = tl.zeros((BM,), dtype=tl.float32)
     for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                       CAUSAL, HAS_MASK)
-        u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
+        offs_n, vis, u = _logits(q, alpha, k_base, mask_base, start_n, offs_m, offs_d, skn,
+                                 skd, smm, smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
         u = tl.where(vis, u, 0.0)
         z1 += tl.sum(u, axis=1)
         umax = tl.maximum(umax, tl.max(u, axis=1))
@@ -160,12 +166,8 @@ def _fwd(Q, K, V, Mask, O, S,
         rmax = tl.maximum(n * (umax * inv_z1) - shift, TINY)
         z2 = tl.zeros((BM,), dtype=tl.float32)
         for start_n in range(0, hi, BN):
-            offs_n = start_n + tl.arange(0, BN)
-            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-            vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
-                           smn, CAUSAL, HAS_MASK)
-            u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
+            offs_n, vis, u = _logits(q, alpha, k_base, mask_base, start_n, offs_m, offs_d,
+                                     skn, skd, smm, smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
             r = n[:, None] * (u * inv_z1[:, None]) - shift[:, None]
             tau = tl.where(vis & (r > 0), r / rmax[:, None], 0.0)
             z2 += tl.sum(_power(tau, p), axis=1)
@@ -178,22 +180,17 @@ def _fwd(Q, K, V, Mask, O, S,
     # the weighted pass
     acc = tl.zeros((BM, BE), dtype=tl.float32)
     for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                       CAUSAL, HAS_MASK)
-        u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
+        offs_n, vis, u = _logits(q, alpha, k_base, mask_base, start_n, offs_m, offs_d, skn,
+                                 skd, smm, smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
         w = tl.where(vis, u * inv_z1[:, None], 0.0)
         if REWEIGHT:
             r = n[:, None] * w - shift[:, None]
             tau = tl.where(vis & (r > 0), r / rmax[:, None], 0.0)
             w = tl.where(inv_z2[:, None] > 0, _power(tau, p) * inv_z2[:, None], w)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_e[None, :] * sve,
-                    mask=(offs_n[:, None] < Lk) & (offs_e[None, :] < Dv), other=0.0)
+        v = tile(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
         acc += tl.dot(w.to(v.dtype), v)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_e[None, :] * soe,
-             acc.to(O.dtype.element_ty), mask=rows[:, None] & (offs_e[None, :] < Dv))
+    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, rows, offs_e, som,
+               soe, Dv)
 
 
 @triton.jit
@@ -218,6 +215,42 @@ def _weights_grad(x, vis, g, n, inv_z1, rmax, inv_z2, dw, p, REWEIGHT: tl.conste
 
 
 @triton.jit
+def _row_stats(S, DW, b, h, ssb, ssh, ssm, srb, srh, offs_m, Lq, log_d,
+               COLUMNS: tl.constexpr):
+    """The forward's statistics of the rows ``offs_m`` (N, 1/z1, rmax, 1/z2), their Dw and
+    alpha, each shaped (rows, 1), or (1, rows) when the rows are the tile's COLUMNS."""
+    rows = offs_m < Lq
+    s_base = S + b * ssb + h * ssh + offs_m * ssm
+    n = tl.load(s_base, mask=rows, other=0.0)
+    inv_z1 = tl.load(s_base + 1, mask=rows, other=0.0)
+    rmax = tl.load(s_base + 2, mask=rows, other=1.0)
+    inv_z2 = tl.load(s_base + 3, mask=rows, other=0.0)
+    dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)
+    if COLUMNS:
+        n, inv_z1, rmax = n[None, :], inv_z1[None, :], rmax[None, :]
+        inv_z2, dw = inv_z2[None, :], dw[None, :]
+    else:
+        n, inv_z1, rmax = n[:, None], inv_z1[:, None], rmax[:, None]
+        inv_z2, dw = inv_z2[:, None], dw[:, None]
+    alpha = log_d * tl.log(tl.maximum(n, 1.0))
+    return n, inv_z1, rmax, inv_z2, dw, alpha
+
+
+@triton.jit
+def _dq_tile(q, do, alpha, k_base, v_base, mask_base, start_n, offs_m, offs_d, offs_e,
+             skn, skd, svn, sve, smm, smn, Lq, Lk, D, Dv, off, n, inv_z1, rmax, inv_z2, dw,
+             p, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr,
+             BN: tl.constexpr):
+    """One key tile of a dQ pass: K^T, the visibility, a, da and sigmoid(x) (BM, BN)."""
+    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
+                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
+    vt = tile_t(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+    w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n, inv_z1,
+                                  rmax, inv_z2, dw, p, REWEIGHT)
+    return kt, vis, a, da, sig
+
+
+@triton.jit
 def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sve,
             sdob, sdoh, sdom, sdoe, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
@@ -225,29 +258,13 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
             G, Lq, Lk, D, Dv, log_d, p,
             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
-    hk = h // G
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
+    (pid_m, b, h, offs_m, offs_d, offs_e, q, k_base, v_base, mask_base,
+     off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
+                          Lq, Lk, D, BM, BD, BE)
     rows = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
-                 mask=rows[:, None] & (offs_e[None, :] < Dv), other=0.0)
-    s_base = S + b * ssb + h * ssh + offs_m * ssm
-    n = tl.load(s_base, mask=rows, other=0.0)[:, None]
-    inv_z1 = tl.load(s_base + 1, mask=rows, other=0.0)[:, None]
-    rmax = tl.load(s_base + 2, mask=rows, other=1.0)[:, None]
-    inv_z2 = tl.load(s_base + 3, mask=rows, other=0.0)[:, None]
-    dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)[:, None]
-    alpha = log_d * tl.log(tl.maximum(n, 1.0))
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = Mask + b * smb + h * smh
-    off = Lk - Lq
+    do = tile(DO + b * sdob + h * sdoh, offs_m, rows, offs_e, sdom, sdoe, Dv)
+    n, inv_z1, rmax, inv_z2, dw, alpha = _row_stats(S, DW, b, h, ssb, ssh, ssm, srb, srh,
+                                                    offs_m, Lq, log_d, False)
     hi = Lk
     if CAUSAL:
         hi = tl.maximum(tl.minimum((pid_m + 1) * BM + off, Lk), 0)
@@ -255,33 +272,23 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
     if REWEIGHT:  # a first pass for Da_i = sum_j a_ij da_ij
         da_sum = tl.zeros((BM,), dtype=tl.float32)
         for start_n in range(0, hi, BN):
-            offs_n = start_n + tl.arange(0, BN)
-            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
-                         mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
-            vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm,
-                           smn, CAUSAL, HAS_MASK)
-            w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n,
-                                          inv_z1, rmax, inv_z2, dw, p, REWEIGHT)
+            kt, vis, a, da, sig = _dq_tile(q, do, alpha, k_base, v_base, mask_base, start_n,
+                                           offs_m, offs_d, offs_e, skn, skd, svn, sve, smm,
+                                           smn, Lq, Lk, D, Dv, off, n, inv_z1, rmax, inv_z2,
+                                           dw, p, CAUSAL, HAS_MASK, REWEIGHT, BN)
             da_sum += tl.sum(a * da, axis=1)
         tl.store(DA + b * srb + h * srh + offs_m, da_sum, mask=rows)
         da_row = da_sum[:, None]
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     for start_n in range(0, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * svn + offs_e[:, None] * sve,
-                     mask=(offs_n[None, :] < Lk) & (offs_e[:, None] < Dv), other=0.0)
-        vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                       CAUSAL, HAS_MASK)
-        w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n,
-                                      inv_z1, rmax, inv_z2, dw, p, REWEIGHT)
+        kt, vis, a, da, sig = _dq_tile(q, do, alpha, k_base, v_base, mask_base, start_n,
+                                       offs_m, offs_d, offs_e, skn, skd, svn, sve, smm, smn,
+                                       Lq, Lk, D, Dv, off, n, inv_z1, rmax, inv_z2, dw, p,
+                                       CAUSAL, HAS_MASK, REWEIGHT, BN)
         ds = tl.where(vis, (da - da_row) * inv_z1 * sig * alpha, 0.0)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d[None, :] < D))
+    store_tile(DQ + b * sdqb + h * sdqh, dq.to(DQ.dtype.element_ty), offs_m, rows, offs_d,
+               sdqm, sdqd, D)
 
 
 @triton.jit
@@ -292,21 +299,8 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
               G, Lq, Lk, D, Dv, log_d, p,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hk = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    keys = offs_n[:, None] < Lk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=keys & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_e[None, :] * sve,
-                mask=keys & (offs_e[None, :] < Dv), other=0.0)
-    off = Lk - Lq
-    lo = 0
-    if CAUSAL:  # key j is seen by rows i >= j - off: start at the tile holding the first
-        lo = (tl.maximum(pid_n * BN - off, 0) // BM) * BM
+    pid_n, b, hk, offs_n, offs_d, offs_e, k, v, off, lo = key_program(
+        K, V, skb, skh, skn, skd, svb, svh, svn, sve, Lq, Lk, D, Dv, CAUSAL, BM, BN, BD, BE)
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dv = tl.zeros((BN, BE), dtype=tl.float32)
     for g in range(0, G):
@@ -317,20 +311,13 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
         for start_m in range(lo, Lq, BM):
             offs_m = start_m + tl.arange(0, BM)
             rows = offs_m < Lq
-            qt = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                         mask=rows[None, :] & (offs_d[:, None] < D), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_e[None, :] * sdoe,
-                         mask=rows[:, None] & (offs_e[None, :] < Dv), other=0.0)
-            s_base = S + b * ssb + h * ssh + offs_m * ssm
-            n = tl.load(s_base, mask=rows, other=0.0)[None, :]
-            inv_z1 = tl.load(s_base + 1, mask=rows, other=0.0)[None, :]
-            rmax = tl.load(s_base + 2, mask=rows, other=1.0)[None, :]
-            inv_z2 = tl.load(s_base + 3, mask=rows, other=0.0)[None, :]
-            dw = tl.load(DW + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
+            qt = tile_t(q_base, offs_m, rows, offs_d, sqm, sqd, D)
+            do = tile(do_base, offs_m, rows, offs_e, sdom, sdoe, Dv)
+            n, inv_z1, rmax, inv_z2, dw, alpha = _row_stats(S, DW, b, h, ssb, ssh, ssm, srb,
+                                                            srh, offs_m, Lq, log_d, True)
             da_row = tl.load(DA + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
-            alpha = log_d * tl.log(tl.maximum(n, 1.0))
             vis = visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
-                           smn, CAUSAL, HAS_MASK)
+                          smn, CAUSAL, HAS_MASK)
             # (BN, BM) tiles: the transposes of the dQ kernel's
             w, a, da, sig = _weights_grad(alpha * tl.dot(k, qt), vis,
                                           tl.dot(v, tl.trans(do)), n, inv_z1, rmax, inv_z2,
@@ -338,10 +325,11 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
             dv += tl.dot(w.to(do.dtype), do)
             ds = tl.where(vis, (da - da_row) * inv_z1 * sig * alpha, 0.0)
             dk += tl.dot(ds.to(qt.dtype), tl.trans(qt))
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=keys & (offs_d[None, :] < D))
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_e[None, :] * sdve,
-             dv.to(DV.dtype.element_ty), mask=keys & (offs_e[None, :] < Dv))
+    keys = offs_n < Lk
+    store_tile(DK + b * sdkb + hk * sdkh, dk.to(DK.dtype.element_ty), offs_n, keys, offs_d,
+               sdkn, sdkd, D)
+    store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), offs_n, keys, offs_e,
+               sdvn, sdve, Dv)
 
 
 def _tiles(bd: int) -> dict[str, tuple[int, int, int, int]]:
@@ -467,15 +455,9 @@ def triton_limits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     """Why the triton kernels cannot serve this call (None: they can): they take float16,
     bfloat16 or float32 inputs (bfloat16 not under Triton's interpreter, which has no
     bfloat16 arithmetic), head dims 1..128, a bool mask and a power ``reweight_p`` >= 1."""
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return ("the triton kernel takes float16, bfloat16 or float32 inputs of one dtype, "
-                f"got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
-        return "Triton's interpreter has no bfloat16 arithmetic (bfloat16 runs on CUDA)"
-    dims = (q.shape[-1], v.shape[-1])
-    if min(dims) < 1 or max(dims) > MAX_HEAD_DIM:
-        return (f"the triton kernel takes head dims 1..{MAX_HEAD_DIM}, got q/k {dims[0]} "
-                f"and v {dims[1]}")
+    why = input_limits(q, v, MAX_HEAD_DIM, k)
+    if why is not None:
+        return why
     if mask is not None and mask.dtype != torch.bool:
         return f"the triton kernel takes a bool mask, got {mask.dtype}"
     if reweight_p is not None and not reweight_p >= 1:
