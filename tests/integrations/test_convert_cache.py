@@ -13,7 +13,6 @@ sliding window overrun) is refused with the reason.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -299,4 +298,3 @@ def test_a_plain_forward_builds_no_state():
     with _seen(model) as calls:
         out = model(input_ids=_prompt(5))
     assert calls == [(5, False)] and out.cache is None
-    copy.deepcopy(model)  # a converted model still copies (no state kept on it)

@@ -305,7 +305,10 @@ class ConvertedAttention(nn.Module):
     ``sites``); it shares the pretrained ``nn.Linear`` parameters with ``attn`` (so it
     follows the model's ``.to()`` and sees updates to them), while GPT-2's teacher keeps its
     own Conv1D weights. ``teacher_parts``: other replaced modules by path (BERT's output
-    dense, whose parameters ``attn.o_proj`` shares)."""
+    dense, whose parameters ``attn.o_proj`` shares). ``model``: the converted model and
+    mechanism, for messages. Given a transformers ``cache``, the call runs only the new tokens
+    through ``attn`` with the layer's decoding state, kept in the cache (a
+    :class:`StateCacheLayer`; the module docstring's "The cache")."""
 
     teacher: nn.Module | None
     teacher_parts: dict[str, nn.Module]
@@ -402,8 +405,8 @@ class ConvertedAttention(nn.Module):
                                  f"(the {past} cached tokens, then the new ones) are not "
                                  "reproduced: attnlab's RoPE counts positions from the first "
                                  "token of the batch, and left padding (Hugging Face counts "
-                                 "from each row's first real token) is refused with RoPE; pad "
-                                 "on the right or generate the sequences one at a time")
+                                 "from each row's first real token) is refused with RoPE: "
+                                 "batch sequences of one length, or generate one at a time")
         if slot.state is not None and slot.state.batch_size != batch:
             raise ValueError(f"{who}: the cache holds a state of {slot.state.batch_size} "
                              f"sequences, the call has {batch}")
