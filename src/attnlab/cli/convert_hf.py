@@ -408,9 +408,9 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
     del frozen
     model.eval()
 
-    console.print(f"text: {escape(described)}")
-    table = Table(title=f"{escape(who)}: {len(test)} held-out "
-                        f"{'windows' if causal else 'lines'}")
+    unit = f"windows of {length} tokens" if causal else "lines"
+    console.print(f"{escape(who)}: {len(test)} held-out {unit}; text: {escape(described)}")
+    table = Table()
     table.add_column("model")
     if causal:
         table.add_column("perplexity", justify="right")
