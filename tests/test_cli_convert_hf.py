@@ -157,6 +157,7 @@ def test_refusals_before_weights(tiny: Path, tmp_path: Path) -> None:
     text = ("--text", str(tiny / "text.txt"), "--out", str(tmp_path / "x"))
     bare = {}
     for name, config in (("bert", build("BERT").config), ("llama", build("Llama").config),
+                         ("mistral", build("Mistral").config),
                          ("opt", transformers.OPTConfig(hidden_size=16, num_attention_heads=2,
                                                         ffn_dim=32, num_hidden_layers=1))):
         bare[name] = tmp_path / name
@@ -167,6 +168,8 @@ def test_refusals_before_weights(tiny: Path, tmp_path: Path) -> None:
         ((str(bare["opt"]), "--mechanism", "hedgehog"), "no mapping of model type 'opt'"),
         ((str(bare["bert"]), "--mechanism", "hedgehgo"), "unknown mechanism 'hedgehgo'"),
         ((str(tmp_path / "nowhere"), "--mechanism", "hedgehog"), "no such folder"),
+        ((str(bare["mistral"]), "--mechanism", "hedgehog", "--length", "16"),
+         "sliding window of 12 tokens"),
         ((str(tmp_path), "--mechanism", "hedgehog"), "no config.json"),
         ((str(bare["bert"]), "--mechanism", "hedgehog", "--finetune", "logits"),
          "without a language-model head"),

@@ -323,6 +323,13 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
     if not causal and tune in ("lm", "logits"):
         raise click.UsageError(f"--finetune {tune}: {source} is a {kind} encoder without a "
                                "language-model head (no logits); use --finetune hidden")
+    window = getattr(config, "sliding_window", None) if kind == "mistral" or (
+        kind == "qwen2" and getattr(config, "use_sliding_window", False)) else None
+    if window is not None and length > int(window):
+        raise click.UsageError(f"--length {length}: {source} attends within a sliding window "
+                               f"of {window} tokens, which the converted modules do not "
+                               f"implement (exact up to {window} tokens): pass --length "
+                               f"{window} or less")
     args = cv._resolved(chosen.kwargs, length if causal else None)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
