@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from attnlab.core.hooks import HeadSite
 from attnlab.integrations.convert import convert, new_parameters, teacher
+from attnlab.integrations.saved import load_converted, save_converted
 from attnlab.ops import (
     sigmoid_attention,
     sigmoid_weights,
@@ -34,7 +35,7 @@ from attnlab.ops.common import expand_kv
 __all__ = ["MECHANISMS", "implementation_name", "register", "use_attnlab", "attention_modules",
            "load_minilm", "sentence_embeddings", "mean_pooled", "require_transformers",
            "attention_forward", "attention_kind", "head_counts", "METADATA",
-           "convert", "new_parameters", "teacher"]
+           "convert", "new_parameters", "teacher", "save_converted", "load_converted"]
 
 # mechanism -> (op, weights): the ops that need no parameters of their own, so that a
 # pretrained model's q, k, v can go through them unchanged
