@@ -29,12 +29,20 @@ the unembedding). An edge u -> v is the direct path of u's output into v's input
 
 where the gradient reaches ``in_v`` (the residual stream at v's block input) through head v's
 q (or k, v) alone: a vector-Jacobian product of the block's norm and projections with the
-``hook_q`` (``hook_k``, ``hook_v``) gradient restricted to that head. MLPs are not nodes here:
-an edge's score is its direct path only, and the edges out of a head add up to its AtP score
-exactly when nothing else reads the residual stream (attention-only models).
-EAP assumes pre-norm residual blocks (the residual entering a block is the sum of the
-embedding and every earlier block's outputs): attnlab's ``TransformerLM``, GPT-2, Llama and
-the like, not BERT's post-norm blocks.
+``hook_q`` (``hook_k``, ``hook_v``) gradient restricted to that head. By default MLPs are not
+nodes: an edge's score is its direct path only, and the edges out of a head add up to its AtP
+score exactly when nothing else reads the residual stream (attention-only models). With
+``mlps=True`` each block's MLP is a node too, the standard graph of Syed et al. and of Hanna
+et al. (EAP-IG): the sender ``"L<l>.MLP"`` writes ``blocks.<l>.mlp_out``, the receiver
+``"L<l>.MLP.in"`` is the residual the MLP reads (after its block's attention), the gradient
+taken at the input of the MLP's own norm (``heads.points.BlockParts.mlp_in``), so it flows
+through the MLP alone; then everything that reads the residual is a receiver and the edges
+out of every sender add up to its AtP score.
+The blocks, attention and MLP outputs and the residual points are found and hooked through
+``heads.points`` (``layout``, ``edit_points``). EAP assumes pre-norm residual blocks (the
+residual entering a block is the sum of the embedding and every earlier sublayer's output):
+attnlab's ``TransformerLM``, GPT-2, Llama and the like; BERT's post-norm blocks are refused,
+and so are MLP nodes in parallel blocks (the MLP reading the residual before the attention).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.heads.metrics import Inputs, Metric, PatchScores, run_model
-from attnlab.heads.points import tensor_of, with_tensor
+from attnlab.heads.points import _pre_input, edit_points, hook_points, layout
 from attnlab.heads.sites import POINTS, Site, forward_hooks, sites
 
 __all__ = ["RESIDUAL_POINTS", "attribution_patching", "edge_attribution_patching", "EdgeScores",
@@ -326,11 +334,14 @@ def _stack_padded(rows: Sequence[Tensor]) -> Tensor:
 class EdgeScores:
     """Scores of the edges u -> v of the residual-stream graph (``edge_attribution_patching``).
 
-    ``upstream``: the writers (``"embed"``, ``"L<l>.H<h>"``); ``downstream``: the readers
-    (``"L<l>.H<h>.q"``, ``.k``, ``.v`` -- k and v count key/value heads -- and ``"logits"``);
+    ``upstream``: the writers (``"embed"``, ``"L<l>.H<h>"``, with ``mlps=True`` also
+    ``"L<l>.MLP"``), in model order; ``downstream``: the readers (``"L<l>.H<h>.q"``, ``.k``,
+    ``.v`` -- k and v count key/value heads --, with ``mlps=True`` ``"L<l>.MLP.in"``, and
+    ``"logits"``);
     ``scores`` (upstream x downstream): each edge's estimate of metric(edge patched) -
     metric(base run); ``valid`` marks the edges that exist (u writes before v reads: an
-    upstream head feeds only later layers); the others hold 0. ``direction``, ``clean`` and
+    upstream head feeds only later layers and its own layer's MLP, an MLP only later layers);
+    the others hold 0. ``direction``, ``clean`` and
     ``corrupted`` as in ``PatchScores``."""
 
     upstream: list[str]
@@ -367,95 +378,152 @@ class EdgeScores:
         return names.index(name)
 
 
-def _block_of(model: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
-    """(the residual block holding ``site``'s attention, the attention module itself)."""
-    owner_path = site.path.removesuffix(".attnlab_site")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    if "." not in owner_path:
-        raise ValueError(f"edge attribution needs the attention layers inside residual blocks; "
-                         f"{site} is not inside a block")
-    return model.get_submodule(owner_path.rpartition(".")[0]), owner
+@dataclass(frozen=True)
+class _Stack:
+    """What EAP needs of a model, found through ``heads.points``: its attention layers (one
+    self-attention site per residual block, ``model_sites[i]`` in block ``i``), the names of
+    the attnlab residual-branch points of each block, and per block the module whose input is
+    the residual its MLP reads (``points.BlockParts.mlp_in``; None: no MLP node there)."""
+
+    model: nn.Module
+    model_sites: list[Site]
+    blocks: int
+    branches: list[list[str]]
+    mlp: list[nn.Module | None]
+
+    @property
+    def mlp_layers(self) -> list[int]:
+        return [i for i, m in enumerate(self.mlp) if m is not None]
+
+
+def _stack(model: nn.Module, mlps: bool) -> _Stack:
+    """The blocks of ``model`` (``heads.points.layout``) with the attention site of each;
+    ValueError where EAP's graph does not fit (post-norm blocks, cross-attention, not one
+    attention layer per block, an MLP node asked for whose input residual cannot be found)."""
+    model_sites = sites(model)
+    lay = layout(model)
+    if lay.family == "post-norm":
+        raise ValueError(f"{type(model).__name__} has post-norm blocks (BERT-like: a LayerNorm "
+                         "after each residual add): edge attribution needs pre-norm blocks, "
+                         "whose residual is the sum of the embedding and every earlier "
+                         "sublayer's output")
+    if any(s.kind != "self" for s in model_sites) or len(model_sites) != len(lay.blocks) or \
+            any(not s.path.startswith(part.path + ".")
+                for s, part in zip(model_sites, lay.blocks, strict=False)):
+        raise ValueError("edge attribution needs one self-attention layer per residual "
+                         f"block (a decoder-only or encoder-only stack); this model has "
+                         f"{len(model_sites)} attention layers ({', '.join(map(str, model_sites))}"
+                         f") in {len(lay.blocks)} blocks")
+    names = hook_points(model)
+    branches = [[n for n in (f"blocks.{i}.before_out", f"blocks.{i}.after_out") if n in names]
+                for i in range(len(lay.blocks))]
+    mlp: list[nn.Module | None] = [None] * len(lay.blocks)
+    for part in lay.blocks if mlps else ():
+        if part.mlp is None:
+            continue  # an attention-only block: no MLP node
+        if part.mlp_in is None:
+            raise ValueError(f"block {part.path} ({type(part.block).__name__}): its MLP has no "
+                             "norm of its own before it that heads.points knows (a norm shared "
+                             "with the attention, as in parallel blocks, or another name), so "
+                             "the residual the MLP reads cannot be hooked apart from the "
+                             "attention's: use mlps=False")
+        mlp[part.index] = part.mlp_in
+    return _Stack(model, model_sites, len(lay.blocks), branches, mlp)
 
 
 class _Graph:
-    """The hooks of one EAP run: the residual entering each block (and leaving the last one),
-    each attention module's output, and hook_q/k/v/heads of every layer."""
+    """The hooks of one EAP run, through ``heads.points.edit_points`` (all but one kind): the
+    residual entering each block (``resid_pre``; a zero leaf on the gradient run, read by the
+    heads' q/k/v), what each attention adds (``attn_out``), each MLP's output (``mlp_out``),
+    the residual leaving the last block (``resid_post``; a leaf, read by the logits),
+    hook_q/k/v/heads of every layer and, with MLP nodes, the residual each MLP reads: a
+    forward pre-hook on its norm (``points.BlockParts.mlp_in``), whose leaf reaches the MLP
+    alone. A recorder's ``mix`` replaces a value (integrated gradients)."""
 
-    def __init__(self, model: nn.Module, model_sites: list[Site], grad: bool) -> None:
-        self.model_sites, self.grad = model_sites, grad
-        pairs = [_block_of(model, s) for s in model_sites]
-        self.blocks = [b for b, _ in pairs]
-        self.attention = [a for _, a in pairs]
-        if len({id(b) for b in self.blocks}) != len(self.blocks) or any(
-                s.kind != "self" for s in model_sites):
-            raise ValueError("edge attribution needs one self-attention layer per residual "
-                             "block (a decoder-only or encoder-only stack); this model has "
-                             "cross-attention or several attention layers in one block")
+    def __init__(self, stack: _Stack, grad: bool) -> None:
+        self.stack, self.grad = stack, grad
         self.points = {p: _Recorder(grad) for p in (*READS, "heads")}
-        self.resid: dict[int, Tensor] = {}  # the residual entering block l (its value)
-        self.resid_leaf: dict[int, Tensor] = {}
-        self.final: Tensor | None = None
-        self.final_leaf: Tensor | None = None
-        self.attn_out: dict[int, Tensor] = {}
-        self.mix_embed: Callable[[Tensor], Tensor] | None = None  # replaces block 0's input
+        self.resid = _Recorder(grad)  # block -> the residual entering it
+        self.final = _Recorder(grad)  # the last block -> the residual leaving it
+        self.mlp_in = _Recorder(grad)  # block -> the residual its MLP reads
+        self.mlp_out = _Recorder(grad=False)  # block -> what its MLP adds
+        self.attn_out: dict[int, Tensor] = {}  # in the autograd graph on the gradient run
+        self.branch: dict[int, list[Tensor]] = {}
 
-    def _leaf(self, value: Tensor) -> tuple[Tensor, Tensor | None]:
-        if not self.grad:
-            return value, None
-        leaf = torch.zeros_like(value, requires_grad=True)
-        return value + leaf, leaf
+    @property
+    def last(self) -> int:
+        return self.stack.blocks - 1
+
+    def _keep_attn_out(self, layer: int) -> Callable[[Tensor], None]:
+        def keep(x: Tensor) -> None:
+            self.attn_out[layer] = x
+        return keep
+
+    def _keep_branch(self, layer: int) -> Callable[[Tensor], None]:
+        def keep(x: Tensor) -> None:
+            self.branch.setdefault(layer, []).append(x.detach())
+        return keep
+
+    def _mlp_input(self, layer: int) -> Callable[..., Any]:
+        what = f"the residual the MLP of block {layer} reads"
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x, positional = _pre_input(args, kwargs, what)
+            x = self.mlp_in.take(layer, what, x)
+            return ((x, *args[1:]), kwargs) if positional else \
+                (args, {**kwargs, "hidden_states": x})
+        return pre
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
+        s = self.stack
+        edits: dict[str, Callable[[Tensor], Tensor | None]] = {}
+        for i in range(s.blocks):
+            edits[f"blocks.{i}.resid_pre"] = self.resid.edit(i, f"blocks.{i}.resid_pre")
+            edits[f"blocks.{i}.attn_out"] = self._keep_attn_out(i)
+            if s.mlp[i] is not None:
+                edits[f"blocks.{i}.mlp_out"] = self.mlp_out.edit(i, f"blocks.{i}.mlp_out")
+                edits.update((name, self._keep_branch(i)) for name in s.branches[i])
+        edits[f"blocks.{self.last}.resid_post"] = self.final.edit(
+            self.last, f"blocks.{self.last}.resid_post")
+        for site in s.model_sites:
+            for p, rec in self.points.items():
+                edits[f"L{site.layer}.{p}"] = rec.edit(site.layer, f"L{site.layer}.{p}")
         handles = []
-
-        def block_input(layer: int) -> Callable[..., Any]:
-            def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-                if args and isinstance(args[0], Tensor):
-                    x = args[0]
-                elif isinstance(kwargs.get("hidden_states"), Tensor):
-                    x = kwargs["hidden_states"]
-                else:
-                    raise ValueError(f"block {layer} got no residual tensor (its first "
-                                     "argument or hidden_states=)")
-                if layer == 0 and self.mix_embed is not None:
-                    x = self.mix_embed(x)
-                self.resid[layer] = x.detach()
-                x, leaf = self._leaf(x)
-                if leaf is not None:
-                    self.resid_leaf[layer] = leaf
-                if args and isinstance(args[0], Tensor):
-                    return (x, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": x}
-            return pre
-
-        def attention_output(layer: int) -> Callable[..., Any]:
-            def post(module: nn.Module, args: Any, out: Any) -> None:
-                self.attn_out[layer] = tensor_of(out, "edge attribution")
-            return post
-
-        def last_output(module: nn.Module, args: Any, out: Any) -> Any:
-            x = tensor_of(out, "edge attribution")
-            self.final = x.detach()
-            x, self.final_leaf = self._leaf(x)
-            return with_tensor(out, x)
-
         try:
-            for i, (block, attn) in enumerate(zip(self.blocks, self.attention, strict=True)):
-                handles.append(block.register_forward_pre_hook(block_input(i),
-                                                               with_kwargs=True))
-                if self.grad:
-                    handles.append(attn.register_forward_hook(attention_output(i)))
-            handles.append(self.blocks[-1].register_forward_hook(last_output))
-            with contextlib.ExitStack() as stack:
-                for p, rec in self.points.items():
-                    stack.enter_context(forward_hooks(self.model_sites, p, {
-                        s.layer: rec.hook(s.layer, f"L{s.layer}.{p}")
-                        for s in self.model_sites}))
+            for i in s.mlp_layers:
+                module = s.mlp[i]
+                assert module is not None
+                handles.append(module.register_forward_pre_hook(self._mlp_input(i),
+                                                                with_kwargs=True))
+            with edit_points(s.model, edits):
                 yield
         finally:
             for h in handles:
                 h.remove()
+
+    def check(self) -> None:
+        """ValueError unless every hook ran and each MLP read the residual after its block's
+        attention (resid_pre + branches + attn_out, to rounding): not a parallel block."""
+        for i in range(self.stack.blocks):
+            if i not in self.resid.values or i not in self.attn_out:
+                raise ValueError(f"block {i} did not run")
+        if self.last not in self.final.values:
+            raise ValueError("the last block did not run")
+        for i in self.stack.mlp_layers:
+            if i not in self.mlp_in.values or i not in self.mlp_out.values:
+                raise ValueError(f"the MLP of block {i} did not run")
+            parts = [self.resid.values[i], *self.branch.get(i, []),
+                     self.attn_out[i].detach()]
+            read = _promoted(self.mlp_in.values[i])
+            expected = sum((_promoted(p) for p in parts), torch.zeros_like(read))
+            scale = sum(float(p.abs().max()) for p in parts)
+            if float((read - expected).abs().max()) > 16 * torch.finfo(
+                    self.mlp_in.values[i].dtype).eps * max(scale, 1.0):
+                raise ValueError(f"the MLP of block {i} does not read the residual after the "
+                                 "block's attention (resid_pre + attn_out): a parallel block, "
+                                 "or a residual scaled before the add; edge attribution with "
+                                 "MLP nodes needs sequential pre-norm blocks (use mlps=False)")
 
 
 def _batched_vjp(output: Tensor, leaf: Tensor, cotangents: Tensor) -> Tensor:
@@ -480,7 +548,8 @@ def _one_head_each(grad: Tensor) -> Tensor:
 
 def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs,
                               metric: Metric, *, forward: Forward | None = None,
-                              direction: str = "noise", steps: int = 1) -> EdgeScores:
+                              direction: str = "noise", steps: int = 1,
+                              mlps: bool = False) -> EdgeScores:
     """EAP: the first-order estimate of patching each edge u -> v of the residual-stream graph
     (see the module docstring for the nodes), from one forward and backward pass on the base
     input and one forward pass on the other.
@@ -489,36 +558,49 @@ def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs
     corrupted output is patched into one downstream input; ``"denoise"``: the reverse. The
     score of u -> v is (out_u(target) - out_u(base)) . d metric / d in_v at the base run, the
     gradient flowing into the residual through head v's own q, k or v projection only
-    (``"logits"``: through the final norm and unembedding), summed over batch and positions.
-    ``metric`` and ``forward`` as in ``attribution_patching``.
+    (``"logits"``: through the final norm and unembedding; an MLP: through its own norm and
+    the MLP), summed over batch and positions. ``metric`` and ``forward`` as in
+    ``attribution_patching``.
+
+    ``mlps=True`` makes each block's MLP a node too (the standard graph of Syed et al. and
+    Hanna et al.): the sender ``"L<l>.MLP"`` (its output, ``blocks.<l>.mlp_out``) after the
+    heads of its block, the receiver ``"L<l>.MLP.in"`` (the residual the MLP reads, after
+    the block's attention: the input of its norm). Every edge of the graph without MLP nodes
+    keeps its score; with them everything that reads the residual is a receiver, so the
+    edges out of any sender add up to its AtP score. Blocks without an MLP (attention-only
+    models) have no MLP node; a model whose MLP shares its input norm with the attention
+    (parallel blocks) is refused.
 
     ``steps = m`` > 1: integrated gradients, as ``attribution_patching`` does it: the
     gradients into the readers that score the edges out of one writer group (the embeddings;
-    the heads of one layer) are the mean over the m points k / m, k = 0 .. m - 1, of the line
-    from the group's base output to its target output (``hook_heads`` of that layer, or the
-    residual entering block 0, set on the line; everything else runs on the base input): (m -
-    1) x (layers + 1) more EAP passes. 1 is plain EAP."""
+    the heads of one layer; one MLP) are the mean over the m points k / m, k = 0 .. m - 1, of
+    the line from the group's base output to its target output (``hook_heads`` of that layer,
+    ``mlp_out`` of that block, or the residual entering block 0, set on the line; everything
+    else runs on the base input): (m - 1) x (groups - 1) more EAP passes. 1 is plain EAP."""
     _check_direction(direction)
     _check_steps(steps)
+    if not isinstance(mlps, bool):
+        raise ValueError(f"mlps must be True or False, got {mlps!r}")
     forward = forward or run_model
-    model_sites = sites(model)
+    stack = _stack(model, mlps)
     base_inputs, target_inputs = _base_and_target(clean, corrupted, direction)
 
-    target = _Graph(model, model_sites, grad=False)
+    target = _Graph(stack, grad=False)
     with torch.no_grad(), target.hooked():
         target_metric = _scalar(metric(_run(model, forward, target_inputs)), "target")
-    base = _Graph(model, model_sites, grad=True)
+    base = _Graph(stack, grad=True)
     with torch.enable_grad(), base.hooked():
         base_metric = _scalar(metric(_run(model, forward, base_inputs)), "base")
         if not base_metric.requires_grad:
             raise ValueError("the metric does not depend on the model's activations (it "
                              "returned a tensor without a gradient): compute it from the "
                              "logits it is given")
-        scores, valid, upstream, downstream = _edge_scores(model_sites, base, target,
-                                                           base_metric)
+        target.check()
+        base.check()
+        scores, valid, upstream, downstream = _edge_scores(stack, base, target, base_metric)
     if steps > 1:
-        scores = _integrated_edges(model, forward, base_inputs, metric, model_sites, base,
-                                   target, scores, steps)
+        scores = _integrated_edges(forward, base_inputs, metric, stack, base, target, scores,
+                                   steps)
     metrics = {"base": float(base_metric.detach()), "target": float(target_metric)}
     clean_value, corrupted_value = ((metrics["target"], metrics["base"]) if direction ==
                                     "denoise" else (metrics["base"], metrics["target"]))
@@ -526,94 +608,126 @@ def edge_attribution_patching(model: nn.Module, clean: Inputs, corrupted: Inputs
                       clean_value, corrupted_value)
 
 
-def _integrated_edges(model: nn.Module, forward: Forward, base_inputs: Inputs, metric: Metric,
-                      model_sites: list[Site], base: _Graph, target: _Graph, first: Tensor,
-                      steps: int) -> Tensor:
+def _writers(stack: _Stack) -> list[tuple[str, int, list[str]]]:
+    """The writer groups in model order: (kind, block, node names); kind ``"embed"``,
+    ``"heads"`` or ``"mlp"``."""
+    groups: list[tuple[str, int, list[str]]] = [("embed", -1, ["embed"])]
+    for s in stack.model_sites:
+        groups.append(("heads", s.layer, [f"L{s.layer}.H{h}" for h in range(s.heads)]))
+        if stack.mlp[s.layer] is not None:
+            groups.append(("mlp", s.layer, [f"L{s.layer}.MLP"]))
+    return groups
+
+
+def _stage(kind: str, block: int) -> int:
+    """Where a node sits in the residual stream: a writer of this stage feeds the readers of
+    any later stage (embed 0; block l's heads 2l + 1 and its MLP 2l + 2; a reader of block l's
+    heads reads at 2l + 1, of its MLP at 2l + 2, the logits after the last block)."""
+    return {"embed": 0, "heads": 2 * block + 1, "mlp": 2 * block + 2}[kind]
+
+
+def _integrated_edges(forward: Forward, base_inputs: Inputs, metric: Metric, stack: _Stack,
+                      base: _Graph, target: _Graph, first: Tensor, steps: int) -> Tensor:
     """EAP scores with each writer group's rows averaged over ``steps`` points of its line
     (``first``: the scores at k = 0, the base run's)."""
     total = first.detach().clone()
-    start = 1
-    groups: list[tuple[int, slice]] = [(-1, slice(0, 1))]  # -1: the embeddings
-    for s in model_sites:
-        groups.append((s.layer, slice(start + sum(x.heads for x in model_sites[:s.layer]),
-                                      start + sum(x.heads for x in model_sites[:s.layer + 1]))))
-    for group, rows in groups:
-        if group < 0:
-            a, b = base.resid[0], target.resid[0]
+    row = 0
+    for kind, block, names in _writers(stack):
+        rows = slice(row, row + len(names))
+        row += len(names)
+        if kind == "embed":
+            a, b = base.resid.values[0], target.resid.values[0]
+        elif kind == "heads":
+            a, b = base.points["heads"].values[block], target.points["heads"].values[block]
         else:
-            a, b = base.points["heads"].values[group], target.points["heads"].values[group]
+            a, b = base.mlp_out.values[block], target.mlp_out.values[block]
         for k in range(1, steps):
             def mix(x: Tensor, a: Tensor = a, b: Tensor = b, alpha: float = k / steps
                     ) -> Tensor:
                 return torch.lerp(a.to(x.dtype), b.to(x.dtype), alpha)
-            graph = _Graph(model, base.model_sites, grad=True)
-            if group < 0:
-                graph.mix_embed = mix
-            else:
-                graph.points["heads"].mix[group] = mix
+            graph = _Graph(stack, grad=True)
+            recorder = {"embed": graph.resid, "heads": graph.points["heads"],
+                        "mlp": graph.mlp_out}[kind]
+            recorder.mix[max(block, 0)] = mix
             with torch.enable_grad(), graph.hooked():
-                value = _scalar(metric(_run(model, forward, base_inputs)), "interpolated")
-                scores = _edge_scores(model_sites, graph, target, value, plain=base)[0]
+                value = _scalar(metric(_run(stack.model, forward, base_inputs)),
+                                "interpolated")
+                graph.check()
+                scores = _edge_scores(stack, graph, target, value, plain=base)[0]
             total[rows] += scores[rows].detach()
     return total / steps
 
 
-def _edge_scores(model_sites: list[Site], base: _Graph, target: _Graph, base_metric: Tensor,
+def _edge_scores(stack: _Stack, base: _Graph, target: _Graph, base_metric: Tensor,
                  plain: _Graph | None = None) -> tuple[Tensor, Tensor, list[str], list[str]]:
     """The EAP scores from the gradients of ``base_metric`` through ``base``'s leaves, the
     output differences from ``target`` minus ``plain`` (default ``base``: the same run)."""
     plain = plain or base
-    layers = len(model_sites)
-    for i in range(layers):
-        if i not in base.resid or i not in target.resid:
-            raise ValueError(f"block {i} did not run")
-    if base.final is None or target.final is None or base.final_leaf is None:
-        raise ValueError("the last block did not run")
+    model_sites = stack.model_sites
     grads = {p: base.points[p].gradients(base_metric) for p in READS}
-    (final_grad,) = torch.autograd.grad(base_metric, base.final_leaf, retain_graph=True)
+    (final_grad,) = torch.autograd.grad(base_metric, base.final.leaves[base.last],
+                                        retain_graph=True)
+    mlp_grads = base.mlp_in.gradients(base_metric) if stack.mlp_layers else {}
 
-    upstream = ["embed"] + [f"L{s.layer}.H{h}" for s in model_sites for h in range(s.heads)]
-    first_head = [1]
-    for s in model_sites:
-        first_head.append(first_head[-1] + s.heads)
-    _check_same_shape("the residual entering block 0", plain.resid[0], target.resid[0])
-    d_embed = _promoted(target.resid[0]) - _promoted(plain.resid[0])
-    d_heads = {}
-    for s in model_sites:
-        a, b = target.points["heads"].values[s.layer], plain.points["heads"].values[s.layer]
-        _check_same_shape(f"L{s.layer}.heads", b, a)
-        d_heads[s.layer] = _promoted(a) - _promoted(b)
+    writers = _writers(stack)
+    upstream = [name for _, _, names in writers for name in names]
+    _check_same_shape("the residual entering block 0", plain.resid.values[0],
+                      target.resid.values[0])
+    d_embed = _promoted(target.resid.values[0]) - _promoted(plain.resid.values[0])
+    deltas: dict[tuple[str, int], Tensor] = {}
+    for kind, block, _ in writers[1:]:
+        if kind == "heads":
+            a, b = target.points["heads"].values[block], plain.points["heads"].values[block]
+            what = f"L{block}.heads"
+        else:
+            a, b = target.mlp_out.values[block], plain.mlp_out.values[block]
+            what = f"blocks.{block}.mlp_out"
+        _check_same_shape(what, b, a)
+        deltas[kind, block] = _promoted(a) - _promoted(b)
 
-    def upstream_scores(cotangents: Tensor, before: int) -> Tensor:
-        """(U, N): the edges from every writer before layer ``before`` into N readers whose
+    def upstream_scores(cotangents: Tensor, stage: int) -> Tensor:
+        """(U, N): the edges from every writer before ``stage`` into N readers whose
         residual-stream gradients are ``cotangents`` (N, B, L, C)."""
         out = cotangents.new_zeros(len(upstream), len(cotangents), dtype=d_embed.dtype)
         out[0] = (_promoted(cotangents) * d_embed).flatten(1).sum(1)
-        for s in model_sites[:before]:
-            leaf = base.points["heads"].leaves[s.layer]
-            back = _batched_vjp(base.attn_out[s.layer], leaf, cotangents)  # (N, B, L, H, D)
-            per_head = (_promoted(back) * d_heads[s.layer]).sum(dim=(1, 2, 4))  # (N, H)
-            out[first_head[s.layer]:first_head[s.layer] + s.heads] = per_head.T
+        row = 1
+        for kind, block, names in writers[1:]:
+            if _stage(kind, block) < stage:
+                if kind == "heads":
+                    leaf = base.points["heads"].leaves[block]
+                    back = _batched_vjp(base.attn_out[block], leaf, cotangents)  # (N,B,L,H,D)
+                    per_head = (_promoted(back) * deltas[kind, block]).sum(dim=(1, 2, 4))
+                    out[row:row + len(names)] = per_head.T
+                else:
+                    out[row] = (_promoted(cotangents) * deltas[kind, block]).flatten(1).sum(1)
+            row += len(names)
         return out
 
     columns: list[Tensor] = []
     downstream: list[str] = []
-    reach: list[int] = []  # how many layers of writers each reader sees
+    reach: list[int] = []  # the stage each reader reads at
     for s in model_sites:
-        leaf = base.resid_leaf[s.layer]
+        leaf = base.resid.leaves[s.layer]
         for p in READS:
             out = base.points[p].outputs[s.layer]
             heads = out.shape[1]
             into_resid = _batched_vjp(out, leaf, _one_head_each(grads[p][s.layer]))
-            columns.append(upstream_scores(into_resid, s.layer))
+            columns.append(upstream_scores(into_resid, _stage("heads", s.layer)))
             downstream += [f"L{s.layer}.H{h}.{p}" for h in range(heads)]
-            reach += [s.layer] * heads
-    columns.append(upstream_scores(final_grad.unsqueeze(0), layers))
+            reach += [_stage("heads", s.layer)] * heads
+        if stack.mlp[s.layer] is not None:
+            columns.append(upstream_scores(mlp_grads[s.layer].unsqueeze(0),
+                                           _stage("mlp", s.layer)))
+            downstream.append(f"L{s.layer}.MLP.in")
+            reach.append(_stage("mlp", s.layer))
+    logits_stage = _stage("mlp", stack.blocks - 1) + 1
+    columns.append(upstream_scores(final_grad.unsqueeze(0), logits_stage))
     downstream.append("logits")
-    reach.append(layers)
+    reach.append(logits_stage)
     scores = torch.cat(columns, dim=1)
-    writer_layer = torch.tensor([-1] + [s.layer for s in model_sites for _ in range(s.heads)])
-    valid = writer_layer[:, None] < torch.tensor(reach)[None, :]
+    writer_stage = torch.tensor([_stage(kind, block) for kind, block, names in writers
+                                 for _ in names])
+    valid = writer_stage[:, None] < torch.tensor(reach)[None, :]
     return scores.masked_fill(~valid.to(scores.device), 0.0), valid, upstream, downstream
 
 

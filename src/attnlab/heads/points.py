@@ -49,6 +49,10 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm
                     "final_norm")
 OUT_PROJECTION_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "out_lin", "o", "Wo")
 MLP_OUT_NAMES = ("dense_4h_to_h", "down_proj", "c_proj", "fc2")  # an MLP's last projection
+# the norm a pre-norm layer applies to the residual before its MLP, and nothing else (a norm
+# shared with the attention, GPT-J's ln_1, is not one); in sandwich layers the MLP's pre-norm
+MLP_NORM_NAMES = ("post_attention_layernorm", "ln_2")
+SANDWICH_MLP_NORM_NAMES = ("pre_feedforward_layernorm",)
 HEAD_SEQ_DIM = {"q": 2, "k": 2, "v": 2, "weights": 2, "heads": 1}
 
 
@@ -59,7 +63,11 @@ class BlockParts:
     ``attn_out``, ``mlp`` the one whose output is ``mlp_out`` (None in an attention-only
     block: attnlab's ``mlp_ratio=0``, which has no ``mlp_out`` point), ``attention`` the attention
     module itself (where the output projection lives), ``branches`` attnlab's extra residual
-    branches (``before``/``after``, see ``models.blocks.residual_branches``)."""
+    branches (``before``/``after``, see ``models.blocks.residual_branches``), ``mlp_in`` the
+    module whose input is the residual the MLP reads (its own norm: attnlab's ``norm2``,
+    GPT-2's ``ln_2``, Llama's ``post_attention_layernorm``, Gemma 2's
+    ``pre_feedforward_layernorm``; OLMo-2's MLP itself, which has no norm before it; None
+    where there is no MLP or no norm of the MLP's own)."""
 
     index: int
     path: str
@@ -68,6 +76,7 @@ class BlockParts:
     mlp: nn.Module | None
     attention: nn.Module
     branches: Mapping[str, nn.Module] = field(default_factory=dict)
+    mlp_in: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,9 @@ def _hf_parts(model: nn.Module, path: str, i: int, block: nn.Module) -> tuple[st
     post_mlp = getattr(block, "post_feedforward_layernorm", None)
     if isinstance(post_attn, nn.Module) and isinstance(post_mlp, nn.Module):
         # Gemma 2/3, OLMo-2: x + norm(attn(...)), x + norm(mlp(...))
-        return "sandwich", BlockParts(i, path, block, post_attn, post_mlp, attention)
+        pre_mlp = _child(block, SANDWICH_MLP_NORM_NAMES)
+        return "sandwich", BlockParts(i, path, block, post_attn, post_mlp, attention,
+                                      mlp_in=mlp[1] if pre_mlp is None else pre_mlp[1])
     attn_part, mlp_part = attention, mlp[1]
     if _takes_residual(attention) or _takes_residual(mlp_part):
         # BLOOM: the modules add the residual themselves; what they add is their last
@@ -178,7 +189,9 @@ def _hf_parts(model: nn.Module, path: str, i: int, block: nn.Module) -> tuple[st
                              f"last projections were not found (looked for "
                              f"{', '.join(OUT_PROJECTION_NAMES)} / {', '.join(MLP_OUT_NAMES)})")
         attn_part, mlp_part = inner_attn[1], inner_mlp[1]
-    return "pre-norm", BlockParts(i, path, block, attn_part, mlp_part, attention)
+    mlp_norm = _child(block, MLP_NORM_NAMES)
+    return "pre-norm", BlockParts(i, path, block, attn_part, mlp_part, attention,
+                                  mlp_in=None if mlp_norm is None else mlp_norm[1])
 
 
 def _takes_residual(module: nn.Module) -> bool:
@@ -186,6 +199,12 @@ def _takes_residual(module: nn.Module) -> bool:
         return "residual" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _mlp_norm(block: nn.Module) -> nn.Module | None:
+    """An attnlab block's norm before its MLP (``norm2``), None in an attention-only block."""
+    norm = getattr(block, "norm2", None)
+    return norm if isinstance(norm, nn.Module) and _optional_mlp(block) is not None else None
 
 
 def _optional_mlp(block: nn.Module) -> nn.Module | None:
@@ -215,7 +234,8 @@ def layout(model: nn.Module) -> Layout:
         parts = tuple(BlockParts(i, f"{path}.{i}", b, b.get_submodule("attn"),
                                  _optional_mlp(b), b.get_submodule("attn"),
                                  {p: b.get_submodule(p) for p in BRANCH_PLACES
-                                  if isinstance(getattr(b, p, None), nn.Module)})
+                                  if isinstance(getattr(b, p, None), nn.Module)},
+                                 _mlp_norm(b))
                       for i, b in enumerate(blocks))
         family = "attnlab"
     else:
