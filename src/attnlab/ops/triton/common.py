@@ -34,25 +34,26 @@ def visible(qi, kj, Lq, Lk, off, mask_base, smm, smn,
 
 
 @triton.jit
-def tile(base, offs_r, ok_r, offs_c, sr, sc, nc):
+def tile(base, offs_r, ok, offs_c, sr, sc, nc):
     """The (rows, columns) tile at ``base`` (row stride ``sr``, column stride ``sc``): the
-    rows ``offs_r`` where ``ok_r`` holds and the columns ``offs_c`` < ``nc``, the rest 0."""
+    rows ``offs_r`` where ``ok`` (rows, 1) holds and the columns ``offs_c`` < ``nc``, the
+    rest 0. Callers pass ``ok`` as they compute it (``offs[:, None] < n``, ``valid[:, None]``)."""
     return tl.load(base + offs_r[:, None] * sr + offs_c[None, :] * sc,
-                   mask=ok_r[:, None] & (offs_c[None, :] < nc), other=0.0)
+                   mask=ok & (offs_c[None, :] < nc), other=0.0)
 
 
 @triton.jit
-def tile_t(base, offs_r, ok_r, offs_c, sr, sc, nc):
-    """``tile`` transposed, (columns, rows): K^T, V^T or Q^T of a tile."""
+def tile_t(base, offs_r, ok, offs_c, sr, sc, nc):
+    """``tile`` transposed, (columns, rows), ``ok`` shaped (1, rows): K^T, V^T or Q^T."""
     return tl.load(base + offs_r[None, :] * sr + offs_c[:, None] * sc,
-                   mask=ok_r[None, :] & (offs_c[:, None] < nc), other=0.0)
+                   mask=ok & (offs_c[:, None] < nc), other=0.0)
 
 
 @triton.jit
-def store_tile(base, x, offs_r, ok_r, offs_c, sr, sc, nc):
-    """Store the (rows, columns) tile ``x`` where ``ok_r`` holds and columns < ``nc``."""
+def store_tile(base, x, offs_r, ok, offs_c, sr, sc, nc):
+    """Store the (rows, columns) tile ``x`` where ``ok`` (rows, 1) holds and columns < nc."""
     tl.store(base + offs_r[:, None] * sr + offs_c[None, :] * sc, x,
-             mask=ok_r[:, None] & (offs_c[None, :] < nc))
+             mask=ok & (offs_c[None, :] < nc))
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, sm
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    q = tile(Q + b * sqb + h * sqh, offs_m, offs_m < Lq, offs_d, sqm, sqd, D)
+    q = tile(Q + b * sqb + h * sqh, offs_m, offs_m[:, None] < Lq, offs_d, sqm, sqd, D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = Mask + b * smb + h * smh
@@ -90,8 +91,8 @@ def key_program(K, V, skb, skh, skn, skd, svb, svh, svn, sve, Lq, Lk, D, Dv,
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    k = tile(K + b * skb + hk * skh, offs_n, offs_n < Lk, offs_d, skn, skd, D)
-    v = tile(V + b * svb + hk * svh, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+    k = tile(K + b * skb + hk * skh, offs_n, offs_n[:, None] < Lk, offs_d, skn, skd, D)
+    v = tile(V + b * svb + hk * svh, offs_n, offs_n[:, None] < Lk, offs_e, svn, sve, Dv)
     off = Lk - Lq
     lo = 0
     if CAUSAL:
@@ -100,16 +101,11 @@ def key_program(K, V, skb, skh, skn, skd, svb, svh, svn, sve, Lq, Lk, D, Dv,
 
 
 @triton.jit
-def key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm, smn,
-             Lq, Lk, D, off, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-             BN: tl.constexpr):
-    """One step of a query tile's loop over key tiles: the key indices from ``start_n``,
-    K^T (BD, BN) and the (BM, BN) visibility of the keys to the rows ``offs_m``."""
+def key_tile(k_base, start_n, offs_d, skn, skd, Lk, D, BN: tl.constexpr):
+    """One step of a query tile's loop over key tiles: the key indices from ``start_n`` and
+    K^T (BD, BN), keys < Lk and head dims < D loaded."""
     offs_n = start_n + tl.arange(0, BN)
-    kt = tile_t(k_base, offs_n, offs_n < Lk, offs_d, skn, skd, D)
-    vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn,
-                  CAUSAL, HAS_MASK)
-    return offs_n, kt, vis
+    return offs_n, tile_t(k_base, offs_n, offs_n[None, :] < Lk, offs_d, skn, skd, D)
 
 
 def padded(n: int) -> int:

@@ -60,13 +60,13 @@ from attnlab.ops.triton.common import padded, store_tile, tile
 def _chunk(base, rows, cols, L, W):
     """The (rows, cols) tile, as fp32, of a contiguous (L, W) matrix at ``base``: rows < L
     and columns < W loaded, the padding 0."""
-    return tile(base, rows, rows < L, cols, W, 1, W).to(tl.float32)
+    return tile(base, rows, rows[:, None] < L, cols, W, 1, W).to(tl.float32)
 
 
 @triton.jit
 def _put_chunk(base, x, rows, cols, L, W):
     """Store the (rows, cols) tile ``x`` into a contiguous (L, W) matrix at ``base``."""
-    store_tile(base, x, rows, rows < L, cols, W, 1, W)
+    store_tile(base, x, rows, rows[:, None] < L, cols, W, 1, W)
 
 
 @triton.jit

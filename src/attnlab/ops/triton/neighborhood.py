@@ -272,7 +272,7 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    q = tile(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
+    q = tile(Q + b * sqb + h * sqh, flat, qvalid[:, None], offs_d, sqm, sqd, D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_i = tl.full((BM0 * BM1 * BM2,), float("-inf"), dtype=tl.float32)
@@ -287,7 +287,7 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
                 full = _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2, BN0, BN1, BN2)
                 if HAS_MASK:
                     full = full & _all(kvalid)
-                kt = tile_t(k_base, kflat, kvalid, offs_d, skn, skd, D)
+                kt = tile_t(k_base, kflat, kvalid[None, :], offs_d, skn, skd, D)
                 s = _masked(tl.dot(q, kt) * qk_scale, float("-inf"), full, False,
                             s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -295,13 +295,13 @@ def _nbh_fwd(Q, K, V, M, O, LSE,
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tile(v_base, kflat, kvalid, offs_e, svn, sve, Dv)
+                v = tile(v_base, kflat, kvalid[:, None], offs_e, svn, sve, Dv)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    store_tile(O + b * sob + h * soh, out.to(O.dtype.element_ty), flat, qvalid, offs_e, som,
-                soe, Dv)
+    store_tile(O + b * sob + h * soh, out.to(O.dtype.element_ty), flat, qvalid[:, None],
+               offs_e, som, soe, Dv)
     # log2-sum-exp2 of the scaled scores; 0 for a row that sees no key (its P is masked)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), 0.0)
     tl.store(LSE + b * slb + h * slh + flat, lse, mask=qvalid)
@@ -335,8 +335,8 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
     lo2, hi2 = _key_tiles(t2, Lg2, K2, S2, BM2, BN2, MODE2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    q = tile(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
-    do = tile(DO + b * sdob + h * sdoh, flat, qvalid, offs_e, sdom, sdoe, Dv)
+    q = tile(Q + b * sqb + h * sqh, flat, qvalid[:, None], offs_d, sqm, sqd, D)
+    do = tile(DO + b * sdob + h * sdoh, flat, qvalid[:, None], offs_e, sdom, sdoe, Dv)
     lse = tl.load(LSE + b * slb + h * slh + flat, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + b * slb + h * slh + flat, mask=qvalid, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -351,14 +351,14 @@ def _nbh_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
                 full = _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2, BN0, BN1, BN2)
                 if HAS_MASK:
                     full = full & _all(kvalid)
-                kt = tile_t(k_base, kflat, kvalid, offs_d, skn, skd, D)
-                vt = tile_t(v_base, kflat, kvalid, offs_e, svn, sve, Dv)
+                kt = tile_t(k_base, kflat, kvalid[None, :], offs_d, skn, skd, D)
+                vt = tile_t(v_base, kflat, kvalid[None, :], offs_e, svn, sve, Dv)
                 p = _masked(tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None]), 0.0, full, False,
                             s0, e0, s1, e1, s2, e2, qvalid, j0, j1, j2, kvalid)
                 ds = p * (tl.dot(do, vt) - delta[:, None])
                 dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-    store_tile(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), flat, qvalid,
-                offs_d, sdqm, sdqd, D)
+    store_tile(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), flat,
+               qvalid[:, None], offs_d, sdqm, sdqd, D)
 
 
 @triton.jit
@@ -388,8 +388,8 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
     lo2, hi2 = _query_tiles(u2, Lg2, K2, S2, BM2, BN2, MODE2, NITER2)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
-    k = tile(K + b * skb + hk * skh, kflat, kvalid, offs_d, skn, skd, D)
-    v = tile(V + b * svb + hk * svh, kflat, kvalid, offs_e, svn, sve, Dv)
+    k = tile(K + b * skb + hk * skh, kflat, kvalid[:, None], offs_d, skn, skd, D)
+    v = tile(V + b * svb + hk * svh, kflat, kvalid[:, None], offs_e, svn, sve, Dv)
     dk = tl.zeros((BN0 * BN1 * BN2, BD), dtype=tl.float32)
     dv = tl.zeros((BN0 * BN1 * BN2, BE), dtype=tl.float32)
     for gh in range(0, G):
@@ -403,8 +403,9 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
                     s0, e0, cs0, ce0 = _query_axis(p0, t0, Lg0, K0, S0, BM0, MODE0)
                     s1, e1, cs1, ce1 = _query_axis(p1, t1, Lg1, K1, S1, BM1, MODE1)
                     s2, e2, cs2, ce2 = _query_axis(p2, t2, Lg2, K2, S2, BM2, MODE2)
-                    qt = tile_t(Q + b * sqb + h * sqh, flat, qvalid, offs_d, sqm, sqd, D)
-                    do = tile(DO + b * sdob + h * sdoh, flat, qvalid, offs_e, sdom, sdoe, Dv)
+                    qt = tile_t(Q + b * sqb + h * sqh, flat, qvalid[None, :], offs_d, sqm, sqd, D)
+                    do = tile(DO + b * sdob + h * sdoh, flat, qvalid[:, None], offs_e, sdom,
+                              sdoe, Dv)
                     lse = tl.load(LSE + b * slb + h * slh + flat, mask=qvalid, other=0.0)
                     delta = tl.load(DELTA + b * slb + h * slh + flat, mask=qvalid, other=0.0)
                     full = keys_all & _full(u0, u1, u2, cs0, ce0, cs1, ce1, cs2, ce2,
@@ -415,11 +416,10 @@ def _nbh_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
                     dv += tl.dot(pt.to(do.dtype), do)
                     dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
                     dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
-    inside = _inside(j0, j1, j2, Lg0, Lg1, Lg2)
-    store_tile(DK + b * sdkb + hk * sdkh, (dk * scale).to(DK.dtype.element_ty), kflat, inside,
-                offs_d, sdkn, sdkd, D)
-    store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), kflat, inside, offs_e,
-                sdvn, sdve, Dv)
+    store_tile(DK + b * sdkb + hk * sdkh, (dk * scale).to(DK.dtype.element_ty), kflat,
+               _inside(j0, j1, j2, Lg0, Lg1, Lg2)[:, None], offs_d, sdkn, sdkd, D)
+    store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), kflat,
+               _inside(j0, j1, j2, Lg0, Lg1, Lg2)[:, None], offs_e, sdvn, sdve, Dv)
 
 
 @triton.jit

@@ -81,9 +81,10 @@ def _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm, smn,
            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
     """One key tile of a query tile (forward and dQ): its key indices, K^T and
     P = sigmoid(c Q K^T + b) (BM, BN), 0 where a key is not visible."""
-    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
-                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
+    offs_n, kt = key_tile(k_base, start_n, offs_d, skn, skd, Lk, D, BN)
     p = tl.sigmoid(tl.dot(q, kt) * scale + bias)
+    vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn, CAUSAL,
+                  HAS_MASK)
     return offs_n, kt, tl.where(vis, p, 0.0)
 
 
@@ -105,10 +106,10 @@ def _sigmoid_fwd(Q, K, V, Bias, Mask, O,
     for start_n in range(0, hi, BN):
         offs_n, kt, p = _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
                                smn, Lq, Lk, D, off, scale, bias, CAUSAL, HAS_MASK, BN)
-        v = tile(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+        v = tile(v_base, offs_n, offs_n[:, None] < Lk, offs_e, svn, sve, Dv)
         acc += tl.dot(p.to(v.dtype), v)
-    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, offs_m < Lq, offs_e,
-               som, soe, Dv)
+    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, offs_m[:, None] < Lq,
+               offs_e, som, soe, Dv)
 
 
 @triton.jit
@@ -121,7 +122,7 @@ def _sigmoid_bwd_dq(Q, K, V, Bias, Mask, DO, DQ,
     (pid_m, b, h, offs_m, offs_d, offs_e, q, k_base, v_base, mask_base,
      off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
                           Lq, Lk, D, BM, BD, BE)
-    do = tile(DO + b * sdob + h * sdoh, offs_m, offs_m < Lq, offs_e, sdom, sdoe, Dv)
+    do = tile(DO + b * sdob + h * sdoh, offs_m, offs_m[:, None] < Lq, offs_e, sdom, sdoe, Dv)
     bias = tl.load(Bias + h)
     hi = Lk
     if CAUSAL:
@@ -130,11 +131,11 @@ def _sigmoid_bwd_dq(Q, K, V, Bias, Mask, DO, DQ,
     for start_n in range(0, hi, BN):
         offs_n, kt, p = _probs(q, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
                                smn, Lq, Lk, D, off, scale, bias, CAUSAL, HAS_MASK, BN)
-        vt = tile_t(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+        vt = tile_t(v_base, offs_n, offs_n[None, :] < Lk, offs_e, svn, sve, Dv)
         ds = p * (1.0 - p) * tl.dot(do, vt)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
     store_tile(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), offs_m,
-               offs_m < Lq, offs_d, sdqm, sdqd, D)
+               offs_m[:, None] < Lq, offs_d, sdqm, sdqd, D)
 
 
 @triton.jit
@@ -159,12 +160,12 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
         db = tl.zeros((BN,), dtype=tl.float32)
         for start_m in range(lo, Lq, BM):
             offs_m = start_m + tl.arange(0, BM)
-            qt = tile_t(q_base, offs_m, offs_m < Lq, offs_d, sqm, sqd, D)
+            qt = tile_t(q_base, offs_m, offs_m[None, :] < Lq, offs_d, sqm, sqd, D)
             pt = tl.sigmoid(tl.dot(k, qt) * scale + bias)  # (BN, BM): P^T
             vis = visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, mask_base, smm,
                           smn, CAUSAL, HAS_MASK)
             pt = tl.where(vis, pt, 0.0)
-            do = tile(do_base, offs_m, offs_m < Lq, offs_e, sdom, sdoe, Dv)
+            do = tile(do_base, offs_m, offs_m[:, None] < Lq, offs_e, sdom, sdoe, Dv)
             dv += tl.dot(pt.to(do.dtype), do)
             dst = pt * (1.0 - pt) * tl.dot(v, tl.trans(do))  # (BN, BM): dS^T
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
@@ -172,7 +173,7 @@ def _sigmoid_bwd_dkdv(Q, K, V, Bias, Mask, DO, DK, DV, DB,
                 db += tl.sum(dst, axis=1)
         if BIAS_GRAD:
             tl.store(DB + b * sdbb + h * sdbh + pid_n, tl.sum(db, axis=0))
-    keys = offs_n < Lk
+    keys = offs_n[:, None] < Lk
     store_tile(DK + b * sdkb + hk * sdkh, (dk * scale).to(DK.dtype.element_ty), offs_n, keys,
                offs_d, sdkn, sdkd, D)
     store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), offs_n, keys, offs_e,

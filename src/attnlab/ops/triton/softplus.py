@@ -113,8 +113,9 @@ def _shift(n):
 def _logits(q, alpha, k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm, smn,
             Lq, Lk, D, off, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
     """One key tile of a forward pass: its key indices, visibility and u = softplus(x)."""
-    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
-                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
+    offs_n, kt = key_tile(k_base, start_n, offs_d, skn, skd, Lk, D, BN)
+    vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn, CAUSAL,
+                  HAS_MASK)
     u, e = _softplus(alpha[:, None] * tl.dot(q, kt))
     return offs_n, vis, u
 
@@ -187,10 +188,10 @@ def _fwd(Q, K, V, Mask, O, S,
             r = n[:, None] * w - shift[:, None]
             tau = tl.where(vis & (r > 0), r / rmax[:, None], 0.0)
             w = tl.where(inv_z2[:, None] > 0, _power(tau, p) * inv_z2[:, None], w)
-        v = tile(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+        v = tile(v_base, offs_n, offs_n[:, None] < Lk, offs_e, svn, sve, Dv)
         acc += tl.dot(w.to(v.dtype), v)
-    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, rows, offs_e, som,
-               soe, Dv)
+    store_tile(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, rows[:, None], offs_e,
+               som, soe, Dv)
 
 
 @triton.jit
@@ -242,9 +243,10 @@ def _dq_tile(q, do, alpha, k_base, v_base, mask_base, start_n, offs_m, offs_d, o
              p, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, REWEIGHT: tl.constexpr,
              BN: tl.constexpr):
     """One key tile of a dQ pass: K^T, the visibility, a, da and sigmoid(x) (BM, BN)."""
-    offs_n, kt, vis = key_tile(k_base, mask_base, start_n, offs_m, offs_d, skn, skd, smm,
-                               smn, Lq, Lk, D, off, CAUSAL, HAS_MASK, BN)
-    vt = tile_t(v_base, offs_n, offs_n < Lk, offs_e, svn, sve, Dv)
+    offs_n, kt = key_tile(k_base, start_n, offs_d, skn, skd, Lk, D, BN)
+    vt = tile_t(v_base, offs_n, offs_n[None, :] < Lk, offs_e, svn, sve, Dv)
+    vis = visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, mask_base, smm, smn, CAUSAL,
+                  HAS_MASK)
     w, a, da, sig = _weights_grad(alpha * tl.dot(q, kt), vis, tl.dot(do, vt), n, inv_z1,
                                   rmax, inv_z2, dw, p, REWEIGHT)
     return kt, vis, a, da, sig
@@ -262,7 +264,7 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
      off) = query_program(Q, K, V, Mask, sqb, sqh, sqm, sqd, skb, skh, svb, svh, smb, smh, G,
                           Lq, Lk, D, BM, BD, BE)
     rows = offs_m < Lq
-    do = tile(DO + b * sdob + h * sdoh, offs_m, rows, offs_e, sdom, sdoe, Dv)
+    do = tile(DO + b * sdob + h * sdoh, offs_m, rows[:, None], offs_e, sdom, sdoe, Dv)
     n, inv_z1, rmax, inv_z2, dw, alpha = _row_stats(S, DW, b, h, ssb, ssh, ssm, srb, srh,
                                                     offs_m, Lq, log_d, False)
     hi = Lk
@@ -287,7 +289,7 @@ def _bwd_dq(Q, K, V, Mask, DO, S, DW, DA, DQ,
                                        CAUSAL, HAS_MASK, REWEIGHT, BN)
         ds = tl.where(vis, (da - da_row) * inv_z1 * sig * alpha, 0.0)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-    store_tile(DQ + b * sdqb + h * sdqh, dq.to(DQ.dtype.element_ty), offs_m, rows, offs_d,
+    store_tile(DQ + b * sdqb + h * sdqh, dq.to(DQ.dtype.element_ty), offs_m, rows[:, None], offs_d,
                sdqm, sdqd, D)
 
 
@@ -311,8 +313,8 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
         for start_m in range(lo, Lq, BM):
             offs_m = start_m + tl.arange(0, BM)
             rows = offs_m < Lq
-            qt = tile_t(q_base, offs_m, rows, offs_d, sqm, sqd, D)
-            do = tile(do_base, offs_m, rows, offs_e, sdom, sdoe, Dv)
+            qt = tile_t(q_base, offs_m, rows[None, :], offs_d, sqm, sqd, D)
+            do = tile(do_base, offs_m, rows[:, None], offs_e, sdom, sdoe, Dv)
             n, inv_z1, rmax, inv_z2, dw, alpha = _row_stats(S, DW, b, h, ssb, ssh, ssm, srb,
                                                             srh, offs_m, Lq, log_d, True)
             da_row = tl.load(DA + b * srb + h * srh + offs_m, mask=rows, other=0.0)[None, :]
@@ -325,7 +327,7 @@ def _bwd_dkdv(Q, K, V, Mask, DO, S, DW, DA, DK, DV,
             dv += tl.dot(w.to(do.dtype), do)
             ds = tl.where(vis, (da - da_row) * inv_z1 * sig * alpha, 0.0)
             dk += tl.dot(ds.to(qt.dtype), tl.trans(qt))
-    keys = offs_n < Lk
+    keys = offs_n[:, None] < Lk
     store_tile(DK + b * sdkb + hk * sdkh, dk.to(DK.dtype.element_ty), offs_n, keys, offs_d,
                sdkn, sdkd, D)
     store_tile(DV + b * sdvb + hk * sdvh, dv.to(DV.dtype.element_ty), offs_n, keys, offs_e,
