@@ -335,14 +335,18 @@ def _study(store: str, sweeps: list[str], name: str, out: str | None, title: str
               help="Held-out batches per seed.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Sequences per batch.")
+@click.option("--ig-steps", type=click.IntRange(1), default=16, show_default=True,
+              help="Gradient points per layer of attribution patching with integrated "
+                   "gradients (1: plain attribution patching only).")
 @click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/heads/SWEEP/induction].")
-def induction_cmd(store: str, sweep: str, batches: int, batch_size: int,
+def induction_cmd(store: str, sweep: str, batches: int, batch_size: int, ig_steps: int,
                   out: str | None) -> None:
     """The known-answer experiment: in two-layer attention-only models trained on the
     induction task, the previous-token head (layer 0) and the induction head (layer 1) read
     off the attention patterns, against the heads that activation patching, attribution
-    patching (AtP) and path patching rank first, against the other heads of each layer and a
-    random head, with 95% intervals over seeds.
+    patching (AtP, and AtP with integrated gradients over --ig-steps points) and path
+    patching rank first, against the other heads of each layer and a random head, with 95%
+    intervals over seeds.
 
     \b
     Example:
@@ -352,12 +356,15 @@ def induction_cmd(store: str, sweep: str, batches: int, batch_size: int,
     from attnlab.heads.studies.induction import induction_study
 
     lines = [f"sweep {sweep} of {store}/: every finished run with a saved model; held-out "
-             f"sequences of the task's test split, {batches} batches of {batch_size} per seed"]
+             f"sequences of the task's test split, {batches} batches of {batch_size} per seed; "
+             f"attribution patching with integrated gradients over {ig_steps} points per layer"
+             + (" (1: not run)" if ig_steps == 1 else "")]
     _study(store, [sweep], "induction", out, f"Induction heads, the known answer: {sweep}",
            lines, lambda tick: induction_study(store, sweep, batches=batches,
-                                               batch_size=batch_size, tick=tick),
+                                               batch_size=batch_size, tick=tick,
+                                               ig_steps=ig_steps),
            f"attnlab heads induction --store {store} --sweep {sweep} --batches {batches} "
-           f"--batch-size {batch_size}")
+           f"--batch-size {batch_size} --ig-steps {ig_steps}")
 
 
 @heads.command("guidance")

@@ -350,6 +350,9 @@ def induction_study(store: str | Path, sweep: str, *, batches: int = 4,
 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches and batch_size must be >= 1, got {batches}, {batch_size}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be an integer >= 1 (1: no integrated-gradients "
+                         f"method, only plain attribution patching), got {ig_steps!r}")
     rows = sorted(saved_runs(store, sweep), key=lambda r: (r["label"], r["seed"]))
     if not rows:
         raise ValueError(f"no finished run with a saved model in sweep {sweep!r} of {store}/ "
@@ -380,7 +383,7 @@ def induction_study(store: str | Path, sweep: str, *, batches: int = 4,
         if tick:
             tick()
     assert example is not None
-    return _report(per_seed, example, batches, batch_size)
+    return _report(per_seed, example, batches, batch_size, ig_steps)
 
 
 def _gaps(model: nn.Module, batches: Sequence[InductionBatch]) -> tuple[float, float]:
@@ -430,7 +433,8 @@ def _scores_cell(row: Tensor, chosen: Sequence[int]) -> str:
 
 
 def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
-            batch_size: int) -> tuple[dict[str, Any], list, dict[str, bytes]]:
+            batch_size: int, ig_steps: int = IG_STEPS
+            ) -> tuple[dict[str, Any], list, dict[str, bytes]]:
     seeds = sorted(per_seed)
     n = len(seeds)
     methods = list(per_seed[seeds[0]]["effects"])
@@ -484,7 +488,7 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
                 fmt(*mean_ci(list(anyhead.values())), 3),
                 fmt_paired(paired_difference(mine, anyhead))])
     numbers: dict[str, Any] = {"seeds": {}, "batches": batches, "batch_size": batch_size,
-                               "threshold": THRESHOLD}
+                               "threshold": THRESHOLD, "ig_steps": ig_steps}
     corr_rows = []
     for a in methods:
         if not a.startswith("attribution"):
@@ -564,7 +568,11 @@ def _report(per_seed: dict[int, dict[str, Any]], example: tuple, batches: int,
         "t-interval over seeds of the per-seed means over batches (arena.stats); controls, "
         "paired by seed: the mean of the other heads of the same layer, and a random head "
         "of the model (the expected effect of one head drawn uniformly as "
-        "heads.selection.random_heads draws: the mean over every head that has a score)"]
+        "heads.selection.random_heads draws: the mean over every head that has a score)",
+        (f"attribution patching with integrated gradients: {ig_steps} gradient points per "
+         f"layer (--ig-steps {ig_steps}; the method {ig_name(ig_steps)!r})" if ig_steps > 1
+         else "attribution patching with integrated gradients: not run (--ig-steps 1: plain "
+         "attribution patching only)")]
     sections: list = [
         ("Summary", [("list", summary)]),
         ("Recipe", [("list", _recipe(per_seed))]),
