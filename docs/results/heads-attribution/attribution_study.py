@@ -4,14 +4,16 @@ softmax TransformerLM trained on the arena's induction task.
 Usage, from the repository root::
 
     python docs/results/heads-attribution/attribution_study.py ao|mlp [--steps 16]
-        [--weights /tmp/attr]
+        [--weights /tmp/attr] [--mlp-nodes]
 
 ``ao``: attention only (``mlp_ratio=0``); ``mlp``: with MLPs. Trains the model (1,200 steps,
 batch 64, AdamW lr 3e-3 with 100 warm-up steps and a cosine decay, seed 0, one thread) unless
 ``<weights>/induction[_attn_only].pt`` exists, then prints Spearman and top-k overlaps of AtP
 (and AtP-IG) against ``activation_patching`` and of EAP (and EAP-IG) against direct edge
 patching (written below, independently of ``heads.attribution``) and
-``heads.patching.path_patching``.
+``heads.patching.path_patching``. ``--mlp-nodes`` (the ``mlp`` model): only EAP and EAP-IG
+with MLP nodes (``edge_attribution_patching(..., mlps=True)``) against direct edge patching
+of every edge, the MLP senders and receivers included.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ from attnlab.tasks import make_task
 
 
 # ---------------------------------------------------------- direct edge patching by hand
-def _caches(model: Any, x: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """The residual entering each block and each layer's hook_heads value (TransformerLM)."""
-    resid: dict[int, Tensor] = {}
+def _caches(model: Any, x: Tensor) -> tuple[dict[Any, Tensor], dict[int, Tensor]]:
+    """The residual entering each block (key i), what each attention and each MLP adds
+    (keys ("attn", i), ("mlp", i)) and each layer's hook_heads value (TransformerLM)."""
+    resid: dict[Any, Tensor] = {}
     heads: dict[int, Tensor] = {}
     handles = []
     for i, block in enumerate(model.blocks):
         handles.append(block.register_forward_pre_hook(
             lambda m, a, i=i: resid.__setitem__(i, a[0].detach())))
+        handles.append(block.attn.register_forward_hook(
+            lambda m, a, out, i=i: resid.__setitem__(("attn", i), out.detach())))
+        if block.mlp is not None:
+            handles.append(block.mlp.register_forward_hook(
+                lambda m, a, out, i=i: resid.__setitem__(("mlp", i), out.detach())))
         handles.append(block.attn.hook_heads.register_forward_hook(
             lambda m, a, out, i=i: heads.__setitem__(i, out.detach())))
     try:
@@ -54,12 +62,15 @@ def _caches(model: Any, x: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]
 
 def _edge_patched(model: Any, base: Tensor, caches: tuple, metric: Metric,
                   upstream: Any, downstream: Any) -> Tensor:
-    """The metric of the base run where only ``downstream``'s input (one head's q, k or v, or
-    the residual the final norm reads) sees out_u(target) - out_u(base) added to the
-    residual it reads; everything else runs as in the base run."""
+    """The metric of the base run where only ``downstream``'s input (one head's q, k or v,
+    one MLP (``("mlp", l)``), or the residual the final norm reads) sees out_u(target) -
+    out_u(base) added to the residual it reads; everything else runs as in the base run.
+    ``upstream``: "embed", (layer, head) or ("mlp", layer)."""
     (base_resid, base_heads), (target_resid, target_heads) = caches
     if upstream == "embed":
         delta = target_resid[0] - base_resid[0]
+    elif upstream[0] == "mlp":
+        delta = target_resid[upstream] - base_resid[upstream]
     else:
         layer, head = upstream
         dz = torch.zeros_like(base_heads[layer])
@@ -67,6 +78,11 @@ def _edge_patched(model: Any, base: Tensor, caches: tuple, metric: Metric,
         delta = dz.flatten(2) @ model.blocks[layer].attn.o_proj.weight.T
     if downstream == "logits":
         handle = model.norm.register_forward_pre_hook(lambda m, a: (a[0] + delta,))
+    elif downstream[0] == "mlp":
+        block = model.blocks[downstream[1]]
+        mid = base_resid[downstream[1]] + base_resid["attn", downstream[1]]
+        fed = block.mlp(block.norm2(mid + delta))
+        handle = block.mlp.register_forward_hook(lambda m, a, out: fed)
     else:
         layer, head, point = downstream
         block = model.blocks[layer]
@@ -152,7 +168,11 @@ def main() -> None:
     parser.add_argument("which", choices=("ao", "mlp"))
     parser.add_argument("--steps", type=int, default=16, help="integrated-gradients points")
     parser.add_argument("--weights", default="/tmp/attr")
+    parser.add_argument("--mlp-nodes", action="store_true",
+                        help="only EAP / EAP-IG with MLP nodes (the mlp model)")
     args = parser.parse_args()
+    if args.mlp_nodes and args.which != "mlp":
+        parser.error("--mlp-nodes needs the model with MLPs: mlp")
     model, task = trained(args.which, args.weights)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -164,6 +184,9 @@ def main() -> None:
         print(f"metric clean {float(metric(model(clean))):.3f}, corrupted "
               f"{float(metric(model(corrupted))):.3f}")
     m = args.steps
+    if args.mlp_nodes:
+        mlp_nodes(model, clean, corrupted, metric, m)
+        return
 
     def show(name: str, est: PatchScores | Tensor, ref: PatchScores | Tensor, k: int) -> None:
         a = at.agreement(est, ref, k=k)
@@ -243,6 +266,54 @@ def main() -> None:
              10)
     show("direct edge patching vs path_patching", real[index], torch.tensor(path), 10)
     print(f"reach: the corruption is at position {reach_from}")
+
+
+def _node(name: str) -> Any:
+    """An EdgeScores name as the tuples edges_by_hand takes."""
+    if name in ("embed", "logits"):
+        return name
+    parts = name.split(".")
+    layer = int(parts[0][1:])
+    if parts[1] == "MLP":
+        return ("mlp", layer)
+    head = int(parts[1][1:])
+    return (layer, head) if len(parts) == 2 else (layer, head, parts[2])
+
+
+def mlp_nodes(model: nn.Module, clean: Tensor, corrupted: Tensor, metric: Metric,
+              m: int) -> None:
+    """EAP and EAP-IG with MLP nodes against direct edge patching of every edge (and of the
+    edges of the graph without MLP nodes alone)."""
+    results = {}
+    for steps in (1, m):
+        t0 = time.perf_counter()
+        results[steps] = at.edge_attribution_patching(model, clean, corrupted, metric,
+                                                      steps=steps, mlps=True)
+        name = "EAP" if steps == 1 else f"EAP-IG{m}"
+        print(f"{name} with MLP nodes (noise): {time.perf_counter() - t0:.2f} s; top edges:",
+              ", ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in results[steps].top(5)))
+    edges = results[1]
+    pairs = [(u, v) for ui, u in enumerate(edges.upstream)
+             for vi, v in enumerate(edges.downstream) if edges.valid[ui, vi]]
+    t0 = time.perf_counter()
+    real = edges_by_hand(model, clean, corrupted, metric,
+                         [(_node(u), _node(v)) for u, v in pairs])
+    print(f"direct edge patching by hand: {len(pairs)} edges, {time.perf_counter() - t0:.2f} s")
+    old = torch.tensor([i for i, (u, v) in enumerate(pairs)
+                        if "MLP" not in u and "MLP" not in v])
+    new = torch.tensor([i for i, (u, v) in enumerate(pairs) if "MLP" in u or "MLP" in v])
+    for steps, found in results.items():
+        est = torch.tensor([found.score(u, v) for u, v in pairs])
+        name = "EAP" if steps == 1 else f"EAP-IG{m}"
+        for label, index in (("all", torch.arange(len(pairs))), ("MLP", new), ("head", old)):
+            a = at.agreement(est[index], real[index], k=10)
+            print(f"{name} vs direct edge patching, {label} edges ({a.entries}): Spearman "
+                  f"{a.spearman:+.3f}  top-{a.k} overlap {a.top_k_overlap:.2f}")
+    order = real.abs().argsort(descending=True)[:5]
+    print("largest direct edge patches:", ", ".join(
+        f"{pairs[int(i)][0]} -> {pairs[int(i)][1]} {float(real[i]):+.2f} (EAP "
+        f"{results[1].score(*pairs[int(i)]):+.2f}, EAP-IG{m} "
+        f"{results[m].score(*pairs[int(i)]):+.2f})" for i in order))
 
 
 if __name__ == "__main__":
