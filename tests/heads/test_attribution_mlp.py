@@ -403,3 +403,20 @@ def test_hf_mlp_edges_against_direct_patching_and_atp(kind):
     assert want.abs().min() > 1e-5
     assert_close(edges.scores.sum(1), atp_per_sender(model, clean, corrupted, metric,
                                                      "noise"))
+
+
+@pytest.mark.slow
+def test_post_norm_models_are_refused():
+    """BERT adds each sublayer to the residual and then normalises it: its residual is not a
+    sum of what the nodes write, so EAP refuses it (before running it)."""
+    transformers = pytest.importorskip("transformers",
+                                       reason="needs the hf extra: pip install -e '.[hf]'")
+    from attnlab.integrations import hf
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=32)
+    model = hf.use_attnlab(transformers.BertModel(config).eval())
+    clean, corrupted, metric = inputs()
+    for mlps in (False, True):
+        with pytest.raises(ValueError, match="post-norm blocks"):
+            at.edge_attribution_patching(model, clean, corrupted, metric, mlps=mlps)
