@@ -28,7 +28,6 @@ from attnlab.ops.tiled import BlockVisibility, RowMath, row_tiled
 # in order of preference for backend="auto" (which takes "triton" on CUDA only: see
 # attnlab.ops.triton.why_not)
 BACKENDS = ("triton", "flex", "tiled", "reference")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -81,16 +80,11 @@ def triton_limits(q: Tensor, v: Tensor, bias: float | Tensor, block_size: int | 
     bfloat16 or float32 inputs (bfloat16 not under Triton's interpreter, which has no
     bfloat16 arithmetic), head dims 1..256, a float or per-head bias, and a block size that
     is a power of two from 16 (``tl.dot``'s least tile side) to 128; any bool mask."""
-    from attnlab.ops.triton import interpreting
+    from attnlab.ops.triton.common import input_limits  # imports triton: only when asked
 
-    if q.dtype not in TRITON_DTYPES:
-        return f"the triton kernel takes float16, bfloat16 or float32 inputs, got {q.dtype}"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreting():
-        return "Triton's interpreter has no bfloat16 arithmetic (bfloat16 runs on CUDA)"
-    dims = (q.shape[-1], v.shape[-1])
-    if min(dims) < 1 or max(dims) > TRITON_MAX_HEAD_DIM:
-        return (f"the triton kernel takes head dims 1..{TRITON_MAX_HEAD_DIM}, got q/k "
-                f"{dims[0]} and v {dims[1]}")
+    why = input_limits(q, v, TRITON_MAX_HEAD_DIM)
+    if why is not None:
+        return why
     if isinstance(bias, Tensor):
         shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
         if shape[0] != 1 or shape[2:] != (1, 1):
