@@ -25,10 +25,15 @@ def _variants(name: str) -> list[dict]:
     return [{}, *info.variants, common]
 
 
-def _cases(*, need=None, only: bool | None = None) -> list:
+def _cases(*, need=None, only: bool | None = None, own_variants_slow: bool = False) -> list:
     """(name, kwargs, causal) for every mechanism, variant and supported mode.
 
     ``need`` filters on the metadata; ``only=True`` / ``False`` keeps causal / bidirectional.
+    ``own_variants_slow``: the mechanism's own declared variants (those between its default
+    construction, v0, and the common options, the last) are marked slow. The costlier checks
+    use it to stay within the default run's time: every mechanism is still checked there in
+    its default construction and with the common options (grouped KV heads, RoPE, QK norm, a
+    gate), and ``pytest -m slow`` checks the declared variants.
     """
     cases = []
     for name in al.available():
@@ -37,10 +42,14 @@ def _cases(*, need=None, only: bool | None = None) -> list:
             continue
         modes = [m for m, ok in ((True, info.causal), (False, info.bidirectional))
                  if ok and only in (None, m)]
-        for i, kwargs in enumerate(_variants(name)):
+        variants = _variants(name)
+        for i, kwargs in enumerate(variants):
+            own = 0 < i < len(variants) - 1
             for causal in modes:
                 tag = f"{name}-v{i}-{'causal' if causal else 'bidir'}"
-                cases.append(pytest.param(name, kwargs, causal, id=tag))
+                cases.append(pytest.param(name, kwargs, causal, id=tag,
+                                          marks=[pytest.mark.slow]
+                                          if own and own_variants_slow else []))
     return cases
 
 
@@ -122,7 +131,7 @@ def test_padding_invariance(name, kwargs, causal):
     close(y2[keep], y[keep])
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases())
+@pytest.mark.parametrize("name, kwargs, causal", _cases(own_variants_slow=True))
 def test_nonfinite_padding_never_reaches_real_tokens(name, kwargs, causal):
     """Padding may hold anything, NaN, inf and the largest floats included (0 x NaN is NaN in
     a weighted sum; 3e38 overflows in a projection): a padded token is 0 before any
@@ -167,7 +176,8 @@ def test_a_nonfinite_token_never_reaches_the_past(name, kwargs, causal):
                if p.grad is not None)
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.decode, only=True))
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.decode, only=True,
+                                                        own_variants_slow=True))
 def test_decoding_keeps_nonfinite_tokens_where_they_belong(name, kwargs, causal):
     """Decoding: a NaN in a padded step never reaches an output; a NaN in a real token makes
     that step NaN and the later ones as the full forward does, whatever the calls."""
@@ -188,17 +198,8 @@ def test_decoding_keeps_nonfinite_tokens_where_they_belong(name, kwargs, causal)
     close(out[0, 10:], attn(poisoned, mask=keep)[0, 10:], equal_nan=True)
 
 
-def _decode_cases() -> list:
-    """Decoding mechanisms, causal. The default run checks each one's default construction and
-    its variant with the common options (grouped KV heads, RoPE positions, QK norm, a gate);
-    its own declared variants in between run with -m slow (2.4 s of 6 s here)."""
-    cases = _cases(need=lambda i: i.decode, only=True)
-    last = {c.values[0]: c.id for c in cases}  # the common-options variant comes last
-    return [pytest.param(*c.values, id=c.id, marks=[] if "-v0-" in c.id or c.id == last[
-        c.values[0]] else [pytest.mark.slow]) for c in cases]
-
-
-@pytest.mark.parametrize("name, kwargs, causal", _decode_cases())
+@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.decode, only=True,
+                                                        own_variants_slow=True))
 def test_decode_equals_full_forward(name, kwargs, causal):
     attn = make(name, kwargs, causal=True)
     x, keep = inputs(length=15), padding(length=15)
@@ -218,7 +219,8 @@ def test_decode_equals_full_forward(name, kwargs, causal):
         assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
+@pytest.mark.parametrize("name, kwargs, causal",
+                         _cases(need=lambda i: i.weights, own_variants_slow=True))
 def test_weights_reproduce_the_output(name, kwargs, causal):
     """The per-head output is weights @ V, plus the mechanism's local term (a convolution on V)
     where it has one, which is exactly when ``weights_reproduce_output`` is False."""
@@ -239,7 +241,8 @@ def test_weights_reproduce_the_output(name, kwargs, causal):
         close(seen["heads"], expected.transpose(1, 2))
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases(need=lambda i: i.weights))
+@pytest.mark.parametrize("name, kwargs, causal",
+                         _cases(need=lambda i: i.weights, own_variants_slow=True))
 def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
     attn = make(name, kwargs, causal)
     x = inputs()
@@ -258,7 +261,7 @@ def test_hook_weights_can_edit_the_attention_matrix(name, kwargs, causal):
         torch.testing.assert_close(y0, attn(x))
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases())
+@pytest.mark.parametrize("name, kwargs, causal", _cases(own_variants_slow=True))
 def test_hook_shapes_and_head_scale(name, kwargs, causal):
     attn = make(name, kwargs, causal)
     x = inputs()
@@ -302,7 +305,7 @@ def test_gradients_are_finite_for_inputs_and_all_parameters(name, kwargs, causal
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
 
 
-@pytest.mark.parametrize("name, kwargs, causal", _cases())
+@pytest.mark.parametrize("name, kwargs, causal", _cases(own_variants_slow=True))
 def test_float64_is_computed_in_float64(name, kwargs, causal):
     """A float64 module computes in float64 (no hard-coded float32 step): its gradient
     passes gradcheck, whose finite differences a float32 step would swamp with noise."""
@@ -331,10 +334,10 @@ AUTOCAST_OPEN = {
 def _autocast_cases() -> list:
     cases = []
     for amp, short in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for case in _cases():
+        for case in _cases(own_variants_slow=True):
             tag = f"{short}-{case.id}"
-            marks = ([pytest.mark.xfail(reason=AUTOCAST_OPEN[tag], strict=True)]
-                     if tag in AUTOCAST_OPEN else [])
+            marks = [*case.marks, *([pytest.mark.xfail(reason=AUTOCAST_OPEN[tag], strict=True)]
+                                    if tag in AUTOCAST_OPEN else [])]
             cases.append(pytest.param(*case.values, amp, id=tag, marks=marks))
     return cases
 
@@ -366,15 +369,16 @@ _RFA_FP16 = "rfa's heads overflow float16 (~1e6 at x100) before the gate scales 
 
 
 def _large_cases() -> list:
-    """Every case in each dtype of ``LARGE``. bfloat16 runs with -m slow (2.9 s of the default
-    run's 8.5 s here): its range is float32's, checked at the same scales in the default run,
-    and low precision (a sum or denominator rounding to 0 or overflowing early) is checked by
-    float16, whose range is smaller."""
+    """Every case in each dtype of ``LARGE``, the mechanisms' own variants slow (``_cases``).
+    bfloat16 runs with -m slow (2.9 s of the default run's 8.5 s here): its range is float32's,
+    checked at the same scales in the default run, and low precision (a sum or denominator
+    rounding to 0 or overflowing early) is checked by float16, whose range is smaller."""
     return [pytest.param(*c.values, *d.values, id=f"{c.id}-{d.id}",
-                         marks=([pytest.mark.xfail(reason=_RFA_FP16, strict=True)]
-                                if c.id.startswith("rfa-v2") and d.id == "fp16" else [])
-                         + ([pytest.mark.slow] if d.id == "bf16" else []))
-            for d in LARGE for c in _cases()]
+                         marks=[*c.marks,
+                                *([pytest.mark.xfail(reason=_RFA_FP16, strict=True)]
+                                  if c.id.startswith("rfa-v2") and d.id == "fp16" else []),
+                                *([pytest.mark.slow] if d.id == "bf16" else [])])
+            for d in LARGE for c in _cases(own_variants_slow=True)]
 
 
 @pytest.mark.parametrize("name, kwargs, causal, dtype, scales", _large_cases())
@@ -404,9 +408,10 @@ _UNBOUNDED = ("InLine's exp(0.2 x) feature map is unbounded: exp overflows float
 
 
 def _large_gradient_cases() -> list:
-    return [pytest.param(*c.values, id=c.id, marks=[pytest.mark.xfail(reason=_UNBOUNDED,
-                                                                      strict=True)]
-                         if c.id.startswith("inline-v2") else []) for c in _cases()]
+    return [pytest.param(*c.values, id=c.id, marks=[
+        *c.marks, *([pytest.mark.xfail(reason=_UNBOUNDED, strict=True)]
+                    if c.id.startswith("inline-v2") else [])])
+        for c in _cases(own_variants_slow=True)]
 
 
 @pytest.mark.parametrize("name, kwargs, causal", _large_gradient_cases())
