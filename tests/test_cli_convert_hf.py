@@ -75,6 +75,12 @@ def test_gpt2_distilled_saved_and_loaded(tiny: Path, tmp_path: Path) -> None:
     windows = _held_out_windows(tiny / "GPT-2", tiny / "text.txt")
     assert perplexity(loaded, windows, 2) == scores["distilled"]
     assert scores["distilled"] != scores["converted"]
+    # attnlab convert load prints the recipe with its floats to 4 significant digits
+    shown = CliRunner().invoke(convert, ["load", str(out)], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    line = next(x for x in shown.output.splitlines() if x.startswith("scores: "))
+    assert json.loads(line.removeprefix("scores: "))["distilled"] == \
+        float(f"{scores['distilled']:.4g}")
 
 
 @pytest.mark.slow
@@ -206,3 +212,151 @@ def test_dry_run_refuses_exactly_as_convert() -> None:
                 real = str(err)
             assert _dry_run(config, auto_class(config.model_type), mechanism, {}) == real, \
                 (arch, mechanism)
+
+
+def _flat(text: str) -> str:
+    """``text`` with its whitespace runs (rich's line wrapping) made single spaces."""
+    return " ".join(text.split())
+
+
+def _copy(folder: Path, to: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A copy of checkpoint ``folder`` at ``to`` without the files named in ``skip``."""
+    import shutil
+
+    to.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.name not in skip:
+            shutil.copy(f, to / f.name)
+    return to
+
+
+def test_refusals_of_folders_devices_and_options(tiny: Path, tmp_path: Path) -> None:
+    """Usage errors made before any weight is read: an --out that would overwrite the
+    source (or another checkpoint), a --checkpoint inside the source, a device torch does
+    not know, options whose stage does not run, a --length past GPT-2's / BERT's learned
+    positions, a folder without weights or without a tokenizer."""
+    src = _copy(tiny / "GPT-2", tmp_path / "src")
+    weights = (src / "model.safetensors").read_bytes()
+    text = ("--text", str(tiny / "text.txt"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    no_weights = _copy(src, tmp_path / "nw", skip=("model.safetensors",))
+    no_tokenizer = _copy(src, tmp_path / "nt", skip=("tokenizer.json", "tokenizer_config.json",
+                                                      "special_tokens_map.json"))
+    out = ("--out", str(tmp_path / "x"))
+    cases = [
+        ((str(src), "--mechanism", "hedgehog", "--out", str(src)),
+         "is the source checkpoint folder"),
+        ((str(src), "--mechanism", "hedgehog", "--out", str(src / ".." / "src")),
+         "would overwrite its model.safetensors"),
+        ((str(src), "--mechanism", "hedgehog", "--out", str(other)),
+         "holds a transformers checkpoint (config.json)"),
+        ((str(src), "--mechanism", "hedgehog", "--checkpoint", str(src), *out),
+         "--checkpoint"),
+        ((str(src), "--mechanism", "hedgehog", "--device", "gpu", *out),
+         "--device gpu: not a device torch knows"),
+        ((str(src), "--mechanism", "hedgehog", "--steps", "5", *out),
+         "--steps needs --distill"),
+        ((str(src), "--mechanism", "hedgehog", "--lr", "0.1", *out), "--lr needs --distill"),
+        ((str(src), "--mechanism", "hedgehog", "--finetune-steps", "5", *out),
+         "--finetune-steps needs --finetune"),
+        ((str(src), "--mechanism", "hedgehog", "--every", "5", *out),
+         "--every needs --checkpoint"),
+        ((str(src), "--mechanism", "hedgehog", "--length", "1025", *out),
+         "learned positions for 1024 tokens (n_positions in its config.json)"),
+        ((str(tiny / "BERT"), "--mechanism", "hedgehog", "--length", "513", *out),
+         "(max_position_embeddings in its config.json)"),
+        ((str(no_weights), "--mechanism", "hedgehog", *out), f"no weights in {no_weights}"),
+        ((str(no_tokenizer), "--mechanism", "hedgehog", *out),
+         f"no tokenizer in {no_tokenizer}"),
+    ]
+    for args, said in cases:
+        result = _run(*args, *text)
+        assert result.exit_code == 2, (args, result.output)
+        assert said in _flat(result.output), (said, result.output)
+    assert (src / "model.safetensors").read_bytes() == weights
+    assert not (src / "run.json").exists()
+    # the default --length (128) is lowered to a GPT-2's n_positions below it (seen in the
+    # data refusal that follows: windows of 32 tokens)
+    short = _copy(src, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "n_positions": 32}))
+    result = _run(str(short), "--mechanism", "hedgehog", "--batch-size", "100", *text, *out)
+    assert result.exit_code == 2, result.output
+    said = _flat(result.output)
+    assert "--length 32: " in said and "n_positions (the default, 128, is longer)" in said
+    assert "window(s) of 32 tokens" in said
+    # convert load of a folder that does not exist
+    result = CliRunner().invoke(convert, ["load", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such folder" in result.output
+
+
+def test_checkpoints_this_run_cannot_continue(tiny: Path, tmp_path: Path) -> None:
+    """Refused before any weight is read: a transfer checkpoint past --steps, and a
+    fine-tuning checkpoint made after another attention transfer (other --steps) or after
+    an unrecorded one (its step is all that is read of each checkpoint)."""
+    import torch
+
+    args = (str(tiny / "GPT-2"), "--mechanism", "hedgehog", "--distill", "auto", "--finetune",
+            "lm", "--finetune-steps", "2", "--text", str(tiny / "text.txt"), *OPTIONS,
+            "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "x"))
+    (tmp_path / "ck").mkdir()
+    torch.save({"format": "attnlab.attention_transfer/1", "step": 30},
+               tmp_path / "ck" / "transfer.pt")
+    result = _run(*args, "--steps", "10")
+    assert result.exit_code == 2, result.output
+    assert "transfer.pt is at step 30, beyond --steps 10: pass --steps 30 or more" in \
+        _flat(result.output)
+    torch.save({"format": "attnlab.finetune/1", "step": 1}, tmp_path / "ck" / "finetune.pt")
+    result = _run(*args, "--steps", "30")
+    assert result.exit_code == 2, result.output
+    assert "after an unrecorded attention transfer" in _flat(result.output)
+    (tmp_path / "ck" / "finetune.json").write_text(json.dumps({"distill": "auto",
+                                                              "steps": 20}))
+    result = _run(*args, "--steps", "30")
+    assert result.exit_code == 2, result.output
+    said = _flat(result.output)
+    assert "its finetune.pt fine-tunes the model after an attention transfer of 20 steps, " \
+           "this run asks for --steps 30: pass --steps 20 to resume it, or delete" in said
+
+
+@pytest.mark.slow
+def test_changed_steps_and_interrupt_with_checkpoints(tiny: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transfer and fine-tuning checkpointed; the same folder with more --steps is refused
+    (its finetune.pt continues the 2-step transfer), fewer too (transfer.pt is past them);
+    the fine-tuning resume is reported; off a terminal the stages print a header and plain
+    progress lines; Ctrl-C in a stage says which step is on disk."""
+    import attnlab.integrations.distill as distill
+
+    args = (str(tiny / "GPT-2"), "--mechanism", "hedgehog", "--distill", "auto", "--finetune",
+            "lm", "--finetune-steps", "2", "--text", str(tiny / "text.txt"), *OPTIONS,
+            "--checkpoint", str(tmp_path / "ck"))
+    first = _run(*args, "--steps", "2", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0, first.output
+    lines = first.output.splitlines()
+    # (transformers' "Loading weights" bar may precede the header on its line)
+    header = next(i for i, x in enumerate(lines)
+                  if x.endswith("attention transfer (hedgehog loss): 2 steps"))
+    assert lines[header + 1].startswith("attention transfer (hedgehog loss): step 1/2, loss ")
+    assert "fine-tuning (lm): 2 steps" in lines
+    again = _run(*args, "--steps", "2", "--out", str(tmp_path / "b"))
+    assert again.exit_code == 0, again.output
+    assert "2 steps, resumed from step 2, loss" in _flat(again.output)
+    for steps, said in (("3", "after an attention transfer of 2 steps, this run asks for "
+                               "--steps 3"), ("1", "transfer.pt is at step 2, beyond --steps 1")):
+        result = _run(*args, "--steps", steps, "--out", str(tmp_path / "c"))
+        assert result.exit_code == 2, result.output
+        assert said in _flat(result.output), result.output
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "attention_transfer", interrupted)
+    result = CliRunner().invoke(convert, ["hf", *args, "--steps", "2", "--out",
+                                          str(tmp_path / "d")])
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / 'ck' / 'transfer.pt'} holds step 2; rerun the same command to " \
+        "resume from it" in _flat(result.output)
+    assert not (tmp_path / "d").exists()

@@ -262,3 +262,58 @@ def test_auto_refuses_the_hedgehog_loss_for_weights_that_are_not_distributions()
         _resolve_loss("hedgehog", module)
     hedgehog = converted_modules(convert(build("GPT-2"), "hedgehog"))[0][1]
     assert _resolve_loss("auto", hedgehog) == _resolve_loss("hedgehog", hedgehog) == "hedgehog"
+
+
+def test_hedgehog_that_would_train_nothing_is_refused() -> None:
+    """loss='hedgehog' where no new parameter changes the weights (Gated Attention: only an
+    output gate) is refused before training."""
+    with pytest.raises(ValueError, match="none of gated's new parameters .* nothing would "
+                                         "train; use loss='lolcats'"):
+        attention_transfer(convert(build("GPT-2"), "gated"), batches(1, 0), loss="hedgehog",
+                           steps=1, progress=False)
+
+
+@pytest.mark.slow
+def test_untrained_warning_does_not_recommend_the_loss_in_use() -> None:
+    """A lolcats run whose loss reaches none of the new parameters (Sparsifiner's
+    predictor: a top-k selection) warns without recommending the loss it already uses."""
+    model = convert(build("GPT-2"), "sparsifiner")
+    with pytest.warns(UserWarning, match="lolcats loss does not reach 12 of 12") as caught:
+        attention_transfer(model, batches(1, 0, batch=2, length=8), loss="lolcats", steps=1,
+                           progress=False)
+    assert not any("loss='lolcats'" in str(w.message) for w in caught)
+
+
+def test_progress_off_a_terminal(capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """When stdout is not a terminal (a log file) a training loop's progress prints its
+    header first, then a plain line at every tenth of the steps, the last included, and at
+    least every PLAIN_EVERY_S seconds (here 0: every step)."""
+    import attnlab.integrations.distill as distill
+
+    with distill._bar(True, 20, 0, "stage") as advance:
+        for _ in range(20):
+            advance("loss 1")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "stage: 20 steps"
+    assert [line.split(",")[0] for line in lines[1:]] == \
+        [f"stage: step {i}/20" for i in range(2, 21, 2)]
+    assert lines[-1].startswith("stage: step 20/20, loss 1, ")
+    monkeypatch.setattr(distill, "PLAIN_EVERY_S", 0.0)
+    with distill._bar(True, 20, 17, "stage") as advance:
+        for _ in range(3):
+            advance("loss 1")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "stage: 20 steps, resuming from step 17"
+    assert [line.split(",")[0] for line in lines[1:]] == \
+        [f"stage: step {i}/20" for i in (18, 19, 20)]
+
+
+def test_finetune_log_text() -> None:
+    """FinetuneLog's line: thousands separators and the step it resumed from."""
+    from attnlab.integrations.finetune import FinetuneLog
+
+    text = str(FinetuneLog("lm", None, trainable=144640, steps=3, losses=[2.0, 1.5],
+                           resumed_from=2))
+    assert text == ("fine-tuning (lm, full, 144,640 trained values): 3 steps, resumed from "
+                    "step 2, loss 2 -> 1.5")

@@ -103,12 +103,22 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="which is gone"):
         load_converted(tmp_path / "out")
     build("GPT-2", n_embd=48).save_pretrained(folder)
-    with pytest.warns(UserWarning, match="SHA-256 differs"), \
+    with pytest.warns(UserWarning, match="fields changed: .*n_embd 32 -> 48"), \
             pytest.raises(ValueError, match=r"other shapes: .*saved \(97, 32\), rebuilt "
                                             r"\(97, 48\)"):
         load_converted(tmp_path / "out")
+    # the source's config.json changed under its weights: the tensors are named, both shapes
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
+    with pytest.warns(UserWarning, match="config.json is not the one"), \
+            pytest.raises(ValueError, match=r"its weights do not fit its config.json \(.*"
+                                            r"c_attn.weight saved \(48, 144\), config gives "
+                                            r"\(32, 96\).*\(\+23 more\)"):
+        load_converted(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no convert.json"):
         load_converted(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope: no such folder"):
+        load_converted(tmp_path / "nope")
 
 
 @pytest.mark.slow

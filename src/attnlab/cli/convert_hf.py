@@ -19,11 +19,14 @@ mean-pooled embeddings to the unconverted model's and nearest-neighbour agreemen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,8 +216,150 @@ def _guard(folder: Path, run: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(run, indent=1))
 
 
+def _checked_device(device: str) -> str:
+    """``--device`` as torch reads it (a clean usage error for a name torch does not know,
+    or CUDA that this torch does not see)."""
+    import torch
+
+    from attnlab.cli.convert import _device
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise click.UsageError(f"--device {device}: not a device torch knows ({err}); "
+                               "e.g. cpu, cuda, cuda:1, mps") from None
+    return _device(device)
+
+
+def _given_without(ctx: click.Context, pairs: Sequence[tuple[str, str, bool]]) -> None:
+    """Refuse an option given on the command line whose stage does not run: (option name,
+    the option that enables it, whether that stage runs)."""
+    from click.core import ParameterSource
+
+    for name, needs, on in pairs:
+        param = name.lstrip("-").replace("-", "_")
+        if name == "--finetune-steps":
+            param = "finetune_steps"
+        if not on and ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{name} needs {needs} (without it {name} would do "
+                                   "nothing)")
+
+
+def _check_folders(source: Path, out: Path, checkpoint: Path | None) -> None:
+    """Refuse an --out or --checkpoint that would write into the source checkpoint (its
+    model.safetensors overwritten, or training files among its own) or into another
+    save_pretrained checkpoint."""
+    if out.resolve() == source.resolve():
+        raise click.UsageError(f"--out {out} is the source checkpoint folder {source}: saving "
+                               "there would overwrite its model.safetensors; pass another "
+                               "folder")
+    if (out / "config.json").is_file():
+        raise click.UsageError(f"--out {out} holds a transformers checkpoint (config.json): "
+                               "saving there would overwrite its weights; pass another folder")
+    if checkpoint is not None and checkpoint.resolve() == source.resolve():
+        raise click.UsageError(f"--checkpoint {checkpoint} is the source checkpoint folder: "
+                               "pass another folder for the training checkpoints")
+
+
+def _position_limit(config: Any, kind: str) -> tuple[str, int] | None:
+    """(config field, value) of the learned position table that bounds the tokens a model
+    reads (GPT-2's n_positions, BERT's max_position_embeddings); None for RoPE models,
+    whose max_position_embeddings is the length they were trained to, not a table size."""
+    field = {"gpt2": "n_positions", "bert": "max_position_embeddings"}.get(kind)
+    value = getattr(config, field, None) if field else None
+    return None if value is None else (str(field), int(value))
+
+
+def _stored_step(path: Path) -> int | None:
+    """The step of a training checkpoint written by attention_transfer / finetune (None when
+    it cannot be read; the run itself then says why)."""
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(payload["step"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _as_options(message: str) -> str:
+    """A library message in the command's words: loss='x' -> --distill x."""
+    return re.sub(r"loss='(\w+)'", r"--distill \1", message)
+
+
+def _rounded(value: Any) -> Any:
+    """Floats in ``value`` (nested) to 4 significant digits, for printing."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _stage(checkpoint: Path | None, name: str) -> Iterator[None]:
+    """A training stage: its library warnings printed as plain lines (not as a line of
+    this module), and on Ctrl-C which checkpoint step is on disk before the interrupt
+    goes on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except KeyboardInterrupt:
+            path = None if checkpoint is None else checkpoint / name
+            at = _stored_step(path) if path is not None and path.is_file() else None
+            console.print("interrupted: " + (
+                "no --checkpoint, nothing kept" if path is None else
+                f"no {name} written yet in {escape(str(checkpoint))}" if at is None else
+                f"{escape(str(path))} holds step {at}; rerun the same command to resume "
+                "from it"))
+            raise
+        finally:
+            for warning in caught:
+                console.print(f"warning: {escape(str(warning.message))}", soft_wrap=True)
+
+
+BASE = "finetune.json"  # --checkpoint: the attention transfer finetune.pt continues
+
+
+def _check_resume(folder: Path, loss: str | None, steps: int, tune: str | None,
+                  finetune_steps: int) -> dict[str, Any]:
+    """Refuse a --checkpoint folder whose checkpoints this run cannot continue: a transfer
+    or fine-tuning checkpoint past the steps asked for, or a fine-tuning checkpoint made
+    after another attention transfer (other --steps; fine-tuning on from it would save a
+    model that is not the one the recipe describes). Returns the record of the transfer a
+    fine-tuning checkpoint belongs to (written to ``folder/finetune.json``)."""
+    base = {"distill": loss, "steps": steps if loss else 0}
+    for name, option, stage, asked in (("transfer.pt", "--steps", loss, steps),
+                                       ("finetune.pt", "--finetune-steps", tune,
+                                        finetune_steps)):
+        at = _stored_step(folder / name) if stage and (folder / name).is_file() else None
+        if at is not None and at > asked:
+            raise click.UsageError(f"--checkpoint {folder}: {name} is at step {at}, beyond "
+                                   f"{option} {asked}: pass {option} {at} or more, or "
+                                   "another --checkpoint folder")
+    tuned = folder / "finetune.pt"
+    if tune and tuned.is_file():
+        record = folder / BASE
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before != base:
+            made = ("an unrecorded attention transfer" if before is None else
+                    "no attention transfer" if not before.get("distill") else
+                    f"an attention transfer of {before['steps']} steps")
+            now = (f"--steps {steps}" if loss else "no --distill")
+            hint = (f"pass --steps {before['steps']} to resume it, or "
+                    if before is not None and before.get("distill") == loss else "")
+            raise click.UsageError(f"--checkpoint {folder}: its finetune.pt fine-tunes the "
+                                   f"model after {made}, this run asks for {now}: "
+                                   f"{hint}delete {tuned} to fine-tune anew")
+    return base
+
+
 # ------------------------------------------------------------------------- command
 @click.command("hf")
+@click.pass_context
 @click.argument("source")
 @click.option("--mechanism", required=True,
               help="A contestant (softmax, hedgehog, elu+1, identity, sigmoid, gated, lssa, "
@@ -245,7 +390,9 @@ def _guard(folder: Path, run: dict[str, Any]) -> None:
               help="Plain UTF-8 text to train and evaluate on: its non-empty lines, the last "
                    "tenth held out [default: the bundled char_lm corpus's sentences].")
 @click.option("--length", type=click.IntRange(2), default=128, show_default=True,
-              help="Tokens per window (causal models) or per line at most (encoders).")
+              help="Tokens per window (causal models) or per line at most (encoders); the "
+                   "default is lowered to a GPT-2's n_positions or a BERT's "
+                   "max_position_embeddings when those are smaller.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--eval", "count", type=click.IntRange(2), default=64, show_default=True,
               help="Held-out windows (causal models) or lines (encoders) to evaluate on.")
@@ -261,8 +408,9 @@ def _guard(folder: Path, run: dict[str, Any]) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to save the converted model in (model.safetensors, convert.json; "
                    "attnlab.integrations.saved.load_converted loads it).")
-def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps: int,
-           lr: float, objective: str, finetune_steps: int, finetune_lr: float,
+def hf_cmd(ctx: click.Context, source: str, mechanism: str, kw: tuple[str, ...],
+           distill: str, steps: int, lr: float, objective: str, finetune_steps: int,
+           finetune_lr: float,
            lora: int | None, merge: bool, text: str | None, length: int, batch_size: int,
            count: int, seed: int, device: str, checkpoint: Path | None, every: int,
            out: Path) -> None:
@@ -280,18 +428,24 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
           --lora 8 --checkpoint ckpt --out z     (rerun it to resume from ckpt)
     """
     import torch
+    from click.core import ParameterSource
 
-    from attnlab.cli.convert import _device, _distill_loss, _kwargs
+    from attnlab.cli.convert import _distill_loss, _kwargs
     from attnlab.heads.studies import conversion as cv
     from attnlab.integrations import saved
     from attnlab.integrations.convert import convert, new_parameters, refusal
 
     kwargs = _kwargs(kw)
-    device = _device(device)
+    device = _checked_device(device)
     loss = _distill_loss(distill)
+    tune = None if objective == "none" else objective
+    _given_without(ctx, [("--steps", "--distill auto|hedgehog|lolcats", bool(loss)),
+                         ("--lr", "--distill auto|hedgehog|lolcats", bool(loss)),
+                         ("--finetune-steps", "--finetune lm|logits|hidden", bool(tune)),
+                         ("--finetune-lr", "--finetune lm|logits|hidden", bool(tune)),
+                         ("--every", "--checkpoint FOLDER", checkpoint is not None)])
     if loss and not steps:
         raise click.UsageError(f"--distill {distill} needs --steps N > 0")
-    tune = None if objective == "none" else objective
     if tune and not finetune_steps:
         raise click.UsageError(f"--finetune {objective} needs --finetune-steps N > 0")
     if lora is not None and tune is None:
@@ -319,7 +473,19 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
                                f"{chosen.mechanism}: {err}") from None
     except OSError as err:
         raise click.UsageError(f"{source}: {err}") from None
+    _check_folders(saved.source_folder(source), out, checkpoint)
     causal = kind != "bert"
+    limit = _position_limit(config, kind)
+    if limit is not None and length > limit[1]:
+        field, most = limit
+        if ctx.get_parameter_source("length") is ParameterSource.DEFAULT:
+            console.print(f"--length {most}: {escape(source)}'s {field} (the default, "
+                          f"{length}, is longer)")
+            length = most
+        else:
+            raise click.UsageError(f"--length {length}: {source} has learned positions for "
+                                   f"{most} tokens ({field} in its config.json): pass "
+                                   f"--length {most} or less")
     if not causal and tune in ("lm", "logits"):
         raise click.UsageError(f"--finetune {tune}: {source} is a {kind} encoder without a "
                                "language-model head (no logits); use --finetune hidden")
@@ -343,8 +509,10 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
     else:
         raise click.UsageError(f"convert refused: {who}: {why}")
     try:
+        if source != saved.MINILM:
+            saved.source_weights(source)
         tokenizer = saved.load_tokenizer(source)
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     train, held, described = _lines(text)
     batches, test = _data(tokenizer, causal, train, held, length, batch_size, count, seed)
@@ -355,9 +523,13 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
             "mechanism": chosen.mechanism, "kwargs": args, "text": described,
             "length": length, "batch_size": batch_size, "seed": seed, "distill": loss,
             "lr": lr, "finetune": tune, "finetune_lr": finetune_lr, "lora": lora})
+        base = _check_resume(checkpoint, loss, steps, tune, finetune_steps)
 
     with console.status(f"loading {source} ..."):
-        model, _ = saved.load_source(source)
+        try:
+            model, _ = saved.load_source(source)
+        except (FileNotFoundError, ValueError) as err:
+            raise click.UsageError(str(err)) from None
     model = model.to(device)
     names = {"teacher": "teacher (unconverted)", "converted": "converted",
              "distilled": "after attention transfer", "finetuned": "after fine-tuning"}
@@ -390,9 +562,22 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
     if loss and new:
         from attnlab.integrations.distill import attention_transfer
 
-        transfer = attention_transfer(
-            model, batches, loss=loss, steps=steps, lr=lr, seed=seed, every=every,
-            checkpoint=None if checkpoint is None else checkpoint / "transfer.pt")
+        with _stage(checkpoint, "transfer.pt"):
+            try:
+                transfer = attention_transfer(
+                    model, batches, loss=loss, steps=steps, lr=lr, seed=seed, every=every,
+                    checkpoint=None if checkpoint is None else checkpoint / "transfer.pt")
+            except ValueError as err:
+                said = _as_options(str(err))
+                raise click.UsageError(said if "--distill" in said
+                                       else f"--distill {distill}: {said}") from None
+        if transfer.untrained and len(transfer.untrained) == len(new_parameters(model)):
+            hint = ("convert without --distill" if "lolcats" in transfer.loss
+                    else "use --distill lolcats")
+            raise click.UsageError(f"--distill {distill}: the {transfer.loss} loss reached "
+                                   f"none of {chosen.mechanism}'s new parameters (no "
+                                   "gradient): nothing was trained, nothing saved; "
+                                   f"{hint}")
         console.print(escape(str(transfer)))
         score("distilled")
     elif loss:
@@ -401,13 +586,18 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
     if tune:
         from attnlab.integrations.finetune import finetune, merge_lora
 
-        try:
-            tuned = finetune(model, batches, objective=tune, teacher=frozen, lora=lora,
-                             steps=finetune_steps, lr=finetune_lr, seed=seed, every=every,
-                             checkpoint=None if checkpoint is None
-                             else checkpoint / "finetune.pt")
-        except ValueError as err:
-            raise click.UsageError(f"--finetune {tune}: {err}") from None
+        if checkpoint is not None:
+            from attnlab.files import write_atomic
+
+            write_atomic(checkpoint / BASE, json.dumps(base))
+        with _stage(checkpoint, "finetune.pt"):
+            try:
+                tuned = finetune(model, batches, objective=tune, teacher=frozen, lora=lora,
+                                 steps=finetune_steps, lr=finetune_lr, seed=seed,
+                                 every=every, checkpoint=None if checkpoint is None
+                                 else checkpoint / "finetune.pt")
+            except ValueError as err:
+                raise click.UsageError(f"--finetune {tune}: {err}") from None
         if lora is not None and merge:
             merge_lora(model)
         console.print(escape(str(tuned)))
@@ -457,15 +647,18 @@ def hf_cmd(source: str, mechanism: str, kw: tuple[str, ...], distill: str, steps
 def load_cmd(folder: Path, device: str) -> None:
     """Load a model saved by 'attnlab convert hf' (FOLDER) back from its source checkpoint
     (attnlab.integrations.saved.load_converted) and print what made it and its scores."""
-    from attnlab.cli.convert import _device
     from attnlab.integrations import saved
     from attnlab.integrations.convert import converted_modules
 
     try:
         info = saved.read_converted(folder)
-        model = saved.load_converted(folder, device=_device(device))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = saved.load_converted(folder, device=_checked_device(device))
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise click.UsageError(str(err)) from None
+    for warning in caught:
+        console.print(f"warning: {escape(str(warning.message))}", soft_wrap=True)
     found = converted_modules(model)
     src = info["source"]
     console.print(f"{escape(str(folder))}: {src['model_class']} from {escape(src['path'])}, "
@@ -475,7 +668,7 @@ def load_cmd(folder: Path, device: str) -> None:
     recipe = info["recipe"]
     for key in ("distill", "finetune", "scores"):
         if recipe.get(key) is not None:
-            console.print(f"{key}: {escape(json.dumps(recipe[key]))}")
+            console.print(f"{key}: {escape(json.dumps(_rounded(recipe[key])))}", soft_wrap=True)
     prov = info["provenance"]
     console.print(f"made by attnlab {prov['attnlab']} (commit {prov['commit']}), "
-                  f"{prov['date']}: {escape(prov['command'])}")
+                  f"{prov['date']}: {escape(prov['command'])}", soft_wrap=True)

@@ -394,22 +394,27 @@ def _not_a_distribution(module: ConvertedAttention) -> str | None:
     return " and ".join(wrong) if wrong else None
 
 
-def _weights_reach_all(module: ConvertedAttention) -> bool:
-    """Whether the attention weights depend on every new parameter of the converted
-    ``module`` (a probe on a few random tokens; a gate on the output, for one, is not
-    reached)."""
+def _weights_reach(module: ConvertedAttention) -> dict[str, bool]:
+    """For each new parameter of the converted ``module`` (by its name in ``module.attn``):
+    whether the attention weights depend on it (a probe on a few random tokens; a gate on
+    the output, for one, is not reached)."""
     attn = module.attn
-    new = [p for n, p in attn.named_parameters() if n not in module.pretrained]
+    new = {n: p for n, p in attn.named_parameters() if n not in module.pretrained}
     if not new:
-        return True
+        return {}
     x, gen = _probe(attn)
     with torch.enable_grad():
         w = attn.weights(x)
         probe = (w.float() * torch.randn(w.shape, generator=gen).to(w.device)).sum()
         if not probe.requires_grad:
-            return False
-        grads = torch.autograd.grad(probe, new, allow_unused=True)
-    return all(g is not None for g in grads)
+            return dict.fromkeys(new, False)
+        grads = torch.autograd.grad(probe, list(new.values()), allow_unused=True)
+    return {n: g is not None for n, g in zip(new, grads, strict=True)}
+
+
+def _weights_reach_all(module: ConvertedAttention) -> bool:
+    """Whether the attention weights depend on every new parameter of ``module``."""
+    return all(_weights_reach(module).values())
 
 
 def _prepare(model: nn.Module, loss: str, layers: str | Sequence[int]
@@ -431,6 +436,14 @@ def _prepare(model: nn.Module, loss: str, layers: str | Sequence[int]
                              "keep_teacher=True) is needed for attention transfer)")
         built.append(_Layer(index, path, module, softmax_twin(module.attn),
                             _resolve_loss(loss, module)))
+    if all(layer.loss == "hedgehog" for layer in built) and \
+            not any(any(_weights_reach(layer.module).values()) for layer in built):
+        name = built[0].module.attn.name
+        raise ValueError(f"loss='hedgehog' reads the attention weights, and none of "
+                         f"{name}'s new parameters ({', '.join(sorted(params)[:3])}"
+                         f"{'...' if len(params) > 3 else ''}) changes them (on a probe of "
+                         "random tokens): nothing would train; use loss='lolcats' (layer "
+                         "outputs)")
     return built, params
 
 
@@ -598,18 +611,48 @@ def _load(path: Path, kind: str, config: dict[str, Any],
     return payload
 
 
+PLAIN_EVERY_S = 60.0  # off a terminal: a progress line at least this often (seconds) ...
+PLAIN_PARTS = 10  # ... and at every tenth of the steps
+
+
 @contextlib.contextmanager
 def _bar(enabled: bool, total: int, done: int, what: str
          ) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar; yields ``advance(description)``."""
+    """Progress of a training loop; yields ``advance(description)``, called after each
+    step. A header line (``what``, the steps, the step resumed from) comes first; then a
+    rich progress bar on a terminal, or, when the console is not one (a log file under
+    nohup or a batch scheduler, where a bar shows nothing until it ends), a plain line at
+    every tenth of the steps and at least every ``PLAIN_EVERY_S`` seconds, and at the
+    last step."""
     if not enabled:
         yield lambda text: None
         return
     from rich import progress as rp
+    from rich.console import Console
+    from rich.markup import escape
 
+    console = Console()
+    console.print(escape(f"{what}: {total:,} steps"
+                         + (f", resuming from step {done:,}" if done else "")), highlight=False)
+    if not console.is_terminal:
+        start = last = time.monotonic()
+        state = {"step": done}
+        part = max(1, total // PLAIN_PARTS)
+
+        def line(text: str) -> None:
+            nonlocal last
+            state["step"] += 1
+            step, now = state["step"], time.monotonic()
+            if step % part == 0 or step == total or now - last >= PLAIN_EVERY_S:
+                last = now
+                console.print(escape(f"{what}: step {step:,}/{total:,}, {text}, "
+                                     f"{now - start:.0f} s"), highlight=False)
+
+        yield line
+        return
     with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
                      rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-                     rp.TimeRemainingColumn()) as bar:
+                     rp.TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task(what, total=total, completed=done)
         yield lambda text: bar.update(task, advance=1, description=f"{what} {text}")
 
@@ -683,7 +726,7 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
             layer.module.train(student_modes[layer.index])
         reached: set[str] = set()
         names = {id(p): n for n, p in params.items()}
-        with _bar(progress, steps, step, "attention transfer") as advance:
+        with _bar(progress, steps, step, f"attention transfer ({log.loss} loss)") as advance:
             while step < steps:
                 batch = cursor.next()
                 if batch is _END:
@@ -706,10 +749,12 @@ def attention_transfer(model: nn.Module, data: Iterable[Batch], *,
     if step > (log.resumed_from or 0):
         log.untrained = sorted(n for n in params if n not in reached)
         if log.untrained:
-            warnings.warn(f"the {log.loss} loss does not reach {len(log.untrained)} new "
-                          f"parameter(s) ({', '.join(log.untrained[:3])}...), which stayed "
-                          "as initialised; loss='lolcats' (layer outputs) trains them",
-                          stacklevel=2)
+            hint = "; loss='lolcats' (layer outputs) trains them" \
+                if "lolcats" not in log.loss else ""
+            warnings.warn(f"the {log.loss} loss does not reach {len(log.untrained)} of "
+                          f"{len(params)} new parameters ({', '.join(log.untrained[:3])}"
+                          f"{'...' if len(log.untrained) > 3 else ''}), which stayed as "
+                          f"initialised{hint}", stacklevel=2)
     log.seconds = time.perf_counter() - start
     return log
 

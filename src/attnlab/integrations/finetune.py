@@ -79,8 +79,9 @@ class FinetuneLog:
         how = f"LoRA rank {self.lora} + new parameters" if self.lora else "full"
         first = f"{self.losses[0]:.4g}" if self.losses else "-"
         last = f"{self.losses[-1]:.4g}" if self.losses else "-"
-        return (f"fine-tuning ({self.objective}, {how}, {self.trainable} trained values): "
-                f"{self.steps} steps, loss {first} -> {last}")
+        resumed = f", resumed from step {self.resumed_from}" if self.resumed_from else ""
+        return (f"fine-tuning ({self.objective}, {how}, {self.trainable:,} trained values): "
+                f"{self.steps} steps{resumed}, loss {first} -> {last}")
 
 
 # ---------------------------------------------------------------------------- peft

@@ -52,12 +52,16 @@ from torch import Tensor, nn
 from attnlab.files import write_atomic
 
 __all__ = ["AUTO_CLASSES", "FORMAT", "MINILM", "load_converted", "load_source",
-           "load_tokenizer", "read_converted", "save_converted", "source_config"]
+           "load_tokenizer", "read_converted", "save_converted", "source_config",
+           "source_folder", "source_weights"]
 
 FORMAT = "attnlab.converted/1"
 MINILM = "minilm"  # the name of the bundled all-MiniLM-L6-v2 as a source
 WEIGHTS = "model.safetensors"
 RECIPE = "convert.json"
+# the weight files of a save_pretrained folder transformers reads (one of them is needed)
+SOURCE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
 # the transformers Auto class each convertible model type is loaded with by load_source
 AUTO_CLASSES = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM",
                 "qwen2": "AutoModelForCausalLM", "mistral": "AutoModelForCausalLM",
@@ -86,6 +90,23 @@ def _source_folder(source: str | Path) -> Path:
     return folder
 
 
+def source_folder(source: str | Path) -> Path:
+    """The checkpoint folder of ``source`` (``"minilm"``: the bundled model's);
+    FileNotFoundError when it is not one (no such folder, no ``config.json``)."""
+    return _source_folder(source)
+
+
+def source_weights(source: str | Path) -> Path:
+    """The weight file of ``source`` transformers will read (one of ``SOURCE_WEIGHTS``);
+    FileNotFoundError naming the folder when it has none."""
+    folder = _source_folder(source)
+    for name in SOURCE_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no weights in {folder} (none of {', '.join(SOURCE_WEIGHTS)}): "
+                            "save the model there with model.save_pretrained")
+
+
 def source_config(source: str | Path) -> Any:
     """The transformers config of ``source`` (offline; no weights are read)."""
     from attnlab.integrations.hf import require_transformers
@@ -93,6 +114,15 @@ def source_config(source: str | Path) -> Any:
     transformers = require_transformers()
     return transformers.AutoConfig.from_pretrained(str(_source_folder(source)),
                                                    local_files_only=True)
+
+
+def _config_fields(source: str | Path) -> dict[str, Any]:
+    """The source's ``config.json`` as saved (a dict; {} when it is not a JSON object)."""
+    try:
+        fields = json.loads((_source_folder(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def _config_digest(source: str | Path) -> str:
@@ -117,12 +147,27 @@ def load_tokenizer(source: str | Path) -> Any:
     from attnlab.integrations.hf import require_transformers
 
     transformers = require_transformers()
+    folder = _source_folder(source)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(_source_folder(source)),
-                                                          local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder),
+                                                               local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"{source}: no tokenizer could be loaded from the folder "
                          f"(save it there with tokenizer.save_pretrained): {err}") from None
+    # without tokenizer files AutoTokenizer may build an empty one from the config alone
+    try:
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
+        empty = len(tokenizer) == 0 or not ids
+    except Exception:  # noqa: BLE001  (a tokenizer that cannot even encode)
+        empty = True
+    if empty:
+        raise ValueError(f"no tokenizer in {folder}: the tokenizer transformers builds there "
+                         f"has {len(tokenizer)} tokens and gives no token for "
+                         f"{PROBE_TEXT!r} (save one there with tokenizer.save_pretrained)")
+    return tokenizer
+
+
+PROBE_TEXT = "The cat sat on the mat."
 
 
 def _load_model(source: str | Path, class_name: str | None, dtype: torch.dtype | None
@@ -140,11 +185,41 @@ def _load_model(source: str | Path, class_name: str | None, dtype: torch.dtype |
     if cls is None:
         raise ValueError(f"transformers {transformers.__version__} has no class "
                          f"{class_name!r} to load {source} with")
+    weights = source_weights(folder)
     options: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         options["dtype"] = dtype
-    model = cls.from_pretrained(str(folder), **options)
+    try:
+        model = cls.from_pretrained(str(folder), **options)
+    except RuntimeError as err:
+        if "mismatch" not in str(err):
+            raise
+        said = _mismatches(cls, folder, weights)
+        raise ValueError(f"{source}: its weights do not fit its config.json ({said}): the "
+                         "config changed after the weights were saved") from None
     return model.eval()
+
+
+def _mismatches(cls: Any, folder: Path, weights: Path) -> str:
+    """The tensors whose shape in ``weights`` (a safetensors file) differs from the shape
+    the model of ``folder``'s config.json gives them (a skeleton on the meta device)."""
+    if weights.suffix != ".safetensors":
+        return f"shapes differ; transformers' report names them ({weights.name})"
+    from safetensors import safe_open
+
+    config = source_config(folder)
+    with torch.device("meta"):
+        skeleton = cls(config)
+    own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = []
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            shape = tuple(f.get_slice(key).get_shape())
+            if key in own and own[key] != shape:
+                found.append(f"{key} saved {shape}, config gives {own[key]}")
+    if not found:
+        return "shapes differ"
+    return "; ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
 
 
 def load_source(source: str | Path, *, dtype: torch.dtype | None = None
@@ -266,7 +341,8 @@ def save_converted(model: nn.Module, folder: str | Path, recipe: Mapping[str, An
         "source": {"path": source if source == MINILM else str(Path(source).resolve()),
                    "model_class": type(model).__name__, "model_type": kind,
                    "dtype": _dtype_name(_floating_dtype(model)),
-                   "config_sha256": _config_digest(source)},
+                   "config_sha256": _config_digest(source),
+                   "config": _config_fields(source)},
         "mechanism": mechanism,
         "kwargs": recipe.pop("kwargs"),
         "seed": int(recipe.pop("seed", 0)),
@@ -303,6 +379,8 @@ def _write_weights(path: Path, tensors: dict[str, Tensor]) -> None:
 def read_converted(folder: str | Path) -> dict[str, Any]:
     """The ``convert.json`` of a saved converted model (FileNotFoundError / ValueError when
     the folder holds none, or one of another format)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     path = Path(folder) / RECIPE
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {RECIPE} (not a folder written by "
@@ -394,9 +472,18 @@ def load_converted(folder: str | Path, *, device: str | torch.device = "cpu",
         raise FileNotFoundError(f"{target} was converted from {source}, which is gone: "
                                 f"{err}") from None
     if _config_digest(source) != info.get("config_sha256"):
+        before, now = info.get("config"), _config_fields(source)
+        if isinstance(before, dict):
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            what = "fields changed: " + ", ".join(
+                f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8]) + \
+                (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "") \
+                if changed else "the same fields, other bytes"
+        else:
+            what = "its SHA-256 differs"
         warnings.warn(f"{source}/config.json is not the one {target} was converted from "
-                      "(its SHA-256 differs); loading on, the saved tensors replace the "
-                      "source's", stacklevel=2)
+                      f"({what}); loading on, the saved tensors replace the source's",
+                      stacklevel=2)
     dtype = getattr(torch, info["dtype"])
     model = _load_model(source, info["model_class"], dtype)
     kind = getattr(getattr(model, "config", None), "model_type", None)
