@@ -287,6 +287,13 @@ def test_refusals_of_folders_devices_and_options(tiny: Path, tmp_path: Path) -> 
     said = _flat(result.output)
     assert "--length 32: " in said and "n_positions (the default, 128, is longer)" in said
     assert "window(s) of 32 tokens" in said
+    # a RoPE model (Llama) has no position table: a --length past max_position_embeddings
+    # is noted, not refused (here the missing weights refuse next)
+    llama = _copy(tiny / "Llama", tmp_path / "llama", skip=("model.safetensors",))
+    result = _run(str(llama), "--mechanism", "hedgehog", "--length", "2049", *text, *out)
+    said = _flat(result.output)
+    assert result.exit_code == 2 and "no weights in" in said, result.output
+    assert "note: --length 2049 is past" in said and "max_position_embeddings (2048)" in said
     # convert load of a folder that does not exist
     result = CliRunner().invoke(convert, ["load", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such folder" in result.output

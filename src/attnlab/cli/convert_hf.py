@@ -486,6 +486,11 @@ def hf_cmd(ctx: click.Context, source: str, mechanism: str, kw: tuple[str, ...],
             raise click.UsageError(f"--length {length}: {source} has learned positions for "
                                    f"{most} tokens ({field} in its config.json): pass "
                                    f"--length {most} or less")
+    trained = getattr(config, "max_position_embeddings", None) if limit is None else None
+    if trained is not None and length > int(trained):  # RoPE: no table, nothing to crash
+        console.print(f"note: --length {length} is past {escape(source)}'s "
+                      f"max_position_embeddings ({trained}); its rotary positions have no "
+                      "table to overflow, but the model was not trained on positions that far")
     if not causal and tune in ("lm", "logits"):
         raise click.UsageError(f"--finetune {tune}: {source} is a {kind} encoder without a "
                                "language-model head (no logits); use --finetune hidden")
