@@ -287,6 +287,11 @@ def test_refusals_of_folders_devices_and_options(tiny: Path, tmp_path: Path) -> 
     said = _flat(result.output)
     assert "--length 32: " in said and "n_positions (the default, 128, is longer)" in said
     assert "window(s) of 32 tokens" in said
+    # its weights (1024 positions) do not fit that config.json: the tensor and both shapes
+    result = _run(str(short), "--mechanism", "hedgehog", *OPTIONS, *text, *out)
+    assert result.exit_code == 2, result.output
+    assert "its weights do not fit its config.json (transformer.wpe.weight saved (1024, 32), " \
+        "config gives (32, 32))" in _flat(result.output)
     # a RoPE model (Llama) has no position table: a --length past max_position_embeddings
     # is noted, not refused (here the missing weights refuse next)
     llama = _copy(tiny / "Llama", tmp_path / "llama", skip=("model.safetensors",))
