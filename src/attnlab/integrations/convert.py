@@ -704,14 +704,19 @@ def _load_projections(attn: Attention, layer: _Pretrained, mechanism: str
     return tuple(names)
 
 
+def unmapped(kind: object) -> str:
+    """Why a model of transformers model type ``kind`` cannot be converted (one that is not in
+    ``ARCHITECTURES``)."""
+    known = ", ".join(f"{a.name} ({t})" for t, a in ARCHITECTURES.items())
+    return (f"attnlab has no mapping of model type {kind!r}'s attention modules onto its own "
+            f"(where q, k, v, o, the positions and the masks live); it converts {known}")
+
+
 def _architecture(model: nn.Module, mechanism: str) -> Architecture:
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES:
-        known = ", ".join(f"{a.name} ({t})" for t, a in ARCHITECTURES.items())
-        raise ValueError(f"{_who(model, mechanism)}: attnlab has no mapping of model type "
-                         f"{kind!r}'s attention modules onto its own (where q, k, v, o, the "
-                         f"positions and the masks live); it converts {known}")
+        raise ValueError(f"{_who(model, mechanism)}: {unmapped(kind)}")
     return ARCHITECTURES[kind]
 
 

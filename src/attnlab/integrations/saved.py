@@ -133,12 +133,9 @@ def auto_class(model_type: str) -> str:
     """The transformers Auto class ``load_source`` uses for ``model_type``; ValueError for a
     model type ``convert`` does not map."""
     if model_type not in AUTO_CLASSES:
-        from attnlab.integrations.convert import ARCHITECTURES
+        from attnlab.integrations.convert import unmapped
 
-        known = ", ".join(f"{a.name} ({t})" for t, a in ARCHITECTURES.items())
-        raise ValueError(f"attnlab has no mapping of model type {model_type!r}'s attention "
-                         f"modules onto its own (where q, k, v, o, the positions and the "
-                         f"masks live); it converts {known}")
+        raise ValueError(unmapped(model_type))
     return AUTO_CLASSES[model_type]
 
 
