@@ -25,6 +25,10 @@ def _variants(name: str) -> list[dict]:
     return [{}, *info.variants, common]
 
 
+# slow only for the time they take: .ci/run still runs them on the other CPU kernels
+_FOR_TIME = [pytest.mark.slow, pytest.mark.numerics]
+
+
 def _cases(*, need=None, only: bool | None = None, own_variants_slow: bool = False) -> list:
     """(name, kwargs, causal) for every mechanism, variant and supported mode.
 
@@ -48,7 +52,7 @@ def _cases(*, need=None, only: bool | None = None, own_variants_slow: bool = Fal
             for causal in modes:
                 tag = f"{name}-v{i}-{'causal' if causal else 'bidir'}"
                 cases.append(pytest.param(name, kwargs, causal, id=tag,
-                                          marks=[pytest.mark.slow]
+                                          marks=_FOR_TIME
                                           if own and own_variants_slow else []))
     return cases
 
@@ -377,7 +381,7 @@ def _large_cases() -> list:
                          marks=[*c.marks,
                                 *([pytest.mark.xfail(reason=_RFA_FP16, strict=True)]
                                   if c.id.startswith("rfa-v2") and d.id == "fp16" else []),
-                                *([pytest.mark.slow] if d.id == "bf16" else [])])
+                                *(_FOR_TIME if d.id == "bf16" else [])])
             for d in LARGE for c in _cases(own_variants_slow=True)]
 
 

@@ -68,7 +68,7 @@ _TILED = tuple(name for name, (_, fast) in OPS.items() if "tiled" in fast)
 
 
 def _slow_if(cond: bool) -> list:
-    return [pytest.mark.slow] if cond else []
+    return [pytest.mark.slow, pytest.mark.numerics] if cond else []
 
 
 @pytest.mark.parametrize("op_name, causal, length", [

@@ -25,7 +25,8 @@ def _flex_cases() -> list:
     default = {(True, True, 257), (False, False, 1)}
     return [pytest.param(op_name, causal, masked, length,
                          id=f"{length}-{masked}-{causal}-{op_name}",
-                         marks=[] if (causal, masked, length) in default else [pytest.mark.slow])
+                         marks=[] if (causal, masked, length) in default
+                         else [pytest.mark.slow, pytest.mark.numerics])
             for length in (1, 63, 257) for masked in (False, True) for causal in (False, True)
             for op_name in FLEX_OPS]
 
