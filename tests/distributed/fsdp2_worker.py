@@ -57,6 +57,10 @@ def main(rank: int, world: int, name: str, port: int, out: str) -> None:
     optimizer.step()
     params = {k: full(v).detach().clone() for k, v in attn.named_parameters()}
     torch.save({"before": before, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+    # both ranks done before either tears gloo down: a rank that destroyed the group while
+    # the other still had gloo work pending aborted once in CI ("terminate called without an
+    # active exception", exit 1)
+    dist.barrier()
     dist.destroy_process_group()
 
 
