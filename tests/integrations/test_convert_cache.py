@@ -1,5 +1,5 @@
 """Cached generation of converted decoders: each layer's attnlab decoding state lives in
-transformers' ``DynamicCache`` (``convert.StateCacheLayer``), and ``generate`` feeds the
+transformers' ``DynamicCache`` (``integrations.cache.StateCacheLayer``), and ``generate`` feeds the
 mechanism only the new token.
 
 What must hold, on the tiny GPT-2, Llama, Qwen2 and Mistral (tests/integrations/tiny.py):
@@ -24,7 +24,8 @@ pytest.importorskip("transformers")
 
 import attnlab as al  # noqa: E402
 from attnlab.integrations import convert as conv  # noqa: E402
-from attnlab.integrations.convert import StateCacheLayer, convert  # noqa: E402
+from attnlab.integrations.cache import StateCacheLayer  # noqa: E402
+from attnlab.integrations.convert import convert  # noqa: E402
 from tests.integrations.tiny import VOCAB, WINDOW, build, inputs  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 

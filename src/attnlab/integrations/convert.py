@@ -28,25 +28,25 @@ the (B, L) padding mask. ``attnlab.heads`` finds the attnlab modules (``sites(mo
 capture, ablation and the rest work on a converted model.
 
 The cache (``use_cache``). A decoder converted to a mechanism that can decode (its registry
-entry has ``decode=True``: softmax, hedgehog, linear, gated, sigmoid, ...) generates with its
-attnlab decoding state instead of a KV cache: when transformers hands the layer a
+entry has ``decode=True``: softmax, hedgehog, linear, gated, sigmoid, ...) generates with
+its attnlab decoding state instead of a KV cache: when transformers hands the layer a
 ``DynamicCache``, the layer keeps its :class:`~attnlab.core.state.State` in the cache, in
-place of that layer's (empty) entry (a :class:`StateCacheLayer`, reporting the tokens consumed
-as the cache's length), and feeds the mechanism only the new tokens (``state=``): a KV cache
-for softmax, an O(1)-per-token summary for a linear mechanism. RoPE positions continue from
-the state's position, the padding of the cached tokens stays in the state. The rule
-``convert`` applies: a plain forward builds no state (``config.use_cache = False``, as the
-unconverted path always had it: captures, training and the microscope see the full forward);
-``generate`` keeps the model's own ``generation_config.use_cache`` when the mechanism can
-decode, and ``model(..., use_cache=True)`` (or a ``cache=``) runs the cached path; a
-mechanism that cannot decode sets ``generation_config.use_cache = False`` too and refuses a
-cache (ValueError naming the model class and the mechanism), while generating without one as
-before. Refused with a cache, with the reason: a cache other than ``DynamicCache`` (static,
-quantized), beam search and other reordering or cropping of the cache (an attnlab state
-cannot be reordered or rolled back), a sliding window overrun by cached plus new tokens, and,
-for RoPE models, left padding (attnlab counts positions from the first token of the batch,
-Hugging Face from each row's first real token; GPT-2's learned positions generate
-left-padded batches exactly).
+place of that layer's (empty) entry (a :class:`~attnlab.integrations.cache.StateCacheLayer`,
+reporting the tokens consumed as the cache's length), and feeds the mechanism only the new
+tokens (``state=``): a KV cache for softmax, an O(1)-per-token summary for a linear
+mechanism. RoPE positions continue from the state's position, the padding of the cached
+tokens stays in the state. The rule ``convert`` applies: a plain forward builds no state
+(``config.use_cache = False``, as the unconverted path always had it: captures, training and
+the microscope see the full forward); ``generate`` keeps the model's own
+``generation_config.use_cache`` when the mechanism can decode, and ``model(...,
+use_cache=True)`` (or a ``cache=``) runs the cached path; a mechanism that cannot decode
+sets ``generation_config.use_cache = False`` too and refuses a cache (ValueError naming the
+model class and the mechanism), while generating without one as before. Refused with a
+cache, with the reason: a cache other than ``DynamicCache`` (static, quantized), beam search
+and other reordering or cropping of the cache (an attnlab state cannot be reordered or
+rolled back), a sliding window overrun by cached plus new tokens, and, for RoPE models, left
+padding (attnlab counts positions from the first token of the batch, Hugging Face from each
+row's first real token; GPT-2's learned positions generate left-padded batches exactly).
 
 Conversion is atomic: every module is built (and every check made) before the model is
 touched, so a failure leaves the model as it was.
@@ -54,7 +54,6 @@ touched, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,13 +64,13 @@ from torch import Tensor, nn
 
 import attnlab.mechanisms  # noqa: F401  (registers the built-in mechanisms)
 from attnlab.core.registry import available, build, info
-from attnlab.core.state import State
+from attnlab.integrations.cache import cache_slot
 from attnlab.mechanisms.base import Attention
 from attnlab.modules.rotary import Rotary
 
-__all__ = ["ARCHITECTURES", "ConvertedAttention", "PretrainedRotary", "StateCacheLayer",
-           "convert", "converted_modules", "extra_loss", "new_parameters",
-           "pretrained_parameters", "teacher", "refusal"]
+__all__ = ["ARCHITECTURES", "ConvertedAttention", "PretrainedRotary", "convert",
+           "converted_modules", "extra_loss", "new_parameters", "pretrained_parameters",
+           "teacher", "refusal"]
 
 # the constructor arguments conversion sets from the pretrained model
 SET_BY_MODEL = ("dim", "heads", "kv_heads", "head_dim", "causal", "bias", "rope", "rope_base",
@@ -308,7 +307,8 @@ class ConvertedAttention(nn.Module):
     dense, whose parameters ``attn.o_proj`` shares). ``model``: the converted model and
     mechanism, for messages. Given a transformers ``cache``, the call runs only the new tokens
     through ``attn`` with the layer's decoding state, kept in the cache (a
-    :class:`StateCacheLayer`; the module docstring's "The cache")."""
+    :class:`~attnlab.integrations.cache.StateCacheLayer`; the module docstring's "The
+    cache")."""
 
     teacher: nn.Module | None
     teacher_parts: dict[str, nn.Module]
@@ -390,7 +390,7 @@ class ConvertedAttention(nn.Module):
         if not self.causal:
             raise ValueError(f"{self.model_name}: {who} is bidirectional; a cache serves "
                              "causal decoding only: call it with use_cache=False")
-        slot = _cache_slot(cache, self.layer_idx, f"{self.model_name}: {who}")
+        slot = cache_slot(cache, self.layer_idx, f"{self.model_name}: {who}")
         batch, length = hidden_states.shape[0], hidden_states.shape[1]
         past = slot.get_seq_length()
         if self.window is not None and past + length > self.window:
@@ -419,128 +419,6 @@ class ConvertedAttention(nn.Module):
                         state=slot.state)
         slot.padding = keep
         return out
-
-
-class StateCacheLayer:
-    """A converted layer's entry in a transformers ``DynamicCache``: the layer's attnlab
-    decoding state (``state``, None before the first call) and the key padding of the tokens it
-    holds (``padding``, (B, tokens) bool, True = real; None while every token is real).
-
-    It takes the place of the layer's empty ``DynamicLayer`` on the layer's first call with the
-    cache, and answers what transformers asks a cache layer: its length (``get_seq_length``:
-    the tokens the state has consumed, from which ``generate`` and the model compute the new
-    tokens' positions and masks) and the mask sizes. What an attnlab state cannot do is refused:
-    keys written by a transformers attention (``update``), reordering for beam search,
-    selecting or repeating rows after the state exists, and cropping (rolling back tokens)."""
-
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False  # nothing to allocate before the first call
-
-    def __init__(self, *, is_sliding: bool = False, who: str = "a converted layer") -> None:
-        super().__init__()  # CacheLayerMixin's, in the class transformers sees
-        self.who = who  # the model, mechanism and layer, for messages
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-        self.is_sliding = is_sliding
-        self.is_initialized = False
-        self.state: State | None = None
-        self.padding: Tensor | None = None
-
-    def __repr__(self) -> str:
-        return f"StateCacheLayer({self.state!r})"
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        """Nothing to allocate: the state is made by the layer's first call."""
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
-               **kwargs: Any) -> tuple[Tensor, Tensor]:
-        raise ValueError(f"{self.who}: a transformers attention module wrote keys into this "
-                         "converted layer's cache entry (a cache shared between a converted "
-                         "and an unconverted model?)")
-
-    def get_seq_length(self) -> int:
-        """The tokens the state has consumed."""
-        return 0 if self.state is None else int(self.state.position)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(key length, key offset) of the mask transformers builds: every consumed token."""
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def offload(self) -> None:
-        """Kept where it is (a state is small, or a KV cache the mechanism owns)."""
-
-    def prefetch(self) -> None:
-        """Nothing offloaded, nothing to fetch."""
-
-    def reset(self) -> None:
-        """Forget the state (the next call starts a new sequence)."""
-        self.state, self.padding, self.is_initialized = None, None, False
-
-    def _refuse(self, what: str) -> None:
-        if self.state is not None:
-            raise ValueError(f"{self.who}: {what} is not supported with an attnlab "
-                             "decoding state (its tensors are the mechanism's own, a summary "
-                             "for a linear mechanism, and cannot be reordered or rolled "
-                             "back): use num_beams=1 (greedy or sampling) or use_cache=False")
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._refuse("reordering the cache (beam search)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            self._refuse(f"cropping {abs(tokens_to_remove)} tokens from the cache (assisted "
-                         "or speculative decoding)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            self._refuse("repeating the cache's sequences")
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._refuse("selecting the cache's sequences")
-
-
-@functools.cache
-def _state_layer_type() -> type:
-    """``StateCacheLayer`` as a transformers ``CacheLayerMixin`` (built on first use, so
-    that this module imports without transformers)."""
-    from transformers.cache_utils import CacheLayerMixin
-
-    return type("StateCacheLayer", (StateCacheLayer, CacheLayerMixin),
-                {"__doc__": StateCacheLayer.__doc__, "__module__": __name__})
-
-
-def _cache_slot(cache: Any, layer_idx: int, who: str) -> StateCacheLayer:
-    """The entry of layer ``layer_idx`` in a transformers cache: the ``StateCacheLayer`` put
-    there by an earlier call, or a new one in place of the layer's empty entry."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(f"{who}: a converted layer keeps its attnlab state in a DynamicCache "
-                         f"(the default of generate), got {type(cache).__name__} (a static "
-                         "or quantized cache holds keys and values the mechanism does not "
-                         "make): pass no cache_implementation, or use_cache=False")
-    layers = cache.layers
-    if len(layers) <= layer_idx:
-        make = cache.layer_class_to_replicate
-        if make is None:
-            raise ValueError(f"{who}: the cache has {len(layers)} layers, not layer "
-                             f"{layer_idx}")
-        while len(layers) <= layer_idx:
-            layers.append(make())
-    entry = layers[layer_idx]
-    if isinstance(entry, StateCacheLayer):
-        return entry
-    if not isinstance(entry, DynamicLayer) or entry.get_seq_length() > 0:
-        raise ValueError(f"{who}: the cache's entry for this layer is a "
-                         f"{type(entry).__name__} holding {entry.get_seq_length()} tokens, "
-                         "not a converted layer's state (a cache filled by another model?)")
-    slot = _state_layer_type()(is_sliding=bool(getattr(entry, "is_sliding", False)), who=who)
-    layers[layer_idx] = slot
-    return slot
 
 
 def _key_padding(attention_mask: Tensor | None, batch: int, length: int, causal: bool,
