@@ -28,20 +28,13 @@ def test_ig_steps_is_validated_and_defaults_to_the_study_constant(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_study_runs_with_the_steps_asked_and_records_them(tmp_path):
+def test_the_study_runs_with_the_steps_asked_and_records_them(tmp_path, induction_sweep):
     """The smallest sweep of the induction tests (two seeds, two heads), trained briefly:
     --ig-steps 3 runs the IG method with 3 points and says so in the command line, the setup
     and results.json; --ig-steps 1 runs plain attribution patching only."""
-    from attnlab.arena.config import parse_sweep
-    from attnlab.arena.sweep import run_sweep
     from attnlab.heads.studies.induction import ig_name
 
-    store = tmp_path / "runs"
-    run_sweep(parse_sweep({
-        "name": "ind", "task": "induction", "seeds": 2, "workers": 1, "store": str(store),
-        "mechanisms": ["softmax"], "task_params": {"vocab": 24, "length": 24, "segment": 4},
-        "model": {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 0},
-        "train": {"steps": 20, "batch_size": 32, "lr": 3e-3}}))
+    store = induction_sweep(20)
     for steps in (3, 1):
         out = tmp_path / f"report{steps}"
         result = CliRunner().invoke(main, [

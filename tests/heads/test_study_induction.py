@@ -141,19 +141,12 @@ def test_interpolation_ends_at_the_clean_run_and_at_activation_patching():
 
 
 @pytest.mark.slow
-def test_heads_induction_command_on_a_small_trained_sweep(tmp_path):
+def test_heads_induction_command_on_a_small_trained_sweep(tmp_path, induction_sweep):
     from click.testing import CliRunner
 
-    from attnlab.arena.config import parse_sweep
-    from attnlab.arena.sweep import run_sweep
     from attnlab.cli import main
 
-    store = tmp_path / "runs"
-    run_sweep(parse_sweep({
-        "name": "ind", "task": "induction", "seeds": 2, "workers": 1, "store": str(store),
-        "mechanisms": ["softmax"], "task_params": {"vocab": 24, "length": 24, "segment": 4},
-        "model": {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 0},
-        "train": {"steps": 200, "batch_size": 32, "lr": 3e-3}}))
+    store = induction_sweep(200)
     out = tmp_path / "report"
     result = CliRunner().invoke(main, ["heads", "induction", "--store", str(store), "--sweep",
                                        "ind", "--batches", "2", "--batch-size", "16", "--out",
