@@ -6,9 +6,11 @@ What must hold, on the tiny GPT-2, Llama, Qwen2 and Mistral (tests/integrations/
 ``generate(use_cache=True)`` gives the tokens of ``use_cache=False``, its per-step logits are
 the full forward's of the final sequence, the attnlab modules see the prompt once and then one
 token per step, RoPE continues from the cache's length, left padding works where positions are
-the model's (GPT-2) and is refused with RoPE, a mechanism without ``decode`` refuses a cache
-and still generates without one, and what a state cannot do (beam search, a static cache, a
-sliding window overrun) is refused with the reason.
+the model's (GPT-2) and is refused with RoPE, beam search (the cache's sequences reordered,
+selected or repeated through ``State.select``) gives the beams of ``use_cache=False``, a
+mechanism without ``decode`` refuses a cache and still generates without one, and what a state
+cannot do (cropping, so assisted decoding; a static cache; a sliding window overrun) is
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -149,6 +151,120 @@ def test_a_forward_continued_from_its_cache_equals_the_full_forward(mechanism):
     assert torch.equal(layer.padding, mask.bool())
 
 
+# --------------------------------------------------------------------------- beam search
+@contextmanager
+def _reorders() -> Iterator[list[torch.Tensor]]:
+    """The beam indices every converted layer's cache entry is reordered by."""
+    seen: list[torch.Tensor] = []
+    original = StateCacheLayer.reorder_cache
+
+    def record(self, beam_idx):
+        seen.append(beam_idx.clone())
+        original(self, beam_idx)
+
+    StateCacheLayer.reorder_cache = record  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        StateCacheLayer.reorder_cache = original  # type: ignore[method-assign]
+
+
+def _check_beam_search(arch: str, mechanism: str, ids: torch.Tensor,
+                       mask: torch.Tensor | None = None, returned: int = 1) -> None:
+    """Beam search (3 beams, ``returned`` sequences per prompt) with the cache gives the
+    sequences and scores of the full recomputation; the beams were reordered on the way
+    (some beam index is not the identity), so the states followed them."""
+    model = _converted(arch, mechanism)
+    options = dict(attention_mask=mask, num_beams=3, num_return_sequences=returned,
+                   max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
+                   **GREEDY)
+    with _reorders() as reorders:
+        cached = model.generate(ids, use_cache=True, **options)
+    plain = model.generate(ids, use_cache=False, **options)
+    layers = len(conv.converted_modules(model))
+    new = cached.sequences.shape[1] - ids.shape[1]
+    assert len(reorders) == new * layers  # every layer after each step
+    rows = torch.arange(ids.shape[0] * 3)
+    assert any(not torch.equal(index, rows) for index in reorders), "never reordered"
+    assert cached.sequences.shape[0] == ids.shape[0] * returned
+    assert torch.equal(cached.sequences, plain.sequences), (arch, mechanism)
+    assert_close(cached.sequences_scores, plain.sequences_scores, roundings=ROUNDINGS,
+                 msg=f"{mechanism} on {arch}")
+    assert cached.cache.layers[0].state.batch_size == ids.shape[0] * 3
+
+
+BEAMS = [(arch, mechanism) for arch in ("GPT-2", "Llama")
+         for mechanism in ("softmax", "hedgehog", "gated")]
+
+
+@pytest.mark.parametrize("arch, mechanism", BEAMS)
+def test_beam_search_with_the_cache_equals_without(arch, mechanism):
+    _check_beam_search(arch, mechanism, _prompt(5))
+
+
+@pytest.mark.parametrize("arch, mechanism", [
+    pytest.param(*case, marks=[] if case in (("GPT-2", "softmax"), ("Llama", "hedgehog"))
+                 else pytest.mark.slow)
+    for case in BEAMS])
+def test_beam_search_returns_two_sequences_per_prompt_of_a_batch(arch, mechanism):
+    """Two prompts, 3 beams, 2 sequences returned for each; on GPT-2 (positions from the
+    mask) the second prompt is left-padded, and each beam keeps its row's padding."""
+    ids, mask = _prompt(6, batch=2).clone(), None
+    if arch == "GPT-2":
+        ids[1, :2] = 0
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+    _check_beam_search(arch, mechanism, ids, mask, returned=2)
+
+
+@pytest.mark.parametrize("operation, argument, rows", [
+    ("reorder_cache", torch.tensor([2, 0, 1]), [2, 0, 1]),
+    ("batch_select_indices", torch.tensor([2, 0, 2]), [2, 0, 2]),
+    ("batch_select_indices", torch.tensor([1]), [1]),
+    ("batch_repeat_interleave", 2, [0, 0, 1, 1, 2, 2])])
+def test_the_cache_selects_its_sequences_with_their_padding(operation, argument, rows):
+    """By hand, on a padded batch (a full row, a right-padded and a left-padded one): 6
+    tokens through the cache, its sequences reordered, selected or repeated, then the last 4
+    tokens of those rows give their full forward's logits; the cached padding follows the
+    rows (a padding left as it was is refused by the mask check, or pads the wrong rows)."""
+    ids, mask = inputs()
+    model = _converted("Llama", "linear")
+    index = torch.tensor(rows)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        getattr(first.cache, operation)(argument)
+        layer = first.cache.layers[0]
+        assert layer.state.batch_size == len(rows)
+        assert torch.equal(layer.padding, mask[index, :6].bool())
+        rest = model(input_ids=ids[index, 6:], attention_mask=mask[index], cache=first.cache,
+                     use_cache=True)
+        full = model(input_ids=ids[index], attention_mask=mask[index], use_cache=False).logits
+    real = mask[index, 6:].bool()
+    assert_close(rest.logits[real], full[:, 6:][real], roundings=ROUNDINGS, msg=operation)
+
+
+def test_batch_operations_before_the_state_and_bad_indices():
+    """Before the first call there is nothing to select (as for an empty DynamicLayer); a
+    bad index or repeat count is refused and leaves the cache as it was."""
+    empty = StateCacheLayer()
+    empty.reorder_cache(torch.tensor([0, 0]))
+    empty.batch_select_indices(torch.tensor([1]))
+    empty.batch_repeat_interleave(3)
+    empty.crop(0)
+    assert empty.state is None and empty.get_seq_length() == 0
+    model = _converted("GPT-2", "softmax")
+    ids, mask = inputs()
+    cache = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True).cache
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match=r"selects row 3 of a state of 3 sequences"):
+        cache.reorder_cache(torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="non-empty 1-D integer index"):
+        cache.batch_select_indices(torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"repeats must be an int >= 1, got 0"):
+        cache.batch_repeat_interleave(0)
+    assert layer.state.batch_size == 3 and layer.padding.shape == (3, 4)
+
+
 # ------------------------------------------------------------------------------- padding
 def test_left_padded_batches_generate_each_row_as_alone_on_gpt2():
     """GPT-2 (learned positions, which the model computes from the mask): a left-padded batch
@@ -239,8 +355,12 @@ def test_what_a_state_cannot_do_is_refused():
 
     model = _converted("Llama", "linear")
     prompt = _prompt(4)
-    with pytest.raises(ValueError, match=r"-> linear: .*beam search.*num_beams=1"):
-        model.generate(prompt, max_new_tokens=3, num_beams=2, use_cache=True, **GREEDY)
+    # assisted decoding (here prompt lookup) crops rejected draft tokens: generate itself
+    # refuses a cache whose layers are not croppable, after the prefill
+    repetitive = prompt.repeat(1, 3)
+    with pytest.raises(ValueError, match="a cache that can be cropped"):
+        model.generate(repetitive, max_new_tokens=3, prompt_lookup_num_tokens=2,
+                       use_cache=True, **GREEDY)
     static = transformers.StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(ValueError, match=r"keeps its attnlab state in a DynamicCache .*, got "
                                          r"StaticCache"):

@@ -3,12 +3,15 @@
 One type serves every mechanism: named tensors that either grow along the token axis
 (``append``: a KV cache, a padding mask) or are replaced whole (``put``: a linear-attention
 prefix sum, a convolution's last inputs). ``position`` counts the tokens consumed; only
-``Attention.forward`` advances it, once per call, after the mechanism has run.
+``Attention.forward`` advances it, once per call, after the mechanism has run. Every entry
+holds the batch along dim 0, so ``select`` reorders, subsets or repeats the sequences of a
+state (beam search) whatever the mechanism.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -106,6 +109,53 @@ class State:
         shape = list(like.shape)
         shape[dim] = capacity
         return like.new_zeros(shape)
+
+    # ------------------------------------------------------------------------ batch rows
+    def select(self, index: Tensor | Sequence[int]) -> None:
+        """Keep, reorder or repeat the state's sequences in place: sequence ``i`` becomes the
+        old sequence ``index[i]`` (beam search's reordering, a subset of the batch, or each
+        sequence repeated). ``index`` is 1-D of integers in ``[0, batch_size)``, on any
+        device; the batch size becomes ``len(index)``. Every entry, fixed or growing, holds
+        the batch along dim 0; growing entries keep their length and capacity."""
+        rows = self.batch_index(index)
+        for name, t in self._fixed.items():
+            self._fixed[name] = t.index_select(0, rows.to(t.device))
+        for name, (buffer, dim, length) in self._growing.items():
+            self._growing[name] = (buffer.index_select(0, rows.to(buffer.device)), dim, length)
+        self.batch_size = rows.numel()
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence ``repeats`` times in place (0, 0, 1, 1, ... for 2):
+        ``select`` of the index ``torch.arange(batch_size).repeat_interleave(repeats)``."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"{self.owner}: repeats must be an int >= 1, got {repeats!r}")
+        self.select(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_index(self, index: Tensor | Sequence[int]) -> Tensor:
+        """``index`` checked for ``select`` (ValueError otherwise), as a 1-D long tensor."""
+        rows = index if isinstance(index, Tensor) else torch.as_tensor(index)
+        if rows.dim() != 1 or rows.numel() == 0 or rows.dtype == torch.bool \
+                or rows.is_floating_point() or rows.is_complex():
+            raise ValueError(f"{self.owner}: a state's rows are selected by a non-empty 1-D "
+                             f"integer index, got {rows.dtype} of shape {tuple(rows.shape)}")
+        outside = (rows < 0) | (rows >= self.batch_size)
+        if bool(outside.any()):
+            raise ValueError(f"{self.owner}: the index selects row "
+                             f"{int(rows[outside][0])} of a state of {self.batch_size} "
+                             f"sequences (rows 0..{self.batch_size - 1})")
+        # checked before any entry changes: a refused select leaves the state as it was
+        entries = [*self._fixed.items(), *((n, b) for n, (b, _, _) in self._growing.items())]
+        for name, t in entries:
+            if t.dim() == 0 or t.shape[0] != self.batch_size:
+                raise ValueError(f"{self.owner}: state entry {name!r} of shape "
+                                 f"{tuple(t.shape)} does not hold the batch of "
+                                 f"{self.batch_size} along dim 0, so its rows cannot be "
+                                 "selected")
+        for name, (_, dim, _) in self._growing.items():
+            if dim == 0:  # append(dim=0) of a batch of one
+                raise ValueError(f"{self.owner}: state entry {name!r} grows along dim 0, "
+                                 "where select expects the batch")
+        return rows.long()
 
     # ------------------------------------------------------------------------- bookkeeping
     def advance(self, tokens: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from attnlab.core.state import State
@@ -21,9 +22,15 @@ class StateCacheLayer:
     It takes the place of the layer's empty ``DynamicLayer`` on the layer's first call with the
     cache, and answers what transformers asks a cache layer: its length (``get_seq_length``:
     the tokens the state has consumed, from which ``generate`` and the model compute the new
-    tokens' positions and masks) and the mask sizes. What an attnlab state cannot do is refused:
-    keys written by a transformers attention (``update``), reordering for beam search,
-    selecting or repeating rows after the state exists, and cropping (rolling back tokens)."""
+    tokens' positions and masks), the mask sizes, and the batch operations: reordering the
+    sequences for beam search (``reorder_cache``), keeping some of them
+    (``batch_select_indices``) and repeating each (``batch_repeat_interleave``), which select
+    the rows of the state (:meth:`~attnlab.core.state.State.select`) and of the padding
+    together; before the first call there is nothing to select. What an attnlab state cannot
+    do is refused: keys written by a transformers attention (``update``) and cropping (rolling
+    back tokens: a linear mechanism keeps a summary of them, not the tokens), so the cache is
+    not croppable (``is_croppable = False``) and assisted or speculative decoding is refused
+    by ``generate`` itself."""
 
     is_compileable = False
     is_croppable = False
@@ -76,23 +83,39 @@ class StateCacheLayer:
         if self.state is not None:
             raise ValueError(f"{self.who}: {what} is not supported with an attnlab "
                              "decoding state (its tensors are the mechanism's own, a summary "
-                             "for a linear mechanism, and cannot be reordered or rolled "
-                             "back): use num_beams=1 (greedy or sampling) or use_cache=False")
+                             "for a linear mechanism, and cannot be rolled back): generate "
+                             "with use_cache=False")
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._refuse("reordering the cache (beam search)")
+        """Reorder the sequences for beam search: sequence ``i`` continues the old sequence
+        ``beam_idx[i]`` (state and padding)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the sequences ``indices`` (1-D integer index into the batch, in that order,
+        a sequence possibly more than once); nothing to do before the state exists."""
+        if self.state is None:
+            return
+        rows = self.state.batch_index(indices)  # checked before anything changes
+        if self.padding is not None and self.padding.shape[0] != self.state.batch_size:
+            raise ValueError(f"{self.who}: the cached padding holds {self.padding.shape[0]} "
+                             f"sequences, the state {self.state.batch_size}")
+        self.state.select(rows)
+        if self.padding is not None:
+            self.padding = self.padding.index_select(0, rows.to(self.padding.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence ``repeats`` times in place (a, a, b, b for 2)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"{self.who}: repeats must be an int >= 1, got {repeats!r}")
+        if self.state is not None and repeats != 1:
+            self.batch_select_indices(
+                torch.arange(self.state.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove:
             self._refuse(f"cropping {abs(tokens_to_remove)} tokens from the cache (assisted "
                          "or speculative decoding)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            self._refuse("repeating the cache's sequences")
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._refuse("selecting the cache's sequences")
 
 
 @functools.cache
