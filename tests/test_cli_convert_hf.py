@@ -15,7 +15,13 @@ from click.testing import CliRunner, Result
 pytest.importorskip("transformers")
 
 from attnlab.cli.convert import convert  # noqa: E402
-from attnlab.cli.convert_hf import _data, _dry_run, _lines, perplexity  # noqa: E402
+from attnlab.cli.convert_hf import (  # noqa: E402
+    _data,
+    _dry_run,
+    _lines,
+    _transfer_dry_run,
+    perplexity,
+)
 from attnlab.integrations.saved import auto_class, load_converted, load_tokenizer  # noqa: E402
 from tests.integrations.tiny import build  # noqa: E402
 
@@ -182,11 +188,18 @@ def test_refusals_before_weights(tiny: Path, tmp_path: Path) -> None:
         ((str(bare["bert"]), "--mechanism", "hedgehog", "--lora", "2"), "--lora RANK needs"),
         ((str(bare["bert"]), "--mechanism", "hedgehog", "--distill", "auto", "--steps", "0"),
          "needs --steps N > 0"),
+        # attention_transfer's refusals of the hedgehog loss, decided on a stand-in layer
+        ((str(bare["llama"]), "--mechanism", "identity", "--distill", "hedgehog"),
+         "--distill hedgehog is a cross-entropy between attention distributions, and "
+         "linear's weights are not one (a weight of -"),
+        ((str(bare["bert"]), "--mechanism", "gated", "--distill", "hedgehog"),
+         "--distill hedgehog reads the attention weights, and none of gated's new parameters "
+         "(gate.proj.bias, gate.proj.weight) changes them"),
     ]
     for args, said in cases:
         result = _run(*args, *text)
         assert result.exit_code == 2, (args, result.output)
-        assert said in result.output, (said, result.output)
+        assert said in _flat(result.output), (said, result.output)
     # refused by convert's module building (a projection that cannot hold the weights),
     # found on a skeleton on the meta device: the same message as the real conversion
     result = _run(str(bare["llama"]), "--mechanism", "cca", *text)
@@ -212,6 +225,75 @@ def test_dry_run_refuses_exactly_as_convert() -> None:
                 real = str(err)
             assert _dry_run(config, auto_class(config.model_type), mechanism, {}) == real, \
                 (arch, mechanism)
+
+
+@pytest.mark.slow
+def test_transfer_dry_run_refuses_as_the_transfer() -> None:
+    """For every registered mechanism with new parameters on every tiny architecture, the
+    hedgehog loss is refused before loading (on a stand-in first layer) exactly when
+    attention_transfer refuses it on the real model, with its message (the numbers of the
+    probe aside: the stand-in's weights are not the model's)."""
+    import re
+
+    import attnlab as al
+    from attnlab.integrations.convert import convert as to_mechanism
+    from attnlab.integrations.convert import new_parameters
+    from attnlab.integrations.distill import _prepare
+    from tests.integrations.tiny import TINY
+
+    def shape(message: str | None) -> str | None:
+        return None if message is None else re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", message)
+
+    refused = 0
+    for arch in TINY:
+        config = build(arch).config
+        for mechanism in al.available():
+            try:
+                model = to_mechanism(build(arch), mechanism)
+            except ValueError:
+                continue
+            if not new_parameters(model):
+                continue
+            try:
+                _prepare(model, "hedgehog", "all")
+                real = None
+            except ValueError as err:
+                real = str(err)
+            early = _transfer_dry_run(config, auto_class(config.model_type), mechanism, {},
+                                      "hedgehog")
+            assert shape(early) == shape(real), (arch, mechanism)
+            refused += real is not None
+    assert refused >= 2 * len(TINY)  # at least identity's and gated's, everywhere
+
+
+def test_hedgehog_refused_before_the_weights_are_read(tiny: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint with its weights and tokenizer: identity (linear attention with the
+    identity feature map) under --distill hedgehog is refused without loading it (the loader
+    fails if called), with the refusal the transfer makes after loading."""
+    import attnlab.cli.convert_hf as command
+    from attnlab.integrations import saved
+
+    args = (str(tiny / "GPT-2"), "--mechanism", "identity", "--distill", "hedgehog",
+            "--steps", "1", "--text", str(tiny / "text.txt"), *OPTIONS)
+    with monkeypatch.context() as undone:  # without the early check: the transfer refuses
+        undone.setattr(command, "_transfer_dry_run", lambda *_: None)
+        result = _run(*args, "--out", str(tmp_path / "a"))
+    assert result.exit_code == 2, result.output
+    late = _flat(result.output)
+
+    def no_loading(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(saved, "load_source", no_loading)
+    result = _run(*args, "--out", str(tmp_path / "b"))
+    assert result.exit_code == 2, result.output
+    early = _flat(result.output)
+    said = ("--distill hedgehog is a cross-entropy between attention distributions, and "
+            "linear's weights are not one (a weight of -")
+    assert said in early and said in late
+    assert early.split("on a probe of random tokens)")[1] == \
+        late.split("on a probe of random tokens)")[1]
 
 
 def _flat(text: str) -> str:

@@ -27,7 +27,10 @@ from attnlab.integrations.convert import (  # noqa: E402
 from attnlab.integrations.distill import (  # noqa: E402
     _resolve_loss,
     attention_transfer,
+    checkpoint_step,
     evaluate_transfer,
+    loss_refusal,
+    past_steps,
     teacher_mode,
 )
 from tests.integrations.tiny import VOCAB, build, inputs, outputs  # noqa: E402
@@ -192,6 +195,30 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="another run"):
         attention_transfer(fresh(), data, loss="lolcats", steps=7, seed=4, checkpoint=path,
                            progress=False)
+    # a checkpoint past the steps asked for: the refusal attnlab convert hf also makes
+    assert checkpoint_step(path) == 7
+    with pytest.raises(ValueError) as refused:
+        attention_transfer(fresh(), data, loss="lolcats", steps=5, seed=3, checkpoint=path,
+                           progress=False)
+    assert str(refused.value) == past_steps(path, 7, 5) == (
+        f"{path} is at step 7, beyond steps=5: pass steps=7 or more, or start from another "
+        "checkpoint")
+
+
+def test_checkpoint_step_and_past_steps(tmp_path):
+    """The step of a checkpoint, read alone (None for no file, not a checkpoint, a step that
+    is not an integer); the refusal of one past the steps, in the API's or the command's
+    words, and none at or below them."""
+    good, bad, odd = tmp_path / "good.pt", tmp_path / "bad.pt", tmp_path / "odd.pt"
+    torch.save({"format": "x", "step": 12, "params": {"w": torch.zeros(3)}}, good)
+    bad.write_bytes(b"not a checkpoint")
+    torch.save({"step": 1.5}, odd)
+    assert checkpoint_step(good) == 12
+    assert [checkpoint_step(p) for p in (bad, odd, tmp_path / "none.pt")] == [None] * 3
+    assert past_steps(good, 12, 12) is None and past_steps(good, 3, 12) is None
+    assert past_steps(good, 12, 10, "--finetune-steps") == (
+        f"{good} is at step 12, beyond --finetune-steps 10: pass --finetune-steps 12 or more, "
+        "or start from another checkpoint")
 
 
 def test_refusals():
@@ -258,19 +285,29 @@ def test_auto_refuses_the_hedgehog_loss_for_weights_that_are_not_distributions()
     module = converted_modules(convert(build("GPT-2"), "linear", feature_map="identity",
                                        variant="dsf"))[0][1]
     assert _resolve_loss("auto", module) == "lolcats"
-    with pytest.raises(ValueError, match="not one .*a weight of -"):
+    with pytest.raises(ValueError, match="not one .*a weight of -") as refused:
         _resolve_loss("hedgehog", module)
+    assert loss_refusal(module, "hedgehog") == str(refused.value)
+    assert loss_refusal(module, "auto") is None and loss_refusal(module, "lolcats") is None
     hedgehog = converted_modules(convert(build("GPT-2"), "hedgehog"))[0][1]
     assert _resolve_loss("auto", hedgehog) == _resolve_loss("hedgehog", hedgehog) == "hedgehog"
 
 
 def test_hedgehog_that_would_train_nothing_is_refused() -> None:
     """loss='hedgehog' where no new parameter changes the weights (Gated Attention: only an
-    output gate) is refused before training."""
+    output gate) is refused before training; loss_refusal of one layer says the same."""
+    model = convert(build("GPT-2"), "gated")
     with pytest.raises(ValueError, match="none of gated's new parameters .* nothing would "
-                                         "train; use loss='lolcats'"):
-        attention_transfer(convert(build("GPT-2"), "gated"), batches(1, 0), loss="hedgehog",
-                           steps=1, progress=False)
+                                         "train; use loss='lolcats'") as refused:
+        attention_transfer(model, batches(1, 0), loss="hedgehog", steps=1, progress=False)
+    # the same refusal from one converted layer alone (attnlab convert hf asks it early)
+    module = converted_modules(model)[0][1]
+    assert loss_refusal(module, "hedgehog") == str(refused.value)
+    assert loss_refusal(module, "lolcats") is None
+    hedgehog = converted_modules(convert(build("GPT-2"), "hedgehog"))[0][1]
+    assert loss_refusal(hedgehog, "hedgehog") is None
+    assert loss_refusal(hedgehog, "kl") == "loss must be one of ('auto', 'hedgehog', " \
+        "'lolcats'), got 'kl'"
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from attnlab.integrations.convert import (  # noqa: E402
     new_parameters,
     pretrained_parameters,
 )
-from attnlab.integrations.distill import teacher_mode  # noqa: E402
+from attnlab.integrations.distill import past_steps, teacher_mode  # noqa: E402
 from attnlab.integrations.finetune import (  # noqa: E402
     _lora_layers,
     _new_parameters,
@@ -157,6 +157,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):
     assert again.resumed_from == 2 and again.losses == log.losses
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
+    # past the steps asked for: the refusal attention_transfer and attnlab convert hf make
+    with pytest.raises(ValueError) as refused:
+        finetune(fresh(), data, objective="lm", steps=4, lr=1e-3, checkpoint=path,
+                 progress=False)
+    assert str(refused.value) == past_steps(path, 5, 4)
 
 
 def test_refusals():

@@ -166,16 +166,12 @@ def _embeddings(model: nn.Module, tokenizer: Any, lines: list[str], batch_size: 
 
 
 # ------------------------------------------------------------------------- checks
-def _dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any]
-             ) -> str | None:
-    """convert's refusal of ``mechanism`` for the model of ``config``, found on a skeleton
-    of the model on the meta device (no weights read or allocated); None when it converts
-    or the skeleton cannot be built (the real conversion then decides)."""
+def _skeleton(config: Any, class_name: str) -> nn.Module | None:
+    """The model of ``config`` built on the meta device (no weights read or allocated), its
+    RoPE frequencies computed for real (convert checks them); None when it cannot be built."""
     import torch
     import transformers
     from torch import Tensor
-
-    from attnlab.integrations.convert import convert
 
     try:
         with torch.device("meta"):
@@ -188,6 +184,19 @@ def _dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any]
                         type(module)(config=skeleton.config))
     except Exception:  # noqa: BLE001  (no skeleton: the conversion itself will tell)
         return None
+    return skeleton
+
+
+def _dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any]
+             ) -> str | None:
+    """convert's refusal of ``mechanism`` for the model of ``config``, found on a skeleton
+    of the model on the meta device (no weights read or allocated); None when it converts
+    or the skeleton cannot be built (the real conversion then decides)."""
+    from attnlab.integrations.convert import convert
+
+    skeleton = _skeleton(config, class_name)
+    if skeleton is None:
+        return None
     try:
         convert(skeleton, mechanism, **args)
     except ValueError as err:
@@ -195,6 +204,47 @@ def _dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any]
     except Exception:  # noqa: BLE001  (a meta-device limitation, not a refusal)
         return None
     return None
+
+
+def _transfer_dry_run(config: Any, class_name: str, mechanism: str, args: dict[str, Any],
+                      loss: str) -> str | None:
+    """attention_transfer's refusal of ``loss`` for the model of ``config`` converted to
+    ``mechanism`` (``distill.loss_refusal``, the message of the refusal after loading),
+    found before any weight is read: on a skeleton on the meta device whose first attention
+    layer alone is put on the CPU with random weights (normal, the config's
+    initializer_range) and converted. None when the loss can train, the mechanism has no
+    new parameters or the stand-in cannot be built (the transfer then decides)."""
+    import torch
+
+    from attnlab.integrations.convert import convert, converted_modules, new_parameters
+    from attnlab.integrations.distill import loss_refusal
+
+    try:
+        first = _skeleton(config, class_name)
+        if first is None:
+            return None
+        convert(first, mechanism, **args)  # on the meta device: where the first layer lies
+        found = converted_modules(first)
+        if not found or not new_parameters(first):
+            return None
+        path, module = found[0]
+        stand_in = _skeleton(config, class_name)
+        if stand_in is None:
+            return None
+        std = float(getattr(config, "initializer_range", None) or 0.02)
+        draw = torch.Generator().manual_seed(0)
+        for part in (path, *module.teacher_parts):
+            real = stand_in.get_submodule(part).to_empty(device="cpu")
+            with torch.no_grad():
+                for p in real.parameters():
+                    if p.dim() > 1:
+                        p.normal_(0.0, std, generator=draw)
+                    else:
+                        p.zero_()
+        convert(stand_in, mechanism, **args)
+        return loss_refusal(converted_modules(stand_in)[0][1], loss)
+    except Exception:  # noqa: BLE001  (no stand-in: the transfer itself will tell)
+        return None
 
 
 def _guard(folder: Path, run: dict[str, Any]) -> None:
@@ -270,21 +320,15 @@ def _position_limit(config: Any, kind: str) -> tuple[str, int] | None:
     return None if value is None else (str(field), int(value))
 
 
-def _stored_step(path: Path) -> int | None:
-    """The step of a training checkpoint written by attention_transfer / finetune (None when
-    it cannot be read; the run itself then says why)."""
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(payload["step"])
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _as_options(message: str) -> str:
     """A library message in the command's words: loss='x' -> --distill x."""
     return re.sub(r"loss='(\w+)'", r"--distill \1", message)
+
+
+def _transfer_refused(distill: str, message: str) -> click.UsageError:
+    """attention_transfer's refusal (``message``) as the usage error of ``--distill``."""
+    said = _as_options(message)
+    return click.UsageError(said if "--distill" in said else f"--distill {distill}: {said}")
 
 
 def _rounded(value: Any) -> Any:
@@ -308,8 +352,10 @@ def _stage(checkpoint: Path | None, name: str) -> Iterator[None]:
         try:
             yield
         except KeyboardInterrupt:
+            from attnlab.integrations.distill import checkpoint_step
+
             path = None if checkpoint is None else checkpoint / name
-            at = _stored_step(path) if path is not None and path.is_file() else None
+            at = checkpoint_step(path) if path is not None and path.is_file() else None
             console.print("interrupted: " + (
                 "no --checkpoint, nothing kept" if path is None else
                 f"no {name} written yet in {escape(str(checkpoint))}" if at is None else
@@ -331,15 +377,16 @@ def _check_resume(folder: Path, loss: str | None, steps: int, tune: str | None,
     after another attention transfer (other --steps; fine-tuning on from it would save a
     model that is not the one the recipe describes). Returns the record of the transfer a
     fine-tuning checkpoint belongs to (written to ``folder/finetune.json``)."""
+    from attnlab.integrations.distill import checkpoint_step, past_steps
+
     base = {"distill": loss, "steps": steps if loss else 0}
     for name, option, stage, asked in (("transfer.pt", "--steps", loss, steps),
                                        ("finetune.pt", "--finetune-steps", tune,
                                         finetune_steps)):
-        at = _stored_step(folder / name) if stage and (folder / name).is_file() else None
-        if at is not None and at > asked:
-            raise click.UsageError(f"--checkpoint {folder}: {name} is at step {at}, beyond "
-                                   f"{option} {asked}: pass {option} {at} or more, or "
-                                   "another --checkpoint folder")
+        at = checkpoint_step(folder / name) if stage and (folder / name).is_file() else None
+        why = None if at is None else past_steps(folder / name, at, asked, option)
+        if why is not None:
+            raise click.UsageError(f"--checkpoint: {why}")
     tuned = folder / "finetune.pt"
     if tune and tuned.is_file():
         record = folder / BASE
@@ -513,6 +560,10 @@ def hf_cmd(ctx: click.Context, source: str, mechanism: str, kw: tuple[str, ...],
             raise click.UsageError(f"convert refused: {why}")
     else:
         raise click.UsageError(f"convert refused: {who}: {why}")
+    if loss == "hedgehog":  # the only loss refused for what the mechanism is ("auto" picks)
+        why = _transfer_dry_run(config, class_name, chosen.mechanism, args, loss)
+        if why is not None:
+            raise _transfer_refused(distill, why)
     try:
         if source != saved.MINILM:
             saved.source_weights(source)
@@ -573,9 +624,7 @@ def hf_cmd(ctx: click.Context, source: str, mechanism: str, kw: tuple[str, ...],
                     model, batches, loss=loss, steps=steps, lr=lr, seed=seed, every=every,
                     checkpoint=None if checkpoint is None else checkpoint / "transfer.pt")
             except ValueError as err:
-                said = _as_options(str(err))
-                raise click.UsageError(said if "--distill" in said
-                                       else f"--distill {distill}: {said}") from None
+                raise _transfer_refused(distill, str(err)) from None
         if transfer.untrained and len(transfer.untrained) == len(new_parameters(model)):
             hint = ("convert without --distill" if "lolcats" in transfer.loss
                     else "use --distill lolcats")

@@ -66,8 +66,8 @@ from attnlab.files import write_atomic
 from attnlab.integrations.convert import ConvertedAttention, converted_modules, new_parameters
 from attnlab.mechanisms.base import Attention
 
-__all__ = ["LOSSES", "TransferLog", "attention_transfer", "evaluate_transfer",
-           "teacher_mode"]
+__all__ = ["LOSSES", "TransferLog", "attention_transfer", "checkpoint_step",
+           "evaluate_transfer", "loss_refusal", "past_steps", "teacher_mode"]
 
 LOSSES = ("auto", "hedgehog", "lolcats")
 CHECKPOINT_FORMAT = "attnlab.attention_transfer/1"
@@ -438,13 +438,37 @@ def _prepare(model: nn.Module, loss: str, layers: str | Sequence[int]
                             _resolve_loss(loss, module)))
     if all(layer.loss == "hedgehog" for layer in built) and \
             not any(any(_weights_reach(layer.module).values()) for layer in built):
-        name = built[0].module.attn.name
-        raise ValueError(f"loss='hedgehog' reads the attention weights, and none of "
-                         f"{name}'s new parameters ({', '.join(sorted(params)[:3])}"
-                         f"{'...' if len(params) > 3 else ''}) changes them (on a probe of "
-                         "random tokens): nothing would train; use loss='lolcats' (layer "
-                         "outputs)")
+        raise ValueError(_unreached(built[0].module))
     return built, params
+
+
+def _unreached(module: ConvertedAttention) -> str:
+    """The refusal of the hedgehog loss when no new parameter of ``module``'s mechanism
+    changes its attention weights (named within the layer: the same in every layer)."""
+    names = sorted(n for n, p in module.attn.named_parameters() if n not in module.pretrained)
+    return (f"loss='hedgehog' reads the attention weights, and none of {module.attn.name}'s "
+            f"new parameters ({', '.join(names[:3])}{'...' if len(names) > 3 else ''}) "
+            "changes them (on a probe of random tokens): nothing would train; use "
+            "loss='lolcats' (layer outputs)")
+
+
+def loss_refusal(module: ConvertedAttention, loss: str) -> str | None:
+    """Why :func:`attention_transfer` with ``loss`` refuses a model whose converted layers
+    are as ``module`` is (the message of its ValueError), or None when that loss can train
+    the layer's new parameters: an unknown loss; "hedgehog" for a mechanism without weights,
+    with weights that are not distributions or that no new parameter changes (a mechanism
+    without new parameters is refused by attention_transfer as having nothing to train, not
+    here: None). Decided by
+    probes of random tokens through ``module`` alone, so a stand-in layer of the model's
+    shape answers before the pretrained weights are read (``attnlab convert hf`` does)."""
+    try:
+        chosen = _resolve_loss(loss, module)
+    except ValueError as err:
+        return str(err)
+    reach = _weights_reach(module)
+    if chosen == "hedgehog" and reach and not any(reach.values()):
+        return _unreached(module)
+    return None
 
 
 @contextlib.contextmanager
@@ -564,6 +588,37 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step stored in the training checkpoint at ``path`` (written by
+    :func:`attention_transfer` or ``attnlab.integrations.finetune.finetune``), read without
+    loading its tensors into memory; None when there is no such file or it cannot be read as
+    one (resuming from it then says why)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = payload["step"]
+    except Exception:  # noqa: BLE001  (not a checkpoint: the run that reads it will tell)
+        return None
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None
+    return step
+
+
+def past_steps(path: str | Path, step: int, steps: int, option: str = "steps") -> str | None:
+    """Why a checkpoint at ``path`` holding ``step`` cannot resume a run of ``steps`` steps
+    (it is past them), or None when it can: the one refusal of :func:`attention_transfer`,
+    ``finetune`` and ``attnlab convert hf --checkpoint``. ``option`` names the setting in
+    the caller's words: ``"steps"`` (written ``steps=N``) or a command-line option such as
+    ``"--steps"`` (written ``--steps N``)."""
+    if step <= steps:
+        return None
+
+    def said(value: int) -> str:
+        return f"{option} {value}" if option.startswith("--") else f"{option}={value}"
+
+    return (f"{path} is at step {step}, beyond {said(steps)}: pass {said(step)} or more, "
+            "or start from another checkpoint")
+
+
 def _resume(path: Path, kind: str, config: dict[str, Any],
             params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
             cursor: _Cursor, device: torch.device, steps: int) -> dict[str, Any]:
@@ -571,8 +626,9 @@ def _resume(path: Path, kind: str, config: dict[str, Any],
     the same ``config``) into ``params``, ``optimizer``, the random state and ``cursor``;
     its payload (``step``, ``log``). ValueError if it is past ``steps``."""
     payload = _load(path, kind, config, params)
-    if payload["step"] > steps:
-        raise ValueError(f"{path} is at step {payload['step']}, beyond steps={steps}")
+    why = past_steps(path, int(payload["step"]), steps)
+    if why is not None:
+        raise ValueError(why)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(payload["params"][name])
