@@ -33,7 +33,10 @@ class Call:
     """Everything one forward call knows besides q, k, v (passed to every step)."""
 
     x: Tensor  # (B, L, C): the block input, flattened to a sequence
-    positions: Tensor  # (L,): absolute positions of the queries, 0-based
+    # (L,) or (B, L): the queries' absolute positions, 0-based, as position encodings read
+    # them (RoPE, selective's temperature): ``positions=`` of the forward when given (per row
+    # for a left-padded batch), else ``index``
+    positions: Tensor
     key_mask: Tensor | None  # (B, Lk): True = real key (all cached keys after a state update)
     spatial: tuple[int, ...] | None  # (H, W) or (T, H, W) when the input is an image / video
     state: State | None
@@ -42,6 +45,16 @@ class Call:
     # (they were set to 0 before the projections; see Attention.nonfinite_reach)
     nonfinite: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # what a mechanism's steps share
+    # (L,): where the queries sit in the sequence, the state's position + 0 .. L-1 (None: the
+    # same as ``positions``); read through ``index``
+    sequence_index: Tensor | None = None
+
+    @property
+    def index(self) -> Tensor:
+        """(L,): the queries' places in the sequence (the keys of a state before them), what
+        the causal order, windows, chunks and relative distances are counted in; ``positions``
+        only differs when the forward was given ``positions=``."""
+        return self.positions if self.sequence_index is None else self.sequence_index
 
     @property
     def op_mask(self) -> Tensor | None:

@@ -35,18 +35,25 @@ place of that layer's (empty) entry (a :class:`~attnlab.integrations.cache.State
 reporting the tokens consumed as the cache's length), and feeds the mechanism only the new
 tokens (``state=``): a KV cache for softmax, an O(1)-per-token summary for a linear
 mechanism. RoPE positions continue from the state's position, the padding of the cached
-tokens stays in the state. The rule ``convert`` applies: a plain forward builds no state
-(``config.use_cache = False``, as the unconverted path always had it: captures, training and
-the microscope see the full forward); ``generate`` keeps the model's own
+tokens stays in the state. The rule ``convert`` applies: a plain forward builds no
+state (``config.use_cache = False``, as the unconverted path always had it: captures,
+training and the microscope see the full forward); ``generate`` keeps the model's own
 ``generation_config.use_cache`` when the mechanism can decode, and ``model(...,
 use_cache=True)`` (or a ``cache=``) runs the cached path; a mechanism that cannot decode
 sets ``generation_config.use_cache = False`` too and refuses a cache (ValueError naming the
 model class and the mechanism), while generating without one as before. Refused with a
 cache, with the reason: a cache other than ``DynamicCache`` (static, quantized), beam search
 and other reordering or cropping of the cache (an attnlab state cannot be reordered or
-rolled back), a sliding window overrun by cached plus new tokens, and, for RoPE models, left
-padding (attnlab counts positions from the first token of the batch, Hugging Face from each
-row's first real token; GPT-2's learned positions generate left-padded batches exactly).
+rolled back), and a sliding window overrun by cached plus new tokens.
+
+Left padding. Hugging Face counts a row's positions from its first real token (a
+left-padded batch, the usual way to batch prompts for ``generate``, passes such
+``position_ids``). A RoPE model's converted layers hand position ids other than the default
+(0 .. L-1 after the cached tokens) to the mechanism as per-row positions (``positions=`` of
+``attnlab.Attention``), with and without a cache, so each row of a left-padded batch
+computes, and generates, what it computes alone; a mechanism that refuses per-row positions
+(its ``positions_refusal``: longheads) is refused then, with the reason. GPT-2's learned
+positions are added outside attention and need nothing.
 
 Conversion is atomic: every module is built (and every check made) before the model is
 touched, so a failure leaves the model as it was.
@@ -367,15 +374,35 @@ class ConvertedAttention(nn.Module):
             raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
                              f"{self.window} keys, which attnlab modules do not implement: "
                              f"exact up to {self.window} tokens, got {length}")
-        if self.attn.uses_rope and position_ids is not None:
-            expected = torch.arange(length, device=position_ids.device)
-            if not bool((position_ids == expected).all()):
-                raise ValueError(f"{who}: position_ids other than 0..L-1 (e.g. left padding "
-                                 "with computed positions) are not reproduced: attnlab's RoPE "
-                                 "counts positions from the first token")
+        positions = self._positions(position_ids, hidden_states, 0, who)
         keep = _key_padding(attention_mask, hidden_states.shape[0], length, self.causal,
                             self.window, who)
-        return self.attn(hidden_states, mask=keep), None
+        return self.attn(hidden_states, mask=keep, positions=positions), None
+
+    def _positions(self, position_ids: Tensor | None, hidden_states: Tensor, past: int,
+                   who: str) -> Tensor | None:
+        """Hugging Face's ``position_ids`` as the attnlab module's ``positions=``: None when
+        the model has no RoPE in its attention or they are the default (the ``past`` cached
+        tokens, then past .. past + L - 1, which attnlab counts itself), else (L,) or (B, L)
+        (a left-padded batch: each row counts from its first real token)."""
+        if not self.attn.uses_rope or position_ids is None:
+            return None
+        batch, length = hidden_states.shape[0], hidden_states.shape[1]
+        ids = position_ids.to(hidden_states.device)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if tuple(ids.shape) not in ((length,), (batch, length)):
+            raise ValueError(f"{who}: position_ids of shape {tuple(position_ids.shape)} do not "
+                             f"match the {batch} x {length} tokens")
+        if bool((ids == torch.arange(past, past + length, device=ids.device)).all()):
+            return None
+        refusal = type(self.attn).positions_refusal
+        if refusal is not None:
+            raise ValueError(f"{self.model_name}: {who}: position_ids other than "
+                             f"{past}..{past + length - 1} (left padding: Hugging Face counts "
+                             "each row's positions from its first real token) need per-row "
+                             f"positions, which {self.attn.name} refuses: {refusal}")
+        return ids
 
     def _cached(self, hidden_states: Tensor, cache: Any, attention_mask: Tensor | None,
                 position_ids: Tensor | None, who: str) -> Tensor:
@@ -398,15 +425,7 @@ class ConvertedAttention(nn.Module):
                              f"{self.window} keys, which attnlab modules do not implement: "
                              f"exact up to {self.window} tokens, got {past} cached + {length} "
                              f"new = {past + length}")
-        if self.attn.uses_rope and position_ids is not None:
-            expected = torch.arange(past, past + length, device=position_ids.device)
-            if position_ids.shape[-1] != length or not bool((position_ids == expected).all()):
-                raise ValueError(f"{who}: position_ids other than {past}..{past + length - 1} "
-                                 f"(the {past} cached tokens, then the new ones) are not "
-                                 "reproduced: attnlab's RoPE counts positions from the first "
-                                 "token of the batch, and left padding (Hugging Face counts "
-                                 "from each row's first real token) is refused with RoPE: "
-                                 "batch sequences of one length, or generate one at a time")
+        positions = self._positions(position_ids, hidden_states, past, who)
         if slot.state is not None and slot.state.batch_size != batch:
             raise ValueError(f"{who}: the cache holds a state of {slot.state.batch_size} "
                              f"sequences, the call has {batch}")
@@ -416,7 +435,7 @@ class ConvertedAttention(nn.Module):
             slot.state = self.attn.new_state(batch)
             slot.is_initialized = True
         out = self.attn(hidden_states, mask=None if keep is None else keep[:, past:],
-                        state=slot.state)
+                        state=slot.state, positions=positions)
         slot.padding = keep
         return out
 

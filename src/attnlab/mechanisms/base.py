@@ -229,10 +229,21 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------------ public API
     def forward(self, x: Tensor, *, mask: Tensor | None = None, state: State | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
-                spatial: tuple[int, ...] | None = None) -> Tensor:
-        """``x`` (B, L, C), (B, H, W, C) or (B, T, H, W, C) -> output of the same shape."""
+                spatial: tuple[int, ...] | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """``x`` (B, L, C), (B, H, W, C) or (B, T, H, W, C) -> output of the same shape.
+
+        ``positions``: the tokens' absolute positions as the position encodings read them
+        (RoPE; ``positions_refusal`` says where a mechanism refuses them), an integer tensor
+        (L,) shared by the batch or (B, L) per sequence, on x's device; by default the
+        state's position + 0 .. L-1 (0 .. L-1 without a state). For a left-padded batch, each
+        row counts from its first real token (pass ``mask=`` too). After a call with
+        ``positions``, a state continues each row from its last position + 1. The causal
+        order, windows, chunks and relative distances follow the tokens' order in the
+        sequence, whatever ``positions`` says.
+        """
         self._extra_loss = None  # extra_loss() always describes this forward
-        call = self._begin(x, mask, state, context, context_mask, spatial)
+        call = self._begin(x, mask, state, context, context_mask, spatial, positions)
         if call.x.numel() == 0:  # no sequence (B = 0) or no token (L = 0): nothing to attend
             return x * 0
         if call.source.shape[1] == 0:  # a context without tokens: no query sees a key
@@ -266,11 +277,13 @@ class Attention(nn.Module):
 
     def weights(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None,
-                spatial: tuple[int, ...] | None = None) -> Tensor:
-        """The attention matrix ``(B, H, Lq, Lk)`` the mechanism implies, computed densely."""
+                spatial: tuple[int, ...] | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """The attention matrix ``(B, H, Lq, Lk)`` the mechanism implies, computed densely
+        (``positions`` as in ``forward``)."""
         if self.mechanism is not None and not self.mechanism.weights:
             raise ValueError(f"{self.name} defines no attention matrix")
-        call = self._begin(x, mask, None, context, context_mask, spatial)
+        call = self._begin(x, mask, None, context, context_mask, spatial, positions)
         if call.x.numel() == 0 or call.source.shape[1] == 0:
             return call.x.new_zeros(call.x.shape[0], self.heads, call.x.shape[1],
                                     call.source.shape[1])
@@ -280,6 +293,9 @@ class Attention(nn.Module):
         return w if seen is None else w + nan_where(seen, w).unsqueeze(1)
 
     caches_keys: ClassVar[bool] = True  # False: the state keeps a summary, not every key
+    # why the mechanism refuses ``positions=`` (None: it reads (L,) and (B, L) positions
+    # wherever it reads positions; judged from the class, never from the data)
+    positions_refusal: ClassVar[str | None] = None
 
     def new_state(self, batch_size: int) -> State:
         """A fresh decoding state for ``batch_size`` sequences."""
@@ -375,7 +391,7 @@ class Attention(nn.Module):
         if not self.causal:
             raise ValueError(f"{self.name}: decoding with a state needs causal=True")
 
-    def _begin(self, x, mask, state, context, context_mask, spatial) -> Call:
+    def _begin(self, x, mask, state, context, context_mask, spatial, positions=None) -> Call:
         who = self.name
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"{who}: x must be a floating-point tensor")
@@ -445,7 +461,13 @@ class Attention(nn.Module):
                 raise ValueError(f"{who}: a state cannot be combined with context=")
             state.check(who, b, self)
             offset = state.position
-        positions = torch.arange(offset, offset + length, device=x.device)
+        index = torch.arange(offset, offset + length, device=x.device)
+        given = self._positions(positions, x, b, length, context, spatial)
+        if state is not None and given is None:
+            given = _continued(state, length)
+        if state is not None and given is not None and length:
+            # where the next call continues, per row (also after (L,) positions)
+            state.put(last_positions=given[..., -1:].expand(b, 1))
         if key_mask is not None and context is not None:
             # context tokens are only keys and values: padded ones are 0, whatever they hold
             context = context.masked_fill(~key_mask.unsqueeze(-1), 0)
@@ -459,7 +481,37 @@ class Attention(nn.Module):
                 seq, nonfinite = _zero_nonfinite(seq, key_mask)
             else:
                 context, nonfinite = _zero_nonfinite(context, key_mask)
-        return Call(seq, positions, key_mask, spatial, state, context, nonfinite=nonfinite)
+        if given is None:
+            return Call(seq, index, key_mask, spatial, state, context, nonfinite=nonfinite)
+        return Call(seq, given, key_mask, spatial, state, context, nonfinite=nonfinite,
+                    sequence_index=index)
+
+    def _positions(self, positions, x: Tensor, b: int, length: int, context, spatial
+                   ) -> Tensor | None:
+        """``positions=`` checked (None when not given): an integer (L,) or (B, L) tensor on
+        x's device, of self-attention on a sequence, for a mechanism that reads it."""
+        if positions is None:
+            return None
+        who = self.name
+        if self.positions_refusal is not None:
+            raise ValueError(f"{who} refuses positions=: {self.positions_refusal}")
+        if not isinstance(positions, Tensor) or positions.is_floating_point() or \
+                positions.is_complex() or positions.dtype == torch.bool:
+            got = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"{who}: positions must be an integer tensor (the tokens' "
+                             f"absolute positions), got {got}")
+        if context is not None:
+            raise ValueError(f"{who}: positions= number the tokens of self-attention; "
+                             "cross-attention (context=) takes none")
+        if spatial is not None:
+            raise ValueError(f"{who}: positions= number the tokens of a sequence; an image or "
+                             "video input is placed by its grid (spatial), not by positions")
+        if tuple(positions.shape) not in ((length,), (b, length)):
+            raise ValueError(f"{who}: positions must be (L,) = ({length},) or (B, L) = "
+                             f"({b}, {length}), got shape {tuple(positions.shape)}")
+        if positions.device != x.device:
+            raise ValueError(f"{who}: positions are on {positions.device}, x on {x.device}")
+        return positions
 
     def _qkv(self, call: Call) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(call)
@@ -477,6 +529,15 @@ class Attention(nn.Module):
         h = h * self.head_scale.to(h.dtype).view(1, 1, -1, 1)
         y = self.drop(self.post(self.o_proj(h.flatten(2)), call))
         return self.hook_out(y).reshape(shape)
+
+
+def _continued(state: State, length: int) -> Tensor | None:
+    """(B, L) positions continuing those a state's earlier call was given (``positions=``),
+    or None when its calls took the default."""
+    start = state.get("last_positions")  # (B, 1): the last position given
+    if start is None:
+        return None
+    return start + torch.arange(1, length + 1, device=start.device)
 
 
 def _padded_rows(call: Call) -> Tensor | None:

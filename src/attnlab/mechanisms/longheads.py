@@ -45,6 +45,12 @@ class LongHeadsAttention(Attention):
         "budget": Arg("int", low=3),  # the first, the previous and the local chunk
     }
 
+    positions_refusal: ClassVar[str | None] = (
+        "it rotates q and k by positions re-indexed inside each query's selection of chunks, "
+        "counted from the tokens' order in the sequence (as LongHeads does), so absolute or "
+        "per-row positions have no place in it; a left-padded batch also shifts its chunk "
+        "boundaries: run sequences of different lengths one at a time")
+
     def __init__(self, dim: int, heads: int, *, chunk_size: int = 256, budget: int = 16,
                  **kwargs) -> None:
         kwargs.setdefault("rotary", partial(Rotary, float32_frequencies=True))
@@ -74,8 +80,8 @@ class LongHeadsAttention(Attention):
                 "key_mask": call.key_mask, "rotate": rotate}
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
-        return longheads_weights(q, k, call.positions,
+        return longheads_weights(q, k, call.index,
                                  **self._options(k, call.extras["values"], call))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        return longheads_attention(q, k, v, call.positions, **self._options(k, v, call))
+        return longheads_attention(q, k, v, call.index, **self._options(k, v, call))

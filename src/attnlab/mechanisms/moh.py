@@ -130,7 +130,7 @@ class MixtureOfHeadAttention(Attention):
                 rows = q[:, head].gather(1, idx[..., None].expand(-1, -1, q.shape[-1]))
                 vis = valid[:, r0:r1, None].expand(-1, -1, k.shape[2])
                 if self.causal:
-                    pos = call.positions[idx]  # (B, rows) absolute positions
+                    pos = call.index[idx]  # (B, rows) places in the sequence
                     vis = vis & (keys[None, None, :] <= pos[..., None])
                 if call.key_mask is not None:
                     vis = vis & call.key_mask[:, None, :]

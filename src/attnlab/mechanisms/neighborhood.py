@@ -96,7 +96,7 @@ class NeighborhoodAttention(Attention):
         kernel, dilation = self._axes(call, q.shape[2])["kernel_size"], self.dilation
         kernel = kernel[0] if isinstance(kernel, tuple) else kernel
         dilation = dilation[0] if isinstance(dilation, tuple) else dilation
-        pos = call.positions
+        pos = call.index
         first = max(int(pos[0]) - (kernel - 1) * dilation, 0)
         j = torch.arange(first, k_len, device=q.device)
         back = pos[:, None] - j[None, :]

@@ -169,12 +169,12 @@ class RelativeConvolutionalAttention(Attention):
 
     def attention_weights(self, q: Tensor, k: Tensor, call: Call) -> Tensor:
         q, k = upcast(q, self.expand_kv(k))
-        return self._rows(q, k, self._relative(k.shape[2], q), call.positions, call.key_mask)
+        return self._rows(q, k, self._relative(k.shape[2], q), call.index, call.key_mask)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
         """The output a tile of query rows at a time, each recomputed in the backward: memory
         O(tile L) instead of the (B, H, L, L) weights. The queries are the last Lq of the Lk
-        keys (as ``Call.positions`` has them), so a tile sees no key past its last row."""
+        keys (as ``Call.index`` has them), so a tile sees no key past its last row."""
         q, k = upcast(q, self.expand_kv(k))
         v = self.expand_kv(v)
         lq, lk = q.shape[2], k.shape[2]
@@ -184,5 +184,5 @@ class RelativeConvolutionalAttention(Attention):
         for i0, i1 in row_tiles(lq, rows):
             kend = keys_seen(i1, lq, lk, True)
             outs.append(recomputed(self._tile, q[:, :, i0:i1], k[:, :, :kend], v[:, :, :kend],
-                                   emb, bias, call.positions[i0:i1], call.key_mask))
+                                   emb, bias, call.index[i0:i1], call.key_mask))
         return torch.cat(outs, 2)

@@ -51,10 +51,14 @@ class Temperature(nn.Module):
         return torch.exp(-torch.exp(self.beta))
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, L, C), positions (L,) 0-based -> tau (B or 1, H, L, 1)."""
+        """x (B, L, C), positions (L,) or (B, L) (per row), 0-based -> tau (B or 1, H, L,
+        1)."""
         log_i = torch.log1p(positions.to(x.dtype))  # ln(i) with 1-based i
-        tau = 1.0 + self.slope().to(x.dtype)[:, None] * log_i[None, :]
-        tau = tau.unsqueeze(0)
+        if positions.dim() == 2:  # per row: (B, H, L)
+            tau = 1.0 + self.slope().to(x.dtype)[None, :, None] * log_i[:, None, :]
+        else:
+            tau = 1.0 + self.slope().to(x.dtype)[:, None] * log_i[None, :]
+            tau = tau.unsqueeze(0)
         if self.token is not None:
             tau = tau + torch.tanh(self.token(x)).transpose(1, 2)
         return tau.unsqueeze(-1)

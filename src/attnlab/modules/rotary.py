@@ -67,12 +67,18 @@ class Rotary(nn.Module):
         return self
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``x`` (B, H, L, D) rotated by ``positions``: (L,), shared by the batch, or (B, L),
+        one row of positions per sequence (a left-padded batch counts each row from its first
+        real token); the angles broadcast over the heads."""
         inv_freq = self.inv_freq
         if inv_freq.is_meta and not positions.is_meta:  # built on meta, loaded with assign=True
             inv_freq = self.frequencies(positions.device)
         if self.float32_frequencies:  # angles in float32 whatever the module's dtype, as HF
             inv_freq = inv_freq.float()
-        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
+        if positions.dim() == 2:  # per row: (B, L) -> (B, 1, L, D/2), over every head
+            angles = (positions.to(torch.float32)[:, :, None] * inv_freq[None, None, :])[:, None]
+        else:
+            angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rest = None
         if self.rotary_dim < x.shape[-1]:
@@ -83,7 +89,8 @@ class Rotary(nn.Module):
 
 
 class NoRotation(nn.Module):
-    """The rotary slot of a module without ``rope=``: positions change nothing."""
+    """The rotary slot of a module without ``rope=``: positions ((L,) or (B, L)) change
+    nothing."""
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         return x

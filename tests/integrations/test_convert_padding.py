@@ -1,0 +1,125 @@
+"""Left-padded batches on converted RoPE decoders (Llama, Qwen2).
+
+Hugging Face counts a row's positions from its first real token; the converted layers pass
+those ``position_ids`` to the attnlab mechanism as per-row positions. What must hold, in
+float64 on the tiny offline models (tests/integrations/tiny.py): the logits of a left-padded
+batch of prompts of different lengths are, on each row's real tokens, the prompt's own
+logits alone; ``generate`` with and without the cache gives each row the tokens that
+generating its prompt alone gives; a mechanism that refuses per-row positions (longheads)
+is refused with the model, the mechanism and the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from attnlab.integrations.convert import convert  # noqa: E402
+from tests.integrations.tiny import VOCAB, build  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+LENGTHS = (7, 4, 2)  # the prompts; the batch left-pads them to the longest
+GREEDY = dict(do_sample=False, pad_token_id=0)
+NEW = 4
+# the longest path of sums in a tiny decoder's logits (as tests/integrations/
+# test_convert_cache.py: 2 layers of width 32, q, k, v and o of 32 terms, at most 11 keys,
+# the MLP's 32 + 64, the 32-wide head)
+ROUNDINGS = 512
+# softmax (a KV cache), hedgehog (learned feature maps, a recurrent summary) and linear
+# (elu + 1 feature maps): each generates with its own decoding state
+CASES = [pytest.param(arch, mech, marks=[] if (arch, mech) in {
+    ("Llama", "softmax"), ("Qwen2", "hedgehog")} else pytest.mark.slow)
+    for arch in ("Llama", "Qwen2") for mech in ("softmax", "hedgehog", "linear")]
+
+
+def _prompts() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(3, VOCAB, (n,), generator=gen) for n in LENGTHS]
+
+
+def _batch(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (pad id 0) and their attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    return ids, mask
+
+
+def _new_tokens(sequence: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The NEW tokens generated after a prompt of ``prompt`` tokens alone, padded with the pad
+    id as a batch pads a row that met EOS before the others (generation alone stops there)."""
+    new = sequence[prompt:]
+    return torch.cat((new, new.new_full((NEW - len(new),), GREEDY["pad_token_id"])))
+
+
+def _model(arch: str, mechanism: str) -> torch.nn.Module:
+    return convert(build(arch), mechanism).double()
+
+
+@pytest.mark.parametrize("arch, mechanism", CASES)
+def test_left_padded_logits_are_each_prompts_alone(arch, mechanism):
+    """The forward with Hugging Face's per-row position ids (as ``generate`` computes them:
+    cumsum of the mask - 1)."""
+    model = _model(arch, mechanism)
+    prompts = _prompts()
+    ids, mask = _batch(prompts)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        for r, p in enumerate(prompts):
+            alone = model(input_ids=p[None]).logits[0]
+            assert_close(logits[r, -len(p):], alone, roundings=ROUNDINGS,
+                         msg=f"{arch} -> {mechanism}, prompt {r} ({len(p)} tokens)")
+
+
+@pytest.mark.parametrize("arch, mechanism", CASES)
+def test_left_padded_generate_gives_each_prompt_its_own_tokens(arch, mechanism):
+    model = _model(arch, mechanism)
+    prompts = _prompts()
+    ids, mask = _batch(prompts)
+    alone = [_new_tokens(model.generate(p[None], max_new_tokens=NEW, use_cache=True,
+                                        **GREEDY)[0], len(p)) for p in prompts]
+    for use_cache in (True, False):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW,
+                             use_cache=use_cache, output_logits=True,
+                             return_dict_in_generate=True, **GREEDY)
+        logits = torch.stack(out.logits, 1)  # (B, NEW, vocab)
+        for r, p in enumerate(prompts):
+            assert torch.equal(out.sequences[r, -NEW:], alone[r]), \
+                f"{arch} -> {mechanism}, prompt {r}, use_cache={use_cache}"
+            single = model.generate(p[None], max_new_tokens=NEW, use_cache=use_cache,
+                                    output_logits=True, return_dict_in_generate=True,
+                                    **GREEDY)
+            steps = len(single.logits)  # fewer than NEW when the prompt alone met EOS
+            assert_close(logits[r, :steps], torch.stack(single.logits, 1)[0],
+                         roundings=ROUNDINGS,
+                         msg=f"{arch} -> {mechanism}, prompt {r}, use_cache={use_cache}")
+
+
+def test_converted_softmax_generates_the_original_models_tokens():
+    """Softmax conversion of a left-padded batch is the unconverted model's generation."""
+    original = build("Llama").double()
+    model = convert(build("Llama"), "softmax").double()
+    ids, mask = _batch(_prompts())
+    expected = original.generate(ids, attention_mask=mask, max_new_tokens=NEW, **GREEDY)
+    for use_cache in (True, False):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW,
+                             use_cache=use_cache, **GREEDY)
+        assert torch.equal(got, expected)
+
+
+def test_a_mechanism_refusing_per_row_positions_is_refused_with_the_reason():
+    model = convert(build("Llama"), "longheads")
+    ids, mask = _batch(_prompts())
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=r"LlamaForCausalLM.*longheads.*position_ids "
+                                             r"other than .*left padding.*longheads refuses: "
+                                             r"it rotates q and k by positions re-indexed"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=use_cache,
+                           **GREEDY)
+    # sequences of one length (default positions) still run
+    model.generate(_prompts()[0][None], max_new_tokens=2, **GREEDY)
