@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -35,6 +36,23 @@ def test_mechanism_refused_by_convert_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "expected key=value" in result.output
     result = _run("study", "--parts", "vision")
     assert result.exit_code == 2 and "--parts" in result.output
+
+
+def test_shared_options_are_the_same_in_minilm_and_hf() -> None:
+    """--mechanism, --kw, --distill, --steps, --lr and --device come from one definition in
+    convert minilm and convert hf (the same name, type, default and help); their order in
+    --help is the one the commands had."""
+    minilm, hf = convert.commands["minilm"], convert.commands["hf"]
+    shared = ("mechanism", "kw", "distill", "steps", "lr", "device")
+
+    def described(command: click.Command) -> dict[str | None, dict]:
+        return {p.name: p.to_info_dict() for p in command.params if p.name in shared}
+
+    assert described(minilm) == described(hf) and set(described(hf)) == set(shared)
+    assert all(described(hf)[name]["help"] for name in shared)
+    assert [p.name for p in minilm.params][:5] == [p.name for p in hf.params][1:6] == \
+        list(shared[:5])
+    assert [p.name for p in convert.commands["lm"].params][1] == "kw"
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from attnlab.arena.files import DEFAULT_REPORTS, DEFAULT_STORE
+from attnlab.cli.convert_hf import DEVICE_OPTION, DISTILL, KW_OPTION, LR_OPTION, conversion_options
 
 console = Console()
-DISTILL = ("none", "auto", "hedgehog", "lolcats")
 
 
 def _kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -67,20 +67,11 @@ def convert() -> None:
 
 
 @convert.command("minilm")
-@click.option("--mechanism", required=True,
-              help="A contestant (softmax, hedgehog, elu+1, identity, sigmoid, gated, lssa, "
-                   "neighborhood) or any registered mechanism.")
-@click.option("--kw", multiple=True, help="Mechanism argument key=value (repeatable).")
-@click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True,
-              help="Attention transfer of the new parameters (attnlab.integrations.distill).")
-@click.option("--steps", type=click.IntRange(0), default=100, show_default=True,
-              help="Attention-transfer steps (with --distill).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
-              show_default=True)
+@conversion_options
 @click.option("--sentences", type=click.IntRange(2), default=128, show_default=True,
               help="Held-out sentences (char_lm corpus, test part) to compare on.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@DEVICE_OPTION
 @click.option("--out", help=f"Output folder [default {DEFAULT_REPORTS}/convert/minilm-MECH].")
 def minilm_cmd(mechanism: str, kw: tuple[str, ...], distill: str, steps: int, lr: float,
                sentences: int, seed: int, device: str, out: str | None) -> None:
@@ -158,7 +149,7 @@ def _save(target: Path, model: Any, recipe: dict[str, Any], scores: dict[str, An
 
 @convert.command("lm")
 @click.option("--mechanism", required=True, help="A contestant or a registered mechanism.")
-@click.option("--kw", multiple=True, help="Mechanism argument key=value (repeatable).")
+@KW_OPTION
 @click.option("--teacher", "teacher_key", default=None,
               help="A char_lm softmax run key of --store as the teacher [default: train one "
                    "with --teacher-steps].")
@@ -170,8 +161,7 @@ def _save(target: Path, model: Any, recipe: dict[str, Any], scores: dict[str, An
 @click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True,
               help="Attention transfer of the new parameters, teacher-forced by the softmax "
                    "teacher's blocks (attnlab.integrations.distill).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
-              show_default=True, help="Attention-transfer learning rate.")
+@LR_OPTION
 @click.option("--windows", type=click.IntRange(1), default=128, show_default=True,
               help="Held-out test windows for the perplexity.")
 @click.option("--seed", type=int, default=0, show_default=True)

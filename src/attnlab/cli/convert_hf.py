@@ -26,9 +26,9 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -39,9 +39,38 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 console = Console()
-DISTILL = ("none", "auto", "hedgehog", "lolcats")  # as attnlab convert minilm / lm
+DISTILL = ("none", "auto", "hedgehog", "lolcats")  # also attnlab convert minilm / lm / study
 OBJECTIVES = ("none", "lm", "logits", "hidden")
 HELD_OUT = 10  # --text: the last 1/HELD_OUT of the lines is held out
+
+# Options of the same name, type, default and meaning in attnlab convert hf and convert
+# minilm (--kw and --lr also in convert lm), kept here once; cli/convert.py applies them
+# too (it imports this module; this module imports it only inside functions).
+MECHANISM_OPTION = click.option(
+    "--mechanism", required=True,
+    help="A contestant (softmax, hedgehog, elu+1, identity, sigmoid, gated, lssa, "
+         "neighborhood) or any registered mechanism.")
+KW_OPTION = click.option("--kw", multiple=True,
+                         help="Mechanism argument key=value (repeatable).")
+DISTILL_OPTION = click.option(
+    "--distill", type=click.Choice(DISTILL), default="none", show_default=True,
+    help="Attention transfer of the new parameters (attention_transfer; auto: hedgehog where "
+         "the weights give the output, else lolcats).")
+STEPS_OPTION = click.option("--steps", type=click.IntRange(0), default=100,
+                            show_default=True, help="Attention-transfer steps (with --distill).")
+LR_OPTION = click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
+                         show_default=True, help="Attention-transfer learning rate.")
+DEVICE_OPTION = click.option("--device", default="cpu", show_default=True,
+                             help="cpu, cuda, cuda:1, ...")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def conversion_options(command: _F) -> _F:
+    """--mechanism, --kw, --distill, --steps and --lr on ``command``, in that order in its
+    --help (as those decorators stacked in that order)."""
+    for option in (LR_OPTION, STEPS_OPTION, DISTILL_OPTION, KW_OPTION, MECHANISM_OPTION):
+        command = option(command)
+    return command
 
 
 # ----------------------------------------------------------------------------- text
@@ -408,17 +437,7 @@ def _check_resume(folder: Path, loss: str | None, steps: int, tune: str | None,
 @click.command("hf")
 @click.pass_context
 @click.argument("source")
-@click.option("--mechanism", required=True,
-              help="A contestant (softmax, hedgehog, elu+1, identity, sigmoid, gated, lssa, "
-                   "neighborhood) or any registered mechanism.")
-@click.option("--kw", multiple=True, help="Mechanism argument key=value (repeatable).")
-@click.option("--distill", type=click.Choice(DISTILL), default="none", show_default=True,
-              help="Attention transfer of the new parameters (attention_transfer; auto: "
-                   "hedgehog where the weights give the output, else lolcats).")
-@click.option("--steps", type=click.IntRange(0), default=100, show_default=True,
-              help="Attention-transfer steps (with --distill).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2,
-              show_default=True, help="Attention-transfer learning rate.")
+@conversion_options
 @click.option("--finetune", "objective", type=click.Choice(OBJECTIVES), default="none",
               show_default=True,
               help="Fine-tuning after the transfer: lm (next-token loss; causal models), "
@@ -445,7 +464,7 @@ def _check_resume(folder: Path, loss: str | None, steps: int, tune: str | None,
               help="Held-out windows (causal models) or lines (encoders) to evaluate on.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the new parameters' initialisation, the data order and training.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@DEVICE_OPTION
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path),
               help="A folder for the training checkpoints (transfer.pt, finetune.pt, written "
                    "every --every steps and at the end): rerunning the same command resumes "
