@@ -123,3 +123,21 @@ def test_a_mechanism_refusing_per_row_positions_is_refused_with_the_reason():
                            **GREEDY)
     # sequences of one length (default positions) still run
     model.generate(_prompts()[0][None], max_new_tokens=2, **GREEDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["softmax", "hedgehog"])
+def test_left_padded_beam_search_gives_each_prompt_its_own_beams(mechanism):
+    """Beam search reorders the states (``State.select``) while the rows keep their
+    positions: with and without the cache, each row's best beam is its prompt's alone."""
+    model = _model("Llama", mechanism)
+    prompts = _prompts()
+    ids, mask = _batch(prompts)
+    beams = dict(max_new_tokens=NEW, num_beams=2, **GREEDY)
+    cached = model.generate(ids, attention_mask=mask, use_cache=True, **beams)
+    assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False,
+                                              **beams))
+    for r, p in enumerate(prompts):
+        alone = model.generate(p[None], use_cache=True, **beams)[0]
+        assert torch.equal(cached[r, ids.shape[1]:], _new_tokens(alone, len(p))), \
+            f"Llama -> {mechanism}, prompt {r}"
