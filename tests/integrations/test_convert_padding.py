@@ -78,26 +78,24 @@ def test_left_padded_logits_are_each_prompts_alone(arch, mechanism):
 
 @pytest.mark.parametrize("arch, mechanism", CASES)
 def test_left_padded_generate_gives_each_prompt_its_own_tokens(arch, mechanism):
+    """With and without the cache, each row's new tokens and per-step logits are those of
+    its prompt generated alone (with the cache: the per-row positions of every step)."""
     model = _model(arch, mechanism)
     prompts = _prompts()
     ids, mask = _batch(prompts)
-    alone = [_new_tokens(model.generate(p[None], max_new_tokens=NEW, use_cache=True,
-                                        **GREEDY)[0], len(p)) for p in prompts]
+    options = dict(max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True,
+                   **GREEDY)
+    alone = [model.generate(p[None], use_cache=True, **options) for p in prompts]
     for use_cache in (True, False):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW,
-                             use_cache=use_cache, output_logits=True,
-                             return_dict_in_generate=True, **GREEDY)
+        out = model.generate(ids, attention_mask=mask, use_cache=use_cache, **options)
         logits = torch.stack(out.logits, 1)  # (B, NEW, vocab)
-        for r, p in enumerate(prompts):
-            assert torch.equal(out.sequences[r, -NEW:], alone[r]), \
-                f"{arch} -> {mechanism}, prompt {r}, use_cache={use_cache}"
-            single = model.generate(p[None], max_new_tokens=NEW, use_cache=use_cache,
-                                    output_logits=True, return_dict_in_generate=True,
-                                    **GREEDY)
+        for r, (p, single) in enumerate(zip(prompts, alone, strict=True)):
+            where = f"{arch} -> {mechanism}, prompt {r}, use_cache={use_cache}"
+            assert torch.equal(out.sequences[r, -NEW:],
+                               _new_tokens(single.sequences[0], len(p))), where
             steps = len(single.logits)  # fewer than NEW when the prompt alone met EOS
             assert_close(logits[r, :steps], torch.stack(single.logits, 1)[0],
-                         roundings=ROUNDINGS,
-                         msg=f"{arch} -> {mechanism}, prompt {r}, use_cache={use_cache}")
+                         roundings=ROUNDINGS, msg=where)
 
 
 def test_converted_softmax_generates_the_original_models_tokens():
