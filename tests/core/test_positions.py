@@ -39,7 +39,8 @@ def _accepts(name: str) -> bool:
 
 def _build(name: str, causal: bool, **kwargs) -> al.Attention:
     torch.manual_seed(0)
-    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal, rope=True, **kwargs)
+    kwargs.setdefault("rope", True)
+    attn = al.build(name, dim=DIM, heads=HEADS, causal=causal, **kwargs)
     attn = attn.to(DEVICE, torch.float64)
     for p in attn.parameters():  # non-trivial gates and norms, so that they matter
         if p.dim() == 1:
@@ -52,6 +53,9 @@ ROPE = _rope_names()
 DECODERS = [n for n in ROPE if al.info(n).decode and _accepts(n)]
 OTHERS = [n for n in ROPE if not al.info(n).decode and _accepts(n)]
 REFUSING = [n for n in ROPE if not _accepts(n)]
+# decoders without RoPE (rcmha's relative distances, rfa): positions change nothing, the
+# order in the sequence (Call.index) places their terms
+PLAIN_DECODERS = [n for n in al.available() if n not in ROPE and al.info(n).decode]
 
 
 def _some_slow(names: list[str], default: tuple[str, ...]) -> list:
@@ -78,6 +82,7 @@ def left_padded(b: int = len(PADS), length: int = LENGTH, seed: int = 1
 def test_the_sets_of_mechanisms_are_what_the_registry_says():
     assert {"softmax", "hedgehog", "selective", "mala", "neighborhood", "moh"} <= set(DECODERS)
     assert REFUSING == ["longheads"]
+    assert "rcmha" in PLAIN_DECODERS
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -85,6 +90,16 @@ def test_left_padded_batch_equals_each_row_alone(name):
     attn = _build(name, causal=True)
     x, keep, positions = left_padded()
     y = attn(x, mask=keep, positions=positions)
+    for r, p in enumerate(PADS):
+        close(y[r, p:], attn(x[r:r + 1, p:])[0], msg=f"{name} row {r} ({p} pad tokens)")
+
+
+@pytest.mark.parametrize("name", PLAIN_DECODERS)
+def test_left_padded_batch_equals_each_row_alone_without_rope(name):
+    attn = _build(name, causal=True, rope=False)
+    x, keep, positions = left_padded()
+    y = attn(x, mask=keep, positions=positions)
+    assert torch.equal(y, attn(x, mask=keep))
     for r, p in enumerate(PADS):
         close(y[r, p:], attn(x[r:r + 1, p:])[0], msg=f"{name} row {r} ({p} pad tokens)")
 
