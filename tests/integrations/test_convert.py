@@ -207,8 +207,21 @@ def test_calls_the_converted_module_does_not_reproduce_are_refused():
     with pytest.raises(ValueError, match="sparsifiner cannot decode .*use_cache=False"):
         convert(build("Mistral"), "sparsifiner")(input_ids=ids, attention_mask=mask,
                                                  use_cache=True)
-    with pytest.raises(ValueError, match="position_ids other than"):
-        model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand(3, -1) + 1)
+
+
+def test_position_ids_of_the_caller_are_the_original_models():
+    """Shifted per-row position_ids (what a left-padded batch gets) are passed to RoPE as
+    per-row positions: the converted model equals the original for the same ids."""
+    ids, mask = inputs()
+    original = build("Mistral")
+    model = convert(copy.deepcopy(original), "softmax")
+    shifted = torch.arange(ids.shape[1]).expand(3, -1) + torch.tensor([[1], [0], [5]])
+    with torch.no_grad():
+        expected = original(input_ids=ids, position_ids=shifted).logits
+        got = model(input_ids=ids, position_ids=shifted).logits
+        unshifted = model(input_ids=ids).logits
+    assert_close(got, expected)
+    assert not torch.allclose(got[0], unshifted[0])  # the shift is seen
 
 
 def test_a_mask_that_is_not_padding_plus_the_rule_is_refused():

@@ -5,8 +5,9 @@ mechanism only the new token.
 What must hold, on the tiny GPT-2, Llama, Qwen2 and Mistral (tests/integrations/tiny.py):
 ``generate(use_cache=True)`` gives the tokens of ``use_cache=False``, its per-step logits are
 the full forward's of the final sequence, the attnlab modules see the prompt once and then one
-token per step, RoPE continues from the cache's length, left padding works where positions are
-the model's (GPT-2) and is refused with RoPE, beam search (the cache's sequences reordered,
+token per step, RoPE continues from the cache's length, left padding works (GPT-2's learned
+positions; RoPE models through per-row positions, tests/integrations/test_convert_padding.py),
+beam search (the cache's sequences reordered,
 selected or repeated through ``State.select``) gives the beams of ``use_cache=False``, a
 mechanism without ``decode`` refuses a cache and still generates without one, and what a state
 cannot do (cropping, so assisted decoding; a static cache; a sliding window overrun) is
@@ -300,17 +301,6 @@ def test_left_padding_keeps_padded_tokens_out_of_every_state(mechanism):
     alone = model.generate(short[None], **options)
     assert_close(torch.stack(batch.logits, 1)[1], torch.stack(alone.logits, 1)[0],
                  roundings=ROUNDINGS)
-
-
-def test_left_padding_with_rope_is_refused_with_and_without_the_cache():
-    model = _converted("Llama", "softmax")
-    ids = torch.cat((torch.zeros(1, 2, dtype=torch.long), _prompt(4)), dim=1).repeat(2, 1)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    for use_cache in (True, False):
-        with pytest.raises(ValueError, match="position_ids other than"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=use_cache,
-                           **GREEDY)
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -1,4 +1,5 @@
-"""Left-padded batches on converted RoPE decoders (Llama, Qwen2).
+"""Left-padded batches on converted RoPE decoders (Llama, Qwen2), and on GPT-2 with a
+mechanism whose own terms read positions (selective).
 
 Hugging Face counts a row's positions from its first real token; the converted layers pass
 those ``position_ids`` to the attnlab mechanism as per-row positions. What must hold, in
@@ -31,7 +32,10 @@ ROUNDINGS = 512
 # (elu + 1 feature maps): each generates with its own decoding state
 CASES = [pytest.param(arch, mech, marks=[] if (arch, mech) in {
     ("Llama", "softmax"), ("Qwen2", "hedgehog")} else pytest.mark.slow)
-    for arch in ("Llama", "Qwen2") for mech in ("softmax", "hedgehog", "linear")]
+    for arch in ("Llama", "Qwen2") for mech in ("softmax", "hedgehog", "linear")] + [
+    # GPT-2 adds its positions in the embeddings, but selective's temperature (log of the
+    # position) reads them in the attention: it gets the per-row positions too
+    pytest.param("GPT-2", "selective")]
 
 
 def _prompts() -> list[torch.Tensor]:
@@ -121,6 +125,9 @@ def test_a_mechanism_refusing_per_row_positions_is_refused_with_the_reason():
                            **GREEDY)
     # sequences of one length (default positions) still run
     model.generate(_prompts()[0][None], max_new_tokens=2, **GREEDY)
+    # without RoPE (GPT-2) positions change nothing longheads computes: not refused
+    gpt2 = convert(build("GPT-2"), "longheads")
+    gpt2.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=False, **GREEDY)
 
 
 @pytest.mark.slow

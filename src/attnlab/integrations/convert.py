@@ -382,11 +382,15 @@ class ConvertedAttention(nn.Module):
     def _positions(self, position_ids: Tensor | None, hidden_states: Tensor, past: int,
                    who: str) -> Tensor | None:
         """Hugging Face's ``position_ids`` as the attnlab module's ``positions=``: None when
-        the model has no RoPE in its attention or they are the default (the ``past`` cached
-        tokens, then past .. past + L - 1, which attnlab counts itself), else (L,) or (B, L)
-        (a left-padded batch: each row counts from its first real token)."""
-        if not self.attn.uses_rope or position_ids is None:
-            return None
+        they are the default (the ``past`` cached tokens, then past .. past + L - 1, which
+        attnlab counts itself) or the module reads no positions it would accept (no RoPE,
+        and a mechanism that refuses them), else (L,) or (B, L) (a left-padded batch: each
+        row counts from its first real token). GPT-2's positions are in its embeddings, not
+        in the attention, but a mechanism's own position terms (selective's temperature)
+        read them here too."""
+        if position_ids is None or (not self.attn.uses_rope
+                                    and type(self.attn).positions_refusal is not None):
+            return None  # positions= would change nothing the mechanism computes
         batch, length = hidden_states.shape[0], hidden_states.shape[1]
         ids = position_ids.to(hidden_states.device)
         if ids.dim() == 2 and ids.shape[0] == 1:
