@@ -42,18 +42,21 @@ training and the microscope see the full forward); ``generate`` keeps the model'
 use_cache=True)`` (or a ``cache=``) runs the cached path; a mechanism that cannot decode
 sets ``generation_config.use_cache = False`` too and refuses a cache (ValueError naming the
 model class and the mechanism), while generating without one as before. Refused with a
-cache, with the reason: a cache other than ``DynamicCache`` (static, quantized), beam search
-and other reordering or cropping of the cache (an attnlab state cannot be reordered or
-rolled back), and a sliding window overrun by cached plus new tokens.
+cache, with the reason: a cache other than ``DynamicCache`` (static, quantized), cropping
+the cache, so assisted and speculative decoding (an attnlab state cannot be rolled back),
+and a sliding window overrun by cached plus new tokens. Beam search works: the cache
+reorders, selects or repeats each state's sequences with ``State.select``.
 
 Left padding. Hugging Face counts a row's positions from its first real token (a
 left-padded batch, the usual way to batch prompts for ``generate``, passes such
-``position_ids``). A RoPE model's converted layers hand position ids other than the default
-(0 .. L-1 after the cached tokens) to the mechanism as per-row positions (``positions=`` of
+``position_ids``). The converted layers hand position ids other than the default (0 .. L-1
+after the cached tokens) to the mechanism as per-row positions (``positions=`` of
 ``attnlab.Attention``), with and without a cache, so each row of a left-padded batch
-computes, and generates, what it computes alone; a mechanism that refuses per-row positions
-(its ``positions_refusal``: longheads) is refused then, with the reason. GPT-2's learned
-positions are added outside attention and need nothing.
+computes, and generates, what it computes alone: RoPE rotates each row by its positions
+(Llama, Qwen2, Mistral), and on GPT-2 (learned positions, added outside the attention) a
+mechanism's own position terms (selective's temperature) read them. A RoPE model converted to
+a mechanism that refuses per-row positions (its ``positions_refusal``: longheads) is refused
+then, with the reason.
 
 Conversion is atomic: every module is built (and every check made) before the model is
 touched, so a failure leaves the model as it was.
