@@ -159,6 +159,10 @@ def test_minilm_end_to_end(tiny: Path, tmp_path: Path) -> None:
     assert loaded.config.model_type == "bert"
     listed = CliRunner().invoke(convert, ["load", str(out)], catch_exceptions=False)
     assert listed.exit_code == 0 and "6 attention layers on hedgehog" in listed.output
+    # one line, however long (the path): not wrapped at the console's width
+    first = listed.stdout.splitlines()[0]  # (transformers' loading bar is on stderr)
+    assert first.startswith(str(out)), listed.stdout
+    assert first.endswith("attention layers on hedgehog {}"), listed.stdout
 
 
 def test_refusals_before_weights(tiny: Path, tmp_path: Path) -> None:

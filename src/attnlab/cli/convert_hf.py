@@ -737,7 +737,8 @@ def load_cmd(folder: Path, device: str) -> None:
     console.print(f"{escape(str(folder))}: {src['model_class']} from {escape(src['path'])}, "
                   f"{len(found)} attention layers on {info['mechanism']} "
                   f"{escape(json.dumps(info['kwargs']))}"
-                  + (f", LoRA rank {info['lora']['rank']} (unmerged)" if info["lora"] else ""))
+                  + (f", LoRA rank {info['lora']['rank']} (unmerged)" if info["lora"] else ""),
+                  soft_wrap=True)
     recipe = info["recipe"]
     for key in ("distill", "finetune", "scores"):
         if recipe.get(key) is not None:
