@@ -1,13 +1,14 @@
 """A small Llama trained for a few minutes on the bundled corpus, saved with its tokenizer."""
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from attnlab.heads.studies.conversion import sentence_pool
 
 text = list(sentence_pool("train"))  # the bundled char_lm corpus's training sentences
 bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
 bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+bpe.decoder = decoders.ByteLevel()  # decode() gives back the text (spaces, not "Ġ")
 bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=2000,
                                                   special_tokens=["[UNK]", "[PAD]"]))
 tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]",
