@@ -9,7 +9,8 @@ transformers' DynamicCache: the model sees one new token per step) and ``use_cac
 (every step recomputes the whole sequence). The unconverted model with its own KV cache is
 the reference row. Reported: the median wall-clock time of ``--repeats`` runs (after one
 warm-up run), milliseconds per generated token, the speed-up of the cache, and whether the
-cached run generated the same tokens as the recomputation.
+cached run generated the same tokens as the recomputation; the machine line gives the load
+average at the end and at the start of the run (other jobs make the numbers noisy).
 
 Usage (from the repository root)::
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attnlab.integrations.convert import convert
 
+    load_before = os.getloadavg()  # other jobs on the machine: recorded at both ends
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, CONFIG["vocab_size"], (1, args.prompt), generator=gen)
     rows: list[tuple[str, str, float, float | None, bool | None]] = []
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"float32; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).",
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min; at the start "
+        f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f}).",
         "",
         f"Model: LlamaForCausalLM from a config ({CONFIG}), random weights (seed 0), "
         f"converted with attnlab.integrations.convert.convert; prompt {args.prompt} tokens, "

@@ -84,7 +84,8 @@ class State:
         if name not in self._growing:
             self._growing[name] = (self._allocate(t, dim, t.shape[dim]), dim, 0)
         buffer, known_dim, length = self._growing[name]
-        if known_dim != dim or _other_sizes(buffer, dim) != _other_sizes(t, dim):
+        if known_dim != dim or buffer.shape[:dim] != t.shape[:dim] or \
+                buffer.shape[dim + 1:] != t.shape[dim + 1:]:
             raise ValueError(f"{self.owner}: state entry {name!r} holds "
                              f"{tuple(buffer.shape)} along dim {known_dim}, got "
                              f"{tuple(t.shape)} along dim {dim}")
@@ -182,10 +183,6 @@ class State:
         entries = sorted([*self._fixed, *self._growing])
         return (f"State(owner={self.owner!r}, batch_size={self.batch_size}, "
                 f"position={self.position}, entries={entries})")
-
-
-def _other_sizes(t: Tensor, dim: int) -> tuple[int, ...]:
-    return tuple(s for i, s in enumerate(t.shape) if i != dim)
 
 
 def _parameter_kind(module: object | None) -> tuple[torch.dtype, torch.device] | None:

@@ -401,7 +401,7 @@ class ConvertedAttention(nn.Module):
         if tuple(ids.shape) not in ((length,), (batch, length)):
             raise ValueError(f"{who}: position_ids of shape {tuple(position_ids.shape)} do not "
                              f"match the {batch} x {length} tokens")
-        if bool((ids == torch.arange(past, past + length, device=ids.device)).all()):
+        if _default_positions(ids, past, length):
             return None
         refusal = type(self.attn).positions_refusal
         if refusal is not None:
@@ -447,6 +447,21 @@ class ConvertedAttention(nn.Module):
         return out
 
 
+_FEW_POSITIONS = 256  # up to this many ids, compared on the host (one copy, no tensor ops)
+
+
+def _default_positions(ids: Tensor, past: int, length: int) -> bool:
+    """Whether the position ids ``ids`` ((L,) or (B, L)) are past .. past + L - 1 in every
+    row. A decoding step's few ids are read to the host in one copy (a step paid ~15 us per
+    layer for the tensor comparison's allocations and ops); a long prompt's are compared as
+    tensors."""
+    if ids.numel() <= _FEW_POSITIONS:
+        expected = list(range(past, past + length))
+        values = ids.tolist()
+        return all(row == expected for row in (values if ids.dim() == 2 else [values]))
+    return bool((ids == torch.arange(past, past + length, device=ids.device)).all())
+
+
 def _key_padding(attention_mask: Tensor | None, batch: int, length: int, causal: bool,
                  window: int | None, who: str, *, past: int = 0,
                  cached: Tensor | None = None) -> Tensor | None:
@@ -476,12 +491,13 @@ def _key_padding(attention_mask: Tensor | None, batch: int, length: int, causal:
                 keep = torch.cat((before.to(mask.device), keep), dim=1)
         else:
             keep = visible.any(-2)
-        rule = torch.ones(length, total, dtype=torch.bool, device=mask.device)
-        if causal:  # query i is token past + i
-            rule = rule.tril(past)
+        expected = keep[:, None, :].expand(batch, length, total)
+        if causal and (length > 1 or (window is not None and total > window)):
+            # query i is token past + i (one query sees every key, of a window it fits)
+            rule = torch.ones(length, total, dtype=torch.bool, device=mask.device).tril(past)
             if window is not None:
                 rule = rule.triu(past - (window - 1))
-        expected = rule & keep[:, None, :]
+            expected = rule & expected
         rows = expected.any(-1, keepdim=True)  # rows that see no key may hold anything
         if not bool(((visible == expected) | ~rows).all()):
             cache_note = f" or a padding of the {past} cached tokens other than theirs" \

@@ -317,12 +317,23 @@ class Attention(nn.Module):
 
     def update_state(self, k: Tensor, v: Tensor, call: Call
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Append to the KV cache; return all cached keys, values and their padding mask."""
+        """Append to the KV cache; return all cached keys, values and their padding mask
+        (None while no call of the state has had padding: every cached key is real, and the
+        op runs without a mask instead of a mask of ones, which cost each decoding step
+        passes over the whole cache)."""
         state, b, length = call.state, k.shape[0], k.shape[2]
         assert state is not None  # called with a state only
         keep = call.key_mask
+        cached_keep = state.get("key_mask")
+        if keep is None and cached_keep is None:
+            return state.append("k", k, dim=2), state.append("v", v, dim=2), None
         if keep is None:
             keep = torch.ones(b, length, dtype=torch.bool, device=k.device)
+        elif cached_keep is None:  # the first padding: the keys cached before it are real
+            earlier = state.get("k")
+            if earlier is not None and earlier.shape[2]:
+                state.append("key_mask", torch.ones(b, earlier.shape[2], dtype=torch.bool,
+                                                    device=k.device), dim=1)
         return (state.append("k", k, dim=2), state.append("v", v, dim=2),
                 state.append("key_mask", keep, dim=1))
 
@@ -364,7 +375,13 @@ class Attention(nn.Module):
     def _seen_nonfinite(self, call: Call) -> Tensor | None:
         if call.nonfinite is None:
             return None
-        seen = self.nonfinite_reach(call.nonfinite, call)
+        if call.x.shape[1] == 1 and self.causal and \
+                type(self).nonfinite_reach is Attention.nonfinite_reach:
+            # one causal query (a decoding step): the default reach is the mark itself, what
+            # rows_seeing's prefix sums give, without their ops
+            seen = call.nonfinite
+        else:
+            seen = self.nonfinite_reach(call.nonfinite, call)
         if call.state is not None and self.causal:  # a marked earlier token reaches them all
             before = call.state.get("nonfinite_before")
             if before is not None:
@@ -551,6 +568,6 @@ def _padded_rows(call: Call) -> Tensor | None:
 def _zero_nonfinite(tokens: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``tokens`` (B, L, C) with every token holding a non-finite number set to 0, and the
     real (unpadded) ones among them, bool (B, L)."""
-    finite = torch.isfinite(tokens).all(-1)
-    marked = ~finite if key_mask is None else key_mask & ~finite
-    return tokens.masked_fill(~finite.unsqueeze(-1), 0), marked
+    bad = ~torch.isfinite(tokens).all(-1)
+    marked = bad if key_mask is None else key_mask & bad
+    return tokens.masked_fill(bad.unsqueeze(-1), 0), marked
