@@ -109,6 +109,16 @@ def test_hook_weights_is_not_computed_unless_hooked(monkeypatch):
         attn(torch.randn(1, 4, 16))
 
 
+def test_hook_weights_refuses_a_recurrent_state_and_says_what_to_do():
+    """A linear mechanism's state keeps a summary of the keys, not the keys: no weights."""
+    attn = al.build("linear", dim=16, heads=2, causal=True)
+    attn.hook_weights.register_forward_hook(lambda m, i, o: None)
+    attn(torch.randn(1, 4, 16))  # without a state: fine
+    with pytest.raises(ValueError, match="linear: hook_weights needs every key; .* capture "
+                                         "the weights of a forward without a state"):
+        attn(torch.randn(1, 4, 16), state=attn.new_state(batch_size=1))
+
+
 def test_state_checks_and_growth():
     attn = al.build("softmax", dim=16, heads=2, kv_heads=1, causal=True)
     state = attn.new_state(batch_size=3)

@@ -206,7 +206,7 @@ def test_compiles_with_per_row_positions():
     (torch.arange(LENGTH, dtype=torch.float32), "integer tensor"),
     (torch.ones(LENGTH, dtype=torch.bool), "integer tensor"),
     ([0, 1, 2], "integer tensor"),
-    (torch.arange(LENGTH - 1), r"\(L,\) = \(9,\) or \(B, L\) = \(3, 9\)"),
+    (torch.arange(LENGTH - 1), r"\(L,\) = \(9,\), \(1, L\) or \(B, L\) = \(3, 9\)"),
     (torch.zeros(2, LENGTH, dtype=torch.int64), r"got shape \(2, 9\)"),
     (torch.zeros(3, LENGTH, 1, dtype=torch.int64), r"got shape \(3, 9, 1\)"),
     (torch.arange(LENGTH, device="meta"), "positions are on meta"),
@@ -218,6 +218,16 @@ def test_bad_positions(positions, match):
         attn(x, mask=keep, positions=positions)
     with pytest.raises(ValueError, match=match):
         attn.weights(x, mask=keep, positions=positions)
+
+
+def test_positions_of_one_row_are_shared_by_the_batch():
+    """(1, L), transformers' usual shape for positions shared by the batch, equals (L,)."""
+    attn = _build("softmax", causal=True)
+    x, keep, _ = left_padded()
+    shared = torch.arange(3, 3 + LENGTH)
+    got = attn(x, mask=keep, positions=shared[None])
+    close(got, attn(x, mask=keep, positions=shared))
+    close(got, attn(x, mask=keep, positions=shared[None].expand(x.shape[0], -1)))
 
 
 def test_positions_refused_with_context_image_or_by_the_mechanism():

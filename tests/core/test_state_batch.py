@@ -117,3 +117,13 @@ def test_an_entry_without_the_batch_at_dim_0_is_refused_before_anything_changes(
                                          "the batch of 3 along dim 0"):
         state.select([1, 0, 2])
     assert torch.equal(state.get("k"), before)
+
+
+@pytest.mark.parametrize("shape, dim", [((1, 2, 1, 5), 2), ((1, 3, 1, 4), 2),
+                                         ((1, 2, 3, 4), 1)])
+def test_append_refuses_other_sizes_or_dim(shape, dim):
+    state = State("softmax", 1)
+    state.append("k", torch.zeros(1, 2, 3, 4), dim=2)
+    with pytest.raises(ValueError, match=r"state entry 'k' holds \(1, 2, 64, 4\) along dim 2"):
+        state.append("k", torch.zeros(shape), dim=dim)
+    assert state.append("k", torch.zeros(1, 2, 1, 4), dim=-2).shape == (1, 2, 4, 4)

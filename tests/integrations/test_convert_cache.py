@@ -261,6 +261,8 @@ def test_batch_operations_before_the_state_and_bad_indices():
         cache.reorder_cache(torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="non-empty 1-D integer index"):
         cache.batch_select_indices(torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="non-empty 1-D integer index, got an empty one"):
+        cache.batch_select_indices([])
     with pytest.raises(ValueError, match=r"repeats must be an int >= 1, got 0"):
         cache.batch_repeat_interleave(0)
     assert layer.state.batch_size == 3 and layer.padding.shape == (3, 4)

@@ -184,3 +184,23 @@ def test_every_mechanism_gives_each_left_padded_row_as_alone(arch, mechanism):
         for r, p in enumerate(prompts):
             assert_close(logits[r, -len(p):], model(input_ids=p[None]).logits[0],
                          roundings=ROUNDINGS, msg=f"{arch} -> {mechanism}, prompt {r}")
+
+
+def test_a_step_after_given_positions_takes_the_models_ids_even_default_looking():
+    """A cached prefill at positions 10..15, then a step whose ids (6, what transformers
+    takes from the cache's length when none are given) look like attnlab's default: the
+    converted softmax model uses them as the unconverted model does (the state, which was
+    given positions, would otherwise continue from 16)."""
+    from transformers import DynamicCache
+
+    original = build("Llama").double()
+    model = convert(build("Llama"), "softmax").double()
+    prompt = _prompts()[0][None, :6]
+    for step in ({"position_ids": torch.tensor([[6]])}, {}):
+        caches = DynamicCache(), DynamicCache()
+        with torch.no_grad():
+            for m, cache in zip((model, original), caches, strict=True):
+                m(prompt, position_ids=torch.arange(10, 16)[None], cache=cache, use_cache=True)
+            got, expected = (m(prompt[:, :1], cache=cache, use_cache=True, **step).logits
+                             for m, cache in zip((model, original), caches, strict=True))
+        assert_close(got, expected, roundings=ROUNDINGS, msg=str(step))

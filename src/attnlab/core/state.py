@@ -135,6 +135,9 @@ class State:
     def batch_index(self, index: Tensor | Sequence[int]) -> Tensor:
         """``index`` checked for ``select`` (ValueError otherwise), as a 1-D long tensor."""
         rows = index if isinstance(index, Tensor) else torch.as_tensor(index)
+        if rows.numel() == 0:
+            raise ValueError(f"{self.owner}: a state's rows are selected by a non-empty 1-D "
+                             "integer index, got an empty one")
         if rows.dim() != 1 or rows.numel() == 0 or rows.dtype == torch.bool \
                 or rows.is_floating_point() or rows.is_complex():
             raise ValueError(f"{self.owner}: a state's rows are selected by a non-empty 1-D "

@@ -374,7 +374,8 @@ class ConvertedAttention(nn.Module):
                                 who), None
         length = hidden_states.shape[1]
         if self.window is not None and length > self.window:
-            raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
+            raise ValueError(f"{self.model_name}: {who}: the pretrained layer attends within a "
+                             "sliding window of "
                              f"{self.window} keys, which attnlab modules do not implement: "
                              f"exact up to {self.window} tokens, got {length}")
         positions = self._positions(position_ids, hidden_states, 0, who)
@@ -383,14 +384,15 @@ class ConvertedAttention(nn.Module):
         return self.attn(hidden_states, mask=keep, positions=positions), None
 
     def _positions(self, position_ids: Tensor | None, hidden_states: Tensor, past: int,
-                   who: str) -> Tensor | None:
+                   who: str, default_is_none: bool = True) -> Tensor | None:
         """Hugging Face's ``position_ids`` as the attnlab module's ``positions=``: None when
         they are the default (the ``past`` cached tokens, then past .. past + L - 1, which
         attnlab counts itself) or the module reads no positions it would accept (no RoPE,
         and a mechanism that refuses them), else (L,) or (B, L) (a left-padded batch: each
         row counts from its first real token). GPT-2's positions are in its embeddings, not
         in the attention, but a mechanism's own position terms (selective's temperature)
-        read them here too."""
+        read them here too. ``default_is_none=False``: default ids are returned too (a
+        state that was given positions would continue from those instead)."""
         if position_ids is None or (not self.attn.uses_rope
                                     and type(self.attn).positions_refusal is not None):
             return None  # positions= would change nothing the mechanism computes
@@ -401,7 +403,7 @@ class ConvertedAttention(nn.Module):
         if tuple(ids.shape) not in ((length,), (batch, length)):
             raise ValueError(f"{who}: position_ids of shape {tuple(position_ids.shape)} do not "
                              f"match the {batch} x {length} tokens")
-        if _default_positions(ids, past, length):
+        if default_is_none and _default_positions(ids, past, length):
             return None
         refusal = type(self.attn).positions_refusal
         if refusal is not None:
@@ -428,11 +430,16 @@ class ConvertedAttention(nn.Module):
         batch, length = hidden_states.shape[0], hidden_states.shape[1]
         past = slot.get_seq_length()
         if self.window is not None and past + length > self.window:
-            raise ValueError(f"{who}: the pretrained layer attends within a sliding window of "
+            raise ValueError(f"{self.model_name}: {who}: the pretrained layer attends within a "
+                             "sliding window of "
                              f"{self.window} keys, which attnlab modules do not implement: "
                              f"exact up to {self.window} tokens, got {past} cached + {length} "
                              f"new = {past + length}")
-        positions = self._positions(position_ids, hidden_states, past, who)
+        # a state given per-row positions before continues from them when no positions come,
+        # so default-looking ids must then be passed as they are
+        given_before = slot.state is not None and slot.state.get("last_positions") is not None
+        positions = self._positions(position_ids, hidden_states, past, who,
+                                    default_is_none=not given_before)
         if slot.state is not None and slot.state.batch_size != batch:
             raise ValueError(f"{who}: the cache holds a state of {slot.state.batch_size} "
                              f"sequences, the call has {batch}")

@@ -235,12 +235,12 @@ class Attention(nn.Module):
 
         ``positions``: the tokens' absolute positions as the position encodings read them
         (RoPE; ``positions_refusal`` says where a mechanism refuses them), an integer tensor
-        (L,) shared by the batch or (B, L) per sequence, on x's device; by default the
-        state's position + 0 .. L-1 (0 .. L-1 without a state). For a left-padded batch, each
-        row counts from its first real token (pass ``mask=`` too). After a call with
-        ``positions``, a state continues each row from its last position + 1. The causal
-        order, windows, chunks and relative distances follow the tokens' order in the
-        sequence, whatever ``positions`` says.
+        (L,) or (1, L) shared by the batch, or (B, L) per sequence, on x's device; by
+        default the state's position + 0 .. L-1 (0 .. L-1 without a state). For a
+        left-padded batch, each row counts from its first real token (pass ``mask=`` too).
+        After a call with ``positions``, a state continues each row from its last position
+        + 1. The causal order, windows, chunks and relative distances follow the tokens'
+        order in the sequence, whatever ``positions`` says.
         """
         self._extra_loss = None  # extra_loss() always describes this forward
         call = self._begin(x, mask, state, context, context_mask, spatial, positions)
@@ -256,7 +256,8 @@ class Attention(nn.Module):
         if self.hook_weights.active:
             if state is not None and not self.caches_keys:
                 raise ValueError(f"{self.name}: hook_weights needs every key; a recurrent "
-                                 "state keeps only their summary")
+                                 "state keeps only their summary: capture the weights of a "
+                                 "forward without a state (a converted model: use_cache=False)")
             w = self.hook_weights(self.attention_weights(q, k, call))
             heads_out = w.to(v.dtype) @ self.expand_kv(v)
         else:
@@ -523,8 +524,10 @@ class Attention(nn.Module):
         if spatial is not None:
             raise ValueError(f"{who}: positions= number the tokens of a sequence; an image or "
                              "video input is placed by its grid (spatial), not by positions")
+        if positions.dim() == 2 and positions.shape[0] == 1 and b != 1:
+            positions = positions[0]  # (1, L), transformers' usual shape: shared by the batch
         if tuple(positions.shape) not in ((length,), (b, length)):
-            raise ValueError(f"{who}: positions must be (L,) = ({length},) or (B, L) = "
+            raise ValueError(f"{who}: positions must be (L,) = ({length},), (1, L) or (B, L) = "
                              f"({b}, {length}), got shape {tuple(positions.shape)}")
         if positions.device != x.device:
             raise ValueError(f"{who}: positions are on {positions.device}, x on {x.device}")
