@@ -142,7 +142,7 @@ def rows_seeing(marked: Tensor, lq: int, *, causal: bool, mask: Tensor | None = 
     shape = (*marked.shape[:-1], lq)
     if lk == 0:
         return torch.zeros(shape, dtype=torch.bool, device=marked.device)
-    if not causal:
+    if not causal or lq == 1:  # one causal query (a decoding step) sees every key
         return marked.any(-1, keepdim=True).expand(shape)
     seen_up_to = marked.cumsum(-1) > 0  # (.., Lk): a marked key at or before j
     last = torch.arange(lq, device=marked.device) + (lk - lq)  # each row's last visible key

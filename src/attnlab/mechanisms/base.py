@@ -314,6 +314,10 @@ class Attention(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """qk-norm and RoPE; mechanisms add temperatures or convolutions here."""
         q, k = self.qk_norm(q, k)
+        pair = getattr(self.rotary, "rotate_pair", None)  # cos and sin once for q and k
+        if pair is not None:
+            q, k = pair(q, k, call.positions)
+            return q, k, v
         return self.rotary(q, call.positions), self.rotary(k, call.positions), v
 
     def update_state(self, k: Tensor, v: Tensor, call: Call

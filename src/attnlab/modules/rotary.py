@@ -70,6 +70,24 @@ class Rotary(nn.Module):
         """``x`` (B, H, L, D) rotated by ``positions``: (L,), shared by the batch, or (B, L),
         one row of positions per sequence (a left-padded batch counts each row from its first
         real token); the angles broadcast over the heads."""
+        cos, sin = self._cos_sin(positions, x.dtype)
+        return self._rotate(x, cos, sin)
+
+    def rotate_pair(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(self(q, positions), self(k, positions))``, bitwise, computing the angles, cos and
+        sin once when q and k share a dtype. A subclass that overrides ``forward``, or a
+        module with forward hooks, gets the two calls themselves."""
+        if (type(self).forward is not Rotary.forward or self._forward_hooks
+                or self._forward_pre_hooks):
+            return self(q, positions), self(k, positions)
+        cos, sin = self._cos_sin(positions, q.dtype)
+        if k.dtype != q.dtype:
+            return self._rotate(q, cos, sin), self(k, positions)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles of ``positions``, cast to ``dtype``: (L, D/2) for (L,)
+        positions, (B, 1, L, D/2) for (B, L)."""
         inv_freq = self.inv_freq
         if inv_freq.is_meta and not positions.is_meta:  # built on meta, loaded with assign=True
             inv_freq = self.frequencies(positions.device)
@@ -79,7 +97,10 @@ class Rotary(nn.Module):
             angles = (positions.to(torch.float32)[:, :, None] * inv_freq[None, None, :])[:, None]
         else:
             angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x`` rotated by the given cos and sin (the first ``rotary_dim`` channels)."""
         rest = None
         if self.rotary_dim < x.shape[-1]:
             x, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
@@ -94,3 +115,7 @@ class NoRotation(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         return x
+
+    def rotate_pair(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q and k unchanged."""
+        return q, k
