@@ -138,7 +138,7 @@ class State:
         if rows.numel() == 0:
             raise ValueError(f"{self.owner}: a state's rows are selected by a non-empty 1-D "
                              "integer index, got an empty one")
-        if rows.dim() != 1 or rows.numel() == 0 or rows.dtype == torch.bool \
+        if rows.dim() != 1 or rows.dtype == torch.bool \
                 or rows.is_floating_point() or rows.is_complex():
             raise ValueError(f"{self.owner}: a state's rows are selected by a non-empty 1-D "
                              f"integer index, got {rows.dtype} of shape {tuple(rows.shape)}")

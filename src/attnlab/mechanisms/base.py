@@ -380,13 +380,7 @@ class Attention(nn.Module):
     def _seen_nonfinite(self, call: Call) -> Tensor | None:
         if call.nonfinite is None:
             return None
-        if call.x.shape[1] == 1 and self.causal and \
-                type(self).nonfinite_reach is Attention.nonfinite_reach:
-            # one causal query (a decoding step): the default reach is the mark itself, what
-            # rows_seeing's prefix sums give, without their ops
-            seen = call.nonfinite
-        else:
-            seen = self.nonfinite_reach(call.nonfinite, call)
+        seen = self.nonfinite_reach(call.nonfinite, call)
         if call.state is not None and self.causal:  # a marked earlier token reaches them all
             before = call.state.get("nonfinite_before")
             if before is not None:
@@ -511,7 +505,8 @@ class Attention(nn.Module):
     def _positions(self, positions, x: Tensor, b: int, length: int, context, spatial
                    ) -> Tensor | None:
         """``positions=`` checked (None when not given): an integer (L,) or (B, L) tensor on
-        x's device, of self-attention on a sequence, for a mechanism that reads it."""
+        x's device ((1, L) becomes (L,)), of self-attention on a sequence, for a mechanism
+        that reads it."""
         if positions is None:
             return None
         who = self.name
