@@ -692,13 +692,13 @@ def _bar(enabled: bool, total: int, done: int, what: str
                          + (f", resuming from step {done:,}" if done else "")), highlight=False)
     if not console.is_terminal:
         start = last = time.monotonic()
-        state = {"step": done}
+        step = done
         part = max(1, total // PLAIN_PARTS)
 
         def line(text: str) -> None:
-            nonlocal last
-            state["step"] += 1
-            step, now = state["step"], time.monotonic()
+            nonlocal last, step
+            step += 1
+            now = time.monotonic()
             if step % part == 0 or step == total or now - last >= PLAIN_EVERY_S:
                 last = now
                 console.print(escape(f"{what}: step {step:,}/{total:,}, {text}, "
